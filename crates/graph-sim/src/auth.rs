@@ -1,0 +1,221 @@
+//! The OAuth2 client-credentials token endpoint and bearer checks, with Azure AD shaped answers.
+
+use crate::error::GraphError;
+use chrono::{DateTime, Duration, Utc};
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+
+/// A registered application that may ask for app-only tokens.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClientApp {
+    pub client_id: String,
+    pub client_secret: String,
+}
+
+impl std::fmt::Debug for ClientApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientApp")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Who a bearer token speaks for: the app itself, or (delegated, `/me`) one user.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    App(String),
+    User(usize),
+}
+
+#[derive(Debug)]
+struct Issued {
+    expires: DateTime<Utc>,
+    subject: Subject,
+}
+
+#[derive(Debug)]
+pub struct Auth {
+    pub tenant: String,
+    pub clients: Vec<ClientApp>,
+    pub lifetime: Duration,
+    tokens: HashMap<String, Issued>,
+    pub issued: u64,
+}
+
+/// An answer of the token endpoint that is not a token: status and AAD error body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenError {
+    pub status: u16,
+    pub body: Value,
+}
+
+fn aad_error(status: u16, error: &str, code: u32, description: &str, now: DateTime<Utc>) -> TokenError {
+    TokenError {
+        status,
+        body: json!({
+            "error": error,
+            "error_description": format!("AADSTS{code}: {description}"),
+            "error_codes": [code],
+            "timestamp": now.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+            "trace_id": "00000000-0000-0000-0000-000000000000",
+            "correlation_id": "00000000-0000-0000-0000-000000000000",
+            "error_uri": "https://login.microsoftonline.com/error?code=".to_owned() + &code.to_string(),
+        }),
+    }
+}
+
+impl Auth {
+    pub fn new(tenant: String, clients: Vec<ClientApp>, lifetime: Duration) -> Self {
+        Auth {
+            tenant,
+            clients,
+            lifetime,
+            tokens: HashMap::new(),
+            issued: 0,
+        }
+    }
+
+    fn mint(&mut self, subject: Subject, now: DateTime<Utc>, rng: &mut StdRng) -> String {
+        let mut raw = [0u8; 32];
+        rng.fill(&mut raw[..]);
+        let tok = format!(
+            "eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.{}",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        self.tokens.retain(|_, t| t.expires > now);
+        self.tokens.insert(
+            tok.clone(),
+            Issued {
+                expires: now + self.lifetime,
+                subject,
+            },
+        );
+        self.issued += 1;
+        tok
+    }
+
+    /// `POST /{tenant}/oauth2/v2.0/token` with a form body.
+    pub fn token_request(
+        &mut self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+        now: DateTime<Utc>,
+        rng: &mut StdRng,
+    ) -> Result<Value, TokenError> {
+        if !tenant.eq_ignore_ascii_case(&self.tenant) {
+            return Err(aad_error(400, "invalid_request", 90002,
+                &format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."), now));
+        }
+        match form.get("grant_type").map(String::as_str) {
+            None => return Err(aad_error(400, "invalid_request", 900144,
+                "The request body must contain the following parameter: 'grant_type'.", now)),
+            Some("client_credentials") => {}
+            Some(other) => return Err(aad_error(400, "unsupported_grant_type", 70003,
+                &format!("The app requested an unsupported grant type '{other}'."), now)),
+        }
+        let Some(client_id) = form.get("client_id") else {
+            return Err(aad_error(400, "invalid_request", 900144,
+                "The request body must contain the following parameter: 'client_id'.", now));
+        };
+        let Some(app) = self.clients.iter().find(|c| &c.client_id == client_id) else {
+            return Err(aad_error(400, "unauthorized_client", 700016,
+                &format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'."), now));
+        };
+        match form.get("client_secret") {
+            Some(s) if *s == app.client_secret => {}
+            Some(_) => return Err(aad_error(401, "invalid_client", 7000215,
+                &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."), now)),
+            None => return Err(aad_error(401, "invalid_client", 7000218,
+                "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.", now)),
+        }
+        let scope = form.get("scope").map(String::as_str).unwrap_or("");
+        if !scope.ends_with("/.default") {
+            return Err(aad_error(400, "invalid_scope", 1002012,
+                &format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."), now));
+        }
+        let client_id = client_id.clone();
+        let token = self.mint(Subject::App(client_id), now, rng);
+        let secs = self.lifetime.num_seconds();
+        Ok(json!({"token_type": "Bearer", "expires_in": secs, "ext_expires_in": secs, "access_token": token}))
+    }
+
+    /// A delegated token for `user`, for `/me` requests (the simulator's stand-in for a
+    /// sign-in flow).
+    pub fn delegated_token(&mut self, user: usize, now: DateTime<Utc>, rng: &mut StdRng) -> String {
+        self.mint(Subject::User(user), now, rng)
+    }
+
+    /// Checks `Authorization: Bearer …`; 401 `InvalidAuthenticationToken` when missing, unknown
+    /// or expired.
+    pub fn check(&self, header: Option<&str>, now: DateTime<Utc>) -> Result<Subject, GraphError> {
+        let unauthorized = |m: &str| GraphError::new(401, "InvalidAuthenticationToken", m);
+        let Some(h) = header else {
+            return Err(unauthorized("Access token is empty."));
+        };
+        let Some(tok) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")) else {
+            return Err(unauthorized("Access token validation failure. Invalid audience."));
+        };
+        match self.tokens.get(tok.trim()) {
+            Some(t) if t.expires > now => Ok(t.subject.clone()),
+            Some(_) => Err(unauthorized("Access token has expired or is not yet valid.")),
+            None => Err(unauthorized("CompactToken parsing failed with error code: 80049217")),
+        }
+    }
+
+    /// Makes every issued token expire now, as a key rollover or a long pause would.
+    pub fn expire_all(&mut self, now: DateTime<Utc>) {
+        for t in self.tokens.values_mut() {
+            t.expires = now;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn form(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn token_endpoint_answers_like_azure_ad() {
+        let now = Utc::now();
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut a = Auth::new(
+            "t".into(),
+            vec![ClientApp { client_id: "c".into(), client_secret: "s".into() }],
+            Duration::seconds(3599),
+        );
+        let ok = a
+            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
+                ("client_secret", "s"), ("scope", "https://graph.microsoft.com/.default")]), now, &mut rng)
+            .unwrap();
+        assert_eq!(ok["token_type"], "Bearer");
+        assert_eq!(ok["expires_in"], 3599);
+        let tok = ok["access_token"].as_str().unwrap();
+        assert_eq!(a.check(Some(&format!("Bearer {tok}")), now), Ok(Subject::App("c".into())));
+        assert_eq!(a.check(Some(&format!("Bearer {tok}")), now + Duration::hours(2)).unwrap_err().code,
+            "InvalidAuthenticationToken");
+
+        let bad = a
+            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
+                ("client_secret", "wrong"), ("scope", "https://graph.microsoft.com/.default")]), now, &mut rng)
+            .unwrap_err();
+        assert_eq!(bad.status, 401);
+        assert_eq!(bad.body["error"], "invalid_client");
+        assert!(bad.body["error_description"].as_str().unwrap().starts_with("AADSTS7000215"));
+        assert!(!bad.body.to_string().contains("wrong"));
+
+        let scope = a
+            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
+                ("client_secret", "s"), ("scope", "Calendars.Read")]), now, &mut rng)
+            .unwrap_err();
+        assert_eq!(scope.body["error"], "invalid_scope");
+    }
+}

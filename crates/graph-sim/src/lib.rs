@@ -1,0 +1,39 @@
+//! graph-sim: a stateful Microsoft Graph calendar simulator.
+//!
+//! It serves Graph-shaped HTTP — the client-credentials token endpoint, event writes, and
+//! calendarView delta with paging, `@removed`, evictable tokens and 410s — built from
+//! Microsoft's documented behaviour and reported service quirks (see
+//! `shared/graph-delta-notes.md`), never from one client's assumptions. Faults, limits and
+//! quirks are scriptable; the truth (the exact live instances of any window), the request log
+//! and the counters of bad manners are open to tests through [`Sim`] and `/_sim`.
+
+pub mod auth;
+pub mod clock;
+pub mod delta;
+pub mod error;
+pub mod faults;
+pub mod model;
+pub mod recurrence;
+pub mod seed;
+pub mod server;
+pub mod sim;
+pub mod token;
+pub mod writes;
+
+pub use delta::Quirks;
+pub use faults::{FaultAction, FaultRule, Limits};
+pub use model::Window;
+pub use seed::{GenerateSpec, Scenario};
+pub use server::{SimServer, serve};
+pub use sim::{
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, RequestRecord, Sim, SimConfig,
+    Stats, TruthItem, Violations,
+};
+
+impl Sim {
+    /// Binds `addr` (e.g. `127.0.0.1:0`) and serves this simulator on it.
+    pub async fn serve(&self, addr: &str) -> std::io::Result<SimServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        serve(self.clone(), listener)
+    }
+}

@@ -1,0 +1,515 @@
+//! Graph's own write endpoints on events: create, update and delete a single event, a series
+//! master (every instance follows) or one occurrence (which becomes an exception, or is
+//! cancelled).
+
+use crate::error::GraphError;
+use crate::model::{Attendee, Exception, Props, StoredEvent, Tenant};
+use crate::recurrence::PatternedRecurrence;
+use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
+use serde_json::Value;
+
+/// The writable event properties a POST or PATCH body sets.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EventPatch {
+    pub subject: Option<String>,
+    pub body: Option<(String, String)>,
+    pub location: Option<String>,
+    pub attendees: Option<Vec<Attendee>>,
+    pub is_all_day: Option<bool>,
+    pub start: Option<NaiveDateTime>,
+    pub end: Option<NaiveDateTime>,
+    pub show_as: Option<String>,
+    pub importance: Option<String>,
+    pub sensitivity: Option<String>,
+    pub categories: Option<Vec<String>>,
+    /// `Some(None)` removes the recurrence (`"recurrence": null`).
+    pub recurrence: Option<Option<PatternedRecurrence>>,
+}
+
+fn bad_property(name: &str) -> GraphError {
+    GraphError::new(
+        400,
+        "RequestBodyRead",
+        format!(
+            "The property '{name}' does not exist on type 'microsoft.graph.event'. Make sure to \
+             only use property names that are defined by the type or mark the type as open type."
+        ),
+    )
+}
+
+fn invalid_value(name: &str) -> GraphError {
+    GraphError::new(
+        400,
+        "RequestBodyRead",
+        format!("Cannot convert the literal value of property '{name}' to the expected type."),
+    )
+}
+
+fn string_field(v: &Value, name: &str) -> Result<String, GraphError> {
+    v.as_str().map(str::to_owned).ok_or_else(|| invalid_value(name))
+}
+
+/// Reads a `dateTimeTimeZone`. The simulator keeps every instant in UTC and refuses other zones
+/// rather than guess their rules.
+fn date_time_field(v: &Value, name: &str) -> Result<NaiveDateTime, GraphError> {
+    let dt = v
+        .get("dateTime")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid_value(name))?;
+    let tz = v.get("timeZone").and_then(Value::as_str).unwrap_or("UTC");
+    if !matches!(tz, "UTC" | "Etc/UTC" | "Coordinated Universal Time") {
+        return Err(GraphError::new(
+            400,
+            "TimeZoneNotSupportedException",
+            format!("graph-sim keeps events in UTC; time zone '{tz}' is not supported"),
+        ));
+    }
+    let trimmed = dt.trim_end_matches('Z');
+    NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S"))
+        .map_err(|_| invalid_value(name))
+}
+
+impl EventPatch {
+    /// Parses a request body. Unknown or read-only properties are refused as Graph refuses them.
+    pub fn from_json(body: &Value) -> Result<Self, GraphError> {
+        let obj = body
+            .as_object()
+            .ok_or_else(|| GraphError::new(400, "RequestBodyRead", "the body is not an object"))?;
+        let mut p = EventPatch::default();
+        for (k, v) in obj {
+            match k.as_str() {
+                "@odata.type" => {}
+                "subject" => p.subject = Some(string_field(v, k)?),
+                "body" => {
+                    let ct = v
+                        .get("contentType")
+                        .and_then(Value::as_str)
+                        .unwrap_or("html")
+                        .to_owned();
+                    let content = v
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| invalid_value(k))?
+                        .to_owned();
+                    p.body = Some((ct, content));
+                }
+                "location" => {
+                    p.location = Some(
+                        v.get("displayName")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned(),
+                    )
+                }
+                "attendees" => {
+                    let arr = v.as_array().ok_or_else(|| invalid_value(k))?;
+                    let mut out = Vec::new();
+                    for a in arr {
+                        let email = a.get("emailAddress").ok_or_else(|| invalid_value(k))?;
+                        out.push(Attendee {
+                            name: email
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .unwrap_or("")
+                                .to_owned(),
+                            address: email
+                                .get("address")
+                                .and_then(Value::as_str)
+                                .ok_or_else(|| invalid_value(k))?
+                                .to_owned(),
+                            kind: a
+                                .get("type")
+                                .and_then(Value::as_str)
+                                .unwrap_or("required")
+                                .to_owned(),
+                        });
+                    }
+                    p.attendees = Some(out);
+                }
+                "isAllDay" => p.is_all_day = Some(v.as_bool().ok_or_else(|| invalid_value(k))?),
+                "start" => p.start = Some(date_time_field(v, k)?),
+                "end" => p.end = Some(date_time_field(v, k)?),
+                "showAs" => p.show_as = Some(string_field(v, k)?),
+                "importance" => p.importance = Some(string_field(v, k)?),
+                "sensitivity" => p.sensitivity = Some(string_field(v, k)?),
+                "categories" => {
+                    p.categories = Some(
+                        serde_json::from_value(v.clone()).map_err(|_| invalid_value(k))?,
+                    )
+                }
+                "recurrence" => {
+                    p.recurrence = Some(if v.is_null() {
+                        None
+                    } else {
+                        let rec: PatternedRecurrence = serde_json::from_value(v.clone())
+                            .map_err(|e| {
+                                GraphError::invalid_parameter(format!("recurrence: {e}"))
+                            })?;
+                        rec.validate()
+                            .map_err(|e| GraphError::invalid_parameter(e.to_string()))?;
+                        Some(rec)
+                    })
+                }
+                other => return Err(bad_property(other)),
+            }
+        }
+        Ok(p)
+    }
+
+    fn touches_time(&self) -> bool {
+        self.start.is_some()
+            || self.end.is_some()
+            || self.is_all_day.is_some()
+            || self.recurrence.is_some()
+    }
+
+    /// Applies the non-time fields to `props` where `props` still shows `old` (so an exception's
+    /// own edits survive a series edit); returns whether anything changed.
+    fn apply_shared(&self, props: &mut Props, old: Option<&Props>) -> bool {
+        let before = props.clone();
+        macro_rules! set {
+            ($field:ident, $val:expr) => {
+                if let Some(v) = $val {
+                    if old.is_none_or(|o| o.$field == props.$field) {
+                        props.$field = v.clone();
+                    }
+                }
+            };
+        }
+        set!(subject, &self.subject);
+        set!(location, &self.location);
+        set!(attendees, &self.attendees);
+        set!(show_as, &self.show_as);
+        set!(importance, &self.importance);
+        set!(sensitivity, &self.sensitivity);
+        set!(categories, &self.categories);
+        if let Some((ct, content)) = &self.body {
+            if old.is_none_or(|o| o.body == props.body && o.body_type == props.body_type) {
+                props.body_type = ct.clone();
+                props.body = content.clone();
+            }
+        }
+        *props != before
+    }
+}
+
+fn check_times(props: &Props) -> Result<(), GraphError> {
+    if props.end < props.start {
+        return Err(GraphError::invalid_parameter(
+            "The end time of the event must not be before its start time.",
+        ));
+    }
+    if props.is_all_day
+        && (props.start.time() != NaiveTime::MIN || props.end.time() != NaiveTime::MIN)
+    {
+        return Err(GraphError::invalid_parameter(
+            "Start and end times of an all-day event must be set to midnight.",
+        ));
+    }
+    Ok(())
+}
+
+impl Tenant {
+    /// `POST /users/{u}/events` (or `/calendars/{c}/events`): a single event, or a series when
+    /// the body has a `recurrence`. Returns the created event as Graph returns it (201).
+    pub fn create_event(
+        &mut self,
+        user: usize,
+        calendar: usize,
+        patch: &EventPatch,
+    ) -> Result<Value, GraphError> {
+        let (Some(start), Some(end)) = (patch.start, patch.end) else {
+            return Err(GraphError::invalid_parameter(
+                "An event needs both start and end.",
+            ));
+        };
+        let now = self.now();
+        let mut props = Props {
+            subject: String::new(),
+            body_type: "html".into(),
+            body: String::new(),
+            location: String::new(),
+            attendees: Vec::new(),
+            is_all_day: patch.is_all_day.unwrap_or(false),
+            start,
+            end,
+            show_as: "busy".into(),
+            importance: "normal".into(),
+            sensitivity: "normal".into(),
+            categories: Vec::new(),
+            change_key: self.ids.change_key(),
+            last_modified: now,
+        };
+        patch.apply_shared(&mut props, None);
+        check_times(&props)?;
+        let recurrence = patch.recurrence.clone().flatten();
+        if let Some(rec) = &recurrence {
+            // Graph starts the series on its first occurrence, whatever date `start` said.
+            if let Some(first) = rec.dates_until(rec.range.start_date + chrono::Duration::days(800)).first() {
+                let shift = first.and_time(props.start.time()) - props.start;
+                props.start += shift;
+                props.end += shift;
+            }
+        }
+        let id = self.ids.event_id();
+        let ical_uid = self.ids.ical_uid();
+        let u = self
+            .users
+            .get_mut(user)
+            .ok_or_else(|| GraphError::not_found("user"))?;
+        let organizer = (u.display_name.clone(), u.upn.clone());
+        let ev = StoredEvent {
+            id: id.clone(),
+            ical_uid,
+            created: now,
+            organizer,
+            props,
+            recurrence,
+            exceptions: Default::default(),
+            cancelled: Default::default(),
+        };
+        let cal = u
+            .calendars
+            .get_mut(calendar)
+            .ok_or_else(|| GraphError::not_found("calendar"))?;
+        cal.events.insert(id.clone(), ev);
+        cal.touch(&id);
+        let user_ref = &self.users[user];
+        Ok(user_ref.calendars[calendar].events[&id].master_json(user_ref))
+    }
+
+    /// `PATCH /users/{u}/events/{id}` on a single event, a series master or an instance.
+    pub fn update_event(
+        &mut self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+        patch: &EventPatch,
+    ) -> Result<Value, GraphError> {
+        let (ci, master, date) = self.locate(user, calendar, id)?;
+        let new_key = self.ids.change_key();
+        let now = self.now();
+        let u = &mut self.users[user];
+        let cal = &mut u.calendars[ci];
+        let ev = cal
+            .events
+            .get_mut(&master)
+            .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))?;
+        match date {
+            None => {
+                let old = ev.props.clone();
+                let mut props = ev.props.clone();
+                patch.apply_shared(&mut props, None);
+                if let Some(s) = patch.start {
+                    props.start = s;
+                }
+                if let Some(e) = patch.end {
+                    props.end = e;
+                }
+                if let Some(a) = patch.is_all_day {
+                    props.is_all_day = a;
+                }
+                check_times(&props)?;
+                let recurrence = match &patch.recurrence {
+                    Some(r) => r.clone(),
+                    None => ev.recurrence.clone(),
+                };
+                if ev.recurrence.is_some() {
+                    if patch.touches_time() {
+                        // Outlook drops a series' exceptions when its time or pattern changes.
+                        ev.exceptions.clear();
+                        ev.cancelled.clear();
+                    } else {
+                        for ex in ev.exceptions.values_mut() {
+                            if patch.apply_shared(&mut ex.props, Some(&old)) {
+                                ex.props.change_key = format!("{new_key}x");
+                                ex.props.last_modified = now;
+                            }
+                        }
+                    }
+                }
+                props.change_key = new_key;
+                props.last_modified = now;
+                ev.props = props;
+                ev.recurrence = recurrence;
+            }
+            Some(date) => {
+                if patch.recurrence.is_some() {
+                    return Err(GraphError::invalid_parameter(
+                        "The recurrence of an occurrence cannot be set.",
+                    ));
+                }
+                if !ev.has_occurrence_on(date) {
+                    return Err(GraphError::not_found(
+                        "The specified object was not found in the store.",
+                    ));
+                }
+                let duration = ev.props.end - ev.props.start;
+                let mut props = match ev.exceptions.get(&date) {
+                    Some(ex) => ex.props.clone(),
+                    None => {
+                        let mut p = ev.props.clone();
+                        p.start = date.and_time(ev.props.start.time());
+                        p.end = p.start + duration;
+                        p
+                    }
+                };
+                patch.apply_shared(&mut props, None);
+                if let Some(s) = patch.start {
+                    props.start = s;
+                }
+                if let Some(e) = patch.end {
+                    props.end = e;
+                }
+                if let Some(a) = patch.is_all_day {
+                    props.is_all_day = a;
+                }
+                check_times(&props)?;
+                props.change_key = new_key;
+                props.last_modified = now;
+                ev.exceptions.insert(date, Exception { props });
+            }
+        }
+        cal.touch(&master);
+        self.get_event(user, calendar, id)
+    }
+
+    /// `DELETE /users/{u}/events/{id}`: removes a single event or a whole series; on an
+    /// occurrence it cancels just that one.
+    pub fn delete_event(
+        &mut self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+    ) -> Result<(), GraphError> {
+        let (ci, master, date) = self.locate(user, calendar, id)?;
+        let cal = &mut self.users[user].calendars[ci];
+        match date {
+            None => {
+                cal.events.remove(&master);
+            }
+            Some(date) => {
+                let ev = cal
+                    .events
+                    .get_mut(&master)
+                    .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))?;
+                if !ev.has_occurrence_on(date) {
+                    return Err(GraphError::not_found(
+                        "The specified object was not found in the store.",
+                    ));
+                }
+                ev.exceptions.remove(&date);
+                ev.cancelled.insert(date);
+            }
+        }
+        cal.touch(&master);
+        Ok(())
+    }
+
+    /// `GET /users/{u}/events/{id}`.
+    pub fn get_event(
+        &self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+    ) -> Result<Value, GraphError> {
+        let (ci, master, date) = self.locate(user, calendar, id)?;
+        let u = &self.users[user];
+        let ev = &u.calendars[ci].events[&master];
+        match date {
+            None => Ok(if ev.recurrence.is_some() {
+                ev.master_json(u)
+            } else {
+                let mut out = Vec::new();
+                let w = crate::model::Window {
+                    start: ev.props.start.and_utc(),
+                    end: ev.props.end.and_utc() + chrono::Duration::seconds(1),
+                };
+                ev.instances_in(&w, &mut out);
+                out.first()
+                    .map(|i| i.to_graph_json(u))
+                    .unwrap_or_else(|| ev.master_json(u))
+            }),
+            Some(date) => {
+                if !ev.has_occurrence_on(date) {
+                    return Err(GraphError::not_found(
+                        "The specified object was not found in the store.",
+                    ));
+                }
+                let (start, end) = match ev.exceptions.get(&date) {
+                    Some(ex) => (ex.props.start, ex.props.end),
+                    None => {
+                        let s = date.and_time(ev.props.start.time());
+                        (s, s + (ev.props.end - ev.props.start))
+                    }
+                };
+                let w = crate::model::Window {
+                    start: start.and_utc(),
+                    end: end.and_utc() + chrono::Duration::seconds(1),
+                };
+                let mut out = Vec::new();
+                ev.instances_in(&w, &mut out);
+                out.into_iter()
+                    .find(|i| i.original_date == Some(date))
+                    .map(|i| i.to_graph_json(u))
+                    .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))
+            }
+        }
+    }
+
+    fn locate(
+        &self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+    ) -> Result<(usize, String, Option<NaiveDate>), GraphError> {
+        let u = self
+            .users
+            .get(user)
+            .ok_or_else(|| GraphError::not_found("user"))?;
+        let found = u.locate(id).ok_or_else(|| {
+            GraphError::not_found("The specified object was not found in the store.")
+        })?;
+        if calendar.is_some_and(|c| c != found.0) {
+            return Err(GraphError::not_found(
+                "The specified object was not found in the store.",
+            ));
+        }
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn unknown_and_read_only_properties_are_refused() {
+        let err = EventPatch::from_json(&json!({"id": "x"})).unwrap_err();
+        assert_eq!(err.code, "RequestBodyRead");
+        assert!(err.message.contains("'id'"));
+    }
+
+    #[test]
+    fn non_utc_zones_are_refused_with_a_clear_message() {
+        let err = EventPatch::from_json(&json!({
+            "start": {"dateTime": "2024-01-01T10:00:00", "timeZone": "Pacific Standard Time"}
+        }))
+        .unwrap_err();
+        assert_eq!(err.code, "TimeZoneNotSupportedException");
+    }
+
+    #[test]
+    fn seven_digit_fractions_parse() {
+        let p = EventPatch::from_json(&json!({
+            "start": {"dateTime": "2024-01-01T10:00:00.0000000", "timeZone": "UTC"}
+        }))
+        .unwrap();
+        assert_eq!(
+            p.start.unwrap().to_string(),
+            "2024-01-01 10:00:00"
+        );
+    }
+}
