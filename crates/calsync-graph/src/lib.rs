@@ -1,1 +1,193 @@
-//! placeholder
+//! calsync-graph: the Microsoft Graph client — auth, calendarView delta paging, error
+//! classification and the event model. The only crate that speaks HTTP to Graph.
+
+pub mod auth;
+pub mod error;
+pub mod page;
+
+pub use auth::{AuthConfig, TokenSource};
+pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
+pub use page::{DeltaItem, DeltaPage, EventItem, PageLink, parse_page};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::StreamExt;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
+use secrecy::ExposeSecret;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use url::Url;
+
+/// How calsync talks to Graph.
+#[derive(Debug, Clone)]
+pub struct GraphConfig {
+    /// Graph root, e.g. `https://graph.microsoft.com/v1.0`; links are only followed to its origin.
+    pub base_url: Url,
+    /// Sent as `Prefer: odata.maxpagesize` on every request.
+    pub page_size: Option<u32>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// Pages larger than this are refused (guards against the oversized-page service bug).
+    pub max_page_bytes: usize,
+}
+
+impl GraphConfig {
+    pub fn new(base_url: Url) -> Self {
+        GraphConfig {
+            base_url,
+            page_size: Some(100),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            max_page_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which calendar of a mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CalendarRef {
+    Default,
+    Id(String),
+}
+
+/// The window of a calendarView: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ViewWindow {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// The Graph client. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct GraphClient {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    cfg: GraphConfig,
+    tokens: TokenSource,
+    prefer: HeaderValue,
+}
+
+fn origin(u: &Url) -> (String, String, Option<u16>) {
+    (u.scheme().to_owned(), u.host_str().unwrap_or("").to_ascii_lowercase(), u.port_or_known_default())
+}
+
+fn origin_text(u: &Url) -> String {
+    u.origin().ascii_serialization()
+}
+
+impl GraphClient {
+    pub fn new(cfg: GraphConfig, auth: AuthConfig) -> Result<Self, GraphError> {
+        let http = reqwest::Client::builder()
+            // Never follow a redirect: it could carry the bearer token to another host.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout)
+            .timeout(cfg.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| GraphError::AuthUnavailable { reason: e.without_url().to_string() })?;
+        let mut prefer = String::from("outlook.timezone=\"UTC\"");
+        if let Some(n) = cfg.page_size {
+            prefer = format!("odata.maxpagesize={n}, {prefer}");
+        }
+        let prefer = HeaderValue::from_str(&prefer)
+            .map_err(|_| GraphError::Rejected { status: 0, code: "BadPreferHeader".into(), message: String::new() })?;
+        Ok(GraphClient {
+            inner: Arc::new(Inner { tokens: TokenSource::new(auth, http.clone()), http, cfg, prefer }),
+        })
+    }
+
+    pub fn tokens(&self) -> &TokenSource {
+        &self.inner.tokens
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.inner.cfg.base_url
+    }
+
+    /// The first link of a full round: `{base}/users/{user}/calendarView/delta` (or
+    /// `/calendars/{id}/calendarView/delta`) with percent-encoded UTC window bounds.
+    pub fn initial_link(&self, user: &str, calendar: &CalendarRef, window: &ViewWindow) -> String {
+        let mut url = self.inner.cfg.base_url.clone();
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.pop_if_empty().push("users").push(user);
+            if let CalendarRef::Id(id) = calendar {
+                segs.push("calendars").push(id);
+            }
+            segs.push("calendarView").push("delta");
+        }
+        url.query_pairs_mut()
+            .append_pair("startDateTime", &window.start.to_rfc3339_opts(SecondsFormat::Secs, true))
+            .append_pair("endDateTime", &window.end.to_rfc3339_opts(SecondsFormat::Secs, true));
+        url.into()
+    }
+
+    /// Refuses links to anywhere but the configured Graph origin (scheme, host and port).
+    pub fn check_link(&self, link: &str) -> Result<Url, GraphError> {
+        let base = &self.inner.cfg.base_url;
+        let url = Url::parse(link).map_err(|_| GraphError::Malformed { reason: "a page link is not a URL".into() })?;
+        if origin(&url) != origin(base) {
+            return Err(GraphError::ForeignLink { origin: origin_text(&url), expected: origin_text(base) });
+        }
+        Ok(url)
+    }
+
+    /// GETs one delta page. On 401 the token is renewed once and the request repeated.
+    pub async fn fetch_page(&self, link: &str) -> Result<DeltaPage, GraphError> {
+        let url = self.check_link(link)?;
+        let token = self.inner.tokens.token().await?;
+        match self.get(&url, &token).await {
+            Err(GraphError::Unauthorized { .. }) => {
+                self.inner.tokens.invalidate(&token).await;
+                let fresh = self.inner.tokens.token().await?;
+                self.get(&url, &fresh).await
+            }
+            other => other,
+        }
+    }
+
+    async fn get(&self, url: &Url, token: &auth::AccessToken) -> Result<DeltaPage, GraphError> {
+        let mut headers = HeaderMap::new();
+        let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
+            .map_err(|_| GraphError::AuthUnavailable { reason: "the access token is not a valid header value".into() })?;
+        bearer.set_sensitive(true);
+        headers.insert(AUTHORIZATION, bearer);
+        headers.insert("prefer", self.inner.prefer.clone());
+        let resp = self.inner.http.get(url.clone()).headers(headers).send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let body = read_capped(resp, self.inner.cfg.max_page_bytes).await?;
+        if status == 200 {
+            parse_page(&body)
+        } else {
+            Err(classify(status, retry_after, &body))
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> GraphError {
+    GraphError::Transient { status: None, fresh_connection: true, message: e.without_url().to_string() }
+}
+
+async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, GraphError> {
+    if resp.content_length().is_some_and(|n| n as usize > limit) {
+        return Err(GraphError::TooLarge { limit });
+    }
+    let mut out = Vec::with_capacity(resp.content_length().map_or(8192, |n| n as usize));
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(transport)?;
+        if out.len() + chunk.len() > limit {
+            return Err(GraphError::TooLarge { limit });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}

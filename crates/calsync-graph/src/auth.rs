@@ -1,0 +1,154 @@
+//! OAuth2 client-credentials tokens for Graph: fetched with the `oauth2` crate, cached, renewed
+//! before they expire, and renewed once per expiry however many requests notice it.
+
+use crate::error::GraphError;
+use oauth2::basic::{BasicClient, BasicErrorResponseType};
+use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use secrecy::{ExposeSecret, SecretString};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+/// Where and how to ask for tokens.
+#[derive(Clone)]
+pub struct AuthConfig {
+    pub token_url: url::Url,
+    pub client_id: String,
+    pub client_secret: SecretString,
+    pub scope: String,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("token_url", &self.token_url.as_str())
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// An access token and the generation it belongs to, so a 401 invalidates only that one.
+#[derive(Clone)]
+pub struct AccessToken {
+    pub secret: SecretString,
+    pub generation: u64,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AccessToken(generation {}, <redacted>)", self.generation)
+    }
+}
+
+struct Cached {
+    token: AccessToken,
+    renew_at: Instant,
+}
+
+pub struct TokenSource {
+    cfg: AuthConfig,
+    http: reqwest::Client,
+    cached: Mutex<Option<Cached>>,
+    generation: AtomicU64,
+    renewals: AtomicU64,
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("cfg", &self.cfg)
+            .field("renewals", &self.renewals.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSource {
+    pub fn new(cfg: AuthConfig, http: reqwest::Client) -> Self {
+        TokenSource {
+            cfg,
+            http,
+            cached: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+        }
+    }
+
+    /// How many tokens were fetched so far.
+    pub fn renewals(&self) -> u64 {
+        self.renewals.load(Ordering::Relaxed)
+    }
+
+    /// A valid token: the cached one, or a new one when it is near expiry or was invalidated.
+    /// Concurrent callers wait for one fetch instead of each starting their own.
+    pub async fn token(&self) -> Result<AccessToken, GraphError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref() {
+            if Instant::now() < c.renew_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let (secret, lifetime) = self.fetch().await?;
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // Renew at 90% of the lifetime, at most five minutes early (Azure AD: 3599 s tokens).
+        let margin = (lifetime / 10).min(Duration::from_secs(300));
+        let token = AccessToken { secret, generation };
+        *cached = Some(Cached {
+            token: token.clone(),
+            renew_at: Instant::now() + lifetime.saturating_sub(margin),
+        });
+        Ok(token)
+    }
+
+    /// Forgets `token` after Graph answered 401 to it; a newer token is kept.
+    pub async fn invalidate(&self, token: &AccessToken) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|c| c.token.generation == token.generation) {
+            *cached = None;
+        }
+    }
+
+    async fn fetch(&self) -> Result<(SecretString, Duration), GraphError> {
+        let client = BasicClient::new(ClientId::new(self.cfg.client_id.clone()))
+            .set_client_secret(ClientSecret::new(self.cfg.client_secret.expose_secret().to_owned()))
+            .set_token_uri(TokenUrl::from_url(self.cfg.token_url.clone()))
+            .set_auth_type(AuthType::RequestBody);
+        let result = client
+            .exchange_client_credentials()
+            .add_scope(Scope::new(self.cfg.scope.clone()))
+            .request_async(&self.http)
+            .await;
+        match result {
+            Ok(resp) => {
+                self.renewals.fetch_add(1, Ordering::Relaxed);
+                let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(3599));
+                Ok((SecretString::from(resp.access_token().secret().to_owned()), lifetime))
+            }
+            Err(RequestTokenError::ServerResponse(r)) => {
+                let error = match r.error() {
+                    BasicErrorResponseType::InvalidClient => "invalid_client".to_owned(),
+                    BasicErrorResponseType::InvalidGrant => "invalid_grant".to_owned(),
+                    BasicErrorResponseType::InvalidRequest => "invalid_request".to_owned(),
+                    BasicErrorResponseType::InvalidScope => "invalid_scope".to_owned(),
+                    BasicErrorResponseType::UnauthorizedClient => "unauthorized_client".to_owned(),
+                    BasicErrorResponseType::UnsupportedGrantType => "unsupported_grant_type".to_owned(),
+                    BasicErrorResponseType::Extension(e) => e.clone(),
+                };
+                let description: String = r.error_description().cloned().unwrap_or_default().chars().take(300).collect();
+                Err(GraphError::AuthRejected { error, description })
+            }
+            Err(RequestTokenError::Request(e)) => Err(GraphError::AuthUnavailable {
+                reason: match e {
+                    oauth2::HttpClientError::Reqwest(r) => r.without_url().to_string(),
+                    other => other.to_string(),
+                },
+            }),
+            Err(RequestTokenError::Parse(_, body)) => Err(GraphError::AuthUnavailable {
+                reason: format!("unreadable answer ({} bytes)", body.len()),
+            }),
+            Err(RequestTokenError::Other(m)) => Err(GraphError::AuthUnavailable { reason: m }),
+        }
+    }
+}

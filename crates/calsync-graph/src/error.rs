@@ -1,0 +1,230 @@
+//! The one place that decides what a Graph answer means for the caller.
+
+use std::time::{Duration, SystemTime};
+
+/// What went wrong talking to Graph, sized to what the engine must decide on.
+/// No variant carries a URL with a token in it, an access token, or a secret.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GraphError {
+    /// 429/509, or 503/504 with `Retry-After`: wait at least `retry_after` before the next
+    /// request to this mailbox.
+    #[error("throttled by graph ({status} {code}){}", retry_after.map(|d| format!(", retry after {:.3}s", d.as_secs_f64())).unwrap_or_default())]
+    Throttled {
+        status: u16,
+        code: String,
+        retry_after: Option<Duration>,
+    },
+    /// The delta state is gone (410, `syncStateNotFound`, `resyncRequired`, `SyncStateInvalid`):
+    /// start a fresh full round.
+    #[error("graph dropped the delta state ({status} {code}): {message}")]
+    ResyncRequired {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// 401 even with a freshly renewed token.
+    #[error("graph refused the access token ({code}): {message}")]
+    Unauthorized { code: String, message: String },
+    /// 403: the app may not read this mailbox.
+    #[error("graph denied access ({code}): {message}")]
+    Forbidden { code: String, message: String },
+    /// 404: user, mailbox or calendar does not exist (or has no Exchange Online mailbox).
+    #[error("graph found no such mailbox or calendar ({code}): {message}")]
+    NotFound { code: String, message: String },
+    /// 400 and other 4xx: the request is wrong and retrying will not help.
+    #[error("graph rejected the request ({status} {code}): {message}")]
+    Rejected {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// 5xx without `Retry-After`, timeouts, resets: retry with backoff.
+    #[error("graph is unavailable{}: {message}", status.map(|s| format!(" ({s})")).unwrap_or_default())]
+    Transient {
+        status: Option<u16>,
+        /// The connection should not be reused for the retry (503 guidance).
+        fresh_connection: bool,
+        message: String,
+    },
+    /// A 200 whose body is not a delta page (cut off, not JSON, no link).
+    #[error("graph sent a malformed page: {reason}")]
+    Malformed { reason: String },
+    /// A page larger than the configured limit.
+    #[error("graph sent a page larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    /// A nextLink/deltaLink that points away from the configured Graph origin.
+    #[error("refusing a link to {origin}: it is not the configured graph origin {expected}")]
+    ForeignLink { origin: String, expected: String },
+    /// The token endpoint refused our credentials or the request.
+    #[error("the token endpoint refused the request ({error}): {description}")]
+    AuthRejected { error: String, description: String },
+    /// The token endpoint could not be reached or answered garbage.
+    #[error("the token endpoint is unavailable: {reason}")]
+    AuthUnavailable { reason: String },
+}
+
+/// The broad classes the engine's runner acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Wait (Retry-After or backoff) and retry the same link.
+    Retry,
+    /// Start a full round.
+    Resync,
+    /// This tuple cannot sync until someone changes something: slow retry cadence.
+    Permanent,
+    /// The round cannot go on safely (loop, foreign link): mark degraded, retry later.
+    Degraded,
+}
+
+impl GraphError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            GraphError::Throttled { .. }
+            | GraphError::Transient { .. }
+            | GraphError::Malformed { .. }
+            | GraphError::AuthUnavailable { .. } => ErrorClass::Retry,
+            GraphError::ResyncRequired { .. } => ErrorClass::Resync,
+            GraphError::Unauthorized { .. }
+            | GraphError::Forbidden { .. }
+            | GraphError::NotFound { .. }
+            | GraphError::Rejected { .. }
+            | GraphError::AuthRejected { .. } => ErrorClass::Permanent,
+            GraphError::TooLarge { .. } | GraphError::ForeignLink { .. } => ErrorClass::Degraded,
+        }
+    }
+
+    /// Graph's error code, or a short name of our own for errors Graph did not name.
+    pub fn code(&self) -> &str {
+        match self {
+            GraphError::Throttled { code, .. }
+            | GraphError::ResyncRequired { code, .. }
+            | GraphError::Unauthorized { code, .. }
+            | GraphError::Forbidden { code, .. }
+            | GraphError::NotFound { code, .. }
+            | GraphError::Rejected { code, .. } => code,
+            GraphError::Transient { .. } => "Transient",
+            GraphError::Malformed { .. } => "MalformedPage",
+            GraphError::TooLarge { .. } => "PageTooLarge",
+            GraphError::ForeignLink { .. } => "ForeignLink",
+            GraphError::AuthRejected { error, .. } => error,
+            GraphError::AuthUnavailable { .. } => "TokenEndpointUnavailable",
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GraphError::Throttled { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// `Retry-After` as Graph sends it: whole or fractional seconds (`2.128`), or an HTTP date.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ErrorBody {
+    #[serde(default)]
+    error: ErrorInner,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ErrorInner {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+const RESYNC_CODES: [&str; 3] = ["syncstatenotfound", "resyncrequired", "syncstateinvalid"];
+
+/// Classifies a non-success answer from its status, `Retry-After` and body. Pure: the table
+/// of cases lives in the tests below.
+pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> GraphError {
+    let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    let code = parsed.error.code.unwrap_or_else(|| format!("Http{status}"));
+    let message: String = parsed.error.message.unwrap_or_default().chars().take(500).collect();
+    let lower = code.to_ascii_lowercase();
+    if status == 410 || RESYNC_CODES.contains(&lower.as_str()) {
+        return GraphError::ResyncRequired { status, code, message };
+    }
+    match status {
+        429 | 509 => GraphError::Throttled { status, code, retry_after },
+        503 | 504 if retry_after.is_some() => GraphError::Throttled { status, code, retry_after },
+        401 => GraphError::Unauthorized { code, message },
+        403 => GraphError::Forbidden { code, message },
+        404 => GraphError::NotFound { code, message },
+        500..=599 => GraphError::Transient {
+            status: Some(status),
+            fresh_connection: status == 503,
+            message: if message.is_empty() { code } else { format!("{code}: {message}") },
+        },
+        _ => GraphError::Rejected { status, code, message },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(code: &str) -> Vec<u8> {
+        format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn graph_answers_are_classified_as_the_notes_say() {
+        let s = Some(Duration::from_secs(2));
+        let cases: &[(u16, Option<Duration>, &str, ErrorClass, &str)] = &[
+            (410, None, "SyncStateNotFound", ErrorClass::Resync, "SyncStateNotFound"),
+            (410, None, "anything", ErrorClass::Resync, "anything"),
+            (400, None, "syncStateNotFound", ErrorClass::Resync, "syncStateNotFound"),
+            (400, None, "RESYNCREQUIRED", ErrorClass::Resync, "RESYNCREQUIRED"),
+            (410, None, "SyncStateInvalid", ErrorClass::Resync, "SyncStateInvalid"),
+            (429, s, "TooManyRequests", ErrorClass::Retry, "TooManyRequests"),
+            (429, None, "ApplicationThrottled", ErrorClass::Retry, "ApplicationThrottled"),
+            (509, None, "BandwidthLimitExceeded", ErrorClass::Retry, "BandwidthLimitExceeded"),
+            (503, s, "serviceNotAvailable", ErrorClass::Retry, "serviceNotAvailable"),
+            (503, None, "serviceNotAvailable", ErrorClass::Retry, "Transient"),
+            (504, None, "UnknownError", ErrorClass::Retry, "Transient"),
+            (500, None, "ErrorInternalServerTransientError", ErrorClass::Retry, "Transient"),
+            (401, None, "InvalidAuthenticationToken", ErrorClass::Permanent, "InvalidAuthenticationToken"),
+            (403, None, "ErrorAccessDenied", ErrorClass::Permanent, "ErrorAccessDenied"),
+            (404, None, "MailboxNotEnabledForRESTAPI", ErrorClass::Permanent, "MailboxNotEnabledForRESTAPI"),
+            (404, None, "ErrorInvalidUser", ErrorClass::Permanent, "ErrorInvalidUser"),
+            (400, None, "ErrorInvalidParameter", ErrorClass::Permanent, "ErrorInvalidParameter"),
+        ];
+        for (status, ra, code, class, want_code) in cases {
+            let e = classify(*status, *ra, &body(code));
+            assert_eq!(e.class(), *class, "{status} {code}");
+            assert_eq!(e.code(), *want_code, "{status} {code}");
+        }
+        assert_eq!(classify(429, s, &body("x")).retry_after(), s);
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_still_classifies_by_status() {
+        assert_eq!(classify(502, None, b"<html>bad gateway</html>").class(), ErrorClass::Retry);
+        assert_eq!(classify(410, None, b"").class(), ErrorClass::Resync);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_fractions_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after("2.128", now), Some(Duration::from_millis(2128)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&past, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("NaN", now), None);
+    }
+}

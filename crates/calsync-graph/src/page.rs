@@ -1,0 +1,168 @@
+//! Delta pages as calsync reads them: items (events or `@removed`) and the one link.
+//!
+//! The parser never panics and never trusts sizes from the server: anything that is not a
+//! well-formed page is a [`GraphError::Malformed`], and the page is not applied.
+
+use crate::error::GraphError;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::{Map, Value};
+
+/// One page of a delta round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeltaPage {
+    pub items: Vec<DeltaItem>,
+    pub link: PageLink,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageLink {
+    /// More pages in this round.
+    Next(String),
+    /// The round is complete; replay this link for the next round.
+    Delta(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeltaItem {
+    Event(Box<EventItem>),
+    /// No longer part of this window (deleted, or moved out). Any `reason` counts.
+    Removed { id: String },
+}
+
+impl DeltaItem {
+    pub fn id(&self) -> &str {
+        match self {
+            DeltaItem::Event(e) => &e.id,
+            DeltaItem::Removed { id } => id,
+        }
+    }
+}
+
+/// An event instance with the fields the read model indexes, and the whole object as sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventItem {
+    pub id: String,
+    pub ical_uid: Option<String>,
+    pub subject: Option<String>,
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+    pub is_all_day: Option<bool>,
+    pub event_type: Option<String>,
+    pub series_master_id: Option<String>,
+    pub last_modified: Option<DateTime<Utc>>,
+    pub change_key: Option<String>,
+    /// Only some properties were sent (seen for occurrences: id, type, start, end): merge it
+    /// into what is stored instead of replacing it.
+    pub partial: bool,
+    pub payload: Map<String, Value>,
+}
+
+fn str_field(m: &Map<String, Value>, k: &str) -> Option<String> {
+    m.get(k).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// A `dateTimeTimeZone` as an instant. calsync asks for UTC (`Prefer: outlook.timezone`);
+/// a zone it cannot read leaves the instant empty rather than guess.
+fn date_time(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
+    let v = m.get(k)?;
+    let dt = v.get("dateTime")?.as_str()?;
+    let tz = v.get("timeZone").and_then(Value::as_str).unwrap_or("UTC");
+    if !matches!(tz, "UTC" | "Etc/UTC" | "Coordinated Universal Time" | "tzone://Microsoft/Utc") {
+        return None;
+    }
+    let t = dt.trim_end_matches('Z');
+    NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S"))
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+fn instant(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(m.get(k)?.as_str()?)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+impl EventItem {
+    pub fn from_map(payload: Map<String, Value>) -> Result<Self, GraphError> {
+        let id = str_field(&payload, "id")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| GraphError::Malformed { reason: "an item has no id".into() })?;
+        Ok(EventItem {
+            ical_uid: str_field(&payload, "iCalUId"),
+            subject: str_field(&payload, "subject"),
+            start: date_time(&payload, "start"),
+            end: date_time(&payload, "end"),
+            is_all_day: payload.get("isAllDay").and_then(Value::as_bool),
+            event_type: str_field(&payload, "type"),
+            series_master_id: str_field(&payload, "seriesMasterId"),
+            last_modified: instant(&payload, "lastModifiedDateTime"),
+            change_key: str_field(&payload, "changeKey"),
+            partial: !payload.contains_key("subject"),
+            id,
+            payload,
+        })
+    }
+}
+
+/// Parses a 200 body into a page.
+pub fn parse_page(body: &[u8]) -> Result<DeltaPage, GraphError> {
+    let malformed = |reason: String| GraphError::Malformed { reason };
+    let v: Value = serde_json::from_slice(body).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    let Value::Object(mut top) = v else {
+        return Err(malformed("the body is not a JSON object".into()));
+    };
+    let next = top.remove("@odata.nextLink");
+    let delta = top.remove("@odata.deltaLink");
+    let link = match (next, delta) {
+        (Some(Value::String(n)), None) => PageLink::Next(n),
+        (None, Some(Value::String(d))) => PageLink::Delta(d),
+        (None, None) => return Err(malformed("the page has neither nextLink nor deltaLink".into())),
+        (Some(_), Some(_)) => return Err(malformed("the page has both nextLink and deltaLink".into())),
+        _ => return Err(malformed("a page link is not a string".into())),
+    };
+    let values = match top.remove("value") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(malformed("value is not an array".into())),
+        None => return Err(malformed("the page has no value array".into())),
+    };
+    let mut items = Vec::with_capacity(values.len());
+    for v in values {
+        let Value::Object(m) = v else {
+            return Err(malformed("an item is not an object".into()));
+        };
+        if m.contains_key("@removed") {
+            let id = str_field(&m, "id")
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| malformed("a removed item has no id".into()))?;
+            items.push(DeltaItem::Removed { id });
+        } else {
+            items.push(DeltaItem::Event(Box::new(EventItem::from_map(m)?)));
+        }
+    }
+    Ok(DeltaPage { items, link })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_never_panics() {
+        for body in [&b""[..], b"{", b"[]", b"null", b"{\"value\":[]}", b"{\"value\":5,\"@odata.deltaLink\":\"x\"}",
+            b"{\"value\":[1],\"@odata.deltaLink\":\"x\"}", b"{\"value\":[{}],\"@odata.deltaLink\":\"x\"}",
+            b"{\"value\":[],\"@odata.deltaLink\":7}", b"{\"value\":[],\"@odata.deltaLink\":\"a\",\"@odata.nextLink\":\"b\"}"] {
+            assert!(matches!(parse_page(body), Err(GraphError::Malformed { .. })), "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn odd_field_types_are_tolerated_and_kept_in_the_payload() {
+        let page = parse_page(br#"{"@odata.deltaLink":"d","value":[{"id":"a","subject":5,"start":"x","isAllDay":"yes","extra":{"k":1}}]}"#).unwrap();
+        let DeltaItem::Event(e) = &page.items[0] else { panic!() };
+        assert_eq!(e.subject, None);
+        assert_eq!(e.start, None);
+        assert!(!e.partial);
+        assert_eq!(e.payload["extra"]["k"], 1);
+    }
+}

@@ -1,0 +1,147 @@
+//! What one delta page means for the store, decided in memory before any SQL runs.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+/// One event row to write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub event_id: String,
+    pub ical_uid: Option<String>,
+    pub subject: Option<String>,
+    pub start_at: Option<DateTime<Utc>>,
+    pub end_at: Option<DateTime<Utc>>,
+    pub is_all_day: Option<bool>,
+    pub event_type: Option<String>,
+    pub series_master_id: Option<String>,
+    pub last_modified_at: Option<DateTime<Utc>>,
+    pub change_key: Option<String>,
+    /// Merge into the stored row instead of replacing it.
+    pub partial: bool,
+    pub payload: Map<String, Value>,
+}
+
+/// One item of a page, in arrival order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PageOp {
+    Upsert(EventRow),
+    Remove(String),
+}
+
+/// A page reduced to at most one write per id.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PageChanges {
+    pub full: Vec<EventRow>,
+    pub partial: Vec<EventRow>,
+    pub removed: Vec<String>,
+}
+
+impl EventRow {
+    /// Lays `newer` (partial) over `self`: fields it has win, fields it lacks are kept.
+    fn merge(mut self, newer: EventRow) -> EventRow {
+        macro_rules! keep {
+            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
+        }
+        keep!(ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, change_key);
+        self.payload.extend(newer.payload);
+        self
+    }
+}
+
+/// Applies the page's items in order, last write wins per id, so the same id twice in a page
+/// (which Graph allows) becomes one write. A partial item after a full one merges into it.
+pub fn reduce(ops: Vec<PageOp>) -> PageChanges {
+    let mut order: Vec<String> = Vec::new();
+    let mut last: HashMap<String, PageOp> = HashMap::new();
+    for op in ops {
+        let id = match &op {
+            PageOp::Upsert(r) => r.event_id.clone(),
+            PageOp::Remove(id) => id.clone(),
+        };
+        let merged = match (last.remove(&id), op) {
+            (Some(PageOp::Upsert(prev)), PageOp::Upsert(next)) if next.partial => {
+                let partial = prev.partial;
+                let mut m = prev.merge(next);
+                m.partial = partial;
+                PageOp::Upsert(m)
+            }
+            (prev, op) => {
+                if prev.is_none() {
+                    order.push(id.clone());
+                }
+                op
+            }
+        };
+        last.insert(id, merged);
+    }
+    let mut out = PageChanges::default();
+    for id in order {
+        match last.remove(&id) {
+            Some(PageOp::Upsert(r)) if r.partial => out.partial.push(r),
+            Some(PageOp::Upsert(r)) => out.full.push(r),
+            Some(PageOp::Remove(id)) => out.removed.push(id),
+            None => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(id: &str, subject: Option<&str>, partial: bool) -> EventRow {
+        let mut payload = Map::new();
+        payload.insert("id".into(), json!(id));
+        if let Some(s) = subject {
+            payload.insert("subject".into(), json!(s));
+        }
+        EventRow {
+            event_id: id.into(),
+            ical_uid: None,
+            subject: subject.map(str::to_owned),
+            start_at: None,
+            end_at: None,
+            is_all_day: None,
+            event_type: None,
+            series_master_id: None,
+            last_modified_at: None,
+            change_key: None,
+            partial,
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_page_reduces_to_one_write_per_id_last_write_wins() {
+        let cases: Vec<(Vec<PageOp>, Vec<&str>, Vec<&str>, Vec<&str>)> = vec![
+            // (ops, full ids, partial ids, removed ids)
+            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Upsert(row("a", Some("2"), false))], vec!["a"], vec![], vec![]),
+            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Remove("a".into())], vec![], vec![], vec!["a"]),
+            (vec![PageOp::Remove("a".into()), PageOp::Upsert(row("a", Some("1"), false))], vec!["a"], vec![], vec![]),
+            (vec![PageOp::Upsert(row("a", None, true))], vec![], vec!["a"], vec![]),
+            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Upsert(row("a", None, true))], vec!["a"], vec![], vec![]),
+            (vec![PageOp::Upsert(row("a", None, true)), PageOp::Upsert(row("a", Some("1"), false))], vec!["a"], vec![], vec![]),
+            (vec![PageOp::Remove("x".into()), PageOp::Upsert(row("b", Some("1"), false))], vec!["b"], vec![], vec!["x"]),
+        ];
+        for (ops, full, partial, removed) in cases {
+            let c = reduce(ops.clone());
+            let ids = |v: &Vec<EventRow>| v.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>();
+            assert_eq!(ids(&c.full), full, "{ops:?}");
+            assert_eq!(ids(&c.partial), partial, "{ops:?}");
+            assert_eq!(c.removed, removed, "{ops:?}");
+        }
+    }
+
+    #[test]
+    fn a_partial_after_a_full_keeps_the_full_fields() {
+        let mut p = row("a", None, true);
+        p.start_at = Some(chrono::Utc::now());
+        let c = reduce(vec![PageOp::Upsert(row("a", Some("kept"), false)), PageOp::Upsert(p)]);
+        assert_eq!(c.full[0].subject.as_deref(), Some("kept"));
+        assert!(c.full[0].start_at.is_some());
+        assert_eq!(c.full[0].payload["subject"], "kept");
+    }
+}
