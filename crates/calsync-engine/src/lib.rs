@@ -1,1 +1,166 @@
-//! placeholder
+//! calsync-engine: per-tuple sync rounds, the runner that owns retries and status, the
+//! scheduler, and request limits. It drives calsync-graph and calsync-store through their
+//! narrow APIs and knows neither SQL nor HTTP.
+
+pub mod gate;
+pub mod mapping;
+pub mod round;
+pub mod schedule;
+
+pub use gate::RequestGate;
+pub use round::{Failure, Health, Outcome, RoundReport};
+
+use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
+use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The engine's knobs; the binary fills them from the `[sync]` config section.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// Default time between rounds of a tuple.
+    pub interval: Duration,
+    /// Every so often a tuple runs a full round with sweep even if its deltaLink works.
+    pub full_resync_every: Option<Duration>,
+    /// Pages one round may take before it is abandoned as degraded.
+    pub max_pages_per_round: u32,
+    /// Consecutive pages that bring no new id before a round is abandoned as degraded.
+    pub max_stale_pages: u32,
+    /// Attempts per page on retryable errors before the round gives up until next time.
+    pub max_attempts: usize,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How soon a failed or degraded tuple is tried again.
+    pub failed_retry_interval: Duration,
+    /// Graph requests in flight across all mailboxes.
+    pub max_in_flight: usize,
+    /// Graph requests in flight per mailbox (Outlook's limit is 4).
+    pub per_mailbox_concurrency: usize,
+    /// First rounds after start are spread over this long (or the interval, if shorter).
+    pub startup_spread: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            interval: Duration::from_secs(300),
+            full_resync_every: Some(Duration::from_secs(7 * 24 * 3600)),
+            max_pages_per_round: 10_000,
+            max_stale_pages: 50,
+            max_attempts: 6,
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(60),
+            failed_retry_interval: Duration::from_secs(3600),
+            max_in_flight: 64,
+            per_mailbox_concurrency: 4,
+            startup_spread: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A tracked (user, calendar, window) tuple as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TupleConfig {
+    /// Stable name of the tuple; rows and sync state hang off it.
+    pub key: String,
+    pub user: String,
+    pub calendar: CalendarRef,
+    pub window: ViewWindow,
+    pub interval: Option<Duration>,
+}
+
+/// A registered tuple: its config plus its store id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuple {
+    pub id: i64,
+    pub key: String,
+    pub user: String,
+    pub calendar: CalendarRef,
+    pub window: ViewWindow,
+    pub interval: Duration,
+}
+
+impl Tuple {
+    pub fn calendar_name(&self) -> &str {
+        match &self.calendar {
+            CalendarRef::Default => "default",
+            CalendarRef::Id(id) => id,
+        }
+    }
+
+    /// What a saved link must have been made for to be replayed for this tuple.
+    pub fn stamp(&self) -> LinkStamp {
+        LinkStamp {
+            user_id: self.user.clone(),
+            calendar_id: self.calendar_name().to_owned(),
+            window_start: self.window.start,
+            window_end: self.window.end,
+        }
+    }
+}
+
+/// The sync engine. Cheap to clone; clones share the gate.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    graph: GraphClient,
+    store: Store,
+    gate: RequestGate,
+    settings: SyncSettings,
+}
+
+impl Engine {
+    pub fn new(graph: GraphClient, store: Store, settings: SyncSettings) -> Self {
+        let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency);
+        Engine { inner: Arc::new(Inner { graph, store, gate, settings }) }
+    }
+
+    pub fn settings(&self) -> &SyncSettings {
+        &self.inner.settings
+    }
+
+    pub fn graph(&self) -> &GraphClient {
+        &self.inner.graph
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Records the configured tuples in the store (new ones added, dropped ones untracked)
+    /// and returns them with their ids.
+    pub async fn register(&self, configs: &[TupleConfig]) -> Result<Vec<Tuple>, StoreError> {
+        let specs: Vec<TupleSpec> = configs
+            .iter()
+            .map(|c| TupleSpec {
+                key: c.key.clone(),
+                user_id: c.user.clone(),
+                calendar_id: match &c.calendar {
+                    CalendarRef::Default => "default".into(),
+                    CalendarRef::Id(id) => id.clone(),
+                },
+                window_start: c.window.start,
+                window_end: c.window.end,
+            })
+            .collect();
+        let states = self.inner.store.register_tuples(&specs).await?;
+        Ok(configs
+            .iter()
+            .filter_map(|c| {
+                let id = states.iter().find(|s| s.tuple_key == c.key)?.id;
+                Some(Tuple {
+                    id,
+                    key: c.key.clone(),
+                    user: c.user.clone(),
+                    calendar: c.calendar.clone(),
+                    window: c.window,
+                    interval: c.interval.unwrap_or(self.inner.settings.interval),
+                })
+            })
+            .collect())
+    }
+}

@@ -183,6 +183,18 @@ pub struct StatusRow {
     pub event_count: i64,
 }
 
+/// The read-model columns tests and the demo compare with Graph's truth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct EventSummary {
+    pub event_id: String,
+    pub event_type: Option<String>,
+    pub subject: Option<String>,
+    pub start_at: Option<DateTime<Utc>>,
+    pub end_at: Option<DateTime<Utc>>,
+    pub is_all_day: Option<bool>,
+    pub series_master_id: Option<String>,
+}
+
 /// The PostgreSQL store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -446,11 +458,23 @@ impl Store {
 
     /// Event ids of a tuple, sorted (for tests and the demo's check).
     pub async fn event_ids(&self, tuple_key: &str) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar("SELECT event_id FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id")
+        sqlx::query_scalar("SELECT event_id FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id COLLATE \"C\"")
             .bind(tuple_key)
             .fetch_all(&self.pool)
             .await
             .map_err(db)
+    }
+
+    /// The indexed columns of a tuple's rows as the read model shows them, sorted by id.
+    pub async fn event_summaries(&self, tuple_key: &str) -> Result<Vec<EventSummary>, StoreError> {
+        sqlx::query_as(
+            "SELECT event_id, event_type, subject, start_at, end_at, is_all_day, series_master_id \
+             FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id COLLATE \"C\"",
+        )
+        .bind(tuple_key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
     }
 
     pub fn pool_size(&self) -> u32 {
@@ -513,6 +537,40 @@ async fn upsert(tx: &mut Transaction<'_, Postgres>, tuple_id: i64, round: i64, r
         .await
         .map_err(db)?;
     Ok(r.rows_affected())
+}
+
+/// Drops and creates database `name` on the server `admin_url` points at, and returns a URL
+/// for it. For the demo and benchmarks, which must not touch a user's own database.
+pub async fn recreate_database(admin_url: &str, name: &str) -> Result<String, StoreError> {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::Query(format!("'{name}' is not a plain database name")));
+    }
+    let opts = PgConnectOptions::from_str(admin_url).map_err(|e| StoreError::Query(format!("invalid database url: {}", redact_url_error(&e.to_string()))))?;
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(opts.clone()).await.map_err(db)?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.map_err(db)?;
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.map_err(db)?;
+    pool.close().await;
+    let mut url = url_with_database(admin_url, name);
+    if url.is_empty() {
+        url = admin_url.to_owned();
+    }
+    Ok(url)
+}
+
+fn url_with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let Some(scheme_end) = base.find("://") else { return String::new() };
+    let rest = &base[scheme_end + 3..];
+    let host_end = rest.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
+    let mut out = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
 }
 
 /// sqlx's URL parse errors can echo the URL; keep only the reason.

@@ -8,6 +8,7 @@
 //! and the counters of bad manners are open to tests through [`Sim`] and `/_sim`.
 
 pub mod auth;
+pub mod churn;
 pub mod clock;
 pub mod delta;
 pub mod error;

@@ -1,0 +1,342 @@
+//! One tuple's sync round and the runner around it: the one place that owns retries, backoff,
+//! resyncs and the status a tuple is left in.
+
+use crate::Engine;
+use crate::Tuple;
+use crate::mapping::page_changes;
+use backon::{ExponentialBuilder, Retryable};
+use calsync_graph::{ErrorClass, GraphError, PageLink};
+use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError};
+use rand::Rng;
+use std::collections::HashSet;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How a tuple is left after a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// A retryable problem outlasted this run's attempts; tried again soon.
+    Retrying,
+    /// Graph says this tuple cannot sync (access denied, no mailbox, bad request); tried
+    /// again at the slow cadence.
+    Failed,
+    /// The round was abandoned by a guard (page loop, oversized page, foreign link).
+    Degraded,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Retrying => "retrying",
+            Health::Failed => "failed",
+            Health::Degraded => "degraded",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub health: Health,
+    pub code: String,
+    pub message: String,
+}
+
+/// What one complete round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub pages: u32,
+    pub upserted: u64,
+    pub removed: u64,
+    pub swept: u64,
+    /// The round was a full one (initial sync or resync).
+    pub full: bool,
+    /// Times the delta state was found gone and a full round started instead.
+    pub resyncs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Synced(RoundReport),
+    Failed(Failure),
+    /// Shutdown arrived; the committed pages stand and the next run resumes after them.
+    Interrupted,
+}
+
+#[derive(Debug)]
+enum StepError {
+    Graph(GraphError),
+    Store(StoreError),
+    Guard { code: &'static str, message: String },
+    Interrupted,
+}
+
+impl StepError {
+    fn class(&self) -> Option<ErrorClass> {
+        match self {
+            StepError::Graph(e) => Some(e.class()),
+            StepError::Store(e) if e.is_transient() => Some(ErrorClass::Retry),
+            StepError::Store(StoreError::Conflict { .. }) => Some(ErrorClass::Degraded),
+            StepError::Store(_) => Some(ErrorClass::Permanent),
+            StepError::Guard { .. } => Some(ErrorClass::Degraded),
+            StepError::Interrupted => None,
+        }
+    }
+
+    fn code(&self) -> String {
+        match self {
+            StepError::Graph(e) => e.code().to_owned(),
+            StepError::Store(StoreError::Unavailable(_)) => "DatabaseUnavailable".into(),
+            StepError::Store(_) => "DatabaseError".into(),
+            StepError::Guard { code, .. } => (*code).into(),
+            StepError::Interrupted => "Interrupted".into(),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            StepError::Graph(e) => e.to_string(),
+            StepError::Store(e) => e.to_string(),
+            StepError::Guard { message, .. } => message.clone(),
+            StepError::Interrupted => "interrupted by shutdown".into(),
+        }
+    }
+}
+
+/// Catches the service's infinite-nextLink and endless-empty-page behaviour.
+#[derive(Debug)]
+struct LoopGuard {
+    seen: HashSet<String>,
+    pages: u32,
+    stale: u32,
+    max_pages: u32,
+    max_stale: u32,
+}
+
+impl LoopGuard {
+    fn record<'a>(&mut self, ids: impl Iterator<Item = &'a str>) -> Result<(), StepError> {
+        self.pages += 1;
+        let mut fresh = 0;
+        for id in ids {
+            if !self.seen.contains(id) {
+                self.seen.insert(id.to_owned());
+                fresh += 1;
+            }
+        }
+        self.stale = if fresh == 0 { self.stale + 1 } else { 0 };
+        if self.pages > self.max_pages {
+            return Err(StepError::Guard {
+                code: "PageBudgetExceeded",
+                message: format!("round abandoned after {} pages without a deltaLink", self.max_pages),
+            });
+        }
+        if self.stale > self.max_stale {
+            return Err(StepError::Guard {
+                code: "RepeatedPages",
+                message: format!("round abandoned after {} consecutive pages with no new items", self.stale),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Full jitter: a uniformly random wait up to the exponential step (AWS's "full jitter").
+fn full_jitter(d: Duration) -> Duration {
+    if d.is_zero() {
+        return d;
+    }
+    Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=d.as_secs_f64()))
+}
+
+struct StepOut {
+    next: PageLink,
+    ids: Vec<String>,
+    version: i64,
+    upserted: u64,
+    removed: u64,
+    swept: u64,
+}
+
+impl Engine {
+    /// Runs one complete round for `tuple` (resuming a round in progress if one was saved),
+    /// retrying what is retryable and restarting with a full round when Graph dropped the
+    /// delta state. Leaves the tuple's status in the store.
+    pub async fn sync_tuple(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
+        let mut report = RoundReport::default();
+        loop {
+            match self.round(tuple, cancel, &mut report).await {
+                Ok(()) => {
+                    info!(tuple = %tuple.key, pages = report.pages, upserted = report.upserted,
+                          removed = report.removed, swept = report.swept, full = report.full, "round complete");
+                    return Outcome::Synced(report);
+                }
+                Err(StepError::Interrupted) => return Outcome::Interrupted,
+                Err(e) if e.class() == Some(ErrorClass::Resync) && report.resyncs < 2 => {
+                    warn!(tuple = %tuple.key, code = %e.code(), "delta state gone; starting a full round");
+                    report.resyncs += 1;
+                    if let Err(e) = self.forget_link(tuple).await {
+                        return self.fail(tuple, &e).await;
+                    }
+                }
+                Err(e) => return self.fail(tuple, &e).await,
+            }
+        }
+    }
+
+    async fn forget_link(&self, tuple: &Tuple) -> Result<(), StepError> {
+        let store = self.store();
+        let state = store.load(tuple.id).await.map_err(StepError::Store)?;
+        store.forget_link(tuple.id, state.link_version).await.map_err(StepError::Store)?;
+        Ok(())
+    }
+
+    async fn fail(&self, tuple: &Tuple, e: &StepError) -> Outcome {
+        let health = match e.class() {
+            Some(ErrorClass::Permanent) => Health::Failed,
+            Some(ErrorClass::Degraded) => Health::Degraded,
+            _ => Health::Retrying,
+        };
+        let failure = Failure { health, code: e.code(), message: e.message() };
+        warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
+        if health == Health::Degraded {
+            // The saved link leads back into the loop; the next attempt starts afresh.
+            let _ = self.forget_link(tuple).await;
+        }
+        if let Err(se) = self.store().record_failure(tuple.id, health.as_str(), &failure.code, &failure.message).await {
+            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
+        }
+        Outcome::Failed(failure)
+    }
+
+    async fn round(&self, tuple: &Tuple, cancel: &CancellationToken, report: &mut RoundReport) -> Result<(), StepError> {
+        let settings = self.settings();
+        let state = self.with_retries(cancel, || async { self.store().load(tuple.id).await.map_err(StepError::Store) }).await?;
+        let stamp = tuple.stamp();
+        let resync_due = settings.full_resync_every.is_some_and(|every| {
+            state.last_full_sync_at.is_none_or(|at| {
+                chrono::Utc::now().signed_duration_since(at).to_std().unwrap_or_default() >= every
+            })
+        });
+        let initial = || self.graph().initial_link(&tuple.user, &tuple.calendar, &tuple.window);
+        let (mut link, mut start) = match state.link_for(&stamp) {
+            Some((LinkKind::Next, l)) => (l.to_owned(), None),
+            Some((LinkKind::Delta, _)) if resync_due => (initial(), Some(RoundStart::Full)),
+            Some((LinkKind::Delta, l)) => (l.to_owned(), Some(RoundStart::Delta)),
+            None => (initial(), Some(RoundStart::Full)),
+        };
+        report.full = start == Some(RoundStart::Full) || (start.is_none() && state.round_is_full);
+        debug!(tuple = %tuple.key, resume = start.is_none(), full = report.full, "round starts");
+        let mut version = state.link_version;
+        let mut guard = LoopGuard {
+            seen: HashSet::new(),
+            pages: 0,
+            stale: 0,
+            max_pages: settings.max_pages_per_round,
+            max_stale: settings.max_stale_pages,
+        };
+        loop {
+            if cancel.is_cancelled() {
+                return Err(StepError::Interrupted);
+            }
+            let out = self
+                .with_retries(cancel, || self.step(tuple, &link, start, version, &stamp, cancel))
+                .await?;
+            report.pages += 1;
+            report.upserted += out.upserted;
+            report.removed += out.removed;
+            report.swept += out.swept;
+            version = out.version;
+            start = None;
+            match out.next {
+                PageLink::Delta(_) => return Ok(()),
+                PageLink::Next(next) => {
+                    guard.record(out.ids.iter().map(String::as_str))?;
+                    link = next;
+                }
+            }
+        }
+    }
+
+    /// Retries `op` on retryable errors with capped exponential backoff and full jitter;
+    /// the request gate separately holds the mailbox for any `Retry-After`.
+    async fn with_retries<T, F, Fut>(&self, cancel: &CancellationToken, op: F) -> Result<T, StepError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StepError>>,
+    {
+        let s = self.settings();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(s.min_backoff)
+            .with_max_delay(s.max_backoff)
+            .with_max_times(s.max_attempts.saturating_sub(1));
+        let for_sleep = cancel.clone();
+        let for_when = cancel.clone();
+        let sleeper = move |d: Duration| {
+            let cancel = for_sleep.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+        };
+        op.retry(backoff)
+            .sleep(sleeper)
+            .when(move |e: &StepError| e.class() == Some(ErrorClass::Retry) && !for_when.is_cancelled())
+            .adjust(|_, d| d.map(full_jitter))
+            .notify(|e: &StepError, d: Duration| {
+                debug!(code = %e.code(), error = %e.message(), wait_ms = d.as_millis() as u64, "retrying");
+            })
+            .await
+    }
+
+    /// Fetches one page and applies it with the link after it.
+    async fn step(
+        &self,
+        tuple: &Tuple,
+        link: &str,
+        start: Option<RoundStart>,
+        version: i64,
+        stamp: &calsync_store::LinkStamp,
+        cancel: &CancellationToken,
+    ) -> Result<StepOut, StepError> {
+        let graph = self.graph();
+        let page = {
+            let permit = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(StepError::Interrupted),
+                p = self.inner.gate.acquire(&tuple.user) => p,
+            };
+            let fetched = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Err(StepError::Interrupted),
+                r = graph.fetch_page(link) => r,
+            };
+            drop(permit);
+            match fetched {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(wait) = e.retry_after() {
+                        self.inner.gate.defer(&tuple.user, wait);
+                    }
+                    return Err(StepError::Graph(e));
+                }
+            }
+        };
+        let (kind, next) = match &page.link {
+            PageLink::Next(l) => (LinkKind::Next, l.clone()),
+            PageLink::Delta(l) => (LinkKind::Delta, l.clone()),
+        };
+        // A link we would not follow is never saved either.
+        graph.check_link(&next).map_err(StepError::Graph)?;
+        let ids: Vec<String> = page.items.iter().map(|i| i.id().to_owned()).collect();
+        let link_after = page.link;
+        let changes = page_changes(page.items);
+        let applied = self
+            .store()
+            .apply_page(&PageWrite { tuple_id: tuple.id, expected_version: version, round_start: start, changes: &changes, link: &next, link_kind: kind, stamp })
+            .await
+            .map_err(StepError::Store)?;
+        Ok(StepOut { next: link_after, ids, version: applied.version, upserted: applied.upserted, removed: applied.removed, swept: applied.swept })
+    }
+}

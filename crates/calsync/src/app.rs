@@ -1,0 +1,158 @@
+//! The commands: wiring config → store → Graph client → engine, and running them.
+
+use crate::config::{Config, DatabaseConfig, RawConfig};
+use anyhow::Context;
+use calsync_engine::{Engine, Outcome, Tuple};
+use calsync_graph::GraphClient;
+use calsync_store::{StatusRow, Store};
+use chrono::Utc;
+use secrecy::ExposeSecret;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// How long `run` waits for rounds in flight after SIGTERM (below systemd's and Docker's 10 s).
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
+
+pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
+    Store::connect(db.url.expose_secret(), db.max_connections, db.connect_timeout)
+        .await
+        .with_context(|| format!("cannot connect to the database at {}", crate::config::redact_url(db.url.expose_secret())))
+}
+
+/// Connects, migrates, builds the engine and registers the configured tuples.
+pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+    let store = connect_store(&cfg.database).await?;
+    store.migrate().await.context("cannot apply database migrations")?;
+    let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone()).context("cannot build the Graph client")?;
+    let engine = Engine::new(graph, store, cfg.sync.clone());
+    let tuples = engine.register(&cfg.tuples).await.context("cannot register the configured calendars")?;
+    Ok((engine, tuples))
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `calsync run`: the daemon.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let (engine, tuples) = build(&cfg).await?;
+    info!(tuples = tuples.len(), "calsync running");
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let engine = engine.clone();
+        let cancel = cancel.clone();
+        async move { engine.run(tuples, cancel).await }
+    });
+    shutdown_signal().await;
+    info!("shutdown requested; no new rounds start");
+    cancel.cancel();
+    match tokio::time::timeout(DRAIN_DEADLINE, task).await {
+        Ok(Ok(())) => info!("stopped cleanly"),
+        Ok(Err(e)) => anyhow::bail!("the scheduler task ended abnormally: {e}"),
+        Err(_) => warn!(deadline_secs = DRAIN_DEADLINE.as_secs(), "drain deadline passed; abandoning rounds in flight (their last committed page stands)"),
+    }
+    Ok(())
+}
+
+/// `calsync sync-once`: one complete round per tuple. Returns whether all succeeded.
+pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
+    let (engine, tuples) = build(&cfg).await?;
+    let cancel = CancellationToken::new();
+    let outcomes = tokio::select! {
+        o = engine.sync_all_once(&tuples, &cancel) => o,
+        _ = shutdown_signal() => { cancel.cancel(); anyhow::bail!("interrupted") }
+    };
+    let mut ok = true;
+    for (t, o) in &outcomes {
+        match o {
+            Outcome::Synced(r) => println!(
+                "ok      {:<40} pages={} upserted={} removed={} swept={}{}",
+                t.key, r.pages, r.upserted, r.removed, r.swept, if r.full { " (full)" } else { "" }
+            ),
+            Outcome::Failed(f) => {
+                ok = false;
+                println!("{:<7} {:<40} {}: {}", f.health.as_str(), t.key, f.code, f.message);
+            }
+            Outcome::Interrupted => {
+                ok = false;
+                println!("stopped {:<40}", t.key);
+            }
+        }
+    }
+    Ok(ok)
+}
+
+pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
+    let db = raw.database_config()?;
+    let store = connect_store(&db).await?;
+    store.migrate().await.context("cannot apply database migrations")?;
+    println!("migrations applied");
+    Ok(())
+}
+
+pub async fn status(raw: &RawConfig, json: bool) -> anyhow::Result<()> {
+    let db = raw.database_config()?;
+    let store = connect_store(&db).await?;
+    let rows = store.status().await.context("cannot read calendar_sync_status (has `calsync migrate` run?)")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", status_table(&rows));
+    }
+    Ok(())
+}
+
+fn age(t: Option<chrono::DateTime<Utc>>) -> String {
+    match t {
+        None => "never".into(),
+        Some(t) => {
+            let secs = (Utc::now() - t).num_seconds().max(0) as u64;
+            format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
+        }
+    }
+}
+
+/// A table a person can scan: one line per tuple.
+pub fn status_table(rows: &[StatusRow]) -> String {
+    let mut out = format!(
+        "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
+        "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "LAST ERROR"
+    );
+    for r in rows {
+        let key: String = if r.tuple_key.chars().count() > 36 {
+            r.tuple_key.chars().take(35).chain(['…']).collect()
+        } else {
+            r.tuple_key.clone()
+        };
+        let state = if r.tracked { r.state.clone() } else { format!("{} (untracked)", r.state) };
+        let err = match (&r.last_error_code, &r.last_error) {
+            (Some(c), Some(m)) => format!("{c}: {}", m.chars().take(80).collect::<String>()),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
+            key, state, r.phase, r.event_count, age(r.last_success_at), r.consecutive_failures, err
+        ));
+    }
+    out
+}

@@ -1,0 +1,9 @@
+//! calsync: the binary's library — CLI commands, config, telemetry, the demo and benchmarks.
+//! `main.rs` only parses arguments and maps errors to exit codes.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod localpg;
+pub mod telemetry;
+pub mod verify;

@@ -1,0 +1,89 @@
+//! A throwaway PostgreSQL cluster for the demo and benchmarks when no `DATABASE_URL` is set:
+//! `initdb` into a temporary directory, `pg_ctl start` on a free loopback port, stopped and
+//! deleted on drop.
+
+use anyhow::{Context, bail};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug)]
+pub struct LocalPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    run_as: Option<String>,
+    port: u16,
+}
+
+fn find_bin(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect();
+        versions.sort();
+        dirs.extend(versions.into_iter().rev());
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+impl LocalPostgres {
+    pub fn start() -> anyhow::Result<Self> {
+        let (Some(initdb), Some(pg_ctl)) = (find_bin("initdb"), find_bin("pg_ctl")) else {
+            bail!("DATABASE_URL is not set and no PostgreSQL server binaries (initdb, pg_ctl) were found on PATH or in /usr/lib/postgresql: set DATABASE_URL=postgres://user@host/db or install PostgreSQL");
+        };
+        let bin = initdb.parent().map(Path::to_path_buf).unwrap_or_default();
+        let _ = pg_ctl;
+        let dir = tempfile::Builder::new().prefix("calsync-pg-").tempdir().context("cannot create a temporary directory")?;
+        // initdb refuses to run as root; run the cluster as the postgres user instead.
+        let run_as = if is_root() {
+            let ok = Command::new("id").arg("-u").arg("postgres").output().is_ok_and(|o| o.status.success());
+            if !ok {
+                bail!("running as root, and initdb refuses root; no 'postgres' user to run it as. Set DATABASE_URL instead");
+            }
+            let status = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status().context("cannot run chown")?;
+            if !status.success() {
+                bail!("cannot hand {} to the postgres user", dir.path().display());
+            }
+            Some("postgres".to_owned())
+        } else {
+            None
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).context("cannot find a free port")?;
+        let pg = LocalPostgres { dir, bin, run_as, port };
+        let data = pg.dir.path().join("data");
+        pg.run("initdb", &["-D", &data.to_string_lossy(), "-U", "calsync", "--auth=trust", "--encoding=UTF8", "--no-sync"])?;
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off", pg.dir.path().display());
+        let log = pg.dir.path().join("postgres.log");
+        pg.run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "-t", "60", "start"])?;
+        Ok(pg)
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
+        let exe = self.bin.join(tool);
+        let out = match &self.run_as {
+            Some(user) => Command::new("runuser").arg("-u").arg(user).arg("--").arg(&exe).args(args).output(),
+            None => Command::new(&exe).args(args).output(),
+        }
+        .with_context(|| format!("cannot run {}", exe.display()))?;
+        if !out.status.success() {
+            bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://calsync@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"]);
+    }
+}

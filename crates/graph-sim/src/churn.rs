@@ -1,0 +1,163 @@
+//! Random edits a real user would make — creates, updates, moves across the window edges,
+//! series edits, cancellations, deletions — for demos, tests and soak runs. Deterministic for
+//! a given seed and state.
+
+use crate::model::{InstanceKind, Tenant, Window, graph_date_time};
+use crate::writes::EventPatch;
+use chrono::{Duration, NaiveDateTime};
+use rand::Rng;
+use rand::rngs::StdRng;
+use serde_json::json;
+
+/// What one random edit did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Edit {
+    CreatedSingle(String),
+    CreatedSeries(String),
+    Renamed(String),
+    MovedOut(String),
+    MovedIn(String),
+    OccurrenceEdited(String),
+    OccurrenceCancelled(String),
+    SeriesRenamed(String),
+    SeriesRetimed(String),
+    Deleted(String),
+    SeriesDeleted(String),
+}
+
+impl Edit {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Edit::CreatedSingle(_) => "created",
+            Edit::CreatedSeries(_) => "created series",
+            Edit::Renamed(_) => "renamed",
+            Edit::MovedOut(_) => "moved out of window",
+            Edit::MovedIn(_) => "moved into window",
+            Edit::OccurrenceEdited(_) => "edited occurrence",
+            Edit::OccurrenceCancelled(_) => "cancelled occurrence",
+            Edit::SeriesRenamed(_) => "renamed series",
+            Edit::SeriesRetimed(_) => "retimed series",
+            Edit::Deleted(_) => "deleted",
+            Edit::SeriesDeleted(_) => "deleted series",
+        }
+    }
+}
+
+fn dt(t: NaiveDateTime) -> serde_json::Value {
+    json!({"dateTime": graph_date_time(t), "timeZone": "UTC"})
+}
+
+fn random_time_in(rng: &mut StdRng, w: &Window) -> NaiveDateTime {
+    let span = (w.end - w.start).num_minutes().max(120);
+    let m = rng.gen_range(0..span - 120) / 15 * 15;
+    w.start.naive_utc() + Duration::minutes(m)
+}
+
+/// Applies one random edit to `(user, calendar)`, aiming at `window`. Returns `None` when the
+/// chosen kind of edit had nothing to act on.
+pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usize, window: &Window) -> Option<Edit> {
+    let cal = t.users.get(user)?.calendars.get(calendar)?;
+    let singles: Vec<(String, bool)> = cal
+        .events
+        .values()
+        .filter(|e| e.recurrence.is_none())
+        .map(|e| (e.id.clone(), window.overlaps(e.props.start, e.props.end)))
+        .collect();
+    let series: Vec<String> = cal.events.values().filter(|e| e.recurrence.is_some()).map(|e| e.id.clone()).collect();
+    let occurrences: Vec<String> = cal
+        .instances(window)
+        .into_iter()
+        .filter(|i| i.kind != InstanceKind::SingleInstance)
+        .map(|i| i.id)
+        .collect();
+    let pick = |rng: &mut StdRng, v: &[String]| -> Option<String> {
+        (!v.is_empty()).then(|| v[rng.gen_range(0..v.len())].clone())
+    };
+    let patch = |v: serde_json::Value| EventPatch::from_json(&v).ok();
+    let kind = rng.gen_range(0..11);
+    let result = match kind {
+        0 | 1 => {
+            let start = random_time_in(rng, window);
+            let p = patch(json!({"subject": format!("New meeting #{}", rng.gen_range(1000..9999)),
+                "start": dt(start), "end": dt(start + Duration::minutes(30))}))?;
+            let v = t.create_event(user, calendar, &p).ok()?;
+            Edit::CreatedSingle(v["id"].as_str()?.to_owned())
+        }
+        2 => {
+            let start = random_time_in(rng, window);
+            let p = patch(json!({"subject": "New weekly sync 🔁",
+                "start": dt(start), "end": dt(start + Duration::minutes(45)),
+                "recurrence": {"pattern": {"type": "daily", "interval": 7},
+                               "range": {"type": "numbered", "startDate": start.date().to_string(), "numberOfOccurrences": rng.gen_range(3..8)}}}))?;
+            let v = t.create_event(user, calendar, &p).ok()?;
+            Edit::CreatedSeries(v["id"].as_str()?.to_owned())
+        }
+        3 => {
+            let inside: Vec<String> = singles.iter().filter(|(_, i)| *i).map(|(id, _)| id.clone()).collect();
+            let id = pick(rng, &inside)?;
+            let p = patch(json!({"subject": format!("Renamed ✎ {}", rng.gen_range(100..999))}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::Renamed(id)
+        }
+        4 => {
+            let inside: Vec<String> = singles.iter().filter(|(_, i)| *i).map(|(id, _)| id.clone()).collect();
+            let id = pick(rng, &inside)?;
+            let start = window.end.naive_utc() + Duration::days(rng.gen_range(1..30));
+            let p = patch(json!({"start": dt(start), "end": dt(start + Duration::hours(1))}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::MovedOut(id)
+        }
+        5 => {
+            let outside: Vec<String> = singles.iter().filter(|(_, i)| !*i).map(|(id, _)| id.clone()).collect();
+            let id = pick(rng, &outside)?;
+            let start = random_time_in(rng, window);
+            let p = patch(json!({"isAllDay": false, "start": dt(start), "end": dt(start + Duration::hours(1))}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::MovedIn(id)
+        }
+        6 => {
+            let id = pick(rng, &occurrences)?;
+            let shift = Duration::hours(rng.gen_range(1..4));
+            let current = t.get_event(user, Some(calendar), &id).ok()?;
+            let parse = |k: &str| NaiveDateTime::parse_from_str(current[k]["dateTime"].as_str().unwrap_or(""), "%Y-%m-%dT%H:%M:%S%.f").ok();
+            let (s, e) = (parse("start")?, parse("end")?);
+            let p = patch(json!({"subject": "Moved this week only", "start": dt(s + shift), "end": dt(e + shift)}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::OccurrenceEdited(id)
+        }
+        7 => {
+            let id = pick(rng, &occurrences)?;
+            t.delete_event(user, Some(calendar), &id).ok()?;
+            Edit::OccurrenceCancelled(id)
+        }
+        8 => {
+            let id = pick(rng, &series)?;
+            let p = patch(json!({"subject": format!("Series renamed {}", rng.gen_range(10..99))}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::SeriesRenamed(id)
+        }
+        9 => {
+            let id = pick(rng, &series)?;
+            let current = t.get_event(user, Some(calendar), &id).ok()?;
+            let parse = |k: &str| NaiveDateTime::parse_from_str(current[k]["dateTime"].as_str().unwrap_or(""), "%Y-%m-%dT%H:%M:%S%.f").ok();
+            let (s, e) = (parse("start")?, parse("end")?);
+            let shift = Duration::minutes(30);
+            let p = patch(json!({"start": dt(s + shift), "end": dt(e + shift)}))?;
+            t.update_event(user, Some(calendar), &id, &p).ok()?;
+            Edit::SeriesRetimed(id)
+        }
+        _ => {
+            if rng.gen_bool(0.7) {
+                let all: Vec<String> = singles.iter().map(|(id, _)| id.clone()).collect();
+                let id = pick(rng, &all)?;
+                t.delete_event(user, Some(calendar), &id).ok()?;
+                Edit::Deleted(id)
+            } else {
+                let id = pick(rng, &series)?;
+                t.delete_event(user, Some(calendar), &id).ok()?;
+                Edit::SeriesDeleted(id)
+            }
+        }
+    };
+    Some(result)
+}
