@@ -191,11 +191,15 @@ impl Instance<'_> {
         );
         m.insert("start".into(), date_time_time_zone(self.start));
         m.insert("end".into(), date_time_time_zone(self.end));
-        m.insert(
-            "location".into(),
-            json!({"displayName": p.location, "locationType": "default",
-                   "uniqueIdType": "unknown", "address": {}, "coordinates": {}}),
-        );
+        // Graph names a free-text location as its own private uniqueId; an empty one has none.
+        let location = if p.location.is_empty() {
+            json!({"displayName": "", "locationType": "default", "uniqueIdType": "unknown",
+                   "address": {"type": "unknown"}, "coordinates": {}})
+        } else {
+            json!({"displayName": p.location, "locationType": "default", "uniqueId": p.location,
+                   "uniqueIdType": "private", "address": {"type": "unknown"}, "coordinates": {}})
+        };
+        m.insert("location".into(), location);
         let locations = if p.location.is_empty() {
             json!([])
         } else {

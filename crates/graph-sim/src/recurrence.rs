@@ -108,12 +108,20 @@ pub struct RecurrenceRange {
     #[serde(rename = "type")]
     pub kind: RangeKind,
     pub start_date: NaiveDate,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Graph writes `0001-01-01` for ranges without an end date.
+    #[serde(default, serialize_with = "graph_end_date")]
     pub end_date: Option<NaiveDate>,
     #[serde(default = "utc")]
     pub recurrence_time_zone: String,
     #[serde(default)]
     pub number_of_occurrences: u32,
+}
+
+fn graph_end_date<S: serde::Serializer>(d: &Option<NaiveDate>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&d.to_string()),
+        None => s.serialize_str("0001-01-01"),
+    }
 }
 
 fn utc() -> String {

@@ -188,11 +188,20 @@ async fn handle(sim: Sim, req: Request<Incoming>, killed: Arc<AtomicBool>, origi
         Fate::Truncate => {
             let total = resp.body.len();
             let half = Bytes::from(resp.body[..total / 2].to_vec());
-            let frames: Vec<Result<Frame<Bytes>, io::Error>> = vec![
-                Ok(Frame::data(half)),
-                Err(io::Error::new(io::ErrorKind::ConnectionAborted, "graph-sim truncated the body")),
-            ];
-            let mut r = Response::new(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))));
+            // Half the body, a pause so it reaches the client, then the connection drops.
+            let frames = futures_util::stream::unfold(Some(half), |state| async move {
+                match state {
+                    Some(half) => Some((Ok(Frame::data(half)), None)),
+                    None => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        let e: Result<Frame<Bytes>, io::Error> =
+                            Err(io::Error::new(io::ErrorKind::ConnectionAborted, "graph-sim truncated the body"));
+                        Some((e, None))
+                    }
+                }
+            });
+            let frames = futures_util::StreamExt::take(frames, 2);
+            let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
             *r.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
             for (k, v) in &resp.headers {
                 if let (Ok(k), Ok(v)) = (hyper::header::HeaderName::try_from(k.as_str()), hyper::header::HeaderValue::try_from(v.as_str())) {

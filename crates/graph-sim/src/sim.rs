@@ -213,6 +213,19 @@ fn decode(s: &str) -> String {
         .into_owned()
 }
 
+/// Puts `@odata.context` first, as Graph does on single-entity answers.
+fn with_context(v: Value, context: String) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut out = serde_json::Map::with_capacity(m.len() + 1);
+            out.insert("@odata.context".into(), json!(context));
+            out.extend(m);
+            Value::Object(out)
+        }
+        other => other,
+    }
+}
+
 fn parse_route(path: &str) -> Option<Route> {
     let segs: Vec<String> = path
         .trim_matches('/')
@@ -512,7 +525,8 @@ impl State {
             }
             mb.recent.push_back(now_i);
         }
-        if let Some(budget) = limits.app_requests {
+        // The budget is Graph's; token requests go to Azure AD.
+        if let (Some(budget), false) = (limits.app_requests, matches!(route, Route::Token { .. })) {
             let window = Duration::from_secs_f64(limits.app_window_secs.max(0.001));
             while self.app_recent.front().is_some_and(|t| now_i.duration_since(*t) >= window) {
                 self.app_recent.pop_front();
@@ -589,6 +603,7 @@ impl State {
         let base = format!("{}{}", req.origin, req.path.split('/').take(2).collect::<Vec<_>>().join("/"));
         let context = format!("{base}/$metadata#Collection(event)");
         let u = user.unwrap_or(0);
+        let entity = format!("{base}/$metadata#users('{}')/events/$entity", self.tenant.users.get(u).map_or("", |x| x.id.as_str()));
         let body_json = || -> Result<Value, GraphError> {
             serde_json::from_slice(&req.body).map_err(|e| GraphError::new(400, "BadRequest", format!("Unable to read JSON request payload: {e}")))
         };
@@ -634,7 +649,7 @@ impl State {
                 };
                 let patch = EventPatch::from_json(&body_json()?)?;
                 let v = self.tenant.create_event(u, ci, &patch)?;
-                Ok(SimResponse::json(201, &v))
+                Ok(SimResponse::json(201, &with_context(v, entity)))
             }
             (Route::Event { cal, id, .. }, method) => {
                 let ci = match cal {
@@ -642,10 +657,10 @@ impl State {
                     None => None,
                 };
                 match method {
-                    "GET" => Ok(SimResponse::json(200, &self.tenant.get_event(u, ci, id)?)),
+                    "GET" => Ok(SimResponse::json(200, &with_context(self.tenant.get_event(u, ci, id)?, entity))),
                     "PATCH" => {
                         let patch = EventPatch::from_json(&body_json()?)?;
-                        Ok(SimResponse::json(200, &self.tenant.update_event(u, ci, id, &patch)?))
+                        Ok(SimResponse::json(200, &with_context(self.tenant.update_event(u, ci, id, &patch)?, entity)))
                     }
                     "DELETE" => {
                         self.tenant.delete_event(u, ci, id)?;
