@@ -29,6 +29,10 @@ pub struct Quirks {
     /// After an oversized page the nextLinks return that same page forever (each with a new
     /// skiptoken) and the round never reaches its deltaLink.
     pub endless_next_link: bool,
+    /// Serve nextLinks and deltaLinks on this origin (`http://host:port`) instead of the
+    /// simulator's own, as a misconfigured proxy or a hostile server might; a client must
+    /// refuse to follow them.
+    pub link_origin: Option<String>,
 }
 
 /// What the client asked for on one delta request.
@@ -327,6 +331,13 @@ impl SyncCache {
         link_base: &str,
     ) -> Result<Page, GraphError> {
         let quirks = self.quirks.clone();
+        let link_base = match &quirks.link_origin {
+            Some(origin) => match link_base.find("://").and_then(|i| link_base[i + 3..].find('/').map(|j| i + 3 + j)) {
+                Some(path_at) => format!("{origin}{}", &link_base[path_at..]),
+                None => link_base.to_owned(),
+            },
+            None => link_base.to_owned(),
+        };
         let round = match self.entries.get_mut(&pos.entry) {
             Some(Entry::Round(r)) => r,
             _ => return Err(not_found(&pos, None)),

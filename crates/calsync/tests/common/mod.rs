@@ -1,0 +1,164 @@
+//! Shared set-up for end-to-end tests: a seeded simulator on loopback, a fresh database from
+//! `#[sqlx::test]`, and an engine wired to both exactly as the daemon wires them.
+#![allow(dead_code)]
+
+use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
+use calsync_graph::{AuthConfig, CalendarRef, GraphClient, GraphConfig, ViewWindow};
+use calsync_store::Store;
+use chrono::{DateTime, Utc};
+use graph_sim::{Sim, SimConfig, SimServer};
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub const USER: &str = "adele@contoso.onmicrosoft.com";
+
+pub fn window() -> ViewWindow {
+    ViewWindow { start: "2026-01-01T00:00:00Z".parse().unwrap(), end: "2026-04-01T00:00:00Z".parse().unwrap() }
+}
+
+pub fn settings() -> SyncSettings {
+    SyncSettings {
+        min_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(50),
+        ..SyncSettings::default()
+    }
+}
+
+pub struct H {
+    pub sim: Sim,
+    pub server: SimServer,
+    pub store: Store,
+    pub page_size: u32,
+}
+
+pub async fn harness(pool: PgPool, page_size: u32) -> H {
+    harness_with(pool, page_size, SimConfig::default()).await
+}
+
+pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
+    let sim = Sim::new(&cfg);
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.add_user(USER, None, "Adele Vance");
+        st.tenant.add_calendar(u, "Work");
+        st.tenant.add_user("alex@contoso.onmicrosoft.com", None, "Alex Wilber");
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let store = Store::from_pool(pool);
+    store.migrate().await.unwrap();
+    H { sim, server, store, page_size }
+}
+
+impl H {
+    pub fn graph(&self) -> GraphClient {
+        let mut g = GraphConfig::new(self.server.graph_base_url().parse().unwrap());
+        g.page_size = Some(self.page_size);
+        g.request_timeout = Duration::from_secs(10);
+        GraphClient::new(g, AuthConfig {
+            token_url: self.server.token_url(graph_sim::DEFAULT_TENANT).parse().unwrap(),
+            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
+            client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
+            scope: "https://graph.microsoft.com/.default".into(),
+        })
+        .unwrap()
+    }
+
+    /// A fresh engine, as after a process restart: new client, new gate, same database.
+    pub fn engine(&self, settings: SyncSettings) -> Engine {
+        Engine::new(self.graph(), self.store.clone(), settings)
+    }
+
+    pub async fn tuples(&self, engine: &Engine, specs: &[(&str, &str, &str)]) -> Vec<Tuple> {
+        let cfgs: Vec<TupleConfig> = specs
+            .iter()
+            .map(|(key, user, cal)| TupleConfig {
+                key: key.to_string(),
+                user: user.to_string(),
+                calendar: if *cal == "default" { CalendarRef::Default } else { CalendarRef::Id(cal.to_string()) },
+                window: window(),
+                interval: Some(Duration::from_secs(1)),
+            })
+            .collect();
+        engine.register(&cfgs).await.unwrap()
+    }
+
+    pub async fn default_tuple(&self, engine: &Engine) -> Tuple {
+        self.tuples(engine, &[("adele", USER, "default")]).await.remove(0)
+    }
+
+    pub fn create(&self, body: Value) -> String {
+        let mut st = self.sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        let patch = graph_sim::writes::EventPatch::from_json(&body).unwrap();
+        st.tenant.create_event(u, 0, &patch).unwrap()["id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn update(&self, id: &str, body: Value) {
+        let mut st = self.sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        let patch = graph_sim::writes::EventPatch::from_json(&body).unwrap();
+        st.tenant.update_event(u, None, id, &patch).unwrap();
+    }
+
+    pub fn delete(&self, id: &str) {
+        let mut st = self.sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        st.tenant.delete_event(u, None, id).unwrap();
+    }
+
+    /// Asserts the read model equals the simulator's truth for every tuple given.
+    pub async fn assert_mirrors(&self, tuples: &[Tuple]) {
+        let d = calsync::verify::compare(&self.store, &self.sim, tuples).await.unwrap();
+        for x in &d {
+            assert!(x.is_empty(), "{} diverges: missing {:?}, extra {:?}, different {:?}", x.tuple, x.missing, x.extra, x.different);
+        }
+    }
+
+    pub fn instances(&self, tuple: &Tuple) -> Vec<graph_sim::TruthItem> {
+        let w = tuple.window;
+        self.sim.lock().truth(&tuple.user, tuple.calendar_name(), graph_sim::Window { start: w.start, end: w.end }).unwrap()
+    }
+}
+
+pub fn at(s: &str) -> Value {
+    json!({"dateTime": s, "timeZone": "UTC"})
+}
+
+pub fn single(subject: &str, start: &str, end: &str) -> Value {
+    json!({"subject": subject, "start": at(start), "end": at(end)})
+}
+
+pub fn weekly(subject: &str, start: &str, end: &str, count: u32) -> Value {
+    json!({"subject": subject, "start": at(start), "end": at(end),
+        "recurrence": {"pattern": {"type": "weekly", "interval": 1, "daysOfWeek": ["monday"]},
+                       "range": {"type": "numbered", "startDate": &start[..10], "numberOfOccurrences": count}}})
+}
+
+/// Some singles and a weekly series inside the window, one event outside.
+pub fn seed(h: &H, singles: u32) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..singles {
+        let day = 2 + i % 80;
+        let start: DateTime<Utc> = window().start + chrono::Duration::days(day as i64) + chrono::Duration::hours(9 + (i % 8) as i64);
+        let s = start.format("%Y-%m-%dT%H:%M:%S").to_string();
+        let e = (start + chrono::Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%S").to_string();
+        ids.push(h.create(single(&format!("meeting {i} — café ☕"), &s, &e)));
+    }
+    ids.push(h.create(weekly("weekly sync", "2026-01-05T08:00:00", "2026-01-05T08:30:00", 10)));
+    h.create(single("far away", "2026-09-01T10:00:00", "2026-09-01T11:00:00"));
+    ids
+}
+
+pub async fn sync(engine: &Engine, t: &Tuple) -> Outcome {
+    engine.sync_tuple(t, &CancellationToken::new()).await
+}
+
+pub fn report(o: Outcome) -> calsync_engine::RoundReport {
+    match o {
+        Outcome::Synced(r) => r,
+        other => panic!("expected a synced round, got {other:?}"),
+    }
+}
