@@ -66,15 +66,22 @@ impl RequestGate {
             }
             // Mailbox slot first: a task waiting on a busy mailbox must not hold a global slot
             // that other mailboxes could use.
-            let Ok(mailbox_permit) = slots.acquire_owned().await else { continue };
-            let Ok(global_permit) = Arc::clone(&self.global).acquire_owned().await else { continue };
+            let Ok(mailbox_permit) = slots.acquire_owned().await else {
+                continue;
+            };
+            let Ok(global_permit) = Arc::clone(&self.global).acquire_owned().await else {
+                continue;
+            };
             // A Retry-After may have arrived while we waited for the slots.
             let not_before = self.lock().get(&key).and_then(|m| m.not_before);
             if not_before.is_some_and(|t| Instant::now() < t) {
                 drop((mailbox_permit, global_permit));
                 continue;
             }
-            return Permit { _global: global_permit, _mailbox: mailbox_permit };
+            return Permit {
+                _global: global_permit,
+                _mailbox: mailbox_permit,
+            };
         }
     }
 

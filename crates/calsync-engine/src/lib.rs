@@ -111,12 +111,23 @@ struct Inner {
     store: Store,
     gate: RequestGate,
     settings: SyncSettings,
+    /// Where each tuple stands after its last committed page, so a round need not read it
+    /// back. Only a hint: the store's link_version check refuses anything stale.
+    cursors: std::sync::Mutex<std::collections::HashMap<i64, round::Cursor>>,
 }
 
 impl Engine {
     pub fn new(graph: GraphClient, store: Store, settings: SyncSettings) -> Self {
         let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency);
-        Engine { inner: Arc::new(Inner { graph, store, gate, settings }) }
+        Engine {
+            inner: Arc::new(Inner {
+                graph,
+                store,
+                gate,
+                settings,
+                cursors: Default::default(),
+            }),
+        }
     }
 
     pub fn settings(&self) -> &SyncSettings {

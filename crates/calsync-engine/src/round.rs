@@ -127,13 +127,19 @@ impl LoopGuard {
         if self.pages > self.max_pages {
             return Err(StepError::Guard {
                 code: "PageBudgetExceeded",
-                message: format!("round abandoned after {} pages without a deltaLink", self.max_pages),
+                message: format!(
+                    "round abandoned after {} pages without a deltaLink",
+                    self.max_pages
+                ),
             });
         }
         if self.stale > self.max_stale {
             return Err(StepError::Guard {
                 code: "RepeatedPages",
-                message: format!("round abandoned after {} consecutive pages with no new items", self.stale),
+                message: format!(
+                    "round abandoned after {} consecutive pages with no new items",
+                    self.stale
+                ),
             });
         }
         Ok(())
@@ -146,6 +152,42 @@ fn full_jitter(d: Duration) -> Duration {
         return d;
     }
     Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=d.as_secs_f64()))
+}
+
+/// A tuple's position as of its last committed page.
+#[derive(Debug, Clone)]
+pub(crate) struct Cursor {
+    link: Option<String>,
+    kind: Option<LinkKind>,
+    /// Hash of the stamp the link was made for.
+    stamp: u64,
+    version: i64,
+    round_is_full: bool,
+    last_full_sync_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn stamp_hash(s: &calsync_store::LinkStamp) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&s.user_id, &s.calendar_id, s.window_start, s.window_end).hash(&mut h);
+    h.finish()
+}
+
+impl Cursor {
+    fn from_state(state: &calsync_store::TupleState, stamp: &calsync_store::LinkStamp) -> Self {
+        let (kind, link) = match state.link_for(stamp) {
+            Some((k, l)) => (Some(k), Some(l.to_owned())),
+            None => (None, None),
+        };
+        Cursor {
+            link,
+            kind,
+            stamp: stamp_hash(stamp),
+            version: state.link_version,
+            round_is_full: state.round_is_full,
+            last_full_sync_at: state.last_full_sync_at,
+        }
+    }
 }
 
 struct StepOut {
@@ -163,14 +205,28 @@ impl Engine {
     /// delta state. Leaves the tuple's status in the store.
     pub async fn sync_tuple(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
         let mut report = RoundReport::default();
+        let mut conflict_retried = false;
         loop {
-            match self.round(tuple, cancel, &mut report).await {
+            let result = self.round(tuple, cancel, &mut report).await;
+            if result.is_err() {
+                self.drop_cursor(tuple.id);
+            }
+            match result {
                 Ok(()) => {
                     info!(tuple = %tuple.key, pages = report.pages, upserted = report.upserted,
                           removed = report.removed, swept = report.swept, full = report.full, "round complete");
                     return Outcome::Synced(report);
                 }
-                Err(StepError::Interrupted) => return Outcome::Interrupted,
+                Err(StepError::Interrupted) => {
+                    self.drop_cursor(tuple.id);
+                    return Outcome::Interrupted;
+                }
+                Err(StepError::Store(StoreError::Conflict { .. })) if !conflict_retried => {
+                    // Our idea of the tuple was stale (another writer, or a write whose answer
+                    // was lost): start over from what the store says.
+                    conflict_retried = true;
+                    self.drop_cursor(tuple.id);
+                }
                 Err(e) if e.class() == Some(ErrorClass::Resync) && report.resyncs < 2 => {
                     warn!(tuple = %tuple.key, code = %e.code(), "delta state gone; starting a full round");
                     report.resyncs += 1;
@@ -183,10 +239,22 @@ impl Engine {
         }
     }
 
+    fn cursors(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Cursor>> {
+        self.inner.cursors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drop_cursor(&self, tuple_id: i64) {
+        self.cursors().remove(&tuple_id);
+    }
+
     async fn forget_link(&self, tuple: &Tuple) -> Result<(), StepError> {
+        self.drop_cursor(tuple.id);
         let store = self.store();
         let state = store.load(tuple.id).await.map_err(StepError::Store)?;
-        store.forget_link(tuple.id, state.link_version).await.map_err(StepError::Store)?;
+        store
+            .forget_link(tuple.id, state.link_version)
+            .await
+            .map_err(StepError::Store)?;
         Ok(())
     }
 
@@ -196,37 +264,74 @@ impl Engine {
             Some(ErrorClass::Degraded) => Health::Degraded,
             _ => Health::Retrying,
         };
-        let failure = Failure { health, code: e.code(), message: e.message() };
+        let failure = Failure {
+            health,
+            code: e.code(),
+            message: e.message(),
+        };
         warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
         if health == Health::Degraded {
             // The saved link leads back into the loop; the next attempt starts afresh.
             let _ = self.forget_link(tuple).await;
         }
-        if let Err(se) = self.store().record_failure(tuple.id, health.as_str(), &failure.code, &failure.message).await {
+        if let Err(se) = self
+            .store()
+            .record_failure(tuple.id, health.as_str(), &failure.code, &failure.message)
+            .await
+        {
             warn!(tuple = %tuple.key, error = %se, "could not record the failure");
         }
         Outcome::Failed(failure)
     }
 
-    async fn round(&self, tuple: &Tuple, cancel: &CancellationToken, report: &mut RoundReport) -> Result<(), StepError> {
+    async fn round(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        report: &mut RoundReport,
+    ) -> Result<(), StepError> {
         let settings = self.settings();
-        let state = self.with_retries(cancel, || async { self.store().load(tuple.id).await.map_err(StepError::Store) }).await?;
         let stamp = tuple.stamp();
+        let cached = self
+            .cursors()
+            .get(&tuple.id)
+            .filter(|c| c.stamp == stamp_hash(&stamp))
+            .cloned();
+        let cursor = match cached {
+            Some(c) => c,
+            None => {
+                let state = self
+                    .with_retries(cancel, || async {
+                        self.store().load(tuple.id).await.map_err(StepError::Store)
+                    })
+                    .await?;
+                Cursor::from_state(&state, &stamp)
+            }
+        };
         let resync_due = settings.full_resync_every.is_some_and(|every| {
-            state.last_full_sync_at.is_none_or(|at| {
-                chrono::Utc::now().signed_duration_since(at).to_std().unwrap_or_default() >= every
+            cursor.last_full_sync_at.is_none_or(|at| {
+                chrono::Utc::now()
+                    .signed_duration_since(at)
+                    .to_std()
+                    .unwrap_or_default()
+                    >= every
             })
         });
-        let initial = || self.graph().initial_link(&tuple.user, &tuple.calendar, &tuple.window);
-        let (mut link, mut start) = match state.link_for(&stamp) {
-            Some((LinkKind::Next, l)) => (l.to_owned(), None),
-            Some((LinkKind::Delta, _)) if resync_due => (initial(), Some(RoundStart::Full)),
-            Some((LinkKind::Delta, l)) => (l.to_owned(), Some(RoundStart::Delta)),
-            None => (initial(), Some(RoundStart::Full)),
+        let initial = || {
+            self.graph()
+                .initial_link(&tuple.user, &tuple.calendar, &tuple.window)
         };
-        report.full = start == Some(RoundStart::Full) || (start.is_none() && state.round_is_full);
+        let (mut link, mut start) = match (cursor.kind, cursor.link.clone()) {
+            (Some(LinkKind::Next), Some(l)) => (l, None),
+            (Some(LinkKind::Delta), Some(_)) if resync_due => (initial(), Some(RoundStart::Full)),
+            (Some(LinkKind::Delta), Some(l)) => (l, Some(RoundStart::Delta)),
+            _ => (initial(), Some(RoundStart::Full)),
+        };
+        report.full = start == Some(RoundStart::Full) || (start.is_none() && cursor.round_is_full);
+        let mut round_is_full = report.full;
+        let mut last_full_sync_at = cursor.last_full_sync_at;
         debug!(tuple = %tuple.key, resume = start.is_none(), full = report.full, "round starts");
-        let mut version = state.link_version;
+        let mut version = cursor.version;
         let mut guard = LoopGuard {
             seen: HashSet::new(),
             pages: 0,
@@ -239,14 +344,37 @@ impl Engine {
                 return Err(StepError::Interrupted);
             }
             let out = self
-                .with_retries(cancel, || self.step(tuple, &link, start, version, &stamp, cancel))
+                .with_retries(cancel, || {
+                    self.step(tuple, &link, start, version, &stamp, cancel)
+                })
                 .await?;
             report.pages += 1;
             report.upserted += out.upserted;
             report.removed += out.removed;
             report.swept += out.swept;
             version = out.version;
+            if start == Some(RoundStart::Delta) {
+                round_is_full = false;
+            }
             start = None;
+            let (kind, saved) = match &out.next {
+                PageLink::Next(l) => (LinkKind::Next, l.clone()),
+                PageLink::Delta(l) => (LinkKind::Delta, l.clone()),
+            };
+            if kind == LinkKind::Delta && round_is_full {
+                last_full_sync_at = Some(chrono::Utc::now());
+            }
+            self.cursors().insert(
+                tuple.id,
+                Cursor {
+                    link: Some(saved),
+                    kind: Some(kind),
+                    stamp: stamp_hash(&stamp),
+                    version,
+                    round_is_full,
+                    last_full_sync_at,
+                },
+            );
             match out.next {
                 PageLink::Delta(_) => return Ok(()),
                 PageLink::Next(next) => {
@@ -259,7 +387,11 @@ impl Engine {
 
     /// Retries `op` on retryable errors with capped exponential backoff and full jitter;
     /// the request gate separately holds the mailbox for any `Retry-After`.
-    async fn with_retries<T, F, Fut>(&self, cancel: &CancellationToken, op: F) -> Result<T, StepError>
+    async fn with_retries<T, F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        op: F,
+    ) -> Result<T, StepError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, StepError>>,
@@ -334,9 +466,24 @@ impl Engine {
         let changes = page_changes(page.items);
         let applied = self
             .store()
-            .apply_page(&PageWrite { tuple_id: tuple.id, expected_version: version, round_start: start, changes: &changes, link: &next, link_kind: kind, stamp })
+            .apply_page(&PageWrite {
+                tuple_id: tuple.id,
+                expected_version: version,
+                round_start: start,
+                changes: &changes,
+                link: &next,
+                link_kind: kind,
+                stamp,
+            })
             .await
             .map_err(StepError::Store)?;
-        Ok(StepOut { next: link_after, ids, version: applied.version, upserted: applied.upserted, removed: applied.removed, swept: applied.swept })
+        Ok(StepOut {
+            next: link_after,
+            ids,
+            version: applied.version,
+            upserted: applied.upserted,
+            removed: applied.removed,
+            swept: applied.swept,
+        })
     }
 }

@@ -15,17 +15,28 @@ use tokio_util::task::TaskTracker;
 
 /// When a tuple runs next, measured from when its last round started. Pure, so the table of
 /// cases is testable.
-pub fn next_delay(outcome: &Outcome, interval: Duration, failures: u32, s: &SyncSettings, jitter: f64) -> Duration {
+pub fn next_delay(
+    outcome: &Outcome,
+    interval: Duration,
+    failures: u32,
+    s: &SyncSettings,
+    jitter: f64,
+) -> Duration {
     let jitter = jitter.clamp(-1.0, 1.0);
     match outcome {
         // ±10%: tuples that started together drift apart instead of firing in lockstep.
         Outcome::Synced(_) | Outcome::Interrupted => interval.mul_f64(1.0 + 0.1 * jitter),
         Outcome::Failed(f) => match f.health {
             Health::Retrying => {
-                let exp = s.min_backoff.saturating_mul(1u32 << failures.min(16)).min(s.max_backoff.max(s.min_backoff));
+                let exp = s
+                    .min_backoff
+                    .saturating_mul(1u32 << failures.min(16))
+                    .min(s.max_backoff.max(s.min_backoff));
                 exp.min(interval).mul_f64(0.75 + 0.25 * jitter.abs())
             }
-            Health::Failed | Health::Degraded => s.failed_retry_interval.mul_f64(1.0 + 0.1 * jitter),
+            Health::Failed | Health::Degraded => {
+                s.failed_retry_interval.mul_f64(1.0 + 0.1 * jitter)
+            }
         },
     }
 }
@@ -46,7 +57,8 @@ impl Engine {
 
     async fn tuple_loop(self, tuple: Tuple, cancel: CancellationToken) {
         let spread = tuple.interval.min(self.settings().startup_spread);
-        let first = Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
+        let first =
+            Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
         let mut due = Instant::now() + first;
         let mut failures = 0u32;
         loop {
@@ -59,7 +71,11 @@ impl Engine {
             if outcome == Outcome::Interrupted {
                 return;
             }
-            failures = if matches!(outcome, Outcome::Failed(_)) { failures + 1 } else { 0 };
+            failures = if matches!(outcome, Outcome::Failed(_)) {
+                failures + 1
+            } else {
+                0
+            };
             let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
             let delay = next_delay(&outcome, tuple.interval, failures, self.settings(), jitter);
             due = (started + delay).max(Instant::now() + Duration::from_millis(10));
@@ -67,7 +83,11 @@ impl Engine {
     }
 
     /// One complete round for every tuple, concurrently within the request limits.
-    pub async fn sync_all_once(&self, tuples: &[Tuple], cancel: &CancellationToken) -> Vec<(Tuple, Outcome)> {
+    pub async fn sync_all_once(
+        &self,
+        tuples: &[Tuple],
+        cancel: &CancellationToken,
+    ) -> Vec<(Tuple, Outcome)> {
         let mut set = tokio::task::JoinSet::new();
         for t in tuples.iter().cloned() {
             let engine = self.clone();
@@ -101,11 +121,25 @@ mod tests {
         assert_eq!(next_delay(&ok, iv, 0, &s, 0.0), iv);
         assert_eq!(next_delay(&ok, iv, 0, &s, 1.0), Duration::from_secs(330));
         assert_eq!(next_delay(&ok, iv, 0, &s, -1.0), Duration::from_secs(270));
-        let retry = Outcome::Failed(Failure { health: Health::Retrying, code: "x".into(), message: String::new() });
-        assert_eq!(next_delay(&retry, iv, 1, &s, 0.0), Duration::from_millis(750));
+        let retry = Outcome::Failed(Failure {
+            health: Health::Retrying,
+            code: "x".into(),
+            message: String::new(),
+        });
+        assert_eq!(
+            next_delay(&retry, iv, 1, &s, 0.0),
+            Duration::from_millis(750)
+        );
         assert_eq!(next_delay(&retry, iv, 30, &s, 1.0), Duration::from_secs(60));
         assert!(next_delay(&retry, Duration::from_secs(5), 30, &s, 1.0) <= Duration::from_secs(5));
-        let failed = Outcome::Failed(Failure { health: Health::Failed, code: "x".into(), message: String::new() });
-        assert_eq!(next_delay(&failed, iv, 1, &s, 0.0), Duration::from_secs(3600));
+        let failed = Outcome::Failed(Failure {
+            health: Health::Failed,
+            code: "x".into(),
+            message: String::new(),
+        });
+        assert_eq!(
+            next_delay(&failed, iv, 1, &s, 0.0),
+            Duration::from_secs(3600)
+        );
     }
 }

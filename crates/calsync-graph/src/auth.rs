@@ -105,14 +105,19 @@ impl TokenSource {
     /// Forgets `token` after Graph answered 401 to it; a newer token is kept.
     pub async fn invalidate(&self, token: &AccessToken) {
         let mut cached = self.cached.lock().await;
-        if cached.as_ref().is_some_and(|c| c.token.generation == token.generation) {
+        if cached
+            .as_ref()
+            .is_some_and(|c| c.token.generation == token.generation)
+        {
             *cached = None;
         }
     }
 
     async fn fetch(&self) -> Result<(SecretString, Duration), GraphError> {
         let client = BasicClient::new(ClientId::new(self.cfg.client_id.clone()))
-            .set_client_secret(ClientSecret::new(self.cfg.client_secret.expose_secret().to_owned()))
+            .set_client_secret(ClientSecret::new(
+                self.cfg.client_secret.expose_secret().to_owned(),
+            ))
             .set_token_uri(TokenUrl::from_url(self.cfg.token_url.clone()))
             .set_auth_type(AuthType::RequestBody);
         let result = client
@@ -124,7 +129,10 @@ impl TokenSource {
             Ok(resp) => {
                 self.renewals.fetch_add(1, Ordering::Relaxed);
                 let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(3599));
-                Ok((SecretString::from(resp.access_token().secret().to_owned()), lifetime))
+                Ok((
+                    SecretString::from(resp.access_token().secret().to_owned()),
+                    lifetime,
+                ))
             }
             Err(RequestTokenError::ServerResponse(r)) => {
                 let error = match r.error() {
@@ -133,10 +141,18 @@ impl TokenSource {
                     BasicErrorResponseType::InvalidRequest => "invalid_request".to_owned(),
                     BasicErrorResponseType::InvalidScope => "invalid_scope".to_owned(),
                     BasicErrorResponseType::UnauthorizedClient => "unauthorized_client".to_owned(),
-                    BasicErrorResponseType::UnsupportedGrantType => "unsupported_grant_type".to_owned(),
+                    BasicErrorResponseType::UnsupportedGrantType => {
+                        "unsupported_grant_type".to_owned()
+                    }
                     BasicErrorResponseType::Extension(e) => e.clone(),
                 };
-                let description: String = r.error_description().cloned().unwrap_or_default().chars().take(300).collect();
+                let description: String = r
+                    .error_description()
+                    .cloned()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(300)
+                    .collect();
                 Err(GraphError::AuthRejected { error, description })
             }
             Err(RequestTokenError::Request(e)) => Err(GraphError::AuthUnavailable {

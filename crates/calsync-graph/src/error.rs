@@ -123,7 +123,8 @@ impl GraphError {
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0 && secs < 1e9).then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0 && secs < 1e9)
+            .then(|| Duration::from_secs_f64(secs));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
@@ -150,23 +151,49 @@ const RESYNC_CODES: [&str; 3] = ["syncstatenotfound", "resyncrequired", "syncsta
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> GraphError {
     let parsed: ErrorBody = serde_json::from_slice(body).unwrap_or_default();
     let code = parsed.error.code.unwrap_or_else(|| format!("Http{status}"));
-    let message: String = parsed.error.message.unwrap_or_default().chars().take(500).collect();
+    let message: String = parsed
+        .error
+        .message
+        .unwrap_or_default()
+        .chars()
+        .take(500)
+        .collect();
     let lower = code.to_ascii_lowercase();
     if status == 410 || RESYNC_CODES.contains(&lower.as_str()) {
-        return GraphError::ResyncRequired { status, code, message };
+        return GraphError::ResyncRequired {
+            status,
+            code,
+            message,
+        };
     }
     match status {
-        429 | 509 => GraphError::Throttled { status, code, retry_after },
-        503 | 504 if retry_after.is_some() => GraphError::Throttled { status, code, retry_after },
+        429 | 509 => GraphError::Throttled {
+            status,
+            code,
+            retry_after,
+        },
+        503 | 504 if retry_after.is_some() => GraphError::Throttled {
+            status,
+            code,
+            retry_after,
+        },
         401 => GraphError::Unauthorized { code, message },
         403 => GraphError::Forbidden { code, message },
         404 => GraphError::NotFound { code, message },
         500..=599 => GraphError::Transient {
             status: Some(status),
             fresh_connection: status == 503,
-            message: if message.is_empty() { code } else { format!("{code}: {message}") },
+            message: if message.is_empty() {
+                code
+            } else {
+                format!("{code}: {message}")
+            },
         },
-        _ => GraphError::Rejected { status, code, message },
+        _ => GraphError::Rejected {
+            status,
+            code,
+            message,
+        },
     }
 }
 
@@ -182,23 +209,113 @@ mod tests {
     fn graph_answers_are_classified_as_the_notes_say() {
         let s = Some(Duration::from_secs(2));
         let cases: &[(u16, Option<Duration>, &str, ErrorClass, &str)] = &[
-            (410, None, "SyncStateNotFound", ErrorClass::Resync, "SyncStateNotFound"),
+            (
+                410,
+                None,
+                "SyncStateNotFound",
+                ErrorClass::Resync,
+                "SyncStateNotFound",
+            ),
             (410, None, "anything", ErrorClass::Resync, "anything"),
-            (400, None, "syncStateNotFound", ErrorClass::Resync, "syncStateNotFound"),
-            (400, None, "RESYNCREQUIRED", ErrorClass::Resync, "RESYNCREQUIRED"),
-            (410, None, "SyncStateInvalid", ErrorClass::Resync, "SyncStateInvalid"),
-            (429, s, "TooManyRequests", ErrorClass::Retry, "TooManyRequests"),
-            (429, None, "ApplicationThrottled", ErrorClass::Retry, "ApplicationThrottled"),
-            (509, None, "BandwidthLimitExceeded", ErrorClass::Retry, "BandwidthLimitExceeded"),
-            (503, s, "serviceNotAvailable", ErrorClass::Retry, "serviceNotAvailable"),
-            (503, None, "serviceNotAvailable", ErrorClass::Retry, "Transient"),
+            (
+                400,
+                None,
+                "syncStateNotFound",
+                ErrorClass::Resync,
+                "syncStateNotFound",
+            ),
+            (
+                400,
+                None,
+                "RESYNCREQUIRED",
+                ErrorClass::Resync,
+                "RESYNCREQUIRED",
+            ),
+            (
+                410,
+                None,
+                "SyncStateInvalid",
+                ErrorClass::Resync,
+                "SyncStateInvalid",
+            ),
+            (
+                429,
+                s,
+                "TooManyRequests",
+                ErrorClass::Retry,
+                "TooManyRequests",
+            ),
+            (
+                429,
+                None,
+                "ApplicationThrottled",
+                ErrorClass::Retry,
+                "ApplicationThrottled",
+            ),
+            (
+                509,
+                None,
+                "BandwidthLimitExceeded",
+                ErrorClass::Retry,
+                "BandwidthLimitExceeded",
+            ),
+            (
+                503,
+                s,
+                "serviceNotAvailable",
+                ErrorClass::Retry,
+                "serviceNotAvailable",
+            ),
+            (
+                503,
+                None,
+                "serviceNotAvailable",
+                ErrorClass::Retry,
+                "Transient",
+            ),
             (504, None, "UnknownError", ErrorClass::Retry, "Transient"),
-            (500, None, "ErrorInternalServerTransientError", ErrorClass::Retry, "Transient"),
-            (401, None, "InvalidAuthenticationToken", ErrorClass::Permanent, "InvalidAuthenticationToken"),
-            (403, None, "ErrorAccessDenied", ErrorClass::Permanent, "ErrorAccessDenied"),
-            (404, None, "MailboxNotEnabledForRESTAPI", ErrorClass::Permanent, "MailboxNotEnabledForRESTAPI"),
-            (404, None, "ErrorInvalidUser", ErrorClass::Permanent, "ErrorInvalidUser"),
-            (400, None, "ErrorInvalidParameter", ErrorClass::Permanent, "ErrorInvalidParameter"),
+            (
+                500,
+                None,
+                "ErrorInternalServerTransientError",
+                ErrorClass::Retry,
+                "Transient",
+            ),
+            (
+                401,
+                None,
+                "InvalidAuthenticationToken",
+                ErrorClass::Permanent,
+                "InvalidAuthenticationToken",
+            ),
+            (
+                403,
+                None,
+                "ErrorAccessDenied",
+                ErrorClass::Permanent,
+                "ErrorAccessDenied",
+            ),
+            (
+                404,
+                None,
+                "MailboxNotEnabledForRESTAPI",
+                ErrorClass::Permanent,
+                "MailboxNotEnabledForRESTAPI",
+            ),
+            (
+                404,
+                None,
+                "ErrorInvalidUser",
+                ErrorClass::Permanent,
+                "ErrorInvalidUser",
+            ),
+            (
+                400,
+                None,
+                "ErrorInvalidParameter",
+                ErrorClass::Permanent,
+                "ErrorInvalidParameter",
+            ),
         ];
         for (status, ra, code, class, want_code) in cases {
             let e = classify(*status, *ra, &body(code));
@@ -210,7 +327,10 @@ mod tests {
 
     #[test]
     fn a_body_that_is_not_json_still_classifies_by_status() {
-        assert_eq!(classify(502, None, b"<html>bad gateway</html>").class(), ErrorClass::Retry);
+        assert_eq!(
+            classify(502, None, b"<html>bad gateway</html>").class(),
+            ErrorClass::Retry
+        );
         assert_eq!(classify(410, None, b"").class(), ErrorClass::Resync);
     }
 
@@ -218,7 +338,10 @@ mod tests {
     fn retry_after_reads_seconds_fractions_and_http_dates() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
-        assert_eq!(parse_retry_after("2.128", now), Some(Duration::from_millis(2128)));
+        assert_eq!(
+            parse_retry_after("2.128", now),
+            Some(Duration::from_millis(2128))
+        );
         let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
         assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
         let past = httpdate::fmt_http_date(now - Duration::from_secs(30));

@@ -71,7 +71,11 @@ struct Inner {
 }
 
 fn origin(u: &Url) -> (String, String, Option<u16>) {
-    (u.scheme().to_owned(), u.host_str().unwrap_or("").to_ascii_lowercase(), u.port_or_known_default())
+    (
+        u.scheme().to_owned(),
+        u.host_str().unwrap_or("").to_ascii_lowercase(),
+        u.port_or_known_default(),
+    )
 }
 
 fn origin_text(u: &Url) -> String {
@@ -88,15 +92,25 @@ impl GraphClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| GraphError::AuthUnavailable { reason: e.without_url().to_string() })?;
+            .map_err(|e| GraphError::AuthUnavailable {
+                reason: e.without_url().to_string(),
+            })?;
         let mut prefer = String::from("outlook.timezone=\"UTC\"");
         if let Some(n) = cfg.page_size {
             prefer = format!("odata.maxpagesize={n}, {prefer}");
         }
-        let prefer = HeaderValue::from_str(&prefer)
-            .map_err(|_| GraphError::Rejected { status: 0, code: "BadPreferHeader".into(), message: String::new() })?;
+        let prefer = HeaderValue::from_str(&prefer).map_err(|_| GraphError::Rejected {
+            status: 0,
+            code: "BadPreferHeader".into(),
+            message: String::new(),
+        })?;
         Ok(GraphClient {
-            inner: Arc::new(Inner { tokens: TokenSource::new(auth, http.clone()), http, cfg, prefer }),
+            inner: Arc::new(Inner {
+                tokens: TokenSource::new(auth, http.clone()),
+                http,
+                cfg,
+                prefer,
+            }),
         })
     }
 
@@ -120,17 +134,28 @@ impl GraphClient {
             segs.push("calendarView").push("delta");
         }
         url.query_pairs_mut()
-            .append_pair("startDateTime", &window.start.to_rfc3339_opts(SecondsFormat::Secs, true))
-            .append_pair("endDateTime", &window.end.to_rfc3339_opts(SecondsFormat::Secs, true));
+            .append_pair(
+                "startDateTime",
+                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )
+            .append_pair(
+                "endDateTime",
+                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            );
         url.into()
     }
 
     /// Refuses links to anywhere but the configured Graph origin (scheme, host and port).
     pub fn check_link(&self, link: &str) -> Result<Url, GraphError> {
         let base = &self.inner.cfg.base_url;
-        let url = Url::parse(link).map_err(|_| GraphError::Malformed { reason: "a page link is not a URL".into() })?;
+        let url = Url::parse(link).map_err(|_| GraphError::Malformed {
+            reason: "a page link is not a URL".into(),
+        })?;
         if origin(&url) != origin(base) {
-            return Err(GraphError::ForeignLink { origin: origin_text(&url), expected: origin_text(base) });
+            return Err(GraphError::ForeignLink {
+                origin: origin_text(&url),
+                expected: origin_text(base),
+            });
         }
         Ok(url)
     }
@@ -152,11 +177,20 @@ impl GraphClient {
     async fn get(&self, url: &Url, token: &auth::AccessToken) -> Result<DeltaPage, GraphError> {
         let mut headers = HeaderMap::new();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
-            .map_err(|_| GraphError::AuthUnavailable { reason: "the access token is not a valid header value".into() })?;
+            .map_err(|_| GraphError::AuthUnavailable {
+                reason: "the access token is not a valid header value".into(),
+            })?;
         bearer.set_sensitive(true);
         headers.insert(AUTHORIZATION, bearer);
         headers.insert("prefer", self.inner.prefer.clone());
-        let resp = self.inner.http.get(url.clone()).headers(headers).send().await.map_err(transport)?;
+        let resp = self
+            .inner
+            .http
+            .get(url.clone())
+            .headers(headers)
+            .send()
+            .await
+            .map_err(transport)?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -173,7 +207,11 @@ impl GraphClient {
 }
 
 fn transport(e: reqwest::Error) -> GraphError {
-    GraphError::Transient { status: None, fresh_connection: true, message: e.without_url().to_string() }
+    GraphError::Transient {
+        status: None,
+        fresh_connection: true,
+        message: e.without_url().to_string(),
+    }
 }
 
 async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, GraphError> {

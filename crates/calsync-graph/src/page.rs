@@ -26,7 +26,9 @@ pub enum PageLink {
 pub enum DeltaItem {
     Event(Box<EventItem>),
     /// No longer part of this window (deleted, or moved out). Any `reason` counts.
-    Removed { id: String },
+    Removed {
+        id: String,
+    },
 }
 
 impl DeltaItem {
@@ -67,7 +69,10 @@ fn date_time(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
     let v = m.get(k)?;
     let dt = v.get("dateTime")?.as_str()?;
     let tz = v.get("timeZone").and_then(Value::as_str).unwrap_or("UTC");
-    if !matches!(tz, "UTC" | "Etc/UTC" | "Coordinated Universal Time" | "tzone://Microsoft/Utc") {
+    if !matches!(
+        tz,
+        "UTC" | "Etc/UTC" | "Coordinated Universal Time" | "tzone://Microsoft/Utc"
+    ) {
         return None;
     }
     let t = dt.trim_end_matches('Z');
@@ -87,7 +92,9 @@ impl EventItem {
     pub fn from_map(payload: Map<String, Value>) -> Result<Self, GraphError> {
         let id = str_field(&payload, "id")
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| GraphError::Malformed { reason: "an item has no id".into() })?;
+            .ok_or_else(|| GraphError::Malformed {
+                reason: "an item has no id".into(),
+            })?;
         Ok(EventItem {
             ical_uid: str_field(&payload, "iCalUId"),
             subject: str_field(&payload, "subject"),
@@ -117,8 +124,14 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, GraphError> {
     let link = match (next, delta) {
         (Some(Value::String(n)), None) => PageLink::Next(n),
         (None, Some(Value::String(d))) => PageLink::Delta(d),
-        (None, None) => return Err(malformed("the page has neither nextLink nor deltaLink".into())),
-        (Some(_), Some(_)) => return Err(malformed("the page has both nextLink and deltaLink".into())),
+        (None, None) => {
+            return Err(malformed(
+                "the page has neither nextLink nor deltaLink".into(),
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(malformed("the page has both nextLink and deltaLink".into()));
+        }
         _ => return Err(malformed("a page link is not a string".into())),
     };
     let values = match top.remove("value") {
@@ -149,17 +162,32 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for body in [&b""[..], b"{", b"[]", b"null", b"{\"value\":[]}", b"{\"value\":5,\"@odata.deltaLink\":\"x\"}",
-            b"{\"value\":[1],\"@odata.deltaLink\":\"x\"}", b"{\"value\":[{}],\"@odata.deltaLink\":\"x\"}",
-            b"{\"value\":[],\"@odata.deltaLink\":7}", b"{\"value\":[],\"@odata.deltaLink\":\"a\",\"@odata.nextLink\":\"b\"}"] {
-            assert!(matches!(parse_page(body), Err(GraphError::Malformed { .. })), "{}", String::from_utf8_lossy(body));
+        for body in [
+            &b""[..],
+            b"{",
+            b"[]",
+            b"null",
+            b"{\"value\":[]}",
+            b"{\"value\":5,\"@odata.deltaLink\":\"x\"}",
+            b"{\"value\":[1],\"@odata.deltaLink\":\"x\"}",
+            b"{\"value\":[{}],\"@odata.deltaLink\":\"x\"}",
+            b"{\"value\":[],\"@odata.deltaLink\":7}",
+            b"{\"value\":[],\"@odata.deltaLink\":\"a\",\"@odata.nextLink\":\"b\"}",
+        ] {
+            assert!(
+                matches!(parse_page(body), Err(GraphError::Malformed { .. })),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
     #[test]
     fn odd_field_types_are_tolerated_and_kept_in_the_payload() {
         let page = parse_page(br#"{"@odata.deltaLink":"d","value":[{"id":"a","subject":5,"start":"x","isAllDay":"yes","extra":{"k":1}}]}"#).unwrap();
-        let DeltaItem::Event(e) = &page.items[0] else { panic!() };
+        let DeltaItem::Event(e) = &page.items[0] else {
+            panic!()
+        };
         assert_eq!(e.subject, None);
         assert_eq!(e.start, None);
         assert!(!e.partial);

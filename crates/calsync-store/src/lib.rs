@@ -209,8 +209,17 @@ const TUPLE_COLUMNS: &str = "id, tuple_key, user_id, calendar_id, window_start, 
 impl Store {
     /// Connects lazily-checked: the pool opens connections as needed, and `connect` fails
     /// only if the first one cannot be made.
-    pub async fn connect(url: &str, max_connections: u32, acquire_timeout: Duration) -> Result<Self, StoreError> {
-        let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Query(format!("invalid database url: {}", redact_url_error(&e.to_string()))))?;
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let opts = PgConnectOptions::from_str(url).map_err(|e| {
+            StoreError::Query(format!(
+                "invalid database url: {}",
+                redact_url_error(&e.to_string())
+            ))
+        })?;
         let opts = opts.application_name("calsync");
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
@@ -224,11 +233,17 @@ impl Store {
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Store { pool, fail_after: Arc::new(AtomicU32::new(0)) }
+        Store {
+            pool,
+            fail_after: Arc::new(AtomicU32::new(0)),
+        }
     }
 
     async fn check_version(&self) -> Result<(), StoreError> {
-        let v: String = sqlx::query_scalar("SHOW server_version_num").fetch_one(&self.pool).await.map_err(db)?;
+        let v: String = sqlx::query_scalar("SHOW server_version_num")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
         let found = v.trim().parse::<i32>().unwrap_or(0);
         if found < MIN_SERVER_VERSION {
             return Err(StoreError::TooOld { found });
@@ -246,15 +261,21 @@ impl Store {
 
     /// Whether every embedded migration has been applied.
     pub async fn migrations_current(&self) -> Result<bool, StoreError> {
-        let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(sqlx::migrate!("../../migrations").iter().all(|m| applied.contains(&m.version)))
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(sqlx::migrate!("../../migrations")
+            .iter()
+            .all(|m| applied.contains(&m.version)))
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
         Ok(())
     }
 
@@ -280,7 +301,10 @@ impl Store {
 
     /// Makes the stored tuples match the config: inserts new ones, updates identity fields,
     /// and marks tuples no longer configured as untracked (their rows are kept).
-    pub async fn register_tuples(&self, specs: &[TupleSpec]) -> Result<Vec<TupleState>, StoreError> {
+    pub async fn register_tuples(
+        &self,
+        specs: &[TupleSpec],
+    ) -> Result<Vec<TupleState>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
         let users: Vec<&str> = specs.iter().map(|s| s.user_id.as_str()).collect();
@@ -320,16 +344,22 @@ impl Store {
     }
 
     pub async fn load(&self, tuple_id: i64) -> Result<TupleState, StoreError> {
-        sqlx::query_as(&format!("SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = $1"))
-            .bind(tuple_id)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db)
+        sqlx::query_as(&format!(
+            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = $1"
+        ))
+        .bind(tuple_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
     }
 
     /// Forgets the saved link (the delta state is gone); rows stay until the next full round
     /// sweeps them.
-    pub async fn forget_link(&self, tuple_id: i64, expected_version: i64) -> Result<i64, StoreError> {
+    pub async fn forget_link(
+        &self,
+        tuple_id: i64,
+        expected_version: i64,
+    ) -> Result<i64, StoreError> {
         let v: Option<i64> = sqlx::query_scalar(
             "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
              round_is_full = true, updated_at = now() WHERE id = $1 AND link_version = $2 RETURNING link_version",
@@ -345,6 +375,18 @@ impl Store {
     /// Applies one page and saves the link after it, in one transaction: a crash at any
     /// instant leaves either the page and its link, or neither.
     pub async fn apply_page(&self, w: &PageWrite<'_>) -> Result<Applied, StoreError> {
+        let c = w.changes;
+        let may_sweep = w.link_kind == LinkKind::Delta && w.round_start != Some(RoundStart::Delta);
+        if c.full.is_empty() && c.partial.is_empty() && c.removed.is_empty() && !may_sweep {
+            // Only the link moves: one UPDATE is already atomic, no transaction needed. This
+            // is every no-change incremental round.
+            self.fault_point()?;
+            let (version, _, _) = claim(&self.pool, w).await?;
+            return Ok(Applied {
+                version,
+                ..Applied::default()
+            });
+        }
         let mut tx = self.pool.begin().await.map_err(db)?;
         let applied = self.apply_in(&mut tx, w).await?;
         self.fault_point()?;
@@ -352,61 +394,27 @@ impl Store {
         Ok(applied)
     }
 
-    async fn apply_in(&self, tx: &mut Transaction<'_, Postgres>, w: &PageWrite<'_>) -> Result<Applied, StoreError> {
-        let start = match w.round_start {
-            Some(RoundStart::Full) => "full",
-            Some(RoundStart::Delta) => "delta",
-            None => "",
-        };
-        let kind = match w.link_kind {
-            LinkKind::Next => "next",
-            LinkKind::Delta => "delta",
-        };
-        // Claim the tuple first: the row lock orders concurrent writers, the version check
-        // refuses a writer that read an older link.
-        let row: Option<(i64, i64, bool)> = sqlx::query_as(
-            "UPDATE sync_tuples SET \
-               link = $3, link_kind = $4, link_user_id = $5, link_calendar_id = $6, \
-               link_window_start = $7, link_window_end = $8, link_version = link_version + 1, \
-               full_round = full_round + CASE WHEN $9 = 'full' THEN 1 ELSE 0 END, \
-               round_is_full = CASE WHEN $9 = 'full' THEN true WHEN $9 = 'delta' THEN false ELSE round_is_full END, \
-               round_pages = CASE WHEN $9 <> '' THEN 1 ELSE round_pages + 1 END, \
-               round_started_at = CASE WHEN $9 <> '' THEN now() ELSE round_started_at END, \
-               last_attempt_at = now(), updated_at = now(), \
-               last_success_at = CASE WHEN $4 = 'delta' THEN now() ELSE last_success_at END, \
-               last_full_sync_at = CASE WHEN $4 = 'delta' AND ($9 = 'full' OR ($9 = '' AND round_is_full)) THEN now() ELSE last_full_sync_at END, \
-               state = CASE WHEN $4 = 'delta' THEN 'ok' ELSE state END, \
-               consecutive_failures = CASE WHEN $4 = 'delta' THEN 0 ELSE consecutive_failures END, \
-               last_error = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error END, \
-               last_error_code = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error_code END \
-             WHERE id = $1 AND link_version = $2 \
-             RETURNING link_version, full_round, round_is_full",
-        )
-        .bind(w.tuple_id)
-        .bind(w.expected_version)
-        .bind(w.link)
-        .bind(kind)
-        .bind(&w.stamp.user_id)
-        .bind(&w.stamp.calendar_id)
-        .bind(w.stamp.window_start)
-        .bind(w.stamp.window_end)
-        .bind(start)
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
-        let Some((version, full_round, round_is_full)) = row else {
-            return Err(StoreError::Conflict { tuple_id: w.tuple_id });
-        };
+    async fn apply_in(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        w: &PageWrite<'_>,
+    ) -> Result<Applied, StoreError> {
+        let (version, full_round, round_is_full) = claim(&mut **tx, w).await?;
         self.fault_point()?;
-        let mut applied = Applied { version, ..Applied::default() };
+        let mut applied = Applied {
+            version,
+            ..Applied::default()
+        };
         let c = w.changes;
         if !c.removed.is_empty() {
-            let r = sqlx::query("DELETE FROM events WHERE tuple_id = $1 AND event_id = ANY($2::text[])")
-                .bind(w.tuple_id)
-                .bind(&c.removed)
-                .execute(&mut **tx)
-                .await
-                .map_err(db)?;
+            let r = sqlx::query(
+                "DELETE FROM events WHERE tuple_id = $1 AND event_id = ANY($2::text[])",
+            )
+            .bind(w.tuple_id)
+            .bind(&c.removed)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
             applied.removed = r.rows_affected();
             self.fault_point()?;
         }
@@ -433,7 +441,13 @@ impl Store {
     }
 
     /// Records a failed attempt with Graph's error code and message.
-    pub async fn record_failure(&self, tuple_id: i64, state: &str, code: &str, message: &str) -> Result<(), StoreError> {
+    pub async fn record_failure(
+        &self,
+        tuple_id: i64,
+        state: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
              consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() WHERE id = $1",
@@ -482,7 +496,63 @@ impl Store {
     }
 }
 
-async fn upsert(tx: &mut Transaction<'_, Postgres>, tuple_id: i64, round: i64, rows: &[EventRow], partial: bool) -> Result<u64, StoreError> {
+/// Claims the tuple and saves the link: the row lock orders concurrent writers, the version
+/// check refuses a writer that read an older link.
+async fn claim<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    w: &PageWrite<'_>,
+) -> Result<(i64, i64, bool), StoreError> {
+    let start = match w.round_start {
+        Some(RoundStart::Full) => "full",
+        Some(RoundStart::Delta) => "delta",
+        None => "",
+    };
+    let kind = match w.link_kind {
+        LinkKind::Next => "next",
+        LinkKind::Delta => "delta",
+    };
+    let row: Option<(i64, i64, bool)> = sqlx::query_as(
+            "UPDATE sync_tuples SET \
+               link = $3, link_kind = $4, link_user_id = $5, link_calendar_id = $6, \
+               link_window_start = $7, link_window_end = $8, link_version = link_version + 1, \
+               full_round = full_round + CASE WHEN $9 = 'full' THEN 1 ELSE 0 END, \
+               round_is_full = CASE WHEN $9 = 'full' THEN true WHEN $9 = 'delta' THEN false ELSE round_is_full END, \
+               round_pages = CASE WHEN $9 <> '' THEN 1 ELSE round_pages + 1 END, \
+               round_started_at = CASE WHEN $9 <> '' THEN now() ELSE round_started_at END, \
+               last_attempt_at = now(), updated_at = now(), \
+               last_success_at = CASE WHEN $4 = 'delta' THEN now() ELSE last_success_at END, \
+               last_full_sync_at = CASE WHEN $4 = 'delta' AND ($9 = 'full' OR ($9 = '' AND round_is_full)) THEN now() ELSE last_full_sync_at END, \
+               state = CASE WHEN $4 = 'delta' THEN 'ok' ELSE state END, \
+               consecutive_failures = CASE WHEN $4 = 'delta' THEN 0 ELSE consecutive_failures END, \
+               last_error = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error END, \
+               last_error_code = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error_code END \
+             WHERE id = $1 AND link_version = $2 \
+             RETURNING link_version, full_round, round_is_full",
+        )
+        .bind(w.tuple_id)
+        .bind(w.expected_version)
+        .bind(w.link)
+        .bind(kind)
+        .bind(&w.stamp.user_id)
+        .bind(&w.stamp.calendar_id)
+        .bind(w.stamp.window_start)
+        .bind(w.stamp.window_end)
+        .bind(start)
+        .fetch_optional(exec)
+        .await
+        .map_err(db)?;
+    row.ok_or(StoreError::Conflict {
+        tuple_id: w.tuple_id,
+    })
+}
+
+async fn upsert(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[EventRow],
+    partial: bool,
+) -> Result<u64, StoreError> {
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     let icals: Vec<Option<&str>> = rows.iter().map(|r| r.ical_uid.as_deref()).collect();
     let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
@@ -539,16 +609,66 @@ async fn upsert(tx: &mut Transaction<'_, Postgres>, tuple_id: i64, round: i64, r
     Ok(r.rows_affected())
 }
 
+/// Benchmark baseline: `COPY` the rows of `from` tuples into `to` tuples (same table, same
+/// indexes), returning how long the `COPY ... FROM STDIN` alone took and how many rows it wrote.
+/// The rows are exported first, untimed.
+pub async fn copy_rows_for_benchmark(
+    store: &Store,
+    pairs: &[(i64, i64)],
+) -> Result<(Duration, u64), StoreError> {
+    let mut conn = store.pool.acquire().await.map_err(db)?;
+    let mut data = Vec::new();
+    for (from, to) in pairs {
+        let mut out = conn
+            .copy_out_raw(&format!(
+                "COPY (SELECT {to}::bigint, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
+                 series_master_id, last_modified_at, change_key, payload, seen_round, synced_at FROM events WHERE tuple_id = {from}) TO STDOUT"
+            ))
+            .await
+            .map_err(db)?;
+        use futures_util::StreamExt;
+        while let Some(chunk) = out.next().await {
+            data.extend_from_slice(&chunk.map_err(db)?);
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut copy = conn
+        .copy_in_raw("COPY events (tuple_id, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
+            series_master_id, last_modified_at, change_key, payload, seen_round, synced_at) FROM STDIN")
+        .await
+        .map_err(db)?;
+    copy.send(data).await.map_err(db)?;
+    let rows = copy.finish().await.map_err(db)?;
+    Ok((started.elapsed(), rows))
+}
+
 /// Drops and creates database `name` on the server `admin_url` points at, and returns a URL
 /// for it. For the demo and benchmarks, which must not touch a user's own database.
 pub async fn recreate_database(admin_url: &str, name: &str) -> Result<String, StoreError> {
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(StoreError::Query(format!("'{name}' is not a plain database name")));
+        return Err(StoreError::Query(format!(
+            "'{name}' is not a plain database name"
+        )));
     }
-    let opts = PgConnectOptions::from_str(admin_url).map_err(|e| StoreError::Query(format!("invalid database url: {}", redact_url_error(&e.to_string()))))?;
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(opts.clone()).await.map_err(db)?;
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&pool).await.map_err(db)?;
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&pool).await.map_err(db)?;
+    let opts = PgConnectOptions::from_str(admin_url).map_err(|e| {
+        StoreError::Query(format!(
+            "invalid database url: {}",
+            redact_url_error(&e.to_string())
+        ))
+    })?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.clone())
+        .await
+        .map_err(db)?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&pool)
+        .await
+        .map_err(db)?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .map_err(db)?;
     pool.close().await;
     let mut url = url_with_database(admin_url, name);
     if url.is_empty() {
@@ -562,7 +682,9 @@ fn url_with_database(url: &str, name: &str) -> String {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
     };
-    let Some(scheme_end) = base.find("://") else { return String::new() };
+    let Some(scheme_end) = base.find("://") else {
+        return String::new();
+    };
     let rest = &base[scheme_end + 3..];
     let host_end = rest.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
     let mut out = format!("{}/{name}", &base[..host_end]);

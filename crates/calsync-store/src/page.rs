@@ -43,7 +43,17 @@ impl EventRow {
         macro_rules! keep {
             ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
         }
-        keep!(ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, change_key);
+        keep!(
+            ical_uid,
+            subject,
+            start_at,
+            end_at,
+            is_all_day,
+            event_type,
+            series_master_id,
+            last_modified_at,
+            change_key
+        );
         self.payload.extend(newer.payload);
         self
     }
@@ -118,13 +128,66 @@ mod tests {
     fn a_page_reduces_to_one_write_per_id_last_write_wins() {
         let cases: Vec<(Vec<PageOp>, Vec<&str>, Vec<&str>, Vec<&str>)> = vec![
             // (ops, full ids, partial ids, removed ids)
-            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Upsert(row("a", Some("2"), false))], vec!["a"], vec![], vec![]),
-            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Remove("a".into())], vec![], vec![], vec!["a"]),
-            (vec![PageOp::Remove("a".into()), PageOp::Upsert(row("a", Some("1"), false))], vec!["a"], vec![], vec![]),
-            (vec![PageOp::Upsert(row("a", None, true))], vec![], vec!["a"], vec![]),
-            (vec![PageOp::Upsert(row("a", Some("1"), false)), PageOp::Upsert(row("a", None, true))], vec!["a"], vec![], vec![]),
-            (vec![PageOp::Upsert(row("a", None, true)), PageOp::Upsert(row("a", Some("1"), false))], vec!["a"], vec![], vec![]),
-            (vec![PageOp::Remove("x".into()), PageOp::Upsert(row("b", Some("1"), false))], vec!["b"], vec![], vec!["x"]),
+            (
+                vec![
+                    PageOp::Upsert(row("a", Some("1"), false)),
+                    PageOp::Upsert(row("a", Some("2"), false)),
+                ],
+                vec!["a"],
+                vec![],
+                vec![],
+            ),
+            (
+                vec![
+                    PageOp::Upsert(row("a", Some("1"), false)),
+                    PageOp::Remove("a".into()),
+                ],
+                vec![],
+                vec![],
+                vec!["a"],
+            ),
+            (
+                vec![
+                    PageOp::Remove("a".into()),
+                    PageOp::Upsert(row("a", Some("1"), false)),
+                ],
+                vec!["a"],
+                vec![],
+                vec![],
+            ),
+            (
+                vec![PageOp::Upsert(row("a", None, true))],
+                vec![],
+                vec!["a"],
+                vec![],
+            ),
+            (
+                vec![
+                    PageOp::Upsert(row("a", Some("1"), false)),
+                    PageOp::Upsert(row("a", None, true)),
+                ],
+                vec!["a"],
+                vec![],
+                vec![],
+            ),
+            (
+                vec![
+                    PageOp::Upsert(row("a", None, true)),
+                    PageOp::Upsert(row("a", Some("1"), false)),
+                ],
+                vec!["a"],
+                vec![],
+                vec![],
+            ),
+            (
+                vec![
+                    PageOp::Remove("x".into()),
+                    PageOp::Upsert(row("b", Some("1"), false)),
+                ],
+                vec!["b"],
+                vec![],
+                vec!["x"],
+            ),
         ];
         for (ops, full, partial, removed) in cases {
             let c = reduce(ops.clone());
@@ -139,7 +202,10 @@ mod tests {
     fn a_partial_after_a_full_keeps_the_full_fields() {
         let mut p = row("a", None, true);
         p.start_at = Some(chrono::Utc::now());
-        let c = reduce(vec![PageOp::Upsert(row("a", Some("kept"), false)), PageOp::Upsert(p)]);
+        let c = reduce(vec![
+            PageOp::Upsert(row("a", Some("kept"), false)),
+            PageOp::Upsert(p),
+        ]);
         assert_eq!(c.full[0].subject.as_deref(), Some("kept"));
         assert!(c.full[0].start_at.is_some());
         assert_eq!(c.full[0].payload["subject"], "kept");

@@ -15,18 +15,34 @@ use tracing::{info, warn};
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
 
 pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
-    Store::connect(db.url.expose_secret(), db.max_connections, db.connect_timeout)
-        .await
-        .with_context(|| format!("cannot connect to the database at {}", crate::config::redact_url(db.url.expose_secret())))
+    Store::connect(
+        db.url.expose_secret(),
+        db.max_connections,
+        db.connect_timeout,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "cannot connect to the database at {}",
+            crate::config::redact_url(db.url.expose_secret())
+        )
+    })
 }
 
 /// Connects, migrates, builds the engine and registers the configured tuples.
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
     let store = connect_store(&cfg.database).await?;
-    store.migrate().await.context("cannot apply database migrations")?;
-    let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone()).context("cannot build the Graph client")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
+    let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone())
+        .context("cannot build the Graph client")?;
     let engine = Engine::new(graph, store, cfg.sync.clone());
-    let tuples = engine.register(&cfg.tuples).await.context("cannot register the configured calendars")?;
+    let tuples = engine
+        .register(&cfg.tuples)
+        .await
+        .context("cannot register the configured calendars")?;
     Ok((engine, tuples))
 }
 
@@ -69,7 +85,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     match tokio::time::timeout(DRAIN_DEADLINE, task).await {
         Ok(Ok(())) => info!("stopped cleanly"),
         Ok(Err(e)) => anyhow::bail!("the scheduler task ended abnormally: {e}"),
-        Err(_) => warn!(deadline_secs = DRAIN_DEADLINE.as_secs(), "drain deadline passed; abandoning rounds in flight (their last committed page stands)"),
+        Err(_) => warn!(
+            deadline_secs = DRAIN_DEADLINE.as_secs(),
+            "drain deadline passed; abandoning rounds in flight (their last committed page stands)"
+        ),
     }
     Ok(())
 }
@@ -87,11 +106,22 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
         match o {
             Outcome::Synced(r) => println!(
                 "ok      {:<40} pages={} upserted={} removed={} swept={}{}",
-                t.key, r.pages, r.upserted, r.removed, r.swept, if r.full { " (full)" } else { "" }
+                t.key,
+                r.pages,
+                r.upserted,
+                r.removed,
+                r.swept,
+                if r.full { " (full)" } else { "" }
             ),
             Outcome::Failed(f) => {
                 ok = false;
-                println!("{:<7} {:<40} {}: {}", f.health.as_str(), t.key, f.code, f.message);
+                println!(
+                    "{:<7} {:<40} {}: {}",
+                    f.health.as_str(),
+                    t.key,
+                    f.code,
+                    f.message
+                );
             }
             Outcome::Interrupted => {
                 ok = false;
@@ -105,7 +135,10 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
 pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
     let db = raw.database_config()?;
     let store = connect_store(&db).await?;
-    store.migrate().await.context("cannot apply database migrations")?;
+    store
+        .migrate()
+        .await
+        .context("cannot apply database migrations")?;
     println!("migrations applied");
     Ok(())
 }
@@ -113,7 +146,10 @@ pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
 pub async fn status(raw: &RawConfig, json: bool) -> anyhow::Result<()> {
     let db = raw.database_config()?;
     let store = connect_store(&db).await?;
-    let rows = store.status().await.context("cannot read calendar_sync_status (has `calsync migrate` run?)")?;
+    let rows = store
+        .status()
+        .await
+        .context("cannot read calendar_sync_status (has `calsync migrate` run?)")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -127,7 +163,10 @@ fn age(t: Option<chrono::DateTime<Utc>>) -> String {
         None => "never".into(),
         Some(t) => {
             let secs = (Utc::now() - t).num_seconds().max(0) as u64;
-            format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
+            format!(
+                "{} ago",
+                humantime::format_duration(Duration::from_secs(secs))
+            )
         }
     }
 }
@@ -144,14 +183,24 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         } else {
             r.tuple_key.clone()
         };
-        let state = if r.tracked { r.state.clone() } else { format!("{} (untracked)", r.state) };
+        let state = if r.tracked {
+            r.state.clone()
+        } else {
+            format!("{} (untracked)", r.state)
+        };
         let err = match (&r.last_error_code, &r.last_error) {
             (Some(c), Some(m)) => format!("{c}: {}", m.chars().take(80).collect::<String>()),
             _ => String::new(),
         };
         out.push_str(&format!(
             "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
-            key, state, r.phase, r.event_count, age(r.last_success_at), r.consecutive_failures, err
+            key,
+            state,
+            r.phase,
+            r.event_count,
+            age(r.last_success_at),
+            r.consecutive_failures,
+            err
         ));
     }
     out

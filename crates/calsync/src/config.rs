@@ -23,7 +23,10 @@ pub struct ConfigError {
 }
 
 fn bad(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), message: message.into() }
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 /// A secret as it arrives from TOML or the environment. Numbers are accepted as text so that a
@@ -33,7 +36,11 @@ pub struct SecretValue(Option<SecretString>);
 
 impl std::fmt::Debug for SecretValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "\"<redacted>\"" } else { "None" })
+        f.write_str(if self.0.is_some() {
+            "\"<redacted>\""
+        } else {
+            "None"
+        })
     }
 }
 
@@ -107,7 +114,12 @@ pub struct RawDatabase {
 
 impl Default for RawDatabase {
     fn default() -> Self {
-        RawDatabase { url: SecretValue(None), url_file: None, max_connections: 10, connect_timeout: "10s".into() }
+        RawDatabase {
+            url: SecretValue(None),
+            url_file: None,
+            max_connections: 10,
+            connect_timeout: "10s".into(),
+        }
     }
 }
 
@@ -201,7 +213,10 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog { format: "text".into(), filter: "info".into() }
+        RawLog {
+            format: "text".into(),
+            filter: "info".into(),
+        }
     }
 }
 
@@ -264,7 +279,11 @@ pub fn redact_url(raw: &str) -> String {
                 let mut u2 = u.clone();
                 u2.query_pairs_mut().clear();
                 for (k, v) in &q {
-                    let v = if k.eq_ignore_ascii_case("password") { "<redacted>" } else { v };
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "<redacted>"
+                    } else {
+                        v
+                    };
                     u2.query_pairs_mut().append_pair(k, v);
                 }
                 return u2.to_string();
@@ -276,17 +295,30 @@ pub fn redact_url(raw: &str) -> String {
 }
 
 fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim()).map_err(|e| bad(key, format!("'{v}' is not a duration ({e}); use e.g. \"30s\", \"5m\", \"7d\"")))
+    humantime::parse_duration(v.trim()).map_err(|e| {
+        bad(
+            key,
+            format!("'{v}' is not a duration ({e}); use e.g. \"30s\", \"5m\", \"7d\""),
+        )
+    })
 }
 
 fn instant(key: &str, v: &str) -> Result<DateTime<Utc>, ConfigError> {
     DateTime::parse_from_rfc3339(v.trim())
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| bad(key, format!("'{v}' is not an RFC 3339 instant ({e}); use e.g. \"2026-01-01T00:00:00Z\"")))
+        .map_err(|e| {
+            bad(
+                key,
+                format!(
+                    "'{v}' is not an RFC 3339 instant ({e}); use e.g. \"2026-01-01T00:00:00Z\""
+                ),
+            )
+        })
 }
 
 fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
     let trimmed = text.trim_end_matches(['\n', '\r']);
     if trimmed.is_empty() {
         return Err(bad(key, format!("{} is empty", path.display())));
@@ -297,7 +329,10 @@ fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError>
 fn http_url(key: &str, v: &str) -> Result<Url, ConfigError> {
     let u = Url::parse(v.trim()).map_err(|e| bad(key, format!("'{v}' is not a URL ({e})")))?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(bad(key, format!("'{v}' must be an http(s) URL with a host")));
+        return Err(bad(
+            key,
+            format!("'{v}' must be an http(s) URL with a host"),
+        ));
     }
     Ok(u)
 }
@@ -308,13 +343,24 @@ impl RawConfig {
         let mut fig = Figment::from(Serialized::defaults(RawConfig::default()));
         if let Some(path) = file {
             if !path.is_file() {
-                return Err(bad("--config", format!("{} does not exist or is not a file", path.display())));
+                return Err(bad(
+                    "--config",
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
             }
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig = fig.merge(Env::prefixed("CALSYNC_").filter(|k| k != "config").split("__"));
+        fig = fig.merge(
+            Env::prefixed("CALSYNC_")
+                .filter(|k| k != "config")
+                .split("__"),
+        );
         fig.extract().map_err(|e| {
-            let key = if e.path.is_empty() { "config".to_owned() } else { e.path.join(".") };
+            let key = if e.path.is_empty() {
+                "config".to_owned()
+            } else {
+                e.path.join(".")
+            };
             bad(key, e.kind.to_string())
         })
     }
@@ -332,28 +378,49 @@ impl RawConfig {
         }
         graph.max_page_bytes = self.graph.max_page_bytes as usize;
         if !(1..=10_000).contains(&self.sync.page_size) {
-            return Err(bad("sync.page_size", format!("{} is out of range 1..=10000", self.sync.page_size)));
+            return Err(bad(
+                "sync.page_size",
+                format!("{} is out of range 1..=10000", self.sync.page_size),
+            ));
         }
         graph.page_size = Some(self.sync.page_size);
 
         if self.auth.token_url.trim().is_empty() {
-            return Err(bad("auth.token_url", "missing: e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token"));
+            return Err(bad(
+                "auth.token_url",
+                "missing: e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
+            ));
         }
         let token_url = http_url("auth.token_url", &self.auth.token_url)?;
         if self.auth.client_id.trim().is_empty() {
             return Err(bad("auth.client_id", "missing"));
         }
         let client_secret = match (&self.auth.client_secret.0, &self.auth.client_secret_file) {
-            (Some(_), Some(_)) => return Err(bad("auth.client_secret_file", "set auth.client_secret or auth.client_secret_file, not both")),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "auth.client_secret_file",
+                    "set auth.client_secret or auth.client_secret_file, not both",
+                ));
+            }
             (Some(s), None) if !s.expose_secret().is_empty() => s.clone(),
             (Some(_), None) => return Err(bad("auth.client_secret", "is empty")),
             (None, Some(p)) => read_secret_file("auth.client_secret_file", &resolve_credential(p))?,
-            (None, None) => return Err(bad("auth.client_secret", "missing: set auth.client_secret or auth.client_secret_file")),
+            (None, None) => {
+                return Err(bad(
+                    "auth.client_secret",
+                    "missing: set auth.client_secret or auth.client_secret_file",
+                ));
+            }
         };
         if self.auth.scope.trim().is_empty() {
             return Err(bad("auth.scope", "is empty"));
         }
-        let auth = AuthConfig { token_url, client_id: self.auth.client_id.trim().to_owned(), client_secret, scope: self.auth.scope.trim().to_owned() };
+        let auth = AuthConfig {
+            token_url,
+            client_id: self.auth.client_id.trim().to_owned(),
+            client_secret,
+            scope: self.auth.scope.trim().to_owned(),
+        };
 
         let s = &self.sync;
         let interval = duration("sync.interval", &s.interval)?;
@@ -365,7 +432,10 @@ impl RawConfig {
             v => Some(duration("sync.full_resync_every", v)?),
         };
         if !(1..=4).contains(&s.per_mailbox_concurrency) {
-            return Err(bad("sync.per_mailbox_concurrency", "must be between 1 and 4 (Outlook allows 4 concurrent requests per mailbox)"));
+            return Err(bad(
+                "sync.per_mailbox_concurrency",
+                "must be between 1 and 4 (Outlook allows 4 concurrent requests per mailbox)",
+            ));
         }
         if s.max_in_flight == 0 {
             return Err(bad("sync.max_in_flight", "must be at least 1"));
@@ -379,7 +449,10 @@ impl RawConfig {
         let min_backoff = duration("sync.min_backoff", &s.min_backoff)?;
         let max_backoff = duration("sync.max_backoff", &s.max_backoff)?;
         if max_backoff < min_backoff {
-            return Err(bad("sync.max_backoff", "must not be below sync.min_backoff"));
+            return Err(bad(
+                "sync.max_backoff",
+                "must not be below sync.min_backoff",
+            ));
         }
         let sync = SyncSettings {
             interval,
@@ -389,7 +462,10 @@ impl RawConfig {
             max_attempts: s.max_attempts as usize,
             min_backoff,
             max_backoff,
-            failed_retry_interval: duration("sync.failed_retry_interval", &s.failed_retry_interval)?,
+            failed_retry_interval: duration(
+                "sync.failed_retry_interval",
+                &s.failed_retry_interval,
+            )?,
             max_in_flight: s.max_in_flight as usize,
             per_mailbox_concurrency: s.per_mailbox_concurrency as usize,
             startup_spread: duration("sync.startup_spread", &s.startup_spread)?,
@@ -398,12 +474,21 @@ impl RawConfig {
         let log_format = match self.log.format.as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
-            other => return Err(bad("log.format", format!("'{other}' is not one of text, json"))),
+            other => {
+                return Err(bad(
+                    "log.format",
+                    format!("'{other}' is not one of text, json"),
+                ));
+            }
         };
-        tracing_subscriber::EnvFilter::try_new(&self.log.filter).map_err(|e| bad("log.filter", e.to_string()))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| bad("log.filter", e.to_string()))?;
 
         if self.calendars.is_empty() {
-            return Err(bad("calendars", "no [[calendars]] entry: calsync has nothing to sync"));
+            return Err(bad(
+                "calendars",
+                "no [[calendars]] entry: calsync has nothing to sync",
+            ));
         }
         let mut names = HashSet::new();
         let mut tuples = Vec::with_capacity(self.calendars.len());
@@ -424,7 +509,11 @@ impl RawConfig {
             if end <= start {
                 return Err(bad(k("end"), "must be after start"));
             }
-            let interval = c.interval.as_deref().map(|v| duration(&k("interval"), v)).transpose()?;
+            let interval = c
+                .interval
+                .as_deref()
+                .map(|v| duration(&k("interval"), v))
+                .transpose()?;
             if interval.is_some_and(|d| d < Duration::from_secs(1)) {
                 return Err(bad(k("interval"), "must be at least 1s"));
             }
@@ -433,11 +522,30 @@ impl RawConfig {
                 return Err(bad(k("name"), "is empty"));
             }
             if !names.insert(name.clone()) {
-                return Err(bad(k("name"), format!("'{name}' is used by another [[calendars]] entry; give each a distinct name")));
+                return Err(bad(
+                    k("name"),
+                    format!(
+                        "'{name}' is used by another [[calendars]] entry; give each a distinct name"
+                    ),
+                ));
             }
-            tuples.push(TupleConfig { key: name, user: user.to_owned(), calendar, window: ViewWindow { start, end }, interval });
+            tuples.push(TupleConfig {
+                key: name,
+                user: user.to_owned(),
+                calendar,
+                window: ViewWindow { start, end },
+                interval,
+            });
         }
-        Ok(Config { database, graph, auth, sync, log_format, log_filter: self.log.filter.clone(), tuples })
+        Ok(Config {
+            database,
+            graph,
+            auth,
+            sync,
+            log_format,
+            log_filter: self.log.filter.clone(),
+            tuples,
+        })
     }
 }
 
@@ -460,14 +568,21 @@ impl RawConfig {
     pub fn redacted_toml(&self) -> String {
         let mut copy = self.clone();
         if let Some(u) = &copy.database.url.0 {
-            copy.database.url = SecretValue(Some(SecretString::from(redact_url(u.expose_secret()))));
+            copy.database.url =
+                SecretValue(Some(SecretString::from(redact_url(u.expose_secret()))));
         }
         let mut v = match toml::Value::try_from(&copy) {
             Ok(v) => v,
             Err(e) => return format!("# cannot render config: {e}\n"),
         };
-        if let (Some(u), Some(db)) = (&copy.database.url.0, v.get_mut("database").and_then(|d| d.as_table_mut())) {
-            db.insert("url".into(), toml::Value::String(u.expose_secret().to_owned()));
+        if let (Some(u), Some(db)) = (
+            &copy.database.url.0,
+            v.get_mut("database").and_then(|d| d.as_table_mut()),
+        ) {
+            db.insert(
+                "url".into(),
+                toml::Value::String(u.expose_secret().to_owned()),
+            );
         }
         toml::to_string_pretty(&v).unwrap_or_default()
     }
@@ -477,17 +592,32 @@ impl RawConfig {
     /// Only the `[database]` section, for commands that need nothing else.
     pub fn database_config(&self) -> Result<DatabaseConfig, ConfigError> {
         let db_url = match (&self.database.url.0, &self.database.url_file) {
-            (Some(_), Some(_)) => return Err(bad("database.url_file", "set database.url or database.url_file, not both")),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "database.url_file",
+                    "set database.url or database.url_file, not both",
+                ));
+            }
             (Some(u), None) => u.clone(),
             (None, Some(p)) => read_secret_file("database.url_file", &resolve_credential(p))?,
             (None, None) => match std::env::var("DATABASE_URL") {
                 Ok(u) if !u.trim().is_empty() => SecretString::from(u),
-                _ => return Err(bad("database.url", "missing: set database.url (or CALSYNC_DATABASE__URL, or DATABASE_URL)")),
+                _ => {
+                    return Err(bad(
+                        "database.url",
+                        "missing: set database.url (or CALSYNC_DATABASE__URL, or DATABASE_URL)",
+                    ));
+                }
             },
         };
         match Url::parse(db_url.expose_secret()) {
             Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
-            _ => return Err(bad("database.url", "must be a postgres:// or postgresql:// URL")),
+            _ => {
+                return Err(bad(
+                    "database.url",
+                    "must be a postgres:// or postgresql:// URL",
+                ));
+            }
         }
         if self.database.max_connections == 0 {
             return Err(bad("database.max_connections", "must be at least 1"));

@@ -55,31 +55,43 @@ impl DemoDatabase {
             Some(url) => {
                 let demo_url = calsync_store::recreate_database(url, db_name)
                     .await
-                    .with_context(|| format!("cannot create database {db_name} on {}", crate::config::redact_url(url)))?;
-                Ok(DemoDatabase { url: demo_url, _local: None })
+                    .with_context(|| {
+                        format!(
+                            "cannot create database {db_name} on {}",
+                            crate::config::redact_url(url)
+                        )
+                    })?;
+                Ok(DemoDatabase {
+                    url: demo_url,
+                    _local: None,
+                })
             }
             None => {
                 let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
                 let url = calsync_store::recreate_database(&pg.url(), db_name).await?;
-                Ok(DemoDatabase { url, _local: Some(pg) })
+                Ok(DemoDatabase {
+                    url,
+                    _local: Some(pg),
+                })
             }
         }
     }
 }
 
-/// A calsync config pointing at a running simulator: one tuple per calendar listed.
+/// A calsync config pointing at a simulator at `origin` (`http://127.0.0.1:port`): one tuple
+/// per calendar listed.
 pub fn config_for_sim(
-    server: &graph_sim::SimServer,
+    origin: &str,
     db_url: &str,
     calendars: &[(String, String, String)],
     window: ViewWindow,
     sync: SyncSettings,
     page_size: u32,
 ) -> anyhow::Result<Config> {
-    let mut graph = GraphConfig::new(server.graph_base_url().parse()?);
+    let mut graph = GraphConfig::new(format!("{origin}/v1.0").parse()?);
     graph.page_size = Some(page_size);
     let auth = AuthConfig {
-        token_url: server.token_url(graph_sim::DEFAULT_TENANT).parse()?,
+        token_url: format!("{origin}/{}/oauth2/v2.0/token", graph_sim::DEFAULT_TENANT).parse()?,
         client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
         client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
         scope: "https://graph.microsoft.com/.default".into(),
@@ -89,13 +101,21 @@ pub fn config_for_sim(
         .map(|(key, user, cal)| TupleConfig {
             key: key.clone(),
             user: user.clone(),
-            calendar: if cal == "default" { CalendarRef::Default } else { CalendarRef::Id(cal.clone()) },
+            calendar: if cal == "default" {
+                CalendarRef::Default
+            } else {
+                CalendarRef::Id(cal.clone())
+            },
             window,
             interval: None,
         })
         .collect();
     Ok(Config {
-        database: DatabaseConfig { url: SecretString::from(db_url.to_owned()), max_connections: 8, connect_timeout: Duration::from_secs(10) },
+        database: DatabaseConfig {
+            url: SecretString::from(db_url.to_owned()),
+            max_connections: 8,
+            connect_timeout: Duration::from_secs(10),
+        },
         graph,
         auth,
         sync,
@@ -133,11 +153,20 @@ async fn check(engine: &Engine, sim: &graph_sim::Sim, tuples: &[Tuple]) -> anyho
         n
     };
     if bad.is_empty() {
-        println!("    ✓ read model equals Graph's truth: {events} instances in {} windows", tuples.len());
+        println!(
+            "    ✓ read model equals Graph's truth: {events} instances in {} windows",
+            tuples.len()
+        );
         Ok(true)
     } else {
         for d in bad {
-            println!("    ✗ {}: {} missing, {} extra, {} different", d.tuple, d.missing.len(), d.extra.len(), d.different.len());
+            println!(
+                "    ✗ {}: {} missing, {} extra, {} different",
+                d.tuple,
+                d.missing.len(),
+                d.extra.len(),
+                d.different.len()
+            );
         }
         Ok(false)
     }
@@ -148,18 +177,34 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     println!("calsync demo — mirror Microsoft Graph calendars into PostgreSQL\n");
 
     let scenario = Scenario {
-        sim: SimConfig { seed: args.seed, default_page_size: 25, ..SimConfig::default() },
-        generate: Some(GenerateSpec { users: args.users, events_per_user: args.events_per_user, recurring: 0.3, extra_calendars: 1 }),
+        sim: SimConfig {
+            seed: args.seed,
+            default_page_size: 25,
+            ..SimConfig::default()
+        },
+        generate: Some(GenerateSpec {
+            users: args.users,
+            events_per_user: args.events_per_user,
+            recurring: 0.3,
+            extra_calendars: 1,
+        }),
         ..Scenario::default()
     };
     let sim = scenario.build()?;
-    let server = sim.serve("127.0.0.1:0").await.context("cannot start the Graph simulator")?;
+    let server = sim
+        .serve("127.0.0.1:0")
+        .await
+        .context("cannot start the Graph simulator")?;
     let (calendars, event_count) = {
         let st = sim.lock();
         let mut cals = Vec::new();
         let mut n = 0;
         for (i, u) in st.tenant.users.iter().enumerate() {
-            cals.push((format!("{}/default", u.upn), u.upn.clone(), "default".to_owned()));
+            cals.push((
+                format!("{}/default", u.upn),
+                u.upn.clone(),
+                "default".to_owned(),
+            ));
             if i == 0 {
                 if let Some(c) = u.calendars.get(1) {
                     cals.push((format!("{}/{}", u.upn, c.name), u.upn.clone(), c.id.clone()));
@@ -169,36 +214,86 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
         (cals, n)
     };
-    println!("[1/4] Graph simulator on {} — {} users, {} events (30% recurring)", server.graph_base_url(), args.users, event_count);
+    println!(
+        "[1/4] Graph simulator on {} — {} users, {} events (30% recurring)",
+        server.graph_base_url(),
+        args.users,
+        event_count
+    );
 
     let db = DemoDatabase::open(args.database_url.as_deref(), "calsync_demo").await?;
-    println!("[2/4] PostgreSQL at {} ({})", crate::config::redact_url(&db.url),
-        if db._local.is_some() { "throwaway local cluster" } else { "from DATABASE_URL" });
+    println!(
+        "[2/4] PostgreSQL at {} ({})",
+        crate::config::redact_url(&db.url),
+        if db._local.is_some() {
+            "throwaway local cluster"
+        } else {
+            "from DATABASE_URL"
+        }
+    );
 
-    let today = Utc::now().date_naive().and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
-    let window = ViewWindow { start: today - ChronoDuration::days(120), end: today + ChronoDuration::days(240) };
-    let sync = SyncSettings { min_backoff: Duration::from_millis(50), max_backoff: Duration::from_secs(2), ..SyncSettings::default() };
-    let cfg = config_for_sim(&server, &db.url, &calendars, window, sync, 50)?;
+    let today = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
+    let window = ViewWindow {
+        start: today - ChronoDuration::days(120),
+        end: today + ChronoDuration::days(240),
+    };
+    let sync = SyncSettings {
+        min_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_secs(2),
+        ..SyncSettings::default()
+    };
+    let cfg = config_for_sim(
+        &format!("http://{}", server.addr),
+        &db.url,
+        &calendars,
+        window,
+        sync,
+        50,
+    )?;
     let (engine, tuples) = crate::app::build(&cfg).await?;
-    println!("      migrated; tracking {} (user, calendar, window) tuples, window {} → {}", tuples.len(), window.start.date_naive(), window.end.date_naive());
+    println!(
+        "      migrated; tracking {} (user, calendar, window) tuples, window {} → {}",
+        tuples.len(),
+        window.start.date_naive(),
+        window.end.date_naive()
+    );
 
     let cancel = CancellationToken::new();
     let started = Instant::now();
     let outcomes = engine.sync_all_once(&tuples, &cancel).await;
     let (pages, up, _, _, _, failed) = summarize(&outcomes);
-    println!("[3/4] initial sync: {pages} pages, {up} instances written in {:.2}s{}", started.elapsed().as_secs_f64(),
-        if failed > 0 { format!(", {failed} tuples FAILED") } else { String::new() });
+    println!(
+        "[3/4] initial sync: {pages} pages, {up} instances written in {:.2}s{}",
+        started.elapsed().as_secs_f64(),
+        if failed > 0 {
+            format!(", {failed} tuples FAILED")
+        } else {
+            String::new()
+        }
+    );
     let mut all_ok = failed == 0 && check(&engine, &sim, &tuples).await?;
 
-    println!("[4/4] {} rounds of edits, each followed by a delta round", args.rounds);
+    println!(
+        "[4/4] {} rounds of edits, each followed by a delta round",
+        args.rounds
+    );
     let mut rng = StdRng::seed_from_u64(args.seed);
     for round in 1..=args.rounds {
         let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
         {
             let mut st = sim.lock();
-            let w = Window { start: window.start, end: window.end };
+            let w = Window {
+                start: window.start,
+                end: window.end,
+            };
             for t in &tuples {
-                let Some(ui) = st.tenant.user_index(&t.user) else { continue };
+                let Some(ui) = st.tenant.user_index(&t.user) else {
+                    continue;
+                };
                 let ci = match &t.calendar {
                     CalendarRef::Default => 0,
                     CalendarRef::Id(id) => st.tenant.users[ui].calendar_index(id).unwrap_or(0),
@@ -216,28 +311,71 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
             sim.lock().cache.evict(None);
         }
         let edits: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        println!("  round {round}: {}{}", edits.join(", "), if lost { "; and Graph lost every delta token (410 SyncStateNotFound)" } else { "" });
+        println!(
+            "  round {round}: {}{}",
+            edits.join(", "),
+            if lost {
+                "; and Graph lost every delta token (410 SyncStateNotFound)"
+            } else {
+                ""
+            }
+        );
         let started = Instant::now();
         let outcomes = engine.sync_all_once(&tuples, &cancel).await;
         let (pages, up, rm, sw, full, failed) = summarize(&outcomes);
-        println!("    synced in {:.2}s: {pages} pages, {up} upserted, {rm} removed, {sw} swept{}{}",
+        println!(
+            "    synced in {:.2}s: {pages} pages, {up} upserted, {rm} removed, {sw} swept{}{}",
             started.elapsed().as_secs_f64(),
-            if full > 0 { format!(", {full} full resyncs") } else { String::new() },
-            if failed > 0 { format!(", {failed} FAILED") } else { String::new() });
+            if full > 0 {
+                format!(", {full} full resyncs")
+            } else {
+                String::new()
+            },
+            if failed > 0 {
+                format!(", {failed} FAILED")
+            } else {
+                String::new()
+            }
+        );
         all_ok &= failed == 0 && check(&engine, &sim, &tuples).await?;
     }
 
     println!("\nThe read model, as an app would query it:");
-    println!("  SELECT subject, start_at, end_at, event_type FROM calendar_events WHERE tuple_key = '{}' ORDER BY start_at LIMIT 5;", tuples[0].key);
+    println!(
+        "  SELECT subject, start_at, end_at, event_type FROM calendar_events WHERE tuple_key = '{}' ORDER BY start_at LIMIT 5;",
+        tuples[0].key
+    );
     let mut rows = engine.store().event_summaries(&tuples[0].key).await?;
     rows.sort_by_key(|r| r.start_at);
     let now = Utc::now();
-    for r in rows.iter().filter(|r| r.start_at.is_some_and(|s| s >= now)).take(5) {
-        println!("  {:<34} {}  {:<16}", r.subject.as_deref().unwrap_or(""), r.start_at.map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default(), r.event_type.as_deref().unwrap_or(""));
+    for r in rows
+        .iter()
+        .filter(|r| r.start_at.is_some_and(|s| s >= now))
+        .take(5)
+    {
+        println!(
+            "  {:<34} {}  {:<16}",
+            r.subject.as_deref().unwrap_or(""),
+            r.start_at
+                .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_default(),
+            r.event_type.as_deref().unwrap_or("")
+        );
     }
     println!("\ncalsync status:");
-    print!("{}", crate::app::status_table(&engine.store().status().await?));
-    println!("\n{} in {:.1}s", if all_ok { "demo complete: every round matched Graph's truth" } else { "demo FAILED: the read model diverged" }, t0.elapsed().as_secs_f64());
+    print!(
+        "{}",
+        crate::app::status_table(&engine.store().status().await?)
+    );
+    println!(
+        "\n{} in {:.1}s",
+        if all_ok {
+            "demo complete: every round matched Graph's truth"
+        } else {
+            "demo FAILED: the read model diverged"
+        },
+        t0.elapsed().as_secs_f64()
+    );
     server.stop().await;
     Ok(all_ok)
 }

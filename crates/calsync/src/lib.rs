@@ -2,6 +2,7 @@
 //! `main.rs` only parses arguments and maps errors to exit codes.
 
 pub mod app;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod localpg;

@@ -15,9 +15,13 @@ pub struct LocalPostgres {
 }
 
 fn find_bin(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path().join("bin"))).collect();
+        let mut versions: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .collect();
         versions.sort();
         dirs.extend(versions.into_iter().rev());
     }
@@ -27,25 +31,44 @@ fn find_bin(name: &str) -> Option<PathBuf> {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 impl LocalPostgres {
     pub fn start() -> anyhow::Result<Self> {
         let (Some(initdb), Some(pg_ctl)) = (find_bin("initdb"), find_bin("pg_ctl")) else {
-            bail!("DATABASE_URL is not set and no PostgreSQL server binaries (initdb, pg_ctl) were found on PATH or in /usr/lib/postgresql: set DATABASE_URL=postgres://user@host/db or install PostgreSQL");
+            bail!(
+                "DATABASE_URL is not set and no PostgreSQL server binaries (initdb, pg_ctl) were found on PATH or in /usr/lib/postgresql: set DATABASE_URL=postgres://user@host/db or install PostgreSQL"
+            );
         };
         let bin = initdb.parent().map(Path::to_path_buf).unwrap_or_default();
         let _ = pg_ctl;
-        let dir = tempfile::Builder::new().prefix("calsync-pg-").tempdir().context("cannot create a temporary directory")?;
+        let dir = tempfile::Builder::new()
+            .prefix("calsync-pg-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
         // initdb refuses to run as root; run the cluster as the postgres user instead.
         let run_as = if is_root() {
-            let ok = Command::new("id").arg("-u").arg("postgres").output().is_ok_and(|o| o.status.success());
+            let ok = Command::new("id")
+                .arg("-u")
+                .arg("postgres")
+                .output()
+                .is_ok_and(|o| o.status.success());
             if !ok {
-                bail!("running as root, and initdb refuses root; no 'postgres' user to run it as. Set DATABASE_URL instead");
+                bail!(
+                    "running as root, and initdb refuses root; no 'postgres' user to run it as. Set DATABASE_URL instead"
+                );
             }
-            let status = Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status().context("cannot run chown")?;
+            let status = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path())
+                .status()
+                .context("cannot run chown")?;
             if !status.success() {
                 bail!("cannot hand {} to the postgres user", dir.path().display());
             }
@@ -53,25 +76,70 @@ impl LocalPostgres {
         } else {
             None
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).context("cannot find a free port")?;
-        let pg = LocalPostgres { dir, bin, run_as, port };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .context("cannot find a free port")?;
+        let pg = LocalPostgres {
+            dir,
+            bin,
+            run_as,
+            port,
+        };
         let data = pg.dir.path().join("data");
-        pg.run("initdb", &["-D", &data.to_string_lossy(), "-U", "calsync", "--auth=trust", "--encoding=UTF8", "--no-sync"])?;
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off", pg.dir.path().display());
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-U",
+                "calsync",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+        )?;
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            pg.dir.path().display()
+        );
         let log = pg.dir.path().join("postgres.log");
-        pg.run("pg_ctl", &["-D", &data.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "-t", "60", "start"])?;
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &data.to_string_lossy(),
+                "-o",
+                &opts,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
         Ok(pg)
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
         let exe = self.bin.join(tool);
         let out = match &self.run_as {
-            Some(user) => Command::new("runuser").arg("-u").arg(user).arg("--").arg(&exe).args(args).output(),
+            Some(user) => Command::new("runuser")
+                .arg("-u")
+                .arg(user)
+                .arg("--")
+                .arg(&exe)
+                .args(args)
+                .output(),
             None => Command::new(&exe).args(args).output(),
         }
         .with_context(|| format!("cannot run {}", exe.display()))?;
         if !out.status.success() {
-            bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{tool} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     }
@@ -84,6 +152,9 @@ impl LocalPostgres {
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
-        let _ = self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"]);
+        let _ = self.run(
+            "pg_ctl",
+            &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
+        );
     }
 }

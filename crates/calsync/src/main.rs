@@ -1,7 +1,7 @@
 //! The `calsync` command.
 
 use calsync::config::{ConfigError, RawConfig};
-use calsync::{app, demo, telemetry};
+use calsync::{app, bench, demo, telemetry};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,12 @@ enum Command {
     },
     /// Run the whole product against the built-in Graph simulator and a throwaway database.
     Demo(demo::DemoArgs),
+    /// Measure ingest, no-change rounds and idle memory against the simulator (BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    #[command(name = "__sim", hide = true)]
+    Sim(bench::SimArgs),
+    #[command(name = "__bench-idle", hide = true)]
+    BenchIdle(bench::IdleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,7 +53,11 @@ enum ConfigCommand {
 }
 
 fn exit_for(e: &anyhow::Error) -> ExitCode {
-    if e.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+    if e.downcast_ref::<ConfigError>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::from(1)
+    }
 }
 
 async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
@@ -56,7 +66,18 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             telemetry::init(calsync::config::LogFormat::Text, "error");
             demo::run(args).await
         }
-        Command::Config { command: ConfigCommand::Check } => {
+        Command::Bench(args) => {
+            telemetry::init(calsync::config::LogFormat::Text, "error");
+            bench::run(args).await.map(|_| true)
+        }
+        Command::Sim(args) => bench::serve_sim(args).await.map(|_| true),
+        Command::BenchIdle(args) => {
+            telemetry::init(calsync::config::LogFormat::Text, "error");
+            bench::idle(args).await.map(|_| true)
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
             raw.validate()?;
             print!("{}", raw.redacted_toml());

@@ -34,15 +34,29 @@ fn same(row: &EventSummary, truth: &TruthItem) -> bool {
 }
 
 /// Compares every tuple's rows with the live instances of its window in the simulator.
-pub async fn compare(store: &Store, sim: &Sim, tuples: &[Tuple]) -> anyhow::Result<Vec<Divergence>> {
+pub async fn compare(
+    store: &Store,
+    sim: &Sim,
+    tuples: &[Tuple],
+) -> anyhow::Result<Vec<Divergence>> {
     let mut out = Vec::new();
     for t in tuples {
         let rows = store.event_summaries(&t.key).await?;
         let truth = sim
             .lock()
-            .truth(&t.user, t.calendar_name(), Window { start: t.window.start, end: t.window.end })
+            .truth(
+                &t.user,
+                t.calendar_name(),
+                Window {
+                    start: t.window.start,
+                    end: t.window.end,
+                },
+            )
             .unwrap_or_default();
-        let mut d = Divergence { tuple: t.key.clone(), ..Default::default() };
+        let mut d = Divergence {
+            tuple: t.key.clone(),
+            ..Default::default()
+        };
         let mut i = 0;
         let mut j = 0;
         while i < rows.len() || j < truth.len() {

@@ -19,7 +19,10 @@ async fn full_sync_with_paging_matches_the_truth_at_page_sizes_1_7_and_500(pool:
         let h = harness(pool.clone(), page_size).await;
         seed(&h, 30);
         let engine = h.engine(settings());
-        let t = h.tuples(&engine, &[(&format!("p{page_size}"), USER, "default")]).await.remove(0);
+        let t = h
+            .tuples(&engine, &[(&format!("p{page_size}"), USER, "default")])
+            .await
+            .remove(0);
         let r = report(sync(&engine, &t).await);
         let n = h.instances(&t).len() as u32;
         assert_eq!(n, 30 + 10);
@@ -40,8 +43,15 @@ async fn incremental_create_update_and_delete_are_mirrored(pool: PgPool) {
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
-    let created = h.create(single("brand new", "2026-02-10T10:00:00", "2026-02-10T11:00:00"));
-    h.update(&ids[0], json!({"subject": "renamed ✎", "body": {"contentType": "text", "content": "new body"}}));
+    let created = h.create(single(
+        "brand new",
+        "2026-02-10T10:00:00",
+        "2026-02-10T11:00:00",
+    ));
+    h.update(
+        &ids[0],
+        json!({"subject": "renamed ✎", "body": {"contentType": "text", "content": "new body"}}),
+    );
     h.delete(&ids[1]);
     let r = report(sync(&engine, &t).await);
     assert!(!r.full);
@@ -49,7 +59,10 @@ async fn incremental_create_update_and_delete_are_mirrored(pool: PgPool) {
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     let rows = h.store.event_summaries(&t.key).await.unwrap();
     assert!(rows.iter().any(|r| r.event_id == created));
-    assert!(rows.iter().any(|r| r.event_id == ids[0] && r.subject.as_deref() == Some("renamed ✎")));
+    assert!(
+        rows.iter()
+            .any(|r| r.event_id == ids[0] && r.subject.as_deref() == Some("renamed ✎"))
+    );
     assert!(!rows.iter().any(|r| r.event_id == ids[1]));
 }
 
@@ -57,12 +70,22 @@ async fn incremental_create_update_and_delete_are_mirrored(pool: PgPool) {
 async fn an_event_moved_out_of_the_window_leaves_and_one_moved_in_appears(pool: PgPool) {
     let h = harness(pool, 7).await;
     let ids = seed(&h, 5);
-    let outside = h.create(single("later", "2026-06-01T10:00:00", "2026-06-01T11:00:00"));
+    let outside = h.create(single(
+        "later",
+        "2026-06-01T10:00:00",
+        "2026-06-01T11:00:00",
+    ));
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
-    h.update(&ids[0], json!({"start": at("2026-05-01T10:00:00"), "end": at("2026-05-01T11:00:00")}));
-    h.update(&outside, json!({"start": at("2026-03-31T23:30:00"), "end": at("2026-04-01T00:30:00")}));
+    h.update(
+        &ids[0],
+        json!({"start": at("2026-05-01T10:00:00"), "end": at("2026-05-01T11:00:00")}),
+    );
+    h.update(
+        &outside,
+        json!({"start": at("2026-03-31T23:30:00"), "end": at("2026-04-01T00:30:00")}),
+    );
     let r = report(sync(&engine, &t).await);
     assert_eq!((r.upserted, r.removed), (1, 1));
     h.assert_mirrors(std::slice::from_ref(&t)).await;
@@ -73,7 +96,12 @@ async fn an_event_moved_out_of_the_window_leaves_and_one_moved_in_appears(pool: 
 #[sqlx::test(migrations = false)]
 async fn recurring_series_edits_are_mirrored(pool: PgPool) {
     let h = harness(pool, 3).await;
-    let master = h.create(weekly("standup", "2026-01-05T09:00:00", "2026-01-05T09:15:00", 8));
+    let master = h.create(weekly(
+        "standup",
+        "2026-01-05T09:00:00",
+        "2026-01-05T09:15:00",
+        8,
+    ));
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
@@ -86,13 +114,19 @@ async fn recurring_series_edits_are_mirrored(pool: PgPool) {
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     let rows = h.store.event_summaries(&t.key).await.unwrap();
     assert_eq!(rows.len(), 7);
-    assert!(rows.iter().any(|r| r.event_id == occ[2] && r.event_type.as_deref() == Some("exception")));
+    assert!(
+        rows.iter()
+            .any(|r| r.event_id == occ[2] && r.event_type.as_deref() == Some("exception"))
+    );
     // The whole series changes: every instance follows, the exception keeps its own subject.
     h.update(&master, json!({"subject": "daily standup"}));
     report(sync(&engine, &t).await);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     // Retiming the series drops its exceptions and cancellations, as Outlook does.
-    h.update(&master, json!({"start": at("2026-01-05T10:00:00"), "end": at("2026-01-05T10:15:00")}));
+    h.update(
+        &master,
+        json!({"start": at("2026-01-05T10:00:00"), "end": at("2026-01-05T10:15:00")}),
+    );
     report(sync(&engine, &t).await);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     assert_eq!(h.store.event_ids(&t.key).await.unwrap().len(), 8);
@@ -107,7 +141,10 @@ async fn recurring_series_edits_are_mirrored(pool: PgPool) {
 async fn a_lost_delta_state_brings_a_full_resync_that_sweeps_what_vanished(pool: PgPool) {
     let h = harness(pool, 7).await;
     let ids = seed(&h, 20);
-    let engine = h.engine(SyncSettings { max_attempts: 1, ..settings() });
+    let engine = h.engine(SyncSettings {
+        max_attempts: 1,
+        ..settings()
+    });
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
     let before = h.store.event_ids(&t.key).await.unwrap();
@@ -116,11 +153,19 @@ async fn a_lost_delta_state_brings_a_full_resync_that_sweeps_what_vanished(pool:
     h.delete(&ids[3]);
     h.delete(&ids[4]);
     // The resync is cut off after its first page: the old rows must still be readable.
-    h.sim.lock().faults.push(rule(json!({"nth": 3, "path_contains": "calendarView", "action": {"kind": "reset"}})));
+    h.sim.lock().faults.push(rule(
+        json!({"nth": 3, "path_contains": "calendarView", "action": {"kind": "reset"}}),
+    ));
     let o = sync(&engine, &t).await;
-    assert!(matches!(o, Outcome::Failed(ref f) if f.health == Health::Retrying), "{o:?}");
+    assert!(
+        matches!(o, Outcome::Failed(ref f) if f.health == Health::Retrying),
+        "{o:?}"
+    );
     let mid = h.store.event_ids(&t.key).await.unwrap();
-    assert_eq!(mid, before, "nothing is deleted before the new round reaches its deltaLink");
+    assert_eq!(
+        mid, before,
+        "nothing is deleted before the new round reaches its deltaLink"
+    );
     h.sim.lock().faults.clear();
     let r = report(sync(&engine, &t).await);
     assert!(r.full);
@@ -139,7 +184,9 @@ async fn status_codes_in_any_letter_case_mean_resync(pool: PgPool) {
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
     for code in ["resyncRequired", "SYNCSTATEINVALID", "syncStateNotFound"] {
-        h.sim.lock().faults = vec![rule(json!({"nth": 1, "action": {"kind": "status", "status": 400, "code": code, "message": "m"}}))];
+        h.sim.lock().faults = vec![rule(
+            json!({"nth": 1, "action": {"kind": "status", "status": 400, "code": code, "message": "m"}}),
+        )];
         let r = report(sync(&engine, &t).await);
         assert_eq!(r.resyncs, 1, "{code}");
         assert!(r.full);
@@ -154,17 +201,25 @@ async fn a_crash_at_every_page_boundary_resumes_without_loss_or_duplicates(pool:
     let total_pages = 40u32.div_ceil(7);
     for k in 1..total_pages {
         let key = format!("crash-after-page-{k}");
-        let first = h.engine(SyncSettings { max_attempts: 1, ..settings() });
+        let first = h.engine(SyncSettings {
+            max_attempts: 1,
+            ..settings()
+        });
         let t = h.tuples(&first, &[(&key, USER, "default")]).await.remove(0);
         // The request for page k+1 dies: pages 1..=k are committed, then the process "crashes".
-        h.sim.lock().faults = vec![rule(json!({"nth": k + 1, "path_contains": "calendarView", "action": {"kind": "reset"}}))];
+        h.sim.lock().faults = vec![rule(
+            json!({"nth": k + 1, "path_contains": "calendarView", "action": {"kind": "reset"}}),
+        )];
         assert!(matches!(sync(&first, &t).await, Outcome::Failed(_)));
         drop(first);
         h.sim.lock().faults.clear();
         let stored = h.store.event_ids(&t.key).await.unwrap().len() as u32;
         assert_eq!(stored, 7 * k, "exactly the committed pages are stored");
         // Changes while the daemon was down.
-        h.update(&ids[k as usize], json!({"subject": format!("changed while down {k}")}));
+        h.update(
+            &ids[k as usize],
+            json!({"subject": format!("changed while down {k}")}),
+        );
         // Restart: a new engine resumes from the saved nextLink, not from the start.
         let restarted = h.engine(settings());
         let r = report(sync(&restarted, &t).await);
@@ -179,7 +234,10 @@ async fn a_crash_at_every_page_boundary_resumes_without_loss_or_duplicates(pool:
 async fn a_crash_inside_the_page_transaction_rolls_back_and_resumes(pool: PgPool) {
     let h = harness(pool, 7).await;
     let ids = seed(&h, 20);
-    let engine = h.engine(SyncSettings { max_attempts: 1, ..settings() });
+    let engine = h.engine(SyncSettings {
+        max_attempts: 1,
+        ..settings()
+    });
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
     // Statement points: claim the tuple, delete removals, upsert, and (full round) sweep.
@@ -191,9 +249,16 @@ async fn a_crash_inside_the_page_transaction_rolls_back_and_resumes(pool: PgPool
         h.store.inject_fault_after_statements(n as u32);
         assert!(matches!(sync(&engine, &t).await, Outcome::Failed(_)));
         let after = h.store.load(t.id).await.unwrap();
-        assert_eq!(after.link_version, before.link_version, "the link did not advance");
+        assert_eq!(
+            after.link_version, before.link_version,
+            "the link did not advance"
+        );
         assert_eq!(after.link, before.link);
-        assert_eq!(h.store.event_summaries(&t.key).await.unwrap(), rows_before, "nothing of the page was applied");
+        assert_eq!(
+            h.store.event_summaries(&t.key).await.unwrap(),
+            rows_before,
+            "nothing of the page was applied"
+        );
         report(sync(&engine, &t).await);
         h.assert_mirrors(std::slice::from_ref(&t)).await;
     }
@@ -203,7 +268,10 @@ async fn a_crash_inside_the_page_transaction_rolls_back_and_resumes(pool: PgPool
 async fn a_round_killed_at_random_instants_converges_to_the_truth(pool: PgPool) {
     let h = harness(pool, 3).await;
     let ids = seed(&h, 25);
-    h.sim.lock().faults.push(rule(json!({"action": {"kind": "delay", "ms": 3}})));
+    h.sim
+        .lock()
+        .faults
+        .push(rule(json!({"action": {"kind": "delay", "ms": 3}})));
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     for (i, after_ms) in [2u64, 9, 17, 26, 41, 55, 70, 90].into_iter().enumerate() {
@@ -213,7 +281,10 @@ async fn a_round_killed_at_random_instants_converges_to_the_truth(pool: PgPool) 
         }
         let e = h.engine(settings());
         let t2 = t.clone();
-        let task = tokio::spawn(async move { e.sync_tuple(&t2, &tokio_util::sync::CancellationToken::new()).await });
+        let task = tokio::spawn(async move {
+            e.sync_tuple(&t2, &tokio_util::sync::CancellationToken::new())
+                .await
+        });
         tokio::time::sleep(Duration::from_millis(after_ms)).await;
         task.abort();
         let _ = task.await;
@@ -239,7 +310,9 @@ async fn a_next_link_to_a_foreign_host_is_refused_and_never_gets_the_token(pool:
                 use tokio::io::AsyncReadExt;
                 let mut buf = vec![0u8; 4096];
                 let n = s.read(&mut buf).await.unwrap_or(0);
-                hits.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                hits.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
             }
         })
     };
@@ -247,13 +320,24 @@ async fn a_next_link_to_a_foreign_host_is_refused_and_never_gets_the_token(pool:
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     let o = sync(&engine, &t).await;
-    let Outcome::Failed(f) = o else { panic!("expected a failure, got {o:?}") };
+    let Outcome::Failed(f) = o else {
+        panic!("expected a failure, got {o:?}")
+    };
     assert_eq!(f.health, Health::Degraded);
     assert_eq!(f.code, "ForeignLink");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(hits.lock().unwrap().is_empty(), "nothing, least of all the bearer token, was sent to the foreign host");
+    assert!(
+        hits.lock().unwrap().is_empty(),
+        "nothing, least of all the bearer token, was sent to the foreign host"
+    );
     let state = h.store.load(t.id).await.unwrap();
-    assert!(state.link.as_deref().is_none_or(|l| !l.contains(&foreign_addr.to_string())), "the foreign link was not saved");
+    assert!(
+        state
+            .link
+            .as_deref()
+            .is_none_or(|l| !l.contains(&foreign_addr.to_string())),
+        "the foreign link was not saved"
+    );
     let status = h.store.status().await.unwrap();
     assert_eq!(status[0].state, "degraded");
     assert_eq!(status[0].last_error_code.as_deref(), Some("ForeignLink"));
@@ -265,14 +349,37 @@ async fn a_mailbox_graph_rejects_is_marked_failed_and_the_others_carry_on(pool: 
     let h = harness(pool, 50).await;
     seed(&h, 5);
     let engine = h.engine(settings());
-    let tuples = h.tuples(&engine, &[("good", USER, "default"), ("ghost", "nobody@contoso.onmicrosoft.com", "default")]).await;
-    let outcomes = engine.sync_all_once(&tuples, &tokio_util::sync::CancellationToken::new()).await;
-    assert!(matches!(outcomes[0].1, Outcome::Failed(ref f) if f.health == Health::Failed && f.code == "ErrorInvalidUser"), "{:?}", outcomes[0]);
+    let tuples = h
+        .tuples(
+            &engine,
+            &[
+                ("good", USER, "default"),
+                ("ghost", "nobody@contoso.onmicrosoft.com", "default"),
+            ],
+        )
+        .await;
+    let outcomes = engine
+        .sync_all_once(&tuples, &tokio_util::sync::CancellationToken::new())
+        .await;
+    assert!(
+        matches!(outcomes[0].1, Outcome::Failed(ref f) if f.health == Health::Failed && f.code == "ErrorInvalidUser"),
+        "{:?}",
+        outcomes[0]
+    );
     assert!(matches!(outcomes[1].1, Outcome::Synced(_)));
     let status = h.store.status().await.unwrap();
     let ghost = status.iter().find(|s| s.tuple_key == "ghost").unwrap();
-    assert_eq!((ghost.state.as_str(), ghost.consecutive_failures), ("failed", 1));
-    assert!(ghost.last_error.as_deref().unwrap().contains("nobody@contoso.onmicrosoft.com"));
+    assert_eq!(
+        (ghost.state.as_str(), ghost.consecutive_failures),
+        ("failed", 1)
+    );
+    assert!(
+        ghost
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("nobody@contoso.onmicrosoft.com")
+    );
     h.assert_mirrors(&tuples[..1]).await;
 }
 
@@ -285,7 +392,13 @@ async fn a_changed_window_starts_a_full_round_and_keeps_old_rows_until_its_sweep
     report(sync(&engine, &t).await);
     let mut moved = t.clone();
     moved.window.end = "2026-02-01T00:00:00Z".parse().unwrap();
-    let cfg = calsync_engine::TupleConfig { key: moved.key.clone(), user: moved.user.clone(), calendar: moved.calendar.clone(), window: moved.window, interval: None };
+    let cfg = calsync_engine::TupleConfig {
+        key: moved.key.clone(),
+        user: moved.user.clone(),
+        calendar: moved.calendar.clone(),
+        window: moved.window,
+        interval: None,
+    };
     let moved = engine.register(&[cfg]).await.unwrap().remove(0);
     let r = report(sync(&engine, &moved).await);
     assert!(r.full, "a link made for the old window is not replayed");
@@ -297,28 +410,52 @@ async fn a_changed_window_starts_a_full_round_and_keeps_old_rows_until_its_sweep
 async fn quirky_pages_are_survived_and_endless_loops_are_cut_off(pool: PgPool) {
     let h = harness(pool, 4).await;
     seed(&h, 15);
-    h.sim.lock().cache.quirks = graph_sim::Quirks { empty_pages: 3, duplicate_across_pages: true, oversize_series_pages: true, ..Default::default() };
+    h.sim.lock().cache.quirks = graph_sim::Quirks {
+        empty_pages: 3,
+        duplicate_across_pages: true,
+        oversize_series_pages: true,
+        ..Default::default()
+    };
     let engine = h.engine(settings());
     let t = h.default_tuple(&engine).await;
     report(sync(&engine, &t).await);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     // The endless-nextLink bug: the round is abandoned as degraded instead of looping.
-    h.sim.lock().cache.quirks = graph_sim::Quirks { oversize_series_pages: true, endless_next_link: true, ..Default::default() };
+    h.sim.lock().cache.quirks = graph_sim::Quirks {
+        oversize_series_pages: true,
+        endless_next_link: true,
+        ..Default::default()
+    };
     h.sim.lock().cache.evict(None);
-    let engine = h.engine(SyncSettings { max_stale_pages: 5, ..settings() });
+    let engine = h.engine(SyncSettings {
+        max_stale_pages: 5,
+        ..settings()
+    });
     let o = sync(&engine, &t).await;
-    assert!(matches!(o, Outcome::Failed(ref f) if f.health == Health::Degraded && f.code == "RepeatedPages"), "{o:?}");
+    assert!(
+        matches!(o, Outcome::Failed(ref f) if f.health == Health::Degraded && f.code == "RepeatedPages"),
+        "{o:?}"
+    );
     let requests = h.sim.lock().requests().len();
-    assert!(requests < 100, "stopped after a bounded number of requests ({requests})");
+    assert!(
+        requests < 100,
+        "stopped after a bounded number of requests ({requests})"
+    );
 }
 
 #[sqlx::test(migrations = false)]
 async fn the_scheduler_syncs_every_tuple_within_twice_its_interval(pool: PgPool) {
     let h = harness_with(pool, 50, SimConfig::default()).await;
     seed(&h, 3);
-    let engine = h.engine(SyncSettings { startup_spread: Duration::from_millis(500), ..settings() });
-    let specs: Vec<(String, &str, &str)> = (0..60).map(|i| (format!("t{i:02}"), USER, "default")).collect();
-    let specs: Vec<(&str, &str, &str)> = specs.iter().map(|(k, u, c)| (k.as_str(), *u, *c)).collect();
+    let engine = h.engine(SyncSettings {
+        startup_spread: Duration::from_millis(500),
+        ..settings()
+    });
+    let specs: Vec<(String, &str, &str)> = (0..60)
+        .map(|i| (format!("t{i:02}"), USER, "default"))
+        .collect();
+    let specs: Vec<(&str, &str, &str)> =
+        specs.iter().map(|(k, u, c)| (k.as_str(), *u, *c)).collect();
     let tuples = h.tuples(&engine, &specs).await;
     let cancel = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn({
@@ -330,10 +467,17 @@ async fn the_scheduler_syncs_every_tuple_within_twice_its_interval(pool: PgPool)
     let now = chrono::Utc::now();
     for s in &status {
         let age = now - s.last_success_at.unwrap_or_default();
-        assert!(age <= chrono::Duration::seconds(2), "{} last synced {age} ago", s.tuple_key);
+        assert!(
+            age <= chrono::Duration::seconds(2),
+            "{} last synced {age} ago",
+            s.tuple_key
+        );
     }
     cancel.cancel();
-    tokio::time::timeout(Duration::from_secs(5), run).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap()
+        .unwrap();
     // 60 tuples × ~4 rounds each, and no mailbox ever saw more than 4 requests at once.
     let v = h.sim.lock().violations();
     assert_eq!(v.concurrency, 0);

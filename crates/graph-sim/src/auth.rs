@@ -53,7 +53,13 @@ pub struct TokenError {
     pub body: Value,
 }
 
-fn aad_error(status: u16, error: &str, code: u32, description: &str, now: DateTime<Utc>) -> TokenError {
+fn aad_error(
+    status: u16,
+    error: &str,
+    code: u32,
+    description: &str,
+    now: DateTime<Utc>,
+) -> TokenError {
     TokenError {
         status,
         body: json!({
@@ -107,40 +113,98 @@ impl Auth {
         rng: &mut StdRng,
     ) -> Result<Value, TokenError> {
         if !tenant.eq_ignore_ascii_case(&self.tenant) {
-            return Err(aad_error(400, "invalid_request", 90002,
-                &format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."), now));
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                90002,
+                &format!(
+                    "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."
+                ),
+                now,
+            ));
         }
         match form.get("grant_type").map(String::as_str) {
-            None => return Err(aad_error(400, "invalid_request", 900144,
-                "The request body must contain the following parameter: 'grant_type'.", now)),
+            None => {
+                return Err(aad_error(
+                    400,
+                    "invalid_request",
+                    900144,
+                    "The request body must contain the following parameter: 'grant_type'.",
+                    now,
+                ));
+            }
             Some("client_credentials") => {}
-            Some(other) => return Err(aad_error(400, "unsupported_grant_type", 70003,
-                &format!("The app requested an unsupported grant type '{other}'."), now)),
+            Some(other) => {
+                return Err(aad_error(
+                    400,
+                    "unsupported_grant_type",
+                    70003,
+                    &format!("The app requested an unsupported grant type '{other}'."),
+                    now,
+                ));
+            }
         }
         let Some(client_id) = form.get("client_id") else {
-            return Err(aad_error(400, "invalid_request", 900144,
-                "The request body must contain the following parameter: 'client_id'.", now));
+            return Err(aad_error(
+                400,
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'client_id'.",
+                now,
+            ));
         };
         let Some(app) = self.clients.iter().find(|c| &c.client_id == client_id) else {
-            return Err(aad_error(400, "unauthorized_client", 700016,
-                &format!("Application with identifier '{client_id}' was not found in the directory '{tenant}'."), now));
+            return Err(aad_error(
+                400,
+                "unauthorized_client",
+                700016,
+                &format!(
+                    "Application with identifier '{client_id}' was not found in the directory '{tenant}'."
+                ),
+                now,
+            ));
         };
         match form.get("client_secret") {
             Some(s) if *s == app.client_secret => {}
-            Some(_) => return Err(aad_error(401, "invalid_client", 7000215,
-                &format!("Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."), now)),
-            None => return Err(aad_error(401, "invalid_client", 7000218,
-                "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.", now)),
+            Some(_) => {
+                return Err(aad_error(
+                    401,
+                    "invalid_client",
+                    7000215,
+                    &format!(
+                        "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+                    ),
+                    now,
+                ));
+            }
+            None => {
+                return Err(aad_error(
+                    401,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                    now,
+                ));
+            }
         }
         let scope = form.get("scope").map(String::as_str).unwrap_or("");
         if !scope.ends_with("/.default") {
-            return Err(aad_error(400, "invalid_scope", 1002012,
-                &format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."), now));
+            return Err(aad_error(
+                400,
+                "invalid_scope",
+                1002012,
+                &format!(
+                    "The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+                ),
+                now,
+            ));
         }
         let client_id = client_id.clone();
         let token = self.mint(Subject::App(client_id), now, rng);
         let secs = self.lifetime.num_seconds();
-        Ok(json!({"token_type": "Bearer", "expires_in": secs, "ext_expires_in": secs, "access_token": token}))
+        Ok(
+            json!({"token_type": "Bearer", "expires_in": secs, "ext_expires_in": secs, "access_token": token}),
+        )
     }
 
     /// A delegated token for `user`, for `/me` requests (the simulator's stand-in for a
@@ -156,13 +220,22 @@ impl Auth {
         let Some(h) = header else {
             return Err(unauthorized("Access token is empty."));
         };
-        let Some(tok) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")) else {
-            return Err(unauthorized("Access token validation failure. Invalid audience."));
+        let Some(tok) = h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+        else {
+            return Err(unauthorized(
+                "Access token validation failure. Invalid audience.",
+            ));
         };
         match self.tokens.get(tok.trim()) {
             Some(t) if t.expires > now => Ok(t.subject.clone()),
-            Some(_) => Err(unauthorized("Access token has expired or is not yet valid.")),
-            None => Err(unauthorized("CompactToken parsing failed with error code: 80049217")),
+            Some(_) => Err(unauthorized(
+                "Access token has expired or is not yet valid.",
+            )),
+            None => Err(unauthorized(
+                "CompactToken parsing failed with error code: 80049217",
+            )),
         }
     }
 
@@ -180,7 +253,10 @@ mod tests {
     use rand::SeedableRng;
 
     fn form(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -189,32 +265,74 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut a = Auth::new(
             "t".into(),
-            vec![ClientApp { client_id: "c".into(), client_secret: "s".into() }],
+            vec![ClientApp {
+                client_id: "c".into(),
+                client_secret: "s".into(),
+            }],
             Duration::seconds(3599),
         );
         let ok = a
-            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
-                ("client_secret", "s"), ("scope", "https://graph.microsoft.com/.default")]), now, &mut rng)
+            .token_request(
+                "t",
+                &form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "c"),
+                    ("client_secret", "s"),
+                    ("scope", "https://graph.microsoft.com/.default"),
+                ]),
+                now,
+                &mut rng,
+            )
             .unwrap();
         assert_eq!(ok["token_type"], "Bearer");
         assert_eq!(ok["expires_in"], 3599);
         let tok = ok["access_token"].as_str().unwrap();
-        assert_eq!(a.check(Some(&format!("Bearer {tok}")), now), Ok(Subject::App("c".into())));
-        assert_eq!(a.check(Some(&format!("Bearer {tok}")), now + Duration::hours(2)).unwrap_err().code,
-            "InvalidAuthenticationToken");
+        assert_eq!(
+            a.check(Some(&format!("Bearer {tok}")), now),
+            Ok(Subject::App("c".into()))
+        );
+        assert_eq!(
+            a.check(Some(&format!("Bearer {tok}")), now + Duration::hours(2))
+                .unwrap_err()
+                .code,
+            "InvalidAuthenticationToken"
+        );
 
         let bad = a
-            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
-                ("client_secret", "wrong"), ("scope", "https://graph.microsoft.com/.default")]), now, &mut rng)
+            .token_request(
+                "t",
+                &form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "c"),
+                    ("client_secret", "wrong"),
+                    ("scope", "https://graph.microsoft.com/.default"),
+                ]),
+                now,
+                &mut rng,
+            )
             .unwrap_err();
         assert_eq!(bad.status, 401);
         assert_eq!(bad.body["error"], "invalid_client");
-        assert!(bad.body["error_description"].as_str().unwrap().starts_with("AADSTS7000215"));
+        assert!(
+            bad.body["error_description"]
+                .as_str()
+                .unwrap()
+                .starts_with("AADSTS7000215")
+        );
         assert!(!bad.body.to_string().contains("wrong"));
 
         let scope = a
-            .token_request("t", &form(&[("grant_type", "client_credentials"), ("client_id", "c"),
-                ("client_secret", "s"), ("scope", "Calendars.Read")]), now, &mut rng)
+            .token_request(
+                "t",
+                &form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", "c"),
+                    ("client_secret", "s"),
+                    ("scope", "Calendars.Read"),
+                ]),
+                now,
+                &mut rng,
+            )
             .unwrap_err();
         assert_eq!(scope.body["error"], "invalid_scope");
     }

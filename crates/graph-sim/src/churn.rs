@@ -55,7 +55,13 @@ fn random_time_in(rng: &mut StdRng, w: &Window) -> NaiveDateTime {
 
 /// Applies one random edit to `(user, calendar)`, aiming at `window`. Returns `None` when the
 /// chosen kind of edit had nothing to act on.
-pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usize, window: &Window) -> Option<Edit> {
+pub fn random_edit(
+    t: &mut Tenant,
+    rng: &mut StdRng,
+    user: usize,
+    calendar: usize,
+    window: &Window,
+) -> Option<Edit> {
     let cal = t.users.get(user)?.calendars.get(calendar)?;
     let singles: Vec<(String, bool)> = cal
         .events
@@ -63,7 +69,12 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
         .filter(|e| e.recurrence.is_none())
         .map(|e| (e.id.clone(), window.overlaps(e.props.start, e.props.end)))
         .collect();
-    let series: Vec<String> = cal.events.values().filter(|e| e.recurrence.is_some()).map(|e| e.id.clone()).collect();
+    let series: Vec<String> = cal
+        .events
+        .values()
+        .filter(|e| e.recurrence.is_some())
+        .map(|e| e.id.clone())
+        .collect();
     let occurrences: Vec<String> = cal
         .instances(window)
         .into_iter()
@@ -78,8 +89,10 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
     let result = match kind {
         0 | 1 => {
             let start = random_time_in(rng, window);
-            let p = patch(json!({"subject": format!("New meeting #{}", rng.gen_range(1000..9999)),
-                "start": dt(start), "end": dt(start + Duration::minutes(30))}))?;
+            let p = patch(
+                json!({"subject": format!("New meeting #{}", rng.gen_range(1000..9999)),
+                "start": dt(start), "end": dt(start + Duration::minutes(30))}),
+            )?;
             let v = t.create_event(user, calendar, &p).ok()?;
             Edit::CreatedSingle(v["id"].as_str()?.to_owned())
         }
@@ -93,14 +106,22 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
             Edit::CreatedSeries(v["id"].as_str()?.to_owned())
         }
         3 => {
-            let inside: Vec<String> = singles.iter().filter(|(_, i)| *i).map(|(id, _)| id.clone()).collect();
+            let inside: Vec<String> = singles
+                .iter()
+                .filter(|(_, i)| *i)
+                .map(|(id, _)| id.clone())
+                .collect();
             let id = pick(rng, &inside)?;
             let p = patch(json!({"subject": format!("Renamed ✎ {}", rng.gen_range(100..999))}))?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;
             Edit::Renamed(id)
         }
         4 => {
-            let inside: Vec<String> = singles.iter().filter(|(_, i)| *i).map(|(id, _)| id.clone()).collect();
+            let inside: Vec<String> = singles
+                .iter()
+                .filter(|(_, i)| *i)
+                .map(|(id, _)| id.clone())
+                .collect();
             let id = pick(rng, &inside)?;
             let start = window.end.naive_utc() + Duration::days(rng.gen_range(1..30));
             let p = patch(json!({"start": dt(start), "end": dt(start + Duration::hours(1))}))?;
@@ -108,10 +129,16 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
             Edit::MovedOut(id)
         }
         5 => {
-            let outside: Vec<String> = singles.iter().filter(|(_, i)| !*i).map(|(id, _)| id.clone()).collect();
+            let outside: Vec<String> = singles
+                .iter()
+                .filter(|(_, i)| !*i)
+                .map(|(id, _)| id.clone())
+                .collect();
             let id = pick(rng, &outside)?;
             let start = random_time_in(rng, window);
-            let p = patch(json!({"isAllDay": false, "start": dt(start), "end": dt(start + Duration::hours(1))}))?;
+            let p = patch(
+                json!({"isAllDay": false, "start": dt(start), "end": dt(start + Duration::hours(1))}),
+            )?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;
             Edit::MovedIn(id)
         }
@@ -119,9 +146,17 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
             let id = pick(rng, &occurrences)?;
             let shift = Duration::hours(rng.gen_range(1..4));
             let current = t.get_event(user, Some(calendar), &id).ok()?;
-            let parse = |k: &str| NaiveDateTime::parse_from_str(current[k]["dateTime"].as_str().unwrap_or(""), "%Y-%m-%dT%H:%M:%S%.f").ok();
+            let parse = |k: &str| {
+                NaiveDateTime::parse_from_str(
+                    current[k]["dateTime"].as_str().unwrap_or(""),
+                    "%Y-%m-%dT%H:%M:%S%.f",
+                )
+                .ok()
+            };
             let (s, e) = (parse("start")?, parse("end")?);
-            let p = patch(json!({"subject": "Moved this week only", "start": dt(s + shift), "end": dt(e + shift)}))?;
+            let p = patch(
+                json!({"subject": "Moved this week only", "start": dt(s + shift), "end": dt(e + shift)}),
+            )?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;
             Edit::OccurrenceEdited(id)
         }
@@ -139,7 +174,13 @@ pub fn random_edit(t: &mut Tenant, rng: &mut StdRng, user: usize, calendar: usiz
         9 => {
             let id = pick(rng, &series)?;
             let current = t.get_event(user, Some(calendar), &id).ok()?;
-            let parse = |k: &str| NaiveDateTime::parse_from_str(current[k]["dateTime"].as_str().unwrap_or(""), "%Y-%m-%dT%H:%M:%S%.f").ok();
+            let parse = |k: &str| {
+                NaiveDateTime::parse_from_str(
+                    current[k]["dateTime"].as_str().unwrap_or(""),
+                    "%Y-%m-%dT%H:%M:%S%.f",
+                )
+                .ok()
+            };
             let (s, e) = (parse("start")?, parse("end")?);
             let shift = Duration::minutes(30);
             let p = patch(json!({"start": dt(s + shift), "end": dt(e + shift)}))?;

@@ -159,10 +159,7 @@ impl SyncCache {
         req: &DeltaRequest,
         link_base: &str,
     ) -> Result<Page, GraphError> {
-        let page_size = req
-            .max_page_size
-            .unwrap_or(self.default_page_size)
-            .max(1);
+        let page_size = req.max_page_size.unwrap_or(self.default_page_size).max(1);
         if let Some(tok) = &req.skip_token {
             let body = self.decode(tok, TokenKind::Skip)?;
             self.check_binding(&body, user, calendar, req.window)?;
@@ -332,7 +329,10 @@ impl SyncCache {
     ) -> Result<Page, GraphError> {
         let quirks = self.quirks.clone();
         let link_base = match &quirks.link_origin {
-            Some(origin) => match link_base.find("://").and_then(|i| link_base[i + 3..].find('/').map(|j| i + 3 + j)) {
+            Some(origin) => match link_base
+                .find("://")
+                .and_then(|i| link_base[i + 3..].find('/').map(|j| i + 3 + j))
+            {
                 Some(path_at) => format!("{origin}{}", &link_base[path_at..]),
                 None => link_base.to_owned(),
             },

@@ -154,7 +154,10 @@ mod tests {
         let fired: Vec<bool> = (0..8)
             .map(|_| r.consider(None, "GET", "/v1.0/x", &mut draw))
             .collect();
-        assert_eq!(fired, [false, true, false, true, false, false, false, false]);
+        assert_eq!(
+            fired,
+            [false, true, false, true, false, false, false, false]
+        );
 
         let mut r = FaultRule {
             nth: Some(3),

@@ -27,8 +27,8 @@ pub use model::Window;
 pub use seed::{GenerateSpec, Scenario};
 pub use server::{SimServer, serve};
 pub use sim::{
-    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, RequestRecord, Sim, SimConfig,
-    Stats, TruthItem, Violations,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_TENANT, RequestRecord, Sim, SimConfig, Stats,
+    TruthItem, Violations,
 };
 
 impl Sim {

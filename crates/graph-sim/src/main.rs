@@ -40,46 +40,85 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     let cli = Cli::parse();
     let mut scenario = match &cli.scenario {
         Some(p) => Scenario::from_file(p)?,
         None => Scenario::default(),
     };
-    if cli.users.is_some() || cli.events_per_user.is_some() || cli.recurring.is_some() || cli.extra_calendars.is_some() || scenario.generate.is_none() && scenario.users.is_empty() {
+    if cli.users.is_some()
+        || cli.events_per_user.is_some()
+        || cli.recurring.is_some()
+        || cli.extra_calendars.is_some()
+        || scenario.generate.is_none() && scenario.users.is_empty()
+    {
         let mut g = scenario.generate.clone().unwrap_or_default();
-        if let Some(v) = cli.users { g.users = v; }
-        if let Some(v) = cli.events_per_user { g.events_per_user = v; }
+        if let Some(v) = cli.users {
+            g.users = v;
+        }
+        if let Some(v) = cli.events_per_user {
+            g.events_per_user = v;
+        }
         if let Some(v) = cli.recurring {
-            anyhow::ensure!((0.0..=1.0).contains(&v), "--recurring must be between 0 and 1, got {v}");
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "--recurring must be between 0 and 1, got {v}"
+            );
             g.recurring = v;
         }
-        if let Some(v) = cli.extra_calendars { g.extra_calendars = v; }
+        if let Some(v) = cli.extra_calendars {
+            g.extra_calendars = v;
+        }
         scenario.generate = Some(g);
     }
-    if let Some(s) = cli.seed { scenario.sim.seed = s; }
-    if let Some(p) = cli.page_size { scenario.sim.default_page_size = p; }
-    if let Some(t) = cli.token_lifetime { scenario.sim.token_lifetime_secs = t; }
+    if let Some(s) = cli.seed {
+        scenario.sim.seed = s;
+    }
+    if let Some(p) = cli.page_size {
+        scenario.sim.default_page_size = p;
+    }
+    if let Some(t) = cli.token_lifetime {
+        scenario.sim.token_lifetime_secs = t;
+    }
     let sim = scenario.build()?;
-    let server = sim.serve(&cli.listen).await.with_context(|| format!("cannot listen on {}", cli.listen))?;
+    let server = sim
+        .serve(&cli.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cli.listen))?;
     let tenant = scenario.sim.tenant.clone();
     println!("graph-sim listening on http://{}", server.addr);
     println!("  graph base_url : {}", server.graph_base_url());
     println!("  token_url      : {}", server.token_url(&tenant));
     for c in &scenario.sim.clients {
-        println!("  client         : id={} secret={}", c.client_id, c.client_secret);
+        println!(
+            "  client         : id={} secret={}",
+            c.client_id, c.client_secret
+        );
     }
-    println!("  admin          : {}/users, /truth, /requests, /violations, /stats, /faults", server.admin_url());
+    println!(
+        "  admin          : {}/users, /truth, /requests, /violations, /stats, /faults",
+        server.admin_url()
+    );
     {
         let st = sim.lock();
         let n = st.tenant.users.len();
-        let events: usize = st.tenant.users.iter().flat_map(|u| &u.calendars).map(|c| c.events.len()).sum();
+        let events: usize = st
+            .tenant
+            .users
+            .iter()
+            .flat_map(|u| &u.calendars)
+            .map(|c| c.events.len())
+            .sum();
         println!("  tenant         : {n} users, {events} events");
         for u in st.tenant.users.iter().take(3) {
             println!("    {} ({})", u.upn, u.id);
         }
     }
-    tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for ctrl-c")?;
     server.stop().await;
     Ok(())
 }

@@ -136,7 +136,10 @@ impl Instance<'_> {
         let p = self.props;
         let mut m = Map::new();
         m.insert("@odata.type".into(), json!("#microsoft.graph.event"));
-        m.insert("@odata.etag".into(), json!(format!("W/\"{}\"", p.change_key)));
+        m.insert(
+            "@odata.etag".into(),
+            json!(format!("W/\"{}\"", p.change_key)),
+        );
         m.insert("id".into(), json!(self.id));
         m.insert(
             "createdDateTime".into(),
@@ -230,7 +233,11 @@ impl Instance<'_> {
 /// `dateTimeTimeZone.dateTime`.
 pub fn graph_date_time(t: NaiveDateTime) -> String {
     use chrono::Timelike;
-    format!("{}.{:07}", t.format("%Y-%m-%dT%H:%M:%S"), t.nanosecond() / 100)
+    format!(
+        "{}.{:07}",
+        t.format("%Y-%m-%dT%H:%M:%S"),
+        t.nanosecond() / 100
+    )
 }
 
 /// `2020-06-16T04:05:43.8668791Z`: a UTC DateTimeOffset as in `lastModifiedDateTime`.
@@ -324,7 +331,8 @@ impl StoredEvent {
         match &self.recurrence {
             Some(rec) => {
                 !self.cancelled.contains(&date)
-                    && (self.exceptions.contains_key(&date) || rec.dates_until(date).contains(&date))
+                    && (self.exceptions.contains_key(&date)
+                        || rec.dates_until(date).contains(&date))
             }
             None => false,
         }
@@ -468,7 +476,10 @@ impl IdGen {
     }
 
     pub fn event_id(&mut self) -> String {
-        format!("{SINGLE_PREFIX}{}=", URL_SAFE_NO_PAD.encode(self.bytes::<24>()))
+        format!(
+            "{SINGLE_PREFIX}{}=",
+            URL_SAFE_NO_PAD.encode(self.bytes::<24>())
+        )
     }
 
     pub fn change_key(&mut self) -> String {
@@ -560,7 +571,10 @@ impl Tenant {
     }
 
     fn calendar_id(&mut self) -> String {
-        format!("AAMkAGca{}=", URL_SAFE_NO_PAD.encode(self.ids.bytes::<18>()))
+        format!(
+            "AAMkAGca{}=",
+            URL_SAFE_NO_PAD.encode(self.ids.bytes::<18>())
+        )
     }
 
     /// A user by id or UPN, case-insensitively, as Graph resolves `/users/{id | userPrincipalName}`.

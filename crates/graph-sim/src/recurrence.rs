@@ -175,8 +175,10 @@ impl PatternedRecurrence {
             }
             _ => {}
         }
-        if matches!(p.kind, PatternKind::AbsoluteYearly | PatternKind::RelativeYearly)
-            && !(1..=12).contains(&p.month)
+        if matches!(
+            p.kind,
+            PatternKind::AbsoluteYearly | PatternKind::RelativeYearly
+        ) && !(1..=12).contains(&p.month)
         {
             return Err(RecurrenceError::BadMonth);
         }
@@ -233,17 +235,15 @@ impl PatternedRecurrence {
             }
             PatternKind::Weekly => {
                 let first = p.first_day_of_week.weekday();
-                let offset = (7 + start.weekday().num_days_from_sunday()
-                    - first.num_days_from_sunday())
-                    % 7;
+                let offset =
+                    (7 + start.weekday().num_days_from_sunday() - first.num_days_from_sunday()) % 7;
                 let mut week_start = start - Duration::days(i64::from(offset));
                 let mut days: Vec<i64> = p
                     .days_of_week
                     .iter()
                     .map(|d| {
                         i64::from(
-                            (7 + d.weekday().num_days_from_sunday()
-                                - first.num_days_from_sunday())
+                            (7 + d.weekday().num_days_from_sunday() - first.num_days_from_sunday())
                                 % 7,
                         )
                     })
@@ -394,7 +394,12 @@ mod tests {
         }));
         assert_eq!(
             r.dates_until(d("2024-01-20")),
-            vec![d("2024-01-02"), d("2024-01-04"), d("2024-01-16"), d("2024-01-18")]
+            vec![
+                d("2024-01-02"),
+                d("2024-01-04"),
+                d("2024-01-16"),
+                d("2024-01-18")
+            ]
         );
     }
 

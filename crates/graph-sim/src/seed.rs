@@ -62,13 +62,29 @@ pub struct ScenarioUser {
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     #[error("cannot read scenario file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid scenario file {path}: {source}")]
-    Parse { path: String, source: Box<toml::de::Error> },
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
     #[error("scenario user {user}: event {index}: {message}")]
-    Event { user: String, index: usize, message: String },
-    #[error("scenario user {user}: event {index} names calendar '{calendar}', which the user does not have")]
-    UnknownCalendar { user: String, index: usize, calendar: String },
+    Event {
+        user: String,
+        index: usize,
+        message: String,
+    },
+    #[error(
+        "scenario user {user}: event {index} names calendar '{calendar}', which the user does not have"
+    )]
+    UnknownCalendar {
+        user: String,
+        index: usize,
+        calendar: String,
+    },
 }
 
 impl Scenario {
@@ -106,10 +122,20 @@ impl Scenario {
                         .and_then(|m| m.remove("calendar"))
                         .and_then(|v| v.as_str().map(str::to_owned))
                         .unwrap_or_else(|| "default".into());
-                    let ci = cals.iter().find(|(n, _)| *n == cal).map(|(_, i)| *i).ok_or_else(|| {
-                        ScenarioError::UnknownCalendar { user: u.upn.clone(), index, calendar: cal.clone() }
-                    })?;
-                    let err = |e: GraphError| ScenarioError::Event { user: u.upn.clone(), index, message: e.message };
+                    let ci = cals
+                        .iter()
+                        .find(|(n, _)| *n == cal)
+                        .map(|(_, i)| *i)
+                        .ok_or_else(|| ScenarioError::UnknownCalendar {
+                            user: u.upn.clone(),
+                            index,
+                            calendar: cal.clone(),
+                        })?;
+                    let err = |e: GraphError| ScenarioError::Event {
+                        user: u.upn.clone(),
+                        index,
+                        message: e.message,
+                    };
                     let patch = EventPatch::from_json(&body).map_err(err)?;
                     st.tenant.create_event(ui, ci, &patch).map_err(err)?;
                 }
@@ -120,21 +146,85 @@ impl Scenario {
     }
 }
 
-const FIRST: &[&str] = &["Adele", "Alex", "Diego", "Grady", "Isaiah", "Johanna", "Lee", "Lidia", "Lynne", "Megan", "Miriam", "Nestor", "Patti", "Pradeep", "Zoë", "Søren", "Małgorzata", "Ngọc", "Ásgeir", "Chidi"];
-const LAST: &[&str] = &["Vance", "Wilber", "Siciliani", "Archie", "Henderson", "Lauer", "Gu", "Holgate", "Robbins", "Bowen", "Nielsen", "Kowalska", "Nguyễn", "Okafor", "Müller"];
-const SUBJECTS: &[&str] = &[
-    "Standup", "1:1", "Quarterly review", "Customer call", "Design review", "Lunch",
-    "Café sync ☕", "Планёрка", "会议：路线图", "Revisión del presupuesto 📅", "Ölçüm toplantısı",
-    "Τεχνική συνάντηση", "प्रोजेक्ट अपडेट", "Retro 🎉 & planning", "Board prep — \"final\" draft",
-    "Interview: backend", "Dentist", "Focus time", "Sprint planning", "All hands",
+const FIRST: &[&str] = &[
+    "Adele",
+    "Alex",
+    "Diego",
+    "Grady",
+    "Isaiah",
+    "Johanna",
+    "Lee",
+    "Lidia",
+    "Lynne",
+    "Megan",
+    "Miriam",
+    "Nestor",
+    "Patti",
+    "Pradeep",
+    "Zoë",
+    "Søren",
+    "Małgorzata",
+    "Ngọc",
+    "Ásgeir",
+    "Chidi",
 ];
-const LOCATIONS: &[&str] = &["", "", "Room 101", "Teams", "Café Olé", "会议室 3", "Harry's Bar", "Building 4 / 2nd floor"];
+const LAST: &[&str] = &[
+    "Vance",
+    "Wilber",
+    "Siciliani",
+    "Archie",
+    "Henderson",
+    "Lauer",
+    "Gu",
+    "Holgate",
+    "Robbins",
+    "Bowen",
+    "Nielsen",
+    "Kowalska",
+    "Nguyễn",
+    "Okafor",
+    "Müller",
+];
+const SUBJECTS: &[&str] = &[
+    "Standup",
+    "1:1",
+    "Quarterly review",
+    "Customer call",
+    "Design review",
+    "Lunch",
+    "Café sync ☕",
+    "Планёрка",
+    "会议：路线图",
+    "Revisión del presupuesto 📅",
+    "Ölçüm toplantısı",
+    "Τεχνική συνάντηση",
+    "प्रोजेक्ट अपडेट",
+    "Retro 🎉 & planning",
+    "Board prep — \"final\" draft",
+    "Interview: backend",
+    "Dentist",
+    "Focus time",
+    "Sprint planning",
+    "All hands",
+];
+const LOCATIONS: &[&str] = &[
+    "",
+    "",
+    "Room 101",
+    "Teams",
+    "Café Olé",
+    "会议室 3",
+    "Harry's Bar",
+    "Building 4 / 2nd floor",
+];
 
 fn large_body(rng: &mut StdRng) -> String {
     let mut s = String::from("<html><body>");
     let target = rng.gen_range(64_000..160_000);
     while s.len() < target {
-        s.push_str("<p>Agenda item — détails, 詳細, подробности. Lorem ipsum dolor sit amet.</p>\r\n");
+        s.push_str(
+            "<p>Agenda item — détails, 詳細, подробности. Lorem ipsum dolor sit amet.</p>\r\n",
+        );
     }
     s.push_str("</body></html>");
     s
@@ -170,7 +260,9 @@ pub fn generate(tenant: &mut Tenant, spec: &GenerateSpec, seed: u64) {
             let mut attendees = Vec::new();
             for _ in 0..rng.gen_range(0..4) {
                 if let Some((name, upn)) = people.choose(&mut rng) {
-                    attendees.push(json!({"type": "required", "emailAddress": {"name": name, "address": upn}}));
+                    attendees.push(
+                        json!({"type": "required", "emailAddress": {"name": name, "address": upn}}),
+                    );
                 }
             }
             let recurring = rng.gen_bool(spec.recurring.clamp(0.0, 1.0));
@@ -193,16 +285,26 @@ pub fn generate(tenant: &mut Tenant, spec: &GenerateSpec, seed: u64) {
                 let day = crate::recurrence::DayOfWeek::of(start_day);
                 let dow = serde_json::to_value(day).unwrap_or(json!("monday"));
                 let (pattern, range) = match rng.gen_range(0..5) {
-                    0 => (json!({"type": "daily", "interval": rng.gen_range(1..3)}),
-                          json!({"type": "numbered", "numberOfOccurrences": rng.gen_range(5..30)})),
-                    1 => (json!({"type": "weekly", "interval": 1, "daysOfWeek": [dow], "firstDayOfWeek": "sunday"}),
-                          json!({"type": "endDate", "endDate": (start_day + Duration::days(rng.gen_range(30..300))).to_string()})),
-                    2 => (json!({"type": "weekly", "interval": rng.gen_range(1..3), "daysOfWeek": [dow, "friday"]}),
-                          json!({"type": "noEnd"})),
-                    3 => (json!({"type": "absoluteMonthly", "interval": 1, "dayOfMonth": start_day.day()}),
-                          json!({"type": "noEnd"})),
-                    _ => (json!({"type": "relativeMonthly", "interval": 1, "daysOfWeek": [dow], "index": "first"}),
-                          json!({"type": "numbered", "numberOfOccurrences": rng.gen_range(3..12)})),
+                    0 => (
+                        json!({"type": "daily", "interval": rng.gen_range(1..3)}),
+                        json!({"type": "numbered", "numberOfOccurrences": rng.gen_range(5..30)}),
+                    ),
+                    1 => (
+                        json!({"type": "weekly", "interval": 1, "daysOfWeek": [dow], "firstDayOfWeek": "sunday"}),
+                        json!({"type": "endDate", "endDate": (start_day + Duration::days(rng.gen_range(30..300))).to_string()}),
+                    ),
+                    2 => (
+                        json!({"type": "weekly", "interval": rng.gen_range(1..3), "daysOfWeek": [dow, "friday"]}),
+                        json!({"type": "noEnd"}),
+                    ),
+                    3 => (
+                        json!({"type": "absoluteMonthly", "interval": 1, "dayOfMonth": start_day.day()}),
+                        json!({"type": "noEnd"}),
+                    ),
+                    _ => (
+                        json!({"type": "relativeMonthly", "interval": 1, "daysOfWeek": [dow], "index": "first"}),
+                        json!({"type": "numbered", "numberOfOccurrences": rng.gen_range(3..12)}),
+                    ),
                 };
                 let mut range = range;
                 range["startDate"] = json!(start_day.to_string());
@@ -226,7 +328,11 @@ pub fn generate(tenant: &mut Tenant, spec: &GenerateSpec, seed: u64) {
                     ev["end"] = dt(start + duration);
                 }
             }
-            let ci = if ncal > 1 && rng.gen_bool(0.3) { rng.gen_range(1..ncal) } else { 0 };
+            let ci = if ncal > 1 && rng.gen_bool(0.3) {
+                rng.gen_range(1..ncal)
+            } else {
+                0
+            };
             if let Ok(patch) = EventPatch::from_json(&ev) {
                 let _ = tenant.create_event(ui, ci, &patch);
             }

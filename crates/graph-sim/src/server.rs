@@ -43,7 +43,10 @@ impl KillableStream {
                 self.lingered = true;
                 let _ = socket_zero_linger(&self.inner);
             }
-            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "graph-sim reset"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "graph-sim reset",
+            ));
         }
         Ok(())
     }
@@ -55,7 +58,11 @@ fn socket_zero_linger(s: &TcpStream) -> io::Result<()> {
 }
 
 impl AsyncRead for KillableStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if let Err(e) = self.check() {
             return Poll::Ready(Err(e));
         }
@@ -64,7 +71,11 @@ impl AsyncRead for KillableStream {
 }
 
 impl AsyncWrite for KillableStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if let Err(e) = self.check() {
             return Poll::Ready(Err(e));
         }
@@ -148,10 +159,17 @@ pub fn serve(sim: Sim, listener: TcpListener) -> io::Result<SimServer> {
 }
 
 fn full(status: u16, headers: &[(String, String)], body: Vec<u8>) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
-        if let (Ok(k), Ok(v)) = (hyper::header::HeaderName::try_from(k.as_str()), hyper::header::HeaderValue::try_from(v.as_str())) {
+        if let (Ok(k), Ok(v)) = (
+            hyper::header::HeaderName::try_from(k.as_str()),
+            hyper::header::HeaderValue::try_from(v.as_str()),
+        ) {
             r.headers_mut().append(k, v);
         }
     }
@@ -159,26 +177,57 @@ fn full(status: u16, headers: &[(String, String)], body: Vec<u8>) -> Response<Bo
 }
 
 fn admin_json(status: u16, v: &Value) -> Response<Body> {
-    full(status, &[("content-type".into(), "application/json".into())], serde_json::to_vec(v).unwrap_or_default())
+    full(
+        status,
+        &[("content-type".into(), "application/json".into())],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
 }
 
-async fn handle(sim: Sim, req: Request<Incoming>, killed: Arc<AtomicBool>, origin: String) -> Response<Body> {
+async fn handle(
+    sim: Sim,
+    req: Request<Incoming>,
+    killed: Arc<AtomicBool>,
+    origin: String,
+) -> Response<Body> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let header = |name: &str| -> Vec<String> {
-        req.headers().get_all(name).iter().filter_map(|v| v.to_str().ok().map(str::to_owned)).collect()
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
     };
     let authorization = header("authorization").into_iter().next();
     let prefer = header("prefer");
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY).collect().await {
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes().to_vec(),
-        Err(_) => return admin_json(413, &json!({"error": {"code": "RequestEntityTooLarge", "message": "request body too large"}})),
+        Err(_) => {
+            return admin_json(
+                413,
+                &json!({"error": {"code": "RequestEntityTooLarge", "message": "request body too large"}}),
+            );
+        }
     };
     if let Some(rest) = path.strip_prefix("/_sim/") {
         return admin(&sim, &method, rest, &query, &body);
     }
-    let resp = sim.handle(SimRequest { method, path, query, authorization, prefer, body, origin }).await;
+    let resp = sim
+        .handle(SimRequest {
+            method,
+            path,
+            query,
+            authorization,
+            prefer,
+            body,
+            origin,
+        })
+        .await;
     match resp.fate {
         Fate::Normal => full(resp.status, &resp.headers, resp.body),
         Fate::Reset => {
@@ -194,8 +243,10 @@ async fn handle(sim: Sim, req: Request<Incoming>, killed: Arc<AtomicBool>, origi
                     Some(half) => Some((Ok(Frame::data(half)), None)),
                     None => {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        let e: Result<Frame<Bytes>, io::Error> =
-                            Err(io::Error::new(io::ErrorKind::ConnectionAborted, "graph-sim truncated the body"));
+                        let e: Result<Frame<Bytes>, io::Error> = Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            "graph-sim truncated the body",
+                        ));
                         Some((e, None))
                     }
                 }
@@ -204,7 +255,10 @@ async fn handle(sim: Sim, req: Request<Incoming>, killed: Arc<AtomicBool>, origi
             let mut r = Response::new(BodyExt::boxed(StreamBody::new(frames)));
             *r.status_mut() = StatusCode::from_u16(resp.status).unwrap_or(StatusCode::OK);
             for (k, v) in &resp.headers {
-                if let (Ok(k), Ok(v)) = (hyper::header::HeaderName::try_from(k.as_str()), hyper::header::HeaderValue::try_from(v.as_str())) {
+                if let (Ok(k), Ok(v)) = (
+                    hyper::header::HeaderName::try_from(k.as_str()),
+                    hyper::header::HeaderValue::try_from(v.as_str()),
+                ) {
                     r.headers_mut().append(k, v);
                 }
             }
@@ -217,7 +271,9 @@ async fn handle(sim: Sim, req: Request<Incoming>, killed: Arc<AtomicBool>, origi
 }
 
 fn query_map(query: &str) -> std::collections::HashMap<String, String> {
-    url::form_urlencoded::parse(query.as_bytes()).into_owned().collect()
+    url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 /// `/_sim/…`: observe the truth and the request log, script faults, evict tokens, move time.
@@ -226,10 +282,16 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
     let bad = |m: String| admin_json(400, &json!({"error": m}));
     match (method, rest.trim_end_matches('/')) {
         ("GET", "truth") => {
-            let (Some(user), Some(start), Some(end)) = (q.get("user"), q.get("start"), q.get("end")) else {
-                return bad("truth needs user, start and end (RFC 3339), and optionally calendar".into());
+            let (Some(user), Some(start), Some(end)) =
+                (q.get("user"), q.get("start"), q.get("end"))
+            else {
+                return bad(
+                    "truth needs user, start and end (RFC 3339), and optionally calendar".into(),
+                );
             };
-            let parse = |s: &String| chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc));
+            let parse = |s: &String| {
+                chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc))
+            };
             let (Ok(start), Ok(end)) = (parse(start), parse(end)) else {
                 return bad("start and end must be RFC 3339 instants".into());
             };
@@ -294,10 +356,15 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
             }
             None => bad("clock/advance needs seconds=<integer>".into()),
         },
-        ("POST", "delegated-token") => match q.get("user").and_then(|u| sim.lock().delegated_token(u)) {
-            Some(t) => admin_json(200, &json!({"access_token": t})),
-            None => admin_json(404, &json!({"error": "no such user"})),
-        },
-        _ => admin_json(404, &json!({"error": format!("no admin endpoint {method} /_sim/{rest}")})),
+        ("POST", "delegated-token") => {
+            match q.get("user").and_then(|u| sim.lock().delegated_token(u)) {
+                Some(t) => admin_json(200, &json!({"access_token": t})),
+                None => admin_json(404, &json!({"error": "no such user"})),
+            }
+        }
+        _ => admin_json(
+            404,
+            &json!({"error": format!("no admin endpoint {method} /_sim/{rest}")}),
+        ),
     }
 }

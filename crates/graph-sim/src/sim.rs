@@ -199,12 +199,28 @@ enum CalRef {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Route {
-    Token { tenant: String },
-    Delta { user: UserRef, cal: CalRef },
-    Events { user: UserRef, cal: Option<CalRef> },
-    Event { user: UserRef, cal: Option<CalRef>, id: String },
-    Calendars { user: UserRef },
-    User { user: UserRef },
+    Token {
+        tenant: String,
+    },
+    Delta {
+        user: UserRef,
+        cal: CalRef,
+    },
+    Events {
+        user: UserRef,
+        cal: Option<CalRef>,
+    },
+    Event {
+        user: UserRef,
+        cal: Option<CalRef>,
+        id: String,
+    },
+    Calendars {
+        user: UserRef,
+    },
+    User {
+        user: UserRef,
+    },
 }
 
 fn decode(s: &str) -> String {
@@ -227,11 +243,7 @@ fn with_context(v: Value, context: String) -> Value {
 }
 
 fn parse_route(path: &str) -> Option<Route> {
-    let segs: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .map(decode)
-        .collect();
+    let segs: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     if let [tenant, "oauth2", "v2.0", "token"] = l.as_slice() {
@@ -291,7 +303,8 @@ fn parse_route(path: &str) -> Option<Route> {
 
 /// Reads `startDateTime`/`endDateTime` as Graph does: an offset decides the zone, none means UTC.
 fn parse_instant(raw: &str, name: &str) -> Result<DateTime<Utc>, GraphError> {
-    let bad = || GraphError::invalid_parameter(format!("The value of parameter '{name}' is invalid."));
+    let bad =
+        || GraphError::invalid_parameter(format!("The value of parameter '{name}' is invalid."));
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -351,7 +364,10 @@ fn preferences(prefer: &[String]) -> Vec<(String, String)> {
                 return None;
             }
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Some((k.trim().to_ascii_lowercase(), v.trim().trim_matches('"').to_owned()))
+            Some((
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_owned(),
+            ))
         })
         .collect()
 }
@@ -417,7 +433,10 @@ impl State {
         let now = self.tenant.now();
         self.seq += 1;
         let rid = format!("{:08x}-0000-4000-8000-{:012x}", self.seq, self.seq);
-        let mut r = SimResponse::json(e.status, &e.body(&rid, &now.format("%Y-%m-%dT%H:%M:%S").to_string()));
+        let mut r = SimResponse::json(
+            e.status,
+            &e.body(&rid, &now.format("%Y-%m-%dT%H:%M:%S").to_string()),
+        );
         r.headers.push(("request-id".into(), rid.clone()));
         r.headers.push(("client-request-id".into(), rid));
         if e.status == 401 {
@@ -433,7 +452,15 @@ impl State {
         r
     }
 
-    fn throttle(&mut self, mailbox: Option<usize>, status: u16, code: &str, message: &str, secs: f64, as_date: bool) -> SimResponse {
+    fn throttle(
+        &mut self,
+        mailbox: Option<usize>,
+        status: u16,
+        code: &str,
+        message: &str,
+        secs: f64,
+        as_date: bool,
+    ) -> SimResponse {
         let (header, wait) = retry_after_header(secs, as_date);
         if let Some(m) = mailbox {
             let until = Instant::now() + wait;
@@ -445,7 +472,8 @@ impl State {
     }
 
     fn user_key(&self, user: Option<usize>) -> Option<String> {
-        user.and_then(|u| self.tenant.users.get(u)).map(|u| u.id.clone())
+        user.and_then(|u| self.tenant.users.get(u))
+            .map(|u| u.id.clone())
     }
 
     fn resolve_user(&self, r: &UserRef, subject: &Subject) -> Result<usize, GraphError> {
@@ -457,15 +485,29 @@ impl State {
                 "/me request is only valid with delegated authentication flow.",
             )),
             (UserRef::Key(k), _) => self.tenant.user_index(k).ok_or_else(|| {
-                GraphError::new(404, "ErrorInvalidUser", format!("The requested user '{k}' is invalid."))
+                GraphError::new(
+                    404,
+                    "ErrorInvalidUser",
+                    format!("The requested user '{k}' is invalid."),
+                )
             }),
         }
     }
 
     fn admit(&mut self, req: &SimRequest) -> Admission {
         let Some(route) = parse_route(&req.path) else {
-            let seg = req.path.trim_matches('/').split('/').next_back().unwrap_or("").to_owned();
-            let e = GraphError::new(400, "BadRequest", format!("Resource not found for the segment '{seg}'."));
+            let seg = req
+                .path
+                .trim_matches('/')
+                .split('/')
+                .next_back()
+                .unwrap_or("")
+                .to_owned();
+            let e = GraphError::new(
+                400,
+                "BadRequest",
+                format!("Resource not found for the segment '{seg}'."),
+            );
             return Admission::Answer(self.error_response(&e, None), None);
         };
         let now = self.tenant.now();
@@ -508,19 +550,38 @@ impl State {
             }
             if in_flight > limits.mailbox_concurrency {
                 self.violations.concurrency += 1;
-                let r = self.throttle(user, 429, "ApplicationThrottled",
-                    "Application is over its MailboxConcurrency limit.", limits.concurrency_retry_after, false);
+                let r = self.throttle(
+                    user,
+                    429,
+                    "ApplicationThrottled",
+                    "Application is over its MailboxConcurrency limit.",
+                    limits.concurrency_retry_after,
+                    false,
+                );
                 return Admission::Answer(r, Some("mailbox_concurrency".into()));
             }
             let window = Duration::from_secs_f64(limits.mailbox_window_secs.max(0.001));
             let mb = self.mailboxes.entry(u).or_default();
-            while mb.recent.front().is_some_and(|t| now_i.duration_since(*t) >= window) {
+            while mb
+                .recent
+                .front()
+                .is_some_and(|t| now_i.duration_since(*t) >= window)
+            {
                 mb.recent.pop_front();
             }
             if mb.recent.len() >= limits.mailbox_requests as usize {
-                let wait = mb.recent.front().map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
-                let r = self.throttle(user, 429, "ApplicationThrottled",
-                    "Application is over its MailboxRequests limit.", wait, false);
+                let wait = mb
+                    .recent
+                    .front()
+                    .map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
+                let r = self.throttle(
+                    user,
+                    429,
+                    "ApplicationThrottled",
+                    "Application is over its MailboxRequests limit.",
+                    wait,
+                    false,
+                );
                 return Admission::Answer(r, Some("mailbox_rate".into()));
             }
             mb.recent.push_back(now_i);
@@ -528,12 +589,26 @@ impl State {
         // The budget is Graph's; token requests go to Azure AD.
         if let (Some(budget), false) = (limits.app_requests, matches!(route, Route::Token { .. })) {
             let window = Duration::from_secs_f64(limits.app_window_secs.max(0.001));
-            while self.app_recent.front().is_some_and(|t| now_i.duration_since(*t) >= window) {
+            while self
+                .app_recent
+                .front()
+                .is_some_and(|t| now_i.duration_since(*t) >= window)
+            {
                 self.app_recent.pop_front();
             }
             if self.app_recent.len() >= budget as usize {
-                let wait = self.app_recent.front().map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
-                let r = self.throttle(user, 429, "TooManyRequests", "Please retry again later.", wait, false);
+                let wait = self
+                    .app_recent
+                    .front()
+                    .map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
+                let r = self.throttle(
+                    user,
+                    429,
+                    "TooManyRequests",
+                    "Please retry again later.",
+                    wait,
+                    false,
+                );
                 return Admission::Answer(r, Some("app_budget".into()));
             }
             self.app_recent.push_back(now_i);
@@ -556,9 +631,17 @@ impl State {
         for i in fired {
             self.stats.faults_fired += 1;
             match self.faults[i].action.clone() {
-                FaultAction::Status { status, code, message, retry_after, retry_after_as_date } => {
+                FaultAction::Status {
+                    status,
+                    code,
+                    message,
+                    retry_after,
+                    retry_after_as_date,
+                } => {
                     let r = match retry_after {
-                        Some(secs) => self.throttle(user, status, &code, &message, secs, retry_after_as_date),
+                        Some(secs) => {
+                            self.throttle(user, status, &code, &message, secs, retry_after_as_date)
+                        }
                         None => self.error_response(&GraphError::new(status, &code, message), user),
                     };
                     return Admission::Answer(r, Some(format!("status:{status}")));
@@ -586,7 +669,16 @@ impl State {
             mb.in_flight += 1;
             self.violations.max_in_flight = self.violations.max_in_flight.max(mb.in_flight);
         }
-        Admission::Proceed { route, user, delay, fate, malformed, fault, in_flight, early }
+        Admission::Proceed {
+            route,
+            user,
+            delay,
+            fate,
+            malformed,
+            fault,
+            in_flight,
+            early,
+        }
     }
 
     fn calendar_index(&self, user: usize, cal: &CalRef) -> Result<usize, GraphError> {
@@ -598,18 +690,38 @@ impl State {
         }
     }
 
-    fn execute(&mut self, route: &Route, user: Option<usize>, req: &SimRequest) -> Result<SimResponse, GraphError> {
+    fn execute(
+        &mut self,
+        route: &Route,
+        user: Option<usize>,
+        req: &SimRequest,
+    ) -> Result<SimResponse, GraphError> {
         let now = self.tenant.now();
-        let base = format!("{}{}", req.origin, req.path.split('/').take(2).collect::<Vec<_>>().join("/"));
+        let base = format!(
+            "{}{}",
+            req.origin,
+            req.path.split('/').take(2).collect::<Vec<_>>().join("/")
+        );
         let context = format!("{base}/$metadata#Collection(event)");
         let u = user.unwrap_or(0);
-        let entity = format!("{base}/$metadata#users('{}')/events/$entity", self.tenant.users.get(u).map_or("", |x| x.id.as_str()));
+        let entity = format!(
+            "{base}/$metadata#users('{}')/events/$entity",
+            self.tenant.users.get(u).map_or("", |x| x.id.as_str())
+        );
         let body_json = || -> Result<Value, GraphError> {
-            serde_json::from_slice(&req.body).map_err(|e| GraphError::new(400, "BadRequest", format!("Unable to read JSON request payload: {e}")))
+            serde_json::from_slice(&req.body).map_err(|e| {
+                GraphError::new(
+                    400,
+                    "BadRequest",
+                    format!("Unable to read JSON request payload: {e}"),
+                )
+            })
         };
         match (route, req.method.as_str()) {
             (Route::Token { tenant }, "POST") => {
-                let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body).into_owned().collect();
+                let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+                    .into_owned()
+                    .collect();
                 match self.auth.token_request(tenant, &form, now, &mut self.rng) {
                     Ok(v) => {
                         self.stats.tokens_issued = self.auth.issued;
@@ -625,13 +737,27 @@ impl State {
                 for (k, v) in preferences(&req.prefer) {
                     match k.as_str() {
                         "odata.maxpagesize" => {
-                            let n: usize = v.parse().map_err(|_| GraphError::invalid_parameter("odata.maxpagesize must be a positive number"))?;
+                            let n: usize = v.parse().map_err(|_| {
+                                GraphError::invalid_parameter(
+                                    "odata.maxpagesize must be a positive number",
+                                )
+                            })?;
                             dreq.max_page_size = Some(n.max(1));
                             applied.push(format!("odata.maxpagesize={}", n.max(1)));
                         }
-                        "outlook.timezone" if !matches!(v.as_str(), "UTC" | "Etc/UTC" | "Coordinated Universal Time") => {
-                            return Err(GraphError::new(400, "TimeZoneNotSupportedException",
-                                format!("graph-sim renders times in UTC only; time zone '{v}' is not supported")));
+                        "outlook.timezone"
+                            if !matches!(
+                                v.as_str(),
+                                "UTC" | "Etc/UTC" | "Coordinated Universal Time"
+                            ) =>
+                        {
+                            return Err(GraphError::new(
+                                400,
+                                "TimeZoneNotSupportedException",
+                                format!(
+                                    "graph-sim renders times in UTC only; time zone '{v}' is not supported"
+                                ),
+                            ));
                         }
                         _ => {}
                     }
@@ -639,7 +765,8 @@ impl State {
                 let link_base = format!("{}{}", req.origin, req.path);
                 let page = self.cache.serve(&self.tenant, u, ci, &dreq, &link_base)?;
                 let mut r = SimResponse::json(200, &page_json(page, &context));
-                r.headers.push(("preference-applied".into(), applied.join(", ")));
+                r.headers
+                    .push(("preference-applied".into(), applied.join(", ")));
                 Ok(r)
             }
             (Route::Events { cal, .. }, "POST") => {
@@ -657,35 +784,74 @@ impl State {
                     None => None,
                 };
                 match method {
-                    "GET" => Ok(SimResponse::json(200, &with_context(self.tenant.get_event(u, ci, id)?, entity))),
+                    "GET" => Ok(SimResponse::json(
+                        200,
+                        &with_context(self.tenant.get_event(u, ci, id)?, entity),
+                    )),
                     "PATCH" => {
                         let patch = EventPatch::from_json(&body_json()?)?;
-                        Ok(SimResponse::json(200, &with_context(self.tenant.update_event(u, ci, id, &patch)?, entity)))
+                        Ok(SimResponse::json(
+                            200,
+                            &with_context(self.tenant.update_event(u, ci, id, &patch)?, entity),
+                        ))
                     }
                     "DELETE" => {
                         self.tenant.delete_event(u, ci, id)?;
-                        Ok(SimResponse { status: 204, headers: vec![], body: vec![], fate: Fate::Normal })
+                        Ok(SimResponse {
+                            status: 204,
+                            headers: vec![],
+                            body: vec![],
+                            fate: Fate::Normal,
+                        })
                     }
-                    _ => Err(GraphError::new(405, "Request_BadRequest", "Method not allowed.")),
+                    _ => Err(GraphError::new(
+                        405,
+                        "Request_BadRequest",
+                        "Method not allowed.",
+                    )),
                 }
             }
             (Route::Calendars { .. }, "GET") => {
                 let user = &self.tenant.users[u];
-                let value: Vec<Value> = user.calendars.iter().map(|c| json!({
-                    "id": c.id, "name": c.name, "isDefaultCalendar": c.is_default,
-                    "owner": {"name": user.display_name, "address": user.upn}
-                })).collect();
-                Ok(SimResponse::json(200, &json!({"@odata.context": format!("{base}/$metadata#users('{}')/calendars", user.id), "value": value})))
+                let value: Vec<Value> = user
+                    .calendars
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "id": c.id, "name": c.name, "isDefaultCalendar": c.is_default,
+                            "owner": {"name": user.display_name, "address": user.upn}
+                        })
+                    })
+                    .collect();
+                Ok(SimResponse::json(
+                    200,
+                    &json!({"@odata.context": format!("{base}/$metadata#users('{}')/calendars", user.id), "value": value}),
+                ))
             }
             (Route::User { .. }, "GET") => {
                 let user = &self.tenant.users[u];
-                Ok(SimResponse::json(200, &json!({"id": user.id, "userPrincipalName": user.upn, "displayName": user.display_name, "mail": user.upn})))
+                Ok(SimResponse::json(
+                    200,
+                    &json!({"id": user.id, "userPrincipalName": user.upn, "displayName": user.display_name, "mail": user.upn}),
+                ))
             }
-            _ => Err(GraphError::new(405, "Request_BadRequest", "Method not allowed.")),
+            _ => Err(GraphError::new(
+                405,
+                "Request_BadRequest",
+                "Method not allowed.",
+            )),
         }
     }
 
-    fn record(&mut self, user: Option<usize>, req: &SimRequest, status: u16, in_flight: u32, fault: Option<String>, early: bool) {
+    fn record(
+        &mut self,
+        user: Option<usize>,
+        req: &SimRequest,
+        status: u16,
+        in_flight: u32,
+        fault: Option<String>,
+        early: bool,
+    ) {
         self.stats.requests += 1;
         *self.stats.by_status.entry(status).or_default() += 1;
         let seq = self.stats.requests;
@@ -812,19 +978,38 @@ impl Sim {
             Admission::Answer(r, fault) => {
                 let mut st = self.lock();
                 let user = parse_route(&req.path).and_then(|r| match r {
-                    Route::Delta { user: UserRef::Key(k), .. }
-                    | Route::Events { user: UserRef::Key(k), .. }
-                    | Route::Event { user: UserRef::Key(k), .. } => st.tenant.user_index(&k),
+                    Route::Delta {
+                        user: UserRef::Key(k),
+                        ..
+                    }
+                    | Route::Events {
+                        user: UserRef::Key(k),
+                        ..
+                    }
+                    | Route::Event {
+                        user: UserRef::Key(k),
+                        ..
+                    } => st.tenant.user_index(&k),
                     _ => None,
                 });
                 st.record(user, &req, r.status, 0, fault, false);
                 return r;
             }
-            Admission::Proceed { route, user, delay, fate, malformed, fault, in_flight, early } => {
-                (route, user, delay, fate, malformed, fault, in_flight, early)
-            }
+            Admission::Proceed {
+                route,
+                user,
+                delay,
+                fate,
+                malformed,
+                fault,
+                in_flight,
+                early,
+            } => (route, user, delay, fate, malformed, fault, in_flight, early),
         };
-        let guard = InFlight { sim: self.clone(), user };
+        let guard = InFlight {
+            sim: self.clone(),
+            user,
+        };
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }

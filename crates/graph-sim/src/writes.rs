@@ -46,7 +46,9 @@ fn invalid_value(name: &str) -> GraphError {
 }
 
 fn string_field(v: &Value, name: &str) -> Result<String, GraphError> {
-    v.as_str().map(str::to_owned).ok_or_else(|| invalid_value(name))
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| invalid_value(name))
 }
 
 /// Reads a `dateTimeTimeZone`. The simulator keeps every instant in UTC and refuses other zones
@@ -134,16 +136,15 @@ impl EventPatch {
                 "importance" => p.importance = Some(string_field(v, k)?),
                 "sensitivity" => p.sensitivity = Some(string_field(v, k)?),
                 "categories" => {
-                    p.categories = Some(
-                        serde_json::from_value(v.clone()).map_err(|_| invalid_value(k))?,
-                    )
+                    p.categories =
+                        Some(serde_json::from_value(v.clone()).map_err(|_| invalid_value(k))?)
                 }
                 "recurrence" => {
                     p.recurrence = Some(if v.is_null() {
                         None
                     } else {
-                        let rec: PatternedRecurrence = serde_json::from_value(v.clone())
-                            .map_err(|e| {
+                        let rec: PatternedRecurrence =
+                            serde_json::from_value(v.clone()).map_err(|e| {
                                 GraphError::invalid_parameter(format!("recurrence: {e}"))
                             })?;
                         rec.validate()
@@ -246,7 +247,10 @@ impl Tenant {
         let recurrence = patch.recurrence.clone().flatten();
         if let Some(rec) = &recurrence {
             // Graph starts the series on its first occurrence, whatever date `start` said.
-            if let Some(first) = rec.dates_until(rec.range.start_date + chrono::Duration::days(800)).first() {
+            if let Some(first) = rec
+                .dates_until(rec.range.start_date + chrono::Duration::days(800))
+                .first()
+            {
                 let shift = first.and_time(props.start.time()) - props.start;
                 props.start += shift;
                 props.end += shift;
@@ -292,10 +296,9 @@ impl Tenant {
         let now = self.now();
         let u = &mut self.users[user];
         let cal = &mut u.calendars[ci];
-        let ev = cal
-            .events
-            .get_mut(&master)
-            .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))?;
+        let ev = cal.events.get_mut(&master).ok_or_else(|| {
+            GraphError::not_found("The specified object was not found in the store.")
+        })?;
         match date {
             None => {
                 let old = ev.props.clone();
@@ -390,10 +393,9 @@ impl Tenant {
                 cal.events.remove(&master);
             }
             Some(date) => {
-                let ev = cal
-                    .events
-                    .get_mut(&master)
-                    .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))?;
+                let ev = cal.events.get_mut(&master).ok_or_else(|| {
+                    GraphError::not_found("The specified object was not found in the store.")
+                })?;
                 if !ev.has_occurrence_on(date) {
                     return Err(GraphError::not_found(
                         "The specified object was not found in the store.",
@@ -453,7 +455,9 @@ impl Tenant {
                 out.into_iter()
                     .find(|i| i.original_date == Some(date))
                     .map(|i| i.to_graph_json(u))
-                    .ok_or_else(|| GraphError::not_found("The specified object was not found in the store."))
+                    .ok_or_else(|| {
+                        GraphError::not_found("The specified object was not found in the store.")
+                    })
             }
         }
     }
@@ -507,9 +511,6 @@ mod tests {
             "start": {"dateTime": "2024-01-01T10:00:00.0000000", "timeZone": "UTC"}
         }))
         .unwrap();
-        assert_eq!(
-            p.start.unwrap().to_string(),
-            "2024-01-01 10:00:00"
-        );
+        assert_eq!(p.start.unwrap().to_string(), "2024-01-01 10:00:00");
     }
 }

@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 pub const USER: &str = "adele@contoso.onmicrosoft.com";
 
 pub fn window() -> ViewWindow {
-    ViewWindow { start: "2026-01-01T00:00:00Z".parse().unwrap(), end: "2026-04-01T00:00:00Z".parse().unwrap() }
+    ViewWindow {
+        start: "2026-01-01T00:00:00Z".parse().unwrap(),
+        end: "2026-04-01T00:00:00Z".parse().unwrap(),
+    }
 }
 
 pub fn settings() -> SyncSettings {
@@ -44,12 +47,18 @@ pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
         let mut st = sim.lock();
         let u = st.tenant.add_user(USER, None, "Adele Vance");
         st.tenant.add_calendar(u, "Work");
-        st.tenant.add_user("alex@contoso.onmicrosoft.com", None, "Alex Wilber");
+        st.tenant
+            .add_user("alex@contoso.onmicrosoft.com", None, "Alex Wilber");
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let store = Store::from_pool(pool);
     store.migrate().await.unwrap();
-    H { sim, server, store, page_size }
+    H {
+        sim,
+        server,
+        store,
+        page_size,
+    }
 }
 
 impl H {
@@ -57,12 +66,19 @@ impl H {
         let mut g = GraphConfig::new(self.server.graph_base_url().parse().unwrap());
         g.page_size = Some(self.page_size);
         g.request_timeout = Duration::from_secs(10);
-        GraphClient::new(g, AuthConfig {
-            token_url: self.server.token_url(graph_sim::DEFAULT_TENANT).parse().unwrap(),
-            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-            client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-            scope: "https://graph.microsoft.com/.default".into(),
-        })
+        GraphClient::new(
+            g,
+            AuthConfig {
+                token_url: self
+                    .server
+                    .token_url(graph_sim::DEFAULT_TENANT)
+                    .parse()
+                    .unwrap(),
+                client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
+                client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
+                scope: "https://graph.microsoft.com/.default".into(),
+            },
+        )
         .unwrap()
     }
 
@@ -77,7 +93,11 @@ impl H {
             .map(|(key, user, cal)| TupleConfig {
                 key: key.to_string(),
                 user: user.to_string(),
-                calendar: if *cal == "default" { CalendarRef::Default } else { CalendarRef::Id(cal.to_string()) },
+                calendar: if *cal == "default" {
+                    CalendarRef::Default
+                } else {
+                    CalendarRef::Id(cal.to_string())
+                },
                 window: window(),
                 interval: Some(Duration::from_secs(1)),
             })
@@ -86,14 +106,19 @@ impl H {
     }
 
     pub async fn default_tuple(&self, engine: &Engine) -> Tuple {
-        self.tuples(engine, &[("adele", USER, "default")]).await.remove(0)
+        self.tuples(engine, &[("adele", USER, "default")])
+            .await
+            .remove(0)
     }
 
     pub fn create(&self, body: Value) -> String {
         let mut st = self.sim.lock();
         let u = st.tenant.user_index(USER).unwrap();
         let patch = graph_sim::writes::EventPatch::from_json(&body).unwrap();
-        st.tenant.create_event(u, 0, &patch).unwrap()["id"].as_str().unwrap().to_owned()
+        st.tenant.create_event(u, 0, &patch).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn update(&self, id: &str, body: Value) {
@@ -111,15 +136,34 @@ impl H {
 
     /// Asserts the read model equals the simulator's truth for every tuple given.
     pub async fn assert_mirrors(&self, tuples: &[Tuple]) {
-        let d = calsync::verify::compare(&self.store, &self.sim, tuples).await.unwrap();
+        let d = calsync::verify::compare(&self.store, &self.sim, tuples)
+            .await
+            .unwrap();
         for x in &d {
-            assert!(x.is_empty(), "{} diverges: missing {:?}, extra {:?}, different {:?}", x.tuple, x.missing, x.extra, x.different);
+            assert!(
+                x.is_empty(),
+                "{} diverges: missing {:?}, extra {:?}, different {:?}",
+                x.tuple,
+                x.missing,
+                x.extra,
+                x.different
+            );
         }
     }
 
     pub fn instances(&self, tuple: &Tuple) -> Vec<graph_sim::TruthItem> {
         let w = tuple.window;
-        self.sim.lock().truth(&tuple.user, tuple.calendar_name(), graph_sim::Window { start: w.start, end: w.end }).unwrap()
+        self.sim
+            .lock()
+            .truth(
+                &tuple.user,
+                tuple.calendar_name(),
+                graph_sim::Window {
+                    start: w.start,
+                    end: w.end,
+                },
+            )
+            .unwrap()
     }
 }
 
@@ -142,13 +186,26 @@ pub fn seed(h: &H, singles: u32) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..singles {
         let day = 2 + i % 80;
-        let start: DateTime<Utc> = window().start + chrono::Duration::days(day as i64) + chrono::Duration::hours(9 + (i % 8) as i64);
+        let start: DateTime<Utc> = window().start
+            + chrono::Duration::days(day as i64)
+            + chrono::Duration::hours(9 + (i % 8) as i64);
         let s = start.format("%Y-%m-%dT%H:%M:%S").to_string();
-        let e = (start + chrono::Duration::minutes(30)).format("%Y-%m-%dT%H:%M:%S").to_string();
+        let e = (start + chrono::Duration::minutes(30))
+            .format("%Y-%m-%dT%H:%M:%S")
+            .to_string();
         ids.push(h.create(single(&format!("meeting {i} — café ☕"), &s, &e)));
     }
-    ids.push(h.create(weekly("weekly sync", "2026-01-05T08:00:00", "2026-01-05T08:30:00", 10)));
-    h.create(single("far away", "2026-09-01T10:00:00", "2026-09-01T11:00:00"));
+    ids.push(h.create(weekly(
+        "weekly sync",
+        "2026-01-05T08:00:00",
+        "2026-01-05T08:30:00",
+        10,
+    )));
+    h.create(single(
+        "far away",
+        "2026-09-01T10:00:00",
+        "2026-09-01T11:00:00",
+    ));
     ids
 }
 

@@ -1,0 +1,444 @@
+//! `calsync bench`: the numbers in BENCHMARKS.md, measured against the simulator on loopback.
+//!
+//! The simulator runs in a child process so that calsync's CPU time (read from /proc) is
+//! calsync's alone, and the simulator's own cost is measured beside it. The idle-memory
+//! figure comes from a second child that holds 100,000 scheduled tuples and nothing else.
+
+use crate::config::Config;
+use crate::demo::{DemoDatabase, config_for_sim};
+use anyhow::{Context, bail};
+use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
+use calsync_graph::{CalendarRef, ViewWindow};
+use calsync_store::TupleSpec;
+use chrono::{Duration as ChronoDuration, Utc};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Mailboxes in the simulated tenant (one tracked calendar each).
+    #[arg(long, default_value_t = 40)]
+    pub users: u32,
+    #[arg(long, default_value_t = 400)]
+    pub events_per_user: u32,
+    #[arg(long, default_value_t = 0.3)]
+    pub recurring: f64,
+    /// `Prefer: odata.maxpagesize` for the ingest runs.
+    #[arg(long, default_value_t = 200)]
+    pub page_size: u32,
+    /// Repetitions of the ingest and COPY measurements (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub reps: u32,
+    /// Batches of no-change rounds; each batch runs `noop_rounds` rounds of every tuple.
+    #[arg(long, default_value_t = 15)]
+    pub noop_batches: u32,
+    #[arg(long, default_value_t = 10)]
+    pub noop_rounds: u32,
+    /// Tuples registered and scheduled for the idle-memory measurement.
+    #[arg(long, default_value_t = 100_000)]
+    pub idle_tuples: u32,
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+/// Hidden helper: serve a generated tenant until killed (the benchmark's simulator process).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimArgs {
+    #[arg(long)]
+    pub users: u32,
+    #[arg(long)]
+    pub events_per_user: u32,
+    #[arg(long)]
+    pub recurring: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+/// Hidden helper: register and schedule N tuples, idle, report resident memory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdleArgs {
+    #[arg(long)]
+    pub tuples: u32,
+    #[arg(long)]
+    pub database_url: String,
+    #[arg(long)]
+    pub graph_base_url: String,
+    #[arg(long)]
+    pub token_url: String,
+}
+
+/// CPU seconds a process has used, summed over its threads from /proc/<pid>/task/*/schedstat
+/// (nanosecond precision, unlike the 10 ms ticks of /proc/<pid>/stat).
+fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+    let dir =
+        std::fs::read_dir(format!("/proc/{pid}/task")).context("cannot read /proc (Linux only)")?;
+    let mut ns: u128 = 0;
+    for task in dir.flatten() {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u128>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+fn rss_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+struct SimProcess {
+    child: Child,
+    base: String,
+}
+
+impl SimProcess {
+    fn start(args: &BenchArgs) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args([
+                "__sim",
+                "--users",
+                &args.users.to_string(),
+                "--events-per-user",
+                &args.events_per_user.to_string(),
+                "--recurring",
+                &args.recurring.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start the simulator process")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("no stdout from the simulator process")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let base = line.trim().strip_prefix("listening ").map(str::to_owned);
+        match base {
+            Some(base) => Ok(SimProcess { child, base }),
+            None => {
+                let _ = child.kill();
+                bail!("the simulator process did not start: {line}")
+            }
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for SimProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn serve_sim(args: SimArgs) -> anyhow::Result<()> {
+    let scenario = graph_sim::Scenario {
+        sim: graph_sim::SimConfig {
+            seed: args.seed,
+            ..graph_sim::SimConfig::default()
+        },
+        generate: Some(graph_sim::GenerateSpec {
+            users: args.users,
+            events_per_user: args.events_per_user,
+            recurring: args.recurring,
+            extra_calendars: 0,
+        }),
+        ..Default::default()
+    };
+    let sim = scenario.build()?;
+    let server = sim.serve("127.0.0.1:0").await?;
+    println!("listening http://{}", server.addr);
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn window() -> ViewWindow {
+    let today = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
+    ViewWindow {
+        start: today - ChronoDuration::days(120),
+        end: today + ChronoDuration::days(240),
+    }
+}
+
+fn tuple_configs(users: u32, prefix: &str) -> Vec<TupleConfig> {
+    (0..users)
+        .map(|i| TupleConfig {
+            key: format!("{prefix}{i:04}"),
+            user: format!("user{i:04}@contoso.onmicrosoft.com"),
+            calendar: CalendarRef::Default,
+            window: window(),
+            interval: None,
+        })
+        .collect()
+}
+
+async fn register_all(engine: &Engine, configs: &[TupleConfig]) -> anyhow::Result<Vec<Tuple>> {
+    Ok(engine.register(configs).await?)
+}
+
+fn count(outcomes: &[(Tuple, Outcome)]) -> anyhow::Result<u64> {
+    let mut n = 0;
+    for (t, o) in outcomes {
+        match o {
+            Outcome::Synced(r) => n += r.upserted,
+            other => bail!("tuple {} did not sync: {other:?}", t.key),
+        }
+    }
+    Ok(n)
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let me = std::process::id().to_string();
+    let sim = SimProcess::start(&args)?;
+    let sim_base = sim.base.clone();
+    let db = DemoDatabase::open(args.database_url.as_deref(), "calsync_bench").await?;
+    println!(
+        "calsync bench — {} mailboxes × {} events ({}% recurring), page size {}, simulator pid {}",
+        args.users,
+        args.events_per_user,
+        (args.recurring * 100.0) as u32,
+        args.page_size,
+        sim.pid()
+    );
+    println!(
+        "database: {}{}\n",
+        crate::config::redact_url(&db.url),
+        if db._local.is_some() {
+            " (throwaway local cluster)"
+        } else {
+            ""
+        }
+    );
+
+    let server_like = SimEndpoints {
+        base: sim_base.clone(),
+    };
+    let cfg: Config = config_for_sim_endpoints(&server_like, &db.url, args.page_size)?;
+    let (engine, _) = crate::app::build(&cfg).await?;
+    let cancel = CancellationToken::new();
+
+    // 1. Initial-sync ingest versus COPY of the same rows into the same table.
+    let mut all_configs: Vec<TupleConfig> = Vec::new();
+    let mut ingest_rates = Vec::new();
+    let mut copy_rates = Vec::new();
+    let mut cpu_per_100k = Vec::new();
+    let mut last_tuples = Vec::new();
+    for rep in 0..args.reps {
+        let configs = tuple_configs(args.users, &format!("ingest{rep}-"));
+        all_configs.extend(configs.iter().cloned());
+        let tuples = register_all(&engine, &all_configs).await?;
+        let tuples: Vec<Tuple> = tuples
+            .into_iter()
+            .filter(|t| t.key.starts_with(&format!("ingest{rep}-")))
+            .collect();
+        let (cpu0, t0) = (cpu_seconds(&me)?, Instant::now());
+        let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
+        let events = count(&outcomes)?;
+        // COPY the same rows into fresh tuples of the same table.
+        let copy_keys: Vec<TupleSpec> = tuples
+            .iter()
+            .map(|t| TupleSpec {
+                key: format!("copy{rep}-{}", t.key),
+                user_id: t.user.clone(),
+                calendar_id: "default".into(),
+                window_start: t.window.start,
+                window_end: t.window.end,
+            })
+            .collect();
+        let mut specs: Vec<TupleSpec> = all_configs
+            .iter()
+            .map(|c| TupleSpec {
+                key: c.key.clone(),
+                user_id: c.user.clone(),
+                calendar_id: "default".into(),
+                window_start: c.window.start,
+                window_end: c.window.end,
+            })
+            .collect();
+        specs.extend(copy_keys.iter().cloned());
+        let states = engine.store().register_tuples(&specs).await?;
+        let pairs: Vec<(i64, i64)> = tuples
+            .iter()
+            .filter_map(|t| {
+                let to = states
+                    .iter()
+                    .find(|s| s.tuple_key == format!("copy{rep}-{}", t.key))?
+                    .id;
+                Some((t.id, to))
+            })
+            .collect();
+        let (copy_time, copied) =
+            calsync_store::copy_rows_for_benchmark(engine.store(), &pairs).await?;
+        let ingest = events as f64 / wall;
+        let copy = copied as f64 / copy_time.as_secs_f64();
+        println!(
+            "  ingest rep {}: {events} events in {wall:.2}s = {ingest:.0} events/s (calsync CPU {cpu:.2}s); COPY {copied} rows in {:.2}s = {copy:.0} rows/s",
+            rep + 1,
+            copy_time.as_secs_f64()
+        );
+        ingest_rates.push(ingest);
+        copy_rates.push(copy);
+        cpu_per_100k.push(cpu / events as f64 * 100_000.0);
+        last_tuples = tuples;
+    }
+
+    // 2. No-change incremental rounds.
+    let mut client_us = Vec::new();
+    let mut sim_us = Vec::new();
+    let tuples = last_tuples;
+    engine.sync_all_once(&tuples, &cancel).await;
+    for _ in 0..args.noop_batches {
+        let (c0, s0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?);
+        for _ in 0..args.noop_rounds {
+            let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+            for (t, o) in &outcomes {
+                match o {
+                    Outcome::Synced(r) if r.upserted == 0 && r.removed == 0 && r.pages == 1 => {}
+                    other => bail!("{}: expected a no-change round, got {other:?}", t.key),
+                }
+            }
+        }
+        let (c1, s1) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?);
+        let rounds = (tuples.len() as u32 * args.noop_rounds) as f64;
+        client_us.push((c1 - c0) / rounds * 1e6);
+        sim_us.push((s1 - s0) / rounds * 1e6);
+    }
+    let noop_client = median(client_us.clone());
+    let noop_sim = median(sim_us.clone());
+
+    // 3. Idle memory with many tuples, in a process that does nothing else.
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args([
+            "__bench-idle",
+            "--tuples",
+            &args.idle_tuples.to_string(),
+            "--database-url",
+            &db.url,
+            "--graph-base-url",
+            &format!("{sim_base}/v1.0"),
+            "--token-url",
+            &format!("{sim_base}/{}/oauth2/v2.0/token", graph_sim::DEFAULT_TENANT),
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run the idle-memory process")?;
+    let idle = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() {
+        bail!("the idle-memory process failed: {idle}");
+    }
+
+    let ingest = median(ingest_rates);
+    let copy = median(copy_rates);
+    println!(
+        "\nresults (medians of {} ingest reps, {} no-change batches of {} rounds):",
+        args.reps,
+        args.noop_batches,
+        tuples.len() as u32 * args.noop_rounds
+    );
+    println!("  initial-sync ingest          {ingest:>10.0} events/s");
+    println!("  plain COPY, same rows/table  {copy:>10.0} rows/s");
+    println!(
+        "  ingest / COPY                {:>10.2}×   (target ≥ 0.5×)",
+        ingest / copy
+    );
+    println!(
+        "  CPU per 100,000 events       {:>10.2} s",
+        median(cpu_per_100k)
+    );
+    println!("  CPU per no-change round      {noop_client:>10.1} µs  (calsync; target ≤ 100 µs)");
+    println!(
+        "  simulator CPU per same round {noop_sim:>10.1} µs  ({:.2}× calsync's)",
+        noop_sim / noop_client.max(f64::EPSILON)
+    );
+    println!(
+        "  idle with {} tuples    {idle}  (target ≤ 256 MB)",
+        args.idle_tuples
+    );
+    Ok(())
+}
+
+struct SimEndpoints {
+    base: String,
+}
+
+fn config_for_sim_endpoints(
+    sim: &SimEndpoints,
+    db_url: &str,
+    page_size: u32,
+) -> anyhow::Result<Config> {
+    let settings = SyncSettings {
+        max_in_flight: 64,
+        ..SyncSettings::default()
+    };
+    let mut cfg = config_for_sim_base(&sim.base, db_url, settings, page_size)?;
+    cfg.database.max_connections = 16;
+    Ok(cfg)
+}
+
+fn config_for_sim_base(
+    origin: &str,
+    db_url: &str,
+    sync: SyncSettings,
+    page_size: u32,
+) -> anyhow::Result<Config> {
+    config_for_sim(origin, db_url, &[], window(), sync, page_size)
+}
+
+pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    let base = args.graph_base_url.trim_end_matches("/v1.0").to_owned();
+    let settings = SyncSettings {
+        interval: Duration::from_secs(3600),
+        startup_spread: Duration::from_secs(3600),
+        ..SyncSettings::default()
+    };
+    let cfg = config_for_sim_base(&base, &args.database_url, settings, 100)?;
+    let (engine, _) = crate::app::build(&cfg).await?;
+    let before = rss_mib("VmRSS:");
+    let configs = tuple_configs(args.tuples, "idle-");
+    let tuples = engine.register(&configs).await?;
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let (engine, cancel) = (engine.clone(), cancel.clone());
+        async move { engine.run(tuples, cancel).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_mib("VmRSS:");
+    let hwm = rss_mib("VmHWM:");
+    cancel.cancel();
+    let _ = run.await;
+    println!("RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering)");
+    let _ = args.token_url;
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! The real `calsync` binary as a user runs it: exit codes, messages, output.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_calsync");
+const SECRET: &str = "s3cr3t-Value-that-must-not-leak";
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for these tests")
+}
+
+fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> Output {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(config.as_bytes()).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .arg("--config")
+        .arg(f.path())
+        .env_remove("DATABASE_URL")
+        .env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn valid(db: &str, graph: &str, token: &str, calendars: &str) -> String {
+    format!(
+        r#"
+[database]
+url = "{db}"
+
+[graph]
+base_url = "{graph}"
+
+[auth]
+token_url = "{token}"
+client_id = "{id}"
+client_secret = "{secret}"
+
+[sync]
+interval = "5m"
+page_size = 50
+
+{calendars}
+"#,
+        id = graph_sim::DEFAULT_CLIENT_ID,
+        secret = graph_sim::DEFAULT_CLIENT_SECRET,
+    )
+}
+
+const ONE_CALENDAR: &str = r#"
+[[calendars]]
+user = "adele@contoso.onmicrosoft.com"
+calendar = "default"
+start = "2026-01-01T00:00:00Z"
+end = "2026-04-01T00:00:00Z"
+"#;
+
+fn base_config() -> String {
+    valid(
+        "postgres://calsync:pw@127.0.0.1:1/none",
+        "https://graph.microsoft.com/v1.0",
+        "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+        ONE_CALENDAR,
+    )
+}
+
+#[test]
+fn invalid_configs_exit_2_and_name_the_key() {
+    let base = base_config();
+    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+        (
+            base.replace("interval = \"5m\"", "interval = \"5 parsecs\""),
+            vec![],
+            "sync.interval",
+        ),
+        (
+            base.replace("interval = \"5m\"", "intervall = \"5m\""),
+            vec![],
+            "intervall",
+        ),
+        (
+            base.replace("page_size = 50", "page_size = 0"),
+            vec![],
+            "sync.page_size",
+        ),
+        (
+            base.clone(),
+            vec![("CALSYNC_SYNC__PAGE_SIZE", "0")],
+            "sync.page_size",
+        ),
+        (
+            base.clone(),
+            vec![("CALSYNC_SYNC__PER_MAILBOX_CONCURRENCY", "9")],
+            "sync.per_mailbox_concurrency",
+        ),
+        (
+            base.replace(
+                "start = \"2026-01-01T00:00:00Z\"",
+                "start = \"last tuesday\"",
+            ),
+            vec![],
+            "calendars[0].start",
+        ),
+        (
+            base.replace(
+                "end = \"2026-04-01T00:00:00Z\"",
+                "end = \"2025-04-01T00:00:00Z\"",
+            ),
+            vec![],
+            "calendars[0].end",
+        ),
+        (format!("{base}{ONE_CALENDAR}"), vec![], "calendars[1].name"),
+        (
+            base.replace(
+                &format!("client_secret = \"{}\"", graph_sim::DEFAULT_CLIENT_SECRET),
+                "",
+            ),
+            vec![],
+            "auth.client_secret",
+        ),
+        (
+            base.replace("postgres://calsync:pw@127.0.0.1:1/none", "mysql://x@y/z"),
+            vec![],
+            "database.url",
+        ),
+        (
+            base.replace("https://graph.microsoft.com/v1.0", "graph.microsoft.com"),
+            vec![],
+            "graph.base_url",
+        ),
+        (base.replace(ONE_CALENDAR, ""), vec![], "calendars"),
+        (
+            base.replace("calendar = \"default\"", "calendar = \"\""),
+            vec![],
+            "calendars[0].calendar",
+        ),
+    ];
+    for (cfg, env, key) in cases {
+        for cmd in [&["config", "check"][..], &["sync-once"][..], &["run"][..]] {
+            let o = run(cmd, &cfg, &env);
+            let out = text(&o);
+            assert_eq!(o.status.code(), Some(2), "{cmd:?} for {key}: {out}");
+            assert!(
+                out.contains(key),
+                "{cmd:?}: message should name {key}: {out}"
+            );
+            assert!(!out.contains("panicked"), "{out}");
+        }
+    }
+    let o = Command::new(BIN)
+        .args(["config", "check", "--config", "/nonexistent/calsync.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("/nonexistent/calsync.toml"));
+}
+
+#[tokio::test]
+async fn an_invalid_config_writes_nothing_to_the_database() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cli_invalid")
+        .await
+        .unwrap();
+    let cfg = valid(
+        &url,
+        "https://graph.microsoft.com/v1.0",
+        "https://login.microsoftonline.com/t/oauth2/v2.0/token",
+        ONE_CALENDAR,
+    )
+    .replace("interval = \"5m\"", "interval = \"soon\"");
+    let o = run(&["sync-once"], &cfg, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "no migration ran, no row was written");
+}
+
+#[test]
+fn config_check_prints_the_effective_config_without_secrets() {
+    let cfg = base_config()
+        .replace(graph_sim::DEFAULT_CLIENT_SECRET, SECRET)
+        .replace("calsync:pw@", &format!("calsync:{SECRET}@"));
+    let o = run(
+        &["config", "check"],
+        &cfg,
+        &[("CALSYNC_SYNC__INTERVAL", "90s")],
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains(SECRET), "{out}");
+    assert!(out.contains("<redacted>"));
+    assert!(
+        out.contains("interval = \"90s\""),
+        "env overrides show in the effective config: {out}"
+    );
+    // A numeric secret from the environment is taken as text and never echoed in an error.
+    let o = run(
+        &["config", "check"],
+        &base_config().replace(
+            &format!("client_secret = \"{}\"", graph_sim::DEFAULT_CLIENT_SECRET),
+            "",
+        ),
+        &[("CALSYNC_AUTH__CLIENT_SECRET", "1234567890")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("1234567890"));
+}
+
+#[test]
+fn every_command_has_help() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["sync-once", "--help"],
+        &["migrate", "--help"],
+        &["status", "--help"],
+        &["config", "--help"],
+        &["config", "check", "--help"],
+        &["demo", "--help"],
+    ] {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Usage"),
+            "{args:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_once_exits_non_zero_when_a_tuple_fails_and_status_shows_why() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cli_sync_once")
+        .await
+        .unwrap();
+    let sim = graph_sim::Sim::new(&graph_sim::SimConfig::default());
+    {
+        let mut st = sim.lock();
+        let u = st
+            .tenant
+            .add_user("adele@contoso.onmicrosoft.com", None, "Adele");
+        let p = graph_sim::writes::EventPatch::from_json(&serde_json::json!({"subject": "x",
+            "start": {"dateTime": "2026-01-10T10:00:00", "timeZone": "UTC"}, "end": {"dateTime": "2026-01-10T11:00:00", "timeZone": "UTC"}})).unwrap();
+        st.tenant.create_event(u, 0, &p).unwrap();
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let graph = server.graph_base_url();
+    let token = server.token_url(graph_sim::DEFAULT_TENANT);
+    let good = valid(&url, &graph, &token, ONE_CALENDAR);
+    let url2 = url.clone();
+    let o = tokio::task::spawn_blocking(move || run(&["sync-once"], &good, &[]))
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("adele@contoso.onmicrosoft.com/default"));
+
+    let with_ghost = valid(
+        &url2,
+        &graph,
+        &token,
+        &format!(
+            "{ONE_CALENDAR}\n[[calendars]]\nuser = \"ghost@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+        ),
+    );
+    let cfg = with_ghost.clone();
+    let o = tokio::task::spawn_blocking(move || run(&["sync-once"], &cfg, &[]))
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("ErrorInvalidUser"));
+
+    let cfg = with_ghost.clone();
+    let o = tokio::task::spawn_blocking(move || run(&["status"], &cfg, &[]))
+        .await
+        .unwrap();
+    let table = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{table}");
+    assert!(
+        table.contains("TUPLE") && table.contains("failed") && table.contains("ErrorInvalidUser"),
+        "{table}"
+    );
+    let cfg = with_ghost;
+    let o = tokio::task::spawn_blocking(move || run(&["status", "--json"], &cfg, &[]))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["state"] == "ok" && r["event_count"] == 1)
+    );
+    server.stop().await;
+}
