@@ -224,6 +224,9 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(acquire_timeout)
+            // No ping before every checkout (an extra round trip per query): a dead
+            // connection fails its query as Unavailable, and the runner retries.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await
             .map_err(db)?;
