@@ -23,6 +23,8 @@ pub struct EventRow {
 }
 
 /// One item of a page, in arrival order.
+// Nearly every op is an Upsert; boxing it would add an allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum PageOp {
     Upsert(EventRow),
@@ -126,7 +128,13 @@ mod tests {
 
     #[test]
     fn a_page_reduces_to_one_write_per_id_last_write_wins() {
-        let cases: Vec<(Vec<PageOp>, Vec<&str>, Vec<&str>, Vec<&str>)> = vec![
+        type Case = (
+            Vec<PageOp>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
             // (ops, full ids, partial ids, removed ids)
             (
                 vec![

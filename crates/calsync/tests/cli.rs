@@ -1,4 +1,5 @@
 //! The real `calsync` binary as a user runs it: exit codes, messages, output.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::io::Write;
 use std::process::{Command, Output};
@@ -79,7 +80,8 @@ fn base_config() -> String {
 #[test]
 fn invalid_configs_exit_2_and_name_the_key() {
     let base = base_config();
-    let cases: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             base.replace("interval = \"5m\"", "interval = \"5 parsecs\""),
             vec![],

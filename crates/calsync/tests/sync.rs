@@ -1,4 +1,5 @@
 //! End-to-end: calsync's engine against graph-sim and real PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 

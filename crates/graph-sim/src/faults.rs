@@ -28,7 +28,7 @@ pub struct FaultRule {
     pub fired: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FaultAction {
     /// Answer with this status and a Graph error body.
@@ -47,17 +47,12 @@ pub enum FaultAction {
     /// Hold the request this long, then answer normally.
     Delay { ms: u64 },
     /// Drop the connection without answering.
+    #[default]
     Reset,
     /// Answer normally but cut the body off half-way and drop the connection.
     Truncate,
     /// Answer 200 with a body that is not valid JSON.
     MalformedJson,
-}
-
-impl Default for FaultAction {
-    fn default() -> Self {
-        FaultAction::Reset
-    }
 }
 
 impl FaultRule {

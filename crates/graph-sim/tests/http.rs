@@ -1,4 +1,5 @@
 //! graph-sim's documented behaviours, exercised over real HTTP as a Graph client sees them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use chrono::{DateTime, TimeZone, Utc};
 use graph_sim::{FaultRule, Quirks, Sim, SimConfig, SimServer};

@@ -1,6 +1,6 @@
 //! Shared set-up for end-to-end tests: a seeded simulator on loopback, a fresh database from
 //! `#[sqlx::test]`, and an engine wired to both exactly as the daemon wires them.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
 use calsync_graph::{AuthConfig, CalendarRef, GraphClient, GraphConfig, ViewWindow};
