@@ -310,3 +310,12 @@ async fn sync_once_exits_non_zero_when_a_tuple_fails_and_status_shows_why() {
     );
     server.stop().await;
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/calsync.example.toml");
+    let o = Command::new(BIN).args(["config", "check", "--config", path]).env_remove("DATABASE_URL").output().unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("change-me"), "secrets are redacted: {out}");
+}
