@@ -313,9 +313,106 @@ async fn sync_once_exits_non_zero_when_a_tuple_fails_and_status_shows_why() {
 
 #[test]
 fn the_example_config_is_valid() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config/calsync.example.toml");
-    let o = Command::new(BIN).args(["config", "check", "--config", path]).env_remove("DATABASE_URL").output().unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/calsync.example.toml"
+    );
+    let o = Command::new(BIN)
+        .args(["config", "check", "--config", path])
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(!out.contains("change-me"), "secrets are redacted: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_stops_cleanly_on_sigterm_and_leaves_a_resumable_state() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cli_sigterm")
+        .await
+        .unwrap();
+    let scenario = graph_sim::Scenario {
+        generate: Some(graph_sim::GenerateSpec {
+            users: 1,
+            events_per_user: 60,
+            recurring: 0.3,
+            extra_calendars: 0,
+        }),
+        ..Default::default()
+    };
+    let sim = scenario.build().unwrap();
+    // Slow pages, so the signal arrives while rounds are in flight.
+    sim.lock().faults.push(
+        serde_json::from_value(serde_json::json!({"action": {"kind": "delay", "ms": 40}})).unwrap(),
+    );
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let cal = "[[calendars]]\nuser = \"user0000@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2025-01-01T00:00:00Z\"\nend = \"2028-01-01T00:00:00Z\"\ninterval = \"1s\"\n";
+    let cfg = valid(
+        &url,
+        &server.graph_base_url(),
+        &server.token_url(graph_sim::DEFAULT_TENANT),
+        cal,
+    )
+    .replace("page_size = 50", "page_size = 5\nstartup_spread = \"10ms\"");
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(cfg.as_bytes()).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(f.path())
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(9),
+        "exits within the drain deadline"
+    );
+    assert!(String::from_utf8_lossy(&status.stderr).contains("shutdown requested"));
+    // Whatever was committed is a consistent place to resume from: one more round converges.
+    sim.lock().faults.clear();
+    let cfg2 = cfg.clone();
+    let o = tokio::task::spawn_blocking(move || run(&["sync-once"], &cfg2, &[]))
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM calendar_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let truth = sim
+        .lock()
+        .truth(
+            "user0000@contoso.onmicrosoft.com",
+            "default",
+            graph_sim::Window {
+                start: "2025-01-01T00:00:00Z".parse().unwrap(),
+                end: "2028-01-01T00:00:00Z".parse().unwrap(),
+            },
+        )
+        .unwrap();
+    assert_eq!(rows as usize, truth.len());
+    server.stop().await;
 }

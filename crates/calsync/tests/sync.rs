@@ -484,3 +484,62 @@ async fn the_scheduler_syncs_every_tuple_within_twice_its_interval(pool: PgPool)
     assert_eq!(v.concurrency, 0);
     assert!(v.max_in_flight <= 4);
 }
+
+#[sqlx::test(migrations = false)]
+async fn an_expired_token_is_renewed_once_not_once_per_request(pool: PgPool) {
+    let h = harness(pool, 50).await;
+    seed(&h, 5);
+    let engine = h.engine(settings());
+    let specs: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
+    let specs: Vec<(&str, &str, &str)> = specs
+        .iter()
+        .map(|k| (k.as_str(), USER, "default"))
+        .collect();
+    let tuples = h.tuples(&engine, &specs).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    engine.sync_all_once(&tuples, &cancel).await;
+    assert_eq!(h.sim.lock().stats().tokens_issued, 1);
+    // Graph starts refusing the cached token (expired early, keys rolled over, ...).
+    {
+        let mut st = h.sim.lock();
+        let now = st.tenant.now();
+        st.auth.expire_all(now);
+    }
+    let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Synced(_))),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        h.sim.lock().stats().tokens_issued,
+        2,
+        "one renewal for twelve tuples that all saw the 401"
+    );
+    assert_eq!(engine.graph().tokens().renewals(), 2);
+}
+
+#[sqlx::test(migrations = false)]
+async fn the_periodic_full_resync_runs_a_full_round_with_sweep(pool: PgPool) {
+    let h = harness(pool, 7).await;
+    seed(&h, 10);
+    let engine = h.engine(SyncSettings {
+        full_resync_every: Some(Duration::from_millis(1)),
+        ..settings()
+    });
+    let t = h.default_tuple(&engine).await;
+    assert!(report(sync(&engine, &t).await).full);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r = report(sync(&engine, &t).await);
+    assert!(
+        r.full,
+        "the backstop round is a full one even though the deltaLink works"
+    );
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+    let engine = h.engine(SyncSettings {
+        full_resync_every: None,
+        ..settings()
+    });
+    assert!(!report(sync(&engine, &t).await).full);
+}

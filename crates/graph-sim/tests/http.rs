@@ -1087,3 +1087,36 @@ async fn the_admin_endpoint_serves_truth_log_and_counters() {
         .unwrap();
     assert_eq!(stats["tokens_issued"], 1);
 }
+
+#[tokio::test]
+async fn the_documented_scenario_file_loads_and_seeds_the_tenant() {
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../config/graph-sim.example.toml"
+    ));
+    let scenario = graph_sim::Scenario::from_file(path).unwrap();
+    let sim = scenario.build().unwrap();
+    let st = sim.lock();
+    assert_eq!(st.tenant.users.len(), 4);
+    let adele = st
+        .tenant
+        .user_index("adele@contoso.onmicrosoft.com")
+        .unwrap();
+    assert_eq!(st.tenant.users[adele].calendars[1].name, "Work");
+    let work = st.tenant.users[adele].calendars[1].id.clone();
+    let truth = st
+        .truth(
+            "adele@contoso.onmicrosoft.com",
+            &work,
+            graph_sim::Window {
+                start: START.parse().unwrap(),
+                end: "2026-07-01T00:00:00Z".parse().unwrap(),
+            },
+        )
+        .unwrap();
+    assert_eq!(truth.len(), 26, "weekly from Jan 5 to Jun 29");
+    assert_eq!(st.faults.len(), 1);
+    let bad =
+        graph_sim::Scenario::from_file(std::path::Path::new("/nonexistent.toml")).unwrap_err();
+    assert!(bad.to_string().contains("/nonexistent.toml"));
+}
