@@ -252,6 +252,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut ingest_rates = Vec::new();
     let mut copy_rates = Vec::new();
     let mut cpu_per_100k = Vec::new();
+    let mut sim_per_100k = Vec::new();
     let mut last_tuples = Vec::new();
     for rep in 0..args.reps {
         let configs = tuple_configs(args.users, &format!("ingest{rep}-"));
@@ -261,9 +262,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .into_iter()
             .filter(|t| t.key.starts_with(&format!("ingest{rep}-")))
             .collect();
-        let (cpu0, t0) = (cpu_seconds(&me)?, Instant::now());
+        let (cpu0, sim0, t0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?, Instant::now());
         let outcomes = engine.sync_all_once(&tuples, &cancel).await;
         let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
+        let sim_cpu = cpu_seconds(&sim.pid())? - sim0;
         let events = count(&outcomes)?;
         // COPY the same rows into fresh tuples of the same table.
         let copy_keys: Vec<TupleSpec> = tuples
@@ -310,6 +312,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ingest_rates.push(ingest);
         copy_rates.push(copy);
         cpu_per_100k.push(cpu / events as f64 * 100_000.0);
+        sim_per_100k.push(sim_cpu / events as f64 * 100_000.0);
         last_tuples = tuples;
     }
 
