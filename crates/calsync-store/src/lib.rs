@@ -645,6 +645,20 @@ pub async fn copy_rows_for_benchmark(
     Ok((started.elapsed(), rows))
 }
 
+/// Benchmark step: finish the background work a bulk load leaves (vacuum, statistics, a
+/// checkpoint) so that steady-state measurements do not compete with it. Best effort.
+pub async fn settle_for_benchmark(store: &Store) {
+    for sql in [
+        "VACUUM ANALYZE events",
+        "VACUUM ANALYZE sync_tuples",
+        "CHECKPOINT",
+    ] {
+        if let Err(e) = sqlx::query(sql).execute(&store.pool).await {
+            tracing::warn!(statement = sql, error = %e, "benchmark settle step failed");
+        }
+    }
+}
+
 /// Drops and creates database `name` on the server `admin_url` points at, and returns a URL
 /// for it. For the demo and benchmarks, which must not touch a user's own database.
 pub async fn recreate_database(admin_url: &str, name: &str) -> Result<String, StoreError> {

@@ -12,7 +12,7 @@ use crate::error::GraphError;
 use crate::model::{Tenant, Window};
 use crate::token::{TokenBody, TokenCodec, TokenError, TokenKind};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -56,10 +56,19 @@ struct DeltaState {
     snapshot: Arc<Snapshot>,
 }
 
+/// One entry of a round, serialized once when the round starts: pages splice these bytes
+/// instead of cloning and re-serializing JSON trees (bodies can be 100 KB).
 #[derive(Debug)]
 struct RoundItem {
     group: Option<String>,
-    value: Value,
+    json: Arc<str>,
+}
+
+fn item(group: Option<String>, value: &Value) -> RoundItem {
+    RoundItem {
+        group,
+        json: Arc::from(serde_json::to_string(value).unwrap_or_else(|_| "{}".into())),
+    }
 }
 
 #[derive(Debug)]
@@ -78,10 +87,10 @@ enum Entry {
     Round(Round),
 }
 
-/// One page of a round, ready to render.
+/// One page of a round, ready to render: each entry is one serialized item.
 #[derive(Debug)]
 pub struct Page {
-    pub value: Vec<Value>,
+    pub value: Vec<Arc<str>>,
     pub link: PageLink,
 }
 
@@ -274,10 +283,10 @@ impl SyncCache {
                     present.insert(inst.series_master_id().unwrap_or(&inst.id));
                     let changed = previous.is_none_or(|p| p.snapshot.0.get(&inst.id) != Some(&v));
                     if changed {
-                        items.push(RoundItem {
-                            group: inst.series_master_id().map(str::to_owned),
-                            value: inst.to_graph_json(u),
-                        });
+                        items.push(item(
+                            inst.series_master_id().map(str::to_owned),
+                            &inst.to_graph_json(u),
+                        ));
                     }
                 }
                 if let Some(prev) = previous {
@@ -371,9 +380,9 @@ impl SyncCache {
         }
         let mut value = Vec::with_capacity(end - start + 1);
         if quirks.duplicate_across_pages && start > 0 && start < items.len() {
-            value.push(items[start - 1].value.clone());
+            value.push(Arc::clone(&items[start - 1].json));
         }
-        value.extend(items[start..end].iter().map(|i| i.value.clone()));
+        value.extend(items[start..end].iter().map(|i| Arc::clone(&i.json)));
         let oversized = end - start > page_size;
         let link = if quirks.endless_next_link && oversized {
             next.loops += 1;
@@ -408,10 +417,10 @@ impl SyncCache {
 }
 
 fn removed(id: &str) -> RoundItem {
-    RoundItem {
-        group: None,
-        value: json!({"@odata.type": "#microsoft.graph.event", "id": id, "@removed": {"reason": "deleted"}}),
-    }
+    item(
+        None,
+        &json!({"@odata.type": "#microsoft.graph.event", "id": id, "@removed": {"reason": "deleted"}}),
+    )
 }
 
 /// The observed 410 text: "The sync state generation is not found; generation=149;[highest=157]".
@@ -430,13 +439,24 @@ fn not_found(body: &TokenBody, highest: Option<u32>) -> GraphError {
 }
 
 /// Renders a page as Graph does: context, then the link, then the values.
-pub fn page_json(page: Page, context: &str) -> Value {
-    let mut m = Map::new();
-    m.insert("@odata.context".into(), json!(context));
-    match page.link {
-        PageLink::Next(l) => m.insert("@odata.nextLink".into(), json!(l)),
-        PageLink::Delta(l) => m.insert("@odata.deltaLink".into(), json!(l)),
+pub fn page_json(page: Page, context: &str) -> Vec<u8> {
+    let (key, link) = match &page.link {
+        PageLink::Next(l) => ("@odata.nextLink", l),
+        PageLink::Delta(l) => ("@odata.deltaLink", l),
     };
-    m.insert("value".into(), Value::Array(page.value));
-    Value::Object(m)
+    let size: usize = page.value.iter().map(|v| v.len() + 1).sum();
+    let mut out = Vec::with_capacity(size + context.len() + link.len() + 64);
+    out.extend_from_slice(b"{\"@odata.context\":");
+    out.extend_from_slice(json!(context).to_string().as_bytes());
+    out.extend_from_slice(format!(",\"{key}\":").as_bytes());
+    out.extend_from_slice(json!(link).to_string().as_bytes());
+    out.extend_from_slice(b",\"value\":[");
+    for (i, v) in page.value.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(v.as_bytes());
+    }
+    out.extend_from_slice(b"]}");
+    out
 }

@@ -176,10 +176,15 @@ pub struct SimResponse {
 
 impl SimResponse {
     fn json(status: u16, v: &Value) -> Self {
+        Self::json_bytes(status, serde_json::to_vec(v).unwrap_or_default())
+    }
+
+    /// A body that is already serialized JSON.
+    fn json_bytes(status: u16, body: Vec<u8>) -> Self {
         SimResponse {
             status,
             headers: vec![("content-type".into(), "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8".into())],
-            body: serde_json::to_vec(v).unwrap_or_default(),
+            body,
             fate: Fate::Normal,
         }
     }
@@ -764,7 +769,7 @@ impl State {
                 }
                 let link_base = format!("{}{}", req.origin, req.path);
                 let page = self.cache.serve(&self.tenant, u, ci, &dreq, &link_base)?;
-                let mut r = SimResponse::json(200, &page_json(page, &context));
+                let mut r = SimResponse::json_bytes(200, page_json(page, &context));
                 r.headers
                     .push(("preference-applied".into(), applied.join(", ")));
                 Ok(r)
