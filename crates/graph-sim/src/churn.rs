@@ -47,6 +47,14 @@ fn dt(t: NaiveDateTime) -> serde_json::Value {
     json!({"dateTime": graph_date_time(t), "timeZone": "UTC"})
 }
 
+/// The start and end of an event as Graph renders them.
+fn start_end(event: &serde_json::Value) -> Option<(NaiveDateTime, NaiveDateTime)> {
+    let parse = |k: &str| {
+        NaiveDateTime::parse_from_str(event[k]["dateTime"].as_str()?, "%Y-%m-%dT%H:%M:%S%.f").ok()
+    };
+    Some((parse("start")?, parse("end")?))
+}
+
 fn random_time_in(rng: &mut StdRng, w: &Window) -> NaiveDateTime {
     let span = (w.end - w.start).num_minutes().max(120);
     let m = rng.gen_range(0..span - 120) / 15 * 15;
@@ -146,14 +154,7 @@ pub fn random_edit(
             let id = pick(rng, &occurrences)?;
             let shift = Duration::hours(rng.gen_range(1..4));
             let current = t.get_event(user, Some(calendar), &id).ok()?;
-            let parse = |k: &str| {
-                NaiveDateTime::parse_from_str(
-                    current[k]["dateTime"].as_str().unwrap_or(""),
-                    "%Y-%m-%dT%H:%M:%S%.f",
-                )
-                .ok()
-            };
-            let (s, e) = (parse("start")?, parse("end")?);
+            let (s, e) = start_end(&current)?;
             let p = patch(
                 json!({"subject": "Moved this week only", "start": dt(s + shift), "end": dt(e + shift)}),
             )?;
@@ -174,14 +175,7 @@ pub fn random_edit(
         9 => {
             let id = pick(rng, &series)?;
             let current = t.get_event(user, Some(calendar), &id).ok()?;
-            let parse = |k: &str| {
-                NaiveDateTime::parse_from_str(
-                    current[k]["dateTime"].as_str().unwrap_or(""),
-                    "%Y-%m-%dT%H:%M:%S%.f",
-                )
-                .ok()
-            };
-            let (s, e) = (parse("start")?, parse("end")?);
+            let (s, e) = start_end(&current)?;
             let shift = Duration::minutes(30);
             let p = patch(json!({"start": dt(s + shift), "end": dt(e + shift)}))?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;

@@ -394,6 +394,32 @@ fn retry_after_header(secs: f64, as_date: bool) -> (String, Duration) {
     }
 }
 
+/// A sliding-window request budget: forgets requests older than `window`; if `limit` are
+/// still inside it, returns how long until the oldest leaves (the Retry-After), otherwise
+/// counts this request and returns None.
+fn over_budget(
+    recent: &mut VecDeque<Instant>,
+    window: Duration,
+    limit: usize,
+    now: Instant,
+) -> Option<f64> {
+    while recent
+        .front()
+        .is_some_and(|t| now.duration_since(*t) >= window)
+    {
+        recent.pop_front();
+    }
+    if recent.len() >= limit {
+        return Some(
+            recent
+                .front()
+                .map_or(1.0, |t| (window - now.duration_since(*t)).as_secs_f64()),
+        );
+    }
+    recent.push_back(now);
+    None
+}
+
 enum Admission {
     Answer(SimResponse, Option<String>),
     Proceed {
@@ -567,18 +593,12 @@ impl State {
             }
             let window = Duration::from_secs_f64(limits.mailbox_window_secs.max(0.001));
             let mb = self.mailboxes.entry(u).or_default();
-            while mb
-                .recent
-                .front()
-                .is_some_and(|t| now_i.duration_since(*t) >= window)
-            {
-                mb.recent.pop_front();
-            }
-            if mb.recent.len() >= limits.mailbox_requests as usize {
-                let wait = mb
-                    .recent
-                    .front()
-                    .map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
+            if let Some(wait) = over_budget(
+                &mut mb.recent,
+                window,
+                limits.mailbox_requests as usize,
+                now_i,
+            ) {
                 let r = self.throttle(
                     user,
                     429,
@@ -589,23 +609,11 @@ impl State {
                 );
                 return Admission::Answer(r, Some("mailbox_rate".into()));
             }
-            mb.recent.push_back(now_i);
         }
         // The budget is Graph's; token requests go to Azure AD.
         if let (Some(budget), false) = (limits.app_requests, matches!(route, Route::Token { .. })) {
             let window = Duration::from_secs_f64(limits.app_window_secs.max(0.001));
-            while self
-                .app_recent
-                .front()
-                .is_some_and(|t| now_i.duration_since(*t) >= window)
-            {
-                self.app_recent.pop_front();
-            }
-            if self.app_recent.len() >= budget as usize {
-                let wait = self
-                    .app_recent
-                    .front()
-                    .map_or(1.0, |t| (window - now_i.duration_since(*t)).as_secs_f64());
+            if let Some(wait) = over_budget(&mut self.app_recent, window, budget as usize, now_i) {
                 let r = self.throttle(
                     user,
                     429,
@@ -616,7 +624,6 @@ impl State {
                 );
                 return Admission::Answer(r, Some("app_budget".into()));
             }
-            self.app_recent.push_back(now_i);
         }
         let mut delay = None;
         let mut fate = Fate::Normal;

@@ -23,6 +23,25 @@ fn clock() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 10, 9, 0, 0).unwrap()
 }
 
+/// An app-only token from the simulator's token endpoint, as calsync gets one.
+async fn app_token(http: &reqwest::Client, server: &SimServer) -> String {
+    let resp: Value = http
+        .post(server.token_url(graph_sim::DEFAULT_TENANT))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", graph_sim::DEFAULT_CLIENT_ID),
+            ("client_secret", graph_sim::DEFAULT_CLIENT_SECRET),
+            ("scope", "https://graph.microsoft.com/.default"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    resp["access_token"].as_str().unwrap().to_owned()
+}
+
 async fn start_with(cfg: SimConfig) -> T {
     let sim = Sim::new(&SimConfig {
         clock_start: Some(clock()),
@@ -42,21 +61,7 @@ async fn start_with(cfg: SimConfig) -> T {
     };
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let http = reqwest::Client::new();
-    let resp: Value = http
-        .post(server.token_url(graph_sim::DEFAULT_TENANT))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", graph_sim::DEFAULT_CLIENT_ID),
-            ("client_secret", graph_sim::DEFAULT_CLIENT_SECRET),
-            ("scope", "https://graph.microsoft.com/.default"),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = resp["access_token"].as_str().unwrap().to_owned();
+    let token = app_token(&http, &server).await;
     T {
         sim,
         server,
@@ -981,21 +986,7 @@ async fn the_same_seed_and_requests_give_the_same_bytes() {
         let sim = scenario.build().unwrap();
         let server = sim.serve("127.0.0.1:0").await.unwrap();
         let http = reqwest::Client::new();
-        let tok: Value = http
-            .post(server.token_url(graph_sim::DEFAULT_TENANT))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", graph_sim::DEFAULT_CLIENT_ID),
-                ("client_secret", graph_sim::DEFAULT_CLIENT_SECRET),
-                ("scope", "https://graph.microsoft.com/.default"),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let tok = tok["access_token"].as_str().unwrap().to_owned();
+        let tok = app_token(&http, &server).await;
         let mut url = format!(
             "{}/users/user0000@contoso.onmicrosoft.com/calendarView/delta?startDateTime=2025-10-01T00:00:00Z&endDateTime=2026-06-01T00:00:00Z",
             server.graph_base_url()
