@@ -71,12 +71,14 @@ pub fn random_edit(
     window: &Window,
 ) -> Option<Edit> {
     let cal = t.users.get(user)?.calendars.get(calendar)?;
-    let singles: Vec<(String, bool)> = cal
-        .events
-        .values()
-        .filter(|e| e.recurrence.is_none())
-        .map(|e| (e.id.clone(), window.overlaps(e.props.start, e.props.end)))
-        .collect();
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for e in cal.events.values().filter(|e| e.recurrence.is_none()) {
+        if window.overlaps(e.props.start, e.props.end) {
+            inside.push(e.id.clone());
+        } else {
+            outside.push(e.id.clone());
+        }
+    }
     let series: Vec<String> = cal
         .events
         .values()
@@ -114,22 +116,12 @@ pub fn random_edit(
             Edit::CreatedSeries(v["id"].as_str()?.to_owned())
         }
         3 => {
-            let inside: Vec<String> = singles
-                .iter()
-                .filter(|(_, i)| *i)
-                .map(|(id, _)| id.clone())
-                .collect();
             let id = pick(rng, &inside)?;
             let p = patch(json!({"subject": format!("Renamed ✎ {}", rng.gen_range(100..999))}))?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;
             Edit::Renamed(id)
         }
         4 => {
-            let inside: Vec<String> = singles
-                .iter()
-                .filter(|(_, i)| *i)
-                .map(|(id, _)| id.clone())
-                .collect();
             let id = pick(rng, &inside)?;
             let start = window.end.naive_utc() + Duration::days(rng.gen_range(1..30));
             let p = patch(json!({"start": dt(start), "end": dt(start + Duration::hours(1))}))?;
@@ -137,11 +129,6 @@ pub fn random_edit(
             Edit::MovedOut(id)
         }
         5 => {
-            let outside: Vec<String> = singles
-                .iter()
-                .filter(|(_, i)| !*i)
-                .map(|(id, _)| id.clone())
-                .collect();
             let id = pick(rng, &outside)?;
             let start = random_time_in(rng, window);
             let p = patch(
@@ -183,7 +170,7 @@ pub fn random_edit(
         }
         _ => {
             if rng.gen_bool(0.7) {
-                let all: Vec<String> = singles.iter().map(|(id, _)| id.clone()).collect();
+                let all: Vec<String> = inside.iter().chain(&outside).cloned().collect();
                 let id = pick(rng, &all)?;
                 t.delete_event(user, Some(calendar), &id).ok()?;
                 Edit::Deleted(id)

@@ -285,7 +285,7 @@ impl SyncCache {
                     if changed {
                         items.push(item(
                             inst.series_master_id().map(str::to_owned),
-                            &inst.to_graph_json(u),
+                            &inst.to_graph_json(),
                         ));
                     }
                 }

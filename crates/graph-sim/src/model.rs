@@ -132,7 +132,7 @@ impl Instance<'_> {
     }
 
     /// The instance as Graph renders it in a calendarView (delta) page.
-    pub fn to_graph_json(&self, user: &User) -> Value {
+    pub fn to_graph_json(&self) -> Value {
         let p = self.props;
         let mut m = Map::new();
         m.insert("@odata.type".into(), json!("#microsoft.graph.event"));
@@ -224,7 +224,6 @@ impl Instance<'_> {
             "organizer".into(),
             json!({"emailAddress": {"name": name, "address": address}}),
         );
-        let _ = user;
         Value::Object(m)
     }
 }
@@ -339,7 +338,7 @@ impl StoredEvent {
     }
 
     /// The series master as `GET /events/{id}` shows it.
-    pub fn master_json(&self, user: &User) -> Value {
+    pub fn master_json(&self) -> Value {
         let inst = Instance {
             id: self.id.clone(),
             kind: InstanceKind::SingleInstance,
@@ -349,7 +348,7 @@ impl StoredEvent {
             start: self.props.start,
             end: self.props.end,
         };
-        let mut v = inst.to_graph_json(user);
+        let mut v = inst.to_graph_json();
         if let (Some(rec), Value::Object(m)) = (&self.recurrence, &mut v) {
             m.insert("type".into(), json!("seriesMaster"));
             m.insert("seriesMasterId".into(), Value::Null);

@@ -228,6 +228,20 @@ enum Route {
     },
 }
 
+impl Route {
+    /// The mailbox a Graph route addresses (the token endpoint addresses none).
+    fn user(&self) -> Option<&UserRef> {
+        match self {
+            Route::Delta { user, .. }
+            | Route::Events { user, .. }
+            | Route::Event { user, .. }
+            | Route::Calendars { user }
+            | Route::User { user } => Some(user),
+            Route::Token { .. } => None,
+        }
+    }
+}
+
 fn decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
@@ -251,8 +265,7 @@ fn parse_route(path: &str) -> Option<Route> {
     let segs: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    if let [tenant, "oauth2", "v2.0", "token"] = l.as_slice() {
-        let _ = tenant;
+    if let [_, "oauth2", "v2.0", "token"] = l.as_slice() {
         return Some(Route::Token {
             tenant: segs[0].clone(),
         });
@@ -420,18 +433,26 @@ fn over_budget(
     None
 }
 
+/// A request that passed auth, limits and faults, with what the pipeline decided for it.
+struct Admitted {
+    route: Route,
+    user: Option<usize>,
+    delay: Option<Duration>,
+    fate: Fate,
+    malformed: bool,
+    fault: Option<String>,
+    in_flight: u32,
+    early: bool,
+}
+
 enum Admission {
-    Answer(SimResponse, Option<String>),
-    Proceed {
-        route: Route,
-        user: Option<usize>,
-        delay: Option<Duration>,
-        fate: Fate,
-        malformed: bool,
+    /// Answered without running the route; `user` is the mailbox it was for, when known.
+    Answer {
+        response: SimResponse,
         fault: Option<String>,
-        in_flight: u32,
-        early: bool,
+        user: Option<usize>,
     },
+    Proceed(Admitted),
 }
 
 impl State {
@@ -460,7 +481,7 @@ impl State {
         }
     }
 
-    fn error_response(&mut self, e: &GraphError, mailbox: Option<usize>) -> SimResponse {
+    fn error_response(&mut self, e: &GraphError) -> SimResponse {
         let now = self.tenant.now();
         self.seq += 1;
         let rid = format!("{:08x}-0000-4000-8000-{:012x}", self.seq, self.seq);
@@ -479,7 +500,6 @@ impl State {
         if let Some(ra) = &e.retry_after {
             r.headers.push(("retry-after".into(), ra.clone()));
         }
-        let _ = mailbox;
         r
     }
 
@@ -499,7 +519,7 @@ impl State {
             mb.retry_until = Some(mb.retry_until.map_or(until, |u| u.max(until)));
         }
         let e = GraphError::new(status, code, message).with_retry_after(header);
-        self.error_response(&e, mailbox)
+        self.error_response(&e)
     }
 
     fn user_key(&self, user: Option<usize>) -> Option<String> {
@@ -539,28 +559,38 @@ impl State {
                 "BadRequest",
                 format!("Resource not found for the segment '{seg}'."),
             );
-            return Admission::Answer(self.error_response(&e, None), None);
+            let response = self.error_response(&e);
+            return Admission::Answer {
+                response,
+                fault: None,
+                user: None,
+            };
+        };
+        // The mailbox the path names, for the log even when the request is refused.
+        let named = match route.user() {
+            Some(UserRef::Key(k)) => self.tenant.user_index(k),
+            _ => None,
         };
         let now = self.tenant.now();
         let now_i = Instant::now();
-        let user = if matches!(route, Route::Token { .. }) {
-            None
-        } else {
-            let subject = match self.auth.check(req.authorization.as_deref(), now) {
-                Ok(s) => s,
-                Err(e) => return Admission::Answer(self.error_response(&e, None), None),
-            };
-            let user_ref = match &route {
-                Route::Delta { user, .. }
-                | Route::Events { user, .. }
-                | Route::Event { user, .. }
-                | Route::Calendars { user }
-                | Route::User { user } => user.clone(),
-                Route::Token { .. } => UserRef::Me,
-            };
-            match self.resolve_user(&user_ref, &subject) {
-                Ok(u) => Some(u),
-                Err(e) => return Admission::Answer(self.error_response(&e, None), None),
+        let user = match route.user() {
+            None => None,
+            Some(user_ref) => {
+                let resolved = self
+                    .auth
+                    .check(req.authorization.as_deref(), now)
+                    .and_then(|subject| self.resolve_user(user_ref, &subject));
+                match resolved {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        let response = self.error_response(&e);
+                        return Admission::Answer {
+                            response,
+                            fault: None,
+                            user: named,
+                        };
+                    }
+                }
             }
         };
         let mailbox_key = self.user_key(user);
@@ -589,7 +619,11 @@ impl State {
                     limits.concurrency_retry_after,
                     false,
                 );
-                return Admission::Answer(r, Some("mailbox_concurrency".into()));
+                return Admission::Answer {
+                    response: r,
+                    fault: Some("mailbox_concurrency".into()),
+                    user,
+                };
             }
             let window = Duration::from_secs_f64(limits.mailbox_window_secs.max(0.001));
             let mb = self.mailboxes.entry(u).or_default();
@@ -607,7 +641,11 @@ impl State {
                     wait,
                     false,
                 );
-                return Admission::Answer(r, Some("mailbox_rate".into()));
+                return Admission::Answer {
+                    response: r,
+                    fault: Some("mailbox_rate".into()),
+                    user,
+                };
             }
         }
         // The budget is Graph's; token requests go to Azure AD.
@@ -622,7 +660,11 @@ impl State {
                     wait,
                     false,
                 );
-                return Admission::Answer(r, Some("app_budget".into()));
+                return Admission::Answer {
+                    response: r,
+                    fault: Some("app_budget".into()),
+                    user,
+                };
             }
         }
         let mut delay = None;
@@ -654,9 +696,13 @@ impl State {
                         Some(secs) => {
                             self.throttle(user, status, &code, &message, secs, retry_after_as_date)
                         }
-                        None => self.error_response(&GraphError::new(status, &code, message), user),
+                        None => self.error_response(&GraphError::new(status, &code, message)),
                     };
-                    return Admission::Answer(r, Some(format!("status:{status}")));
+                    return Admission::Answer {
+                        response: r,
+                        fault: Some(format!("status:{status}")),
+                        user,
+                    };
                 }
                 FaultAction::Delay { ms } => {
                     delay = Some(Duration::from_millis(ms));
@@ -681,7 +727,7 @@ impl State {
             mb.in_flight += 1;
             self.violations.max_in_flight = self.violations.max_in_flight.max(mb.in_flight);
         }
-        Admission::Proceed {
+        Admission::Proceed(Admitted {
             route,
             user,
             delay,
@@ -690,7 +736,7 @@ impl State {
             fault,
             in_flight,
             early,
-        }
+        })
     }
 
     fn calendar_index(&self, user: usize, cal: &CalRef) -> Result<usize, GraphError> {
@@ -986,60 +1032,41 @@ impl Sim {
     /// Runs one request through the whole pipeline.
     pub async fn handle(&self, req: SimRequest) -> SimResponse {
         let admission = self.lock().admit(&req);
-        let (route, user, delay, fate, malformed, fault, in_flight, early) = match admission {
-            Admission::Answer(r, fault) => {
-                let mut st = self.lock();
-                let user = parse_route(&req.path).and_then(|r| match r {
-                    Route::Delta {
-                        user: UserRef::Key(k),
-                        ..
-                    }
-                    | Route::Events {
-                        user: UserRef::Key(k),
-                        ..
-                    }
-                    | Route::Event {
-                        user: UserRef::Key(k),
-                        ..
-                    } => st.tenant.user_index(&k),
-                    _ => None,
-                });
-                st.record(user, &req, r.status, 0, fault, false);
-                return r;
-            }
-            Admission::Proceed {
-                route,
-                user,
-                delay,
-                fate,
-                malformed,
+        let a = match admission {
+            Admission::Answer {
+                response,
                 fault,
-                in_flight,
-                early,
-            } => (route, user, delay, fate, malformed, fault, in_flight, early),
+                user,
+            } => {
+                self.lock()
+                    .record(user, &req, response.status, 0, fault, false);
+                return response;
+            }
+            Admission::Proceed(a) => a,
         };
+        let (user, fault) = (a.user, a.fault);
         let guard = InFlight {
             sim: self.clone(),
             user,
         };
-        if let Some(d) = delay {
+        if let Some(d) = a.delay {
             tokio::time::sleep(d).await;
         }
         let mut st = self.lock();
-        let mut resp = match st.execute(&route, user, &req) {
+        let mut resp = match st.execute(&a.route, user, &req) {
             Ok(r) => r,
-            Err(e) => st.error_response(&e, user),
+            Err(e) => st.error_response(&e),
         };
-        st.record(user, &req, resp.status, in_flight, fault, early);
+        st.record(user, &req, resp.status, a.in_flight, fault, a.early);
         drop(st);
         drop(guard);
-        if malformed {
+        if a.malformed {
             resp.status = 200;
             let cut = resp.body.len() / 2;
             resp.body.truncate(cut.max(1));
             resp.body.extend_from_slice(b"\"@odata.nextLink\": ,]}");
         }
-        resp.fate = fate;
+        resp.fate = a.fate;
         resp
     }
 }

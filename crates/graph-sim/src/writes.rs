@@ -280,7 +280,7 @@ impl Tenant {
         cal.events.insert(id.clone(), ev);
         cal.touch(&id);
         let user_ref = &self.users[user];
-        Ok(user_ref.calendars[calendar].events[&id].master_json(user_ref))
+        Ok(user_ref.calendars[calendar].events[&id].master_json())
     }
 
     /// `PATCH /users/{u}/events/{id}` on a single event, a series master or an instance.
@@ -421,7 +421,7 @@ impl Tenant {
         let ev = &u.calendars[ci].events[&master];
         match date {
             None => Ok(if ev.recurrence.is_some() {
-                ev.master_json(u)
+                ev.master_json()
             } else {
                 let mut out = Vec::new();
                 let w = crate::model::Window {
@@ -430,8 +430,8 @@ impl Tenant {
                 };
                 ev.instances_in(&w, &mut out);
                 out.first()
-                    .map(|i| i.to_graph_json(u))
-                    .unwrap_or_else(|| ev.master_json(u))
+                    .map(|i| i.to_graph_json())
+                    .unwrap_or_else(|| ev.master_json())
             }),
             Some(date) => {
                 if !ev.has_occurrence_on(date) {
@@ -454,7 +454,7 @@ impl Tenant {
                 ev.instances_in(&w, &mut out);
                 out.into_iter()
                     .find(|i| i.original_date == Some(date))
-                    .map(|i| i.to_graph_json(u))
+                    .map(|i| i.to_graph_json())
                     .ok_or_else(|| {
                         GraphError::not_found("The specified object was not found in the store.")
                     })
