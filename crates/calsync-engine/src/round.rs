@@ -217,15 +217,11 @@ impl Engine {
                           removed = report.removed, swept = report.swept, full = report.full, "round complete");
                     return Outcome::Synced(report);
                 }
-                Err(StepError::Interrupted) => {
-                    self.drop_cursor(tuple.id);
-                    return Outcome::Interrupted;
-                }
+                Err(StepError::Interrupted) => return Outcome::Interrupted,
                 Err(StepError::Store(StoreError::Conflict { .. })) if !conflict_retried => {
                     // Our idea of the tuple was stale (another writer, or a write whose answer
-                    // was lost): start over from what the store says.
+                    // was lost); the cursor is gone, so the round restarts from the store.
                     conflict_retried = true;
-                    self.drop_cursor(tuple.id);
                 }
                 Err(e) if e.class() == Some(ErrorClass::Resync) && report.resyncs < 2 => {
                     warn!(tuple = %tuple.key, code = %e.code(), "delta state gone; starting a full round");

@@ -65,8 +65,6 @@ pub struct IdleArgs {
     pub database_url: String,
     #[arg(long)]
     pub graph_base_url: String,
-    #[arg(long)]
-    pub token_url: String,
 }
 
 /// CPU seconds a process has used, summed over its threads from /proc/<pid>/task/*/schedstat
@@ -354,8 +352,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             &db.url,
             "--graph-base-url",
             &format!("{sim_base}/v1.0"),
-            "--token-url",
-            &format!("{sim_base}/{}/oauth2/v2.0/token", graph_sim::DEFAULT_TENANT),
         ])
         .stderr(Stdio::inherit())
         .output()
@@ -447,6 +443,5 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     cancel.cancel();
     let _ = run.await;
     println!("RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering)");
-    let _ = args.token_url;
     Ok(())
 }

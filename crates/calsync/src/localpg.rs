@@ -9,7 +9,8 @@ use std::process::Command;
 #[derive(Debug)]
 pub struct LocalPostgres {
     dir: tempfile::TempDir,
-    bin: PathBuf,
+    initdb: PathBuf,
+    pg_ctl: PathBuf,
     run_as: Option<String>,
     port: u16,
 }
@@ -46,8 +47,6 @@ impl LocalPostgres {
                 "DATABASE_URL is not set and no PostgreSQL server binaries (initdb, pg_ctl) were found on PATH or in /usr/lib/postgresql: set DATABASE_URL=postgres://user@host/db or install PostgreSQL"
             );
         };
-        let bin = initdb.parent().map(Path::to_path_buf).unwrap_or_default();
-        let _ = pg_ctl;
         let dir = tempfile::Builder::new()
             .prefix("calsync-pg-")
             .tempdir()
@@ -82,13 +81,14 @@ impl LocalPostgres {
             .context("cannot find a free port")?;
         let pg = LocalPostgres {
             dir,
-            bin,
+            initdb,
+            pg_ctl,
             run_as,
             port,
         };
         let data = pg.dir.path().join("data");
         pg.run(
-            "initdb",
+            &pg.initdb,
             &[
                 "-D",
                 &data.to_string_lossy(),
@@ -105,7 +105,7 @@ impl LocalPostgres {
         );
         let log = pg.dir.path().join("postgres.log");
         pg.run(
-            "pg_ctl",
+            &pg.pg_ctl,
             &[
                 "-D",
                 &data.to_string_lossy(),
@@ -122,22 +122,22 @@ impl LocalPostgres {
         Ok(pg)
     }
 
-    fn run(&self, tool: &str, args: &[&str]) -> anyhow::Result<()> {
-        let exe = self.bin.join(tool);
+    fn run(&self, exe: &Path, args: &[&str]) -> anyhow::Result<()> {
         let out = match &self.run_as {
             Some(user) => Command::new("runuser")
                 .arg("-u")
                 .arg(user)
                 .arg("--")
-                .arg(&exe)
+                .arg(exe)
                 .args(args)
                 .output(),
-            None => Command::new(&exe).args(args).output(),
+            None => Command::new(exe).args(args).output(),
         }
         .with_context(|| format!("cannot run {}", exe.display()))?;
         if !out.status.success() {
             bail!(
-                "{tool} failed: {}",
+                "{} failed: {}",
+                exe.display(),
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
@@ -153,7 +153,7 @@ impl Drop for LocalPostgres {
     fn drop(&mut self) {
         let data = self.dir.path().join("data");
         let _ = self.run(
-            "pg_ctl",
+            &self.pg_ctl,
             &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
         );
     }
