@@ -7,7 +7,7 @@ pub mod mapping;
 pub mod round;
 pub mod schedule;
 
-pub use gate::RequestGate;
+pub use gate::{Budget, GateStats, RequestGate};
 pub use round::{Failure, Health, Outcome, RoundReport};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
@@ -32,10 +32,14 @@ pub struct SyncSettings {
     pub max_backoff: Duration,
     /// How soon a failed or degraded tuple is tried again.
     pub failed_retry_interval: Duration,
-    /// Graph requests in flight across all mailboxes.
+    /// Graph requests in flight across all mailboxes: the ceiling of the adaptive limit.
     pub max_in_flight: usize,
+    /// The floor the adaptive limit never drops below when the tenant is throttled.
+    pub min_in_flight: usize,
     /// Graph requests in flight per mailbox (Outlook's limit is 4).
     pub per_mailbox_concurrency: usize,
+    /// Requests per mailbox per window (Graph allows 10,000 per 10 minutes); `None`: no cap.
+    pub mailbox_budget: Option<Budget>,
     /// First rounds after start are spread over this long (or the interval, if shorter).
     pub startup_spread: Duration,
 }
@@ -52,7 +56,12 @@ impl Default for SyncSettings {
             max_backoff: Duration::from_secs(60),
             failed_retry_interval: Duration::from_secs(3600),
             max_in_flight: 64,
+            min_in_flight: 4,
             per_mailbox_concurrency: 4,
+            mailbox_budget: Some(Budget {
+                requests: 5000,
+                per: Duration::from_secs(600),
+            }),
             startup_spread: Duration::from_secs(30),
         }
     }
@@ -118,7 +127,9 @@ struct Inner {
 
 impl Engine {
     pub fn new(graph: GraphClient, store: Store, settings: SyncSettings) -> Self {
-        let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency);
+        let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency)
+            .with_min_in_flight(settings.min_in_flight)
+            .with_budget(settings.mailbox_budget);
         Engine {
             inner: Arc::new(Inner {
                 graph,
@@ -136,6 +147,11 @@ impl Engine {
 
     pub fn graph(&self) -> &GraphClient {
         &self.inner.graph
+    }
+
+    /// What the request gate has done: throttle waits, the adaptive limit.
+    pub fn gate_stats(&self) -> GateStats {
+        self.inner.gate.stats()
     }
 
     pub fn store(&self) -> &Store {

@@ -5,10 +5,11 @@ use crate::Engine;
 use crate::Tuple;
 use crate::mapping::page_changes;
 use backon::{ExponentialBuilder, Retryable};
-use calsync_graph::{ErrorClass, GraphError, PageLink};
+use calsync_graph::{Connection, ErrorClass, GraphError, PageLink};
 use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError};
 use rand::Rng;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -339,9 +340,22 @@ impl Engine {
             if cancel.is_cancelled() {
                 return Err(StepError::Interrupted);
             }
+            // After a 503 or a broken connection the retry goes out on a new connection.
+            let fresh = AtomicBool::new(false);
             let out = self
-                .with_retries(cancel, || {
-                    self.step(tuple, &link, start, version, &stamp, cancel)
+                .with_retries(cancel, || async {
+                    let connection = if fresh.load(Ordering::Relaxed) {
+                        Connection::Fresh
+                    } else {
+                        Connection::Reuse
+                    };
+                    let r = self
+                        .step(tuple, &link, start, version, &stamp, cancel, connection)
+                        .await;
+                    if let Err(StepError::Graph(e)) = &r {
+                        fresh.store(e.wants_fresh_connection(), Ordering::Relaxed);
+                    }
+                    r
                 })
                 .await?;
             report.pages += 1;
@@ -419,6 +433,7 @@ impl Engine {
     }
 
     /// Fetches one page and applies it with the link after it.
+    #[allow(clippy::too_many_arguments)]
     async fn step(
         &self,
         tuple: &Tuple,
@@ -427,6 +442,7 @@ impl Engine {
         version: i64,
         stamp: &calsync_store::LinkStamp,
         cancel: &CancellationToken,
+        connection: Connection,
     ) -> Result<StepOut, StepError> {
         let graph = self.graph();
         let page = {
@@ -438,14 +454,21 @@ impl Engine {
             let fetched = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Err(StepError::Interrupted),
-                r = graph.fetch_page(link) => r,
+                r = graph.fetch_page(link, connection) => r,
             };
             drop(permit);
+            let gate = &self.inner.gate;
             match fetched {
-                Ok(p) => p,
+                Ok(p) => {
+                    gate.succeeded();
+                    p
+                }
                 Err(e) => {
                     if let Some(wait) = e.retry_after() {
-                        self.inner.gate.defer(&tuple.user, wait);
+                        gate.defer(&tuple.user, wait);
+                    }
+                    if e.is_throttle() {
+                        gate.throttled(&tuple.user);
                     }
                     return Err(StepError::Graph(e));
                 }

@@ -48,10 +48,23 @@ struct Cached {
     renew_at: Instant,
 }
 
+/// The last failed fetch, answered to every caller until `until`.
+struct Held {
+    error: GraphError,
+    until: Instant,
+    failures: u32,
+}
+
+/// The first hold after a failed token fetch; it doubles per failure up to [`MAX_HOLD`].
+pub const MIN_HOLD: Duration = Duration::from_secs(1);
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
+
 pub struct TokenSource {
     cfg: AuthConfig,
     http: reqwest::Client,
     cached: Mutex<Option<Cached>>,
+    /// Behind the same lock as `cached` in effect: only touched while `cached` is held.
+    held: std::sync::Mutex<Option<Held>>,
     generation: AtomicU64,
     renewals: AtomicU64,
 }
@@ -71,6 +84,7 @@ impl TokenSource {
             cfg,
             http,
             cached: Mutex::new(None),
+            held: std::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
         }
@@ -81,8 +95,15 @@ impl TokenSource {
         self.renewals.load(Ordering::Relaxed)
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A valid token: the cached one, or a new one when it is near expiry or was invalidated.
-    /// Concurrent callers wait for one fetch instead of each starting their own.
+    /// Concurrent callers wait for one fetch instead of each starting their own. After a
+    /// failed fetch the same error is answered, without asking again, for a hold that
+    /// doubles per consecutive failure (1 s … 5 min): thousands of tuples cause one token
+    /// request per hold, not a storm.
     pub async fn token(&self) -> Result<AccessToken, GraphError> {
         let mut cached = self.cached.lock().await;
         if let Some(c) = cached.as_ref() {
@@ -90,7 +111,30 @@ impl TokenSource {
                 return Ok(c.token.clone());
             }
         }
-        let (secret, lifetime) = self.fetch().await?;
+        if let Some(h) = self.held().as_ref() {
+            if Instant::now() < h.until {
+                return Err(h.error.clone());
+            }
+        }
+        let (secret, lifetime) = match self.fetch().await {
+            Ok(t) => {
+                *self.held() = None;
+                t
+            }
+            Err(error) => {
+                let mut held = self.held();
+                let failures = held.as_ref().map_or(0, |h| h.failures) + 1;
+                let hold = MIN_HOLD
+                    .saturating_mul(1u32 << (failures - 1).min(16))
+                    .min(MAX_HOLD);
+                *held = Some(Held {
+                    error: error.clone(),
+                    until: Instant::now() + hold,
+                    failures,
+                });
+                return Err(error);
+            }
+        };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         // Renew at 90% of the lifetime, at most five minutes early (Azure AD: 3599 s tokens).
         let margin = (lifetime / 10).min(Duration::from_secs(300));

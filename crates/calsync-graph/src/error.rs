@@ -82,13 +82,15 @@ impl GraphError {
             GraphError::Throttled { .. }
             | GraphError::Transient { .. }
             | GraphError::Malformed { .. }
-            | GraphError::AuthUnavailable { .. } => ErrorClass::Retry,
+            | GraphError::AuthUnavailable { .. }
+            // The token endpoint refusing us is not about one calendar: every tuple backs off
+            // while the token source holds the failure (no storm of token requests).
+            | GraphError::AuthRejected { .. } => ErrorClass::Retry,
             GraphError::ResyncRequired { .. } => ErrorClass::Resync,
             GraphError::Unauthorized { .. }
             | GraphError::Forbidden { .. }
             | GraphError::NotFound { .. }
-            | GraphError::Rejected { .. }
-            | GraphError::AuthRejected { .. } => ErrorClass::Permanent,
+            | GraphError::Rejected { .. } => ErrorClass::Permanent,
             GraphError::TooLarge { .. } | GraphError::ForeignLink { .. } => ErrorClass::Degraded,
         }
     }
@@ -109,6 +111,30 @@ impl GraphError {
             GraphError::AuthRejected { error, .. } => error,
             GraphError::AuthUnavailable { .. } => "TokenEndpointUnavailable",
         }
+    }
+
+    /// The retry should go out on a new connection, not the one that carried this answer
+    /// (Graph's guidance for 503; a reset or cut-off connection is gone anyway).
+    pub fn wants_fresh_connection(&self) -> bool {
+        match self {
+            GraphError::Throttled { status, .. } => *status == 503,
+            GraphError::Transient {
+                fresh_connection, ..
+            } => *fresh_connection,
+            _ => false,
+        }
+    }
+
+    /// Graph said slow down (429, 503, 509): a signal for the request gate.
+    pub fn is_throttle(&self) -> bool {
+        matches!(self, GraphError::Throttled { .. })
+            || matches!(
+                self,
+                GraphError::Transient {
+                    status: Some(503),
+                    ..
+                }
+            )
     }
 
     pub fn retry_after(&self) -> Option<Duration> {

@@ -56,6 +56,15 @@ pub struct ViewWindow {
     pub end: DateTime<Utc>,
 }
 
+/// Which connection a request may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// A pooled keep-alive connection.
+    Reuse,
+    /// A new connection, closed after the request (the retry after a 503 or a reset).
+    Fresh,
+}
+
 /// The Graph client. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct GraphClient {
@@ -65,6 +74,8 @@ pub struct GraphClient {
 #[derive(Debug)]
 struct Inner {
     http: reqwest::Client,
+    /// Keeps no idle connections, so each request on it opens a new one.
+    fresh_http: reqwest::Client,
     cfg: GraphConfig,
     tokens: TokenSource,
     prefer: HeaderValue,
@@ -84,17 +95,21 @@ fn origin_text(u: &Url) -> String {
 
 impl GraphClient {
     pub fn new(cfg: GraphConfig, auth: AuthConfig) -> Result<Self, GraphError> {
-        let http = reqwest::Client::builder()
-            // Never follow a redirect: it could carry the bearer token to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(cfg.connect_timeout)
-            .timeout(cfg.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| GraphError::AuthUnavailable {
+        let builder = || {
+            reqwest::Client::builder()
+                // Never follow a redirect: it could carry the bearer token to another host.
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(cfg.connect_timeout)
+                .timeout(cfg.request_timeout)
+                .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
+        };
+        let built = |b: reqwest::ClientBuilder| {
+            b.build().map_err(|e| GraphError::AuthUnavailable {
                 reason: e.without_url().to_string(),
-            })?;
+            })
+        };
+        let http = built(builder().pool_idle_timeout(Duration::from_secs(60)))?;
+        let fresh_http = built(builder().pool_max_idle_per_host(0))?;
         let mut prefer = String::from("outlook.timezone=\"UTC\"");
         if let Some(n) = cfg.page_size {
             prefer = format!("odata.maxpagesize={n}, {prefer}");
@@ -108,6 +123,7 @@ impl GraphClient {
             inner: Arc::new(Inner {
                 tokens: TokenSource::new(auth, http.clone()),
                 http,
+                fresh_http,
                 cfg,
                 prefer,
             }),
@@ -161,20 +177,29 @@ impl GraphClient {
     }
 
     /// GETs one delta page. On 401 the token is renewed once and the request repeated.
-    pub async fn fetch_page(&self, link: &str) -> Result<DeltaPage, GraphError> {
+    pub async fn fetch_page(
+        &self,
+        link: &str,
+        connection: Connection,
+    ) -> Result<DeltaPage, GraphError> {
         let url = self.check_link(link)?;
         let token = self.inner.tokens.token().await?;
-        match self.get(&url, &token).await {
+        match self.get(&url, &token, connection).await {
             Err(GraphError::Unauthorized { .. }) => {
                 self.inner.tokens.invalidate(&token).await;
                 let fresh = self.inner.tokens.token().await?;
-                self.get(&url, &fresh).await
+                self.get(&url, &fresh, connection).await
             }
             other => other,
         }
     }
 
-    async fn get(&self, url: &Url, token: &auth::AccessToken) -> Result<DeltaPage, GraphError> {
+    async fn get(
+        &self,
+        url: &Url,
+        token: &auth::AccessToken,
+        connection: Connection,
+    ) -> Result<DeltaPage, GraphError> {
         let mut headers = HeaderMap::new();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
             .map_err(|_| GraphError::AuthUnavailable {
@@ -183,9 +208,11 @@ impl GraphClient {
         bearer.set_sensitive(true);
         headers.insert(AUTHORIZATION, bearer);
         headers.insert("prefer", self.inner.prefer.clone());
-        let resp = self
-            .inner
-            .http
+        let http = match connection {
+            Connection::Reuse => &self.inner.http,
+            Connection::Fresh => &self.inner.fresh_http,
+        };
+        let resp = http
             .get(url.clone())
             .headers(headers)
             .send()

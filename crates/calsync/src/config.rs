@@ -2,7 +2,7 @@
 //! `CALSYNC_<SECTION>__<KEY>` environment), then validated into domain types. Every error names
 //! the key that is wrong.
 
-use calsync_engine::{SyncSettings, TupleConfig};
+use calsync_engine::{Budget, SyncSettings, TupleConfig};
 use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
 use chrono::{DateTime, Utc};
 use figment::Figment;
@@ -179,7 +179,12 @@ pub struct RawSync {
     pub max_backoff: String,
     pub failed_retry_interval: String,
     pub max_in_flight: u32,
+    /// The floor the adaptive global limit never drops below.
+    pub min_in_flight: u32,
     pub per_mailbox_concurrency: u32,
+    /// Requests per mailbox per `mailbox_budget_window`; 0 turns the budget off.
+    pub mailbox_request_budget: u32,
+    pub mailbox_budget_window: String,
     pub startup_spread: String,
 }
 
@@ -196,7 +201,11 @@ impl Default for RawSync {
             max_backoff: "60s".into(),
             failed_retry_interval: "1h".into(),
             max_in_flight: 64,
+            min_in_flight: 4,
             per_mailbox_concurrency: 4,
+            // Half of Graph's 10,000 per 10 minutes per mailbox: room for other apps.
+            mailbox_request_budget: 5000,
+            mailbox_budget_window: "10m".into(),
             startup_spread: "30s".into(),
         }
     }
@@ -440,6 +449,20 @@ impl RawConfig {
         if s.max_in_flight == 0 {
             return Err(bad("sync.max_in_flight", "must be at least 1"));
         }
+        if s.min_in_flight == 0 || s.min_in_flight > s.max_in_flight {
+            return Err(bad(
+                "sync.min_in_flight",
+                "must be between 1 and sync.max_in_flight",
+            ));
+        }
+        let budget_window = duration("sync.mailbox_budget_window", &s.mailbox_budget_window)?;
+        if budget_window.is_zero() {
+            return Err(bad("sync.mailbox_budget_window", "must be longer than 0s"));
+        }
+        let mailbox_budget = (s.mailbox_request_budget > 0).then_some(Budget {
+            requests: s.mailbox_request_budget,
+            per: budget_window,
+        });
         if s.max_attempts == 0 {
             return Err(bad("sync.max_attempts", "must be at least 1"));
         }
@@ -467,7 +490,9 @@ impl RawConfig {
                 &s.failed_retry_interval,
             )?,
             max_in_flight: s.max_in_flight as usize,
+            min_in_flight: s.min_in_flight as usize,
             per_mailbox_concurrency: s.per_mailbox_concurrency as usize,
+            mailbox_budget,
             startup_spread: duration("sync.startup_spread", &s.startup_spread)?,
         };
 

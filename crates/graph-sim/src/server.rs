@@ -130,11 +130,14 @@ pub fn serve(sim: Sim, listener: TcpListener) -> io::Result<SimServer> {
     let origin = format!("http://{addr}");
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
+        let mut next_connection = 0u64;
         loop {
             tokio::select! {
                 _ = stopped.changed() => break,
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
+                    next_connection += 1;
+                    let connection = next_connection;
                     let _ = stream.set_nodelay(true);
                     let killed = Arc::new(AtomicBool::new(false));
                     let io = TokioIo::new(KillableStream { inner: stream, killed: Arc::clone(&killed), lingered: false });
@@ -145,7 +148,7 @@ pub fn serve(sim: Sim, listener: TcpListener) -> io::Result<SimServer> {
                             let sim = sim.clone();
                             let killed = Arc::clone(&killed);
                             let origin = origin.clone();
-                            async move { Ok::<_, io::Error>(handle(sim, req, killed, origin).await) }
+                            async move { Ok::<_, io::Error>(handle(sim, req, killed, origin, connection).await) }
                         });
                         let _ = http1::Builder::new().keep_alive(true).serve_connection(io, svc).await;
                     });
@@ -189,6 +192,7 @@ async fn handle(
     req: Request<Incoming>,
     killed: Arc<AtomicBool>,
     origin: String,
+    connection: u64,
 ) -> Response<Body> {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
@@ -226,6 +230,7 @@ async fn handle(
             prefer,
             body,
             origin,
+            connection,
         })
         .await;
     match resp.fate {

@@ -79,6 +79,9 @@ pub struct RequestRecord {
     pub fault: Option<String>,
     /// Sent to a mailbox before its announced `Retry-After` had passed.
     pub early: bool,
+    /// The TCP connection that carried it (see [`SimRequest::connection`]).
+    #[serde(default)]
+    pub connection: u64,
 }
 
 /// Counters of bad manners, for tests to assert are zero.
@@ -154,6 +157,9 @@ pub struct SimRequest {
     pub body: Vec<u8>,
     /// `scheme://host:port` the client reached us on; links are built on it.
     pub origin: String,
+    /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
+    /// library is called directly), so tests can tell a fresh connection from a reused one.
+    pub connection: u64,
 }
 
 /// What happens to the connection after the answer is built.
@@ -923,6 +929,7 @@ impl State {
             in_flight,
             fault,
             early,
+            connection: req.connection,
         };
         if self.log.len() >= self.log_capacity {
             self.log.pop_front();
