@@ -99,13 +99,21 @@ impl LocalPostgres {
                 "--no-sync",
             ],
         )?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// `pg_ctl start` on the cluster's port; waits until it accepts connections.
+    pub fn start_server(&self) -> anyhow::Result<()> {
+        let data = self.dir.path().join("data");
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            pg.dir.path().display()
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            self.port,
+            self.dir.path().display()
         );
-        let log = pg.dir.path().join("postgres.log");
-        pg.run(
-            &pg.pg_ctl,
+        let log = self.dir.path().join("postgres.log");
+        self.run(
+            &self.pg_ctl,
             &[
                 "-D",
                 &data.to_string_lossy(),
@@ -118,8 +126,17 @@ impl LocalPostgres {
                 "60",
                 "start",
             ],
-        )?;
-        Ok(pg)
+        )
+    }
+
+    /// `pg_ctl stop -m fast`: open sessions are cut, the port is closed until
+    /// [`LocalPostgres::start_server`].
+    pub fn stop_server(&self) -> anyhow::Result<()> {
+        let data = self.dir.path().join("data");
+        self.run(
+            &self.pg_ctl,
+            &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
+        )
     }
 
     fn run(&self, exe: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -151,10 +168,6 @@ impl LocalPostgres {
 
 impl Drop for LocalPostgres {
     fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = self.run(
-            &self.pg_ctl,
-            &["-D", &data.to_string_lossy(), "-m", "fast", "-w", "stop"],
-        );
+        let _ = self.stop_server();
     }
 }

@@ -58,15 +58,16 @@ pub enum FaultAction {
 impl FaultRule {
     /// Counts a matching request and says whether the rule fires on it. `draw` is consulted
     /// only for probabilistic rules, so other rules leave the random sequence alone.
+    /// `mailbox` holds the names the request's mailbox goes by (its id and its UPN).
     pub fn consider(
         &mut self,
-        mailbox: Option<&str>,
+        mailbox: &[&str],
         method: &str,
         path: &str,
         draw: &mut impl FnMut() -> f64,
     ) -> bool {
         if let Some(m) = &self.mailbox {
-            if !mailbox.is_some_and(|x| x.eq_ignore_ascii_case(m)) {
+            if !mailbox.iter().any(|x| x.eq_ignore_ascii_case(m)) {
                 return false;
             }
         }
@@ -147,7 +148,7 @@ mod tests {
         };
         let mut draw = || 0.0;
         let fired: Vec<bool> = (0..8)
-            .map(|_| r.consider(None, "GET", "/v1.0/x", &mut draw))
+            .map(|_| r.consider(&[], "GET", "/v1.0/x", &mut draw))
             .collect();
         assert_eq!(
             fired,
@@ -159,10 +160,10 @@ mod tests {
             mailbox: Some("A@x".into()),
             ..Default::default()
         };
-        assert!(!r.consider(Some("b@x"), "GET", "/", &mut draw));
-        assert!(!r.consider(Some("a@x"), "GET", "/", &mut draw));
-        assert!(!r.consider(Some("a@x"), "GET", "/", &mut draw));
-        assert!(r.consider(Some("a@x"), "GET", "/", &mut draw));
+        assert!(!r.consider(&["b-id", "b@x"], "GET", "/", &mut draw));
+        assert!(!r.consider(&["a-id", "A@x"], "GET", "/", &mut draw));
+        assert!(!r.consider(&["a-id", "A@x"], "GET", "/", &mut draw));
+        assert!(r.consider(&["a-id", "A@x"], "GET", "/", &mut draw));
     }
 
     #[test]

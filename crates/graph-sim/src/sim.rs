@@ -399,10 +399,17 @@ fn preferences(prefer: &[String]) -> Vec<(String, String)> {
 fn retry_after_header(secs: f64, as_date: bool) -> (String, Duration) {
     let secs = secs.max(0.0);
     if as_date {
-        // HTTP dates have whole seconds: round up so the client never comes back early.
-        let whole = secs.ceil() as u64;
-        let at = std::time::SystemTime::now() + Duration::from_secs(whole + 1);
-        (httpdate::fmt_http_date(at), Duration::from_secs(whole + 1))
+        // HTTP dates have whole seconds. Name the first whole second at least `secs` away,
+        // and hold the mailbox until exactly that instant: what the header says is what
+        // counts, so a client that honours the date is never early.
+        let now = std::time::SystemTime::now();
+        let since_epoch = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let at_secs = (since_epoch.as_secs_f64() + secs).ceil() as u64;
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(at_secs);
+        let wait = at.duration_since(now).unwrap_or_default();
+        (httpdate::fmt_http_date(at), wait)
     } else {
         let text = if secs.fract() == 0.0 {
             format!("{}", secs as u64)
@@ -680,8 +687,12 @@ impl State {
         let rng = &mut self.rng;
         let mut draw = || rng.r#gen::<f64>();
         let mut fired = Vec::new();
+        let names: Vec<&str> = user
+            .and_then(|u| self.tenant.users.get(u))
+            .map(|u| vec![u.id.as_str(), u.upn.as_str()])
+            .unwrap_or_default();
         for (i, rule) in self.faults.iter_mut().enumerate() {
-            if rule.consider(mailbox_key.as_deref(), &req.method, &req.path, &mut draw) {
+            if rule.consider(&names, &req.method, &req.path, &mut draw) {
                 fired.push(i);
                 if !matches!(rule.action, FaultAction::Delay { .. }) {
                     break;
@@ -702,6 +713,11 @@ impl State {
                         Some(secs) => {
                             self.throttle(user, status, &code, &message, secs, retry_after_as_date)
                         }
+                        // Azure AD's error shape on the token endpoint, Graph's elsewhere.
+                        None if matches!(route, Route::Token { .. }) => SimResponse::json(
+                            status,
+                            &json!({"error": code, "error_description": message}),
+                        ),
                         None => self.error_response(&GraphError::new(status, &code, message)),
                     };
                     return Admission::Answer {

@@ -62,24 +62,28 @@ pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
 }
 
 impl H {
-    pub fn graph(&self) -> GraphClient {
+    pub fn graph_config(&self) -> GraphConfig {
         let mut g = GraphConfig::new(self.server.graph_base_url().parse().unwrap());
         g.page_size = Some(self.page_size);
         g.request_timeout = Duration::from_secs(10);
-        GraphClient::new(
-            g,
-            AuthConfig {
-                token_url: self
-                    .server
-                    .token_url(graph_sim::DEFAULT_TENANT)
-                    .parse()
-                    .unwrap(),
-                client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-                client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-                scope: "https://graph.microsoft.com/.default".into(),
-            },
-        )
-        .unwrap()
+        g
+    }
+
+    pub fn auth(&self) -> AuthConfig {
+        AuthConfig {
+            token_url: self
+                .server
+                .token_url(graph_sim::DEFAULT_TENANT)
+                .parse()
+                .unwrap(),
+            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
+            client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
+            scope: "https://graph.microsoft.com/.default".into(),
+        }
+    }
+
+    pub fn graph(&self) -> GraphClient {
+        GraphClient::new(self.graph_config(), self.auth()).unwrap()
     }
 
     /// A fresh engine, as after a process restart: new client, new gate, same database.
