@@ -29,9 +29,32 @@ pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
     })
 }
 
+/// Connects, retrying with backoff for up to `wait_at_start` while the database is
+/// unreachable (it may be starting alongside us); then gives up with the last error.
+pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Store> {
+    use backon::{ExponentialBuilder, Retryable};
+    let deadline = tokio::time::Instant::now() + db.wait_at_start;
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    (|| connect_store(db))
+        .retry(backoff)
+        .when(|_| tokio::time::Instant::now() < deadline)
+        .notify(|e, wait| {
+            warn!(
+                error = format!("{e:#}"),
+                retry_in_ms = wait.as_millis() as u64,
+                "database unreachable; retrying"
+            );
+        })
+        .await
+}
+
 /// Connects, migrates, builds the engine and registers the configured tuples.
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
-    let store = connect_store(&cfg.database).await?;
+    let store = connect_store_patiently(&cfg.database).await?;
     store
         .migrate()
         .await

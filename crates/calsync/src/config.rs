@@ -110,6 +110,9 @@ pub struct RawDatabase {
     pub url_file: Option<PathBuf>,
     pub max_connections: u32,
     pub connect_timeout: String,
+    /// How long `run` keeps retrying an unreachable database at start before it exits
+    /// non-zero; "0s" exits at once.
+    pub wait_at_start: String,
 }
 
 impl Default for RawDatabase {
@@ -119,6 +122,7 @@ impl Default for RawDatabase {
             url_file: None,
             max_connections: 10,
             connect_timeout: "10s".into(),
+            wait_at_start: "60s".into(),
         }
     }
 }
@@ -264,6 +268,7 @@ pub struct DatabaseConfig {
     pub url: SecretString,
     pub max_connections: u32,
     pub connect_timeout: Duration,
+    pub wait_at_start: Duration,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -272,6 +277,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url", &redact_url(self.url.expose_secret()))
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
+            .field("wait_at_start", &self.wait_at_start)
             .finish()
     }
 }
@@ -651,6 +657,7 @@ impl RawConfig {
             url: db_url,
             max_connections: self.database.max_connections,
             connect_timeout: duration("database.connect_timeout", &self.database.connect_timeout)?,
+            wait_at_start: duration("database.wait_at_start", &self.database.wait_at_start)?,
         })
     }
 }

@@ -115,6 +115,7 @@ pub fn config_for_sim(
             url: SecretString::from(db_url.to_owned()),
             max_connections: 8,
             connect_timeout: Duration::from_secs(10),
+            wait_at_start: Duration::from_secs(10),
         },
         graph,
         auth,

@@ -416,3 +416,37 @@ async fn run_stops_cleanly_on_sigterm_and_leaves_a_resumable_state() {
     assert_eq!(rows as usize, truth.len());
     server.stop().await;
 }
+
+#[test]
+fn an_unreachable_database_at_start_is_retried_then_a_clear_error() {
+    let config = base_config().replace(
+        "[database]\n",
+        "[database]\nwait_at_start = \"1500ms\"\nconnect_timeout = \"1s\"\n",
+    );
+    let started = std::time::Instant::now();
+    let out = run(&["run"], &config, &[]);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{all}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1500),
+        "it retried for wait_at_start"
+    );
+    assert!(all.contains("database unreachable; retrying"), "{all}");
+    assert!(
+        all.contains(
+            "cannot connect to the database at postgres://calsync:%3Credacted%3E@127.0.0.1:1/none"
+        ),
+        "{all}"
+    );
+    assert!(!all.contains("pw@") && !all.contains("panicked"), "{all}");
+
+    // "0s": exit after the first attempt (which itself gives up after connect_timeout).
+    let now = base_config().replace(
+        "[database]\n",
+        "[database]\nwait_at_start = \"0s\"\nconnect_timeout = \"1s\"\n",
+    );
+    let started = std::time::Instant::now();
+    let out = run(&["run"], &now, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}

@@ -42,6 +42,15 @@ pub async fn harness(pool: PgPool, page_size: u32) -> H {
 }
 
 pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
+    harness_full(Store::from_pool(pool), page_size, cfg).await
+}
+
+/// A harness on a store connected elsewhere (a private cluster the test stops and starts).
+pub async fn harness_on(store: Store, page_size: u32) -> H {
+    harness_full(store, page_size, SimConfig::default()).await
+}
+
+async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> H {
     let sim = Sim::new(&cfg);
     {
         let mut st = sim.lock();
@@ -51,7 +60,6 @@ pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
             .add_user("alex@contoso.onmicrosoft.com", None, "Alex Wilber");
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
-    let store = Store::from_pool(pool);
     store.migrate().await.unwrap();
     H {
         sim,
