@@ -450,3 +450,111 @@ fn an_unreachable_database_at_start_is_retried_then_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// Runs the real binary at trace level through a full sync, a token renewal, a refused
+/// secret and every read-only command, and looks for each secret in everything it printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_secret_reaches_any_output_even_at_trace_level() {
+    const DB_PASSWORD: &str = "Pg-Passw0rd-never-in-logs";
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cli_secrets")
+        .await
+        .unwrap();
+    // Trust auth ignores the password, so it can be anything: it must only never be printed.
+    let url = url.replacen("://postgres@", &format!("://postgres:{DB_PASSWORD}@"), 1);
+    assert!(
+        url.contains(DB_PASSWORD),
+        "the test URL carries a password: {url}"
+    );
+    let sim = graph_sim::Sim::new(&graph_sim::SimConfig {
+        clients: vec![graph_sim::auth::ClientApp {
+            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
+            client_secret: SECRET.into(),
+        }],
+        ..graph_sim::SimConfig::default()
+    });
+    {
+        let mut st = sim.lock();
+        let u = st
+            .tenant
+            .add_user("adele@contoso.onmicrosoft.com", None, "Adele");
+        for d in 10..30 {
+            let p = graph_sim::writes::EventPatch::from_json(
+                &serde_json::json!({"subject": format!("e{d}"),
+                "start": {"dateTime": format!("2026-01-{d}T10:00:00"), "timeZone": "UTC"},
+                "end": {"dateTime": format!("2026-01-{d}T11:00:00"), "timeZone": "UTC"}}),
+            )
+            .unwrap();
+            st.tenant.create_event(u, 0, &p).unwrap();
+        }
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let config = valid(
+        &url,
+        &server.graph_base_url(),
+        &server.token_url(graph_sim::DEFAULT_TENANT),
+        ONE_CALENDAR,
+    )
+    .replace(graph_sim::DEFAULT_CLIENT_SECRET, SECRET)
+    .replace("page_size = 50", "page_size = 3");
+    assert!(config.contains(SECRET));
+    let trace = [("RUST_LOG", "trace")];
+    let mut printed = String::new();
+    let mut go = |args: &'static [&'static str]| {
+        let cfg = config.clone();
+        let o = run(args, &cfg, &trace);
+        printed.push_str(&text(&o));
+        o
+    };
+    assert_eq!(go(&["sync-once"]).status.code(), Some(0));
+    // Graph refuses the token mid-life: a 401, a renewal, the retried request.
+    {
+        let mut st = sim.lock();
+        let now = st.tenant.now();
+        st.auth.expire_all(now);
+    }
+    assert_eq!(go(&["sync-once"]).status.code(), Some(0));
+    // Azure AD refuses the secret: the error is printed, the secret is not.
+    sim.lock().faults = vec![
+        serde_json::from_value(serde_json::json!({
+            "path_contains": "oauth2",
+            "action": {"kind": "status", "status": 401, "code": "invalid_client",
+                       "message": "AADSTS7000215: Invalid client secret provided."}
+        }))
+        .unwrap(),
+    ];
+    let refused = go(&["sync-once"]);
+    assert_eq!(refused.status.code(), Some(1));
+    for args in [&["status"][..], &["status", "--json"], &["config", "check"]] {
+        let o = run(args, &config, &trace);
+        printed.push_str(&text(&o));
+    }
+    assert!(
+        printed.contains("invalid_client"),
+        "the refusal is reported"
+    );
+    assert!(
+        printed.contains("TRACE") || printed.contains("trace"),
+        "trace level was on"
+    );
+    let tokens = sim.lock().auth.minted_tokens();
+    assert!(tokens.len() >= 2, "a renewal happened: {}", tokens.len());
+    let mut secrets: Vec<String> = vec![SECRET.into(), DB_PASSWORD.into()];
+    for t in &tokens {
+        secrets.push(t.clone());
+        // The random part alone too, in case a log line splits the token at its dot.
+        secrets.push(t.rsplit('.').next().unwrap().to_owned());
+    }
+    for s in &secrets {
+        assert!(
+            !printed.contains(s.as_str()),
+            "a secret was printed: {s}\n--- output ---\n{}",
+            printed
+                .lines()
+                .filter(|l| l.contains(s.as_str()))
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    server.stop().await;
+}

@@ -44,6 +44,9 @@ pub struct Auth {
     pub lifetime: Duration,
     tokens: HashMap<String, Issued>,
     pub issued: u64,
+    /// The last access tokens minted, newest last, so tests can look for them where they
+    /// must never appear (logs, status output).
+    minted: std::collections::VecDeque<String>,
 }
 
 /// An answer of the token endpoint that is not a token: status and AAD error body.
@@ -82,6 +85,7 @@ impl Auth {
             lifetime,
             tokens: HashMap::new(),
             issued: 0,
+            minted: std::collections::VecDeque::new(),
         }
     }
 
@@ -101,7 +105,16 @@ impl Auth {
             },
         );
         self.issued += 1;
+        if self.minted.len() >= 1024 {
+            self.minted.pop_front();
+        }
+        self.minted.push_back(tok.clone());
         tok
+    }
+
+    /// The last (up to 1,024) access tokens minted, oldest first.
+    pub fn minted_tokens(&self) -> Vec<String> {
+        self.minted.iter().cloned().collect()
     }
 
     /// `POST /{tenant}/oauth2/v2.0/token` with a form body.
