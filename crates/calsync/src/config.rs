@@ -102,6 +102,9 @@ pub struct RawConfig {
     pub calendars: Vec<RawCalendar>,
 }
 
+/// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
+const SECTIONS: [&str; 6] = ["database", "graph", "auth", "sync", "log", "http"];
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawDatabase {
@@ -366,8 +369,15 @@ impl RawConfig {
             fig = fig.merge(Toml::file_exact(path));
         }
         fig = fig.merge(
+            // Only CALSYNC_<SECTION>__<KEY>: other CALSYNC_* variables (CALSYNC_CONFIG, a
+            // test's or a wrapper script's own) are not config keys.
             Env::prefixed("CALSYNC_")
-                .filter(|k| k != "config")
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    SECTIONS
+                        .iter()
+                        .any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
+                })
                 .split("__"),
         );
         fig.extract().map_err(|e| {

@@ -123,8 +123,15 @@ pub struct TruthItem {
 struct Mailbox {
     in_flight: u32,
     retry_until: Option<Instant>,
+    /// When the last Retry-After was announced, and on which connection.
+    announced: Option<(Instant, u64)>,
     recent: VecDeque<Instant>,
 }
+
+/// A request that reaches a mailbox this soon after a Retry-After was announced on another
+/// connection was already on its way (sent before the client could read the answer); it is
+/// not counted as early. On loopback a request in flight arrives well within this.
+pub const IN_FLIGHT_ALLOWANCE: Duration = Duration::from_millis(5);
 
 /// Everything behind the simulator's one lock.
 #[derive(Debug)]
@@ -135,6 +142,8 @@ pub struct State {
     pub faults: Vec<FaultRule>,
     pub limits: Limits,
     mailboxes: HashMap<usize, Mailbox>,
+    /// The connection of the request being admitted.
+    connection: u64,
     app_recent: VecDeque<Instant>,
     log: VecDeque<RequestRecord>,
     log_capacity: usize,
@@ -464,6 +473,8 @@ enum Admission {
         response: SimResponse,
         fault: Option<String>,
         user: Option<usize>,
+        /// It came before the mailbox's Retry-After had passed.
+        early: bool,
     },
     Proceed(Admitted),
 }
@@ -486,6 +497,7 @@ impl State {
             app_recent: VecDeque::new(),
             log: VecDeque::new(),
             log_capacity: cfg.log_capacity,
+            connection: 0,
             seq: 0,
             violations: Violations::default(),
             stats: Stats::default(),
@@ -527,9 +539,12 @@ impl State {
     ) -> SimResponse {
         let (header, wait) = retry_after_header(secs, as_date);
         if let Some(m) = mailbox {
-            let until = Instant::now() + wait;
+            let now = Instant::now();
+            let until = now + wait;
+            let connection = self.connection;
             let mb = self.mailboxes.entry(m).or_default();
             mb.retry_until = Some(mb.retry_until.map_or(until, |u| u.max(until)));
+            mb.announced = Some((now, connection));
         }
         let e = GraphError::new(status, code, message).with_retry_after(header);
         self.error_response(&e)
@@ -559,6 +574,7 @@ impl State {
     }
 
     fn admit(&mut self, req: &SimRequest) -> Admission {
+        self.connection = req.connection;
         let Some(route) = parse_route(&req.path) else {
             let seg = req
                 .path
@@ -577,6 +593,7 @@ impl State {
                 response,
                 fault: None,
                 user: None,
+                early: false,
             };
         };
         // The mailbox the path names, for the log even when the request is refused.
@@ -601,6 +618,7 @@ impl State {
                             response,
                             fault: None,
                             user: named,
+                            early: false,
                         };
                     }
                 }
@@ -612,7 +630,10 @@ impl State {
         let mut in_flight = 0;
         if let Some(u) = user {
             let mb = self.mailboxes.entry(u).or_default();
-            if mb.retry_until.is_some_and(|t| now_i < t) {
+            let in_flight_already = mb.announced.is_some_and(|(at, conn)| {
+                conn != req.connection && now_i.duration_since(at) < IN_FLIGHT_ALLOWANCE
+            });
+            if mb.retry_until.is_some_and(|t| now_i < t) && !in_flight_already {
                 early = true;
             }
             in_flight = mb.in_flight + 1;
@@ -636,6 +657,7 @@ impl State {
                     response: r,
                     fault: Some("mailbox_concurrency".into()),
                     user,
+                    early,
                 };
             }
             let window = Duration::from_secs_f64(limits.mailbox_window_secs.max(0.001));
@@ -658,6 +680,7 @@ impl State {
                     response: r,
                     fault: Some("mailbox_rate".into()),
                     user,
+                    early,
                 };
             }
         }
@@ -677,6 +700,7 @@ impl State {
                     response: r,
                     fault: Some("app_budget".into()),
                     user,
+                    early,
                 };
             }
         }
@@ -724,6 +748,7 @@ impl State {
                         response: r,
                         fault: Some(format!("status:{status}")),
                         user,
+                        early,
                     };
                 }
                 FaultAction::Delay { ms } => {
@@ -1060,9 +1085,10 @@ impl Sim {
                 response,
                 fault,
                 user,
+                early,
             } => {
                 self.lock()
-                    .record(user, &req, response.status, 0, fault, false);
+                    .record(user, &req, response.status, 0, fault, early);
                 return response;
             }
             Admission::Proceed(a) => a,
