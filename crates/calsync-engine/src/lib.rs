@@ -8,6 +8,7 @@ pub mod round;
 pub mod schedule;
 
 pub use gate::{Budget, GateStats, RequestGate};
+pub use schedule::{Applied, Scheduler};
 pub use round::{Failure, Health, Outcome, RoundReport};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
@@ -123,6 +124,21 @@ struct Inner {
     /// Where each tuple stands after its last committed page, so a round need not read it
     /// back. Only a hint: the store's link_version check refuses anything stale.
     cursors: std::sync::Mutex<std::collections::HashMap<i64, round::Cursor>>,
+    /// When the engine last did something (a page fetched or failed, a round ended), in ms
+    /// since `born`; and how many rounds are running. The watchdog reads both.
+    born: std::time::Instant,
+    activity_ms: std::sync::atomic::AtomicU64,
+    rounds_in_flight: std::sync::atomic::AtomicUsize,
+    /// Keys of the tuples whose round is running, to say what a shutdown abandoned.
+    running: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+/// Whether the engine is making progress, for a watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub rounds_in_flight: usize,
+    /// Time since a page was fetched or failed, or a round ended.
+    pub since_activity: Duration,
 }
 
 impl Engine {
@@ -137,7 +153,49 @@ impl Engine {
                 gate,
                 settings,
                 cursors: Default::default(),
+                born: std::time::Instant::now(),
+                activity_ms: Default::default(),
+                rounds_in_flight: Default::default(),
+                running: Default::default(),
             }),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        use std::sync::atomic::Ordering;
+        let ms = self.inner.born.elapsed().as_millis() as u64;
+        self.inner.activity_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn round_started(&self, key: &str) {
+        use std::sync::atomic::Ordering;
+        self.inner.rounds_in_flight.fetch_add(1, Ordering::Relaxed);
+        self.running_set().insert(key.to_owned());
+    }
+
+    pub(crate) fn round_ended(&self, key: &str) {
+        use std::sync::atomic::Ordering;
+        self.inner.rounds_in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.running_set().remove(key);
+        self.touch();
+    }
+
+    fn running_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.inner.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keys of the tuples with a round running now.
+    pub fn rounds_running(&self) -> Vec<String> {
+        self.running_set().iter().cloned().collect()
+    }
+
+    pub fn liveness(&self) -> Liveness {
+        use std::sync::atomic::Ordering;
+        let now = self.inner.born.elapsed().as_millis() as u64;
+        let last = self.inner.activity_ms.load(Ordering::Relaxed);
+        Liveness {
+            rounds_in_flight: self.inner.rounds_in_flight.load(Ordering::Relaxed),
+            since_activity: Duration::from_millis(now.saturating_sub(last)),
         }
     }
 

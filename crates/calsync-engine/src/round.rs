@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How a tuple is left after a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,8 +203,37 @@ struct StepOut {
 impl Engine {
     /// Runs one complete round for `tuple` (resuming a round in progress if one was saved),
     /// retrying what is retryable and restarting with a full round when Graph dropped the
-    /// delta state. Leaves the tuple's status in the store.
+    /// delta state. Leaves the tuple's status in the store. Every log line inside carries the
+    /// tuple's key, user, calendar and window.
     pub async fn sync_tuple(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
+        let span = info_span!(
+            "tuple",
+            tuple = %tuple.key,
+            user = %tuple.user,
+            calendar = %tuple.calendar_name(),
+            window = %format_args!("{}/{}", tuple.window.start.format("%Y-%m-%dT%H:%M:%SZ"), tuple.window.end.format("%Y-%m-%dT%H:%M:%SZ")),
+        );
+        let started = std::time::Instant::now();
+        self.round_started(&tuple.key);
+        let outcome = self.sync_tuple_in_span(tuple, cancel).instrument(span).await;
+        self.round_ended(&tuple.key);
+        let label = match &outcome {
+            Outcome::Synced(_) => "synced",
+            Outcome::Failed(f) => f.health.as_str(),
+            Outcome::Interrupted => "interrupted",
+        };
+        metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
+        metrics::histogram!("calsync_round_duration_seconds").record(started.elapsed().as_secs_f64());
+        if let Outcome::Synced(r) = &outcome {
+            metrics::counter!("calsync_events_applied_total", "kind" => "upsert").increment(r.upserted);
+            metrics::counter!("calsync_events_applied_total", "kind" => "remove").increment(r.removed);
+            metrics::counter!("calsync_events_applied_total", "kind" => "swept").increment(r.swept);
+            metrics::counter!("calsync_resyncs_total").increment(r.resyncs.into());
+        }
+        outcome
+    }
+
+    async fn sync_tuple_in_span(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
         let mut report = RoundReport::default();
         let mut conflict_retried = false;
         loop {
@@ -355,6 +384,12 @@ impl Engine {
                     if let Err(StepError::Graph(e)) = &r {
                         fresh.store(e.wants_fresh_connection(), Ordering::Relaxed);
                     }
+                    let outcome = match &r {
+                        Ok(_) => "applied",
+                        Err(StepError::Interrupted) => "interrupted",
+                        Err(_) => "failed",
+                    };
+                    metrics::counter!("calsync_pages_total", "outcome" => outcome).increment(1);
                     r
                 })
                 .await?;
@@ -457,6 +492,16 @@ impl Engine {
                 r = graph.fetch_page(link, connection) => r,
             };
             drop(permit);
+            self.touch();
+            let (status, code) = match &fetched {
+                Ok(_) => ("200".to_owned(), String::new()),
+                Err(e) => (
+                    e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                    e.code().to_owned(),
+                ),
+            };
+            metrics::counter!("calsync_graph_responses_total", "status" => status, "code" => code)
+                .increment(1);
             let gate = &self.inner.gate;
             match fetched {
                 Ok(p) => {

@@ -8,7 +8,9 @@
 use crate::round::{Health, Outcome};
 use crate::{Engine, SyncSettings, Tuple};
 use rand::Rng;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,44 +43,190 @@ pub fn next_delay(
     }
 }
 
+/// What a [`Scheduler::apply`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Same tuple, new interval: takes effect at its next wait, its round in flight untouched.
+    pub retimed: Vec<String>,
+    /// User, calendar or window changed: stopped at a safe point and started again.
+    pub restarted: Vec<String>,
+}
+
+impl Applied {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.retimed.is_empty()
+            && self.restarted.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct Running {
+    tuple: Tuple,
+    interval: watch::Sender<Duration>,
+    stop: CancellationToken,
+}
+
+/// The running set of tuple tasks. Tuples can be added, removed and retimed while it runs
+/// (a config reload); a task is only ever stopped between pages.
+#[derive(Debug)]
+pub struct Scheduler {
+    engine: Engine,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    running: HashMap<String, Running>,
+}
+
+impl Scheduler {
+    /// A scheduler whose tasks all stop when `shutdown` fires.
+    pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
+        Scheduler {
+            engine,
+            shutdown,
+            tracker: TaskTracker::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Makes the running set equal `tuples`.
+    pub fn apply(&mut self, tuples: Vec<Tuple>) -> Applied {
+        let mut applied = Applied::default();
+        let wanted: HashSet<String> = tuples.iter().map(|t| t.key.clone()).collect();
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(r) = self.running.remove(&key) {
+                r.stop.cancel();
+                applied.removed.push(key);
+            }
+        }
+        for t in tuples {
+            match self.running.get_mut(&t.key) {
+                Some(r) if r.tuple == t => {}
+                Some(r) if Tuple { interval: t.interval, ..r.tuple.clone() } == t => {
+                    r.interval.send_replace(t.interval);
+                    r.tuple.interval = t.interval;
+                    applied.retimed.push(t.key.clone());
+                }
+                Some(_) => {
+                    if let Some(old) = self.running.remove(&t.key) {
+                        old.stop.cancel();
+                    }
+                    applied.restarted.push(t.key.clone());
+                    self.spawn(t);
+                }
+                None => {
+                    applied.added.push(t.key.clone());
+                    self.spawn(t);
+                }
+            }
+        }
+        for v in [&mut applied.added, &mut applied.removed, &mut applied.retimed, &mut applied.restarted] {
+            v.sort();
+        }
+        metrics::gauge!("calsync_tuples_scheduled").set(self.running.len() as f64);
+        applied
+    }
+
+    fn spawn(&mut self, tuple: Tuple) {
+        let (tx, rx) = watch::channel(tuple.interval);
+        let stop = self.shutdown.child_token();
+        self.running.insert(
+            tuple.key.clone(),
+            Running {
+                tuple: tuple.clone(),
+                interval: tx,
+                stop: stop.clone(),
+            },
+        );
+        let engine = self.engine.clone();
+        self.tracker
+            .spawn(async move { engine.tuple_loop(tuple, rx, stop).await });
+    }
+
+    /// Waits until every task has stopped (after `shutdown` fired).
+    pub async fn wait(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// The tuple keys scheduled now.
+    pub fn keys(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.running.keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
 impl Engine {
     /// Runs every tuple on its interval until `cancel` fires, then waits for rounds in flight
     /// to reach a safe point.
     pub async fn run(&self, tuples: Vec<Tuple>, cancel: CancellationToken) {
-        let tracker = TaskTracker::new();
-        for t in tuples {
-            let engine = self.clone();
-            let cancel = cancel.clone();
-            tracker.spawn(async move { engine.tuple_loop(t, cancel).await });
-        }
-        tracker.close();
-        tracker.wait().await;
+        let mut scheduler = Scheduler::new(self.clone(), cancel);
+        scheduler.apply(tuples);
+        scheduler.wait().await;
     }
 
-    async fn tuple_loop(self, tuple: Tuple, cancel: CancellationToken) {
+    async fn tuple_loop(
+        self,
+        tuple: Tuple,
+        mut interval: watch::Receiver<Duration>,
+        cancel: CancellationToken,
+    ) {
         let spread = tuple.interval.min(self.settings().startup_spread);
         let first =
             Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
-        let mut due = Instant::now() + first;
-        let mut failures = 0u32;
+        let mut started = Instant::now();
+        let mut due = started + first;
+        let mut last: Option<(Outcome, u32)> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep_until(due) => {}
+                changed = interval.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A new interval: the wait restarts from the last round's start.
+                    if let Some((outcome, failures)) = &last {
+                        let iv = *interval.borrow_and_update();
+                        let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
+                        let delay = next_delay(outcome, iv, *failures, self.settings(), jitter);
+                        due = (started + delay).max(Instant::now() + Duration::from_millis(10));
+                    }
+                    continue;
+                }
             }
-            let started = Instant::now();
+            started = Instant::now();
             let outcome = Box::pin(self.sync_tuple(&tuple, &cancel)).await;
             if outcome == Outcome::Interrupted {
                 return;
             }
-            failures = if matches!(outcome, Outcome::Failed(_)) {
-                failures + 1
-            } else {
-                0
+            let failures = match (&outcome, &last) {
+                (Outcome::Failed(_), Some((_, n))) => n + 1,
+                (Outcome::Failed(_), None) => 1,
+                _ => 0,
             };
             let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
-            let delay = next_delay(&outcome, tuple.interval, failures, self.settings(), jitter);
+            let iv = *interval.borrow_and_update();
+            let delay = next_delay(&outcome, iv, failures, self.settings(), jitter);
             due = (started + delay).max(Instant::now() + Duration::from_millis(10));
+            last = Some((outcome, failures));
         }
     }
 

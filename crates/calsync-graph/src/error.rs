@@ -125,6 +125,23 @@ impl GraphError {
         }
     }
 
+    /// The HTTP status Graph answered with, if it answered at all.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            GraphError::Throttled { status, .. }
+            | GraphError::ResyncRequired { status, .. }
+            | GraphError::Rejected { status, .. } => Some(*status),
+            GraphError::Unauthorized { .. } => Some(401),
+            GraphError::Forbidden { .. } => Some(403),
+            GraphError::NotFound { .. } => Some(404),
+            GraphError::Transient { status, .. } => *status,
+            GraphError::Malformed { .. } | GraphError::TooLarge { .. } => Some(200),
+            GraphError::ForeignLink { .. }
+            | GraphError::AuthRejected { .. }
+            | GraphError::AuthUnavailable { .. } => None,
+        }
+    }
+
     /// Graph said slow down (429, 503, 509): a signal for the request gate.
     pub fn is_throttle(&self) -> bool {
         matches!(self, GraphError::Throttled { .. })

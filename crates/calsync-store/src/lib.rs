@@ -163,6 +163,16 @@ pub struct Applied {
     pub swept: u64,
 }
 
+/// One tracked tuple's state, for metrics.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TupleHealth {
+    pub tuple_key: String,
+    pub user_id: String,
+    pub calendar_id: String,
+    pub state: String,
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
 /// One row of `calendar_sync_status`.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StatusRow {
@@ -358,6 +368,53 @@ impl Store {
 
     /// Forgets the saved link (the delta state is gone); rows stay until the next full round
     /// sweeps them.
+    /// Makes the tuple's next round a full one (initial sync + sweep), whatever link it holds:
+    /// `calsync resync`. Bumps `link_version`, so a running daemon's cached position is
+    /// refused and re-read. `false` if no tuple has that key.
+    pub async fn request_resync(&self, tuple_key: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
+             round_is_full = true, last_full_sync_at = NULL, updated_at = now() WHERE tuple_key = $1",
+        )
+        .bind(tuple_key)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// Deletes untracked tuples (removed from the config) and their rows. Returns
+    /// (tuples, events) deleted.
+    pub async fn purge_untracked(&self) -> Result<(u64, u64), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let events = sqlx::query(
+            "DELETE FROM events WHERE tuple_id IN (SELECT id FROM sync_tuples WHERE NOT tracked)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        let tuples = sqlx::query("DELETE FROM sync_tuples WHERE NOT tracked")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        tx.commit().await.map_err(db)?;
+        Ok((tuples, events))
+    }
+
+    /// State and last success of every tracked tuple: cheap enough for each metrics scrape
+    /// (no event counts).
+    pub async fn tuple_health(&self) -> Result<Vec<TupleHealth>, StoreError> {
+        sqlx::query_as(
+            "SELECT tuple_key, user_id, calendar_id, state, last_success_at FROM sync_tuples WHERE tracked ORDER BY tuple_key",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     pub async fn forget_link(
         &self,
         tuple_id: i64,

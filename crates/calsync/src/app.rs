@@ -9,10 +9,7 @@ use chrono::Utc;
 use secrecy::ExposeSecret;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-
-/// How long `run` waits for rounds in flight after SIGTERM (below systemd's and Docker's 10 s).
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(8);
+use tracing::warn;
 
 pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
     Store::connect(
@@ -92,30 +89,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// `calsync run`: the daemon.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let (engine, tuples) = build(&cfg).await?;
-    info!(tuples = tuples.len(), "calsync running");
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let engine = engine.clone();
-        let cancel = cancel.clone();
-        async move { engine.run(tuples, cancel).await }
-    });
-    shutdown_signal().await;
-    info!("shutdown requested; no new rounds start");
-    cancel.cancel();
-    match tokio::time::timeout(DRAIN_DEADLINE, task).await {
-        Ok(Ok(())) => info!("stopped cleanly"),
-        Ok(Err(e)) => anyhow::bail!("the scheduler task ended abnormally: {e}"),
-        Err(_) => warn!(
-            deadline_secs = DRAIN_DEADLINE.as_secs(),
-            "drain deadline passed; abandoning rounds in flight (their last committed page stands)"
-        ),
-    }
-    Ok(())
-}
-
 /// `calsync sync-once`: one complete round per tuple. Returns whether all succeeded.
 pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
     let (engine, tuples) = build(&cfg).await?;
@@ -164,6 +137,84 @@ pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
         .context("cannot apply database migrations")?;
     println!("migrations applied");
     Ok(())
+}
+
+/// `calsync resync <tuple>`: the tuple's next round is a full one with sweep.
+pub async fn resync(raw: &RawConfig, tuple: &str) -> anyhow::Result<()> {
+    let db = raw.database_config()?;
+    let store = connect_store(&db).await?;
+    let found = store
+        .request_resync(tuple)
+        .await
+        .context("cannot mark the tuple for a full round")?;
+    if !found {
+        anyhow::bail!("no tracked tuple is named '{tuple}'; `calsync status` lists them");
+    }
+    println!(
+        "{tuple}: its next round is a full resync (a running daemon picks it up at the tuple's next interval)"
+    );
+    Ok(())
+}
+
+/// One HTTP/1.1 request to the daemon's own endpoint on `addr`; returns status and body.
+pub async fn local_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out connecting to {addr}"))?
+        .with_context(|| format!("cannot connect to calsync's http endpoint at {addr}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("http handshake failed")?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<hyper::body::Bytes>::new())
+        .context("cannot build the request")?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("{addr} did not answer within 30 s"))?
+        .context("request failed")?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .context("cannot read the answer")?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn http_listen(raw: &RawConfig) -> anyhow::Result<std::net::SocketAddr> {
+    let cfg = raw.validate()?;
+    cfg.http_listen.ok_or_else(|| {
+        anyhow::anyhow!(
+            "http.listen is not set, so there is no endpoint to ask; send SIGHUP instead (systemctl reload calsync, or kill -HUP <pid>)"
+        )
+    })
+}
+
+/// `calsync reload`: POST /reload to the running daemon; prints what changed.
+pub async fn reload(raw: &RawConfig) -> anyhow::Result<bool> {
+    let addr = http_listen(raw)?;
+    let (status, body) = local_request(addr, "POST", "/reload").await?;
+    println!("{}", body.trim());
+    Ok(status == 200)
+}
+
+/// `calsync healthcheck`: GET /healthz (for container HEALTHCHECKs: exit 0 when healthy).
+pub async fn healthcheck(raw: &RawConfig) -> anyhow::Result<bool> {
+    let addr = http_listen(raw)?;
+    let (status, body) = local_request(addr, "GET", "/healthz").await?;
+    print!("{body}");
+    Ok(status == 200)
 }
 
 pub async fn status(raw: &RawConfig, json: bool) -> anyhow::Result<()> {

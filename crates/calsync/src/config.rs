@@ -99,11 +99,39 @@ pub struct RawConfig {
     pub auth: RawAuth,
     pub sync: RawSync,
     pub log: RawLog,
+    pub http: RawHttp,
+    pub service: RawService,
     pub calendars: Vec<RawCalendar>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawHttp {
+    /// `host:port` for /healthz, /readyz, /metrics and POST /reload; off when empty.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawService {
+    /// After SIGTERM, how long rounds in flight get to reach a safe point (below systemd's
+    /// and Docker's 10 s default stop timeout).
+    pub drain_deadline: String,
+    /// When a reload drops a calendar: "keep" its rows (untracked) or "purge" them.
+    pub on_remove: String,
+}
+
+impl Default for RawService {
+    fn default() -> Self {
+        RawService {
+            drain_deadline: "8s".into(),
+            on_remove: "keep".into(),
+        }
+    }
+}
+
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-const SECTIONS: [&str; 6] = ["database", "graph", "auth", "sync", "log", "http"];
+const SECTIONS: [&str; 7] = ["database", "graph", "auth", "sync", "log", "http", "service"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -263,7 +291,74 @@ pub struct Config {
     pub sync: SyncSettings,
     pub log_format: LogFormat,
     pub log_filter: String,
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub drain_deadline: Duration,
+    pub on_remove: OnRemove,
     pub tuples: Vec<TupleConfig>,
+}
+
+impl Config {
+    /// The sections whose change a reload cannot apply (they are wired into the database
+    /// pool, the Graph client, the engine or the logger at start).
+    pub fn needs_restart_for(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let db = |c: &Config| {
+            (
+                c.database.url.expose_secret().to_owned(),
+                c.database.max_connections,
+                c.database.connect_timeout,
+            )
+        };
+        if db(self) != db(new) {
+            out.push("database");
+        }
+        if format!("{:?}", self.graph) != format!("{:?}", new.graph) {
+            out.push("graph");
+        }
+        let auth = |c: &Config| {
+            (
+                c.auth.token_url.clone(),
+                c.auth.client_id.clone(),
+                c.auth.client_secret.expose_secret().to_owned(),
+                c.auth.scope.clone(),
+            )
+        };
+        if auth(self) != auth(new) {
+            out.push("auth");
+        }
+        // The default interval is applied on reload; the rest of [sync] is not.
+        let sync = |c: &Config| {
+            format!(
+                "{:?}",
+                SyncSettings {
+                    interval: Duration::ZERO,
+                    ..c.sync.clone()
+                }
+            )
+        };
+        if sync(self) != sync(new) {
+            out.push("sync");
+        }
+        if (self.log_format, &self.log_filter) != (new.log_format, &new.log_filter) {
+            out.push("log");
+        }
+        if self.http_listen != new.http_listen {
+            out.push("http");
+        }
+        if self.drain_deadline != new.drain_deadline {
+            out.push("service.drain_deadline");
+        }
+        out
+    }
+}
+
+/// What happens to a calendar's rows when a reload removes it from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRemove {
+    /// Kept, marked untracked (`calendar_sync_status.tracked = false`).
+    Keep,
+    /// Deleted with the tuple.
+    Purge,
 }
 
 #[derive(Clone)]
@@ -578,6 +673,26 @@ impl RawConfig {
                 interval,
             });
         }
+        let http_listen = match self.http.listen.trim() {
+            "" => None,
+            v => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+                bad(
+                    "http.listen",
+                    format!("'{v}' is not host:port with an IP address (e.g. 127.0.0.1:9187)"),
+                )
+            })?),
+        };
+        let drain_deadline = duration("service.drain_deadline", &self.service.drain_deadline)?;
+        let on_remove = match self.service.on_remove.trim() {
+            "keep" => OnRemove::Keep,
+            "purge" => OnRemove::Purge,
+            other => {
+                return Err(bad(
+                    "service.on_remove",
+                    format!("'{other}' is not one of keep, purge"),
+                ));
+            }
+        };
         Ok(Config {
             database,
             graph,
@@ -585,6 +700,9 @@ impl RawConfig {
             sync,
             log_format,
             log_filter: self.log.filter.clone(),
+            http_listen,
+            drain_deadline,
+            on_remove,
             tuples,
         })
     }

@@ -122,6 +122,9 @@ pub fn config_for_sim(
         sync,
         log_format: LogFormat::Text,
         log_filter: "warn".into(),
+        http_listen: None,
+        drain_deadline: Duration::from_secs(8),
+        on_remove: crate::config::OnRemove::Keep,
         tuples,
     })
 }

@@ -5,6 +5,8 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod http;
 pub mod localpg;
+pub mod service;
 pub mod telemetry;
 pub mod verify;

@@ -1,7 +1,7 @@
 //! The `calsync` command.
 
 use calsync::config::{ConfigError, RawConfig};
-use calsync::{app, bench, demo, telemetry};
+use calsync::{app, bench, demo, service, telemetry};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +31,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a tuple's next round a full resync (initial sync + sweep).
+    Resync {
+        /// The tuple's name, as `calsync status` shows it.
+        tuple: String,
+    },
+    /// Ask the running daemon to re-read its config (POST /reload on http.listen).
+    Reload,
+    /// Exit 0 if the running daemon answers /healthz (for container health checks).
+    Healthcheck,
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -96,7 +105,19 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
         Command::Run => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
             telemetry::init(cfg.log_format, &cfg.log_filter);
-            app::run(cfg).await.map(|_| true)
+            service::run(cfg, cli.config.clone()).await.map(|_| true)
+        }
+        Command::Resync { tuple } => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            app::resync(&raw, &tuple).await.map(|_| true)
+        }
+        Command::Reload => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            app::reload(&raw).await
+        }
+        Command::Healthcheck => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            app::healthcheck(&raw).await
         }
         Command::SyncOnce => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;

@@ -51,9 +51,10 @@ fn kill_9(child: &mut Child) {
     let _ = child.wait();
 }
 
-async fn tracked(store: &Store, pool: &sqlx::PgPool) -> Vec<Tuple> {
-    let _ = store;
-    let rows: Vec<(i64, String, String, String, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+type Utc = chrono::DateTime<chrono::Utc>;
+
+async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
+    let rows: Vec<(i64, String, String, String, Utc, Utc)> =
         sqlx::query_as(
             "SELECT id, tuple_key, user_id, calendar_id, window_start, window_end FROM sync_tuples WHERE tracked ORDER BY id",
         )
@@ -250,7 +251,7 @@ max_backoff = "2s"
         .await
         .unwrap();
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    let tuples = tracked(&store, &pool).await;
+    let tuples = tracked(&pool).await;
     assert_eq!(tuples.len(), targets.len());
     let mut remaining = usize::MAX;
     while edits_stopped.elapsed() < Duration::from_secs(120) {

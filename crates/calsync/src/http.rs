@@ -1,0 +1,149 @@
+//! The HTTP endpoint (`http.listen`): `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
+
+use crate::service::{Shared, request_reload};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::Utc;
+use serde_json::json;
+use std::fmt::Write;
+use std::sync::Arc;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/reload", post(reload))
+        .with_state(shared)
+}
+
+/// Alive: the main loop is turning (not deadlocked, not starved).
+async fn healthz(State(s): State<Arc<Shared>>) -> Response {
+    if s.alive() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "main loop stalled\n").into_response()
+    }
+}
+
+/// Ready: the database answers, its migrations are current, the scheduler runs.
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let store = s.engine().store();
+    let database = match store.ping().await {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("unreachable: {e}"),
+    };
+    let migrations = match store.migrations_current().await {
+        Ok(true) => "current".to_owned(),
+        Ok(false) => "behind".to_owned(),
+        Err(e) => format!("unknown: {e}"),
+    };
+    let scheduler = if s.scheduler_running() {
+        "running"
+    } else {
+        "stopped"
+    };
+    let ready = database == "ok" && migrations == "current" && scheduler == "running";
+    let body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler});
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text format: the engine's counters and histograms, plus what is read fresh
+/// per scrape (tuples by state, per-tuple lag, token renewals, the adaptive request limit).
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let Some(handle) = s.metrics() else {
+        return (StatusCode::NOT_FOUND, "metrics are off\n").into_response();
+    };
+    let mut out = handle.render();
+    let engine = s.engine();
+    let g = engine.gate_stats();
+    let _ = writeln!(
+        out,
+        "# HELP calsync_token_renewals_total Access tokens fetched from the token endpoint.\n# TYPE calsync_token_renewals_total counter\ncalsync_token_renewals_total {}",
+        engine.graph().tokens().renewals()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP calsync_graph_request_limit The adaptive limit on Graph requests in flight.\n# TYPE calsync_graph_request_limit gauge\ncalsync_graph_request_limit {}",
+        g.global_limit
+    );
+    let _ = writeln!(
+        out,
+        "# HELP calsync_rounds_in_flight Rounds running now.\n# TYPE calsync_rounds_in_flight gauge\ncalsync_rounds_in_flight {}",
+        engine.liveness().rounds_in_flight
+    );
+    match engine.store().tuple_health().await {
+        Ok(rows) => {
+            let mut by_state: std::collections::BTreeMap<&str, u64> =
+                ["pending", "ok", "retrying", "failed", "degraded"]
+                    .into_iter()
+                    .map(|k| (k, 0))
+                    .collect();
+            for r in &rows {
+                *by_state.entry(r.state.as_str()).or_default() += 1;
+            }
+            let _ = writeln!(
+                out,
+                "# HELP calsync_tuples Tracked calendars by sync state.\n# TYPE calsync_tuples gauge"
+            );
+            for (state, n) in by_state {
+                let _ = writeln!(out, "calsync_tuples{{state=\"{}\"}} {n}", escape(state));
+            }
+            let _ = writeln!(
+                out,
+                "# HELP calsync_tuple_sync_lag_seconds Seconds since the calendar last completed a round (absent: never).\n# TYPE calsync_tuple_sync_lag_seconds gauge"
+            );
+            let now = Utc::now();
+            for r in &rows {
+                if let Some(t) = r.last_success_at {
+                    let lag = (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+                    let _ = writeln!(
+                        out,
+                        "calsync_tuple_sync_lag_seconds{{tuple=\"{}\",user=\"{}\",calendar=\"{}\"}} {lag}",
+                        escape(&r.tuple_key),
+                        escape(&r.user_id),
+                        escape(&r.calendar_id)
+                    );
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "# calsync: cannot read tuple states: {}", escape(&e.to_string()));
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+async fn reload(State(s): State<Arc<Shared>>) -> Response {
+    match request_reload(&s).await {
+        Ok(a) => (
+            StatusCode::OK,
+            axum::Json(json!({"reloaded": true, "added": a.added, "removed": a.removed,
+                "retimed": a.retimed, "restarted": a.restarted})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"reloaded": false, "error": e})),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,306 @@
+//! `calsync run` as a service: the scheduler, systemd notification and watchdog, SIGHUP
+//! reloads, the HTTP endpoint (/healthz, /readyz, /metrics, POST /reload) and the drain on
+//! SIGTERM.
+
+use crate::app;
+use crate::config::{Config, OnRemove, RawConfig};
+use anyhow::Context;
+use calsync_engine::{Applied, Engine, Scheduler};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sd_notify::NotifyState;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// A round in flight that has neither fetched nor failed a page for this long is stuck: the
+/// watchdog stops being fed and systemd restarts the service.
+pub const STALL_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+type ReloadReply = oneshot::Sender<Result<Applied, String>>;
+
+/// What the HTTP handlers and the main loop share.
+pub struct Shared {
+    engine: Engine,
+    metrics: Option<PrometheusHandle>,
+    started: Instant,
+    /// Milliseconds since `started` of the main loop's last tick.
+    tick_ms: AtomicU64,
+    scheduler_running: AtomicBool,
+    reload: mpsc::Sender<ReloadReply>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn tick(&self) {
+        self.tick_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// The main loop ticked within the last 10 s.
+    pub fn alive(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.tick_ms.load(Ordering::Relaxed)) < 10_000
+    }
+
+    /// Alive, and no round stuck.
+    fn making_progress(&self) -> bool {
+        let l = self.engine.liveness();
+        self.alive() && (l.rounds_in_flight == 0 || l.since_activity < STALL_LIMIT)
+    }
+}
+
+fn notify(states: &[NotifyState]) {
+    // Outside systemd NOTIFY_SOCKET is unset and this is a no-op.
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let seconds = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("calsync_round_duration_seconds".into()),
+            &seconds,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("calsync_throttle_wait_seconds".into()),
+                &seconds,
+            )
+        })
+        .context("cannot configure metrics")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
+
+/// `calsync run`: until SIGTERM or SIGINT.
+pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // The recorder first, so the first rounds are counted.
+    let metrics = match cfg.http_listen {
+        Some(_) => Some(install_metrics()?),
+        None => None,
+    };
+    let (engine, tuples) = app::build(&cfg).await?;
+    let shutdown = CancellationToken::new();
+    let mut scheduler = Scheduler::new(engine.clone(), shutdown.clone());
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadReply>(4);
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        metrics,
+        started: Instant::now(),
+        tick_ms: AtomicU64::new(0),
+        scheduler_running: AtomicBool::new(false),
+        reload: reload_tx,
+    });
+    let server = match cfg.http_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on http.listen = {addr}"))?;
+            info!(%addr, "http endpoint listening");
+            let app = crate::http::router(Arc::clone(&shared));
+            let stop = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let r = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = r {
+                    error!(error = %e, "http endpoint stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    scheduler.apply(tuples);
+    shared.scheduler_running.store(true, Ordering::Relaxed);
+    shared.tick();
+    let mut current = cfg;
+    info!(tuples = scheduler.len(), "calsync running");
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(&engine, scheduler.len())),
+    ]);
+
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ping = Instant::now();
+    let mut last_status = Instant::now();
+    let mut hup = hangup()?;
+    let signal = app::shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => break,
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the config");
+                let _ = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+            }
+            Some(reply) = reload_rx.recv() => {
+                let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+                let _ = reply.send(r);
+            }
+            _ = tick.tick() => {
+                shared.tick();
+                if let Some(m) = &shared.metrics {
+                    m.run_upkeep();
+                }
+                if let Some(period) = watchdog {
+                    if last_ping.elapsed() >= period / 2 {
+                        if shared.making_progress() {
+                            notify(&[NotifyState::Watchdog]);
+                            last_ping = Instant::now();
+                        } else {
+                            warn!("a round made no progress for {}s; not feeding the watchdog", STALL_LIMIT.as_secs());
+                        }
+                    }
+                }
+                if last_status.elapsed() >= Duration::from_secs(10) {
+                    notify(&[NotifyState::Status(&status_line(&engine, scheduler.len()))]);
+                    last_status = Instant::now();
+                }
+            }
+        }
+    }
+
+    info!("shutdown requested; no new rounds start");
+    notify(&[NotifyState::Stopping]);
+    shared.scheduler_running.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    let deadline = current.drain_deadline;
+    match tokio::time::timeout(deadline, scheduler.wait()).await {
+        Ok(()) => info!("stopped cleanly"),
+        Err(_) => {
+            let abandoned = engine.rounds_running();
+            warn!(
+                deadline_ms = deadline.as_millis() as u64,
+                abandoned = ?abandoned,
+                "drain deadline passed; abandoning rounds in flight (their last committed page stands)"
+            );
+        }
+    }
+    if let Some(s) = server {
+        let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
+    }
+    Ok(())
+}
+
+fn status_line(engine: &Engine, tuples: usize) -> String {
+    let l = engine.liveness();
+    let g = engine.gate_stats();
+    format!(
+        "{tuples} calendars scheduled, {} rounds running, request limit {}, {} throttle waits",
+        l.rounds_in_flight, g.global_limit, g.throttle_waits
+    )
+}
+
+#[cfg(unix)]
+fn hangup() -> anyhow::Result<tokio::signal::unix::Signal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    signal(SignalKind::hangup()).context("cannot listen for SIGHUP")
+}
+
+/// Re-reads the config file and applies its calendars: new ones start, removed ones stop
+/// (rows kept or purged per `service.on_remove`), changed intervals apply at the next wait.
+/// Rounds in flight are not disturbed. A config that does not validate is refused whole.
+async fn reload(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    current: &mut Config,
+    path: Option<&std::path::Path>,
+) -> Result<Applied, String> {
+    notify(&[NotifyState::Reloading]);
+    let result = reload_inner(scheduler, engine, current, path).await;
+    match &result {
+        Ok(a) => info!(
+            added = ?a.added, removed = ?a.removed, retimed = ?a.retimed, restarted = ?a.restarted,
+            "config reloaded"
+        ),
+        Err(e) => error!(error = %e, "config reload refused; the running config stays"),
+    }
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status_line(engine, scheduler.len())),
+    ]);
+    result
+}
+
+async fn reload_inner(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    current: &mut Config,
+    path: Option<&std::path::Path>,
+) -> Result<Applied, String> {
+    let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
+    let new = raw.validate().map_err(|e| e.to_string())?;
+    let restart_needed = current.needs_restart_for(&new);
+    if !restart_needed.is_empty() {
+        warn!(
+            sections = ?restart_needed,
+            "these settings changed and take effect after a restart; calendars and intervals apply now"
+        );
+    }
+    // The engine's default interval is fixed at start: give each tuple its interval
+    // explicitly, so a changed sync.interval applies too.
+    let configs: Vec<calsync_engine::TupleConfig> = new
+        .tuples
+        .iter()
+        .map(|t| calsync_engine::TupleConfig {
+            interval: Some(t.interval.unwrap_or(new.sync.interval)),
+            ..t.clone()
+        })
+        .collect();
+    let tuples = engine
+        .register(&configs)
+        .await
+        .map_err(|e| format!("cannot register the calendars: {e}"))?;
+    let applied = scheduler.apply(tuples);
+    if new.on_remove == OnRemove::Purge && !applied.removed.is_empty() {
+        match engine.store().purge_untracked().await {
+            Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
+            Err(e) => warn!(error = %e, "cannot purge removed calendars; their rows stay untracked"),
+        }
+    }
+    current.tuples = new.tuples.clone();
+    current.on_remove = new.on_remove;
+    Ok(applied)
+}
+
+/// Asks the main loop to reload; for POST /reload.
+pub async fn request_reload(shared: &Shared) -> Result<Applied, String> {
+    let (tx, rx) = oneshot::channel();
+    shared
+        .reload
+        .send(tx)
+        .await
+        .map_err(|_| "the service is shutting down".to_owned())?;
+    rx.await
+        .map_err(|_| "the service is shutting down".to_owned())?
+}
+
+impl Shared {
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+
+    pub fn scheduler_running(&self) -> bool {
+        self.scheduler_running.load(Ordering::Relaxed) && self.alive()
+    }
+}
