@@ -8,8 +8,8 @@ pub mod round;
 pub mod schedule;
 
 pub use gate::{Budget, GateStats, RequestGate};
-pub use schedule::{Applied, Scheduler};
 pub use round::{Failure, Health, Outcome, RoundReport};
+pub use schedule::{Applied, Scheduler};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
 use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};

@@ -215,7 +215,10 @@ impl Engine {
         );
         let started = std::time::Instant::now();
         self.round_started(&tuple.key);
-        let outcome = self.sync_tuple_in_span(tuple, cancel).instrument(span).await;
+        let outcome = self
+            .sync_tuple_in_span(tuple, cancel)
+            .instrument(span)
+            .await;
         self.round_ended(&tuple.key);
         let label = match &outcome {
             Outcome::Synced(_) => "synced",
@@ -223,10 +226,13 @@ impl Engine {
             Outcome::Interrupted => "interrupted",
         };
         metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
-        metrics::histogram!("calsync_round_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("calsync_round_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         if let Outcome::Synced(r) = &outcome {
-            metrics::counter!("calsync_events_applied_total", "kind" => "upsert").increment(r.upserted);
-            metrics::counter!("calsync_events_applied_total", "kind" => "remove").increment(r.removed);
+            metrics::counter!("calsync_events_applied_total", "kind" => "upsert")
+                .increment(r.upserted);
+            metrics::counter!("calsync_events_applied_total", "kind" => "remove")
+                .increment(r.removed);
             metrics::counter!("calsync_events_applied_total", "kind" => "swept").increment(r.swept);
             metrics::counter!("calsync_resyncs_total").increment(r.resyncs.into());
         }
@@ -496,7 +502,8 @@ impl Engine {
             let (status, code) = match &fetched {
                 Ok(_) => ("200".to_owned(), String::new()),
                 Err(e) => (
-                    e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                    e.status()
+                        .map_or_else(|| "none".to_owned(), |s| s.to_string()),
                     e.code().to_owned(),
                 ),
             };

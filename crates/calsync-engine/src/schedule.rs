@@ -118,7 +118,12 @@ impl Scheduler {
         for t in tuples {
             match self.running.get_mut(&t.key) {
                 Some(r) if r.tuple == t => {}
-                Some(r) if Tuple { interval: t.interval, ..r.tuple.clone() } == t => {
+                Some(r)
+                    if Tuple {
+                        interval: t.interval,
+                        ..r.tuple.clone()
+                    } == t =>
+                {
                     r.interval.send_replace(t.interval);
                     r.tuple.interval = t.interval;
                     applied.retimed.push(t.key.clone());
@@ -136,7 +141,12 @@ impl Scheduler {
                 }
             }
         }
-        for v in [&mut applied.added, &mut applied.removed, &mut applied.retimed, &mut applied.restarted] {
+        for v in [
+            &mut applied.added,
+            &mut applied.removed,
+            &mut applied.retimed,
+            &mut applied.restarted,
+        ] {
             v.sort();
         }
         metrics::gauge!("calsync_tuples_scheduled").set(self.running.len() as f64);

@@ -131,7 +131,9 @@ impl Default for RawService {
 }
 
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-const SECTIONS: [&str; 7] = ["database", "graph", "auth", "sync", "log", "http", "service"];
+const SECTIONS: [&str; 7] = [
+    "database", "graph", "auth", "sync", "log", "http", "service",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

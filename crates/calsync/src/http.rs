@@ -122,11 +122,18 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             }
         }
         Err(e) => {
-            let _ = writeln!(out, "# calsync: cannot read tuple states: {}", escape(&e.to_string()));
+            let _ = writeln!(
+                out,
+                "# calsync: cannot read tuple states: {}",
+                escape(&e.to_string())
+            );
         }
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -136,8 +143,10 @@ async fn reload(State(s): State<Arc<Shared>>) -> Response {
     match request_reload(&s).await {
         Ok(a) => (
             StatusCode::OK,
-            axum::Json(json!({"reloaded": true, "added": a.added, "removed": a.removed,
-                "retimed": a.retimed, "restarted": a.restarted})),
+            axum::Json(
+                json!({"reloaded": true, "added": a.added, "removed": a.removed,
+                "retimed": a.retimed, "restarted": a.restarted}),
+            ),
         )
             .into_response(),
         Err(e) => (

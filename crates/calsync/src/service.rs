@@ -58,11 +58,42 @@ impl Shared {
     }
 }
 
-fn notify(states: &[NotifyState]) {
-    // Outside systemd NOTIFY_SOCKET is unset and this is a no-op.
-    if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "cannot notify systemd");
+/// A message for systemd, sent in order by one thread: the send blocks when the notify
+/// socket's queue is full, and the main loop must never wait on systemd.
+#[derive(Debug, Clone)]
+enum Note {
+    Ready(String),
+    Reloading,
+    Status(String),
+    Watchdog,
+    Stopping,
+}
+
+fn notifier() -> std::sync::mpsc::Sender<Note> {
+    let (tx, rx) = std::sync::mpsc::channel::<Note>();
+    // Outside systemd NOTIFY_SOCKET is unset and sending is a no-op.
+    let spawned = std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || {
+            for note in rx {
+                let r = match &note {
+                    Note::Ready(status) => {
+                        sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(status)])
+                    }
+                    Note::Reloading => sd_notify::notify(&[NotifyState::Reloading]),
+                    Note::Status(status) => sd_notify::notify(&[NotifyState::Status(status)]),
+                    Note::Watchdog => sd_notify::notify(&[NotifyState::Watchdog]),
+                    Note::Stopping => sd_notify::notify(&[NotifyState::Stopping]),
+                };
+                if let Err(e) = r {
+                    warn!(error = %e, "cannot notify systemd");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the systemd notifier thread");
     }
+    tx
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -129,10 +160,11 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     shared.tick();
     let mut current = cfg;
     info!(tuples = scheduler.len(), "calsync running");
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(&engine, scheduler.len())),
-    ]);
+    let notes = notifier();
+    let notify = |n: Note| {
+        let _ = notes.send(n);
+    };
+    notify(Note::Ready(status_line(&engine, scheduler.len())));
 
     let watchdog = sd_notify::watchdog_enabled();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -147,10 +179,14 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
             _ = &mut signal => break,
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config");
+                notify(Note::Reloading);
                 let _ = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+                notify(Note::Ready(status_line(&engine, scheduler.len())));
             }
             Some(reply) = reload_rx.recv() => {
+                notify(Note::Reloading);
                 let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+                notify(Note::Ready(status_line(&engine, scheduler.len())));
                 let _ = reply.send(r);
             }
             _ = tick.tick() => {
@@ -161,7 +197,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
                 if let Some(period) = watchdog {
                     if last_ping.elapsed() >= period / 2 {
                         if shared.making_progress() {
-                            notify(&[NotifyState::Watchdog]);
+                            notify(Note::Watchdog);
                             last_ping = Instant::now();
                         } else {
                             warn!("a round made no progress for {}s; not feeding the watchdog", STALL_LIMIT.as_secs());
@@ -169,7 +205,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
                     }
                 }
                 if last_status.elapsed() >= Duration::from_secs(10) {
-                    notify(&[NotifyState::Status(&status_line(&engine, scheduler.len()))]);
+                    notify(Note::Status(status_line(&engine, scheduler.len())));
                     last_status = Instant::now();
                 }
             }
@@ -177,7 +213,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     }
 
     info!("shutdown requested; no new rounds start");
-    notify(&[NotifyState::Stopping]);
+    notify(Note::Stopping);
     shared.scheduler_running.store(false, Ordering::Relaxed);
     shutdown.cancel();
     let deadline = current.drain_deadline;
@@ -195,6 +231,7 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     if let Some(s) = server {
         let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
     }
+    drop(notes);
     Ok(())
 }
 
@@ -222,7 +259,6 @@ async fn reload(
     current: &mut Config,
     path: Option<&std::path::Path>,
 ) -> Result<Applied, String> {
-    notify(&[NotifyState::Reloading]);
     let result = reload_inner(scheduler, engine, current, path).await;
     match &result {
         Ok(a) => info!(
@@ -231,10 +267,6 @@ async fn reload(
         ),
         Err(e) => error!(error = %e, "config reload refused; the running config stays"),
     }
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&status_line(engine, scheduler.len())),
-    ]);
     result
 }
 
@@ -271,7 +303,9 @@ async fn reload_inner(
     if new.on_remove == OnRemove::Purge && !applied.removed.is_empty() {
         match engine.store().purge_untracked().await {
             Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
-            Err(e) => warn!(error = %e, "cannot purge removed calendars; their rows stay untracked"),
+            Err(e) => {
+                warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
+            }
         }
     }
     current.tuples = new.tuples.clone();

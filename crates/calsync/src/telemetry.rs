@@ -9,8 +9,11 @@ use tracing_subscriber::EnvFilter;
 pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Colours only for a person at a terminal, never into a file, a pipe or a log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match (format, journald) {
         (LogFormat::Text, false) => builder.try_init(),

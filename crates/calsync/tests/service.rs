@@ -1,0 +1,461 @@
+//! `calsync run` as a service, the real binary as a child process: systemd notifications and
+//! watchdog, /healthz, /readyz, /metrics, SIGHUP and `calsync reload`, `calsync resync`, and
+//! SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use calsync::app::local_request;
+use serde_json::{Value, json};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_calsync");
+const ADELE: &str = "adele@contoso.onmicrosoft.com";
+const ALEX: &str = "alex@contoso.onmicrosoft.com";
+const MEGAN: &str = "megan@contoso.onmicrosoft.com";
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for these tests")
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn calendar(name: &str, user: &str, interval: &str) -> String {
+    format!(
+        "\n[[calendars]]\nname = \"{name}\"\nuser = \"{user}\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\ninterval = \"{interval}\"\n"
+    )
+}
+
+struct Daemon {
+    child: Child,
+    config: PathBuf,
+    log: PathBuf,
+    /// Filled by a thread that drains the notify socket as systemd would.
+    notes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    http: SocketAddr,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn write_config(&self, calendars: &str) {
+        write_config(&self.config, &self.base, calendars);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Notifications received since the last call.
+    fn notifications(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap())
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        local_request(self.http, "GET", path).await.unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        let (code, body) = self.get("/metrics").await;
+        assert_eq!(code, 200);
+        body
+    }
+}
+
+fn write_config(path: &Path, base: &str, calendars: &str) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(format!("{base}{calendars}").as_bytes())
+        .unwrap();
+}
+
+/// A metric's value from the text format, by its full series name.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn status_of(
+    db: &sqlx::PgPool,
+) -> Vec<(
+    String,
+    bool,
+    String,
+    Option<chrono::DateTime<chrono::Utc>>,
+    i64,
+)> {
+    sqlx::query_as(
+        "SELECT tuple_key, tracked, state, last_full_sync_at, event_count FROM calendar_sync_status ORDER BY tuple_key",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_notifies_serves_probes_and_metrics_reloads_resyncs_and_stops() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_service")
+        .await
+        .unwrap();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let sim = graph_sim::Sim::new(&graph_sim::SimConfig::default());
+    {
+        let mut st = sim.lock();
+        for (upn, n) in [(ADELE, 12), (ALEX, 5), (MEGAN, 7)] {
+            let u = st.tenant.add_user(upn, None, upn);
+            for d in 0..n {
+                let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": format!("{upn} {d}"),
+                    "start": {"dateTime": format!("2026-02-{:02}T10:00:00", d + 1), "timeZone": "UTC"},
+                    "end": {"dateTime": format!("2026-02-{:02}T11:00:00", d + 1), "timeZone": "UTC"}}))
+                .unwrap();
+                st.tenant.create_event(u, 0, &p).unwrap();
+            }
+        }
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let base = format!(
+        r#"
+[database]
+url = "{url}"
+
+[graph]
+base_url = "{graph}"
+
+[auth]
+token_url = "{token}"
+client_id = "{id}"
+client_secret = "{secret}"
+
+[sync]
+interval = "1s"
+page_size = 5
+startup_spread = "100ms"
+
+[http]
+listen = "{http}"
+
+[service]
+drain_deadline = "3s"
+"#,
+        graph = server.graph_base_url(),
+        token = server.token_url(graph_sim::DEFAULT_TENANT),
+        id = graph_sim::DEFAULT_CLIENT_ID,
+        secret = graph_sim::DEFAULT_CLIENT_SECRET,
+    );
+    let config = dir.path().join("calsync.toml");
+    let log = dir.path().join("calsync.log");
+    write_config(
+        &config,
+        &base,
+        &(calendar("adele", ADELE, "1s") + &calendar("alex", ALEX, "1s")),
+    );
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let drained = std::sync::Arc::clone(&notes);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_draining = std::sync::Arc::clone(&done);
+    let drainer = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while !stop_draining.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = notify.recv(&mut buf) {
+                drained
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    });
+    let logfile = std::fs::File::create(&log).unwrap();
+    let child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stdout(Stdio::from(logfile.try_clone().unwrap()))
+        .stderr(Stdio::from(logfile))
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        config,
+        log,
+        notes,
+        http,
+        base,
+        _dir: dir,
+    };
+
+    // READY=1 once migrations ran and the scheduler runs, with a STATUS line.
+    let mut seen = Vec::new();
+    wait_for("READY=1", Duration::from_secs(30), async || {
+        seen.extend(d.notifications());
+        seen.iter().any(|m| m.contains("READY=1"))
+    })
+    .await;
+    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=2 calendars scheduled"), "{ready}");
+
+    // Probes.
+    assert_eq!(d.get("/healthz").await, (200, "ok\n".into()));
+    let (code, body) = d.get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"ready": true, "database": "ok", "migrations": "current", "scheduler": "running"})
+    );
+
+    // Both calendars synced; metrics agree with what happened.
+    wait_for(
+        "both calendars synced",
+        Duration::from_secs(20),
+        async || {
+            let s = status_of(&db).await;
+            s.len() == 2 && s.iter().all(|r| r.2 == "ok")
+        },
+    )
+    .await;
+    let m = d.metrics().await;
+    assert!(
+        metric(&m, "calsync_rounds_total{outcome=\"synced\"}").unwrap() >= 2.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "calsync_events_applied_total{kind=\"upsert\"}"),
+        Some(17.0),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "calsync_pages_total{outcome=\"applied\"}").unwrap() >= 4.0,
+        "{m}"
+    );
+    assert!(
+        m.contains("calsync_graph_responses_total{status=\"200\",code=\"\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("calsync_round_duration_seconds_bucket{le=\"0.5\"}"),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "calsync_tuples{state=\"ok\"}"), Some(2.0));
+    assert_eq!(metric(&m, "calsync_tuples{state=\"failed\"}"), Some(0.0));
+    assert_eq!(metric(&m, "calsync_token_renewals_total"), Some(1.0));
+    let lag = metric(&m, &format!("calsync_tuple_sync_lag_seconds{{tuple=\"adele\",user=\"{ADELE}\",calendar=\"default\"}}")).unwrap();
+    assert!((0.0..10.0).contains(&lag), "{lag}");
+
+    // The watchdog is fed while the scheduler makes progress.
+    let mut pings = 0;
+    wait_for("WATCHDOG=1", Duration::from_secs(5), async || {
+        pings += d
+            .notifications()
+            .iter()
+            .filter(|m| m.contains("WATCHDOG=1"))
+            .count();
+        pings >= 2
+    })
+    .await;
+
+    // SIGHUP: alex removed, megan added, adele retimed.
+    d.write_config(&(calendar("adele", ADELE, "2s") + &calendar("megan", MEGAN, "1s")));
+    d.signal("HUP");
+    wait_for("the reload", Duration::from_secs(10), async || {
+        d.log().contains("config reloaded")
+    })
+    .await;
+    let line = d
+        .log()
+        .lines()
+        .find(|l| l.contains("config reloaded"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        line.contains("added=[\"megan\"]")
+            && line.contains("removed=[\"alex\"]")
+            && line.contains("retimed=[\"adele\"]"),
+        "{line}"
+    );
+    wait_for("megan synced", Duration::from_secs(20), async || {
+        status_of(&db)
+            .await
+            .iter()
+            .any(|r| r.0 == "megan" && r.2 == "ok" && r.4 == 7)
+    })
+    .await;
+    let s = status_of(&db).await;
+    let alex = s.iter().find(|r| r.0 == "alex").unwrap();
+    assert!(
+        !alex.1 && alex.4 == 5,
+        "alex untracked, rows kept: {alex:?}"
+    );
+    let alex_id = {
+        let st = sim.lock();
+        st.tenant.users[st.tenant.user_index(ALEX).unwrap()]
+            .id
+            .clone()
+    };
+    let asked = |sim: &graph_sim::Sim, id: &str| {
+        sim.lock()
+            .requests()
+            .iter()
+            .filter(|r| r.mailbox.as_deref() == Some(id))
+            .count()
+    };
+    let before = asked(&sim, &alex_id);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        asked(&sim, &alex_id),
+        before,
+        "a removed calendar is no longer synced"
+    );
+
+    // A bad config is refused, over SIGHUP and over POST /reload; the running one stays.
+    d.write_config(&(calendar("adele", ADELE, "2s") + "\n[[calendars]]\nuser = \"\"\n"));
+    d.signal("HUP");
+    wait_for("the refusal", Duration::from_secs(10), async || {
+        d.log().contains("config reload refused")
+    })
+    .await;
+    let out = Command::new(BIN)
+        .args(["reload", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "reload's own config check refuses it first"
+    );
+    let (code, body) = local_request(d.http, "POST", "/reload").await.unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("calendars[1].user"), "{body}");
+    assert_eq!(d.get("/healthz").await.0, 200);
+    let megan_id = {
+        let st = sim.lock();
+        st.tenant.users[st.tenant.user_index(MEGAN).unwrap()]
+            .id
+            .clone()
+    };
+    let before = asked(&sim, &megan_id);
+    wait_for("megan still synced", Duration::from_secs(10), async || {
+        asked(&sim, &megan_id) > before + 1
+    })
+    .await;
+
+    // `calsync reload` with a good config: megan's interval changes.
+    d.write_config(&(calendar("adele", ADELE, "2s") + &calendar("megan", MEGAN, "3s")));
+    let out = Command::new(BIN)
+        .args(["reload", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{said}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    let v: Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(v["retimed"], json!(["megan"]));
+
+    // `calsync resync adele`: its next round is a full one.
+    let full_before = status_of(&db)
+        .await
+        .into_iter()
+        .find(|r| r.0 == "adele")
+        .unwrap()
+        .3
+        .unwrap();
+    let out = Command::new(BIN)
+        .args(["resync", "adele", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("adele's full round", Duration::from_secs(15), async || {
+        let s = status_of(&db).await;
+        let a = s.iter().find(|r| r.0 == "adele").unwrap();
+        a.3.is_some_and(|t| t > full_before) && a.2 == "ok"
+    })
+    .await;
+    let out = Command::new(BIN)
+        .args(["resync", "nobody", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tracked tuple is named 'nobody'"));
+
+    // SIGTERM: STOPPING=1, a clean exit.
+    d.notifications();
+    d.signal("TERM");
+    let notes = std::sync::Arc::clone(&d.notes);
+    let log_path = d.log.clone();
+    let mut child = d.child;
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drainer.join().unwrap();
+    assert!(
+        notes
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.contains("STOPPING=1"))
+    );
+    server.stop().await;
+}
