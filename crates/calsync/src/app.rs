@@ -192,17 +192,33 @@ pub async fn local_request(
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Where the daemon's endpoint is; only `http.listen` is read.
 fn http_listen(raw: &RawConfig) -> anyhow::Result<std::net::SocketAddr> {
-    let cfg = raw.validate()?;
-    cfg.http_listen.ok_or_else(|| {
-        anyhow::anyhow!(
+    let listen = raw.http.listen.trim();
+    if listen.is_empty() {
+        anyhow::bail!(
             "http.listen is not set, so there is no endpoint to ask; send SIGHUP instead (systemctl reload calsync, or kill -HUP <pid>)"
-        )
+        );
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        anyhow::anyhow!("http.listen: '{listen}' is not host:port with an IP address")
+    })?;
+    // A wildcard listen address is reached on loopback.
+    Ok(match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     })
 }
 
-/// `calsync reload`: POST /reload to the running daemon; prints what changed.
+/// `calsync reload`: checks the config, then POST /reload to the running daemon; prints
+/// what changed.
 pub async fn reload(raw: &RawConfig) -> anyhow::Result<bool> {
+    raw.validate()?;
     let addr = http_listen(raw)?;
     let (status, body) = local_request(addr, "POST", "/reload").await?;
     println!("{}", body.trim());

@@ -558,3 +558,40 @@ async fn no_secret_reaches_any_output_even_at_trace_level() {
     }
     server.stop().await;
 }
+
+/// The configs shipped in deploy/ stay valid as the config grows.
+#[test]
+fn the_deploy_configs_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let compose = std::fs::read_to_string(format!("{root}/deploy/compose/calsync.toml")).unwrap();
+    let o = run(
+        &["config", "check"],
+        &compose,
+        &[(
+            "CALSYNC_DATABASE__URL",
+            "postgres://calsync:pw@postgres:5432/calsync",
+        )],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // The TOML inside the Kubernetes ConfigMap, with its secret files present.
+    let cm = std::fs::read_to_string(format!("{root}/deploy/kubernetes/configmap.yaml")).unwrap();
+    let toml: String = cm
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("calsync.toml: |"))
+        .skip(1)
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("client-secret"), SECRET).unwrap();
+    std::fs::write(
+        dir.path().join("database-url"),
+        "postgres://calsync:pw@db/calsync",
+    )
+    .unwrap();
+    let toml = toml.replace("/var/run/secrets/calsync", &dir.path().to_string_lossy());
+    let o = run(&["config", "check"], &toml, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{toml}", text(&o));
+    assert!(!text(&o).contains(SECRET));
+}
