@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# calsync: a static (musl) binary on distroless/static, non-root, about 20 MB.
+# calsync: a static (musl) binary on distroless/static (about 2 MB), non-root, no shell.
 # Build: docker build -t calsync .      Run: see README "Deploy".
 FROM rust:1.95-slim-bookworm AS build
 # musl-tools: a static binary runs on an image with no libc at all. Debian's security updates

@@ -193,4 +193,51 @@ mod tests {
         assert!(!e.partial);
         assert_eq!(e.payload["extra"]["k"], 1);
     }
+
+    #[test]
+    fn all_day_multi_day_unicode_and_sparse_events_parse() {
+        let body = r#"{"@odata.nextLink":"n","value":[
+          {"id":"allday","subject":"Offsite 🏔️ — Zürich","isAllDay":true,
+           "start":{"dateTime":"2026-03-02T00:00:00.0000000","timeZone":"UTC"},
+           "end":{"dateTime":"2026-03-05T00:00:00.0000000","timeZone":"UTC"},
+           "body":{"contentType":"html","content":"<p>日本語 · العربية · emoji 👩‍💻</p>"},
+           "newGraphField":{"nested":[1,2,3]}},
+          {"id":"sparse","subject":"only a subject"},
+          {"id":"occ","type":"occurrence","start":{"dateTime":"2026-03-09T09:00:00","timeZone":"UTC"},
+           "end":{"dateTime":"2026-03-09T09:30:00","timeZone":"UTC"}}]}"#;
+        let page = parse_page(body.as_bytes()).unwrap();
+        let events: Vec<&EventItem> = page
+            .items
+            .iter()
+            .filter_map(|i| match i {
+                DeltaItem::Event(e) => Some(e.as_ref()),
+                DeltaItem::Removed { .. } => None,
+            })
+            .collect();
+        let all_day = events[0];
+        assert_eq!(all_day.is_all_day, Some(true));
+        assert_eq!(
+            (all_day.end.unwrap() - all_day.start.unwrap()).num_days(),
+            3,
+            "multi-day"
+        );
+        assert_eq!(all_day.subject.as_deref(), Some("Offsite 🏔️ — Zürich"));
+        assert_eq!(all_day.payload["newGraphField"]["nested"][2], 3, "unknown fields kept");
+        let sparse = events[1];
+        assert_eq!((sparse.start, sparse.is_all_day, sparse.ical_uid.as_deref()), (None, None, None));
+        assert!(events[2].partial, "an occurrence without a subject merges into what is stored");
+    }
+
+    #[test]
+    fn a_huge_page_parses() {
+        let item = r#"{"id":"ID","subject":"s","body":{"content":"BODY"},"start":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T11:00:00","timeZone":"UTC"}}"#;
+        let filler = "x".repeat(64 * 1024);
+        let items: Vec<String> = (0..200)
+            .map(|i| item.replace("ID", &format!("e{i}")).replace("BODY", &filler))
+            .collect();
+        let body = format!(r#"{{"@odata.deltaLink":"d","value":[{}]}}"#, items.join(","));
+        assert!(body.len() > 12 * 1024 * 1024);
+        let page = parse_page(body.as_bytes()).unwrap();
+        assert_eq!(page.items.len(), 200);
+    }
 }

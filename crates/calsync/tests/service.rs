@@ -80,6 +80,16 @@ impl Daemon {
     }
 }
 
+impl Drop for Daemon {
+    /// A failed assertion must not leave the daemon running: kill our own child by its pid.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn write_config(path: &Path, base: &str, calendars: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     f.write_all(format!("{base}{calendars}").as_bytes())
@@ -210,7 +220,7 @@ drain_deadline = "3s"
         .stderr(Stdio::from(logfile))
         .spawn()
         .unwrap();
-    let d = Daemon {
+    let mut d = Daemon {
         child,
         config,
         log,
@@ -250,6 +260,15 @@ drain_deadline = "3s"
         },
     )
     .await;
+    // Every line of a round names its tuple, user, calendar and window (span fields).
+    let span = format!(
+        "tuple{{tuple=adele user={ADELE} calendar=default window=2026-01-01T00:00:00Z/2026-04-01T00:00:00Z}}"
+    );
+    assert!(
+        d.log().lines().any(|l| l.contains(&span) && l.contains("round complete")),
+        "{}",
+        d.log()
+    );
     let m = d.metrics().await;
     assert!(
         metric(&m, "calsync_rounds_total{outcome=\"synced\"}").unwrap() >= 2.0,
@@ -432,10 +451,9 @@ drain_deadline = "3s"
     d.signal("TERM");
     let notes = std::sync::Arc::clone(&d.notes);
     let log_path = d.log.clone();
-    let mut child = d.child;
     let started = Instant::now();
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = d.child.try_wait().unwrap() {
             break s;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "did not stop");

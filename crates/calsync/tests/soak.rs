@@ -45,6 +45,17 @@ fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// Our daemon; killed (by its pid) if the test ends early, so a failure leaves nothing running.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            kill_9(&mut self.0);
+        }
+    }
+}
+
 fn kill_9(child: &mut Child) {
     // SIGKILL to our own child, by its pid.
     let _ = child.kill();
@@ -200,7 +211,7 @@ max_backoff = "2s"
         .write_all(config.as_bytes())
         .unwrap();
 
-    let mut daemon = spawn_daemon(&config_path, &log_path);
+    let mut daemon = Daemon(spawn_daemon(&config_path, &log_path));
     let started = Instant::now();
     let at = |f: f64| total.mul_f64(f);
     let (mut db_restarted, mut kills, mut edits, mut evictions) = (false, 0, 0u64, 0u64);
@@ -215,9 +226,9 @@ max_backoff = "2s"
             eprintln!("soak: database restarted at {:.0}s", e.as_secs_f64());
         }
         if (kills == 0 && e >= at(0.5)) || (kills == 1 && e >= at(0.75)) {
-            kill_9(&mut daemon);
+            kill_9(&mut daemon.0);
             tokio::time::sleep(Duration::from_secs(1)).await;
-            daemon = spawn_daemon(&config_path, &log_path);
+            daemon = Daemon(spawn_daemon(&config_path, &log_path));
             kills += 1;
             eprintln!(
                 "soak: kill -9 #{kills} and restart at {:.0}s",
@@ -229,7 +240,7 @@ max_backoff = "2s"
             evictions += n as u64;
             next_eviction += Duration::from_secs(45);
         }
-        if let Ok(Some(status)) = daemon.try_wait() {
+        if let Ok(Some(status)) = daemon.0.try_wait() {
             panic!(
                 "calsync exited on its own with {status}:\n{}",
                 std::fs::read_to_string(&log_path).unwrap_or_default()
@@ -265,9 +276,9 @@ max_backoff = "2s"
     }
     let converged_after = edits_stopped.elapsed();
     // SIGTERM: a clean exit.
-    let pid = daemon.id().to_string();
+    let pid = daemon.0.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
-    let exit = daemon.wait().unwrap();
+    let exit = daemon.0.wait().unwrap();
 
     let (stats, violations, log) = {
         let st = sim.lock();
