@@ -497,7 +497,6 @@ impl Engine {
                 _ = cancel.cancelled() => return Err(StepError::Interrupted),
                 r = graph.fetch_page(link, connection) => r,
             };
-            drop(permit);
             self.touch();
             let (status, code) = match &fetched {
                 Ok(_) => ("200".to_owned(), String::new()),
@@ -512,13 +511,17 @@ impl Engine {
             let gate = &self.inner.gate;
             match fetched {
                 Ok(p) => {
+                    drop(permit);
                     gate.succeeded();
                     p
                 }
                 Err(e) => {
+                    // Hold the mailbox before this request's slot is released: a task waiting
+                    // for the slot must find the Retry-After already in place.
                     if let Some(wait) = e.retry_after() {
                         gate.defer(&tuple.user, wait);
                     }
+                    drop(permit);
                     if e.is_throttle() {
                         gate.throttled(&tuple.user);
                     }

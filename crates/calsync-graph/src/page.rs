@@ -222,10 +222,19 @@ mod tests {
             "multi-day"
         );
         assert_eq!(all_day.subject.as_deref(), Some("Offsite 🏔️ — Zürich"));
-        assert_eq!(all_day.payload["newGraphField"]["nested"][2], 3, "unknown fields kept");
+        assert_eq!(
+            all_day.payload["newGraphField"]["nested"][2], 3,
+            "unknown fields kept"
+        );
         let sparse = events[1];
-        assert_eq!((sparse.start, sparse.is_all_day, sparse.ical_uid.as_deref()), (None, None, None));
-        assert!(events[2].partial, "an occurrence without a subject merges into what is stored");
+        assert_eq!(
+            (sparse.start, sparse.is_all_day, sparse.ical_uid.as_deref()),
+            (None, None, None)
+        );
+        assert!(
+            events[2].partial,
+            "an occurrence without a subject merges into what is stored"
+        );
     }
 
     #[test]
@@ -233,9 +242,15 @@ mod tests {
         let item = r#"{"id":"ID","subject":"s","body":{"content":"BODY"},"start":{"dateTime":"2026-01-01T10:00:00","timeZone":"UTC"},"end":{"dateTime":"2026-01-01T11:00:00","timeZone":"UTC"}}"#;
         let filler = "x".repeat(64 * 1024);
         let items: Vec<String> = (0..200)
-            .map(|i| item.replace("ID", &format!("e{i}")).replace("BODY", &filler))
+            .map(|i| {
+                item.replace("ID", &format!("e{i}"))
+                    .replace("BODY", &filler)
+            })
             .collect();
-        let body = format!(r#"{{"@odata.deltaLink":"d","value":[{}]}}"#, items.join(","));
+        let body = format!(
+            r#"{{"@odata.deltaLink":"d","value":[{}]}}"#,
+            items.join(",")
+        );
         assert!(body.len() > 12 * 1024 * 1024);
         let page = parse_page(body.as_bytes()).unwrap();
         assert_eq!(page.items.len(), 200);

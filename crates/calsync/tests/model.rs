@@ -10,19 +10,20 @@
 //! backoff) is trivial, so a case replays the same request sequence every time.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod common;
+
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
-use calsync_graph::{AuthConfig, CalendarRef, GraphClient, GraphConfig, ViewWindow};
+use calsync_graph::{CalendarRef, GraphClient, GraphConfig, ViewWindow};
 use calsync_store::Store;
 use graph_sim::{FaultRule, Sim, SimConfig, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use secrecy::SecretString;
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-const USER: &str = "adele@contoso.onmicrosoft.com";
+use common::USER;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -52,18 +53,8 @@ impl Case {
         let mut g = GraphConfig::new(self.server.graph_base_url().parse().unwrap());
         g.page_size = Some(self.page_size);
         g.request_timeout = Duration::from_secs(10);
-        let auth = AuthConfig {
-            token_url: self
-                .server
-                .token_url(graph_sim::DEFAULT_TENANT)
-                .parse()
-                .unwrap(),
-            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-            client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-            scope: "https://graph.microsoft.com/.default".into(),
-        };
         Engine::new(
-            GraphClient::new(g, auth).unwrap(),
+            GraphClient::new(g, common::sim_auth(&self.server)).unwrap(),
             self.store.clone(),
             settings(max_attempts),
         )

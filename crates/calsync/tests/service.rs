@@ -265,7 +265,9 @@ drain_deadline = "3s"
         "tuple{{tuple=adele user={ADELE} calendar=default window=2026-01-01T00:00:00Z/2026-04-01T00:00:00Z}}"
     );
     assert!(
-        d.log().lines().any(|l| l.contains(&span) && l.contains("round complete")),
+        d.log()
+            .lines()
+            .any(|l| l.contains(&span) && l.contains("round complete")),
         "{}",
         d.log()
     );

@@ -78,16 +78,7 @@ impl H {
     }
 
     pub fn auth(&self) -> AuthConfig {
-        AuthConfig {
-            token_url: self
-                .server
-                .token_url(graph_sim::DEFAULT_TENANT)
-                .parse()
-                .unwrap(),
-            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-            client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-            scope: "https://graph.microsoft.com/.default".into(),
-        }
+        sim_auth(&self.server)
     }
 
     pub fn graph(&self) -> GraphClient {
@@ -176,6 +167,16 @@ impl H {
                 },
             )
             .unwrap()
+    }
+}
+
+/// Client credentials for the simulator's default app.
+pub fn sim_auth(server: &SimServer) -> AuthConfig {
+    AuthConfig {
+        token_url: server.token_url(graph_sim::DEFAULT_TENANT).parse().unwrap(),
+        client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
+        client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
+        scope: "https://graph.microsoft.com/.default".into(),
     }
 }
 
