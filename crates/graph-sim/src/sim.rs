@@ -123,14 +123,15 @@ pub struct TruthItem {
 struct Mailbox {
     in_flight: u32,
     retry_until: Option<Instant>,
-    /// When the last Retry-After was announced, and on which connection.
-    announced: Option<(Instant, u64)>,
+    /// When the last Retry-After was announced.
+    announced: Option<Instant>,
     recent: VecDeque<Instant>,
 }
 
-/// A request that reaches a mailbox this soon after a Retry-After was announced on another
-/// connection was already on its way (sent before the client could read the answer); it is
-/// not counted as early. On loopback a request in flight arrives well within this.
+/// A request that reaches a mailbox this soon after a Retry-After was announced was already on
+/// its way: another task of the client had decided to send it before the answer was read (it
+/// may even go out on the very connection that carried the answer, once that is free). It is
+/// not counted as early. On loopback such a request arrives well within this.
 pub const IN_FLIGHT_ALLOWANCE: Duration = Duration::from_millis(5);
 
 /// Everything behind the simulator's one lock.
@@ -142,8 +143,6 @@ pub struct State {
     pub faults: Vec<FaultRule>,
     pub limits: Limits,
     mailboxes: HashMap<usize, Mailbox>,
-    /// The connection of the request being admitted.
-    connection: u64,
     app_recent: VecDeque<Instant>,
     log: VecDeque<RequestRecord>,
     log_capacity: usize,
@@ -497,7 +496,7 @@ impl State {
             app_recent: VecDeque::new(),
             log: VecDeque::new(),
             log_capacity: cfg.log_capacity,
-            connection: 0,
+
             seq: 0,
             violations: Violations::default(),
             stats: Stats::default(),
@@ -541,10 +540,9 @@ impl State {
         if let Some(m) = mailbox {
             let now = Instant::now();
             let until = now + wait;
-            let connection = self.connection;
             let mb = self.mailboxes.entry(m).or_default();
             mb.retry_until = Some(mb.retry_until.map_or(until, |u| u.max(until)));
-            mb.announced = Some((now, connection));
+            mb.announced = Some(now);
         }
         let e = GraphError::new(status, code, message).with_retry_after(header);
         self.error_response(&e)
@@ -574,7 +572,6 @@ impl State {
     }
 
     fn admit(&mut self, req: &SimRequest) -> Admission {
-        self.connection = req.connection;
         let Some(route) = parse_route(&req.path) else {
             let seg = req
                 .path
@@ -630,9 +627,9 @@ impl State {
         let mut in_flight = 0;
         if let Some(u) = user {
             let mb = self.mailboxes.entry(u).or_default();
-            let in_flight_already = mb.announced.is_some_and(|(at, conn)| {
-                conn != req.connection && now_i.duration_since(at) < IN_FLIGHT_ALLOWANCE
-            });
+            let in_flight_already = mb
+                .announced
+                .is_some_and(|at| now_i.duration_since(at) < IN_FLIGHT_ALLOWANCE);
             if mb.retry_until.is_some_and(|t| now_i < t) && !in_flight_already {
                 early = true;
             }
