@@ -88,6 +88,24 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
         .collect()
 }
 
+/// The daemon's throttle waits so far (count, seconds), from its /metrics.
+async fn throttle_waits(http: std::net::SocketAddr) -> (f64, f64) {
+    let Ok((200, text)) = calsync::app::local_request(http, "GET", "/metrics").await else {
+        return (0.0, 0.0);
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (
+        value("calsync_throttle_wait_seconds_count"),
+        value("calsync_throttle_wait_seconds_sum"),
+    )
+}
+
 async fn divergence(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Result<usize, String> {
     let d = calsync::verify::compare(store, sim, tuples)
         .await
@@ -169,6 +187,10 @@ async fn soak_with_faults_edits_a_database_restart_and_kill_9() {
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
 
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("calsync.toml");
     let log_path = dir.path().join("calsync.log");
@@ -188,6 +210,9 @@ token_url = "{token}"
 client_id = "{id}"
 client_secret = "{secret}"
 
+[http]
+listen = "{http}"
+
 [sync]
 interval = "2s"
 page_size = 10
@@ -201,6 +226,8 @@ max_backoff = "2s"
         id = graph_sim::DEFAULT_CLIENT_ID,
         secret = graph_sim::DEFAULT_CLIENT_SECRET,
     );
+    // Each process's counters start at zero: add them up before each kill and at the end.
+    let (mut waits, mut waited) = (0.0, 0.0);
     for (_, _, upn, cal) in &targets {
         config.push_str(&format!(
             "\n[[calendars]]\nuser = \"{upn}\"\ncalendar = \"{cal}\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-07-01T00:00:00Z\"\n"
@@ -226,6 +253,9 @@ max_backoff = "2s"
             eprintln!("soak: database restarted at {:.0}s", e.as_secs_f64());
         }
         if (kills == 0 && e >= at(0.5)) || (kills == 1 && e >= at(0.75)) {
+            let (n, secs) = throttle_waits(http).await;
+            waits += n;
+            waited += secs;
             kill_9(&mut daemon.0);
             tokio::time::sleep(Duration::from_secs(1)).await;
             daemon = Daemon(spawn_daemon(&config_path, &log_path));
@@ -275,6 +305,9 @@ max_backoff = "2s"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged_after = edits_stopped.elapsed();
+    let (n, secs) = throttle_waits(http).await;
+    waits += n;
+    waited += secs;
     // SIGTERM: a clean exit.
     let pid = daemon.0.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
@@ -317,6 +350,8 @@ max_backoff = "2s"
         "fault_share": stats.faults_fired as f64 / stats.requests.max(1) as f64,
         "answers_429": status_count(429),
         "answers_503": status_count(503),
+        "daemon_throttle_waits": waits,
+        "daemon_throttle_wait_seconds": waited,
         "retry_after_violations": violations.retry_after,
         "early_requests": early,
         "max_in_flight_per_mailbox": violations.max_in_flight,
