@@ -9,8 +9,10 @@ use crate::round::{Health, Outcome};
 use crate::{Engine, SyncSettings, Tuple};
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,15 +65,32 @@ impl Applied {
     }
 }
 
+/// What the scheduler can tell a running task: its interval changed, or it is to stop. Small on
+/// purpose (an atomic and a `Notify`): 100,000 idle tuples each hold one.
+#[derive(Debug, Default)]
+struct Control {
+    interval_ms: AtomicU64,
+    stop: AtomicBool,
+    changed: Notify,
+}
+
 #[derive(Debug)]
 struct Running {
-    tuple: Tuple,
-    interval: watch::Sender<Duration>,
-    stop: CancellationToken,
+    /// What the task was started for (user, calendar, window), to tell a retime from a change.
+    identity: u64,
+    interval: Duration,
+    control: Arc<Control>,
+}
+
+fn identity(t: &Tuple) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (t.id, &t.user, &t.calendar, t.window).hash(&mut h);
+    h.finish()
 }
 
 /// The running set of tuple tasks. Tuples can be added, removed and retimed while it runs
-/// (a config reload); a task is only ever stopped between pages.
+/// (a config reload). A removed tuple's round in flight finishes; then its task ends.
 #[derive(Debug)]
 pub struct Scheduler {
     engine: Engine,
@@ -102,35 +121,31 @@ impl Scheduler {
     /// Makes the running set equal `tuples`.
     pub fn apply(&mut self, tuples: Vec<Tuple>) -> Applied {
         let mut applied = Applied::default();
-        let wanted: HashSet<String> = tuples.iter().map(|t| t.key.clone()).collect();
+        let wanted: HashSet<&str> = tuples.iter().map(|t| t.key.as_str()).collect();
         let gone: Vec<String> = self
             .running
             .keys()
-            .filter(|k| !wanted.contains(*k))
+            .filter(|k| !wanted.contains(k.as_str()))
             .cloned()
             .collect();
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
-                r.stop.cancel();
+                r.control.stop();
                 applied.removed.push(key);
             }
         }
         for t in tuples {
             match self.running.get_mut(&t.key) {
-                Some(r) if r.tuple == t => {}
-                Some(r)
-                    if Tuple {
-                        interval: t.interval,
-                        ..r.tuple.clone()
-                    } == t =>
-                {
-                    r.interval.send_replace(t.interval);
-                    r.tuple.interval = t.interval;
-                    applied.retimed.push(t.key.clone());
+                Some(r) if r.identity == identity(&t) => {
+                    if r.interval != t.interval {
+                        r.interval = t.interval;
+                        r.control.retime(t.interval);
+                        applied.retimed.push(t.key.clone());
+                    }
                 }
                 Some(_) => {
                     if let Some(old) = self.running.remove(&t.key) {
-                        old.stop.cancel();
+                        old.control.stop();
                     }
                     applied.restarted.push(t.key.clone());
                     self.spawn(t);
@@ -154,19 +169,22 @@ impl Scheduler {
     }
 
     fn spawn(&mut self, tuple: Tuple) {
-        let (tx, rx) = watch::channel(tuple.interval);
-        let stop = self.shutdown.child_token();
+        let control = Arc::new(Control::default());
+        control
+            .interval_ms
+            .store(tuple.interval.as_millis() as u64, Ordering::Relaxed);
         self.running.insert(
             tuple.key.clone(),
             Running {
-                tuple: tuple.clone(),
-                interval: tx,
-                stop: stop.clone(),
+                identity: identity(&tuple),
+                interval: tuple.interval,
+                control: Arc::clone(&control),
             },
         );
         let engine = self.engine.clone();
+        let shutdown = self.shutdown.clone();
         self.tracker
-            .spawn(async move { engine.tuple_loop(tuple, rx, stop).await });
+            .spawn(async move { engine.tuple_loop(tuple, control, shutdown).await });
     }
 
     /// Waits until every task has stopped (after `shutdown` fired).
@@ -183,6 +201,27 @@ impl Scheduler {
     }
 }
 
+impl Control {
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    fn retime(&self, interval: Duration) {
+        self.interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
 impl Engine {
     /// Runs every tuple on its interval until `cancel` fires, then waits for rounds in flight
     /// to reach a safe point.
@@ -192,12 +231,7 @@ impl Engine {
         scheduler.wait().await;
     }
 
-    async fn tuple_loop(
-        self,
-        tuple: Tuple,
-        mut interval: watch::Receiver<Duration>,
-        cancel: CancellationToken,
-    ) {
+    async fn tuple_loop(self, tuple: Tuple, control: Arc<Control>, cancel: CancellationToken) {
         let spread = tuple.interval.min(self.settings().startup_spread);
         let first =
             Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
@@ -208,23 +242,26 @@ impl Engine {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep_until(due) => {}
-                changed = interval.changed() => {
-                    if changed.is_err() {
+                _ = control.changed.notified() => {
+                    if control.stopped() {
                         return;
                     }
                     // A new interval: the wait restarts from the last round's start.
                     if let Some((outcome, failures)) = &last {
-                        let iv = *interval.borrow_and_update();
                         let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
-                        let delay = next_delay(outcome, iv, *failures, self.settings(), jitter);
+                        let delay =
+                            next_delay(outcome, control.interval(), *failures, self.settings(), jitter);
                         due = (started + delay).max(Instant::now() + Duration::from_millis(10));
                     }
                     continue;
                 }
             }
+            if control.stopped() {
+                return;
+            }
             started = Instant::now();
             let outcome = Box::pin(self.sync_tuple(&tuple, &cancel)).await;
-            if outcome == Outcome::Interrupted {
+            if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }
             let failures = match (&outcome, &last) {
@@ -233,8 +270,13 @@ impl Engine {
                 _ => 0,
             };
             let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
-            let iv = *interval.borrow_and_update();
-            let delay = next_delay(&outcome, iv, failures, self.settings(), jitter);
+            let delay = next_delay(
+                &outcome,
+                control.interval(),
+                failures,
+                self.settings(),
+                jitter,
+            );
             due = (started + delay).max(Instant::now() + Duration::from_millis(10));
             last = Some((outcome, failures));
         }
