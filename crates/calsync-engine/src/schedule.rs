@@ -50,9 +50,11 @@ pub fn next_delay(
 pub struct Applied {
     pub added: Vec<String>,
     pub removed: Vec<String>,
-    /// Same tuple, new interval: takes effect at its next wait, its round in flight untouched.
+    /// Same tuple, new interval: takes effect at once for a waiting task, after the round for
+    /// one in flight.
     pub retimed: Vec<String>,
-    /// User, calendar or window changed: stopped at a safe point and started again.
+    /// User, calendar or window changed: the old task ends after any round in flight, a new one
+    /// starts (the store's link_version keeps the two from both writing).
     pub restarted: Vec<String>,
 }
 

@@ -250,8 +250,8 @@ fn hangup() -> anyhow::Result<tokio::signal::unix::Signal> {
     signal(SignalKind::hangup()).context("cannot listen for SIGHUP")
 }
 
-/// Re-reads the config file and applies its calendars: new ones start, removed ones stop
-/// (rows kept or purged per `service.on_remove`), changed intervals apply at the next wait.
+/// Re-reads the config file and applies its calendars: new ones start, removed ones stop after
+/// any round in flight (rows kept or purged per `service.on_remove`), changed intervals apply.
 /// Rounds in flight are not disturbed. A config that does not validate is refused whole.
 async fn reload(
     scheduler: &mut Scheduler,
