@@ -194,13 +194,6 @@ impl Scheduler {
         self.tracker.close();
         self.tracker.wait().await;
     }
-
-    /// The tuple keys scheduled now.
-    pub fn keys(&self) -> Vec<String> {
-        let mut k: Vec<String> = self.running.keys().cloned().collect();
-        k.sort();
-        k
-    }
 }
 
 impl Control {

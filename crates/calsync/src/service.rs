@@ -177,17 +177,19 @@ pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()
     loop {
         tokio::select! {
             _ = &mut signal => break,
-            _ = hup.recv() => {
-                info!("SIGHUP: reloading the config");
-                notify(Note::Reloading);
-                let _ = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
-                notify(Note::Ready(status_line(&engine, scheduler.len())));
-            }
-            Some(reply) = reload_rx.recv() => {
+            // SIGHUP and POST /reload do the same; only the HTTP caller waits for the answer.
+            reply = async {
+                tokio::select! {
+                    _ = hup.recv() => { info!("SIGHUP: reloading the config"); None }
+                    Some(reply) = reload_rx.recv() => Some(reply),
+                }
+            } => {
                 notify(Note::Reloading);
                 let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
                 notify(Note::Ready(status_line(&engine, scheduler.len())));
-                let _ = reply.send(r);
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
             }
             _ = tick.tick() => {
                 shared.tick();
