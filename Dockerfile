@@ -18,16 +18,20 @@ COPY crates/calsync-engine/Cargo.toml crates/calsync-engine/
 COPY crates/calsync-graph/Cargo.toml crates/calsync-graph/
 COPY crates/calsync-store/Cargo.toml crates/calsync-store/
 COPY crates/graph-sim/Cargo.toml crates/graph-sim/
-RUN for c in calsync calsync-engine calsync-graph calsync-store graph-sim; do \
+COPY crates/calsync-testkit/Cargo.toml crates/calsync-testkit/
+COPY crates/calsync-bench/Cargo.toml crates/calsync-bench/
+RUN for c in calsync calsync-engine calsync-graph calsync-store graph-sim calsync-testkit calsync-bench; do \
       mkdir -p "crates/$c/src" && echo 'fn main() {}' > "crates/$c/src/main.rs" && touch "crates/$c/src/lib.rs"; \
     done; \
-    cargo build --release --locked --target x86_64-unknown-linux-musl -p calsync; \
+    cargo build --release --locked --target x86_64-unknown-linux-musl -p calsync --no-default-features; \
     rm -rf crates/*/src
-# The real sources. Queries are checked at run time, so the build needs no database.
+# The real sources. Queries are checked at run time, so the build needs no database. The
+# daemon is built without the `demo` feature: it links neither the simulator nor the test kit.
 COPY crates crates
 COPY migrations migrations
 RUN find crates -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --target x86_64-unknown-linux-musl -p calsync -p graph-sim \
+    && cargo build --release --locked --target x86_64-unknown-linux-musl -p calsync --no-default-features \
+    && cargo build --release --locked --target x86_64-unknown-linux-musl -p graph-sim \
     && cp target/x86_64-unknown-linux-musl/release/calsync /calsync \
     && cp target/x86_64-unknown-linux-musl/release/graph-sim /graph-sim
 

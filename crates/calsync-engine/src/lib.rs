@@ -9,7 +9,7 @@ pub mod schedule;
 
 pub use gate::{Budget, GateStats, RequestGate};
 pub use round::{Failure, Health, Outcome, RoundReport};
-pub use schedule::{Applied, Scheduler};
+pub use schedule::{ScheduleChange, Scheduler};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
 use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};

@@ -6,7 +6,8 @@ use crate::Tuple;
 use crate::mapping::page_changes;
 use backon::{ExponentialBuilder, Retryable};
 use calsync_graph::{Connection, ErrorClass, GraphError, PageLink};
-use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError};
+use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError, TupleStatus};
+use futures_util::FutureExt;
 use rand::Rng;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,12 +28,18 @@ pub enum Health {
 }
 
 impl Health {
-    pub fn as_str(self) -> &'static str {
+    /// The state the store records for it.
+    pub fn status(self) -> TupleStatus {
         match self {
-            Health::Retrying => "retrying",
-            Health::Failed => "failed",
-            Health::Degraded => "degraded",
+            Health::Retrying => TupleStatus::Retrying,
+            Health::Failed => TupleStatus::Failed,
+            Health::Degraded => TupleStatus::Degraded,
         }
+    }
+
+    /// Its spelling in logs, `status` and metrics.
+    pub fn as_str(self) -> &'static str {
+        self.status().as_str()
     }
 }
 
@@ -200,6 +207,15 @@ struct StepOut {
     swept: u64,
 }
 
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
 impl Engine {
     /// Runs one complete round for `tuple` (resuming a round in progress if one was saved),
     /// retrying what is retryable and restarting with a full round when Graph dropped the
@@ -215,10 +231,18 @@ impl Engine {
         );
         let started = std::time::Instant::now();
         self.round_started(&tuple.key);
-        let outcome = self
-            .sync_tuple_in_span(tuple, cancel)
-            .instrument(span)
-            .await;
+        // A panic is a bug, but it must not take the tuple's task (or `sync-once`'s report)
+        // down with it: it becomes a failed round with its message, recorded like any other.
+        let outcome = match std::panic::AssertUnwindSafe(
+            self.sync_tuple_in_span(tuple, cancel)
+                .instrument(span.clone()),
+        )
+        .catch_unwind()
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => self.panicked(tuple, panic).instrument(span).await,
+        };
         self.round_ended(&tuple.key);
         let label = match &outcome {
             Outcome::Synced(_) => "synced",
@@ -290,6 +314,30 @@ impl Engine {
         Ok(())
     }
 
+    async fn panicked(&self, tuple: &Tuple, panic: Box<dyn std::any::Any + Send>) -> Outcome {
+        let what = panic_message(panic.as_ref());
+        self.drop_cursor(tuple.id);
+        let failure = Failure {
+            health: Health::Failed,
+            code: "Panic".into(),
+            message: format!("round of tuple {} panicked: {what}", tuple.key),
+        };
+        tracing::error!(tuple = %tuple.key, error = %failure.message, "round panicked (a bug: please report it)");
+        if let Err(se) = self
+            .store()
+            .record_failure(
+                tuple.id,
+                TupleStatus::Failed,
+                &failure.code,
+                &failure.message,
+            )
+            .await
+        {
+            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
+        }
+        Outcome::Failed(failure)
+    }
+
     async fn fail(&self, tuple: &Tuple, e: &StepError) -> Outcome {
         let health = match e.class() {
             Some(ErrorClass::Permanent) => Health::Failed,
@@ -308,7 +356,7 @@ impl Engine {
         }
         if let Err(se) = self
             .store()
-            .record_failure(tuple.id, health.as_str(), &failure.code, &failure.message)
+            .record_failure(tuple.id, health.status(), &failure.code, &failure.message)
             .await
         {
             warn!(tuple = %tuple.key, error = %se, "could not record the failure");

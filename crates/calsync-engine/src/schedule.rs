@@ -47,7 +47,7 @@ pub fn next_delay(
 
 /// What a [`Scheduler::apply`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Applied {
+pub struct ScheduleChange {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     /// Same tuple, new interval: takes effect at once for a waiting task, after the round for
@@ -58,7 +58,7 @@ pub struct Applied {
     pub restarted: Vec<String>,
 }
 
-impl Applied {
+impl ScheduleChange {
     pub fn is_empty(&self) -> bool {
         self.added.is_empty()
             && self.removed.is_empty()
@@ -99,30 +99,47 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     running: HashMap<String, Running>,
+    /// A tuple task that ended other than by being told to says why here.
+    died_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    died_rx: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Scheduler {
     /// A scheduler whose tasks all stop when `shutdown` fires.
     pub fn new(engine: Engine, shutdown: CancellationToken) -> Self {
+        let (died_tx, died_rx) = tokio::sync::mpsc::unbounded_channel();
         Scheduler {
             engine,
             shutdown,
             tracker: TaskTracker::new(),
             running: HashMap::new(),
+            died_tx,
+            died_rx,
         }
     }
 
+    /// Resolves when a tuple task ended unexpectedly (a panic outside a round, which
+    /// `sync_tuple` cannot catch), with what it said. The service treats it as fatal.
+    pub async fn task_died(&mut self) -> String {
+        match self.died_rx.recv().await {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Tuples scheduled now.
     pub fn len(&self) -> usize {
         self.running.len()
     }
 
+    /// No tuple is scheduled.
     pub fn is_empty(&self) -> bool {
         self.running.is_empty()
     }
 
     /// Makes the running set equal `tuples`.
-    pub fn apply(&mut self, tuples: Vec<Tuple>) -> Applied {
-        let mut applied = Applied::default();
+    pub fn apply(&mut self, tuples: Vec<Tuple>) -> ScheduleChange {
+        let mut change = ScheduleChange::default();
         let wanted: HashSet<&str> = tuples.iter().map(|t| t.key.as_str()).collect();
         let gone: Vec<String> = self
             .running
@@ -133,7 +150,7 @@ impl Scheduler {
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
                 r.control.stop();
-                applied.removed.push(key);
+                change.removed.push(key);
             }
         }
         for t in tuples {
@@ -142,32 +159,32 @@ impl Scheduler {
                     if r.interval != t.interval {
                         r.interval = t.interval;
                         r.control.retime(t.interval);
-                        applied.retimed.push(t.key.clone());
+                        change.retimed.push(t.key.clone());
                     }
                 }
                 Some(_) => {
                     if let Some(old) = self.running.remove(&t.key) {
                         old.control.stop();
                     }
-                    applied.restarted.push(t.key.clone());
+                    change.restarted.push(t.key.clone());
                     self.spawn(t);
                 }
                 None => {
-                    applied.added.push(t.key.clone());
+                    change.added.push(t.key.clone());
                     self.spawn(t);
                 }
             }
         }
         for v in [
-            &mut applied.added,
-            &mut applied.removed,
-            &mut applied.retimed,
-            &mut applied.restarted,
+            &mut change.added,
+            &mut change.removed,
+            &mut change.retimed,
+            &mut change.restarted,
         ] {
             v.sort();
         }
         metrics::gauge!("calsync_tuples_scheduled").set(self.running.len() as f64);
-        applied
+        change
     }
 
     fn spawn(&mut self, tuple: Tuple) {
@@ -185,8 +202,15 @@ impl Scheduler {
         );
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
-        self.tracker
-            .spawn(async move { engine.tuple_loop(tuple, control, shutdown).await });
+        let died = self.died_tx.clone();
+        let key = tuple.key.clone();
+        self.tracker.spawn(async move {
+            let task = std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown));
+            if let Err(panic) = futures_util::FutureExt::catch_unwind(task).await {
+                let what = crate::round::panic_message(panic.as_ref());
+                let _ = died.send(format!("tuple {key}: {what}"));
+            }
+        });
     }
 
     /// Waits until every task has stopped (after `shutdown` fired).
@@ -284,18 +308,33 @@ impl Engine {
         cancel: &CancellationToken,
     ) -> Vec<(Tuple, Outcome)> {
         let mut set = tokio::task::JoinSet::new();
+        let mut by_task = HashMap::with_capacity(tuples.len());
         for t in tuples.iter().cloned() {
             let engine = self.clone();
             let cancel = cancel.clone();
-            set.spawn(async move {
-                let o = engine.sync_tuple(&t, &cancel).await;
-                (t, o)
+            let task = set.spawn({
+                let t = t.clone();
+                async move { engine.sync_tuple(&t, &cancel).await }
             });
+            by_task.insert(task.id(), t);
         }
         let mut out = Vec::with_capacity(tuples.len());
-        while let Some(r) = set.join_next().await {
-            if let Ok(pair) = r {
-                out.push(pair);
+        while let Some(r) = set.join_next_with_id().await {
+            // `sync_tuple` turns a panicking round into a failure itself; a task that still
+            // ended abnormally is reported as failed, never dropped from the outcome.
+            let (id, outcome) = match r {
+                Ok((id, o)) => (id, o),
+                Err(e) => (
+                    e.id(),
+                    Outcome::Failed(crate::round::Failure {
+                        health: Health::Failed,
+                        code: "Panic".into(),
+                        message: format!("round task ended abnormally: {e}"),
+                    }),
+                ),
+            };
+            if let Some(t) = by_task.remove(&id) {
+                out.push((t, outcome));
             }
         }
         out.sort_by(|a, b| a.0.key.cmp(&b.0.key));

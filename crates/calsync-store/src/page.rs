@@ -7,18 +7,29 @@ use std::collections::HashMap;
 /// One event row to write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
+    /// Graph's event id.
     pub event_id: String,
+    /// The iCalendar UID.
     pub ical_uid: Option<String>,
+    /// The subject.
     pub subject: Option<String>,
+    /// The start instant.
     pub start_at: Option<DateTime<Utc>>,
+    /// The end instant.
     pub end_at: Option<DateTime<Utc>>,
+    /// Whether it is all-day.
     pub is_all_day: Option<bool>,
+    /// `singleInstance`, `occurrence`, `exception` or `seriesMaster`.
     pub event_type: Option<String>,
+    /// The series an occurrence or exception belongs to.
     pub series_master_id: Option<String>,
+    /// Graph's `lastModifiedDateTime`.
     pub last_modified_at: Option<DateTime<Utc>>,
+    /// Graph's `changeKey`: an unchanged key means an unchanged row.
     pub change_key: Option<String>,
     /// Merge into the stored row instead of replacing it.
     pub partial: bool,
+    /// The item as Graph sent it (the read model's `payload`).
     pub payload: Map<String, Value>,
 }
 
@@ -27,15 +38,20 @@ pub struct EventRow {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum PageOp {
+    /// Insert or change a row.
     Upsert(EventRow),
+    /// An `@removed` for this id.
     Remove(String),
 }
 
 /// A page reduced to at most one write per id.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PageChanges {
+    /// Rows that replace what is stored.
     pub full: Vec<EventRow>,
+    /// Rows merged into what is stored (Graph sent only some fields).
     pub partial: Vec<EventRow>,
+    /// Ids to delete.
     pub removed: Vec<String>,
 }
 

@@ -4,11 +4,10 @@
 //! round that the read model equals the simulator's truth.
 
 use crate::config::{Config, DatabaseConfig, LogFormat};
-use crate::localpg::LocalPostgres;
-use crate::verify;
 use anyhow::Context;
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
-use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
+use calsync_graph::{CalendarRef, ViewWindow};
+use calsync_testkit::{ScratchDatabase, verify};
 use chrono::{Duration as ChronoDuration, Utc};
 use graph_sim::churn::random_edit;
 use graph_sim::{GenerateSpec, Scenario, SimConfig, Window};
@@ -42,42 +41,6 @@ pub struct DemoArgs {
     pub database_url: Option<String>,
 }
 
-/// The database a demo or benchmark runs on; a local cluster lives as long as this does.
-#[derive(Debug)]
-pub struct DemoDatabase {
-    pub url: String,
-    pub _local: Option<LocalPostgres>,
-}
-
-impl DemoDatabase {
-    pub async fn open(database_url: Option<&str>, db_name: &str) -> anyhow::Result<Self> {
-        match database_url {
-            Some(url) => {
-                let demo_url = calsync_store::recreate_database(url, db_name)
-                    .await
-                    .with_context(|| {
-                        format!(
-                            "cannot create database {db_name} on {}",
-                            crate::config::redact_url(url)
-                        )
-                    })?;
-                Ok(DemoDatabase {
-                    url: demo_url,
-                    _local: None,
-                })
-            }
-            None => {
-                let pg = tokio::task::spawn_blocking(LocalPostgres::start).await??;
-                let url = calsync_store::recreate_database(&pg.url(), db_name).await?;
-                Ok(DemoDatabase {
-                    url,
-                    _local: Some(pg),
-                })
-            }
-        }
-    }
-}
-
 /// A calsync config pointing at a simulator at `origin` (`http://127.0.0.1:port`): one tuple
 /// per calendar listed.
 pub fn config_for_sim(
@@ -88,14 +51,8 @@ pub fn config_for_sim(
     sync: SyncSettings,
     page_size: u32,
 ) -> anyhow::Result<Config> {
-    let mut graph = GraphConfig::new(format!("{origin}/v1.0").parse()?);
-    graph.page_size = Some(page_size);
-    let auth = AuthConfig {
-        token_url: format!("{origin}/{}/oauth2/v2.0/token", graph_sim::DEFAULT_TENANT).parse()?,
-        client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-        client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-        scope: "https://graph.microsoft.com/.default".into(),
-    };
+    let graph = calsync_testkit::sim::graph(origin, page_size)?;
+    let auth = calsync_testkit::sim::auth(origin)?;
     let tuples = calendars
         .iter()
         .map(|(key, user, cal)| TupleConfig {
@@ -225,11 +182,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         event_count
     );
 
-    let db = DemoDatabase::open(args.database_url.as_deref(), "calsync_demo").await?;
+    let db = ScratchDatabase::open(args.database_url.as_deref(), "calsync_demo").await?;
     println!(
         "[2/4] PostgreSQL at {} ({})",
         crate::config::redact_url(&db.url),
-        if db._local.is_some() {
+        if db.is_local() {
             "throwaway local cluster"
         } else {
             "from DATABASE_URL"
@@ -258,7 +215,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         sync,
         50,
     )?;
-    let (engine, tuples) = crate::app::build(&cfg).await?;
+    let (engine, tuples) = crate::commands::build(&cfg).await?;
     println!(
         "      migrated; tracking {} (user, calendar, window) tuples, window {} → {}",
         tuples.len(),
@@ -369,7 +326,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     println!("\ncalsync status:");
     print!(
         "{}",
-        crate::app::status_table(&engine.store().status().await?)
+        crate::commands::status_table(&engine.store().status().await?)
     );
     println!(
         "\n{} in {:.1}s",

@@ -6,11 +6,13 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use calsync_store::TupleStatus;
 use chrono::Utc;
 use serde_json::json;
 use std::fmt::Write;
 use std::sync::Arc;
 
+/// The endpoint's routes over the state the main loop shares.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
@@ -88,20 +90,17 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     );
     match engine.store().tuple_health().await {
         Ok(rows) => {
-            let mut by_state: std::collections::BTreeMap<&str, u64> =
-                ["pending", "ok", "retrying", "failed", "degraded"]
-                    .into_iter()
-                    .map(|k| (k, 0))
-                    .collect();
+            let mut by_state: std::collections::BTreeMap<TupleStatus, u64> =
+                TupleStatus::ALL.into_iter().map(|k| (k, 0)).collect();
             for r in &rows {
-                *by_state.entry(r.state.as_str()).or_default() += 1;
+                *by_state.entry(r.state).or_default() += 1;
             }
             let _ = writeln!(
                 out,
                 "# HELP calsync_tuples Tracked calendars by sync state.\n# TYPE calsync_tuples gauge"
             );
             for (state, n) in by_state {
-                let _ = writeln!(out, "calsync_tuples{{state=\"{}\"}} {n}", escape(state));
+                let _ = writeln!(out, "calsync_tuples{{state=\"{state}\"}} {n}");
             }
             let _ = writeln!(
                 out,

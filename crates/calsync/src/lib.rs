@@ -1,12 +1,10 @@
-//! calsync: the binary's library — CLI commands, config, telemetry, the demo and benchmarks.
+//! calsync: the binary's library — CLI commands, config, telemetry, the service and the demo.
 //! `main.rs` only parses arguments and maps errors to exit codes.
 
-pub mod app;
-pub mod bench;
+pub mod commands;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod http;
-pub mod localpg;
 pub mod service;
 pub mod telemetry;
-pub mod verify;

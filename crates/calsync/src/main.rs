@@ -1,7 +1,9 @@
 //! The `calsync` command.
 
 use calsync::config::{ConfigError, RawConfig};
-use calsync::{app, bench, demo, service, telemetry};
+#[cfg(feature = "demo")]
+use calsync::demo;
+use calsync::{commands, service, telemetry};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,13 +48,8 @@ enum Command {
         command: ConfigCommand,
     },
     /// Run the whole product against the built-in Graph simulator and a throwaway database.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
-    /// Measure ingest, no-change rounds and idle memory against the simulator (BENCHMARKS.md).
-    Bench(bench::BenchArgs),
-    #[command(name = "__sim", hide = true)]
-    Sim(bench::SimArgs),
-    #[command(name = "__bench-idle", hide = true)]
-    BenchIdle(bench::IdleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,18 +68,10 @@ fn exit_for(e: &anyhow::Error) -> ExitCode {
 
 async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo(args) => {
             telemetry::init(calsync::config::LogFormat::Text, "error");
             demo::run(args).await
-        }
-        Command::Bench(args) => {
-            telemetry::init(calsync::config::LogFormat::Text, "error");
-            bench::run(args).await.map(|_| true)
-        }
-        Command::Sim(args) => bench::serve_sim(args).await.map(|_| true),
-        Command::BenchIdle(args) => {
-            telemetry::init(calsync::config::LogFormat::Text, "error");
-            bench::idle(args).await.map(|_| true)
         }
         Command::Config {
             command: ConfigCommand::Check,
@@ -96,33 +85,34 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
         Command::Migrate => {
             let raw = RawConfig::load(cli.config.as_deref())?;
             telemetry::init(calsync::config::LogFormat::Text, &raw.log.filter);
-            app::migrate(&raw).await.map(|_| true)
+            commands::migrate(&raw).await.map(|_| true)
         }
         Command::Status { json } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            app::status(&raw, json).await.map(|_| true)
+            commands::status(&raw, json).await.map(|_| true)
         }
         Command::Run => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
             telemetry::init(cfg.log_format, &cfg.log_filter);
-            service::run(cfg, cli.config.clone()).await.map(|_| true)
+            let app = service::App::build(cfg, cli.config.clone()).await?;
+            app.run(commands::shutdown_signal()).await.map(|_| true)
         }
         Command::Resync { tuple } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            app::resync(&raw, &tuple).await.map(|_| true)
+            commands::resync(&raw, &tuple).await.map(|_| true)
         }
         Command::Reload => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            app::reload(&raw).await
+            commands::reload(&raw).await
         }
         Command::Healthcheck => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            app::healthcheck(&raw).await
+            commands::healthcheck(&raw).await
         }
         Command::SyncOnce => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
             telemetry::init(cfg.log_format, &cfg.log_filter);
-            app::sync_once(cfg).await
+            commands::sync_once(cfg).await
         }
     }
 }

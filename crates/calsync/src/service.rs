@@ -1,11 +1,11 @@
 //! `calsync run` as a service: the scheduler, systemd notification and watchdog, SIGHUP
 //! reloads, the HTTP endpoint (/healthz, /readyz, /metrics, POST /reload) and the drain on
-//! SIGTERM.
+//! shutdown. `main` builds an [`App`] and runs it with the signal future.
 
-use crate::app;
+use crate::commands;
 use crate::config::{Config, OnRemove, RawConfig};
 use anyhow::Context;
-use calsync_engine::{Applied, Engine, Scheduler};
+use calsync_engine::{Engine, ScheduleChange, Scheduler};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sd_notify::NotifyState;
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 /// watchdog stops being fed and systemd restarts the service.
 pub const STALL_LIMIT: Duration = Duration::from_secs(15 * 60);
 
-type ReloadReply = oneshot::Sender<Result<Applied, String>>;
+type ReloadReply = oneshot::Sender<Result<ScheduleChange, String>>;
 
 /// What the HTTP handlers and the main loop share.
 pub struct Shared {
@@ -116,125 +116,221 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("cannot install the metrics recorder")
 }
 
-/// `calsync run`: until SIGTERM or SIGINT.
-pub async fn run(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    // The recorder first, so the first rounds are counted.
-    let metrics = match cfg.http_listen {
-        Some(_) => Some(install_metrics()?),
-        None => None,
-    };
-    let (engine, tuples) = app::build(&cfg).await?;
-    let shutdown = CancellationToken::new();
-    let mut scheduler = Scheduler::new(engine.clone(), shutdown.clone());
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadReply>(4);
-    let shared = Arc::new(Shared {
-        engine: engine.clone(),
-        metrics,
-        started: Instant::now(),
-        tick_ms: AtomicU64::new(0),
-        scheduler_running: AtomicBool::new(false),
-        reload: reload_tx,
-    });
-    let server = match cfg.http_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on http.listen = {addr}"))?;
-            info!(%addr, "http endpoint listening");
-            let app = crate::http::router(Arc::clone(&shared));
-            let stop = shutdown.clone();
-            Some(tokio::spawn(async move {
-                let r = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = r {
-                    error!(error = %e, "http endpoint stopped");
-                }
-            }))
-        }
-        None => None,
-    };
+static METRICS: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
 
-    scheduler.apply(tuples);
-    shared.scheduler_running.store(true, Ordering::Relaxed);
-    shared.tick();
-    let mut current = cfg;
-    info!(tuples = scheduler.len(), "calsync running");
-    let notes = notifier();
-    let notify = |n: Note| {
-        let _ = notes.send(n);
-    };
-    notify(Note::Ready(status_line(&engine, scheduler.len())));
+/// The process-wide Prometheus recorder, installed by the first [`App::build`] that wants one
+/// (a recorder is global: later apps in the same process share it).
+fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    if let Some(h) = METRICS.get() {
+        return Ok(h.clone());
+    }
+    let h = install_metrics()?;
+    Ok(METRICS.get_or_init(|| h).clone())
+}
 
-    let watchdog = sd_notify::watchdog_enabled();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_ping = Instant::now();
-    let mut last_status = Instant::now();
-    let mut hup = hangup()?;
-    let signal = app::shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            _ = &mut signal => break,
-            // SIGHUP and POST /reload do the same; only the HTTP caller waits for the answer.
-            reply = async {
-                tokio::select! {
-                    _ = hup.recv() => { info!("SIGHUP: reloading the config"); None }
-                    Some(reply) = reload_rx.recv() => Some(reply),
-                }
-            } => {
-                notify(Note::Reloading);
-                let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
-                notify(Note::Ready(status_line(&engine, scheduler.len())));
-                if let Some(reply) = reply {
-                    let _ = reply.send(r);
-                }
+/// `calsync run`, built but not yet running: connected, migrated, tuples registered, the HTTP
+/// endpoint bound. Tests build one in-process and read [`App::local_addr`].
+pub struct App {
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    engine: Engine,
+    tuples: Vec<calsync_engine::Tuple>,
+    listener: Option<tokio::net::TcpListener>,
+    metrics: Option<PrometheusHandle>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("tuples", &self.tuples.len())
+            .field("local_addr", &self.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Connects (patiently), migrates, registers the configured calendars and binds
+    /// `http.listen` (port 0 picks a free port: see [`App::local_addr`]).
+    pub async fn build(cfg: Config, config_path: Option<PathBuf>) -> anyhow::Result<App> {
+        // The recorder first, so the first rounds are counted.
+        let metrics = match cfg.http_listen {
+            Some(_) => Some(metrics_handle()?),
+            None => None,
+        };
+        let (engine, tuples) = commands::build(&cfg).await?;
+        let listener = match cfg.http_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on http.listen = {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(App {
+            cfg,
+            config_path,
+            engine,
+            tuples,
+            listener,
+            metrics,
+        })
+    }
+
+    /// Where the HTTP endpoint listens, if it is on.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until `shutdown` resolves, then drains. Every task it spawns is supervised: an
+    /// HTTP endpoint or a tuple task that ends unexpectedly is an error, so the process exits
+    /// non-zero and its supervisor restarts it.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let App {
+            cfg,
+            config_path,
+            engine,
+            tuples,
+            listener,
+            metrics,
+        } = self;
+        let stop = CancellationToken::new();
+        let mut scheduler = Scheduler::new(engine.clone(), stop.clone());
+        let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadReply>(4);
+        let shared = Arc::new(Shared {
+            engine: engine.clone(),
+            metrics,
+            started: Instant::now(),
+            tick_ms: AtomicU64::new(0),
+            scheduler_running: AtomicBool::new(false),
+            reload: reload_tx,
+        });
+        let mut server = match listener {
+            Some(listener) => {
+                let addr = listener
+                    .local_addr()
+                    .context("cannot read the bound address")?;
+                info!(%addr, "http endpoint listening");
+                let app = crate::http::router(Arc::clone(&shared));
+                let stop = stop.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                }))
             }
-            _ = tick.tick() => {
-                shared.tick();
-                if let Some(m) = &shared.metrics {
-                    m.run_upkeep();
+            None => None,
+        };
+
+        scheduler.apply(tuples);
+        shared.scheduler_running.store(true, Ordering::Relaxed);
+        shared.tick();
+        let mut current = cfg;
+        info!(tuples = scheduler.len(), "calsync running");
+        let notes = notifier();
+        let notify = |n: Note| {
+            let _ = notes.send(n);
+        };
+        notify(Note::Ready(status_line(&engine, scheduler.len())));
+
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ping = Instant::now();
+        let mut last_status = Instant::now();
+        let mut hup = hangup()?;
+        tokio::pin!(shutdown);
+        let mut fatal: Option<anyhow::Error> = None;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                // The endpoint ends only when `stop` fires; before that, its end is fatal.
+                ended = async {
+                    match server.as_mut() {
+                        Some(s) => s.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    server = None;
+                    let why = match ended {
+                        Ok(Ok(())) => "stopped without being asked".to_owned(),
+                        Ok(Err(e)) => format!("failed: {e}"),
+                        Err(e) => format!("task ended abnormally: {e}"),
+                    };
+                    error!(reason = %why, "the http endpoint ended; stopping");
+                    fatal = Some(anyhow::anyhow!("the http endpoint {why}"));
+                    break;
                 }
-                if let Some(period) = watchdog {
-                    if last_ping.elapsed() >= period / 2 {
-                        if shared.making_progress() {
-                            notify(Note::Watchdog);
-                            last_ping = Instant::now();
-                        } else {
-                            warn!("a round made no progress for {}s; not feeding the watchdog", STALL_LIMIT.as_secs());
-                        }
+                died = scheduler.task_died() => {
+                    error!(reason = %died, "a tuple task ended unexpectedly; stopping");
+                    fatal = Some(anyhow::anyhow!("a tuple task ended unexpectedly: {died}"));
+                    break;
+                }
+                // SIGHUP and POST /reload do the same; only the HTTP caller waits for the answer.
+                reply = async {
+                    tokio::select! {
+                        _ = hup.recv() => { info!("SIGHUP: reloading the config"); None }
+                        Some(reply) = reload_rx.recv() => Some(reply),
+                    }
+                } => {
+                    notify(Note::Reloading);
+                    let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+                    notify(Note::Ready(status_line(&engine, scheduler.len())));
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
                     }
                 }
-                if last_status.elapsed() >= Duration::from_secs(10) {
-                    notify(Note::Status(status_line(&engine, scheduler.len())));
-                    last_status = Instant::now();
+                _ = tick.tick() => {
+                    shared.tick();
+                    if let Some(m) = &shared.metrics {
+                        m.run_upkeep();
+                    }
+                    if let Some(period) = watchdog {
+                        if last_ping.elapsed() >= period / 2 {
+                            if shared.making_progress() {
+                                notify(Note::Watchdog);
+                                last_ping = Instant::now();
+                            } else {
+                                warn!("a round made no progress for {}s; not feeding the watchdog", STALL_LIMIT.as_secs());
+                            }
+                        }
+                    }
+                    if last_status.elapsed() >= Duration::from_secs(10) {
+                        notify(Note::Status(status_line(&engine, scheduler.len())));
+                        last_status = Instant::now();
+                    }
                 }
             }
         }
-    }
 
-    info!("shutdown requested; no new rounds start");
-    notify(Note::Stopping);
-    shared.scheduler_running.store(false, Ordering::Relaxed);
-    shutdown.cancel();
-    let deadline = current.drain_deadline;
-    match tokio::time::timeout(deadline, scheduler.wait()).await {
-        Ok(()) => info!("stopped cleanly"),
-        Err(_) => {
-            let abandoned = engine.rounds_running();
-            warn!(
-                deadline_ms = deadline.as_millis() as u64,
-                abandoned = ?abandoned,
-                "drain deadline passed; abandoning rounds in flight (their last committed page stands)"
-            );
+        info!("shutdown requested; no new rounds start");
+        notify(Note::Stopping);
+        shared.scheduler_running.store(false, Ordering::Relaxed);
+        stop.cancel();
+        let deadline = current.drain_deadline;
+        match tokio::time::timeout(deadline, scheduler.wait()).await {
+            Ok(()) => info!("stopped cleanly"),
+            Err(_) => {
+                let abandoned = engine.rounds_running();
+                warn!(
+                    deadline_ms = deadline.as_millis() as u64,
+                    abandoned = ?abandoned,
+                    "drain deadline passed; abandoning rounds in flight (their last committed page stands)"
+                );
+            }
+        }
+        if let Some(s) = server {
+            match tokio::time::timeout(Duration::from_secs(1), s).await {
+                Ok(Ok(Err(e))) => warn!(error = %e, "the http endpoint failed while stopping"),
+                Ok(Err(e)) => warn!(error = %e, "the http endpoint task ended abnormally"),
+                _ => {}
+            }
+        }
+        drop(notes);
+        match fatal {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
-    if let Some(s) = server {
-        let _ = tokio::time::timeout(Duration::from_secs(1), s).await;
-    }
-    drop(notes);
-    Ok(())
 }
 
 fn status_line(engine: &Engine, tuples: usize) -> String {
@@ -260,7 +356,7 @@ async fn reload(
     engine: &Engine,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<Applied, String> {
+) -> Result<ScheduleChange, String> {
     let result = reload_inner(scheduler, engine, current, path).await;
     match &result {
         Ok(a) => info!(
@@ -277,7 +373,7 @@ async fn reload_inner(
     engine: &Engine,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<Applied, String> {
+) -> Result<ScheduleChange, String> {
     let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
     let new = raw.validate().map_err(|e| e.to_string())?;
     let restart_needed = current.needs_restart_for(&new);
@@ -316,7 +412,7 @@ async fn reload_inner(
 }
 
 /// Asks the main loop to reload; for POST /reload.
-pub async fn request_reload(shared: &Shared) -> Result<Applied, String> {
+pub async fn request_reload(shared: &Shared) -> Result<ScheduleChange, String> {
     let (tx, rx) = oneshot::channel();
     shared
         .reload

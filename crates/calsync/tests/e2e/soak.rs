@@ -11,12 +11,12 @@
 //! It prints a report (requests, faults, throttle answers, waits, divergence) for
 //! RELIABILITY.md. It uses a private PostgreSQL cluster (initdb), so that restarting it
 //! disturbs nothing else, and only loopback.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use calsync::localpg::LocalPostgres;
+use crate::harness::{BIN, bound_addr};
 use calsync_engine::Tuple;
 use calsync_graph::{CalendarRef, ViewWindow};
 use calsync_store::Store;
+use calsync_testkit::LocalPostgres;
 use graph_sim::{FaultRule, Sim, SimConfig, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -24,8 +24,6 @@ use serde_json::json;
 use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 
 fn spawn_daemon(config: &std::path::Path, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -90,7 +88,7 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
 
 /// The daemon's throttle waits so far (count, seconds), from its /metrics.
 async fn throttle_waits(http: std::net::SocketAddr) -> (f64, f64) {
-    let Ok((200, text)) = calsync::app::local_request(http, "GET", "/metrics").await else {
+    let Ok((200, text)) = calsync::commands::local_request(http, "GET", "/metrics").await else {
         return (0.0, 0.0);
     };
     let value = |name: &str| {
@@ -107,7 +105,7 @@ async fn throttle_waits(http: std::net::SocketAddr) -> (f64, f64) {
 }
 
 async fn divergence(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Result<usize, String> {
-    let d = calsync::verify::compare(store, sim, tuples)
+    let d = calsync_testkit::compare(store, sim, tuples)
         .await
         .map_err(|e| e.to_string())?;
     Ok(d.iter().map(|x| x.count()).sum())
@@ -187,10 +185,6 @@ async fn soak_with_faults_edits_a_database_restart_and_kill_9() {
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
 
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("calsync.toml");
     let log_path = dir.path().join("calsync.log");
@@ -211,7 +205,7 @@ client_id = "{id}"
 client_secret = "{secret}"
 
 [http]
-listen = "{http}"
+listen = "127.0.0.1:0"
 
 [sync]
 interval = "2s"
@@ -253,7 +247,11 @@ max_backoff = "2s"
             eprintln!("soak: database restarted at {:.0}s", e.as_secs_f64());
         }
         if (kills == 0 && e >= at(0.5)) || (kills == 1 && e >= at(0.75)) {
-            let (n, secs) = throttle_waits(http).await;
+            let (n, secs) = throttle_waits(
+                bound_addr(&std::fs::read_to_string(&log_path).unwrap_or_default())
+                    .expect("the daemon logs its http address"),
+            )
+            .await;
             waits += n;
             waited += secs;
             kill_9(&mut daemon.0);
@@ -305,7 +303,11 @@ max_backoff = "2s"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged_after = edits_stopped.elapsed();
-    let (n, secs) = throttle_waits(http).await;
+    let (n, secs) = throttle_waits(
+        bound_addr(&std::fs::read_to_string(&log_path).unwrap_or_default())
+            .expect("the daemon logs its http address"),
+    )
+    .await;
     waits += n;
     waited += secs;
     // SIGTERM: a clean exit.

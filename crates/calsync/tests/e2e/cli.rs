@@ -1,16 +1,10 @@
 //! The real `calsync` binary as a user runs it: exit codes, messages, output.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+use crate::harness::{BIN, database_url};
 use std::io::Write;
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 const SECRET: &str = "s3cr3t-Value-that-must-not-leak";
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL must point at a PostgreSQL server for these tests")
-}
 
 fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> Output {
     let mut f = tempfile::NamedTempFile::new().unwrap();

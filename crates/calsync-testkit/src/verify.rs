@@ -8,17 +8,23 @@ use graph_sim::{Sim, TruthItem, Window};
 /// How one tuple's rows differ from the truth.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Divergence {
+    /// The tuple's name.
     pub tuple: String,
+    /// Ids Graph has that the read model lacks.
     pub missing: Vec<String>,
+    /// Ids the read model has that Graph does not.
     pub extra: Vec<String>,
+    /// Ids both have, with different fields.
     pub different: Vec<String>,
 }
 
 impl Divergence {
+    /// The read model matches the truth.
     pub fn is_empty(&self) -> bool {
         self.missing.is_empty() && self.extra.is_empty() && self.different.is_empty()
     }
 
+    /// How many ids differ in any way.
     pub fn count(&self) -> usize {
         self.missing.len() + self.extra.len() + self.different.len()
     }

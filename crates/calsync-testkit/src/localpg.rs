@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL cluster for the demo and benchmarks when no `DATABASE_URL` is set:
+//! A throwaway PostgreSQL cluster for the demo, benchmarks and outage tests:
 //! `initdb` into a temporary directory, `pg_ctl start` on a free loopback port, stopped and
 //! deleted on drop.
 
@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A running throwaway cluster; stopped and deleted on drop.
 #[derive(Debug)]
 pub struct LocalPostgres {
     dir: tempfile::TempDir,
@@ -41,6 +42,7 @@ fn is_root() -> bool {
 }
 
 impl LocalPostgres {
+    /// `initdb` and `pg_ctl start` in a new temporary directory.
     pub fn start() -> anyhow::Result<Self> {
         let (Some(initdb), Some(pg_ctl)) = (find_bin("initdb"), find_bin("pg_ctl")) else {
             bail!(
@@ -161,6 +163,7 @@ impl LocalPostgres {
         Ok(())
     }
 
+    /// A URL for the cluster's `postgres` database, as user `calsync`.
     pub fn url(&self) -> String {
         format!("postgres://calsync@127.0.0.1:{}/postgres", self.port)
     }

@@ -1,19 +1,38 @@
 //! Shared set-up for end-to-end tests: a seeded simulator on loopback, a fresh database from
-//! `#[sqlx::test]`, and an engine wired to both exactly as the daemon wires them.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+//! `#[sqlx::test]`, and an engine wired to both exactly as the daemon wires them; and for the
+//! process-level tests, the binary and the server they run it against.
 
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
 use calsync_graph::{AuthConfig, CalendarRef, GraphClient, GraphConfig, ViewWindow};
 use calsync_store::Store;
 use chrono::{DateTime, Utc};
 use graph_sim::{Sim, SimConfig, SimServer};
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub const USER: &str = "adele@contoso.onmicrosoft.com";
+
+/// The real `calsync` binary, for the process-level tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_calsync");
+
+/// The address a daemon bound for `http.listen = "127.0.0.1:0"`: the last one its log names
+/// (a log appended across restarts names each).
+pub fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("http endpoint listening"))
+        .and_then(|l| l.split("addr=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+}
+
+/// The PostgreSQL server the process-level tests create their databases on.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .expect("DATABASE_URL must point at a PostgreSQL server for these tests")
+}
 
 pub fn window() -> ViewWindow {
     ViewWindow {
@@ -30,27 +49,27 @@ pub fn settings() -> SyncSettings {
     }
 }
 
-pub struct H {
+pub struct Harness {
     pub sim: Sim,
     pub server: SimServer,
     pub store: Store,
     pub page_size: u32,
 }
 
-pub async fn harness(pool: PgPool, page_size: u32) -> H {
+pub async fn harness(pool: PgPool, page_size: u32) -> Harness {
     harness_with(pool, page_size, SimConfig::default()).await
 }
 
-pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> H {
+pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> Harness {
     harness_full(Store::from_pool(pool), page_size, cfg).await
 }
 
 /// A harness on a store connected elsewhere (a private cluster the test stops and starts).
-pub async fn harness_on(store: Store, page_size: u32) -> H {
+pub async fn harness_on(store: Store, page_size: u32) -> Harness {
     harness_full(store, page_size, SimConfig::default()).await
 }
 
-async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> H {
+async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> Harness {
     let sim = Sim::new(&cfg);
     {
         let mut st = sim.lock();
@@ -61,7 +80,7 @@ async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> H {
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     store.migrate().await.unwrap();
-    H {
+    Harness {
         sim,
         server,
         store,
@@ -69,7 +88,7 @@ async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> H {
     }
 }
 
-impl H {
+impl Harness {
     pub fn graph_config(&self) -> GraphConfig {
         let mut g = GraphConfig::new(self.server.graph_base_url().parse().unwrap());
         g.page_size = Some(self.page_size);
@@ -139,7 +158,7 @@ impl H {
 
     /// Asserts the read model equals the simulator's truth for every tuple given.
     pub async fn assert_mirrors(&self, tuples: &[Tuple]) {
-        let d = calsync::verify::compare(&self.store, &self.sim, tuples)
+        let d = calsync_testkit::compare(&self.store, &self.sim, tuples)
             .await
             .unwrap();
         for x in &d {
@@ -172,12 +191,7 @@ impl H {
 
 /// Client credentials for the simulator's default app.
 pub fn sim_auth(server: &SimServer) -> AuthConfig {
-    AuthConfig {
-        token_url: server.token_url(graph_sim::DEFAULT_TENANT).parse().unwrap(),
-        client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-        client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
-        scope: "https://graph.microsoft.com/.default".into(),
-    }
+    calsync_testkit::sim::auth(&format!("http://{}", server.addr)).unwrap()
 }
 
 pub fn at(s: &str) -> Value {
@@ -195,7 +209,7 @@ pub fn weekly(subject: &str, start: &str, end: &str, count: u32) -> Value {
 }
 
 /// Some singles and a weekly series inside the window, one event outside.
-pub fn seed(h: &H, singles: u32) -> Vec<String> {
+pub fn seed(h: &Harness, singles: u32) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..singles {
         let day = 2 + i % 80;

@@ -8,9 +8,6 @@
 //! Everything random comes from the seed: the edits, the faults and where they strike, the
 //! page size. The simulator's clock is frozen and every wait (Retry-After 0, millisecond
 //! backoff) is trivial, so a case replays the same request sequence every time.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
-
-mod common;
 
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
 use calsync_graph::{CalendarRef, GraphClient, GraphConfig, ViewWindow};
@@ -23,7 +20,7 @@ use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use common::USER;
+use crate::harness::USER;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -54,7 +51,7 @@ impl Case {
         g.page_size = Some(self.page_size);
         g.request_timeout = Duration::from_secs(10);
         Engine::new(
-            GraphClient::new(g, common::sim_auth(&self.server)).unwrap(),
+            GraphClient::new(g, crate::harness::sim_auth(&self.server)).unwrap(),
             self.store.clone(),
             settings(max_attempts),
         )
@@ -232,7 +229,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
         }
     }
     let tuples: Vec<Tuple> = case.tuples.iter().map(|(_, t)| t.clone()).collect();
-    let diffs = calsync::verify::compare(&case.store, &case.sim, &tuples)
+    let diffs = calsync_testkit::compare(&case.store, &case.sim, &tuples)
         .await
         .map_err(|e| e.to_string())?;
     for d in diffs {

@@ -1,14 +1,13 @@
 //! End-to-end: calsync's engine against graph-sim and real PostgreSQL.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
+use crate::harness::*;
 use calsync_engine::{Health, Outcome, SyncSettings};
-use common::*;
+use calsync_store::TupleStatus;
 use graph_sim::{FaultRule, SimConfig};
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 fn rule(v: serde_json::Value) -> FaultRule {
     serde_json::from_value(v).unwrap()
@@ -174,7 +173,7 @@ async fn a_lost_delta_state_brings_a_full_resync_that_sweeps_what_vanished(pool:
     h.assert_mirrors(std::slice::from_ref(&t)).await;
     let status = h.store.status().await.unwrap();
     assert_eq!(status[0].phase, "incremental");
-    assert_eq!(status[0].state, "ok");
+    assert_eq!(status[0].state, TupleStatus::Ok);
 }
 
 #[sqlx::test(migrations = false)]
@@ -340,7 +339,7 @@ async fn a_next_link_to_a_foreign_host_is_refused_and_never_gets_the_token(pool:
         "the foreign link was not saved"
     );
     let status = h.store.status().await.unwrap();
-    assert_eq!(status[0].state, "degraded");
+    assert_eq!(status[0].state, TupleStatus::Degraded);
     assert_eq!(status[0].last_error_code.as_deref(), Some("ForeignLink"));
     recorder.abort();
 }
@@ -546,4 +545,47 @@ async fn the_periodic_full_resync_runs_a_full_round_with_sweep(pool: PgPool) {
         ..settings()
     });
     assert!(!report(sync(&engine, &t).await).full);
+}
+
+/// A bug that panics inside a round must not vanish: `sync_all_once` reports the tuple as
+/// failed with the panic's message, `sync-once`'s report names it and exits non-zero, the
+/// failure is recorded, and the tuple's next round runs normally.
+#[sqlx::test(migrations = false)]
+async fn a_panicking_round_fails_sync_once_and_names_its_tuple(pool: PgPool) {
+    let h = harness(pool, 50).await;
+    seed(&h, 3);
+    let engine = h.engine(settings());
+    let tuples = h
+        .tuples(
+            &engine,
+            &[
+                ("adele", USER, "default"),
+                ("alex", "alex@contoso.onmicrosoft.com", "default"),
+            ],
+        )
+        .await;
+    h.store.inject_panic_on_apply(tuples[0].id);
+    let outcomes = engine
+        .sync_all_once(&tuples, &CancellationToken::new())
+        .await;
+    assert_eq!(outcomes.len(), 2, "no tuple may drop out of the outcome");
+    let (text, ok) = calsync::commands::outcome_report(&outcomes);
+    assert!(!ok, "sync-once must exit non-zero:\n{text}");
+    let adele = text.lines().find(|l| l.contains(" adele ")).unwrap();
+    assert!(
+        adele.starts_with("failed") && adele.contains("Panic") && adele.contains("panicked"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok") && l.contains(" alex ")),
+        "{text}"
+    );
+    let status = h.store.status().await.unwrap();
+    let row = status.iter().find(|r| r.tuple_key == "adele").unwrap();
+    assert_eq!(row.state, TupleStatus::Failed);
+    assert_eq!(row.last_error_code.as_deref(), Some("Panic"));
+    // The bug was a one-off: the next round of the same engine syncs the tuple.
+    report(sync(&engine, &tuples[0]).await);
+    h.assert_mirrors(&tuples).await;
 }

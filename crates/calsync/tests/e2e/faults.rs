@@ -1,12 +1,10 @@
 //! Throttling, auth, permanent, transport and payload faults, each produced for real by
 //! graph-sim, against real PostgreSQL: the outcome (the view equals the truth) and the manners
 //! (no request before `Retry-After`, at most 4 in flight per mailbox, no token storm).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
+use crate::harness::*;
 use calsync_engine::{Budget, Health, Outcome, SyncSettings, Tuple};
-use common::*;
+use calsync_store::TupleStatus;
 use graph_sim::{FaultRule, RequestRecord};
 use serde_json::json;
 use sqlx::PgPool;
@@ -17,13 +15,13 @@ fn rule(v: serde_json::Value) -> FaultRule {
     serde_json::from_value(v).unwrap()
 }
 
-fn mailbox_id(h: &H, upn: &str) -> String {
+fn mailbox_id(h: &Harness, upn: &str) -> String {
     let st = h.sim.lock();
     let u = st.tenant.user_index(upn).unwrap();
     st.tenant.users[u].id.clone()
 }
 
-fn delta_requests(h: &H) -> Vec<RequestRecord> {
+fn delta_requests(h: &Harness) -> Vec<RequestRecord> {
     h.sim
         .lock()
         .requests()
@@ -34,7 +32,7 @@ fn delta_requests(h: &H) -> Vec<RequestRecord> {
 
 /// Asserts the simulator saw no request before a `Retry-After` and never more than 4 in
 /// flight to one mailbox.
-fn assert_good_manners(h: &H) {
+fn assert_good_manners(h: &Harness) {
     let v = h.sim.lock().violations();
     assert_eq!(v.retry_after, 0, "requests before Retry-After: {v:?}");
     assert_eq!(v.concurrency, 0, "over 4 in flight: {v:?}");
@@ -51,7 +49,7 @@ async fn all_synced(engine: &calsync_engine::Engine, tuples: &[Tuple]) {
 }
 
 /// Two tuples on one mailbox (default and Work calendars), sharing its limits.
-async fn two_calendars(h: &H, engine: &calsync_engine::Engine) -> Vec<Tuple> {
+async fn two_calendars(h: &Harness, engine: &calsync_engine::Engine) -> Vec<Tuple> {
     let work = {
         let st = h.sim.lock();
         let u = st.tenant.user_index(USER).unwrap();
@@ -257,7 +255,7 @@ async fn a_refused_client_secret_is_a_clear_status_not_a_token_storm(pool: PgPoo
             "{o:?}"
         );
     }
-    let token_requests = |h: &H| {
+    let token_requests = |h: &Harness| {
         h.sim
             .lock()
             .requests()
@@ -269,7 +267,7 @@ async fn a_refused_client_secret_is_a_clear_status_not_a_token_storm(pool: PgPoo
     assert_eq!(token_requests(&h), 1);
     let status = h.store.status().await.unwrap();
     for s in &status {
-        assert_eq!(s.state, "retrying");
+        assert_eq!(s.state, TupleStatus::Retrying);
         assert_eq!(s.last_error_code.as_deref(), Some("invalid_client"));
         assert!(
             s.last_error
@@ -293,7 +291,7 @@ async fn a_refused_client_secret_is_a_clear_status_not_a_token_storm(pool: PgPoo
     assert!(
         status
             .iter()
-            .all(|s| s.state == "ok" && s.last_error.is_none()),
+            .all(|s| s.state == TupleStatus::Ok && s.last_error.is_none()),
         "{status:?}"
     );
     h.assert_mirrors(&tuples).await;
@@ -457,7 +455,7 @@ async fn broken_transfers_never_advance_the_link_and_are_retried(pool: PgPool) {
         // Longer than the request timeout below.
         json!({"kind": "delay", "ms": 1500}),
     ];
-    let one_shot = |h: &H, attempts: usize| {
+    let one_shot = |h: &Harness, attempts: usize| {
         let mut g = h.graph_config();
         g.request_timeout = Duration::from_millis(500);
         calsync_engine::Engine::new(

@@ -1,23 +1,43 @@
-//! `calsync bench`: the numbers in BENCHMARKS.md, measured against the simulator on loopback.
+//! `calsync-bench`: the numbers in BENCHMARKS.md, measured against the simulator on loopback.
 //!
-//! The simulator runs in a child process so that calsync's CPU time (read from /proc) is
-//! calsync's alone, and the simulator's own cost is measured beside it. The idle-memory
-//! figure comes from a second child that holds 100,000 scheduled tuples and nothing else.
+//! The simulator is the real `graph-sim` binary in a child process, so that calsync's CPU time
+//! (read from /proc) is calsync's alone, and the simulator's own cost is measured beside it.
+//! The idle-memory figure comes from a second child (`calsync-bench idle`) that holds 100,000
+//! scheduled tuples and nothing else.
 
-use crate::config::Config;
-use crate::demo::{DemoDatabase, config_for_sim};
 use anyhow::{Context, bail};
+use calsync::config::Config;
+use calsync::demo::config_for_sim;
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
 use calsync_graph::{CalendarRef, ViewWindow};
 use calsync_store::TupleSpec;
+use calsync_testkit::ScratchDatabase;
 use chrono::{Duration as ChronoDuration, Utc};
+use clap::{Parser, Subcommand};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Measure ingest, no-change rounds and idle memory against graph-sim (BENCHMARKS.md).
+#[derive(Debug, Parser)]
+#[command(name = "calsync-bench")]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+    #[command(subcommand)]
+    child: Option<Child>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// Register and schedule N tuples, idle, report resident memory (run by the benchmark).
+    #[command(hide = true)]
+    Idle(IdleArgs),
+}
+
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+struct BenchArgs {
     /// Mailboxes in the simulated tenant (one tracked calendar each).
     #[arg(long, default_value_t = 40)]
     pub users: u32,
@@ -41,24 +61,14 @@ pub struct BenchArgs {
     pub idle_tuples: u32,
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// The graph-sim binary; by default the one beside this binary (`cargo build --release
+    /// -p graph-sim -p calsync-bench` puts both in target/release).
+    #[arg(long)]
+    pub graph_sim: Option<std::path::PathBuf>,
 }
 
-/// Hidden helper: serve a generated tenant until killed (the benchmark's simulator process).
 #[derive(Debug, Clone, clap::Args)]
-pub struct SimArgs {
-    #[arg(long)]
-    pub users: u32,
-    #[arg(long)]
-    pub events_per_user: u32,
-    #[arg(long)]
-    pub recurring: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-}
-
-/// Hidden helper: register and schedule N tuples, idle, report resident memory.
-#[derive(Debug, Clone, clap::Args)]
-pub struct IdleArgs {
+struct IdleArgs {
     #[arg(long)]
     pub tuples: u32,
     #[arg(long)]
@@ -106,38 +116,67 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 struct SimProcess {
-    child: Child,
+    child: std::process::Child,
     base: String,
 }
 
 impl SimProcess {
     fn start(args: &BenchArgs) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
+        let exe = match &args.graph_sim {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("cannot locate this binary's directory")?
+                .join("graph-sim"),
+        };
+        if !exe.is_file() {
+            bail!(
+                "no graph-sim binary at {}: build it with `cargo build --release -p graph-sim -p calsync-bench`, or pass --graph-sim",
+                exe.display()
+            );
+        }
+        let mut child = Command::new(&exe)
             .args([
-                "__sim",
+                "--listen",
+                "127.0.0.1:0",
                 "--users",
                 &args.users.to_string(),
                 "--events-per-user",
                 &args.events_per_user.to_string(),
                 "--recurring",
                 &args.recurring.to_string(),
+                "--extra-calendars",
+                "0",
+                "--seed",
+                "42",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("cannot start the simulator process")?;
+            .with_context(|| format!("cannot start {}", exe.display()))?;
         let stdout = child
             .stdout
             .take()
             .context("no stdout from the simulator process")?;
+        let mut lines = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let base = line.trim().strip_prefix("listening ").map(str::to_owned);
+        lines.read_line(&mut line)?;
+        // The simulator prints a few more lines; keep reading so it never writes to a closed pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while lines.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        let base = line
+            .trim()
+            .strip_prefix("graph-sim listening on ")
+            .map(str::to_owned);
         match base {
             Some(base) => Ok(SimProcess { child, base }),
             None => {
                 let _ = child.kill();
+                let _ = child.wait();
                 bail!("the simulator process did not start: {line}")
             }
         }
@@ -153,27 +192,6 @@ impl Drop for SimProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-pub async fn serve_sim(args: SimArgs) -> anyhow::Result<()> {
-    let scenario = graph_sim::Scenario {
-        sim: graph_sim::SimConfig {
-            seed: args.seed,
-            ..graph_sim::SimConfig::default()
-        },
-        generate: Some(graph_sim::GenerateSpec {
-            users: args.users,
-            events_per_user: args.events_per_user,
-            recurring: args.recurring,
-            extra_calendars: 0,
-        }),
-        ..Default::default()
-    };
-    let sim = scenario.build()?;
-    let server = sim.serve("127.0.0.1:0").await?;
-    println!("listening http://{}", server.addr);
-    std::future::pending::<()>().await;
-    Ok(())
 }
 
 fn window() -> ViewWindow {
@@ -215,11 +233,11 @@ fn count(outcomes: &[(Tuple, Outcome)]) -> anyhow::Result<u64> {
     Ok(n)
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let me = std::process::id().to_string();
     let sim = SimProcess::start(&args)?;
     let sim_base = sim.base.clone();
-    let db = DemoDatabase::open(args.database_url.as_deref(), "calsync_bench").await?;
+    let db = ScratchDatabase::open(args.database_url.as_deref(), "calsync_bench").await?;
     println!(
         "calsync bench — {} mailboxes × {} events ({}% recurring), page size {}, simulator pid {}",
         args.users,
@@ -230,8 +248,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     println!(
         "database: {}{}\n",
-        crate::config::redact_url(&db.url),
-        if db._local.is_some() {
+        calsync::config::redact_url(&db.url),
+        if db.is_local() {
             " (throwaway local cluster)"
         } else {
             ""
@@ -242,7 +260,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         base: sim_base.clone(),
     };
     let cfg: Config = config_for_sim_endpoints(&server_like, &db.url, args.page_size)?;
-    let (engine, _) = crate::app::build(&cfg).await?;
+    let (engine, _) = calsync::commands::build(&cfg).await?;
     let cancel = CancellationToken::new();
 
     // 1. Initial-sync ingest versus COPY of the same rows into the same table.
@@ -316,7 +334,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // 2. No-change incremental rounds, on a database that has finished digesting the bulk load
     //    (the daemon's steady state).
-    calsync_store::settle_for_benchmark(engine.store()).await;
+    engine.store().settle_for_benchmark().await;
     println!("  (database settled: VACUUM ANALYZE, CHECKPOINT)");
     let mut client_us = Vec::new();
     let mut sim_us = Vec::new();
@@ -345,7 +363,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args([
-            "__bench-idle",
+            "idle",
             "--tuples",
             &args.idle_tuples.to_string(),
             "--database-url",
@@ -420,7 +438,7 @@ fn config_for_sim_base(
     config_for_sim(origin, db_url, &[], window(), sync, page_size)
 }
 
-pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let base = args.graph_base_url.trim_end_matches("/v1.0").to_owned();
     let settings = SyncSettings {
         interval: Duration::from_secs(3600),
@@ -428,7 +446,7 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
         ..SyncSettings::default()
     };
     let cfg = config_for_sim_base(&base, &args.database_url, settings, 100)?;
-    let (engine, _) = crate::app::build(&cfg).await?;
+    let (engine, _) = calsync::commands::build(&cfg).await?;
     let before = rss_mib("VmRSS:");
     let configs = tuple_configs(args.tuples, "idle-");
     let tuples = engine.register(&configs).await?;
@@ -444,4 +462,29 @@ pub async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let _ = run.await;
     println!("RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering)");
     Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    calsync::telemetry::init(calsync::config::LogFormat::Text, "error");
+    let r = rt.block_on(async {
+        match cli.child {
+            Some(Child::Idle(a)) => idle(a).await,
+            None => run(cli.args).await,
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
 }

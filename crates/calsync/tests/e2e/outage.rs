@@ -1,20 +1,17 @@
 //! The database goes away under a running scheduler (a private PostgreSQL cluster, really
 //! stopped and started): calsync keeps running, retries, and resumes where it was.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use calsync::localpg::LocalPostgres;
+use crate::harness::*;
 use calsync_engine::{Engine, SyncSettings, TupleConfig};
 use calsync_graph::CalendarRef;
 use calsync_store::Store;
-use common::*;
+use calsync_testkit::LocalPostgres;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-async fn diverged(h: &H, tuples: &[calsync_engine::Tuple]) -> Option<String> {
-    match calsync::verify::compare(&h.store, &h.sim, tuples).await {
+async fn diverged(h: &Harness, tuples: &[calsync_engine::Tuple]) -> Option<String> {
+    match calsync_testkit::compare(&h.store, &h.sim, tuples).await {
         Ok(d) => d.iter().find(|x| !x.is_empty()).map(|x| {
             format!(
                 "{} diverges: missing {:?}, extra {:?}, different {:?}",
@@ -25,7 +22,7 @@ async fn diverged(h: &H, tuples: &[calsync_engine::Tuple]) -> Option<String> {
     }
 }
 
-async fn wait_until_mirrored(h: &H, tuples: &[calsync_engine::Tuple], limit: Duration) {
+async fn wait_until_mirrored(h: &Harness, tuples: &[calsync_engine::Tuple], limit: Duration) {
     let start = Instant::now();
     loop {
         let d = diverged(h, tuples).await;

@@ -1,4 +1,5 @@
-//! The commands: wiring config → store → Graph client → engine, and running them.
+//! The one-off commands (`sync-once`, `migrate`, `status`, `resync`, `reload`,
+//! `healthcheck`) and the wiring they share with `run`: config → store → Graph client → engine.
 
 use crate::config::{Config, DatabaseConfig, RawConfig};
 use anyhow::Context;
@@ -11,6 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+/// Connects once; the error names the database (password redacted).
 pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
     Store::connect(
         db.url.expose_secret(),
@@ -97,10 +99,18 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
         o = engine.sync_all_once(&tuples, &cancel) => o,
         _ = shutdown_signal() => { cancel.cancel(); anyhow::bail!("interrupted") }
     };
+    let (text, ok) = outcome_report(&outcomes);
+    print!("{text}");
+    Ok(ok)
+}
+
+/// One line per tuple, and whether every round succeeded (`sync-once`'s exit code).
+pub fn outcome_report(outcomes: &[(Tuple, Outcome)]) -> (String, bool) {
     let mut ok = true;
-    for (t, o) in &outcomes {
-        match o {
-            Outcome::Synced(r) => println!(
+    let mut out = String::new();
+    for (t, o) in outcomes {
+        let line = match o {
+            Outcome::Synced(r) => format!(
                 "ok      {:<40} pages={} upserted={} removed={} swept={}{}",
                 t.key,
                 r.pages,
@@ -111,23 +121,26 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
             ),
             Outcome::Failed(f) => {
                 ok = false;
-                println!(
+                format!(
                     "{:<7} {:<40} {}: {}",
                     f.health.as_str(),
                     t.key,
                     f.code,
                     f.message
-                );
+                )
             }
             Outcome::Interrupted => {
                 ok = false;
-                println!("stopped {:<40}", t.key);
+                format!("stopped {:<40}", t.key)
             }
-        }
+        };
+        out.push_str(&line);
+        out.push('\n');
     }
-    Ok(ok)
+    (out, ok)
 }
 
+/// `calsync migrate`: applies the embedded migrations and exits.
 pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
     let db = raw.database_config()?;
     let store = connect_store(&db).await?;
@@ -233,6 +246,7 @@ pub async fn healthcheck(raw: &RawConfig) -> anyhow::Result<bool> {
     Ok(status == 200)
 }
 
+/// `calsync status`: every tuple's row of `calendar_sync_status`, as a table or JSON.
 pub async fn status(raw: &RawConfig, json: bool) -> anyhow::Result<()> {
     let db = raw.database_config()?;
     let store = connect_store(&db).await?;
@@ -274,7 +288,7 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             r.tuple_key.clone()
         };
         let state = if r.tracked {
-            r.state.clone()
+            r.state.to_string()
         } else {
             format!("{} (untracked)", r.state)
         };

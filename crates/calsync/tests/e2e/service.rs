@@ -1,9 +1,9 @@
 //! `calsync run` as a service, the real binary as a child process: systemd notifications and
 //! watchdog, /healthz, /readyz, /metrics, SIGHUP and `calsync reload`, `calsync resync`, and
 //! SIGTERM.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use calsync::app::local_request;
+use crate::harness::{BIN, bound_addr, database_url};
+use calsync::commands::local_request;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,22 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 const ADELE: &str = "adele@contoso.onmicrosoft.com";
 const ALEX: &str = "alex@contoso.onmicrosoft.com";
 const MEGAN: &str = "megan@contoso.onmicrosoft.com";
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL must point at a PostgreSQL server for these tests")
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
 
 fn calendar(name: &str, user: &str, interval: &str) -> String {
     format!(
@@ -151,7 +138,6 @@ async fn the_service_notifies_serves_probes_and_metrics_reloads_resyncs_and_stop
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let http = free_port();
     let base = format!(
         r#"
 [database]
@@ -171,7 +157,7 @@ page_size = 5
 startup_spread = "100ms"
 
 [http]
-listen = "{http}"
+listen = "127.0.0.1:0"
 
 [service]
 drain_deadline = "3s"
@@ -225,7 +211,7 @@ drain_deadline = "3s"
         config,
         log,
         notes,
-        http,
+        http: SocketAddr::from(([127, 0, 0, 1], 0)),
         base,
         _dir: dir,
     };
@@ -238,6 +224,8 @@ drain_deadline = "3s"
     })
     .await;
     let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    // Port 0: the daemon picked a free port and logged it before READY.
+    d.http = bound_addr(&d.log()).unwrap_or_else(|| panic!("no bound address in:\n{}", d.log()));
     assert!(ready.contains("STATUS=2 calendars scheduled"), "{ready}");
 
     // Probes.
@@ -374,6 +362,7 @@ drain_deadline = "3s"
     let out = Command::new(BIN)
         .args(["reload", "--config"])
         .arg(&d.config)
+        .env("CALSYNC_HTTP__LISTEN", d.http.to_string())
         .output()
         .unwrap();
     assert_eq!(
@@ -402,6 +391,7 @@ drain_deadline = "3s"
     let out = Command::new(BIN)
         .args(["reload", "--config"])
         .arg(&d.config)
+        .env("CALSYNC_HTTP__LISTEN", d.http.to_string())
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).into_owned();

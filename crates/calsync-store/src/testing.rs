@@ -1,0 +1,158 @@
+//! Test and benchmark hooks, compiled only with the `testing` feature (which only
+//! dev-dependencies, the test kit and the benchmarks switch on): fault points inside the page
+//! transaction, a COPY baseline, and throwaway databases.
+
+use crate::Store;
+use crate::error::{StoreError, db, redact_url_error};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Armed faults, shared by the clones of one store.
+#[derive(Debug, Default)]
+pub(crate) struct Faults {
+    fail_after: AtomicU32,
+    panic_tuple: AtomicI64,
+}
+
+impl Store {
+    /// A store on a pool made elsewhere (`#[sqlx::test]` hands each test one).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Store::wrap(pool)
+    }
+
+    /// Makes the next page transaction fail after `n` of its statements ran, before it
+    /// commits, as a crash inside the transaction would. 0 disarms it.
+    pub fn inject_fault_after_statements(&self, n: u32) {
+        self.faults.fail_after.store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the next page applied for `tuple_id` panic, as a bug would. 0 disarms it.
+    pub fn inject_panic_on_apply(&self, tuple_id: i64) {
+        self.faults.panic_tuple.store(tuple_id, Ordering::SeqCst);
+    }
+
+    pub(crate) fn fault_point(&self) -> Result<(), StoreError> {
+        let f = &self.faults.fail_after;
+        let left = f.load(Ordering::SeqCst);
+        if left == 0 {
+            return Ok(());
+        }
+        if left == 1 {
+            f.store(0, Ordering::SeqCst);
+            return Err(StoreError::InjectedFault);
+        }
+        f.store(left - 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub(crate) fn panic_point(&self, tuple_id: i64) {
+        let armed = self.faults.panic_tuple.load(Ordering::SeqCst);
+        if armed != 0 && armed == tuple_id {
+            self.faults.panic_tuple.store(0, Ordering::SeqCst);
+            panic!("injected panic while applying a page of tuple {tuple_id}");
+        }
+    }
+
+    /// Finishes the background work a bulk load leaves (vacuum, statistics, a checkpoint) so
+    /// that steady-state measurements do not compete with it. Best effort.
+    pub async fn settle_for_benchmark(&self) {
+        for sql in [
+            "VACUUM ANALYZE events",
+            "VACUUM ANALYZE sync_tuples",
+            "CHECKPOINT",
+        ] {
+            if let Err(e) = sqlx::query(sql).execute(&self.pool).await {
+                tracing::warn!(statement = sql, error = %e, "benchmark settle step failed");
+            }
+        }
+    }
+}
+
+/// Benchmark baseline: `COPY` the rows of `from` tuples into `to` tuples (same table, same
+/// indexes), returning how long the `COPY ... FROM STDIN` alone took and how many rows it wrote.
+/// The rows are exported first, untimed.
+pub async fn copy_rows_for_benchmark(
+    store: &Store,
+    pairs: &[(i64, i64)],
+) -> Result<(Duration, u64), StoreError> {
+    let mut conn = store.pool.acquire().await.map_err(db)?;
+    let mut data = Vec::new();
+    for (from, to) in pairs {
+        let mut out = conn
+            .copy_out_raw(&format!(
+                "COPY (SELECT {to}::bigint, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
+                 series_master_id, last_modified_at, change_key, payload, seen_round, synced_at FROM events WHERE tuple_id = {from}) TO STDOUT"
+            ))
+            .await
+            .map_err(db)?;
+        use futures_util::StreamExt;
+        while let Some(chunk) = out.next().await {
+            data.extend_from_slice(&chunk.map_err(db)?);
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut copy = conn
+        .copy_in_raw("COPY events (tuple_id, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
+            series_master_id, last_modified_at, change_key, payload, seen_round, synced_at) FROM STDIN")
+        .await
+        .map_err(db)?;
+    copy.send(data).await.map_err(db)?;
+    let rows = copy.finish().await.map_err(db)?;
+    Ok((started.elapsed(), rows))
+}
+
+/// Drops and creates database `name` on the server `admin_url` points at, and returns a URL
+/// for it. For the demo and benchmarks, which must not touch a user's own database.
+pub async fn recreate_database(admin_url: &str, name: &str) -> Result<String, StoreError> {
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(StoreError::Query(format!(
+            "'{name}' is not a plain database name"
+        )));
+    }
+    let opts = PgConnectOptions::from_str(admin_url).map_err(|e| {
+        StoreError::Query(format!(
+            "invalid database url: {}",
+            redact_url_error(&e.to_string())
+        ))
+    })?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts.clone())
+        .await
+        .map_err(db)?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&pool)
+        .await
+        .map_err(db)?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool)
+        .await
+        .map_err(db)?;
+    pool.close().await;
+    let mut url = url_with_database(admin_url, name);
+    if url.is_empty() {
+        url = admin_url.to_owned();
+    }
+    Ok(url)
+}
+
+fn url_with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let Some(scheme_end) = base.find("://") else {
+        return String::new();
+    };
+    let rest = &base[scheme_end + 3..];
+    let host_end = rest.find('/').map_or(base.len(), |i| scheme_end + 3 + i);
+    let mut out = format!("{}/{name}", &base[..host_end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}

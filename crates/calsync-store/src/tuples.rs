@@ -1,0 +1,342 @@
+//! The tuple registry: which (user, calendar, window) tuples are tracked, their saved link and
+//! their sync state.
+
+use crate::Store;
+use crate::error::{StoreError, db};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// What identifies a tracked tuple, as the config says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TupleSpec {
+    /// The tuple's stable name (`sync_tuples.tuple_key`).
+    pub key: String,
+    /// The mailbox: a user id or userPrincipalName.
+    pub user_id: String,
+    /// `default` or a calendar id.
+    pub calendar_id: String,
+    /// The calendarView window's start.
+    pub window_start: DateTime<Utc>,
+    /// The calendarView window's end.
+    pub window_end: DateTime<Utc>,
+}
+
+/// What a saved link was made for. A link is only replayed for the same stamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkStamp {
+    /// The mailbox the link was made for.
+    pub user_id: String,
+    /// The calendar the link was made for.
+    pub calendar_id: String,
+    /// The window start the link was made for.
+    pub window_start: DateTime<Utc>,
+    /// The window end the link was made for.
+    pub window_end: DateTime<Utc>,
+}
+
+/// What a saved link continues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// An `@odata.nextLink`: the round in progress resumes there.
+    Next,
+    /// An `@odata.deltaLink`: the next incremental round starts there.
+    Delta,
+}
+
+impl LinkKind {
+    /// The spelling in `sync_tuples.link_kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkKind::Next => "next",
+            LinkKind::Delta => "delta",
+        }
+    }
+}
+
+/// A tuple's sync state: one spelling for the SQL `CHECK`, the engine, `status` and
+/// `/metrics` (a test checks the constraint lists exactly [`TupleStatus::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TupleStatus {
+    /// Registered, no round has completed yet.
+    Pending,
+    /// The last round reached its deltaLink.
+    Ok,
+    /// A retryable problem outlasted a round's attempts; tried again soon.
+    Retrying,
+    /// A guard abandoned the round (page loop, oversized page, foreign link).
+    Degraded,
+    /// Graph says this tuple cannot sync; tried again at the slow cadence.
+    Failed,
+}
+
+impl TupleStatus {
+    /// Every state, in the order `status` and `/metrics` list them.
+    pub const ALL: [TupleStatus; 5] = [
+        TupleStatus::Pending,
+        TupleStatus::Ok,
+        TupleStatus::Retrying,
+        TupleStatus::Degraded,
+        TupleStatus::Failed,
+    ];
+
+    /// The spelling in `sync_tuples.state`, `status` and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TupleStatus::Pending => "pending",
+            TupleStatus::Ok => "ok",
+            TupleStatus::Retrying => "retrying",
+            TupleStatus::Degraded => "degraded",
+            TupleStatus::Failed => "failed",
+        }
+    }
+
+    /// The state spelled `s`, if it is one.
+    pub fn parse(s: &str) -> Option<TupleStatus> {
+        TupleStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for TupleStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for TupleStatus {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for TupleStatus {
+    fn decode(v: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let s = <&str as sqlx::Decode<sqlx::Postgres>>::decode(v)?;
+        TupleStatus::parse(s).ok_or_else(|| format!("unknown tuple state '{s}'").into())
+    }
+}
+
+/// A tuple's identity and sync state as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TupleState {
+    /// The store's id of the tuple.
+    pub id: i64,
+    /// The tuple's name.
+    pub tuple_key: String,
+    /// The mailbox as configured.
+    pub user_id: String,
+    /// The calendar as configured.
+    pub calendar_id: String,
+    /// The window's start as configured.
+    pub window_start: DateTime<Utc>,
+    /// The window's end as configured.
+    pub window_end: DateTime<Utc>,
+    /// The saved nextLink or deltaLink, if any.
+    pub link: Option<String>,
+    /// `next` or `delta`.
+    pub link_kind: Option<String>,
+    /// The mailbox the saved link was made for.
+    pub link_user_id: Option<String>,
+    /// The calendar the saved link was made for.
+    pub link_calendar_id: Option<String>,
+    /// The window start the saved link was made for.
+    pub link_window_start: Option<DateTime<Utc>>,
+    /// The window end the saved link was made for.
+    pub link_window_end: Option<DateTime<Utc>>,
+    /// Bumped on every commit; a writer that read an older one gets `Conflict`.
+    pub link_version: i64,
+    /// Number of the current (or last) full round; rows not seen in it are swept at its end.
+    pub full_round: i64,
+    /// Whether the round in progress is a full one.
+    pub round_is_full: bool,
+    /// When a round last reached its deltaLink.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// When a full round last reached its deltaLink.
+    pub last_full_sync_at: Option<DateTime<Utc>>,
+    /// The sync state.
+    pub state: TupleStatus,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: i32,
+}
+
+impl TupleState {
+    /// The saved link and its kind, if it was made for `stamp`.
+    pub fn link_for(&self, stamp: &LinkStamp) -> Option<(LinkKind, &str)> {
+        let made_for = LinkStamp {
+            user_id: self.link_user_id.clone()?,
+            calendar_id: self.link_calendar_id.clone()?,
+            window_start: self.link_window_start?,
+            window_end: self.link_window_end?,
+        };
+        if &made_for != stamp {
+            return None;
+        }
+        let kind = [LinkKind::Next, LinkKind::Delta]
+            .into_iter()
+            .find(|k| Some(k.as_str()) == self.link_kind.as_deref())?;
+        Some((kind, self.link.as_deref()?))
+    }
+}
+
+/// One tracked tuple's state, for metrics.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct TupleHealth {
+    /// The tuple's name.
+    pub tuple_key: String,
+    /// Its mailbox.
+    pub user_id: String,
+    /// Its calendar.
+    pub calendar_id: String,
+    /// Its sync state.
+    pub state: TupleStatus,
+    /// When a round last reached its deltaLink.
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
+pub(crate) const TUPLE_COLUMNS: &str = "id, tuple_key, user_id, calendar_id, window_start, window_end, link, link_kind, \
+    link_user_id, link_calendar_id, link_window_start, link_window_end, link_version, full_round, \
+    round_is_full, last_success_at, last_full_sync_at, state, consecutive_failures";
+
+impl Store {
+    /// Makes the stored tuples match the config: inserts new ones, updates identity fields,
+    /// and marks tuples no longer configured as untracked (their rows are kept).
+    pub async fn register_tuples(
+        &self,
+        specs: &[TupleSpec],
+    ) -> Result<Vec<TupleState>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
+        let users: Vec<&str> = specs.iter().map(|s| s.user_id.as_str()).collect();
+        let cals: Vec<&str> = specs.iter().map(|s| s.calendar_id.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_start).collect();
+        let ends: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_end).collect();
+        sqlx::query(
+            "INSERT INTO sync_tuples (tuple_key, user_id, calendar_id, window_start, window_end, tracked) \
+             SELECT k, u, c, s, e, true FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS t(k, u, c, s, e) \
+             ON CONFLICT (tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, calendar_id = EXCLUDED.calendar_id, \
+               window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, tracked = true, updated_at = now() \
+             WHERE (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end, sync_tuples.tracked) \
+               IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end, true)",
+        )
+        .bind(&keys)
+        .bind(&users)
+        .bind(&cals)
+        .bind(&starts)
+        .bind(&ends)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("UPDATE sync_tuples SET tracked = false, updated_at = now() WHERE tracked AND tuple_key <> ALL($1::text[])")
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let rows: Vec<TupleState> = sqlx::query_as(&format!(
+            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE tuple_key = ANY($1::text[]) ORDER BY id"
+        ))
+        .bind(&keys)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(rows)
+    }
+
+    /// The stored state of one tuple.
+    pub async fn load(&self, tuple_id: i64) -> Result<TupleState, StoreError> {
+        sqlx::query_as(&format!(
+            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = $1"
+        ))
+        .bind(tuple_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    /// Makes the tuple's next round a full one (initial sync + sweep), whatever link it holds:
+    /// `calsync resync`. Bumps `link_version`, so a running daemon's cached position is
+    /// refused and re-read. `false` if no tuple has that key.
+    pub async fn request_resync(&self, tuple_key: &str) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
+             round_is_full = true, last_full_sync_at = NULL, updated_at = now() WHERE tuple_key = $1",
+        )
+        .bind(tuple_key)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    /// Deletes untracked tuples (removed from the config) and their rows. Returns
+    /// (tuples, events) deleted.
+    pub async fn purge_untracked(&self) -> Result<(u64, u64), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let events = sqlx::query(
+            "DELETE FROM events WHERE tuple_id IN (SELECT id FROM sync_tuples WHERE NOT tracked)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        let tuples = sqlx::query("DELETE FROM sync_tuples WHERE NOT tracked")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+        tx.commit().await.map_err(db)?;
+        Ok((tuples, events))
+    }
+
+    /// State and last success of every tracked tuple: cheap enough for each metrics scrape
+    /// (no event counts).
+    pub async fn tuple_health(&self) -> Result<Vec<TupleHealth>, StoreError> {
+        sqlx::query_as(
+            "SELECT tuple_key, user_id, calendar_id, state, last_success_at FROM sync_tuples WHERE tracked ORDER BY tuple_key",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    /// Forgets the saved link (the delta state is gone); rows stay until the next full round
+    /// sweeps them. Returns the new `link_version`.
+    pub async fn forget_link(
+        &self,
+        tuple_id: i64,
+        expected_version: i64,
+    ) -> Result<i64, StoreError> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
+             round_is_full = true, updated_at = now() WHERE id = $1 AND link_version = $2 RETURNING link_version",
+        )
+        .bind(tuple_id)
+        .bind(expected_version)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        v.ok_or(StoreError::Conflict { tuple_id })
+    }
+    /// Records a failed attempt with Graph's error code and message.
+    pub async fn record_failure(
+        &self,
+        tuple_id: i64,
+        state: TupleStatus,
+        code: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
+             consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() WHERE id = $1",
+        )
+        .bind(tuple_id)
+        .bind(state.as_str())
+        .bind(code)
+        .bind(message)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}

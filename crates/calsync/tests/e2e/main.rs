@@ -1,0 +1,22 @@
+//! End-to-end tests, one binary: calsync against graph-sim and real PostgreSQL, in-process
+//! (the engine and the service) and as child processes (the real `calsync` binary).
+//!
+//! | module | what it proves |
+//! |---|---|
+//! | `sync` | sync semantics: full and incremental rounds, removals, resyncs, crash safety |
+//! | `faults` | every fault of RELIABILITY.md: throttling, broken transfers, auth, bad input |
+//! | `outage` | a private PostgreSQL cluster stopped and started under the engine |
+//! | `model` | seeded random edits, faults, 410s and crashes converge to the truth |
+//! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
+//! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
+//! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod cli;
+mod faults;
+mod harness;
+mod model;
+mod outage;
+mod service;
+mod soak;
+mod sync;
