@@ -1,0 +1,408 @@
+//! The simulator: one tenant's state behind a lock, and the pipeline every HTTP request goes
+//! through (route → auth → manners → limits → faults → answer → log).
+//!
+//! | module | owns |
+//! |---|---|
+//! | `route` | which documented path a request names; query and `Prefer` parsing |
+//! | `admission` | auth, concurrency, `Retry-After`, budgets, limits, faults: may it run? |
+//! | `execution` | what an admitted request does, and the request log |
+//! | here | the configuration, the shared state, the truth API and the pipeline itself |
+
+use crate::auth::{Auth, ClientApp};
+use crate::clock::Clock;
+use crate::delta::{Quirks, SyncCache};
+use crate::error::GraphError;
+use crate::faults::{FaultRule, Limits};
+use crate::model::{Tenant, Window};
+use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How the simulator is set up; every field has a default that mirrors Microsoft's service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// The tenant id or domain the token endpoint answers for.
+    pub tenant: String,
+    pub clients: Vec<ClientApp>,
+    /// Access-token lifetime in seconds (Azure AD: 3599).
+    pub token_lifetime_secs: i64,
+    /// Entries (rounds and delta states) the sync-state cache keeps before evicting the oldest.
+    pub cache_capacity: usize,
+    /// Page size when the client sends no `Prefer: odata.maxpagesize`.
+    pub default_page_size: usize,
+    /// Freeze the clock at this instant (a test clock); the system clock when absent.
+    pub clock_start: Option<DateTime<Utc>>,
+    pub quirks: Quirks,
+    pub limits: Limits,
+    /// Request-log entries kept (oldest dropped first).
+    pub log_capacity: usize,
+}
+
+pub const DEFAULT_CLIENT_ID: &str = "calsync-sim-client";
+pub const DEFAULT_CLIENT_SECRET: &str = "calsync-sim-secret";
+pub const DEFAULT_TENANT: &str = "sim-tenant";
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            seed: 42,
+            tenant: DEFAULT_TENANT.into(),
+            clients: vec![ClientApp {
+                client_id: DEFAULT_CLIENT_ID.into(),
+                client_secret: DEFAULT_CLIENT_SECRET.into(),
+            }],
+            token_lifetime_secs: 3599,
+            cache_capacity: 200_000,
+            default_page_size: 10,
+            clock_start: None,
+            quirks: Quirks::default(),
+            limits: Limits::default(),
+            log_capacity: 100_000,
+        }
+    }
+}
+
+/// One request as the log keeps it: no headers, no bodies, no tokens.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RequestRecord {
+    pub seq: u64,
+    /// Seconds since the simulator started (monotonic; follows tokio's paused clock in tests).
+    pub at_secs: f64,
+    pub mailbox: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Requests in flight to this mailbox when this one arrived, itself included.
+    pub in_flight: u32,
+    pub fault: Option<String>,
+    /// Sent to a mailbox before its announced `Retry-After` had passed.
+    pub early: bool,
+    /// The TCP connection that carried it (see [`SimRequest::connection`]).
+    #[serde(default)]
+    pub connection: u64,
+}
+
+/// Counters of bad manners, for tests to assert are zero.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Violations {
+    /// Requests to a mailbox before its `Retry-After` had passed.
+    pub retry_after: u64,
+    /// Requests beyond the per-mailbox concurrency limit.
+    pub concurrency: u64,
+    pub by_mailbox: BTreeMap<String, u64>,
+    /// The most requests seen in flight to one mailbox at once.
+    pub max_in_flight: u32,
+}
+
+/// Counters for tests and benchmarks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub requests: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    pub tokens_issued: u64,
+    pub evictions: u64,
+    pub faults_fired: u64,
+    pub cache_entries: usize,
+}
+
+/// One live instance of the truth: what a perfect mirror of a window must hold.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TruthItem {
+    pub id: String,
+    pub event_type: String,
+    pub subject: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub is_all_day: bool,
+    pub series_master_id: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    in_flight: u32,
+    retry_until: Option<Instant>,
+    /// When the last Retry-After was announced.
+    announced: Option<Instant>,
+    recent: VecDeque<Instant>,
+}
+
+/// A request that reaches a mailbox this soon after a Retry-After was announced was already on
+/// its way: another task of the client had decided to send it before the answer was read (it
+/// may even go out on the very connection that carried the answer, once that is free). It is
+/// not counted as early. On loopback such a request arrives well within this.
+pub const IN_FLIGHT_ALLOWANCE: Duration = Duration::from_millis(5);
+
+/// Everything behind the simulator's one lock.
+#[derive(Debug)]
+pub struct State {
+    pub tenant: Tenant,
+    pub cache: SyncCache,
+    pub auth: Auth,
+    pub faults: Vec<FaultRule>,
+    pub limits: Limits,
+    mailboxes: HashMap<usize, Mailbox>,
+    app_recent: VecDeque<Instant>,
+    log: VecDeque<RequestRecord>,
+    log_capacity: usize,
+    seq: u64,
+    violations: Violations,
+    stats: Stats,
+    rng: StdRng,
+    started: Instant,
+}
+
+/// A request as the HTTP layer hands it over.
+#[derive(Clone, Debug, Default)]
+pub struct SimRequest {
+    pub method: String,
+    /// The path, still percent-encoded, e.g. `/v1.0/users/x/calendarView/delta`.
+    pub path: String,
+    pub query: String,
+    pub authorization: Option<String>,
+    pub prefer: Vec<String>,
+    pub body: Vec<u8>,
+    /// `scheme://host:port` the client reached us on; links are built on it.
+    pub origin: String,
+    /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
+    /// library is called directly), so tests can tell a fresh connection from a reused one.
+    pub connection: u64,
+}
+
+/// What happens to the connection after the answer is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Normal,
+    /// Send half the body, then drop the connection.
+    Truncate,
+    /// Drop the connection before answering.
+    Reset,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub fate: Fate,
+}
+
+impl SimResponse {
+    fn json(status: u16, v: &Value) -> Self {
+        Self::json_bytes(status, serde_json::to_vec(v).unwrap_or_default())
+    }
+
+    /// A body that is already serialized JSON.
+    fn json_bytes(status: u16, body: Vec<u8>) -> Self {
+        SimResponse {
+            status,
+            headers: vec![("content-type".into(), "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8".into())],
+            body,
+            fate: Fate::Normal,
+        }
+    }
+}
+
+mod admission;
+mod execution;
+mod route;
+
+use admission::*;
+
+impl State {
+    fn new(cfg: &SimConfig, clock: Clock) -> Self {
+        let mut cache = SyncCache::new(cfg.seed, cfg.cache_capacity, cfg.default_page_size);
+        cache.quirks = cfg.quirks.clone();
+        State {
+            tenant: Tenant::new(cfg.seed, clock),
+            cache,
+            auth: Auth::new(
+                cfg.tenant.clone(),
+                cfg.clients.clone(),
+                chrono::Duration::seconds(cfg.token_lifetime_secs),
+            ),
+            faults: Vec::new(),
+            limits: cfg.limits.clone(),
+            mailboxes: HashMap::new(),
+            app_recent: VecDeque::new(),
+            log: VecDeque::new(),
+            log_capacity: cfg.log_capacity,
+
+            seq: 0,
+            violations: Violations::default(),
+            stats: Stats::default(),
+            rng: StdRng::seed_from_u64(cfg.seed.wrapping_add(1)),
+            started: Instant::now(),
+        }
+    }
+
+    fn error_response(&mut self, e: &GraphError) -> SimResponse {
+        let now = self.tenant.now();
+        self.seq += 1;
+        let rid = format!("{:08x}-0000-4000-8000-{:012x}", self.seq, self.seq);
+        let mut r = SimResponse::json(
+            e.status,
+            &e.body(&rid, &now.format("%Y-%m-%dT%H:%M:%S").to_string()),
+        );
+        r.headers.push(("request-id".into(), rid.clone()));
+        r.headers.push(("client-request-id".into(), rid));
+        if e.status == 401 {
+            r.headers.push((
+                "www-authenticate".into(),
+                "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", client_id=\"00000003-0000-0000-c000-000000000000\"".into(),
+            ));
+        }
+        if let Some(ra) = &e.retry_after {
+            r.headers.push(("retry-after".into(), ra.clone()));
+        }
+        r
+    }
+
+    /// The live instances of a window: what a correct mirror holds, sorted by id.
+    pub fn truth(&self, user: &str, calendar: &str, window: Window) -> Option<Vec<TruthItem>> {
+        let u = self.tenant.user_index(user)?;
+        let user = &self.tenant.users[u];
+        let cal = if calendar.eq_ignore_ascii_case("default") {
+            user.calendars.first()?
+        } else {
+            user.calendars.iter().find(|c| c.id == calendar)?
+        };
+        let mut out: Vec<TruthItem> = cal
+            .instances(&window)
+            .into_iter()
+            .map(|i| TruthItem {
+                id: i.id.clone(),
+                event_type: i.kind.graph_name().to_owned(),
+                subject: i.props.subject.clone(),
+                start: i.start.and_utc(),
+                end: i.end.and_utc(),
+                is_all_day: i.props.is_all_day,
+                series_master_id: i.series_master_id().map(str::to_owned),
+            })
+            .collect();
+        out.sort();
+        Some(out)
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.log.iter().cloned().collect()
+    }
+
+    pub fn violations(&self) -> Violations {
+        self.violations.clone()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.tokens_issued = self.auth.issued;
+        s.evictions = self.cache.evictions;
+        s.cache_entries = self.cache.len();
+        s
+    }
+
+    pub fn clear_log(&mut self) {
+        self.log.clear();
+        self.violations = Violations::default();
+    }
+
+    /// A delegated token for `user` (id or UPN), for `/me` requests.
+    pub fn delegated_token(&mut self, user: &str) -> Option<String> {
+        let u = self.tenant.user_index(user)?;
+        let now = self.tenant.now();
+        Some(self.auth.delegated_token(u, now, &mut self.rng))
+    }
+}
+
+/// A running simulator: cheap to clone, shared by the HTTP server and tests.
+#[derive(Clone, Debug)]
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+    clock: Clock,
+}
+
+struct InFlight {
+    sim: Sim,
+    user: Option<usize>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(u) = self.user {
+            let mut st = self.sim.lock();
+            if let Some(mb) = st.mailboxes.get_mut(&u) {
+                mb.in_flight = mb.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Sim {
+    pub fn new(cfg: &SimConfig) -> Self {
+        let clock = match cfg.clock_start {
+            Some(t) => Clock::manual(t),
+            None => Clock::System,
+        };
+        Sim {
+            state: Arc::new(Mutex::new(State::new(cfg, clock.clone()))),
+            clock,
+        }
+    }
+
+    /// The state, locked. Hold it briefly: every request waits on it.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Runs one request through the whole pipeline.
+    pub async fn handle(&self, req: SimRequest) -> SimResponse {
+        let admission = self.lock().admit(&req);
+        let a = match admission {
+            Admission::Answer {
+                response,
+                fault,
+                user,
+                early,
+            } => {
+                self.lock()
+                    .record(user, &req, response.status, 0, fault, early);
+                return response;
+            }
+            Admission::Proceed(a) => a,
+        };
+        let (user, fault) = (a.user, a.fault);
+        let guard = InFlight {
+            sim: self.clone(),
+            user,
+        };
+        if let Some(d) = a.delay {
+            tokio::time::sleep(d).await;
+        }
+        let mut st = self.lock();
+        let mut resp = match st.execute(&a.route, user, &req) {
+            Ok(r) => r,
+            Err(e) => st.error_response(&e),
+        };
+        st.record(user, &req, resp.status, a.in_flight, fault, a.early);
+        drop(st);
+        drop(guard);
+        if a.malformed {
+            resp.status = 200;
+            let cut = resp.body.len() / 2;
+            resp.body.truncate(cut.max(1));
+            resp.body.extend_from_slice(b"\"@odata.nextLink\": ,]}");
+        }
+        resp.fate = a.fate;
+        resp
+    }
+}

@@ -1,0 +1,208 @@
+//! Routing: which documented Graph path a request names, and parsing its query and `Prefer`
+//! header. Pure functions of the request line.
+
+use crate::delta::DeltaRequest;
+use crate::error::GraphError;
+use crate::model::Window;
+use chrono::{DateTime, NaiveDateTime, Utc};
+use serde_json::{Value, json};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum UserRef {
+    Me,
+    Key(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum CalRef {
+    Default,
+    Id(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Route {
+    Token {
+        tenant: String,
+    },
+    Delta {
+        user: UserRef,
+        cal: CalRef,
+    },
+    Events {
+        user: UserRef,
+        cal: Option<CalRef>,
+    },
+    Event {
+        user: UserRef,
+        cal: Option<CalRef>,
+        id: String,
+    },
+    Calendars {
+        user: UserRef,
+    },
+    User {
+        user: UserRef,
+    },
+}
+
+impl Route {
+    /// The mailbox a Graph route addresses (the token endpoint addresses none).
+    pub(super) fn user(&self) -> Option<&UserRef> {
+        match self {
+            Route::Delta { user, .. }
+            | Route::Events { user, .. }
+            | Route::Event { user, .. }
+            | Route::Calendars { user }
+            | Route::User { user } => Some(user),
+            Route::Token { .. } => None,
+        }
+    }
+}
+
+pub(super) fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Puts `@odata.context` first, as Graph does on single-entity answers.
+pub(super) fn with_context(v: Value, context: String) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut out = serde_json::Map::with_capacity(m.len() + 1);
+            out.insert("@odata.context".into(), json!(context));
+            out.extend(m);
+            Value::Object(out)
+        }
+        other => other,
+    }
+}
+
+pub(super) fn parse_route(path: &str) -> Option<Route> {
+    let segs: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    if let [_, "oauth2", "v2.0", "token"] = l.as_slice() {
+        return Some(Route::Token {
+            tenant: segs[0].clone(),
+        });
+    }
+    let rest = match l.first() {
+        Some(&"v1.0") | Some(&"beta") => 1,
+        _ => return None,
+    };
+    let (user, at) = match l.get(rest) {
+        Some(&"me") => (UserRef::Me, rest + 1),
+        Some(&"users") => (UserRef::Key(segs.get(rest + 1)?.clone()), rest + 2),
+        _ => return None,
+    };
+    let s = &segs[at..];
+    match &l[at..] {
+        [] => Some(Route::User { user }),
+        ["calendarview", "delta"] | ["calendar", "calendarview", "delta"] => Some(Route::Delta {
+            user,
+            cal: CalRef::Default,
+        }),
+        ["calendars", _, "calendarview", "delta"] => Some(Route::Delta {
+            user,
+            cal: CalRef::Id(s[1].clone()),
+        }),
+        ["calendars"] => Some(Route::Calendars { user }),
+        ["events"] => Some(Route::Events { user, cal: None }),
+        ["calendar", "events"] => Some(Route::Events {
+            user,
+            cal: Some(CalRef::Default),
+        }),
+        ["calendars", _, "events"] => Some(Route::Events {
+            user,
+            cal: Some(CalRef::Id(s[1].clone())),
+        }),
+        ["events", _] => Some(Route::Event {
+            user,
+            cal: None,
+            id: s[1].clone(),
+        }),
+        ["calendar", "events", _] => Some(Route::Event {
+            user,
+            cal: Some(CalRef::Default),
+            id: s[2].clone(),
+        }),
+        ["calendars", _, "events", _] => Some(Route::Event {
+            user,
+            cal: Some(CalRef::Id(s[1].clone())),
+            id: s[3].clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// Reads `startDateTime`/`endDateTime` as Graph does: an offset decides the zone, none means UTC.
+pub(super) fn parse_instant(raw: &str, name: &str) -> Result<DateTime<Utc>, GraphError> {
+    let bad =
+        || GraphError::invalid_parameter(format!("The value of parameter '{name}' is invalid."));
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S%.f")
+        .or_else(|_| NaiveDateTime::parse_from_str(raw, "%Y-%m-%dT%H:%M:%S"))
+        .map(|n| n.and_utc())
+        .map_err(|_| bad())
+}
+
+pub(super) fn parse_delta_query(query: &str) -> Result<DeltaRequest, GraphError> {
+    let mut req = DeltaRequest::default();
+    let (mut start, mut end) = (None, None);
+    // form_urlencoded turns an unescaped '+' into a space, as Graph's own parser does.
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.to_ascii_lowercase().as_str() {
+            "startdatetime" => start = Some(parse_instant(&v, "StartDateTime")?),
+            "enddatetime" => end = Some(parse_instant(&v, "EndDateTime")?),
+            "$skiptoken" => req.skip_token = Some(v.into_owned()),
+            "$deltatoken" => req.delta_token = Some(v.into_owned()),
+            "$select" | "$expand" | "$filter" | "$orderby" | "$search" | "$top" => {
+                return Err(GraphError::new(
+                    400,
+                    "ErrorInvalidUrlQuery",
+                    format!("The query parameter '{k}' is not supported with calendarView delta."),
+                ));
+            }
+            _ => {}
+        }
+    }
+    match (start, end) {
+        (Some(s), Some(e)) if e <= s => {
+            return Err(GraphError::invalid_parameter(
+                "The value of parameter 'EndDateTime' is invalid.",
+            ));
+        }
+        (Some(s), Some(e)) => req.window = Some(Window { start: s, end: e }),
+        (None, None) => {}
+        _ if req.skip_token.is_some() || req.delta_token.is_some() => {}
+        _ => {
+            return Err(GraphError::invalid_parameter(
+                "This request requires a time window specified by the query string parameters \
+                 StartDateTime and EndDateTime.",
+            ));
+        }
+    }
+    Ok(req)
+}
+
+/// `Prefer` values, comma-separated or repeated (RFC 7240).
+pub(super) fn preferences(prefer: &[String]) -> Vec<(String, String)> {
+    prefer
+        .iter()
+        .flat_map(|h| h.split(','))
+        .filter_map(|p| {
+            let p = p.trim();
+            if p.is_empty() {
+                return None;
+            }
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_owned(),
+            ))
+        })
+        .collect()
+}
