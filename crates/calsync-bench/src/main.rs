@@ -77,8 +77,8 @@ struct IdleArgs {
     pub graph_base_url: String,
 }
 
-/// CPU seconds a process has used, summed over its threads from /proc/<pid>/task/*/schedstat
-/// (nanosecond precision, unlike the 10 ms ticks of /proc/<pid>/stat).
+/// CPU seconds a process has used, summed over its threads from `/proc/<pid>/task/*/schedstat`
+/// (nanosecond precision, unlike the 10 ms ticks of `/proc/<pid>/stat`).
 fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     let dir =
         std::fs::read_dir(format!("/proc/{pid}/task")).context("cannot read /proc (Linux only)")?;

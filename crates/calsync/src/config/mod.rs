@@ -1,0 +1,421 @@
+//! calsync's configuration: one typed tree loaded once with figment (defaults → TOML file →
+//! `CALSYNC_<SECTION>__<KEY>` environment), then validated into domain types. Every error names
+//! the key that is wrong.
+//!
+//! `file` holds the sections as written (with their defaults), `validate` turns them into
+//! [`Config`], one function per section.
+
+mod file;
+mod validate;
+
+pub use file::*;
+
+use calsync_engine::{SyncSettings, TupleConfig};
+use calsync_graph::{AuthConfig, GraphConfig};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::path::Path;
+use std::time::Duration;
+use url::Url;
+/// A config value that is wrong, and why. Never carries a secret's value.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid config: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn bad(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// A secret as it arrives from TOML or the environment. Numbers are accepted as text so that a
+/// type error can never echo the secret.
+#[derive(Clone, Default)]
+pub struct SecretValue(Option<SecretString>);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "\"<redacted>\""
+        } else {
+            "None"
+        })
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(_) => s.serialize_some("<redacted>"),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'a> serde::de::Visitor<'a> for V {
+            type Value = SecretValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a secret string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretValue, E> {
+                Ok(SecretValue(Some(SecretString::from(v.to_owned()))))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SecretValue, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SecretValue, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<SecretValue, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<SecretValue, E> {
+                self.visit_str(&v.to_string())
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<SecretValue, E> {
+                Ok(SecretValue(None))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<SecretValue, E> {
+                Ok(SecretValue(None))
+            }
+            fn visit_some<D2: Deserializer<'a>>(self, d: D2) -> Result<SecretValue, D2::Error> {
+                d.deserialize_any(V)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration, split into the slices each component gets.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub graph: GraphConfig,
+    pub auth: AuthConfig,
+    pub sync: SyncSettings,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub http_listen: Option<std::net::SocketAddr>,
+    pub drain_deadline: Duration,
+    pub on_remove: OnRemove,
+    pub tuples: Vec<TupleConfig>,
+}
+
+impl Config {
+    /// The sections whose change a reload cannot apply (they are wired into the database
+    /// pool, the Graph client, the engine or the logger at start).
+    pub fn needs_restart_for(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let db = |c: &Config| {
+            (
+                c.database.url.expose_secret().to_owned(),
+                c.database.max_connections,
+                c.database.connect_timeout,
+            )
+        };
+        if db(self) != db(new) {
+            out.push("database");
+        }
+        if format!("{:?}", self.graph) != format!("{:?}", new.graph) {
+            out.push("graph");
+        }
+        let auth = |c: &Config| {
+            (
+                c.auth.token_url.clone(),
+                c.auth.client_id.clone(),
+                c.auth.client_secret.expose_secret().to_owned(),
+                c.auth.scope.clone(),
+            )
+        };
+        if auth(self) != auth(new) {
+            out.push("auth");
+        }
+        // The default interval is applied on reload; the rest of [sync] is not.
+        let sync = |c: &Config| {
+            format!(
+                "{:?}",
+                SyncSettings {
+                    interval: Duration::ZERO,
+                    ..c.sync.clone()
+                }
+            )
+        };
+        if sync(self) != sync(new) {
+            out.push("sync");
+        }
+        if (self.log_format, &self.log_filter) != (new.log_format, &new.log_filter) {
+            out.push("log");
+        }
+        if self.http_listen != new.http_listen {
+            out.push("http");
+        }
+        if self.drain_deadline != new.drain_deadline {
+            out.push("service.drain_deadline");
+        }
+        out
+    }
+}
+
+/// What happens to a calendar's rows when a reload removes it from the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRemove {
+    /// Kept, marked untracked (`calendar_sync_status.tracked = false`).
+    Keep,
+    /// Deleted with the tuple.
+    Purge,
+}
+
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+    pub wait_at_start: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact_url(self.url.expose_secret()))
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("wait_at_start", &self.wait_at_start)
+            .finish()
+    }
+}
+
+/// A database URL with its password replaced, for printing.
+pub fn redact_url(raw: &str) -> String {
+    match Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("<redacted>"));
+            }
+            let q: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+            if q.iter().any(|(k, _)| k.eq_ignore_ascii_case("password")) {
+                let mut u2 = u.clone();
+                u2.query_pairs_mut().clear();
+                for (k, v) in &q {
+                    let v = if k.eq_ignore_ascii_case("password") {
+                        "<redacted>"
+                    } else {
+                        v
+                    };
+                    u2.query_pairs_mut().append_pair(k, v);
+                }
+                return u2.to_string();
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
+}
+
+impl RawConfig {
+    /// Loads defaults, then the TOML file (if any), then `CALSYNC_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(bad(
+                    "--config",
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(
+            // Only CALSYNC_<SECTION>__<KEY>: other CALSYNC_* variables (CALSYNC_CONFIG, a
+            // test's or a wrapper script's own) are not config keys.
+            Env::prefixed("CALSYNC_")
+                .filter(|k| {
+                    let k = k.as_str().to_ascii_lowercase();
+                    SECTIONS
+                        .iter()
+                        .any(|s| k.strip_prefix(s).is_some_and(|rest| rest.starts_with("__")))
+                })
+                .split("__"),
+        );
+        fig.extract().map_err(|e| {
+            let key = if e.path.is_empty() {
+                "config".to_owned()
+            } else {
+                e.path.join(".")
+            };
+            bad(key, e.kind.to_string())
+        })
+    }
+}
+
+impl RawConfig {
+    /// The effective config as TOML with every secret redacted.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        if let Some(u) = &copy.database.url.0 {
+            copy.database.url =
+                SecretValue(Some(SecretString::from(redact_url(u.expose_secret()))));
+        }
+        let mut v = match toml::Value::try_from(&copy) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot render config: {e}\n"),
+        };
+        if let (Some(u), Some(db)) = (
+            &copy.database.url.0,
+            v.get_mut("database").and_then(|d| d.as_table_mut()),
+        ) {
+            db.insert(
+                "url".into(),
+                toml::Value::String(u.expose_secret().to_owned()),
+            );
+        }
+        toml::to_string_pretty(&v).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // figment's Jail closures return figment's own (large) error type.
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
+    use super::*;
+    use figment::Jail;
+
+    const AUTH_AND_ONE_CALENDAR: &str = r#"
+[database]
+url = "postgres://calsync@127.0.0.1/calsync"
+[auth]
+token_url = "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+client_id = "c"
+client_secret = "s"
+[[calendars]]
+user = "adele@contoso.onmicrosoft.com"
+calendar = "default"
+start = "2026-01-01T00:00:00Z"
+end = "2026-04-01T00:00:00Z"
+"#;
+
+    fn load_in(jail: &Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("calsync.toml", toml).unwrap();
+        RawConfig::load(Some(Path::new("calsync.toml")))?.validate()
+    }
+
+    #[test]
+    fn the_example_config_states_the_defaults() {
+        let example = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/calsync.example.toml"
+        ))
+        .unwrap();
+        Jail::expect_with(|jail| {
+            let from_example = load_in(jail, &example).unwrap();
+            let from_defaults = load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap();
+            assert_eq!(
+                format!("{:?}", from_example.sync),
+                format!("{:?}", from_defaults.sync)
+            );
+            let graph = |c: &Config| {
+                let g = &c.graph;
+                (
+                    g.page_size,
+                    g.connect_timeout,
+                    g.request_timeout,
+                    g.max_page_bytes,
+                )
+            };
+            assert_eq!(graph(&from_example), graph(&from_defaults));
+            assert_eq!(from_example.graph.base_url, from_defaults.graph.base_url);
+            let db = |c: &Config| {
+                let d = &c.database;
+                (d.max_connections, d.connect_timeout, d.wait_at_start)
+            };
+            assert_eq!(db(&from_example), db(&from_defaults));
+            assert_eq!(from_example.auth.scope, from_defaults.auth.scope);
+            assert_eq!(
+                (
+                    from_example.log_format,
+                    &from_example.log_filter,
+                    from_example.http_listen
+                ),
+                (
+                    from_defaults.log_format,
+                    &from_defaults.log_filter,
+                    from_defaults.http_listen
+                )
+            );
+            assert_eq!(
+                (from_example.drain_deadline, from_example.on_remove),
+                (from_defaults.drain_deadline, from_defaults.on_remove)
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_env_override_is_validated_and_its_key_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALSYNC_SYNC__INTERVAL", "0s");
+            let e = load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap_err();
+            assert_eq!(e.key, "sync.interval");
+            jail.set_env("CALSYNC_SYNC__INTERVAL", "2m");
+            let c = load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap();
+            assert_eq!(c.sync.interval, Duration::from_secs(120));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn calsync_variables_that_name_no_section_are_not_config_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("CALSYNC_SOAK_MINUTES", "10");
+            jail.set_env("CALSYNC_CONFIG", "elsewhere.toml");
+            assert!(load_in(jail, AUTH_AND_ONE_CALENDAR).is_ok());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_section_names_its_own_bad_key() {
+        let cases = [
+            ("[graph]\nbase_url = \"ftp://x\"\n", "graph.base_url"),
+            (
+                "[sync]\nper_mailbox_concurrency = 5\n",
+                "sync.per_mailbox_concurrency",
+            ),
+            (
+                "[sync]\nmin_backoff = \"2s\"\nmax_backoff = \"1s\"\n",
+                "sync.max_backoff",
+            ),
+            ("[log]\nformat = \"xml\"\n", "log.format"),
+            ("[http]\nlisten = \"localhost\"\n", "http.listen"),
+            ("[service]\non_remove = \"drop\"\n", "service.on_remove"),
+        ];
+        for (section, key) in cases {
+            Jail::expect_with(|jail| {
+                let e = load_in(jail, &format!("{AUTH_AND_ONE_CALENDAR}\n{section}")).unwrap_err();
+                assert_eq!(e.key, key, "{section}");
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            let twice = format!(
+                "{AUTH_AND_ONE_CALENDAR}\n[[calendars]]\nuser = \"adele@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-02-01T00:00:00Z\"\n"
+            );
+            assert_eq!(load_in(jail, &twice).unwrap_err().key, "calendars[1].name");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,371 @@
+//! Validation: the file as written becomes the typed [`Config`], one function per section.
+//! Every error names the key that is wrong.
+
+use super::{
+    Config, ConfigError, DatabaseConfig, LogFormat, OnRemove, RawAuth, RawCalendar, RawConfig,
+    RawDatabase, RawGraph, RawHttp, RawLog, RawService, RawSync, bad,
+};
+use calsync_engine::{Budget, SyncSettings, TupleConfig};
+use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+impl RawConfig {
+    /// Checks every value and builds the typed config.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        // In file order, so the first error reported is the first one in the file.
+        let database = database(&self.database)?;
+        let graph = graph(&self.graph, self.sync.page_size)?;
+        let auth = auth(&self.auth)?;
+        let sync = sync(&self.sync)?;
+        let (log_format, log_filter) = log(&self.log)?;
+        let tuples = calendars(&self.calendars)?;
+        let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
+        Ok(Config {
+            database,
+            graph,
+            auth,
+            sync,
+            log_format,
+            log_filter,
+            http_listen,
+            drain_deadline,
+            on_remove,
+            tuples,
+        })
+    }
+
+    /// Only the `[database]` section, for commands that need nothing else.
+    pub fn database_config(&self) -> Result<DatabaseConfig, ConfigError> {
+        database(&self.database)
+    }
+}
+
+/// `[database]`: the URL (inline, from a file, or `DATABASE_URL`) and the pool.
+fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
+    let db_url = match (&d.url.0, &d.url_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "database.url_file",
+                "set database.url or database.url_file, not both",
+            ));
+        }
+        (Some(u), None) => u.clone(),
+        (None, Some(p)) => read_secret_file("database.url_file", &resolve_credential(p))?,
+        (None, None) => match std::env::var("DATABASE_URL") {
+            Ok(u) if !u.trim().is_empty() => SecretString::from(u),
+            _ => {
+                return Err(bad(
+                    "database.url",
+                    "missing: set database.url (or CALSYNC_DATABASE__URL, or DATABASE_URL)",
+                ));
+            }
+        },
+    };
+    match Url::parse(db_url.expose_secret()) {
+        Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
+        _ => {
+            return Err(bad(
+                "database.url",
+                "must be a postgres:// or postgresql:// URL",
+            ));
+        }
+    }
+    if d.max_connections == 0 {
+        return Err(bad("database.max_connections", "must be at least 1"));
+    }
+    Ok(DatabaseConfig {
+        url: db_url,
+        max_connections: d.max_connections,
+        connect_timeout: duration("database.connect_timeout", &d.connect_timeout)?,
+        wait_at_start: duration("database.wait_at_start", &d.wait_at_start)?,
+    })
+}
+
+/// `[graph]` (and `sync.page_size`, which is sent to Graph as `Prefer: odata.maxpagesize`).
+fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
+    let base_url = http_url("graph.base_url", &g.base_url)?;
+    let mut graph = GraphConfig::new(base_url);
+    graph.connect_timeout = duration("graph.connect_timeout", &g.connect_timeout)?;
+    graph.request_timeout = duration("graph.request_timeout", &g.request_timeout)?;
+    if g.max_page_bytes < 1024 {
+        return Err(bad("graph.max_page_bytes", "must be at least 1024"));
+    }
+    graph.max_page_bytes = g.max_page_bytes as usize;
+    if !(1..=10_000).contains(&page_size) {
+        return Err(bad(
+            "sync.page_size",
+            format!("{} is out of range 1..=10000", page_size),
+        ));
+    }
+    graph.page_size = Some(page_size);
+    Ok(graph)
+}
+
+/// `[auth]`: the client-credentials app.
+fn auth(a: &RawAuth) -> Result<AuthConfig, ConfigError> {
+    if a.token_url.trim().is_empty() {
+        return Err(bad(
+            "auth.token_url",
+            "missing: e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
+        ));
+    }
+    let token_url = http_url("auth.token_url", &a.token_url)?;
+    if a.client_id.trim().is_empty() {
+        return Err(bad("auth.client_id", "missing"));
+    }
+    let client_secret = match (&a.client_secret.0, &a.client_secret_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "auth.client_secret_file",
+                "set auth.client_secret or auth.client_secret_file, not both",
+            ));
+        }
+        (Some(s), None) if !s.expose_secret().is_empty() => s.clone(),
+        (Some(_), None) => return Err(bad("auth.client_secret", "is empty")),
+        (None, Some(p)) => read_secret_file("auth.client_secret_file", &resolve_credential(p))?,
+        (None, None) => {
+            return Err(bad(
+                "auth.client_secret",
+                "missing: set auth.client_secret or auth.client_secret_file",
+            ));
+        }
+    };
+    if a.scope.trim().is_empty() {
+        return Err(bad("auth.scope", "is empty"));
+    }
+    Ok(AuthConfig {
+        token_url,
+        client_id: a.client_id.trim().to_owned(),
+        client_secret,
+        scope: a.scope.trim().to_owned(),
+    })
+}
+
+/// `[sync]`: the engine's cadence, retries and request limits.
+fn sync(s: &RawSync) -> Result<SyncSettings, ConfigError> {
+    let interval = duration("sync.interval", &s.interval)?;
+    if interval < Duration::from_secs(1) {
+        return Err(bad("sync.interval", "must be at least 1s"));
+    }
+    let full_resync_every = match s.full_resync_every.trim() {
+        "off" | "never" | "" => None,
+        v => Some(duration("sync.full_resync_every", v)?),
+    };
+    if !(1..=4).contains(&s.per_mailbox_concurrency) {
+        return Err(bad(
+            "sync.per_mailbox_concurrency",
+            "must be between 1 and 4 (Outlook allows 4 concurrent requests per mailbox)",
+        ));
+    }
+    if s.max_in_flight == 0 {
+        return Err(bad("sync.max_in_flight", "must be at least 1"));
+    }
+    if s.min_in_flight == 0 || s.min_in_flight > s.max_in_flight {
+        return Err(bad(
+            "sync.min_in_flight",
+            "must be between 1 and sync.max_in_flight",
+        ));
+    }
+    let budget_window = duration("sync.mailbox_budget_window", &s.mailbox_budget_window)?;
+    if budget_window.is_zero() {
+        return Err(bad("sync.mailbox_budget_window", "must be longer than 0s"));
+    }
+    let mailbox_budget = (s.mailbox_request_budget > 0).then_some(Budget {
+        requests: s.mailbox_request_budget,
+        per: budget_window,
+    });
+    if s.max_attempts == 0 {
+        return Err(bad("sync.max_attempts", "must be at least 1"));
+    }
+    if s.max_pages_per_round == 0 {
+        return Err(bad("sync.max_pages_per_round", "must be at least 1"));
+    }
+    let min_backoff = duration("sync.min_backoff", &s.min_backoff)?;
+    let max_backoff = duration("sync.max_backoff", &s.max_backoff)?;
+    if max_backoff < min_backoff {
+        return Err(bad(
+            "sync.max_backoff",
+            "must not be below sync.min_backoff",
+        ));
+    }
+    Ok(SyncSettings {
+        interval,
+        full_resync_every,
+        max_pages_per_round: s.max_pages_per_round,
+        max_stale_pages: s.max_stale_pages,
+        max_attempts: s.max_attempts as usize,
+        min_backoff,
+        max_backoff,
+        failed_retry_interval: duration("sync.failed_retry_interval", &s.failed_retry_interval)?,
+        max_in_flight: s.max_in_flight as usize,
+        min_in_flight: s.min_in_flight as usize,
+        per_mailbox_concurrency: s.per_mailbox_concurrency as usize,
+        mailbox_budget,
+        startup_spread: duration("sync.startup_spread", &s.startup_spread)?,
+    })
+}
+
+/// `[log]`: the format and the filter.
+fn log(l: &RawLog) -> Result<(LogFormat, String), ConfigError> {
+    let log_format = match l.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(bad(
+                "log.format",
+                format!("'{other}' is not one of text, json"),
+            ));
+        }
+    };
+    tracing_subscriber::EnvFilter::try_new(&l.filter)
+        .map_err(|e| bad("log.filter", e.to_string()))?;
+    Ok((log_format, l.filter.clone()))
+}
+
+/// `[[calendars]]`: one tuple each, with distinct names.
+fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError> {
+    if calendars.is_empty() {
+        return Err(bad(
+            "calendars",
+            "no [[calendars]] entry: calsync has nothing to sync",
+        ));
+    }
+    let mut names = HashSet::new();
+    let mut tuples = Vec::with_capacity(calendars.len());
+    for (i, c) in calendars.iter().enumerate() {
+        let k = |f: &str| format!("calendars[{i}].{f}");
+        let user = c.user.trim();
+        if user.is_empty() {
+            return Err(bad(k("user"), "missing: a user id or userPrincipalName"));
+        }
+        let cal = c.calendar.trim();
+        let calendar = match cal {
+            "" => return Err(bad(k("calendar"), "missing: \"default\" or a calendar id")),
+            "default" => CalendarRef::Default,
+            id => CalendarRef::Id(id.to_owned()),
+        };
+        let start = instant(&k("start"), &c.start)?;
+        let end = instant(&k("end"), &c.end)?;
+        if end <= start {
+            return Err(bad(k("end"), "must be after start"));
+        }
+        let interval = c
+            .interval
+            .as_deref()
+            .map(|v| duration(&k("interval"), v))
+            .transpose()?;
+        if interval.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(bad(k("interval"), "must be at least 1s"));
+        }
+        let name = c.name.clone().unwrap_or_else(|| format!("{user}/{cal}"));
+        if name.trim().is_empty() {
+            return Err(bad(k("name"), "is empty"));
+        }
+        if !names.insert(name.clone()) {
+            return Err(bad(
+                k("name"),
+                format!(
+                    "'{name}' is used by another [[calendars]] entry; give each a distinct name"
+                ),
+            ));
+        }
+        tuples.push(TupleConfig {
+            key: name,
+            user: user.to_owned(),
+            calendar,
+            window: ViewWindow { start, end },
+            interval,
+        });
+    }
+    Ok(tuples)
+}
+
+/// `[http]` and `[service]`.
+fn service(
+    http: &RawHttp,
+    service: &RawService,
+) -> Result<(Option<std::net::SocketAddr>, Duration, OnRemove), ConfigError> {
+    let http_listen = match http.listen.trim() {
+        "" => None,
+        v => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            bad(
+                "http.listen",
+                format!("'{v}' is not host:port with an IP address (e.g. 127.0.0.1:9187)"),
+            )
+        })?),
+    };
+    let drain_deadline = duration("service.drain_deadline", &service.drain_deadline)?;
+    let on_remove = match service.on_remove.trim() {
+        "keep" => OnRemove::Keep,
+        "purge" => OnRemove::Purge,
+        other => {
+            return Err(bad(
+                "service.on_remove",
+                format!("'{other}' is not one of keep, purge"),
+            ));
+        }
+    };
+    Ok((http_listen, drain_deadline, on_remove))
+}
+
+fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.trim()).map_err(|e| {
+        bad(
+            key,
+            format!("'{v}' is not a duration ({e}); use e.g. \"30s\", \"5m\", \"7d\""),
+        )
+    })
+}
+
+fn instant(key: &str, v: &str) -> Result<DateTime<Utc>, ConfigError> {
+    DateTime::parse_from_rfc3339(v.trim())
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| {
+            bad(
+                key,
+                format!(
+                    "'{v}' is not an RFC 3339 instant ({e}); use e.g. \"2026-01-01T00:00:00Z\""
+                ),
+            )
+        })
+}
+
+fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(bad(key, format!("{} is empty", path.display())));
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+fn http_url(key: &str, v: &str) -> Result<Url, ConfigError> {
+    let u = Url::parse(v.trim()).map_err(|e| bad(key, format!("'{v}' is not a URL ({e})")))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(bad(
+            key,
+            format!("'{v}' must be an http(s) URL with a host"),
+        ));
+    }
+    Ok(u)
+}
+
+/// Under systemd, `LoadCredential=` files live in `$CREDENTIALS_DIRECTORY`; a relative
+/// `*_file` path is looked up there first.
+fn resolve_credential(p: &Path) -> PathBuf {
+    if p.is_relative() {
+        if let Ok(dir) = std::env::var("CREDENTIALS_DIRECTORY") {
+            let candidate = Path::new(&dir).join(p);
+            if candidate.exists() {
+                return candidate;
+            }
+        }
+    }
+    p.to_path_buf()
+}
