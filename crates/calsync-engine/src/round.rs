@@ -50,6 +50,17 @@ pub struct Failure {
     pub message: String,
 }
 
+impl Failure {
+    /// A bug: a panic, or a task that ended abnormally. Tried again at the slow cadence.
+    pub(crate) fn panic(message: String) -> Failure {
+        Failure {
+            health: Health::Failed,
+            code: "Panic".into(),
+            message,
+        }
+    }
+}
+
 /// What one complete round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RoundReport {
@@ -317,11 +328,7 @@ impl Engine {
     async fn panicked(&self, tuple: &Tuple, panic: Box<dyn std::any::Any + Send>) -> Outcome {
         let what = panic_message(panic.as_ref());
         self.drop_cursor(tuple.id);
-        let failure = Failure {
-            health: Health::Failed,
-            code: "Panic".into(),
-            message: format!("round of tuple {} panicked: {what}", tuple.key),
-        };
+        let failure = Failure::panic(format!("round of tuple {} panicked: {what}", tuple.key));
         tracing::error!(tuple = %tuple.key, error = %failure.message, "round panicked (a bug: please report it)");
         if let Err(se) = self
             .store()

@@ -326,11 +326,9 @@ impl Engine {
                 Ok((id, o)) => (id, o),
                 Err(e) => (
                     e.id(),
-                    Outcome::Failed(crate::round::Failure {
-                        health: Health::Failed,
-                        code: "Panic".into(),
-                        message: format!("round task ended abnormally: {e}"),
-                    }),
+                    Outcome::Failed(crate::round::Failure::panic(format!(
+                        "round task ended abnormally: {e}"
+                    ))),
                 ),
             };
             if let Some(t) = by_task.remove(&id) {

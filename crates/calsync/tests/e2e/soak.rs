@@ -86,8 +86,11 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
         .collect()
 }
 
-/// The daemon's throttle waits so far (count, seconds), from its /metrics.
-async fn throttle_waits(http: std::net::SocketAddr) -> (f64, f64) {
+/// The running daemon's throttle waits so far (count, seconds), from its /metrics; its address
+/// is the last one its log names (port 0: each restart binds a new one).
+async fn throttle_waits(log_path: &std::path::Path) -> (f64, f64) {
+    let http = bound_addr(&std::fs::read_to_string(log_path).unwrap_or_default())
+        .expect("the daemon logs its http address");
     let Ok((200, text)) = calsync::commands::local_request(http, "GET", "/metrics").await else {
         return (0.0, 0.0);
     };
@@ -247,11 +250,7 @@ max_backoff = "2s"
             eprintln!("soak: database restarted at {:.0}s", e.as_secs_f64());
         }
         if (kills == 0 && e >= at(0.5)) || (kills == 1 && e >= at(0.75)) {
-            let (n, secs) = throttle_waits(
-                bound_addr(&std::fs::read_to_string(&log_path).unwrap_or_default())
-                    .expect("the daemon logs its http address"),
-            )
-            .await;
+            let (n, secs) = throttle_waits(&log_path).await;
             waits += n;
             waited += secs;
             kill_9(&mut daemon.0);
@@ -303,11 +302,7 @@ max_backoff = "2s"
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let converged_after = edits_stopped.elapsed();
-    let (n, secs) = throttle_waits(
-        bound_addr(&std::fs::read_to_string(&log_path).unwrap_or_default())
-            .expect("the daemon logs its http address"),
-    )
-    .await;
+    let (n, secs) = throttle_waits(&log_path).await;
     waits += n;
     waited += secs;
     // SIGTERM: a clean exit.
