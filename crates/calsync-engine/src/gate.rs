@@ -17,6 +17,7 @@ use tokio::time::Instant;
 /// Throttles from this many different mailboxes within [`TENANT_SIGNAL_WINDOW`] mean the
 /// tenant is being throttled, not one mailbox.
 pub const TENANT_SIGNAL_MAILBOXES: usize = 3;
+/// How far back [`TENANT_SIGNAL_MAILBOXES`] throttled mailboxes are counted.
 pub const TENANT_SIGNAL_WINDOW: Duration = Duration::from_secs(10);
 /// The global limit is halved at most once per this long, so one burst of 429s (which all
 /// report the same overload) counts once.
@@ -25,7 +26,9 @@ pub const DECREASE_COOLDOWN: Duration = Duration::from_secs(2);
 /// A request budget: at most `requests` in any `per` window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
+    /// Requests allowed per window.
     pub requests: u32,
+    /// The window's length.
     pub per: Duration,
 }
 
@@ -70,7 +73,9 @@ pub struct GateStats {
     pub budget_waits: u64,
     /// The global limit now, and the lowest it has been.
     pub global_limit: usize,
+    /// The lowest the global limit has been.
     pub lowest_global_limit: usize,
+    /// Times the global limit was halved.
     pub decreases: u64,
 }
 
@@ -110,6 +115,7 @@ fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl RequestGate {
+    /// A gate allowing `max_in_flight` requests overall and `per_mailbox` per mailbox (both at least 1), with no request budget.
     pub fn new(max_in_flight: usize, per_mailbox: usize) -> Self {
         let max_in_flight = max_in_flight.max(1);
         RequestGate {
@@ -153,6 +159,7 @@ impl RequestGate {
         relock(&self.adaptive)
     }
 
+    /// A snapshot of the counters.
     pub fn stats(&self) -> GateStats {
         *relock(&self.stats)
     }

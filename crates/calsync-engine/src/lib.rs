@@ -2,13 +2,17 @@
 //! scheduler, and request limits. It drives calsync-graph and calsync-store through their
 //! narrow APIs and knows neither SQL nor HTTP.
 
+#![warn(missing_docs)]
+
 pub mod gate;
+mod guard;
 pub mod mapping;
+pub mod outcome;
 pub mod round;
 pub mod schedule;
 
 pub use gate::{Budget, GateStats, RequestGate};
-pub use round::{Failure, Health, Outcome, RoundReport};
+pub use outcome::{Failure, Health, Outcome, RoundReport};
 pub use schedule::{ScheduleChange, Scheduler};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
@@ -29,7 +33,9 @@ pub struct SyncSettings {
     pub max_stale_pages: u32,
     /// Attempts per page on retryable errors before the round gives up until next time.
     pub max_attempts: usize,
+    /// The first retry's backoff step; it doubles per attempt (with full jitter).
     pub min_backoff: Duration,
+    /// The largest backoff step.
     pub max_backoff: Duration,
     /// How soon a failed or degraded tuple is tried again.
     pub failed_retry_interval: Duration,
@@ -73,24 +79,35 @@ impl Default for SyncSettings {
 pub struct TupleConfig {
     /// Stable name of the tuple; rows and sync state hang off it.
     pub key: String,
+    /// The mailbox, by UPN or object id.
     pub user: String,
+    /// Which of the mailbox's calendars.
     pub calendar: CalendarRef,
+    /// The calendarView window.
     pub window: ViewWindow,
+    /// Its own interval; `None` uses [`SyncSettings::interval`].
     pub interval: Option<Duration>,
 }
 
 /// A registered tuple: its config plus its store id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tuple {
+    /// The store's id of the tuple.
     pub id: i64,
+    /// Stable name of the tuple, as configured.
     pub key: String,
+    /// The mailbox, by UPN or object id.
     pub user: String,
+    /// Which of the mailbox's calendars.
     pub calendar: CalendarRef,
+    /// The calendarView window.
     pub window: ViewWindow,
+    /// Time between its rounds.
     pub interval: Duration,
 }
 
 impl Tuple {
+    /// The calendar's id, or `default`, for logs and status.
     pub fn calendar_name(&self) -> &str {
         match &self.calendar {
             CalendarRef::Default => "default",
@@ -136,12 +153,14 @@ struct Inner {
 /// Whether the engine is making progress, for a watchdog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
+    /// Rounds running now.
     pub rounds_in_flight: usize,
     /// Time since a page was fetched or failed, or a round ended.
     pub since_activity: Duration,
 }
 
 impl Engine {
+    /// An engine over one Graph client and one store; the request gate is built from `settings`.
     pub fn new(graph: GraphClient, store: Store, settings: SyncSettings) -> Self {
         let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency)
             .with_min_in_flight(settings.min_in_flight)
@@ -189,6 +208,7 @@ impl Engine {
         self.running_set().iter().cloned().collect()
     }
 
+    /// Rounds in flight and the time since anything happened, for the watchdog.
     pub fn liveness(&self) -> Liveness {
         use std::sync::atomic::Ordering;
         let now = self.inner.born.elapsed().as_millis() as u64;
@@ -199,10 +219,12 @@ impl Engine {
         }
     }
 
+    /// The settings it was built with.
     pub fn settings(&self) -> &SyncSettings {
         &self.inner.settings
     }
 
+    /// The Graph client it drives.
     pub fn graph(&self) -> &GraphClient {
         &self.inner.graph
     }
@@ -212,6 +234,7 @@ impl Engine {
         self.inner.gate.stats()
     }
 
+    /// The store it writes to.
     pub fn store(&self) -> &Store {
         &self.inner.store
     }

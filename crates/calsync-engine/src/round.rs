@@ -3,7 +3,9 @@
 
 use crate::Engine;
 use crate::Tuple;
+use crate::guard::LoopGuard;
 use crate::mapping::page_changes;
+use crate::outcome::{Failure, Health, Outcome, RoundReport, panic_message};
 use backon::{ExponentialBuilder, Retryable};
 use calsync_graph::{Connection, ErrorClass, GraphError, PageLink};
 use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError, TupleStatus};
@@ -15,75 +17,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-/// How a tuple is left after a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    /// A retryable problem outlasted this run's attempts; tried again soon.
-    Retrying,
-    /// Graph says this tuple cannot sync (access denied, no mailbox, bad request); tried
-    /// again at the slow cadence.
-    Failed,
-    /// The round was abandoned by a guard (page loop, oversized page, foreign link).
-    Degraded,
-}
-
-impl Health {
-    /// The state the store records for it.
-    pub fn status(self) -> TupleStatus {
-        match self {
-            Health::Retrying => TupleStatus::Retrying,
-            Health::Failed => TupleStatus::Failed,
-            Health::Degraded => TupleStatus::Degraded,
-        }
-    }
-
-    /// Its spelling in logs, `status` and metrics.
-    pub fn as_str(self) -> &'static str {
-        self.status().as_str()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub health: Health,
-    pub code: String,
-    pub message: String,
-}
-
-impl Failure {
-    /// A bug: a panic, or a task that ended abnormally. Tried again at the slow cadence.
-    pub(crate) fn panic(message: String) -> Failure {
-        Failure {
-            health: Health::Failed,
-            code: "Panic".into(),
-            message,
-        }
-    }
-}
-
-/// What one complete round did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RoundReport {
-    pub pages: u32,
-    pub upserted: u64,
-    pub removed: u64,
-    pub swept: u64,
-    /// The round was a full one (initial sync or resync).
-    pub full: bool,
-    /// Times the delta state was found gone and a full round started instead.
-    pub resyncs: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Synced(RoundReport),
-    Failed(Failure),
-    /// Shutdown arrived; the committed pages stand and the next run resumes after them.
-    Interrupted,
-}
-
 #[derive(Debug)]
-enum StepError {
+pub(crate) enum StepError {
     Graph(GraphError),
     Store(StoreError),
     Guard { code: &'static str, message: String },
@@ -119,49 +54,6 @@ impl StepError {
             StepError::Guard { message, .. } => message.clone(),
             StepError::Interrupted => "interrupted by shutdown".into(),
         }
-    }
-}
-
-/// Catches the service's infinite-nextLink and endless-empty-page behaviour.
-#[derive(Debug)]
-struct LoopGuard {
-    seen: HashSet<String>,
-    pages: u32,
-    stale: u32,
-    max_pages: u32,
-    max_stale: u32,
-}
-
-impl LoopGuard {
-    fn record<'a>(&mut self, ids: impl Iterator<Item = &'a str>) -> Result<(), StepError> {
-        self.pages += 1;
-        let mut fresh = 0;
-        for id in ids {
-            if !self.seen.contains(id) {
-                self.seen.insert(id.to_owned());
-                fresh += 1;
-            }
-        }
-        self.stale = if fresh == 0 { self.stale + 1 } else { 0 };
-        if self.pages > self.max_pages {
-            return Err(StepError::Guard {
-                code: "PageBudgetExceeded",
-                message: format!(
-                    "round abandoned after {} pages without a deltaLink",
-                    self.max_pages
-                ),
-            });
-        }
-        if self.stale > self.max_stale {
-            return Err(StepError::Guard {
-                code: "RepeatedPages",
-                message: format!(
-                    "round abandoned after {} consecutive pages with no new items",
-                    self.stale
-                ),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -216,15 +108,6 @@ struct StepOut {
     upserted: u64,
     removed: u64,
     swept: u64,
-}
-
-/// What a caught panic said.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 impl Engine {

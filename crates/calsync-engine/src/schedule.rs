@@ -5,7 +5,7 @@
 //! (mvniekerk/tokio-cron-scheduler#113). An idle task holds only its timer; the round's large
 //! future is boxed and exists only while it runs.
 
-use crate::round::{Health, Outcome};
+use crate::outcome::{Health, Outcome};
 use crate::{Engine, SyncSettings, Tuple};
 use rand::Rng;
 use std::collections::{HashMap, HashSet};
@@ -48,7 +48,9 @@ pub fn next_delay(
 /// What a [`Scheduler::apply`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScheduleChange {
+    /// Tuples that got a task.
     pub added: Vec<String>,
+    /// Tuples whose task ends (untracked).
     pub removed: Vec<String>,
     /// Same tuple, new interval: takes effect at once for a waiting task, after the round for
     /// one in flight.
@@ -59,6 +61,7 @@ pub struct ScheduleChange {
 }
 
 impl ScheduleChange {
+    /// Nothing changed.
     pub fn is_empty(&self) -> bool {
         self.added.is_empty()
             && self.removed.is_empty()
@@ -207,7 +210,7 @@ impl Scheduler {
         self.tracker.spawn(async move {
             let task = std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown));
             if let Err(panic) = futures_util::FutureExt::catch_unwind(task).await {
-                let what = crate::round::panic_message(panic.as_ref());
+                let what = crate::outcome::panic_message(panic.as_ref());
                 let _ = died.send(format!("tuple {key}: {what}"));
             }
         });
@@ -326,7 +329,7 @@ impl Engine {
                 Ok((id, o)) => (id, o),
                 Err(e) => (
                     e.id(),
-                    Outcome::Failed(crate::round::Failure::panic(format!(
+                    Outcome::Failed(crate::outcome::Failure::panic(format!(
                         "round task ended abnormally: {e}"
                     ))),
                 ),
@@ -343,7 +346,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::round::{Failure, RoundReport};
+    use crate::outcome::{Failure, RoundReport};
 
     #[test]
     fn next_run_follows_the_outcome() {

@@ -13,9 +13,13 @@ use tokio::time::Instant;
 /// Where and how to ask for tokens.
 #[derive(Clone)]
 pub struct AuthConfig {
+    /// The tenant's OAuth 2.0 token endpoint (`.../oauth2/v2.0/token`).
     pub token_url: url::Url,
+    /// The app registration's client id.
     pub client_id: String,
+    /// The client secret; never logged or `Debug`-printed.
     pub client_secret: SecretString,
+    /// The scope asked for, e.g. `https://graph.microsoft.com/.default`.
     pub scope: String,
 }
 
@@ -33,7 +37,9 @@ impl std::fmt::Debug for AuthConfig {
 /// An access token and the generation it belongs to, so a 401 invalidates only that one.
 #[derive(Clone)]
 pub struct AccessToken {
+    /// The bearer token; never logged or `Debug`-printed.
     pub secret: SecretString,
+    /// Bumped each time a new token is fetched.
     pub generation: u64,
 }
 
@@ -57,8 +63,10 @@ struct Held {
 
 /// The first hold after a failed token fetch; it doubles per failure up to [`MAX_HOLD`].
 pub const MIN_HOLD: Duration = Duration::from_secs(1);
+/// The longest hold after repeated failed token fetches.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
+/// Fetches and caches app-only tokens (client credentials), renewing them before expiry; concurrent callers share one fetch, and a failed fetch is held and answered to all for a while.
 pub struct TokenSource {
     cfg: AuthConfig,
     http: reqwest::Client,
@@ -79,6 +87,7 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
+    /// A source asking `cfg`'s token endpoint through `http`.
     pub fn new(cfg: AuthConfig, http: reqwest::Client) -> Self {
         TokenSource {
             cfg,

@@ -10,57 +10,102 @@ pub enum GraphError {
     /// request to this mailbox.
     #[error("throttled by graph ({status} {code}){}", retry_after.map(|d| format!(", retry after {:.3}s", d.as_secs_f64())).unwrap_or_default())]
     Throttled {
+        /// The HTTP status.
         status: u16,
+        /// Graph's error code.
         code: String,
+        /// The parsed `Retry-After`, if one was sent.
         retry_after: Option<Duration>,
     },
     /// The delta state is gone (410, `syncStateNotFound`, `resyncRequired`, `SyncStateInvalid`):
     /// start a fresh full round.
     #[error("graph dropped the delta state ({status} {code}): {message}")]
     ResyncRequired {
+        /// The HTTP status.
         status: u16,
+        /// Graph's error code.
         code: String,
+        /// Graph's error message.
         message: String,
     },
     /// 401 even with a freshly renewed token.
     #[error("graph refused the access token ({code}): {message}")]
-    Unauthorized { code: String, message: String },
+    Unauthorized {
+        /// Graph's error code.
+        code: String,
+        /// Graph's error message.
+        message: String,
+    },
     /// 403: the app may not read this mailbox.
     #[error("graph denied access ({code}): {message}")]
-    Forbidden { code: String, message: String },
+    Forbidden {
+        /// Graph's error code.
+        code: String,
+        /// Graph's error message.
+        message: String,
+    },
     /// 404: user, mailbox or calendar does not exist (or has no Exchange Online mailbox).
     #[error("graph found no such mailbox or calendar ({code}): {message}")]
-    NotFound { code: String, message: String },
+    NotFound {
+        /// Graph's error code.
+        code: String,
+        /// Graph's error message.
+        message: String,
+    },
     /// 400 and other 4xx: the request is wrong and retrying will not help.
     #[error("graph rejected the request ({status} {code}): {message}")]
     Rejected {
+        /// The HTTP status.
         status: u16,
+        /// Graph's error code.
         code: String,
+        /// Graph's error message.
         message: String,
     },
     /// 5xx without `Retry-After`, timeouts, resets: retry with backoff.
     #[error("graph is unavailable{}: {message}", status.map(|s| format!(" ({s})")).unwrap_or_default())]
     Transient {
+        /// The HTTP status, when there was an answer at all.
         status: Option<u16>,
         /// The connection should not be reused for the retry (503 guidance).
         fresh_connection: bool,
+        /// What happened, without URLs or tokens.
         message: String,
     },
     /// A 200 whose body is not a delta page (cut off, not JSON, no link).
     #[error("graph sent a malformed page: {reason}")]
-    Malformed { reason: String },
+    Malformed {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A page larger than the configured limit.
     #[error("graph sent a page larger than {limit} bytes")]
-    TooLarge { limit: usize },
+    TooLarge {
+        /// The configured `graph.max_page_bytes`.
+        limit: usize,
+    },
     /// A nextLink/deltaLink that points away from the configured Graph origin.
     #[error("refusing a link to {origin}: it is not the configured graph origin {expected}")]
-    ForeignLink { origin: String, expected: String },
+    ForeignLink {
+        /// The link's scheme, host and port.
+        origin: String,
+        /// The configured Graph origin.
+        expected: String,
+    },
     /// The token endpoint refused our credentials or the request.
     #[error("the token endpoint refused the request ({error}): {description}")]
-    AuthRejected { error: String, description: String },
+    AuthRejected {
+        /// The OAuth `error` code, e.g. `invalid_client`.
+        error: String,
+        /// The `error_description`, first line only.
+        description: String,
+    },
     /// The token endpoint could not be reached or answered garbage.
     #[error("the token endpoint is unavailable: {reason}")]
-    AuthUnavailable { reason: String },
+    AuthUnavailable {
+        /// What happened, without the secret.
+        reason: String,
+    },
 }
 
 /// The broad classes the engine's runner acts on.
@@ -77,6 +122,7 @@ pub enum ErrorClass {
 }
 
 impl GraphError {
+    /// What the engine should do about it.
     pub fn class(&self) -> ErrorClass {
         match self {
             GraphError::Throttled { .. }
@@ -154,6 +200,7 @@ impl GraphError {
             )
     }
 
+    /// How long Graph asked us to wait, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             GraphError::Throttled { retry_after, .. } => *retry_after,

@@ -1,6 +1,8 @@
 //! calsync-graph: the Microsoft Graph client — auth, calendarView delta paging, error
 //! classification and the event model. The only crate that speaks HTTP to Graph.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod error;
 pub mod page;
@@ -24,13 +26,16 @@ pub struct GraphConfig {
     pub base_url: Url,
     /// Sent as `Prefer: odata.maxpagesize` on every request.
     pub page_size: Option<u32>,
+    /// Time allowed to open a connection.
     pub connect_timeout: Duration,
+    /// Time allowed for a whole request, body included.
     pub request_timeout: Duration,
     /// Pages larger than this are refused (guards against the oversized-page service bug).
     pub max_page_bytes: usize,
 }
 
 impl GraphConfig {
+    /// The defaults for `base_url`: 100 items per page, 10 s to connect, 60 s per request, 64 MiB pages.
     pub fn new(base_url: Url) -> Self {
         GraphConfig {
             base_url,
@@ -45,14 +50,18 @@ impl GraphConfig {
 /// Which calendar of a mailbox.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CalendarRef {
+    /// The mailbox's default calendar (`/users/{u}/calendarView`).
     Default,
+    /// A calendar by its Graph id (`/users/{u}/calendars/{id}/calendarView`).
     Id(String),
 }
 
 /// The window of a calendarView: `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ViewWindow {
+    /// Inclusive start.
     pub start: DateTime<Utc>,
+    /// Exclusive end.
     pub end: DateTime<Utc>,
 }
 
@@ -94,6 +103,7 @@ fn origin_text(u: &Url) -> String {
 }
 
 impl GraphClient {
+    /// A client with its own connection pool; fails only if the TLS backend cannot start.
     pub fn new(cfg: GraphConfig, auth: AuthConfig) -> Result<Self, GraphError> {
         let builder = || {
             reqwest::Client::builder()
@@ -130,10 +140,12 @@ impl GraphClient {
         })
     }
 
+    /// The token source, shared by every request of this client.
     pub fn tokens(&self) -> &TokenSource {
         &self.inner.tokens
     }
 
+    /// The configured Graph root.
     pub fn base_url(&self) -> &Url {
         &self.inner.cfg.base_url
     }

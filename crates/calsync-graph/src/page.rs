@@ -10,10 +10,13 @@ use serde_json::{Map, Value};
 /// One page of a delta round.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeltaPage {
+    /// Events and removals, in the order Graph sent them.
     pub items: Vec<DeltaItem>,
+    /// Where the round goes on, or the link that ends it.
     pub link: PageLink,
 }
 
+/// The one link a delta page ends with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PageLink {
     /// More pages in this round.
@@ -22,16 +25,20 @@ pub enum PageLink {
     Delta(String),
 }
 
+/// One entry of a delta page.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DeltaItem {
+    /// An event instance (single, occurrence, exception or series master).
     Event(Box<EventItem>),
     /// No longer part of this window (deleted, or moved out). Any `reason` counts.
     Removed {
+        /// The removed item's id.
         id: String,
     },
 }
 
 impl DeltaItem {
+    /// The item's Graph id.
     pub fn id(&self) -> &str {
         match self {
             DeltaItem::Event(e) => &e.id,
@@ -43,19 +50,30 @@ impl DeltaItem {
 /// An event instance with the fields the read model indexes, and the whole object as sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventItem {
+    /// Graph's id of the instance.
     pub id: String,
+    /// `iCalUId`: shared by every instance of a series.
     pub ical_uid: Option<String>,
+    /// `subject`.
     pub subject: Option<String>,
+    /// `start`, converted to UTC.
     pub start: Option<DateTime<Utc>>,
+    /// `end`, converted to UTC.
     pub end: Option<DateTime<Utc>>,
+    /// `isAllDay`.
     pub is_all_day: Option<bool>,
+    /// `type`: `singleInstance`, `occurrence`, `exception` or `seriesMaster`.
     pub event_type: Option<String>,
+    /// `seriesMasterId`, for occurrences and exceptions.
     pub series_master_id: Option<String>,
+    /// `lastModifiedDateTime`.
     pub last_modified: Option<DateTime<Utc>>,
+    /// `changeKey`.
     pub change_key: Option<String>,
     /// Only some properties were sent (seen for occurrences: id, type, start, end): merge it
     /// into what is stored instead of replacing it.
     pub partial: bool,
+    /// The whole object as Graph sent it.
     pub payload: Map<String, Value>,
 }
 
@@ -89,6 +107,7 @@ fn instant(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
 }
 
 impl EventItem {
+    /// Reads the indexed fields out of an event object; only a missing or empty `id` is an error.
     pub fn from_map(payload: Map<String, Value>) -> Result<Self, GraphError> {
         let id = str_field(&payload, "id")
             .filter(|s| !s.is_empty())

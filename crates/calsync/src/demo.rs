@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// `calsync demo`'s options.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// Users in the simulated tenant.
@@ -133,6 +134,7 @@ async fn check(engine: &Engine, sim: &graph_sim::Sim, tuples: &[Tuple]) -> anyho
     }
 }
 
+/// Runs the demo: a simulated tenant, a throwaway database, the daemon's sync, churn and a truth check after every round. `Ok(false)` when a check failed.
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let t0 = Instant::now();
     println!("calsync demo — mirror Microsoft Graph calendars into PostgreSQL\n");

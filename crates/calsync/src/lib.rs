@@ -1,6 +1,8 @@
 //! calsync: the binary's library — CLI commands, config, telemetry, the service and the demo.
 //! `main.rs` only parses arguments and maps errors to exit codes.
 
+#![warn(missing_docs)]
+
 pub mod commands;
 pub mod config;
 #[cfg(feature = "demo")]

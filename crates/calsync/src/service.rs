@@ -424,14 +424,17 @@ pub async fn request_reload(shared: &Shared) -> Result<ScheduleChange, String> {
 }
 
 impl Shared {
+    /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
+    /// The Prometheus handle, when metrics are on.
     pub fn metrics(&self) -> Option<&PrometheusHandle> {
         self.metrics.as_ref()
     }
 
+    /// The scheduler is running and no supervised task has died.
     pub fn scheduler_running(&self) -> bool {
         self.scheduler_running.load(Ordering::Relaxed) && self.alive()
     }

@@ -11,7 +11,9 @@ use std::collections::HashMap;
 /// A registered application that may ask for app-only tokens.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClientApp {
+    /// The app's client id.
     pub client_id: String,
+    /// The app's client secret (a test value; the simulator guards nothing real).
     pub client_secret: String,
 }
 
@@ -27,7 +29,9 @@ impl std::fmt::Debug for ClientApp {
 /// Who a bearer token speaks for: the app itself, or (delegated, `/me`) one user.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Subject {
+    /// An app-only token (client credentials), for this client id.
     App(String),
+    /// A delegated token for the user at this index (for `/me`).
     User(usize),
 }
 
@@ -37,12 +41,17 @@ struct Issued {
     subject: Subject,
 }
 
+/// The token endpoint and bearer checks: which apps may get tokens, and the tokens issued.
 #[derive(Debug)]
 pub struct Auth {
+    /// The tenant id or domain the token endpoint answers for.
     pub tenant: String,
+    /// The registered apps.
     pub clients: Vec<ClientApp>,
+    /// How long an access token lives.
     pub lifetime: Duration,
     tokens: HashMap<String, Issued>,
+    /// Tokens issued so far.
     pub issued: u64,
     /// The last access tokens minted, newest last, so tests can look for them where they
     /// must never appear (logs, status output).
@@ -52,7 +61,9 @@ pub struct Auth {
 /// An answer of the token endpoint that is not a token: status and AAD error body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenError {
+    /// The HTTP status.
     pub status: u16,
+    /// The JSON body (Azure AD's shape: `error`, `error_description`, …).
     pub body: Value,
 }
 
@@ -78,6 +89,7 @@ fn aad_error(
 }
 
 impl Auth {
+    /// An endpoint for `tenant` that knows `clients` and issues tokens living `lifetime`.
     pub fn new(tenant: String, clients: Vec<ClientApp>, lifetime: Duration) -> Self {
         Auth {
             tenant,

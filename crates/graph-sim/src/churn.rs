@@ -12,20 +12,32 @@ use serde_json::json;
 /// What one random edit did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Edit {
+    /// A single event was created; its id.
     CreatedSingle(String),
+    /// A weekly series was created; the master's id.
     CreatedSeries(String),
+    /// A single event got a new subject.
     Renamed(String),
+    /// A single event moved out of the window.
     MovedOut(String),
+    /// A single event moved into the window.
     MovedIn(String),
+    /// One occurrence was edited into an exception; its id.
     OccurrenceEdited(String),
+    /// One occurrence was cancelled; its id.
     OccurrenceCancelled(String),
+    /// A series got a new subject; the master's id.
     SeriesRenamed(String),
+    /// A series moved to another time of day; the master's id.
     SeriesRetimed(String),
+    /// A single event was deleted.
     Deleted(String),
+    /// A whole series was deleted; the master's id.
     SeriesDeleted(String),
 }
 
 impl Edit {
+    /// The edit's name, for logs and counts.
     pub fn label(&self) -> &'static str {
         match self {
             Edit::CreatedSingle(_) => "created",

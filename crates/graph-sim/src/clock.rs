@@ -8,15 +8,19 @@ use std::sync::{Arc, Mutex};
 /// A manual clock makes runs reproducible: the same seed and requests give the same bytes.
 #[derive(Clone, Debug)]
 pub enum Clock {
+    /// The machine's clock.
     System,
+    /// A clock that moves only when told (tests, reproducible runs).
     Manual(Arc<Mutex<DateTime<Utc>>>),
 }
 
 impl Clock {
+    /// A manual clock standing at `start`.
     pub fn manual(start: DateTime<Utc>) -> Self {
         Clock::Manual(Arc::new(Mutex::new(start)))
     }
 
+    /// The current instant.
     pub fn now(&self) -> DateTime<Utc> {
         match self {
             Clock::System => Utc::now(),

@@ -38,9 +38,13 @@ pub struct Quirks {
 /// What the client asked for on one delta request.
 #[derive(Clone, Debug, Default)]
 pub struct DeltaRequest {
+    /// `startDateTime`/`endDateTime`, when given.
     pub window: Option<Window>,
+    /// `$skiptoken`: the round continues.
     pub skip_token: Option<String>,
+    /// `$deltatoken`: a new round from a delta state.
     pub delta_token: Option<String>,
+    /// `Prefer: odata.maxpagesize`.
     pub max_page_size: Option<usize>,
 }
 
@@ -90,13 +94,18 @@ enum Entry {
 /// One page of a round, ready to render: each entry is one serialized item.
 #[derive(Debug)]
 pub struct Page {
+    /// The page's items, each already serialized.
     pub value: Vec<Arc<str>>,
+    /// The link the page ends with.
     pub link: PageLink,
 }
 
+/// The link a page ends with, as a token the cache can resolve.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PageLink {
+    /// More pages: a `$skiptoken`.
     Next(String),
+    /// The round is complete: a `$deltatoken`.
     Delta(String),
 }
 
@@ -105,14 +114,19 @@ pub enum PageLink {
 pub struct SyncCache {
     entries: BTreeMap<u64, Entry>,
     next_id: u64,
+    /// Entries kept before the oldest is evicted.
     pub capacity: usize,
     codec: TokenCodec,
+    /// Page size when the client asks for none.
     pub default_page_size: usize,
+    /// Reported service misbehaviour to reproduce.
     pub quirks: Quirks,
+    /// Entries evicted so far.
     pub evictions: u64,
 }
 
 impl SyncCache {
+    /// An empty cache whose tokens are sealed with a key derived from `seed`.
     pub fn new(seed: u64, capacity: usize, default_page_size: usize) -> Self {
         SyncCache {
             entries: BTreeMap::new(),
@@ -150,10 +164,12 @@ impl SyncCache {
         n
     }
 
+    /// Entries held now.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// No entries held.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

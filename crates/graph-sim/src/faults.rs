@@ -21,20 +21,27 @@ pub struct FaultRule {
     pub probability: Option<f64>,
     /// Fire at most this many times in all.
     pub times: Option<u64>,
+    /// What to do when the rule fires.
     pub action: FaultAction,
+    /// Requests the rule matched so far.
     #[serde(skip_deserializing)]
     pub matched: u64,
+    /// Times it fired so far.
     #[serde(skip_deserializing)]
     pub fired: u64,
 }
 
+/// What a fault does to the request.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FaultAction {
     /// Answer with this status and a Graph error body.
     Status {
+        /// The HTTP status.
         status: u16,
+        /// Graph's error code.
         code: String,
+        /// Graph's error message.
         #[serde(default)]
         message: String,
         /// Seconds to put in `Retry-After`, fractional allowed (`2.128`).
@@ -45,7 +52,10 @@ pub enum FaultAction {
         retry_after_as_date: bool,
     },
     /// Hold the request this long, then answer normally.
-    Delay { ms: u64 },
+    Delay {
+        /// Milliseconds to hold it.
+        ms: u64,
+    },
     /// Drop the connection without answering.
     #[default]
     Reset,
@@ -114,9 +124,11 @@ pub struct Limits {
     pub mailbox_concurrency: u32,
     /// Requests per mailbox per `mailbox_window_secs` (Outlook: 10,000 per 600 s).
     pub mailbox_requests: u32,
+    /// The window of `mailbox_requests`, in seconds.
     pub mailbox_window_secs: f64,
     /// An app-wide budget of requests per `app_window_secs`; unlimited when absent.
     pub app_requests: Option<u32>,
+    /// The window of `app_requests`, in seconds.
     pub app_window_secs: f64,
     /// `Retry-After` seconds sent with a concurrency 429.
     pub concurrency_retry_after: f64,

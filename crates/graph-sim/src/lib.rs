@@ -7,6 +7,8 @@
 //! quirks are scriptable; the truth (the exact live instances of any window), the request log
 //! and the counters of bad manners are open to tests through [`Sim`] and `/_sim`.
 
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod churn;
 pub mod clock;

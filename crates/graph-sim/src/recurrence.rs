@@ -7,28 +7,39 @@
 use chrono::{Datelike, Duration, NaiveDate, Weekday};
 use serde::{Deserialize, Serialize};
 
+/// Graph's `patternedRecurrence`: how often, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PatternedRecurrence {
+    /// How often.
     pub pattern: RecurrencePattern,
+    /// For how long.
     pub range: RecurrenceRange,
 }
 
+/// Graph's `recurrencePattern`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RecurrencePattern {
+    /// `type`.
     #[serde(rename = "type")]
     pub kind: PatternKind,
+    /// Units of the pattern between occurrences (days, weeks, months, years).
     #[serde(default = "one")]
     pub interval: u32,
+    /// Month of the year (1–12), for yearly patterns.
     #[serde(default)]
     pub month: u32,
+    /// Day of the month (1–31), for absolute patterns.
     #[serde(default)]
     pub day_of_month: u32,
+    /// Days of the week, for weekly and relative patterns.
     #[serde(default)]
     pub days_of_week: Vec<DayOfWeek>,
+    /// The first day of the week (weekly patterns with an interval above 1).
     #[serde(default = "sunday")]
     pub first_day_of_week: DayOfWeek,
+    /// Which week of the month, for relative patterns.
     #[serde(default = "first")]
     pub index: WeekIndex,
 }
@@ -43,26 +54,41 @@ fn first() -> WeekIndex {
     WeekIndex::First
 }
 
+/// `recurrencePatternType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PatternKind {
+    /// Every `interval` days.
     Daily,
+    /// On `daysOfWeek` every `interval` weeks.
     Weekly,
+    /// On `dayOfMonth` every `interval` months.
     AbsoluteMonthly,
+    /// On the `index` `daysOfWeek` every `interval` months.
     RelativeMonthly,
+    /// On `month`/`dayOfMonth` every `interval` years.
     AbsoluteYearly,
+    /// On the `index` `daysOfWeek` of `month` every `interval` years.
     RelativeYearly,
 }
 
+/// Graph's `dayOfWeek`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum DayOfWeek {
+    /// Sunday.
     Sunday,
+    /// Monday.
     Monday,
+    /// Tuesday.
     Tuesday,
+    /// Wednesday.
     Wednesday,
+    /// Thursday.
     Thursday,
+    /// Friday.
     Friday,
+    /// Saturday.
     Saturday,
 }
 
@@ -79,6 +105,7 @@ impl DayOfWeek {
         }
     }
 
+    /// The day of the week of `date`.
     pub fn of(date: NaiveDate) -> Self {
         match date.weekday() {
             Weekday::Sun => DayOfWeek::Sunday,
@@ -92,27 +119,38 @@ impl DayOfWeek {
     }
 }
 
+/// Graph's `weekIndex`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum WeekIndex {
+    /// The first.
     First,
+    /// The second.
     Second,
+    /// The third.
     Third,
+    /// The fourth.
     Fourth,
+    /// The last in the month.
     Last,
 }
 
+/// Graph's `recurrenceRange`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RecurrenceRange {
+    /// `type`.
     #[serde(rename = "type")]
     pub kind: RangeKind,
+    /// The first day of the series.
     pub start_date: NaiveDate,
     /// Graph writes `0001-01-01` for ranges without an end date.
     #[serde(default, serialize_with = "graph_end_date")]
     pub end_date: Option<NaiveDate>,
+    /// The zone the pattern is expanded in.
     #[serde(default = "utc")]
     pub recurrence_time_zone: String,
+    /// Occurrences of a numbered range.
     #[serde(default)]
     pub number_of_occurrences: u32,
 }
@@ -128,27 +166,37 @@ fn utc() -> String {
     "UTC".to_owned()
 }
 
+/// `recurrenceRangeType`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum RangeKind {
+    /// Until `endDate`, inclusive.
     EndDate,
+    /// `numberOfOccurrences` times.
     Numbered,
+    /// Forever.
     NoEnd,
 }
 
 /// Why a recurrence was refused, in the words of a Graph `ErrorInvalidParameter` message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecurrenceError {
+    /// `interval` is 0.
     #[error("recurrence interval must be at least 1")]
     ZeroInterval,
+    /// A weekly or relative pattern without days.
     #[error("weekly and relative patterns need at least one entry in daysOfWeek")]
     NoDaysOfWeek,
+    /// `dayOfMonth` outside 1–31.
     #[error("dayOfMonth must be between 1 and 31")]
     BadDayOfMonth,
+    /// `month` outside 1–12.
     #[error("month must be between 1 and 12")]
     BadMonth,
+    /// An end date missing or before the start.
     #[error("an endDate range needs an endDate not before startDate")]
     BadEndDate,
+    /// A numbered range of 0.
     #[error("a numbered range needs numberOfOccurrences of at least 1")]
     BadCount,
 }
@@ -157,6 +205,7 @@ pub enum RecurrenceError {
 const MAX_EXPANSION: usize = 100_000;
 
 impl PatternedRecurrence {
+    /// Checks the fields a pattern and range need, as Graph refuses a write that lacks them.
     pub fn validate(&self) -> Result<(), RecurrenceError> {
         let p = &self.pattern;
         if p.interval == 0 {

@@ -17,6 +17,7 @@ use std::path::Path;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenerateSpec {
+    /// Users to generate (`user0000@…` upward).
     pub users: u32,
     /// Events per user; a series counts as one event however many instances it has.
     pub events_per_user: u32,
@@ -41,17 +42,25 @@ impl Default for GenerateSpec {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Scenario {
+    /// Simulator settings.
     pub sim: SimConfig,
+    /// A generated tenant, when wanted.
     pub generate: Option<GenerateSpec>,
+    /// Hand-written users and their events.
     pub users: Vec<ScenarioUser>,
+    /// Faults scripted from the start.
     pub faults: Vec<FaultRule>,
 }
 
+/// A hand-written user of a scenario.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScenarioUser {
+    /// User principal name.
     pub upn: String,
+    /// Object id; a GUID is generated when absent.
     pub id: Option<String>,
+    /// Display name; derived from the UPN when absent.
     pub display_name: Option<String>,
     /// Names of extra calendars to create besides the default one.
     pub calendars: Vec<String>,
@@ -59,35 +68,51 @@ pub struct ScenarioUser {
     pub events: Vec<toml::Table>,
 }
 
+/// Why a scenario could not be loaded or built; each names the file or the user and event.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
+    /// The file could not be read.
     #[error("cannot read scenario file {path}: {source}")]
     Read {
+        /// The file.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is not a valid scenario.
     #[error("invalid scenario file {path}: {source}")]
     Parse {
+        /// The file.
         path: String,
+        /// The TOML error.
         source: Box<toml::de::Error>,
     },
+    /// An event was refused as Graph would refuse its POST.
     #[error("scenario user {user}: event {index}: {message}")]
     Event {
+        /// The user's UPN.
         user: String,
+        /// The event's index in the user's list.
         index: usize,
+        /// Why.
         message: String,
     },
     #[error(
         "scenario user {user}: event {index} names calendar '{calendar}', which the user does not have"
     )]
+    /// An event names a calendar the user does not have.
     UnknownCalendar {
+        /// The user's UPN.
         user: String,
+        /// The event's index in the user's list.
         index: usize,
+        /// The calendar it names.
         calendar: String,
     },
 }
 
 impl Scenario {
+    /// Reads and parses a scenario file; the error names the file.
     pub fn from_file(path: &Path) -> Result<Self, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
             path: path.display().to_string(),

@@ -95,6 +95,7 @@ impl AsyncWrite for KillableStream {
 /// A simulator listening on a socket. Dropping it does not stop it; call [`SimServer::stop`].
 #[derive(Debug)]
 pub struct SimServer {
+    /// The address it listens on.
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -111,6 +112,7 @@ impl SimServer {
         format!("http://{}/{tenant}/oauth2/v2.0/token", self.addr)
     }
 
+    /// The admin API's root: `http://addr/_sim`.
     pub fn admin_url(&self) -> String {
         format!("http://{}/_sim", self.addr)
     }

@@ -6,33 +6,46 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+/// What a token continues: a round (skiptoken) or a delta state (deltatoken).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenKind {
+    /// A `$skiptoken`.
     Skip = 1,
+    /// A `$deltatoken`.
     Delta = 2,
 }
 
 /// Where a link points: a sync-state cache entry and, for a skiptoken, a page position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TokenBody {
+    /// Skip or delta.
     pub kind: TokenKind,
+    /// The cache entry.
     pub entry: u64,
+    /// Items of the round already sent.
     pub offset: u32,
+    /// Empty pages sent (empty-pages quirk).
     pub empties: u16,
+    /// Times the endless-nextLink quirk repeated a page.
     pub loops: u32,
+    /// The page's number in the round.
     pub page_no: u32,
+    /// Window start (Unix seconds) the token is bound to.
     pub window_start: i64,
+    /// Window end (Unix seconds) the token is bound to.
     pub window_end: i64,
 }
 
 const BODY_LEN: usize = 1 + 8 + 4 + 2 + 4 + 4 + 8 + 8;
 const MAC_LEN: usize = 16;
 
+/// Seals tokens with an HMAC so an edited or foreign token is told apart from an evicted one.
 #[derive(Debug, Clone)]
 pub struct TokenCodec {
     key: [u8; 32],
 }
 
+/// Why a token could not be read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TokenError {
     /// Not base64 or not the right length.
@@ -42,6 +55,7 @@ pub enum TokenError {
 }
 
 impl TokenCodec {
+    /// A codec keyed from `seed`: the same seed reads the same tokens.
     pub fn new(seed: u64) -> Self {
         let mut key = [0u8; 32];
         for (i, chunk) in key.chunks_mut(8).enumerate() {
@@ -63,6 +77,7 @@ impl TokenCodec {
         out
     }
 
+    /// The token as URL-safe base64 of its body and seal.
     pub fn encode(&self, t: &TokenBody) -> String {
         let mut b = Vec::with_capacity(BODY_LEN + MAC_LEN);
         b.push(t.kind as u8);
@@ -78,6 +93,7 @@ impl TokenCodec {
         URL_SAFE_NO_PAD.encode(b)
     }
 
+    /// Reads a token, checking its seal.
     pub fn decode(&self, s: &str) -> Result<TokenBody, TokenError> {
         let b = URL_SAFE_NO_PAD
             .decode(s.trim())

@@ -11,16 +11,27 @@ use serde_json::Value;
 /// The writable event properties a POST or PATCH body sets.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EventPatch {
+    /// `subject`.
     pub subject: Option<String>,
+    /// `body`: content type and content.
     pub body: Option<(String, String)>,
+    /// `location.displayName`.
     pub location: Option<String>,
+    /// `attendees`.
     pub attendees: Option<Vec<Attendee>>,
+    /// `isAllDay`.
     pub is_all_day: Option<bool>,
+    /// `start`, as a UTC wall time.
     pub start: Option<NaiveDateTime>,
+    /// `end`, as a UTC wall time.
     pub end: Option<NaiveDateTime>,
+    /// `showAs`.
     pub show_as: Option<String>,
+    /// `importance`.
     pub importance: Option<String>,
+    /// `sensitivity`.
     pub sensitivity: Option<String>,
+    /// `categories`.
     pub categories: Option<Vec<String>>,
     /// `Some(None)` removes the recurrence (`"recurrence": null`).
     pub recurrence: Option<Option<PatternedRecurrence>>,

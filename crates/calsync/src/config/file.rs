@@ -13,16 +13,25 @@ use std::time::Duration;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawConfig {
+    /// `[database]`.
     pub database: RawDatabase,
+    /// `[graph]`.
     pub graph: RawGraph,
+    /// `[auth]`.
     pub auth: RawAuth,
+    /// `[sync]`.
     pub sync: RawSync,
+    /// `[log]`.
     pub log: RawLog,
+    /// `[http]`.
     pub http: RawHttp,
+    /// `[service]`.
     pub service: RawService,
+    /// `[[calendars]]`: the tracked tuples.
     pub calendars: Vec<RawCalendar>,
 }
 
+/// `[http]`: the health, metrics and reload endpoint.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawHttp {
@@ -30,6 +39,7 @@ pub struct RawHttp {
     pub listen: String,
 }
 
+/// `[service]`: how the daemon stops and reloads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawService {
@@ -54,13 +64,17 @@ pub(super) const SECTIONS: [&str; 7] = [
     "database", "graph", "auth", "sync", "log", "http", "service",
 ];
 
+/// `[database]`: the PostgreSQL calsync writes to.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawDatabase {
     /// `postgres://user:password@host:port/db`; falls back to `DATABASE_URL`.
     pub url: SecretValue,
+    /// A file holding the URL (first line), instead of `url`.
     pub url_file: Option<PathBuf>,
+    /// Pool size.
     pub max_connections: u32,
+    /// Time allowed to open a connection (a duration, e.g. `5s`).
     pub connect_timeout: String,
     /// How long `run` keeps retrying an unreachable database at start before it exits
     /// non-zero; "0s" exits at once.
@@ -79,12 +93,17 @@ impl Default for RawDatabase {
     }
 }
 
+/// `[graph]`: where Graph is and how it is asked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawGraph {
+    /// Graph root, e.g. `https://graph.microsoft.com/v1.0`.
     pub base_url: String,
+    /// Time allowed to open a connection.
     pub connect_timeout: String,
+    /// Time allowed for a whole request.
     pub request_timeout: String,
+    /// Pages larger than this many bytes are refused.
     pub max_page_bytes: u64,
 }
 
@@ -114,13 +133,19 @@ impl Default for RawGraph {
     }
 }
 
+/// `[auth]`: the app registration's client credentials.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuth {
+    /// The tenant's token endpoint.
     pub token_url: String,
+    /// The app's client id.
     pub client_id: String,
+    /// The client secret (or use `client_secret_file`).
     pub client_secret: SecretValue,
+    /// A file holding the client secret (first line).
     pub client_secret_file: Option<PathBuf>,
+    /// The scope asked for.
     pub scope: String,
 }
 
@@ -136,26 +161,39 @@ impl Default for RawAuth {
     }
 }
 
+/// `[sync]`: the engine's settings (see [`SyncSettings`] for their meaning).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawSync {
+    /// Default time between rounds of a tuple.
     pub interval: String,
+    /// `Prefer: odata.maxpagesize`.
     pub page_size: u32,
     /// A duration, or "off".
     pub full_resync_every: String,
+    /// Pages one round may take.
     pub max_pages_per_round: u32,
+    /// Consecutive pages without a new id before a round is abandoned.
     pub max_stale_pages: u32,
+    /// Attempts per page on retryable errors.
     pub max_attempts: u32,
+    /// First backoff step.
     pub min_backoff: String,
+    /// Largest backoff step.
     pub max_backoff: String,
+    /// How soon a failed or degraded tuple is tried again.
     pub failed_retry_interval: String,
+    /// Graph requests in flight across all mailboxes (the adaptive limit's ceiling).
     pub max_in_flight: u32,
     /// The floor the adaptive global limit never drops below.
     pub min_in_flight: u32,
+    /// Graph requests in flight per mailbox.
     pub per_mailbox_concurrency: u32,
     /// Requests per mailbox per `mailbox_budget_window`; 0 turns the budget off.
     pub mailbox_request_budget: u32,
+    /// The window of `mailbox_request_budget`.
     pub mailbox_budget_window: String,
+    /// First rounds at start are spread over this long.
     pub startup_spread: String,
 }
 
@@ -183,6 +221,7 @@ impl Default for RawSync {
     }
 }
 
+/// `[log]`: log format and filter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawLog {
@@ -201,14 +240,20 @@ impl Default for RawLog {
     }
 }
 
+/// `[[calendars]]`: one tracked (user, calendar, window) tuple.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawCalendar {
     /// Stable name of the tuple; defaults to `user/calendar`.
     pub name: Option<String>,
+    /// The mailbox, by UPN or object id.
     pub user: String,
+    /// `default` or a calendar id.
     pub calendar: String,
+    /// Window start (RFC 3339).
     pub start: String,
+    /// Window end (RFC 3339).
     pub end: String,
+    /// Its own interval; `[sync] interval` when absent.
     pub interval: Option<String>,
 }

@@ -23,7 +23,9 @@ use url::Url;
 #[derive(Debug, thiserror::Error)]
 #[error("invalid config: {key}: {message}")]
 pub struct ConfigError {
+    /// The key, e.g. `sync.interval` or `calendars[2].start`.
     pub key: String,
+    /// What is wrong with it.
     pub message: String,
 }
 
@@ -95,24 +97,37 @@ impl<'de> Deserialize<'de> for SecretValue {
     }
 }
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
 /// The validated configuration, split into the slices each component gets.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The database slice.
     pub database: DatabaseConfig,
+    /// The Graph client slice.
     pub graph: GraphConfig,
+    /// Client credentials.
     pub auth: AuthConfig,
+    /// The engine's slice.
     pub sync: SyncSettings,
+    /// Log format.
     pub log_format: LogFormat,
+    /// Log filter directive.
     pub log_filter: String,
+    /// The HTTP endpoint's address; off when `None`.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// How long rounds in flight get at shutdown.
     pub drain_deadline: Duration,
+    /// What a reload does to a dropped calendar's rows.
     pub on_remove: OnRemove,
+    /// The tracked tuples.
     pub tuples: Vec<TupleConfig>,
 }
 
@@ -180,11 +195,16 @@ pub enum OnRemove {
     Purge,
 }
 
+/// Where the database is and how to connect.
 #[derive(Clone)]
 pub struct DatabaseConfig {
+    /// The connection URL; it may carry a password, so it is a secret.
     pub url: SecretString,
+    /// Pool size.
     pub max_connections: u32,
+    /// Time allowed to open a connection.
     pub connect_timeout: Duration,
+    /// How long the daemon waits for the database at start before giving up.
     pub wait_at_start: Duration,
 }
 

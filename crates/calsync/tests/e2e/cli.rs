@@ -1,6 +1,6 @@
 //! The real `calsync` binary as a user runs it: exit codes, messages, output.
 
-use crate::harness::{BIN, database_url};
+use crate::harness::{BIN, config_file, database_url};
 use std::io::Write;
 use std::process::{Command, Output};
 
@@ -30,27 +30,11 @@ fn text(o: &Output) -> String {
 }
 
 fn valid(db: &str, graph: &str, token: &str, calendars: &str) -> String {
-    format!(
-        r#"
-[database]
-url = "{db}"
-
-[graph]
-base_url = "{graph}"
-
-[auth]
-token_url = "{token}"
-client_id = "{id}"
-client_secret = "{secret}"
-
-[sync]
-interval = "5m"
-page_size = 50
-
-{calendars}
-"#,
-        id = graph_sim::DEFAULT_CLIENT_ID,
-        secret = graph_sim::DEFAULT_CLIENT_SECRET,
+    config_file(
+        db,
+        graph,
+        token,
+        &format!("[sync]\ninterval = \"5m\"\npage_size = 50\n\n{calendars}"),
     )
 }
 

@@ -17,6 +17,28 @@ pub const USER: &str = "adele@contoso.onmicrosoft.com";
 /// The real `calsync` binary, for the process-level tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 
+/// A config file naming the database at `db`, Graph at `graph` and its token endpoint `token`
+/// (with the simulator's client credentials), followed by `sections` as written.
+pub fn config_file(db: &str, graph: &str, token: &str, sections: &str) -> String {
+    format!(
+        r#"
+[database]
+url = "{db}"
+
+[graph]
+base_url = "{graph}"
+
+[auth]
+token_url = "{token}"
+client_id = "{id}"
+client_secret = "{secret}"
+
+{sections}"#,
+        id = graph_sim::DEFAULT_CLIENT_ID,
+        secret = graph_sim::DEFAULT_CLIENT_SECRET,
+    )
+}
+
 /// The address a daemon bound for `http.listen = "127.0.0.1:0"`: the last one its log names
 /// (a log appended across restarts names each).
 pub fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {

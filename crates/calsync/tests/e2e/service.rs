@@ -2,7 +2,7 @@
 //! watchdog, /healthz, /readyz, /metrics, SIGHUP and `calsync reload`, `calsync resync`, and
 //! SIGTERM.
 
-use crate::harness::{BIN, bound_addr, database_url};
+use crate::harness::{BIN, bound_addr, config_file, database_url};
 use calsync::commands::local_request;
 use serde_json::{Value, json};
 use std::io::Write;
@@ -138,19 +138,11 @@ async fn the_service_notifies_serves_probes_and_metrics_reloads_resyncs_and_stop
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let base = format!(
+    let base = config_file(
+        &url,
+        &server.graph_base_url(),
+        &server.token_url(graph_sim::DEFAULT_TENANT),
         r#"
-[database]
-url = "{url}"
-
-[graph]
-base_url = "{graph}"
-
-[auth]
-token_url = "{token}"
-client_id = "{id}"
-client_secret = "{secret}"
-
 [sync]
 interval = "1s"
 page_size = 5
@@ -162,10 +154,6 @@ listen = "127.0.0.1:0"
 [service]
 drain_deadline = "3s"
 "#,
-        graph = server.graph_base_url(),
-        token = server.token_url(graph_sim::DEFAULT_TENANT),
-        id = graph_sim::DEFAULT_CLIENT_ID,
-        secret = graph_sim::DEFAULT_CLIENT_SECRET,
     );
     let config = dir.path().join("calsync.toml");
     let log = dir.path().join("calsync.log");

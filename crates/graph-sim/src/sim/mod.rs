@@ -28,9 +28,11 @@ use tokio::time::Instant;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
+    /// Seed of every random choice (ids, tokens, probabilistic faults).
     pub seed: u64,
     /// The tenant id or domain the token endpoint answers for.
     pub tenant: String,
+    /// Apps that may get tokens.
     pub clients: Vec<ClientApp>,
     /// Access-token lifetime in seconds (Azure AD: 3599).
     pub token_lifetime_secs: i64,
@@ -40,14 +42,19 @@ pub struct SimConfig {
     pub default_page_size: usize,
     /// Freeze the clock at this instant (a test clock); the system clock when absent.
     pub clock_start: Option<DateTime<Utc>>,
+    /// Reported service misbehaviour to reproduce.
     pub quirks: Quirks,
+    /// Throttling limits.
     pub limits: Limits,
     /// Request-log entries kept (oldest dropped first).
     pub log_capacity: usize,
 }
 
+/// The client id the default config registers.
 pub const DEFAULT_CLIENT_ID: &str = "calsync-sim-client";
+/// The client secret the default config registers (a test value).
 pub const DEFAULT_CLIENT_SECRET: &str = "calsync-sim-secret";
+/// The tenant the default token endpoint answers for.
 pub const DEFAULT_TENANT: &str = "sim-tenant";
 
 impl Default for SimConfig {
@@ -73,15 +80,21 @@ impl Default for SimConfig {
 /// One request as the log keeps it: no headers, no bodies, no tokens.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RequestRecord {
+    /// Sequence number, from 1.
     pub seq: u64,
     /// Seconds since the simulator started (monotonic; follows tokio's paused clock in tests).
     pub at_secs: f64,
+    /// The mailbox's object id, when the request named one.
     pub mailbox: Option<String>,
+    /// HTTP method.
     pub method: String,
+    /// Path without query.
     pub path: String,
+    /// Status answered (0 for a reset).
     pub status: u16,
     /// Requests in flight to this mailbox when this one arrived, itself included.
     pub in_flight: u32,
+    /// The fault that fired on it, by kind.
     pub fault: Option<String>,
     /// Sent to a mailbox before its announced `Retry-After` had passed.
     pub early: bool,
@@ -97,6 +110,7 @@ pub struct Violations {
     pub retry_after: u64,
     /// Requests beyond the per-mailbox concurrency limit.
     pub concurrency: u64,
+    /// Violations of either kind, per mailbox.
     pub by_mailbox: BTreeMap<String, u64>,
     /// The most requests seen in flight to one mailbox at once.
     pub max_in_flight: u32,
@@ -105,23 +119,36 @@ pub struct Violations {
 /// Counters for tests and benchmarks.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Stats {
+    /// Requests answered.
     pub requests: u64,
+    /// Requests by status.
     pub by_status: BTreeMap<u16, u64>,
+    /// Access tokens issued.
     pub tokens_issued: u64,
+    /// Sync-state cache entries evicted.
     pub evictions: u64,
+    /// Faults fired.
     pub faults_fired: u64,
+    /// Sync-state cache entries held.
     pub cache_entries: usize,
 }
 
 /// One live instance of the truth: what a perfect mirror of a window must hold.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TruthItem {
+    /// Graph id.
     pub id: String,
+    /// `singleInstance`, `occurrence` or `exception`.
     pub event_type: String,
+    /// Subject.
     pub subject: String,
+    /// Start instant.
     pub start: DateTime<Utc>,
+    /// End instant.
     pub end: DateTime<Utc>,
+    /// All-day event.
     pub is_all_day: bool,
+    /// The series master, for occurrences and exceptions.
     pub series_master_id: Option<String>,
 }
 
@@ -143,10 +170,15 @@ pub const IN_FLIGHT_ALLOWANCE: Duration = Duration::from_millis(5);
 /// Everything behind the simulator's one lock.
 #[derive(Debug)]
 pub struct State {
+    /// The mailboxes and their events.
     pub tenant: Tenant,
+    /// Rounds in progress and delta states.
     pub cache: SyncCache,
+    /// The token endpoint's state.
     pub auth: Auth,
+    /// Scripted faults.
     pub faults: Vec<FaultRule>,
+    /// Throttling limits.
     pub limits: Limits,
     mailboxes: HashMap<usize, Mailbox>,
     app_recent: VecDeque<Instant>,
@@ -162,12 +194,17 @@ pub struct State {
 /// A request as the HTTP layer hands it over.
 #[derive(Clone, Debug, Default)]
 pub struct SimRequest {
+    /// HTTP method.
     pub method: String,
     /// The path, still percent-encoded, e.g. `/v1.0/users/x/calendarView/delta`.
     pub path: String,
+    /// The raw query string.
     pub query: String,
+    /// The `Authorization` header.
     pub authorization: Option<String>,
+    /// Every `Prefer` header value.
     pub prefer: Vec<String>,
+    /// The request body.
     pub body: Vec<u8>,
     /// `scheme://host:port` the client reached us on; links are built on it.
     pub origin: String,
@@ -179,6 +216,7 @@ pub struct SimRequest {
 /// What happens to the connection after the answer is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fate {
+    /// Answer and keep the connection.
     Normal,
     /// Send half the body, then drop the connection.
     Truncate,
@@ -186,11 +224,16 @@ pub enum Fate {
     Reset,
 }
 
+/// An answer the HTTP layer sends.
 #[derive(Clone, Debug)]
 pub struct SimResponse {
+    /// HTTP status.
     pub status: u16,
+    /// Headers.
     pub headers: Vec<(String, String)>,
+    /// Body.
     pub body: Vec<u8>,
+    /// What happens to the connection.
     pub fate: Fate,
 }
 
@@ -291,14 +334,17 @@ impl State {
         Some(out)
     }
 
+    /// The request log, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.log.iter().cloned().collect()
     }
 
+    /// The counters of bad manners.
     pub fn violations(&self) -> Violations {
         self.violations.clone()
     }
 
+    /// The counters.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.tokens_issued = self.auth.issued;
@@ -307,6 +353,7 @@ impl State {
         s
     }
 
+    /// Empties the request log.
     pub fn clear_log(&mut self) {
         self.log.clear();
         self.violations = Violations::default();
@@ -344,6 +391,7 @@ impl Drop for InFlight {
 }
 
 impl Sim {
+    /// A simulator with an empty tenant built from `cfg`.
     pub fn new(cfg: &SimConfig) -> Self {
         let clock = match cfg.clock_start {
             Some(t) => Clock::manual(t),
@@ -360,6 +408,7 @@ impl Sim {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The simulator's clock.
     pub fn clock(&self) -> &Clock {
         &self.clock
     }

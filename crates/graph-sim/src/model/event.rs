@@ -1,41 +1,24 @@
-//! Tenant state: users, calendars, events and series, and how they expand into the instances
-//! a calendarView shows.
+//! One event as the tenant stores it (a single event or a series master with its exceptions
+//! and cancelled dates), the instances it expands into, and how an instance is rendered as
+//! Graph's JSON.
 
-use crate::clock::Clock;
+use super::Window;
 use crate::recurrence::PatternedRecurrence;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, Utc};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-/// A half-open time window `[start, end)` as given by `startDateTime`/`endDateTime`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Window {
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
-}
-
-impl Window {
-    /// calendarView semantics: an instance is in the window when it overlaps it; a zero-length
-    /// instance counts when it starts inside.
-    pub fn overlaps(&self, start: NaiveDateTime, end: NaiveDateTime) -> bool {
-        let (ws, we) = (self.start.naive_utc(), self.end.naive_utc());
-        if start == end {
-            start >= ws && start < we
-        } else {
-            start < we && end > ws
-        }
-    }
-}
-
+/// An attendee of an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attendee {
+    /// Display name.
     pub name: String,
+    /// Email address.
     pub address: String,
+    /// `required`, `optional` or `resource`.
     pub kind: String,
 }
 
@@ -43,48 +26,77 @@ pub struct Attendee {
 /// exception keeps its own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Props {
+    /// `subject`.
     pub subject: String,
+    /// `body.contentType`: `text` or `html`.
     pub body_type: String,
+    /// `body.content`.
     pub body: String,
+    /// `location.displayName`.
     pub location: String,
+    /// `attendees`.
     pub attendees: Vec<Attendee>,
+    /// `isAllDay`.
     pub is_all_day: bool,
+    /// Start, as a UTC wall time.
     pub start: NaiveDateTime,
+    /// End, as a UTC wall time.
     pub end: NaiveDateTime,
+    /// `showAs`: `busy`, `free`, `tentative`, `oof`, …
     pub show_as: String,
+    /// `importance`: `low`, `normal` or `high`.
     pub importance: String,
+    /// `sensitivity`: `normal`, `personal`, `private` or `confidential`.
     pub sensitivity: String,
+    /// `categories`.
     pub categories: Vec<String>,
+    /// `changeKey`: new on every write.
     pub change_key: String,
+    /// `lastModifiedDateTime`.
     pub last_modified: DateTime<Utc>,
 }
 
+/// One occurrence of a series edited on its own.
 #[derive(Clone, Debug)]
 pub struct Exception {
+    /// Its own properties, start and end included.
     pub props: Props,
 }
 
+/// An event as the mailbox stores it: a single event, or a series master with its exceptions and cancelled dates.
 #[derive(Clone, Debug)]
 pub struct StoredEvent {
+    /// Graph id.
     pub id: String,
+    /// `iCalUId`: shared by all instances of a series.
     pub ical_uid: String,
+    /// `createdDateTime`.
     pub created: DateTime<Utc>,
+    /// The organizer's display name and address.
     pub organizer: (String, String),
+    /// The event's (or series') own properties.
     pub props: Props,
+    /// The pattern and range of a series; `None` for a single event.
     pub recurrence: Option<PatternedRecurrence>,
     /// Edited occurrences, keyed by the date the occurrence originally fell on.
     pub exceptions: BTreeMap<NaiveDate, Exception>,
+    /// Original dates of cancelled occurrences.
     pub cancelled: BTreeSet<NaiveDate>,
 }
 
+/// The `type` of an instance in a calendarView.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum InstanceKind {
+    /// A non-recurring event.
     SingleInstance,
+    /// An occurrence of a series, unchanged.
     Occurrence,
+    /// An occurrence edited on its own.
     Exception,
 }
 
 impl InstanceKind {
+    /// The name Graph uses in `type`.
     pub fn graph_name(self) -> &'static str {
         match self {
             InstanceKind::SingleInstance => "singleInstance",
@@ -97,12 +109,19 @@ impl InstanceKind {
 /// One entry of a calendarView: a single event, an occurrence or an exception.
 #[derive(Clone, Debug)]
 pub struct Instance<'a> {
+    /// Graph id (for occurrences, derived from the series and the original date).
     pub id: String,
+    /// Single, occurrence or exception.
     pub kind: InstanceKind,
+    /// The stored event it comes from (the master, for occurrences and exceptions).
     pub event: &'a StoredEvent,
+    /// The date the occurrence was scheduled on by the pattern.
     pub original_date: Option<NaiveDate>,
+    /// The properties it shows.
     pub props: &'a Props,
+    /// Start, as a UTC wall time.
     pub start: NaiveDateTime,
+    /// End, as a UTC wall time.
     pub end: NaiveDateTime,
 }
 
@@ -117,6 +136,7 @@ impl Instance<'_> {
         h.finish()
     }
 
+    /// The master's id, for occurrences and exceptions.
     pub fn series_master_id(&self) -> Option<&str> {
         match self.kind {
             InstanceKind::SingleInstance => None,
@@ -124,6 +144,7 @@ impl Instance<'_> {
         }
     }
 
+    /// The `iCalUId` it shows.
     pub fn ical_uid(&self) -> String {
         match self.original_date {
             None => self.event.ical_uid.clone(),
@@ -361,7 +382,7 @@ impl StoredEvent {
     }
 }
 
-const SINGLE_PREFIX: &str = "AAMkAGev";
+pub(super) const SINGLE_PREFIX: &str = "AAMkAGev";
 const OCCURRENCE_PREFIX: &str = "AAMkAGoc";
 
 /// Occurrence ids are stable and name their series and original date, so a PATCH or DELETE
@@ -371,6 +392,7 @@ pub fn occurrence_id(master_id: &str, date: NaiveDate) -> String {
     format!("{OCCURRENCE_PREFIX}{}=", URL_SAFE_NO_PAD.encode(raw))
 }
 
+/// The master id and original date an occurrence id was made from; `None` for other ids.
 pub fn parse_occurrence_id(id: &str) -> Option<(String, NaiveDate)> {
     let rest = id.strip_prefix(OCCURRENCE_PREFIX)?.strip_suffix('=')?;
     let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(rest).ok()?).ok()?;
@@ -381,215 +403,9 @@ pub fn parse_occurrence_id(id: &str) -> Option<(String, NaiveDate)> {
     ))
 }
 
-#[derive(Clone, Debug)]
-pub struct Calendar {
-    pub id: String,
-    pub name: String,
-    pub is_default: bool,
-    pub events: BTreeMap<String, StoredEvent>,
-    /// Bumped on every change in this calendar; a delta token remembers the value it saw.
-    pub seq: u64,
-    /// `(seq, event id)` for every change, so a round can tell which events moved.
-    pub change_log: Vec<(u64, String)>,
-}
-
-impl Calendar {
-    pub fn instances<'a>(&'a self, window: &Window) -> Vec<Instance<'a>> {
-        let mut out = Vec::new();
-        for ev in self.events.values() {
-            ev.instances_in(window, &mut out);
-        }
-        out
-    }
-
-    pub fn touch(&mut self, event_id: &str) {
-        self.seq += 1;
-        self.change_log.push((self.seq, event_id.to_owned()));
-    }
-
-    /// Event ids changed after `seq`, oldest first, without repeats; `None` when the log no
-    /// longer reaches back that far.
-    pub fn changed_since(&self, seq: u64) -> Option<Vec<&str>> {
-        let first = self.change_log.first().map_or(self.seq + 1, |(s, _)| *s);
-        if seq + 1 < first && seq < self.seq {
-            return None;
-        }
-        let from = self.change_log.partition_point(|(s, _)| *s <= seq);
-        let mut seen = BTreeSet::new();
-        Some(
-            self.change_log[from..]
-                .iter()
-                .filter(|(_, id)| seen.insert(id.as_str()))
-                .map(|(_, id)| id.as_str())
-                .collect(),
-        )
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct User {
-    pub id: String,
-    pub upn: String,
-    pub display_name: String,
-    /// The first calendar is the default one.
-    pub calendars: Vec<Calendar>,
-}
-
-impl User {
-    pub fn calendar_index(&self, id: &str) -> Option<usize> {
-        self.calendars.iter().position(|c| c.id == id)
-    }
-
-    /// Where an event (single, master, or an occurrence's master) lives: calendar index and
-    /// master id.
-    pub fn locate(&self, id: &str) -> Option<(usize, String, Option<NaiveDate>)> {
-        let (master, date) = match parse_occurrence_id(id) {
-            Some((m, d)) => (m, Some(d)),
-            None => (id.to_owned(), None),
-        };
-        let ci = self
-            .calendars
-            .iter()
-            .position(|c| c.events.contains_key(&master))?;
-        Some((ci, master, date))
-    }
-}
-
-/// Deterministic ids, change keys and iCalUIds from the simulator seed.
-#[derive(Debug)]
-pub struct IdGen {
-    rng: StdRng,
-}
-
-impl IdGen {
-    pub fn new(seed: u64) -> Self {
-        IdGen {
-            rng: StdRng::seed_from_u64(seed ^ 0x6772_6170_6873_696d),
-        }
-    }
-
-    fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut b = [0u8; N];
-        self.rng.fill(&mut b[..]);
-        b
-    }
-
-    pub fn event_id(&mut self) -> String {
-        format!(
-            "{SINGLE_PREFIX}{}=",
-            URL_SAFE_NO_PAD.encode(self.bytes::<24>())
-        )
-    }
-
-    pub fn change_key(&mut self) -> String {
-        base64::engine::general_purpose::STANDARD.encode(self.bytes::<15>())
-    }
-
-    pub fn ical_uid(&mut self) -> String {
-        let hex: String = self
-            .bytes::<16>()
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect();
-        format!("040000008200E00074C5B7101A82E00800000000{hex}")
-    }
-
-    pub fn guid(&mut self) -> String {
-        let b = self.bytes::<16>();
-        let h: String = b.iter().map(|b| format!("{b:02x}")).collect();
-        format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        )
-    }
-
-    pub fn rng(&mut self) -> &mut StdRng {
-        &mut self.rng
-    }
-}
-
-/// All users of the simulated tenant.
-#[derive(Debug)]
-pub struct Tenant {
-    pub users: Vec<User>,
-    by_key: HashMap<String, usize>,
-    pub ids: IdGen,
-    pub clock: Clock,
-}
-
-impl Tenant {
-    pub fn new(seed: u64, clock: Clock) -> Self {
-        Tenant {
-            users: Vec::new(),
-            by_key: HashMap::new(),
-            ids: IdGen::new(seed),
-            clock,
-        }
-    }
-
-    /// Adds a user with a default calendar named "Calendar"; returns its index.
-    pub fn add_user(&mut self, upn: &str, id: Option<String>, display_name: &str) -> usize {
-        let id = id.unwrap_or_else(|| self.ids.guid());
-        let cal_id = self.calendar_id();
-        let idx = self.users.len();
-        self.by_key.insert(id.to_lowercase(), idx);
-        self.by_key.insert(upn.to_lowercase(), idx);
-        self.users.push(User {
-            id,
-            upn: upn.to_owned(),
-            display_name: display_name.to_owned(),
-            calendars: vec![Calendar {
-                id: cal_id,
-                name: "Calendar".into(),
-                is_default: true,
-                events: BTreeMap::new(),
-                seq: 0,
-                change_log: Vec::new(),
-            }],
-        });
-        idx
-    }
-
-    pub fn add_calendar(&mut self, user: usize, name: &str) -> String {
-        let id = self.calendar_id();
-        if let Some(u) = self.users.get_mut(user) {
-            u.calendars.push(Calendar {
-                id: id.clone(),
-                name: name.to_owned(),
-                is_default: false,
-                events: BTreeMap::new(),
-                seq: 0,
-                change_log: Vec::new(),
-            });
-        }
-        id
-    }
-
-    fn calendar_id(&mut self) -> String {
-        format!(
-            "AAMkAGca{}=",
-            URL_SAFE_NO_PAD.encode(self.ids.bytes::<18>())
-        )
-    }
-
-    /// A user by id or UPN, case-insensitively, as Graph resolves `/users/{id | userPrincipalName}`.
-    pub fn user_index(&self, key: &str) -> Option<usize> {
-        self.by_key.get(&key.to_lowercase()).copied()
-    }
-
-    pub fn now(&self) -> DateTime<Utc> {
-        self.clock.now()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::TimeZone;
 
     #[test]
     fn occurrence_ids_round_trip_to_master_and_date() {
@@ -600,24 +416,6 @@ mod tests {
             Some(("AAMkAGevXYZ=".to_owned(), date))
         );
         assert_eq!(parse_occurrence_id("AAMkAGevXYZ="), None);
-    }
-
-    #[test]
-    fn window_overlap_is_half_open() {
-        let w = Window {
-            start: Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
-            end: Utc.with_ymd_and_hms(2024, 1, 2, 0, 0, 0).unwrap(),
-        };
-        let t = |h: u32, d: u32| {
-            NaiveDate::from_ymd_opt(2024, 1, d)
-                .unwrap()
-                .and_hms_opt(h, 0, 0)
-                .unwrap()
-        };
-        assert!(w.overlaps(t(23, 31 - 30), t(1, 2)));
-        assert!(!w.overlaps(t(0, 2), t(1, 2)));
-        assert!(w.overlaps(t(0, 1), t(0, 1)));
-        assert!(!w.overlaps(t(0, 2), t(0, 2)));
     }
 
     #[test]

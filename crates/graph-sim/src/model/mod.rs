@@ -1,0 +1,295 @@
+//! Tenant state: users, calendars, events and series, and how they expand into the instances
+//! a calendarView shows.
+
+mod event;
+
+use event::SINGLE_PREFIX;
+
+pub use event::{
+    Attendee, Exception, Instance, InstanceKind, Props, StoredEvent, graph_date_time,
+    graph_instant, occurrence_id, parse_occurrence_id,
+};
+
+use crate::clock::Clock;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+
+/// A half-open time window `[start, end)` as given by `startDateTime`/`endDateTime`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    /// Inclusive start.
+    pub start: DateTime<Utc>,
+    /// Exclusive end.
+    pub end: DateTime<Utc>,
+}
+
+impl Window {
+    /// calendarView semantics: an instance is in the window when it overlaps it; a zero-length
+    /// instance counts when it starts inside.
+    pub fn overlaps(&self, start: NaiveDateTime, end: NaiveDateTime) -> bool {
+        let (ws, we) = (self.start.naive_utc(), self.end.naive_utc());
+        if start == end {
+            start >= ws && start < we
+        } else {
+            start < we && end > ws
+        }
+    }
+}
+
+/// A calendar of a mailbox and the events in it.
+#[derive(Clone, Debug)]
+pub struct Calendar {
+    /// Graph id.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The mailbox's default calendar (`/users/{u}/calendarView`).
+    pub is_default: bool,
+    /// Events by id.
+    pub events: BTreeMap<String, StoredEvent>,
+    /// Bumped on every change in this calendar; a delta token remembers the value it saw.
+    pub seq: u64,
+    /// `(seq, event id)` for every change, so a round can tell which events moved.
+    pub change_log: Vec<(u64, String)>,
+}
+
+impl Calendar {
+    /// The instances of the calendarView over `window`, ordered by start.
+    pub fn instances<'a>(&'a self, window: &Window) -> Vec<Instance<'a>> {
+        let mut out = Vec::new();
+        for ev in self.events.values() {
+            ev.instances_in(window, &mut out);
+        }
+        out
+    }
+
+    /// Records a change to `event_id` in the change log.
+    pub fn touch(&mut self, event_id: &str) {
+        self.seq += 1;
+        self.change_log.push((self.seq, event_id.to_owned()));
+    }
+
+    /// Event ids changed after `seq`, oldest first, without repeats; `None` when the log no
+    /// longer reaches back that far.
+    pub fn changed_since(&self, seq: u64) -> Option<Vec<&str>> {
+        let first = self.change_log.first().map_or(self.seq + 1, |(s, _)| *s);
+        if seq + 1 < first && seq < self.seq {
+            return None;
+        }
+        let from = self.change_log.partition_point(|(s, _)| *s <= seq);
+        let mut seen = BTreeSet::new();
+        Some(
+            self.change_log[from..]
+                .iter()
+                .filter(|(_, id)| seen.insert(id.as_str()))
+                .map(|(_, id)| id.as_str())
+                .collect(),
+        )
+    }
+}
+
+/// A mailbox.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Object id (a GUID).
+    pub id: String,
+    /// User principal name.
+    pub upn: String,
+    /// Display name.
+    pub display_name: String,
+    /// The first calendar is the default one.
+    pub calendars: Vec<Calendar>,
+}
+
+impl User {
+    /// The index of the calendar with Graph id `id`.
+    pub fn calendar_index(&self, id: &str) -> Option<usize> {
+        self.calendars.iter().position(|c| c.id == id)
+    }
+
+    /// Where an event (single, master, or an occurrence's master) lives: calendar index and
+    /// master id.
+    pub fn locate(&self, id: &str) -> Option<(usize, String, Option<NaiveDate>)> {
+        let (master, date) = match parse_occurrence_id(id) {
+            Some((m, d)) => (m, Some(d)),
+            None => (id.to_owned(), None),
+        };
+        let ci = self
+            .calendars
+            .iter()
+            .position(|c| c.events.contains_key(&master))?;
+        Some((ci, master, date))
+    }
+}
+
+/// Deterministic ids, change keys and iCalUIds from the simulator seed.
+#[derive(Debug)]
+pub struct IdGen {
+    rng: StdRng,
+}
+
+impl IdGen {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        IdGen {
+            rng: StdRng::seed_from_u64(seed ^ 0x6772_6170_6873_696d),
+        }
+    }
+
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        self.rng.fill(&mut b[..]);
+        b
+    }
+
+    /// A new event id, shaped like Outlook's.
+    pub fn event_id(&mut self) -> String {
+        format!(
+            "{SINGLE_PREFIX}{}=",
+            URL_SAFE_NO_PAD.encode(self.bytes::<24>())
+        )
+    }
+
+    /// A new `changeKey`.
+    pub fn change_key(&mut self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.bytes::<15>())
+    }
+
+    /// A new `iCalUId`.
+    pub fn ical_uid(&mut self) -> String {
+        let hex: String = self
+            .bytes::<16>()
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        format!("040000008200E00074C5B7101A82E00800000000{hex}")
+    }
+
+    /// A new GUID.
+    pub fn guid(&mut self) -> String {
+        let b = self.bytes::<16>();
+        let h: String = b.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
+    /// The seeded random generator, for callers that need more randomness.
+    pub fn rng(&mut self) -> &mut StdRng {
+        &mut self.rng
+    }
+}
+
+/// All users of the simulated tenant.
+#[derive(Debug)]
+pub struct Tenant {
+    /// The tenant's mailboxes.
+    pub users: Vec<User>,
+    by_key: HashMap<String, usize>,
+    /// Where ids, change keys and uids come from.
+    pub ids: IdGen,
+    /// The simulator's clock.
+    pub clock: Clock,
+}
+
+impl Tenant {
+    /// An empty tenant.
+    pub fn new(seed: u64, clock: Clock) -> Self {
+        Tenant {
+            users: Vec::new(),
+            by_key: HashMap::new(),
+            ids: IdGen::new(seed),
+            clock,
+        }
+    }
+
+    /// Adds a user with a default calendar named "Calendar"; returns its index.
+    pub fn add_user(&mut self, upn: &str, id: Option<String>, display_name: &str) -> usize {
+        let id = id.unwrap_or_else(|| self.ids.guid());
+        let cal_id = self.calendar_id();
+        let idx = self.users.len();
+        self.by_key.insert(id.to_lowercase(), idx);
+        self.by_key.insert(upn.to_lowercase(), idx);
+        self.users.push(User {
+            id,
+            upn: upn.to_owned(),
+            display_name: display_name.to_owned(),
+            calendars: vec![Calendar {
+                id: cal_id,
+                name: "Calendar".into(),
+                is_default: true,
+                events: BTreeMap::new(),
+                seq: 0,
+                change_log: Vec::new(),
+            }],
+        });
+        idx
+    }
+
+    /// Adds a calendar named `name` to the user at index `user`; returns its id.
+    pub fn add_calendar(&mut self, user: usize, name: &str) -> String {
+        let id = self.calendar_id();
+        if let Some(u) = self.users.get_mut(user) {
+            u.calendars.push(Calendar {
+                id: id.clone(),
+                name: name.to_owned(),
+                is_default: false,
+                events: BTreeMap::new(),
+                seq: 0,
+                change_log: Vec::new(),
+            });
+        }
+        id
+    }
+
+    fn calendar_id(&mut self) -> String {
+        format!(
+            "AAMkAGca{}=",
+            URL_SAFE_NO_PAD.encode(self.ids.bytes::<18>())
+        )
+    }
+
+    /// A user by id or UPN, case-insensitively, as Graph resolves `/users/{id | userPrincipalName}`.
+    pub fn user_index(&self, key: &str) -> Option<usize> {
+        self.by_key.get(&key.to_lowercase()).copied()
+    }
+
+    /// The simulator's current instant.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn window_overlap_is_half_open() {
+        let w = Window {
+            start: Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
+            end: Utc.with_ymd_and_hms(2024, 1, 2, 0, 0, 0).unwrap(),
+        };
+        let t = |h: u32, d: u32| {
+            NaiveDate::from_ymd_opt(2024, 1, d)
+                .unwrap()
+                .and_hms_opt(h, 0, 0)
+                .unwrap()
+        };
+        assert!(w.overlaps(t(23, 31 - 30), t(1, 2)));
+        assert!(!w.overlaps(t(0, 2), t(1, 2)));
+        assert!(w.overlaps(t(0, 1), t(0, 1)));
+        assert!(!w.overlaps(t(0, 2), t(0, 2)));
+    }
+}
