@@ -8,8 +8,9 @@
 //! next round. Rounds and delta states share one cache that evicts oldest first, as Outlook's
 //! delta-token cache does; an evicted entry answers 410 `SyncStateNotFound`.
 
+use crate::behaviour::Behaviour;
 use crate::error::GraphError;
-use crate::model::{Tenant, Window};
+use crate::model::{Instance, InstanceKind, Tenant, Window, parse_occurrence_id};
 use crate::token::{TokenBody, TokenCodec, TokenError, TokenKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -179,6 +180,7 @@ impl SyncCache {
     pub fn serve(
         &mut self,
         tenant: &Tenant,
+        behaviour: &Behaviour,
         user: usize,
         calendar: usize,
         req: &DeltaRequest,
@@ -186,13 +188,13 @@ impl SyncCache {
     ) -> Result<Page, GraphError> {
         let page_size = req.max_page_size.unwrap_or(self.default_page_size).max(1);
         if let Some(tok) = &req.skip_token {
-            let body = self.decode(tok, TokenKind::Skip)?;
+            let body = self.decode(tok, TokenKind::Skip, behaviour)?;
             self.check_binding(&body, user, calendar, req.window)?;
             return self.page(body, page_size, link_base);
         }
         let (window, previous) = match &req.delta_token {
             Some(tok) => {
-                let body = self.decode(tok, TokenKind::Delta)?;
+                let body = self.decode(tok, TokenKind::Delta, behaviour)?;
                 self.check_binding(&body, user, calendar, req.window)?;
                 match self.entries.get(&body.entry) {
                     Some(Entry::State(s)) => (s.window, Some(Arc::clone(s))),
@@ -209,7 +211,14 @@ impl SyncCache {
                 (window, None)
             }
         };
-        let round = self.start_round(tenant, user, calendar, window, previous.as_deref());
+        let round = self.start_round(
+            tenant,
+            behaviour,
+            user,
+            calendar,
+            window,
+            previous.as_deref(),
+        );
         let body = TokenBody {
             kind: TokenKind::Skip,
             entry: round,
@@ -223,9 +232,28 @@ impl SyncCache {
         self.page(body, page_size, link_base)
     }
 
-    fn decode(&self, tok: &str, want: TokenKind) -> Result<TokenBody, GraphError> {
+    fn decode(
+        &self,
+        tok: &str,
+        want: TokenKind,
+        behaviour: &Behaviour,
+    ) -> Result<TokenBody, GraphError> {
         match self.codec.decode(tok) {
             Ok(b) if b.kind == want => Ok(b),
+            // An unreadable token: 400 as reported from production (docs#6599 comments), 410
+            // as the documented error table suggests.
+            _ if behaviour.bad_token_is_400 => Err(GraphError::new(
+                400,
+                "InvalidDeltaToken",
+                format!(
+                    "The value '{}' of parameter '{}' is invalid.",
+                    tok,
+                    match want {
+                        TokenKind::Skip => "$skipToken",
+                        TokenKind::Delta => "$deltaToken",
+                    }
+                ),
+            )),
             Ok(_) | Err(TokenError::Malformed) | Err(TokenError::Tampered) => Err(GraphError::new(
                 410,
                 "SyncStateInvalid",
@@ -265,6 +293,7 @@ impl SyncCache {
     fn start_round(
         &mut self,
         tenant: &Tenant,
+        behaviour: &Behaviour,
         user: usize,
         calendar: usize,
         window: Window,
@@ -297,11 +326,26 @@ impl SyncCache {
                     let v = inst.version();
                     snapshot.insert(inst.id.clone(), v);
                     present.insert(inst.series_master_id().unwrap_or(&inst.id));
+                    // Outlook lists a series' master (once, ahead of its instances) whenever
+                    // one of its instances is in the window, and again whenever the series
+                    // changed (keeper.sh #409, #410).
+                    if let (true, Some(master)) =
+                        (behaviour.list_series_masters, inst.series_master_id())
+                    {
+                        if !snapshot.contains_key(master) {
+                            let mv = inst.event.series_version();
+                            snapshot.insert(master.to_owned(), mv);
+                            if previous.is_none_or(|p| p.snapshot.0.get(master) != Some(&mv)) {
+                                items
+                                    .push(item(Some(master.to_owned()), &inst.event.master_json()));
+                            }
+                        }
+                    }
                     let changed = previous.is_none_or(|p| p.snapshot.0.get(&inst.id) != Some(&v));
                     if changed {
                         items.push(item(
                             inst.series_master_id().map(str::to_owned),
-                            &inst.to_graph_json(),
+                            &delta_json(inst, behaviour),
                         ));
                     }
                 }
@@ -314,6 +358,17 @@ impl SyncCache {
                         .collect();
                     gone.sort();
                     for id in gone {
+                        if let Some((master, _)) = parse_occurrence_id(id) {
+                            let series_lives = cal.events.contains_key(&master);
+                            // A cancelled (or retimed-away) occurrence: only the master changes
+                            // (docs PR #4501; closeio/sync-engine #389).
+                            if series_lives && behaviour.silent_occurrence_removal {
+                                continue;
+                            }
+                            if !series_lives && !behaviour.removed_series_lists_occurrences {
+                                continue;
+                            }
+                        }
                         items.push(removed(id));
                     }
                     // Documented: changes to events outside the window also arrive as
@@ -429,6 +484,17 @@ impl SyncCache {
             ))
         };
         Ok(Page { value, link })
+    }
+}
+
+/// An instance as a delta page carries it: occurrences as bare stubs when Outlook's behaviour is
+/// on (microsoft-graph-docs #1716, #7632, #22197; keeper.sh #409; OpenWhispr #1665, #1835),
+/// everything else in full.
+fn delta_json(inst: &Instance<'_>, behaviour: &Behaviour) -> Value {
+    if behaviour.stub_occurrences && inst.kind == InstanceKind::Occurrence {
+        inst.to_stub_json()
+    } else {
+        inst.to_graph_json()
     }
 }
 

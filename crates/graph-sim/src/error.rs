@@ -48,7 +48,7 @@ impl GraphError {
     }
 
     /// The JSON body Graph sends: `error.code`, `error.message` and `innerError` with the request id and date.
-    pub fn body(&self, request_id: &str, date: &str) -> Value {
+    pub fn body(&self, request_id: &str, client_request_id: &str, date: &str) -> Value {
         json!({
             "error": {
                 "code": self.code,
@@ -56,7 +56,7 @@ impl GraphError {
                 "innerError": {
                     "date": date,
                     "request-id": request_id,
-                    "client-request-id": request_id,
+                    "client-request-id": client_request_id,
                 }
             }
         })

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod behaviour;
 pub mod churn;
 pub mod clock;
 pub mod delta;
@@ -23,6 +24,7 @@ pub mod sim;
 pub mod token;
 pub mod writes;
 
+pub use behaviour::{Behaviour, Profile};
 pub use delta::Quirks;
 pub use faults::{FaultAction, FaultRule, Limits};
 pub use model::Window;

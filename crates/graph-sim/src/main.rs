@@ -36,6 +36,16 @@ struct Cli {
     /// Access-token lifetime in seconds.
     #[arg(long)]
     token_lifetime: Option<i64>,
+    /// How series and bad tokens are served: `outlook` (as reported from production, the
+    /// default) or `documented`; a scenario file can change single switches.
+    #[arg(long, value_enum)]
+    profile: Option<ProfileArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProfileArg {
+    Outlook,
+    Documented,
 }
 
 #[tokio::main]
@@ -72,6 +82,12 @@ async fn main() -> anyhow::Result<()> {
             g.extra_calendars = v;
         }
         scenario.generate = Some(g);
+    }
+    if let Some(p) = cli.profile {
+        scenario.sim.behaviour = graph_sim::Behaviour::of(match p {
+            ProfileArg::Outlook => graph_sim::Profile::Outlook,
+            ProfileArg::Documented => graph_sim::Profile::Documented,
+        });
     }
     if let Some(s) = cli.seed {
         scenario.sim.seed = s;

@@ -1,6 +1,7 @@
 //! The HTTP face of the simulator: a hyper server whose connections can be reset or cut off
 //! on purpose, plus the `/_sim` admin endpoints.
 
+use crate::behaviour::Behaviour;
 use crate::delta::Quirks;
 use crate::faults::FaultRule;
 use crate::model::Window;
@@ -208,6 +209,7 @@ async fn handle(
     };
     let authorization = header("authorization").into_iter().next();
     let prefer = header("prefer");
+    let client_request_id = header("client-request-id").into_iter().next();
     let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
@@ -232,6 +234,7 @@ async fn handle(
             prefer,
             body,
             origin,
+            client_request_id,
             connection,
         })
         .await;
@@ -331,6 +334,14 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
             sim.lock().faults.clear();
             admin_json(200, &json!({"ok": true}))
         }
+        ("GET", "behaviour") => admin_json(200, &json!(sim.lock().behaviour)),
+        ("PUT", "behaviour") => match serde_json::from_slice::<Behaviour>(body) {
+            Ok(b) => {
+                sim.lock().behaviour = b;
+                admin_json(200, &json!({"ok": true}))
+            }
+            Err(e) => bad(format!("invalid behaviour: {e}")),
+        },
         ("PUT", "quirks") => match serde_json::from_slice::<Quirks>(body) {
             Ok(quirks) => {
                 sim.lock().cache.quirks = quirks;

@@ -380,9 +380,13 @@ impl Tenant {
                     props.is_all_day = a;
                 }
                 check_times(&props)?;
-                props.change_key = new_key;
+                props.change_key = new_key.clone();
                 props.last_modified = now;
                 ev.exceptions.insert(date, Exception { props });
+                // The master holds its exceptions: it changes too (docs#5520: a change
+                // notification for an instance names the master).
+                ev.props.change_key = format!("{new_key}m");
+                ev.props.last_modified = now;
             }
         }
         cal.touch(&master);
@@ -398,6 +402,8 @@ impl Tenant {
         id: &str,
     ) -> Result<(), GraphError> {
         let (ci, master, date) = self.locate(user, calendar, id)?;
+        let change_key = self.ids.change_key();
+        let now = self.now();
         let cal = &mut self.users[user].calendars[ci];
         match date {
             None => {
@@ -414,10 +420,31 @@ impl Tenant {
                 }
                 ev.exceptions.remove(&date);
                 ev.cancelled.insert(date);
+                // Cancelling an occurrence is a change of the master (docs#5520).
+                ev.props.change_key = change_key;
+                ev.props.last_modified = now;
             }
         }
         cal.touch(&master);
         Ok(())
+    }
+
+    /// `GET …/events/{id}/instances?startDateTime=&endDateTime=`: the occurrences and
+    /// exceptions of a series in the window, in full, by start (a single event lists itself
+    /// when it overlaps). A deleted series is 404 `ErrorItemNotFound`.
+    pub fn instances_of(
+        &self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+        window: &crate::model::Window,
+    ) -> Result<Vec<Value>, GraphError> {
+        let (ci, master, _) = self.locate(user, calendar, id)?;
+        let ev = &self.users[user].calendars[ci].events[&master];
+        let mut out = Vec::new();
+        ev.instances_in(window, &mut out);
+        out.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
+        Ok(out.iter().map(|i| i.to_graph_json()).collect())
     }
 
     /// `GET /users/{u}/events/{id}`.

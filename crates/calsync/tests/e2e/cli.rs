@@ -228,7 +228,7 @@ async fn sync_once_exits_non_zero_when_a_tuple_fails_and_status_shows_why() {
     let url = calsync_store::recreate_database(&database_url(), "calsync_cli_sync_once")
         .await
         .unwrap();
-    let sim = graph_sim::Sim::new(&graph_sim::SimConfig::default());
+    let sim = graph_sim::Sim::new(&crate::harness::sim_config());
     {
         let mut st = sim.lock();
         let u = st
@@ -311,6 +311,7 @@ async fn run_stops_cleanly_on_sigterm_and_leaves_a_resumable_state() {
         .await
         .unwrap();
     let scenario = graph_sim::Scenario {
+        sim: crate::harness::sim_config(),
         generate: Some(graph_sim::GenerateSpec {
             users: 1,
             events_per_user: 60,
@@ -448,7 +449,7 @@ async fn no_secret_reaches_any_output_even_at_trace_level() {
             client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
             client_secret: SECRET.into(),
         }],
-        ..graph_sim::SimConfig::default()
+        ..crate::harness::sim_config()
     });
     {
         let mut st = sim.lock();

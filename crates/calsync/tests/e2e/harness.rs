@@ -17,6 +17,16 @@ pub const USER: &str = "adele@contoso.onmicrosoft.com";
 /// The real `calsync` binary, for the process-level tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 
+/// The simulator's settings for calsync's tests. Until calsync mirrors series as Outlook serves
+/// them (issue 10: stubs, listed masters, silent cancellations), its tests run the documented
+/// profile; graph-sim's own default is the `outlook` one.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        behaviour: graph_sim::Behaviour::documented(),
+        ..SimConfig::default()
+    }
+}
+
 /// A config file naming the database at `db`, Graph at `graph` and its token endpoint `token`
 /// (with the simulator's client credentials), followed by `sections` as written.
 pub fn config_file(db: &str, graph: &str, token: &str, sections: &str) -> String {
@@ -79,7 +89,7 @@ pub struct Harness {
 }
 
 pub async fn harness(pool: PgPool, page_size: u32) -> Harness {
-    harness_with(pool, page_size, SimConfig::default()).await
+    harness_with(pool, page_size, sim_config()).await
 }
 
 pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> Harness {
@@ -88,7 +98,7 @@ pub async fn harness_with(pool: PgPool, page_size: u32, cfg: SimConfig) -> Harne
 
 /// A harness on a store connected elsewhere (a private cluster the test stops and starts).
 pub async fn harness_on(store: Store, page_size: u32) -> Harness {
-    harness_full(store, page_size, SimConfig::default()).await
+    harness_full(store, page_size, sim_config()).await
 }
 
 async fn harness_full(store: Store, page_size: u32, cfg: SimConfig) -> Harness {

@@ -103,7 +103,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     let sim = Sim::new(&SimConfig {
         seed,
         clock_start: Some("2026-01-01T00:00:00Z".parse().unwrap()),
-        ..SimConfig::default()
+        ..crate::harness::sim_config()
     });
     let windows = [
         ("2026-01-01T00:00:00Z", "2026-04-01T00:00:00Z"),

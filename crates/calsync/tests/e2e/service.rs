@@ -122,7 +122,7 @@ async fn the_service_notifies_serves_probes_and_metrics_reloads_resyncs_and_stop
         .await
         .unwrap();
     let db = sqlx::PgPool::connect(&url).await.unwrap();
-    let sim = graph_sim::Sim::new(&graph_sim::SimConfig::default());
+    let sim = graph_sim::Sim::new(&crate::harness::sim_config());
     {
         let mut st = sim.lock();
         for (upn, n) in [(ADELE, 12), (ALEX, 5), (MEGAN, 7)] {

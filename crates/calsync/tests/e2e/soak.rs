@@ -131,7 +131,7 @@ async fn soak_with_faults_edits_a_database_restart_and_kill_9() {
     let pg = LocalPostgres::start().unwrap();
     let sim = Sim::new(&SimConfig {
         seed,
-        ..SimConfig::default()
+        ..crate::harness::sim_config()
     });
     let window = Window {
         start: "2026-01-01T00:00:00Z".parse().unwrap(),

@@ -3,7 +3,7 @@
 use crate::harness::*;
 use calsync_engine::{Health, Outcome, SyncSettings};
 use calsync_store::TupleStatus;
-use graph_sim::{FaultRule, SimConfig};
+use graph_sim::FaultRule;
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -445,7 +445,7 @@ async fn quirky_pages_are_survived_and_endless_loops_are_cut_off(pool: PgPool) {
 
 #[sqlx::test(migrations = false)]
 async fn the_scheduler_syncs_every_tuple_within_twice_its_interval(pool: PgPool) {
-    let h = harness_with(pool, 50, SimConfig::default()).await;
+    let h = harness_with(pool, 50, crate::harness::sim_config()).await;
     seed(&h, 3);
     let engine = h.engine(SyncSettings {
         startup_spread: Duration::from_millis(500),

@@ -152,15 +152,43 @@ impl Instance<'_> {
         }
     }
 
-    /// The instance as Graph renders it in a calendarView (delta) page.
+    /// The change key it shows: an occurrence's and an exception's are the master's, as in
+    /// Microsoft's `/instances` example (`v1-event-instances-occurrences-and-exception.json`):
+    /// Outlook stores exceptions inside the master item.
+    fn shown_change_key(&self) -> &str {
+        match self.kind {
+            InstanceKind::SingleInstance => &self.props.change_key,
+            InstanceKind::Occurrence | InstanceKind::Exception => &self.event.props.change_key,
+        }
+    }
+
+    /// When the occurrence was scheduled by the pattern, as a UTC instant.
+    fn original_start(&self) -> Option<NaiveDateTime> {
+        self.original_date
+            .map(|d| d.and_time(self.event.props.start.time()))
+    }
+
+    /// An occurrence as Outlook lists it in calendarView delta: no subject, organizer,
+    /// location or anything else but these (microsoft-graph-docs #22197, contrib #34).
+    pub fn to_stub_json(&self) -> Value {
+        json!({
+            "@odata.type": "#microsoft.graph.event",
+            "@odata.etag": format!("W/\"{}\"", self.shown_change_key()),
+            "id": self.id,
+            "seriesMasterId": self.series_master_id(),
+            "type": self.kind.graph_name(),
+            "start": date_time_time_zone(self.start),
+            "end": date_time_time_zone(self.end),
+        })
+    }
+
+    /// The instance as Graph renders it in full (calendarView, `/instances`, `GET` of one).
     pub fn to_graph_json(&self) -> Value {
         let p = self.props;
+        let change_key = self.shown_change_key();
         let mut m = Map::new();
         m.insert("@odata.type".into(), json!("#microsoft.graph.event"));
-        m.insert(
-            "@odata.etag".into(),
-            json!(format!("W/\"{}\"", p.change_key)),
-        );
+        m.insert("@odata.etag".into(), json!(format!("W/\"{change_key}\"")));
         m.insert("id".into(), json!(self.id));
         m.insert(
             "createdDateTime".into(),
@@ -170,7 +198,7 @@ impl Instance<'_> {
             "lastModifiedDateTime".into(),
             json!(graph_instant(p.last_modified)),
         );
-        m.insert("changeKey".into(), json!(p.change_key));
+        m.insert("changeKey".into(), json!(change_key));
         m.insert("categories".into(), json!(p.categories));
         m.insert("transactionId".into(), Value::Null);
         m.insert("originalStartTimeZone".into(), json!("UTC"));
@@ -190,6 +218,13 @@ impl Instance<'_> {
         m.insert("seriesMasterId".into(), json!(self.series_master_id()));
         m.insert("showAs".into(), json!(p.show_as));
         m.insert("type".into(), json!(self.kind.graph_name()));
+        if let Some(original) = self.original_start() {
+            // v1.0 documents `originalStart` on occurrences and exceptions (event.md).
+            m.insert(
+                "originalStart".into(),
+                json!(graph_instant(original.and_utc())),
+            );
+        }
         m.insert(
             "webLink".into(),
             json!(format!(
@@ -216,9 +251,10 @@ impl Instance<'_> {
         m.insert("start".into(), date_time_time_zone(self.start));
         m.insert("end".into(), date_time_time_zone(self.end));
         // Graph names a free-text location as its own private uniqueId; an empty one has none.
+        // v1.0's physicalAddress has no `type` (beta's does: the official SDK saw the beta shape).
         let location = if p.location.is_empty() {
             json!({"displayName": "", "locationType": "default", "uniqueIdType": "unknown",
-                   "address": {"type": "unknown"}, "coordinates": {}})
+                   "address": {}, "coordinates": {}})
         } else {
             json!({"displayName": p.location, "locationType": "default", "uniqueId": p.location,
                    "uniqueIdType": "private", "address": {"type": "unknown"}, "coordinates": {}})
@@ -320,7 +356,7 @@ impl StoredEvent {
     }
 
     fn instance_on(&self, date: NaiveDate, time: NaiveTime, duration: Duration) -> Instance<'_> {
-        let id = occurrence_id(&self.id, date);
+        let id = occurrence_id(&self.id, date.and_time(time));
         match self.exceptions.get(&date) {
             Some(ex) => Instance {
                 id,
@@ -344,6 +380,23 @@ impl StoredEvent {
                 }
             }
         }
+    }
+
+    /// Changes whenever anything of the series changes: its own properties, pattern,
+    /// exceptions or cancelled dates.
+    pub fn series_version(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.props.change_key.hash(&mut h);
+        self.props.start.hash(&mut h);
+        self.props.end.hash(&mut h);
+        for (d, ex) in &self.exceptions {
+            (d, &ex.props.change_key).hash(&mut h);
+        }
+        self.cancelled.hash(&mut h);
+        serde_json::to_string(&self.recurrence)
+            .unwrap_or_default()
+            .hash(&mut h);
+        h.finish()
     }
 
     /// Whether `date` is an occurrence date of this series that has not been cancelled.
@@ -385,21 +438,22 @@ impl StoredEvent {
 pub(super) const SINGLE_PREFIX: &str = "AAMkAGev";
 const OCCURRENCE_PREFIX: &str = "AAMkAGoc";
 
-/// Occurrence ids are stable and name their series and original date, so a PATCH or DELETE
-/// on an occurrence id finds its way back to the master.
-pub fn occurrence_id(master_id: &str, date: NaiveDate) -> String {
-    let raw = format!("{master_id}|{}", date.format("%Y%m%d"));
+/// Occurrence ids name their series and original start, as Outlook's do: a PATCH or DELETE on
+/// an occurrence id finds its way back to the master, and a series moved to another time of day
+/// gets new occurrence ids (the old ones are simply gone).
+pub fn occurrence_id(master_id: &str, original_start: NaiveDateTime) -> String {
+    let raw = format!("{master_id}|{}", original_start.format("%Y%m%dT%H%M%S"));
     format!("{OCCURRENCE_PREFIX}{}=", URL_SAFE_NO_PAD.encode(raw))
 }
 
-/// The master id and original date an occurrence id was made from; `None` for other ids.
-pub fn parse_occurrence_id(id: &str) -> Option<(String, NaiveDate)> {
+/// The master id and original start an occurrence id was made from; `None` for other ids.
+pub fn parse_occurrence_id(id: &str) -> Option<(String, NaiveDateTime)> {
     let rest = id.strip_prefix(OCCURRENCE_PREFIX)?.strip_suffix('=')?;
     let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(rest).ok()?).ok()?;
-    let (master, date) = raw.rsplit_once('|')?;
+    let (master, start) = raw.rsplit_once('|')?;
     Some((
         master.to_owned(),
-        NaiveDate::parse_from_str(date, "%Y%m%d").ok()?,
+        NaiveDateTime::parse_from_str(start, "%Y%m%dT%H%M%S").ok()?,
     ))
 }
 
@@ -408,12 +462,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn occurrence_ids_round_trip_to_master_and_date() {
-        let date = NaiveDate::from_ymd_opt(2024, 5, 6).unwrap();
-        let id = occurrence_id("AAMkAGevXYZ=", date);
+    fn occurrence_ids_round_trip_to_master_and_original_start() {
+        let start = NaiveDate::from_ymd_opt(2024, 5, 6)
+            .unwrap()
+            .and_hms_opt(9, 30, 0)
+            .unwrap();
+        let id = occurrence_id("AAMkAGevXYZ=", start);
         assert_eq!(
             parse_occurrence_id(&id),
-            Some(("AAMkAGevXYZ=".to_owned(), date))
+            Some(("AAMkAGevXYZ=".to_owned(), start))
+        );
+        assert_ne!(
+            id,
+            occurrence_id("AAMkAGevXYZ=", start + Duration::hours(1)),
+            "a retimed series gets new occurrence ids"
         );
         assert_eq!(parse_occurrence_id("AAMkAGevXYZ="), None);
     }

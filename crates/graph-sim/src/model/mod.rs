@@ -112,18 +112,24 @@ impl User {
         self.calendars.iter().position(|c| c.id == id)
     }
 
-    /// Where an event (single, master, or an occurrence's master) lives: calendar index and
-    /// master id.
+    /// Where an event (single, master, or an occurrence's master) lives: calendar index,
+    /// master id and, for an occurrence, its original date. An occurrence id made for another
+    /// time of day than the series' current one names nothing (the series was retimed).
     pub fn locate(&self, id: &str) -> Option<(usize, String, Option<NaiveDate>)> {
-        let (master, date) = match parse_occurrence_id(id) {
-            Some((m, d)) => (m, Some(d)),
+        let (master, original) = match parse_occurrence_id(id) {
+            Some((m, s)) => (m, Some(s)),
             None => (id.to_owned(), None),
         };
         let ci = self
             .calendars
             .iter()
             .position(|c| c.events.contains_key(&master))?;
-        Some((ci, master, date))
+        if let Some(s) = original {
+            if self.calendars[ci].events[&master].props.start.time() != s.time() {
+                return None;
+            }
+        }
+        Some((ci, master, original.map(|s| s.date())))
     }
 }
 

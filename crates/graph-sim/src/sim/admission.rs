@@ -88,8 +88,10 @@ pub(super) enum Admission {
 }
 
 impl State {
+    #[allow(clippy::too_many_arguments)] // one answer's every part, all from the caller's rule
     pub(super) fn throttle(
         &mut self,
+        client: Option<&str>,
         mailbox: Option<usize>,
         status: u16,
         code: &str,
@@ -106,7 +108,7 @@ impl State {
             mb.announced = Some(now);
         }
         let e = GraphError::new(status, code, message).with_retry_after(header);
-        self.error_response(&e)
+        self.error_response(&e, client)
     }
 
     pub(super) fn user_key(&self, user: Option<usize>) -> Option<String> {
@@ -146,7 +148,7 @@ impl State {
                 "BadRequest",
                 format!("Resource not found for the segment '{seg}'."),
             );
-            let response = self.error_response(&e);
+            let response = self.error_response(&e, req.client_request_id.as_deref());
             return Admission::Answer {
                 response,
                 fault: None,
@@ -171,7 +173,7 @@ impl State {
                 match resolved {
                     Ok(u) => Some(u),
                     Err(e) => {
-                        let response = self.error_response(&e);
+                        let response = self.error_response(&e, req.client_request_id.as_deref());
                         return Admission::Answer {
                             response,
                             fault: None,
@@ -204,6 +206,7 @@ impl State {
             if in_flight > limits.mailbox_concurrency {
                 self.violations.concurrency += 1;
                 let r = self.throttle(
+                    req.client_request_id.as_deref(),
                     user,
                     429,
                     "ApplicationThrottled",
@@ -227,6 +230,7 @@ impl State {
                 now_i,
             ) {
                 let r = self.throttle(
+                    req.client_request_id.as_deref(),
                     user,
                     429,
                     "ApplicationThrottled",
@@ -247,6 +251,7 @@ impl State {
             let window = Duration::from_secs_f64(limits.app_window_secs.max(0.001));
             if let Some(wait) = over_budget(&mut self.app_recent, window, budget as usize, now_i) {
                 let r = self.throttle(
+                    req.client_request_id.as_deref(),
                     user,
                     429,
                     "TooManyRequests",
@@ -292,15 +297,24 @@ impl State {
                     retry_after_as_date,
                 } => {
                     let r = match retry_after {
-                        Some(secs) => {
-                            self.throttle(user, status, &code, &message, secs, retry_after_as_date)
-                        }
+                        Some(secs) => self.throttle(
+                            req.client_request_id.as_deref(),
+                            user,
+                            status,
+                            &code,
+                            &message,
+                            secs,
+                            retry_after_as_date,
+                        ),
                         // Azure AD's error shape on the token endpoint, Graph's elsewhere.
                         None if matches!(route, Route::Token { .. }) => SimResponse::json(
                             status,
                             &json!({"error": code, "error_description": message}),
                         ),
-                        None => self.error_response(&GraphError::new(status, &code, message)),
+                        None => self.error_response(
+                            &GraphError::new(status, &code, message),
+                            req.client_request_id.as_deref(),
+                        ),
                     };
                     return Admission::Answer {
                         response: r,

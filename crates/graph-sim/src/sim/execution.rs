@@ -94,7 +94,9 @@ impl State {
                     }
                 }
                 let link_base = format!("{}{}", req.origin, req.path);
-                let page = self.cache.serve(&self.tenant, u, ci, &dreq, &link_base)?;
+                let page =
+                    self.cache
+                        .serve(&self.tenant, &self.behaviour, u, ci, &dreq, &link_base)?;
                 let mut r = SimResponse::json_bytes(200, page_json(page, &context));
                 r.headers
                     .push(("preference-applied".into(), applied.join(", ")));
@@ -115,10 +117,11 @@ impl State {
                     None => None,
                 };
                 match method {
-                    "GET" => Ok(SimResponse::json(
-                        200,
-                        &with_context(self.tenant.get_event(u, ci, id)?, entity),
-                    )),
+                    "GET" => {
+                        let q = parse_list_query(&req.query)?;
+                        let v = select(self.tenant.get_event(u, ci, id)?, q.select.as_deref());
+                        Ok(SimResponse::json(200, &with_context(v, entity)))
+                    }
                     "PATCH" => {
                         let patch = EventPatch::from_json(&body_json()?)?;
                         Ok(SimResponse::json(
@@ -141,6 +144,53 @@ impl State {
                         "Method not allowed.",
                     )),
                 }
+            }
+            (Route::Instances { cal, id, .. }, "GET") => {
+                let ci = match cal {
+                    Some(c) => Some(self.calendar_index(u, c)?),
+                    None => None,
+                };
+                let q = parse_list_query(&req.query)?;
+                let window = q.window.ok_or_else(|| {
+                    GraphError::invalid_parameter(
+                        "This request requires a time window specified by the query string \
+                         parameters StartDateTime and EndDateTime.",
+                    )
+                })?;
+                let all = self.tenant.instances_of(u, ci, id, &window)?;
+                // Paged like any list: `odata.maxpagesize` or `$top` (default 10), `$skip`
+                // in the nextLink.
+                let mut size = q.top.unwrap_or(10);
+                for (k, v) in preferences(&req.prefer) {
+                    if k == "odata.maxpagesize" {
+                        size = v.parse::<usize>().unwrap_or(size).max(1);
+                    }
+                }
+                let from = q.skip.min(all.len());
+                let to = (from + size).min(all.len());
+                let value: Vec<Value> = all[from..to]
+                    .iter()
+                    .map(|v| select(v.clone(), q.select.as_deref()))
+                    .collect();
+                let mut body = serde_json::Map::new();
+                body.insert("@odata.context".into(), json!(context));
+                body.insert("value".into(), Value::Array(value));
+                if to < all.len() {
+                    let kept: Vec<(String, String)> =
+                        url::form_urlencoded::parse(req.query.as_bytes())
+                            .filter(|(k, _)| !k.eq_ignore_ascii_case("$skip"))
+                            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                            .collect();
+                    let query = url::form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs(kept)
+                        .append_pair("$skip", &to.to_string())
+                        .finish();
+                    body.insert(
+                        "@odata.nextLink".into(),
+                        json!(format!("{}{}?{query}", req.origin, req.path)),
+                    );
+                }
+                Ok(SimResponse::json(200, &Value::Object(body)))
             }
             (Route::Calendars { .. }, "GET") => {
                 let user = &self.tenant.users[u];

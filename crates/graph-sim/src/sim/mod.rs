@@ -9,6 +9,7 @@
 //! | here | the configuration, the shared state, the truth API and the pipeline itself |
 
 use crate::auth::{Auth, ClientApp};
+use crate::behaviour::Behaviour;
 use crate::clock::Clock;
 use crate::delta::{Quirks, SyncCache};
 use crate::error::GraphError;
@@ -44,6 +45,9 @@ pub struct SimConfig {
     pub clock_start: Option<DateTime<Utc>>,
     /// Reported service misbehaviour to reproduce.
     pub quirks: Quirks,
+    /// How series and bad tokens are served: as production Outlook does (default) or as
+    /// documented.
+    pub behaviour: Behaviour,
     /// Throttling limits.
     pub limits: Limits,
     /// Request-log entries kept (oldest dropped first).
@@ -71,6 +75,7 @@ impl Default for SimConfig {
             default_page_size: 10,
             clock_start: None,
             quirks: Quirks::default(),
+            behaviour: Behaviour::default(),
             limits: Limits::default(),
             log_capacity: 100_000,
         }
@@ -150,6 +155,14 @@ pub struct TruthItem {
     pub is_all_day: bool,
     /// The series master, for occurrences and exceptions.
     pub series_master_id: Option<String>,
+    /// The organizer's address.
+    pub organizer_email: String,
+    /// `location.displayName`.
+    pub location: String,
+    /// `showAs`.
+    pub show_as: String,
+    /// `iCalUId`.
+    pub ical_uid: String,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +191,8 @@ pub struct State {
     pub auth: Auth,
     /// Scripted faults.
     pub faults: Vec<FaultRule>,
+    /// How series and bad tokens are served.
+    pub behaviour: Behaviour,
     /// Throttling limits.
     pub limits: Limits,
     mailboxes: HashMap<usize, Mailbox>,
@@ -208,6 +223,8 @@ pub struct SimRequest {
     pub body: Vec<u8>,
     /// `scheme://host:port` the client reached us on; links are built on it.
     pub origin: String,
+    /// The `client-request-id` header, echoed on the answer.
+    pub client_request_id: Option<String>,
     /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
     /// library is called directly), so tests can tell a fresh connection from a reused one.
     pub connection: u64,
@@ -272,6 +289,7 @@ impl State {
                 chrono::Duration::seconds(cfg.token_lifetime_secs),
             ),
             faults: Vec::new(),
+            behaviour: cfg.behaviour.clone(),
             limits: cfg.limits.clone(),
             mailboxes: HashMap::new(),
             app_recent: VecDeque::new(),
@@ -286,16 +304,38 @@ impl State {
         }
     }
 
-    fn error_response(&mut self, e: &GraphError) -> SimResponse {
-        let now = self.tenant.now();
+    /// A fresh `request-id`, as Graph stamps on every answer.
+    fn request_id(&mut self) -> String {
         self.seq += 1;
-        let rid = format!("{:08x}-0000-4000-8000-{:012x}", self.seq, self.seq);
-        let mut r = SimResponse::json(
-            e.status,
-            &e.body(&rid, &now.format("%Y-%m-%dT%H:%M:%S").to_string()),
-        );
-        r.headers.push(("request-id".into(), rid.clone()));
-        r.headers.push(("client-request-id".into(), rid));
+        format!("{:08x}-0000-4000-8000-{:012x}", self.seq, self.seq)
+    }
+
+    /// Stamps `request-id` and `client-request-id` on an answer: the client's own id is echoed
+    /// when it sent one, otherwise the request id is used for both (as Graph does).
+    fn stamp_ids(&mut self, r: &mut SimResponse, client: Option<&str>) -> String {
+        let rid = self.request_id();
+        let crid = client.map_or_else(|| rid.clone(), str::to_owned);
+        r.headers
+            .retain(|(k, _)| k != "request-id" && k != "client-request-id");
+        r.headers.push(("request-id".into(), rid));
+        r.headers.push(("client-request-id".into(), crid.clone()));
+        crid
+    }
+
+    fn error_response(&mut self, e: &GraphError, client: Option<&str>) -> SimResponse {
+        let now = self.tenant.now();
+        let mut r = SimResponse::json(200, &Value::Null);
+        let crid = self.stamp_ids(&mut r, client);
+        let rid = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "request-id")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        r.status = e.status;
+        r.body =
+            serde_json::to_vec(&e.body(&rid, &crid, &now.format("%Y-%m-%dT%H:%M:%S").to_string()))
+                .unwrap_or_default();
         if e.status == 401 {
             r.headers.push((
                 "www-authenticate".into(),
@@ -328,6 +368,10 @@ impl State {
                 end: i.end.and_utc(),
                 is_all_day: i.props.is_all_day,
                 series_master_id: i.series_master_id().map(str::to_owned),
+                organizer_email: i.event.organizer.1.clone(),
+                location: i.props.location.clone(),
+                show_as: i.props.show_as.clone(),
+                ical_uid: i.ical_uid(),
             })
             .collect();
         out.sort();
@@ -438,9 +482,13 @@ impl Sim {
             tokio::time::sleep(d).await;
         }
         let mut st = self.lock();
+        let client = req.client_request_id.as_deref();
         let mut resp = match st.execute(&a.route, user, &req) {
-            Ok(r) => r,
-            Err(e) => st.error_response(&e),
+            Ok(mut r) => {
+                st.stamp_ids(&mut r, client);
+                r
+            }
+            Err(e) => st.error_response(&e, client),
         };
         st.record(user, &req, resp.status, a.in_flight, fault, a.early);
         drop(st);

@@ -37,6 +37,11 @@ pub(super) enum Route {
         cal: Option<CalRef>,
         id: String,
     },
+    Instances {
+        user: UserRef,
+        cal: Option<CalRef>,
+        id: String,
+    },
     Calendars {
         user: UserRef,
     },
@@ -52,6 +57,7 @@ impl Route {
             Route::Delta { user, .. }
             | Route::Events { user, .. }
             | Route::Event { user, .. }
+            | Route::Instances { user, .. }
             | Route::Calendars { user }
             | Route::User { user } => Some(user),
             Route::Token { .. } => None,
@@ -97,7 +103,18 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
         _ => return None,
     };
     let s = &segs[at..];
-    match &l[at..] {
+    // Graph accepts a function call in all its OData spellings; every Kiota SDK (the official
+    // Python one included) asks for `delta()`.
+    let mut l: Vec<&str> = l[at..].to_vec();
+    if let Some(last) = l.last_mut() {
+        if matches!(
+            *last,
+            "delta()" | "microsoft.graph.delta" | "microsoft.graph.delta()"
+        ) {
+            *last = "delta";
+        }
+    }
+    match l.as_slice() {
         [] => Some(Route::User { user }),
         ["calendarview", "delta"] | ["calendar", "calendarview", "delta"] => Some(Route::Delta {
             user,
@@ -128,6 +145,21 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
             id: s[2].clone(),
         }),
         ["calendars", _, "events", _] => Some(Route::Event {
+            user,
+            cal: Some(CalRef::Id(s[1].clone())),
+            id: s[3].clone(),
+        }),
+        ["events", _, "instances"] => Some(Route::Instances {
+            user,
+            cal: None,
+            id: s[1].clone(),
+        }),
+        ["calendar", "events", _, "instances"] => Some(Route::Instances {
+            user,
+            cal: Some(CalRef::Default),
+            id: s[2].clone(),
+        }),
+        ["calendars", _, "events", _, "instances"] => Some(Route::Instances {
             user,
             cal: Some(CalRef::Id(s[1].clone())),
             id: s[3].clone(),
@@ -186,6 +218,71 @@ pub(super) fn parse_delta_query(query: &str) -> Result<DeltaRequest, GraphError>
         }
     }
     Ok(req)
+}
+
+/// The query of a plain list or read (`/instances`, `GET` of one event).
+#[derive(Clone, Debug, Default)]
+pub(super) struct ListQuery {
+    pub(super) window: Option<Window>,
+    /// `$select`, lower-cased.
+    pub(super) select: Option<Vec<String>>,
+    pub(super) top: Option<usize>,
+    pub(super) skip: usize,
+}
+
+pub(super) fn parse_list_query(query: &str) -> Result<ListQuery, GraphError> {
+    let mut q = ListQuery::default();
+    let (mut start, mut end) = (None, None);
+    let number = |k: &str, v: &str| {
+        v.parse::<usize>().map_err(|_| {
+            GraphError::new(
+                400,
+                "BadRequest",
+                format!("Invalid value '{v}' for query option '{k}'."),
+            )
+        })
+    };
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.to_ascii_lowercase().as_str() {
+            "startdatetime" => start = Some(parse_instant(&v, "StartDateTime")?),
+            "enddatetime" => end = Some(parse_instant(&v, "EndDateTime")?),
+            "$select" => {
+                q.select = Some(
+                    v.split(',')
+                        .map(|f| f.trim().to_ascii_lowercase())
+                        .filter(|f| !f.is_empty())
+                        .collect(),
+                )
+            }
+            "$top" => q.top = Some(number("$top", &v)?.max(1)),
+            "$skip" => q.skip = number("$skip", &v)?,
+            _ => {}
+        }
+    }
+    if let (Some(s), Some(e)) = (start, end) {
+        if e <= s {
+            return Err(GraphError::invalid_parameter(
+                "The value of parameter 'EndDateTime' is invalid.",
+            ));
+        }
+        q.window = Some(Window { start: s, end: e });
+    }
+    Ok(q)
+}
+
+/// Keeps what `$select` names (case-insensitively), plus what Graph always sends: `@odata.etag`
+/// and `id` (as in Microsoft's `/instances` example with `$select`).
+pub(super) fn select(v: Value, fields: Option<&[String]>) -> Value {
+    match (v, fields) {
+        (Value::Object(m), Some(fields)) => Value::Object(
+            m.into_iter()
+                .filter(|(k, _)| {
+                    k == "@odata.etag" || k == "id" || fields.contains(&k.to_ascii_lowercase())
+                })
+                .collect(),
+        ),
+        (v, _) => v,
+    }
 }
 
 /// `Prefer` values, comma-separated or repeated (RFC 7240).

@@ -29,6 +29,18 @@ async fn the_admin_endpoint_serves_truth_log_and_counters() {
         reqs.iter()
             .any(|r| r["path"].as_str().unwrap().ends_with("/oauth2/v2.0/token"))
     );
+    let r = t
+        .http
+        .put(format!("{}/behaviour", t.server.admin_url()))
+        .json(&json!({"profile": "documented", "bad_token_is_400": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let b = t.admin("/behaviour", None).await;
+    assert_eq!(b["profile"], "documented");
+    assert_eq!(b["stub_occurrences"], false);
+    assert_eq!(b["bad_token_is_400"], true);
     let stats = t.admin("/stats", None).await;
     assert_eq!(stats["tokens_issued"], 1);
 }
@@ -61,6 +73,7 @@ async fn the_documented_scenario_file_loads_and_seeds_the_tenant() {
         .unwrap();
     assert_eq!(truth.len(), 26, "weekly from Jan 5 to Jun 29");
     assert_eq!(st.faults.len(), 1);
+    assert_eq!(st.behaviour, graph_sim::Behaviour::outlook());
     let bad =
         graph_sim::Scenario::from_file(std::path::Path::new("/nonexistent.toml")).unwrap_err();
     assert!(bad.to_string().contains("/nonexistent.toml"));

@@ -44,7 +44,7 @@ async fn a_window_is_required_and_must_be_valid() {
 
 #[tokio::test]
 async fn a_full_round_lists_every_instance_in_the_window_and_no_series_master() {
-    let t = start().await;
+    let t = start_documented().await;
     let a = t
         .create(ev("inside", "2026-01-15T10:00:00", "2026-01-15T11:00:00"))
         .await;
@@ -111,7 +111,7 @@ async fn a_full_round_lists_every_instance_in_the_window_and_no_series_master() 
 
 #[tokio::test]
 async fn incremental_rounds_report_changes_and_removals() {
-    let t = start().await;
+    let t = start_documented().await;
     let keep = t
         .create(ev("keep", "2026-01-15T10:00:00", "2026-01-15T11:00:00"))
         .await;
@@ -228,6 +228,7 @@ async fn incremental_rounds_report_changes_and_removals() {
 #[tokio::test]
 async fn tokens_are_opaque_tamper_evident_bound_to_their_window_and_evictable() {
     let t = start_with(SimConfig {
+        behaviour: Behaviour::documented(),
         cache_capacity: 6,
         ..SimConfig::default()
     })
@@ -307,7 +308,7 @@ async fn a_stale_next_link_fails_once_its_round_has_moved_on() {
 
 #[tokio::test]
 async fn quirks_reproduce_reported_service_behaviour() {
-    let t = start().await;
+    let t = start_documented().await;
     t.create(weekly(
         "long series",
         "2026-01-05T09:00:00",

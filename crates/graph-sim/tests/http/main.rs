@@ -6,11 +6,12 @@ mod admin;
 mod auth;
 mod delta;
 mod limits;
+mod series;
 mod shape;
 mod writes;
 
 use chrono::{DateTime, TimeZone, Utc};
-use graph_sim::{FaultRule, Quirks, Sim, SimConfig, SimServer};
+use graph_sim::{Behaviour, FaultRule, Quirks, Sim, SimConfig, SimServer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -84,8 +85,18 @@ async fn start_with(cfg: SimConfig) -> Session {
     }
 }
 
+/// The default profile: Outlook as reported from production.
 async fn start() -> Session {
     start_with(SimConfig::default()).await
+}
+
+/// The documented profile, for tests of what Microsoft's pages describe.
+async fn start_documented() -> Session {
+    start_with(SimConfig {
+        behaviour: Behaviour::documented(),
+        ..SimConfig::default()
+    })
+    .await
 }
 
 impl Session {
