@@ -10,6 +10,7 @@ pub mod mapping;
 pub mod outcome;
 pub mod round;
 pub mod schedule;
+mod series;
 
 pub use gate::{Budget, GateStats, RequestGate};
 pub use outcome::{Failure, Health, Outcome, RoundReport};

@@ -1,34 +1,79 @@
-//! What a Graph delta page means for the store: a plain function, no I/O.
+//! What a Graph delta page means for the store: plain functions, no I/O.
 
 use calsync_graph::{DeltaItem, EventItem};
-use calsync_store::{EventRow, PageChanges, PageOp, reduce};
+use calsync_store::{Details, EventRow, PageChanges, PageOp, SeriesRow, reduce};
+use std::collections::HashMap;
 
-/// Maps a page's items to store writes. Series masters are not instances and never enter the
-/// read model (calendarView delta should not send them; if it does, they are skipped).
+/// Maps a page's items to store writes. A series master is series data, never an instance:
+/// it becomes a [`SeriesRow`] (the last one wins when a page lists a master twice).
 pub fn page_changes(items: Vec<DeltaItem>) -> PageChanges {
-    let ops = items
+    let mut masters: Vec<SeriesRow> = Vec::new();
+    let mut ops = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            DeltaItem::Removed { id } => ops.push(PageOp::Remove(id)),
+            DeltaItem::Event(e) if is_master(&e) => masters.push(series_row(*e)),
+            DeltaItem::Event(e) => ops.push(PageOp::Upsert(row(*e))),
+        }
+    }
+    let mut changes = reduce(ops);
+    let mut last: HashMap<String, SeriesRow> = HashMap::new();
+    let mut order = Vec::new();
+    for m in masters {
+        if !last.contains_key(&m.master_id) {
+            order.push(m.master_id.clone());
+        }
+        last.insert(m.master_id.clone(), m);
+    }
+    changes.series = order
         .into_iter()
-        .filter_map(|item| match item {
-            DeltaItem::Removed { id } => Some(PageOp::Remove(id)),
-            DeltaItem::Event(e) if e.event_type.as_deref() == Some("seriesMaster") => None,
-            DeltaItem::Event(e) => Some(PageOp::Upsert(row(*e))),
-        })
+        .filter_map(|id| last.remove(&id))
         .collect();
-    reduce(ops)
+    changes
+}
+
+/// Whether an item is a series master.
+pub fn is_master(e: &EventItem) -> bool {
+    e.event_type.as_deref() == Some("seriesMaster")
+}
+
+/// The fields beyond id and times.
+fn details(e: &EventItem) -> Details {
+    Details {
+        ical_uid: e.ical_uid.clone(),
+        subject: e.subject.clone(),
+        is_all_day: e.is_all_day,
+        is_cancelled: e.is_cancelled,
+        organizer_email: e.organizer_email.clone(),
+        location: e.location.clone(),
+        show_as: e.show_as.clone(),
+        online_meeting_url: e.online_meeting_url.clone(),
+        original_start_time_zone: e.original_start_time_zone.clone(),
+        last_modified_at: e.last_modified,
+        change_key: e.change_key.clone(),
+    }
+}
+
+/// A series master as the store keeps it.
+pub fn series_row(e: EventItem) -> SeriesRow {
+    SeriesRow {
+        master_id: e.id.clone(),
+        details: details(&e),
+        payload: e.payload,
+    }
 }
 
 fn row(e: EventItem) -> EventRow {
     EventRow {
+        details: details(&e),
         event_id: e.id,
-        ical_uid: e.ical_uid,
-        subject: e.subject,
         start_at: e.start,
         end_at: e.end,
-        is_all_day: e.is_all_day,
+        start_date: e.start_date,
+        end_date: e.end_date,
+        time_error: e.time_error,
         event_type: e.event_type,
         series_master_id: e.series_master_id,
-        last_modified_at: e.last_modified,
-        change_key: e.change_key,
         partial: e.partial,
         payload: e.payload,
     }
@@ -49,10 +94,13 @@ mod tests {
         ]}"#).unwrap();
         let c = page_changes(page.items);
         assert_eq!(c.removed, vec!["gone"]);
+        assert_eq!(c.series.len(), 1, "the master is series data");
+        assert_eq!(c.series[0].master_id, "m");
+        assert_eq!(c.series[0].details.subject.as_deref(), Some("s"));
         assert_eq!(c.partial.len(), 1);
         assert_eq!(c.partial[0].event_id, "o");
         assert!(c.partial[0].start_at.is_some());
         assert_eq!(c.full.len(), 1);
-        assert_eq!(c.full[0].subject.as_deref(), Some("hello"));
+        assert_eq!(c.full[0].details.subject.as_deref(), Some("hello"));
     }
 }

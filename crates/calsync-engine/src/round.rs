@@ -240,8 +240,11 @@ impl Engine {
             message: e.message(),
         };
         warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
-        if health == Health::Degraded {
-            // The saved link leads back into the loop; the next attempt starts afresh.
+        // A degraded round's saved link leads back into the loop, and a link Graph refused
+        // for good would be refused again: the next attempt starts a full round instead.
+        if health == Health::Degraded
+            || (health == Health::Failed && matches!(e, StepError::Graph(_)))
+        {
             let _ = self.forget_link(tuple).await;
         }
         if let Err(se) = self
@@ -323,7 +326,16 @@ impl Engine {
                         Connection::Reuse
                     };
                     let r = self
-                        .step(tuple, &link, start, version, &stamp, cancel, connection)
+                        .step(
+                            tuple,
+                            &link,
+                            start,
+                            round_is_full,
+                            version,
+                            &stamp,
+                            cancel,
+                            connection,
+                        )
                         .await;
                     if let Err(StepError::Graph(e)) = &r {
                         fresh.store(e.wants_fresh_connection(), Ordering::Relaxed);
@@ -418,56 +430,16 @@ impl Engine {
         tuple: &Tuple,
         link: &str,
         start: Option<RoundStart>,
+        round_is_full: bool,
         version: i64,
         stamp: &calsync_store::LinkStamp,
         cancel: &CancellationToken,
         connection: Connection,
     ) -> Result<StepOut, StepError> {
         let graph = self.graph();
-        let page = {
-            let permit = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(StepError::Interrupted),
-                p = self.inner.gate.acquire(&tuple.user) => p,
-            };
-            let fetched = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Err(StepError::Interrupted),
-                r = graph.fetch_page(link, connection) => r,
-            };
-            self.touch();
-            match &fetched {
-                // Static labels on the hot path: no allocation per page.
-                Ok(_) => metrics::counter!("calsync_graph_responses_total", "status" => "200", "code" => "")
-                    .increment(1),
-                Err(e) => metrics::counter!(
-                    "calsync_graph_responses_total",
-                    "status" => e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
-                    "code" => e.code().to_owned()
-                )
-                .increment(1),
-            }
-            let gate = &self.inner.gate;
-            match fetched {
-                Ok(p) => {
-                    drop(permit);
-                    gate.succeeded();
-                    p
-                }
-                Err(e) => {
-                    // Hold the mailbox before this request's slot is released: a task waiting
-                    // for the slot must find the Retry-After already in place.
-                    if let Some(wait) = e.retry_after() {
-                        gate.defer(&tuple.user, wait);
-                    }
-                    drop(permit);
-                    if e.is_throttle() {
-                        gate.throttled(&tuple.user);
-                    }
-                    return Err(StepError::Graph(e));
-                }
-            }
-        };
+        let page = self
+            .send(tuple, cancel, graph.fetch_page(link, connection))
+            .await?;
         let (kind, next) = match &page.link {
             PageLink::Next(l) => (LinkKind::Next, l.clone()),
             PageLink::Delta(l) => (LinkKind::Delta, l.clone()),
@@ -476,7 +448,9 @@ impl Engine {
         graph.check_link(&next).map_err(StepError::Graph)?;
         let ids: Vec<String> = page.items.iter().map(|i| i.id().to_owned()).collect();
         let link_after = page.link;
-        let changes = page_changes(page.items);
+        let mut changes = page_changes(page.items);
+        self.complete_series(tuple, &mut changes, round_is_full, cancel)
+            .await?;
         let applied = self
             .store()
             .apply_page(&PageWrite {
@@ -498,5 +472,60 @@ impl Engine {
             removed: applied.removed,
             swept: applied.swept,
         })
+    }
+
+    /// Sends one Graph request for `tuple` through the request gate: a mailbox slot, no
+    /// request before its `Retry-After`, the adaptive global limit. A throttled answer holds
+    /// the mailbox before the slot is released.
+    pub(crate) async fn send<T>(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        request: impl std::future::Future<Output = Result<T, GraphError>>,
+    ) -> Result<T, StepError> {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(StepError::Interrupted),
+            p = self.inner.gate.acquire(&tuple.user) => p,
+        };
+        let fetched = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(StepError::Interrupted),
+            r = request => r,
+        };
+        self.touch();
+        match &fetched {
+            // Static labels on the hot path: no allocation per page.
+            Ok(_) => {
+                metrics::counter!("calsync_graph_responses_total", "status" => "200", "code" => "")
+                    .increment(1)
+            }
+            Err(e) => metrics::counter!(
+                "calsync_graph_responses_total",
+                "status" => e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                "code" => e.code().to_owned()
+            )
+            .increment(1),
+        }
+        let gate = &self.inner.gate;
+        match fetched {
+            Ok(p) => {
+                drop(permit);
+                gate.succeeded();
+                Ok(p)
+            }
+            Err(e) => {
+                // Hold the mailbox before this request's slot is released: a task waiting
+                // for the slot must find the Retry-After already in place.
+                if let Some(wait) = e.retry_after() {
+                    gate.defer(&tuple.user, wait);
+                }
+                drop(permit);
+                if e.is_throttle() {
+                    gate.throttled(&tuple.user);
+                }
+                Err(StepError::Graph(e))
+            }
+        }
     }
 }

@@ -236,6 +236,19 @@ struct ErrorInner {
 
 const RESYNC_CODES: [&str; 3] = ["syncstatenotfound", "resyncrequired", "syncstateinvalid"];
 
+/// A 400-class answer about the delta or skip token itself (`InvalidDeltaToken`,
+/// `ErrorInvalidSyncStateData`, "parameter '$deltaToken' is invalid": docs#6599 comments): the
+/// saved link can never work again, so it means a full round, as a 410 does.
+fn names_the_token(status: u16, code: &str, message: &str) -> bool {
+    if !(400..500).contains(&status) || matches!(status, 401 | 403 | 404 | 429) {
+        return false;
+    }
+    let message = message.to_ascii_lowercase();
+    ["deltatoken", "skiptoken", "syncstate"]
+        .iter()
+        .any(|w| code.contains(w) || message.contains(w))
+}
+
 /// Classifies a non-success answer from its status, `Retry-After` and body. Pure: the table
 /// of cases lives in the tests below.
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> GraphError {
@@ -249,7 +262,10 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Grap
         .take(500)
         .collect();
     let lower = code.to_ascii_lowercase();
-    if status == 410 || RESYNC_CODES.contains(&lower.as_str()) {
+    if status == 410
+        || RESYNC_CODES.contains(&lower.as_str())
+        || names_the_token(status, &lower, &message)
+    {
         return GraphError::ResyncRequired {
             status,
             code,
@@ -296,6 +312,16 @@ mod tests {
     }
 
     #[test]
+    fn a_400_whose_message_names_the_token_means_a_full_round_docs_6599() {
+        let b = br#"{"error":{"code":"BadRequest","message":"The value 'x' of parameter '$deltaToken' is invalid."}}"#;
+        assert_eq!(classify(400, None, b).class(), ErrorClass::Resync);
+        let b = br#"{"error":{"code":"BadRequest","message":"The value of parameter 'StartDateTime' is invalid."}}"#;
+        assert_eq!(classify(400, None, b).class(), ErrorClass::Permanent);
+        let b = br#"{"error":{"code":"ErrorAccessDenied","message":"deltatoken"}}"#;
+        assert_eq!(classify(403, None, b).class(), ErrorClass::Permanent);
+    }
+
+    #[test]
     fn graph_answers_are_classified_as_the_notes_say() {
         let s = Some(Duration::from_secs(2));
         let cases: &[(u16, Option<Duration>, &str, ErrorClass, &str)] = &[
@@ -327,6 +353,27 @@ mod tests {
                 "SyncStateInvalid",
                 ErrorClass::Resync,
                 "SyncStateInvalid",
+            ),
+            (
+                400,
+                None,
+                "InvalidDeltaToken",
+                ErrorClass::Resync,
+                "InvalidDeltaToken",
+            ),
+            (
+                400,
+                None,
+                "ErrorInvalidSyncStateData",
+                ErrorClass::Resync,
+                "ErrorInvalidSyncStateData",
+            ),
+            (
+                400,
+                None,
+                "invaliddeltatoken",
+                ErrorClass::Resync,
+                "invaliddeltatoken",
             ),
             (
                 429,

@@ -6,10 +6,11 @@
 pub mod auth;
 pub mod error;
 pub mod page;
+pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
-pub use page::{DeltaItem, DeltaPage, EventItem, PageLink, parse_page};
+pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
@@ -195,12 +196,97 @@ impl GraphClient {
         connection: Connection,
     ) -> Result<DeltaPage, GraphError> {
         let url = self.check_link(link)?;
+        parse_page(&self.get_ok(&url, connection).await?)
+    }
+
+    /// The calendar-scoped URL of one event: `…/users/{u}/calendar/events/{id}` or
+    /// `…/calendars/{c}/events/{id}`. The mailbox-wide `/events/{id}` 404s for events of shared
+    /// calendars (OpenWhispr #1835), so reads always name the calendar.
+    pub fn event_url(&self, user: &str, calendar: &CalendarRef, id: &str) -> Url {
+        let mut url = self.inner.cfg.base_url.clone();
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.pop_if_empty().push("users").push(user);
+            match calendar {
+                CalendarRef::Default => segs.push("calendar"),
+                CalendarRef::Id(c) => segs.push("calendars").push(c),
+            };
+            segs.push("events").push(id);
+        }
+        url
+    }
+
+    /// GETs one event (a series master, when hydrating occurrence stubs). `None` when Graph
+    /// says it does not exist (404): the series was deleted.
+    pub async fn get_event(
+        &self,
+        user: &str,
+        calendar: &CalendarRef,
+        id: &str,
+        connection: Connection,
+    ) -> Result<Option<EventItem>, GraphError> {
+        let url = self.event_url(user, calendar, id);
+        match self.get_ok(&url, connection).await {
+            Ok(body) => {
+                let v: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(&body).map_err(|e| GraphError::Malformed {
+                        reason: format!("an event is not a JSON object: {e}"),
+                    })?;
+                EventItem::from_map(v).map(Some)
+            }
+            Err(GraphError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The first page of a series' instances in `window`
+    /// (`…/events/{id}/instances?startDateTime=&endDateTime=&$select=…`), ids and times only.
+    pub fn instances_link(
+        &self,
+        user: &str,
+        calendar: &CalendarRef,
+        master_id: &str,
+        window: &ViewWindow,
+    ) -> String {
+        let mut url = self.event_url(user, calendar, master_id);
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.push("instances");
+        }
+        url.query_pairs_mut()
+            .append_pair(
+                "startDateTime",
+                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )
+            .append_pair(
+                "endDateTime",
+                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            )
+            .append_pair("$select", "id,type,seriesMasterId,start,end");
+        url.into()
+    }
+
+    /// GETs one page of a plain list (`/instances`). `None` when the series is gone (404).
+    pub async fn fetch_list(
+        &self,
+        link: &str,
+        connection: Connection,
+    ) -> Result<Option<ListPage>, GraphError> {
+        let url = self.check_link(link)?;
+        match self.get_ok(&url, connection).await {
+            Ok(body) => parse_list(&body).map(Some),
+            Err(GraphError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// GETs `url` and returns a 200's body; any other status is classified. On 401 the token
+    /// is renewed once and the request repeated.
+    async fn get_ok(&self, url: &Url, connection: Connection) -> Result<Vec<u8>, GraphError> {
         let token = self.inner.tokens.token().await?;
-        match self.get(&url, &token, connection).await {
+        match self.get(url, &token, connection).await {
             Err(GraphError::Unauthorized { .. }) => {
                 self.inner.tokens.invalidate(&token).await;
                 let fresh = self.inner.tokens.token().await?;
-                self.get(&url, &fresh, connection).await
+                self.get(url, &fresh, connection).await
             }
             other => other,
         }
@@ -211,7 +297,7 @@ impl GraphClient {
         url: &Url,
         token: &auth::AccessToken,
         connection: Connection,
-    ) -> Result<DeltaPage, GraphError> {
+    ) -> Result<Vec<u8>, GraphError> {
         let mut headers = HeaderMap::new();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
             .map_err(|_| GraphError::AuthUnavailable {
@@ -238,7 +324,7 @@ impl GraphClient {
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
         let body = read_capped(resp, self.inner.cfg.max_page_bytes).await?;
         if status == 200 {
-            parse_page(&body)
+            Ok(body)
         } else {
             Err(classify(status, retry_after, &body))
         }

@@ -4,7 +4,7 @@
 //! well-formed page is a [`GraphError::Malformed`], and the page is not applied.
 
 use crate::error::GraphError;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
 /// One page of a delta round.
@@ -56,10 +56,16 @@ pub struct EventItem {
     pub ical_uid: Option<String>,
     /// `subject`.
     pub subject: Option<String>,
-    /// `start`, converted to UTC.
+    /// `start`, converted to UTC from whatever zone it was written in.
     pub start: Option<DateTime<Utc>>,
     /// `end`, converted to UTC.
     pub end: Option<DateTime<Utc>>,
+    /// The date part of `start` as written: an all-day event's floating first day.
+    pub start_date: Option<NaiveDate>,
+    /// The date part of `end` as written: the day after an all-day event's last day.
+    pub end_date: Option<NaiveDate>,
+    /// Why `start` or `end` could not be read (an unknown zone), if so.
+    pub time_error: Option<String>,
     /// `isAllDay`.
     pub is_all_day: Option<bool>,
     /// `type`: `singleInstance`, `occurrence`, `exception` or `seriesMaster`.
@@ -70,6 +76,18 @@ pub struct EventItem {
     pub last_modified: Option<DateTime<Utc>>,
     /// `changeKey`.
     pub change_key: Option<String>,
+    /// `isCancelled`.
+    pub is_cancelled: Option<bool>,
+    /// `organizer.emailAddress.address`.
+    pub organizer_email: Option<String>,
+    /// `location.displayName`.
+    pub location: Option<String>,
+    /// `showAs`.
+    pub show_as: Option<String>,
+    /// `onlineMeeting.joinUrl`, or the older `onlineMeetingUrl`.
+    pub online_meeting_url: Option<String>,
+    /// `originalStartTimeZone`.
+    pub original_start_time_zone: Option<String>,
     /// Only some properties were sent (seen for occurrences: id, type, start, end): merge it
     /// into what is stored instead of replacing it.
     pub partial: bool,
@@ -81,23 +99,26 @@ fn str_field(m: &Map<String, Value>, k: &str) -> Option<String> {
     m.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
-/// A `dateTimeTimeZone` as an instant. calsync asks for UTC (`Prefer: outlook.timezone`);
-/// a zone it cannot read leaves the instant empty rather than guess.
-fn date_time(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
-    let v = m.get(k)?;
-    let dt = v.get("dateTime")?.as_str()?;
+/// A `dateTimeTimeZone` as an instant and the date as written. calsync asks for UTC
+/// (`Prefer: outlook.timezone`), but a response may carry another zone, Windows names included:
+/// each is converted (DST-correct); a zone calsync does not know is an error, not a guess.
+fn date_time(
+    m: &Map<String, Value>,
+    k: &str,
+) -> Result<Option<(DateTime<Utc>, NaiveDate)>, String> {
+    let Some(v) = m.get(k).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let Some(dt) = v.get("dateTime").and_then(Value::as_str) else {
+        return Err(format!("{k} has no dateTime"));
+    };
     let tz = v.get("timeZone").and_then(Value::as_str).unwrap_or("UTC");
-    if !matches!(
-        tz,
-        "UTC" | "Etc/UTC" | "Coordinated Universal Time" | "tzone://Microsoft/Utc"
-    ) {
-        return None;
-    }
     let t = dt.trim_end_matches('Z');
-    NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
+    let local = NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
         .or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S"))
-        .ok()
-        .map(|n| n.and_utc())
+        .map_err(|_| format!("{k}.dateTime '{dt}' is not a date and time"))?;
+    let at = crate::zone::to_utc(local, tz)?;
+    Ok(Some((at, local.date())))
 }
 
 fn instant(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
@@ -114,16 +135,49 @@ impl EventItem {
             .ok_or_else(|| GraphError::Malformed {
                 reason: "an item has no id".into(),
             })?;
+        let start = date_time(&payload, "start");
+        let end = date_time(&payload, "end");
+        let time_error = match (&start, &end) {
+            (Err(e), _) | (_, Err(e)) => Some(e.clone()),
+            _ => None,
+        };
+        let (start, start_date) = start.ok().flatten().unzip();
+        let (end, end_date) = end.ok().flatten().unzip();
+        let online_meeting_url = payload
+            .get("onlineMeeting")
+            .and_then(|o| o.get("joinUrl"))
+            .and_then(Value::as_str)
+            .or_else(|| payload.get("onlineMeetingUrl").and_then(Value::as_str))
+            .map(str::to_owned);
         Ok(EventItem {
             ical_uid: str_field(&payload, "iCalUId"),
             subject: str_field(&payload, "subject"),
-            start: date_time(&payload, "start"),
-            end: date_time(&payload, "end"),
+            start,
+            end,
+            start_date,
+            end_date,
+            time_error,
             is_all_day: payload.get("isAllDay").and_then(Value::as_bool),
             event_type: str_field(&payload, "type"),
             series_master_id: str_field(&payload, "seriesMasterId"),
             last_modified: instant(&payload, "lastModifiedDateTime"),
             change_key: str_field(&payload, "changeKey"),
+            is_cancelled: payload.get("isCancelled").and_then(Value::as_bool),
+            organizer_email: payload
+                .get("organizer")
+                .and_then(|o| o.get("emailAddress"))
+                .and_then(|e| e.get("address"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            location: payload
+                .get("location")
+                .and_then(|l| l.get("displayName"))
+                .and_then(Value::as_str)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned),
+            show_as: str_field(&payload, "showAs"),
+            online_meeting_url,
+            original_start_time_zone: str_field(&payload, "originalStartTimeZone"),
             partial: !payload.contains_key("subject"),
             id,
             payload,
@@ -173,6 +227,40 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, GraphError> {
         }
     }
     Ok(DeltaPage { items, link })
+}
+
+/// One page of a plain list (`/instances`): its events and the link to the next page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    /// The events, in the order Graph sent them.
+    pub items: Vec<EventItem>,
+    /// `@odata.nextLink`, when there are more pages.
+    pub next: Option<String>,
+}
+
+/// Parses a 200 body of a plain list into a page.
+pub fn parse_list(body: &[u8]) -> Result<ListPage, GraphError> {
+    let malformed = |reason: String| GraphError::Malformed { reason };
+    let v: Value = serde_json::from_slice(body).map_err(|e| malformed(format!("not JSON: {e}")))?;
+    let Value::Object(mut top) = v else {
+        return Err(malformed("the body is not a JSON object".into()));
+    };
+    let next = match top.remove("@odata.nextLink") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) => Some(n),
+        Some(_) => return Err(malformed("a page link is not a string".into())),
+    };
+    let Some(Value::Array(values)) = top.remove("value") else {
+        return Err(malformed("the list has no value array".into()));
+    };
+    let items = values
+        .into_iter()
+        .map(|v| match v {
+            Value::Object(m) => EventItem::from_map(m),
+            _ => Err(malformed("an item is not an object".into())),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ListPage { items, next })
 }
 
 #[cfg(test)]

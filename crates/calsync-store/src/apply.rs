@@ -3,9 +3,9 @@
 
 use crate::Store;
 use crate::error::{StoreError, db};
-use crate::page::{EventRow, PageChanges};
+use crate::page::{Details, EventRow, PageChanges, SeriesRow};
 use crate::tuples::{LinkKind, LinkStamp};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::{Postgres, Transaction};
 
@@ -57,7 +57,7 @@ impl Store {
         self.panic_point(w.tuple_id);
         let c = w.changes;
         let may_sweep = w.link_kind == LinkKind::Delta && w.round_start != Some(RoundStart::Delta);
-        if c.full.is_empty() && c.partial.is_empty() && c.removed.is_empty() && !may_sweep {
+        if c.is_empty() && !may_sweep {
             // Only the link moves: one UPDATE is already atomic, no transaction needed. This
             // is every no-change incremental round.
             self.fault_point()?;
@@ -87,8 +87,10 @@ impl Store {
         };
         let c = w.changes;
         if !c.removed.is_empty() {
+            // An id may be a series master's: the series goes, and every instance of it.
             let r = sqlx::query(
-                "DELETE FROM events WHERE tuple_id = $1 AND event_id = ANY($2::text[])",
+                "DELETE FROM events WHERE tuple_id = $1 \
+                   AND (event_id = ANY($2::text[]) OR series_master_id = ANY($2::text[]))",
             )
             .bind(w.tuple_id)
             .bind(&c.removed)
@@ -96,6 +98,16 @@ impl Store {
             .await
             .map_err(db)?;
             applied.removed = r.rows_affected();
+            sqlx::query("DELETE FROM series WHERE tuple_id = $1 AND master_id = ANY($2::text[])")
+                .bind(w.tuple_id)
+                .bind(&c.removed)
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
+            self.fault_point()?;
+        }
+        if !c.series.is_empty() {
+            upsert_series(tx, w.tuple_id, full_round, &c.series).await?;
             self.fault_point()?;
         }
         if !c.full.is_empty() {
@@ -106,6 +118,29 @@ impl Store {
             applied.upserted += upsert(tx, w.tuple_id, full_round, &c.partial, true).await?;
             self.fault_point()?;
         }
+        for s in &c.reconcile {
+            // Occurrences Outlook dropped without a word (cancelled, retimed): what the
+            // series' /instances no longer lists, and this page did not just write, is gone.
+            let written: Vec<&str> = c
+                .full
+                .iter()
+                .chain(&c.partial)
+                .filter(|r| r.series_master_id.as_deref() == Some(s.master_id.as_str()))
+                .map(|r| r.event_id.as_str())
+                .collect();
+            let r = sqlx::query(
+                "DELETE FROM events WHERE tuple_id = $1 AND series_master_id = $2 \
+                   AND NOT (event_id = ANY($3::text[])) AND NOT (event_id = ANY($4::text[]))",
+            )
+            .bind(w.tuple_id)
+            .bind(&s.master_id)
+            .bind(&s.live)
+            .bind(&written)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            applied.removed += r.rows_affected();
+        }
         if w.link_kind == LinkKind::Delta && round_is_full {
             // The full round reached its deltaLink: whatever it did not list is gone.
             let r = sqlx::query("DELETE FROM events WHERE tuple_id = $1 AND seen_round < $2")
@@ -115,6 +150,17 @@ impl Store {
                 .await
                 .map_err(db)?;
             applied.swept = r.rows_affected();
+            // Series neither listed in the round nor holding an instance are gone too.
+            sqlx::query(
+                "DELETE FROM series s WHERE s.tuple_id = $1 AND s.seen_round < $2 \
+                   AND NOT EXISTS (SELECT 1 FROM events e \
+                                    WHERE e.tuple_id = s.tuple_id AND e.series_master_id = s.master_id)",
+            )
+            .bind(w.tuple_id)
+            .bind(full_round)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
             self.fault_point()?;
         }
         Ok(applied)
@@ -168,6 +214,114 @@ async fn claim<'e, E: sqlx::PgExecutor<'e>>(
     })
 }
 
+/// The per-row arrays of the read model's detail columns, bound as `UNNEST` parameters.
+struct DetailColumns<'a> {
+    ical_uid: Vec<Option<&'a str>>,
+    subject: Vec<Option<&'a str>>,
+    is_all_day: Vec<Option<bool>>,
+    is_cancelled: Vec<Option<bool>>,
+    organizer_email: Vec<Option<&'a str>>,
+    location: Vec<Option<&'a str>>,
+    show_as: Vec<Option<&'a str>>,
+    online_meeting_url: Vec<Option<&'a str>>,
+    original_start_time_zone: Vec<Option<&'a str>>,
+    last_modified_at: Vec<Option<DateTime<Utc>>>,
+    change_key: Vec<Option<&'a str>>,
+}
+
+/// The detail columns, in the order [`DetailColumns::bind`] binds them.
+const DETAIL_COLUMNS: &str = "ical_uid, subject, is_all_day, is_cancelled, organizer_email, location, \
+     show_as, online_meeting_url, original_start_time_zone, last_modified_at, change_key";
+const DETAIL_TYPES: [&str; 11] = [
+    "text[]",
+    "text[]",
+    "bool[]",
+    "bool[]",
+    "text[]",
+    "text[]",
+    "text[]",
+    "text[]",
+    "text[]",
+    "timestamptz[]",
+    "text[]",
+];
+
+impl<'a> DetailColumns<'a> {
+    fn of(details: impl Iterator<Item = &'a Details>) -> Self {
+        let mut c = DetailColumns {
+            ical_uid: Vec::new(),
+            subject: Vec::new(),
+            is_all_day: Vec::new(),
+            is_cancelled: Vec::new(),
+            organizer_email: Vec::new(),
+            location: Vec::new(),
+            show_as: Vec::new(),
+            online_meeting_url: Vec::new(),
+            original_start_time_zone: Vec::new(),
+            last_modified_at: Vec::new(),
+            change_key: Vec::new(),
+        };
+        for d in details {
+            c.ical_uid.push(d.ical_uid.as_deref());
+            c.subject.push(d.subject.as_deref());
+            c.is_all_day.push(d.is_all_day);
+            c.is_cancelled.push(d.is_cancelled);
+            c.organizer_email.push(d.organizer_email.as_deref());
+            c.location.push(d.location.as_deref());
+            c.show_as.push(d.show_as.as_deref());
+            c.online_meeting_url.push(d.online_meeting_url.as_deref());
+            c.original_start_time_zone
+                .push(d.original_start_time_zone.as_deref());
+            c.last_modified_at.push(d.last_modified_at);
+            c.change_key.push(d.change_key.as_deref());
+        }
+        c
+    }
+
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+        q.bind(&self.ical_uid)
+            .bind(&self.subject)
+            .bind(&self.is_all_day)
+            .bind(&self.is_cancelled)
+            .bind(&self.organizer_email)
+            .bind(&self.location)
+            .bind(&self.show_as)
+            .bind(&self.online_meeting_url)
+            .bind(&self.original_start_time_zone)
+            .bind(&self.last_modified_at)
+            .bind(&self.change_key)
+    }
+}
+
+/// `$first::text[], …` for the detail columns' parameters.
+fn detail_params(first: usize) -> String {
+    DETAIL_TYPES
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("${}::{t}", first + i))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `col = EXCLUDED.col` (or, for a partial row, `COALESCE(EXCLUDED.col, table.col)`).
+fn detail_updates(table: &str, partial: bool) -> String {
+    DETAIL_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .map(|c| {
+            if partial {
+                format!("{c} = COALESCE(EXCLUDED.{c}, {table}.{c})")
+            } else {
+                format!("{c} = EXCLUDED.{c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn upsert(
     tx: &mut Transaction<'_, Postgres>,
     tuple_id: i64,
@@ -176,57 +330,108 @@ async fn upsert(
     partial: bool,
 ) -> Result<u64, StoreError> {
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
-    let icals: Vec<Option<&str>> = rows.iter().map(|r| r.ical_uid.as_deref()).collect();
-    let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
     let starts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.start_at).collect();
     let ends: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.end_at).collect();
-    let all_day: Vec<Option<bool>> = rows.iter().map(|r| r.is_all_day).collect();
+    let start_dates: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.start_date).collect();
+    let end_dates: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.end_date).collect();
+    let time_errors: Vec<Option<&str>> = rows.iter().map(|r| r.time_error.as_deref()).collect();
     let types: Vec<Option<&str>> = rows.iter().map(|r| r.event_type.as_deref()).collect();
     let masters: Vec<Option<&str>> = rows.iter().map(|r| r.series_master_id.as_deref()).collect();
-    let modified: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.last_modified_at).collect();
-    let keys: Vec<Option<&str>> = rows.iter().map(|r| r.change_key.as_deref()).collect();
     let payloads: Vec<sqlx::types::Json<&serde_json::Map<String, serde_json::Value>>> =
         rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
+    let details = DetailColumns::of(rows.iter().map(|r| &r.details));
     let on_conflict = if partial {
-        // A partial item never nulls out what is stored.
-        "ical_uid = COALESCE(EXCLUDED.ical_uid, events.ical_uid), subject = COALESCE(EXCLUDED.subject, events.subject), \
-         start_at = COALESCE(EXCLUDED.start_at, events.start_at), end_at = COALESCE(EXCLUDED.end_at, events.end_at), \
-         is_all_day = COALESCE(EXCLUDED.is_all_day, events.is_all_day), event_type = COALESCE(EXCLUDED.event_type, events.event_type), \
-         series_master_id = COALESCE(EXCLUDED.series_master_id, events.series_master_id), \
-         last_modified_at = COALESCE(EXCLUDED.last_modified_at, events.last_modified_at), \
-         change_key = COALESCE(EXCLUDED.change_key, events.change_key), payload = events.payload || EXCLUDED.payload, \
-         seen_round = EXCLUDED.seen_round, synced_at = now()"
+        // A partial item (an occurrence stub) never nulls out what is stored.
+        format!(
+            "start_at = COALESCE(EXCLUDED.start_at, events.start_at), end_at = COALESCE(EXCLUDED.end_at, events.end_at), \
+             start_date = COALESCE(EXCLUDED.start_date, events.start_date), end_date = COALESCE(EXCLUDED.end_date, events.end_date), \
+             time_error = CASE WHEN EXCLUDED.start_at IS NOT NULL OR EXCLUDED.time_error IS NOT NULL THEN EXCLUDED.time_error ELSE events.time_error END, \
+             event_type = COALESCE(EXCLUDED.event_type, events.event_type), \
+             series_master_id = COALESCE(EXCLUDED.series_master_id, events.series_master_id), \
+             {}, payload = events.payload || EXCLUDED.payload, seen_round = EXCLUDED.seen_round, synced_at = now()",
+            detail_updates("events", true)
+        )
     } else {
-        "ical_uid = EXCLUDED.ical_uid, subject = EXCLUDED.subject, start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at, \
-         is_all_day = EXCLUDED.is_all_day, event_type = EXCLUDED.event_type, series_master_id = EXCLUDED.series_master_id, \
-         last_modified_at = EXCLUDED.last_modified_at, change_key = EXCLUDED.change_key, payload = EXCLUDED.payload, \
-         seen_round = EXCLUDED.seen_round, synced_at = now() \
-         WHERE events.change_key IS DISTINCT FROM EXCLUDED.change_key OR EXCLUDED.change_key IS NULL \
-            OR events.seen_round <> EXCLUDED.seen_round"
+        format!(
+            "start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at, start_date = EXCLUDED.start_date, \
+             end_date = EXCLUDED.end_date, time_error = EXCLUDED.time_error, event_type = EXCLUDED.event_type, \
+             series_master_id = EXCLUDED.series_master_id, {}, payload = EXCLUDED.payload, \
+             seen_round = EXCLUDED.seen_round, synced_at = now() \
+             WHERE events.change_key IS DISTINCT FROM EXCLUDED.change_key OR EXCLUDED.change_key IS NULL \
+                OR events.seen_round <> EXCLUDED.seen_round",
+            detail_updates("events", false)
+        )
     };
     let sql = format!(
-        "INSERT INTO events (tuple_id, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
-           series_master_id, last_modified_at, change_key, payload, seen_round) \
-         SELECT $1, u.* , $13 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::timestamptz[], \
-           $7::bool[], $8::text[], $9::text[], $10::timestamptz[], $11::text[], $12::jsonb[]) AS u \
-         ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict}"
+        "INSERT INTO events (tuple_id, event_id, start_at, end_at, start_date, end_date, time_error, event_type, \
+           series_master_id, payload, {DETAIL_COLUMNS}, seen_round) \
+         SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
+           $8::text[], $9::text[], $10::text[], $11::jsonb[], {}) AS u \
+         ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict}",
+        detail_params(12)
     );
-    let r = sqlx::query(&sql)
+    let q = sqlx::query(&sql)
         .bind(tuple_id)
+        .bind(round)
         .bind(&ids)
-        .bind(&icals)
-        .bind(&subjects)
         .bind(&starts)
         .bind(&ends)
-        .bind(&all_day)
+        .bind(&start_dates)
+        .bind(&end_dates)
+        .bind(&time_errors)
         .bind(&types)
         .bind(&masters)
-        .bind(&modified)
-        .bind(&keys)
-        .bind(&payloads)
+        .bind(&payloads);
+    let r = details.bind(q).execute(&mut **tx).await.map_err(db)?;
+    Ok(r.rows_affected())
+}
+
+async fn upsert_series(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[SeriesRow],
+) -> Result<(), StoreError> {
+    let ids: Vec<&str> = rows.iter().map(|r| r.master_id.as_str()).collect();
+    let payloads: Vec<sqlx::types::Json<&serde_json::Map<String, serde_json::Value>>> =
+        rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
+    let details = DetailColumns::of(rows.iter().map(|r| &r.details));
+    let sql = format!(
+        "INSERT INTO series (tuple_id, master_id, payload, {DETAIL_COLUMNS}, seen_round) \
+         SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::jsonb[], {}) AS u \
+         ON CONFLICT (tuple_id, master_id) DO UPDATE SET {}, payload = EXCLUDED.payload, \
+           seen_round = EXCLUDED.seen_round, synced_at = now()",
+        detail_params(5),
+        detail_updates("series", false)
+    );
+    let q = sqlx::query(&sql)
+        .bind(tuple_id)
         .bind(round)
-        .execute(&mut **tx)
+        .bind(&ids)
+        .bind(&payloads);
+    details.bind(q).execute(&mut **tx).await.map_err(db)?;
+    Ok(())
+}
+
+impl Store {
+    /// Which of `master_ids` this tuple has stored as series: the others' occurrence stubs
+    /// need their master fetched before the page commits.
+    pub async fn known_series(
+        &self,
+        tuple_id: i64,
+        master_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if master_ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT master_id FROM series WHERE tuple_id = $1 AND master_id = ANY($2::text[])",
+        )
+        .bind(tuple_id)
+        .bind(master_ids)
+        .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-    Ok(r.rows_affected())
+        Ok(rows.into_iter().collect())
+    }
 }

@@ -21,7 +21,7 @@ pub mod tuples;
 
 pub use apply::{PageApplied, PageWrite, RoundStart};
 pub use error::StoreError;
-pub use page::{EventRow, PageChanges, PageOp, reduce};
+pub use page::{Details, EventRow, PageChanges, PageOp, SeriesInstances, SeriesRow, reduce};
 pub use read_model::{EventSummary, StatusRow};
 #[cfg(any(test, feature = "testing"))]
 pub use testing::{copy_rows_for_benchmark, recreate_database};

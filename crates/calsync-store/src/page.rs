@@ -1,36 +1,105 @@
 //! What one delta page means for the store, decided in memory before any SQL runs.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-/// One event row to write.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRow {
-    /// Graph's event id.
-    pub event_id: String,
+/// What an event says about itself beyond its id and times: the fields the read model
+/// indexes. An occurrence stub has none of them; its series (a [`SeriesRow`]) does.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Details {
     /// The iCalendar UID.
     pub ical_uid: Option<String>,
     /// The subject.
     pub subject: Option<String>,
-    /// The start instant.
-    pub start_at: Option<DateTime<Utc>>,
-    /// The end instant.
-    pub end_at: Option<DateTime<Utc>>,
     /// Whether it is all-day.
     pub is_all_day: Option<bool>,
-    /// `singleInstance`, `occurrence`, `exception` or `seriesMaster`.
-    pub event_type: Option<String>,
-    /// The series an occurrence or exception belongs to.
-    pub series_master_id: Option<String>,
+    /// `isCancelled`: an attendee's copy of a meeting its organizer cancelled.
+    pub is_cancelled: Option<bool>,
+    /// `organizer.emailAddress.address`.
+    pub organizer_email: Option<String>,
+    /// `location.displayName`.
+    pub location: Option<String>,
+    /// `showAs`: `free`, `tentative`, `busy`, `oof`, `workingElsewhere`.
+    pub show_as: Option<String>,
+    /// `onlineMeeting.joinUrl` (or the older `onlineMeetingUrl`).
+    pub online_meeting_url: Option<String>,
+    /// `originalStartTimeZone`: the zone the organizer used.
+    pub original_start_time_zone: Option<String>,
     /// Graph's `lastModifiedDateTime`.
     pub last_modified_at: Option<DateTime<Utc>>,
     /// Graph's `changeKey`: an unchanged key means an unchanged row.
     pub change_key: Option<String>,
+}
+
+impl Details {
+    /// Lays `newer` over `self`: fields it has win, fields it lacks are kept.
+    fn merge(&mut self, newer: Details) {
+        macro_rules! keep {
+            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
+        }
+        keep!(
+            ical_uid,
+            subject,
+            is_all_day,
+            is_cancelled,
+            organizer_email,
+            location,
+            show_as,
+            online_meeting_url,
+            original_start_time_zone,
+            last_modified_at,
+            change_key
+        );
+    }
+}
+
+/// One event row to write: a single event, an occurrence or an exception.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    /// Graph's event id.
+    pub event_id: String,
+    /// The start instant.
+    pub start_at: Option<DateTime<Utc>>,
+    /// The end instant.
+    pub end_at: Option<DateTime<Utc>>,
+    /// The date part of `start` as Graph wrote it (an all-day event's floating date).
+    pub start_date: Option<NaiveDate>,
+    /// The date part of `end` as Graph wrote it.
+    pub end_date: Option<NaiveDate>,
+    /// Why the times could not be read (an unknown time zone), if so.
+    pub time_error: Option<String>,
+    /// `singleInstance`, `occurrence` or `exception`.
+    pub event_type: Option<String>,
+    /// The series an occurrence or exception belongs to.
+    pub series_master_id: Option<String>,
+    /// The rest of what the read model indexes.
+    pub details: Details,
     /// Merge into the stored row instead of replacing it.
     pub partial: bool,
     /// The item as Graph sent it (the read model's `payload`).
     pub payload: Map<String, Value>,
+}
+
+/// A series master: never an instance, kept so its occurrences can show its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRow {
+    /// The master's id (the `seriesMasterId` of its occurrences).
+    pub master_id: String,
+    /// Its fields.
+    pub details: Details,
+    /// The master as Graph sent it.
+    pub payload: Map<String, Value>,
+}
+
+/// The instances of one series in a tuple's window, as `/instances` listed them: occurrences of
+/// that series that are stored but not listed here left silently (cancelled, retimed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesInstances {
+    /// The series.
+    pub master_id: String,
+    /// Ids of its live occurrences and exceptions in the window.
+    pub live: Vec<String>,
 }
 
 /// One item of a page, in arrival order.
@@ -51,8 +120,23 @@ pub struct PageChanges {
     pub full: Vec<EventRow>,
     /// Rows merged into what is stored (Graph sent only some fields).
     pub partial: Vec<EventRow>,
-    /// Ids to delete.
+    /// Ids to delete. A series master's id deletes the series and all its instances too.
     pub removed: Vec<String>,
+    /// Series masters to store (listed in the page, or fetched for its occurrence stubs).
+    pub series: Vec<SeriesRow>,
+    /// Series whose stored occurrences are reconciled with what `/instances` listed.
+    pub reconcile: Vec<SeriesInstances>,
+}
+
+impl PageChanges {
+    /// Nothing to write but the link.
+    pub fn is_empty(&self) -> bool {
+        self.full.is_empty()
+            && self.partial.is_empty()
+            && self.removed.is_empty()
+            && self.series.is_empty()
+            && self.reconcile.is_empty()
+    }
 }
 
 impl EventRow {
@@ -62,16 +146,17 @@ impl EventRow {
             ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
         }
         keep!(
-            ical_uid,
-            subject,
             start_at,
             end_at,
-            is_all_day,
+            start_date,
+            end_date,
             event_type,
-            series_master_id,
-            last_modified_at,
-            change_key
+            series_master_id
         );
+        if newer.start_at.is_some() || newer.time_error.is_some() {
+            self.time_error = newer.time_error;
+        }
+        self.details.merge(newer.details);
         self.payload.extend(newer.payload);
         self
     }
@@ -128,15 +213,17 @@ mod tests {
         }
         EventRow {
             event_id: id.into(),
-            ical_uid: None,
-            subject: subject.map(str::to_owned),
             start_at: None,
             end_at: None,
-            is_all_day: None,
+            start_date: None,
+            end_date: None,
+            time_error: None,
             event_type: None,
             series_master_id: None,
-            last_modified_at: None,
-            change_key: None,
+            details: Details {
+                subject: subject.map(str::to_owned),
+                ..Details::default()
+            },
             partial,
             payload,
         }
@@ -230,7 +317,7 @@ mod tests {
             PageOp::Upsert(row("a", Some("kept"), false)),
             PageOp::Upsert(p),
         ]);
-        assert_eq!(c.full[0].subject.as_deref(), Some("kept"));
+        assert_eq!(c.full[0].details.subject.as_deref(), Some("kept"));
         assert!(c.full[0].start_at.is_some());
         assert_eq!(c.full[0].payload["subject"], "kept");
     }

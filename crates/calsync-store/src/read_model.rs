@@ -40,6 +40,9 @@ pub struct StatusRow {
     pub consecutive_failures: i32,
     /// Rows in the read model.
     pub event_count: i64,
+    /// Rows not whole yet: a time that could not be read, or an occurrence stub whose series
+    /// is not stored.
+    pub incomplete_count: i64,
 }
 
 /// The read-model columns tests and the demo compare with Graph's truth.
@@ -59,6 +62,18 @@ pub struct EventSummary {
     pub is_all_day: Option<bool>,
     /// The series an occurrence or exception belongs to.
     pub series_master_id: Option<String>,
+    /// An attendee's copy of a meeting its organizer cancelled.
+    pub is_cancelled: bool,
+    /// An all-day event's first day.
+    pub start_date: Option<chrono::NaiveDate>,
+    /// The day after an all-day event's last day.
+    pub end_date: Option<chrono::NaiveDate>,
+    /// The organizer's address.
+    pub organizer_email: Option<String>,
+    /// Where.
+    pub location: Option<String>,
+    /// `free`, `busy`, …
+    pub show_as: Option<String>,
 }
 
 impl Store {
@@ -79,10 +94,23 @@ impl Store {
             .map_err(db)
     }
 
+    /// Ids of the series masters a tuple keeps, sorted.
+    pub async fn series_ids(&self, tuple_key: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT s.master_id FROM series s JOIN sync_tuples t ON t.id = s.tuple_id \
+             WHERE t.tuple_key = $1 ORDER BY s.master_id COLLATE \"C\"",
+        )
+        .bind(tuple_key)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     /// The indexed columns of a tuple's rows as the read model shows them, sorted by id.
     pub async fn event_summaries(&self, tuple_key: &str) -> Result<Vec<EventSummary>, StoreError> {
         sqlx::query_as(
-            "SELECT event_id, event_type, subject, start_at, end_at, is_all_day, series_master_id \
+            "SELECT event_id, event_type, subject, start_at, end_at, is_all_day, series_master_id, \
+               is_cancelled, start_date, end_date, organizer_email, location, show_as \
              FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id COLLATE \"C\"",
         )
         .bind(tuple_key)

@@ -30,6 +30,8 @@ impl Divergence {
     }
 }
 
+/// Every field the truth API gives, as the read model shows it (an occurrence's series fields
+/// included: a stub stored without them differs).
 fn same(row: &EventSummary, truth: &TruthItem) -> bool {
     row.event_type.as_deref() == Some(truth.event_type.as_str())
         && row.subject.as_deref() == Some(truth.subject.as_str())
@@ -37,6 +39,12 @@ fn same(row: &EventSummary, truth: &TruthItem) -> bool {
         && row.end_at == Some(truth.end)
         && row.is_all_day == Some(truth.is_all_day)
         && row.series_master_id == truth.series_master_id
+        && row.organizer_email.as_deref() == Some(truth.organizer_email.as_str())
+        && row.location.as_deref().unwrap_or("") == truth.location
+        && row.show_as.as_deref() == Some(truth.show_as.as_str())
+        && row.is_cancelled == truth.is_cancelled
+        && row.start_date == truth.start_date
+        && row.end_date == truth.end_date
 }
 
 /// Compares every tuple's rows with the live instances of its window in the simulator.

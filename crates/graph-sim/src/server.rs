@@ -361,6 +361,19 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
             let n = st.cache.evict(user);
             admin_json(200, &json!({"evicted": n}))
         }
+        ("POST", "organizer-cancel") => {
+            let mut st = sim.lock();
+            let (Some(u), Some(id)) = (
+                q.get("user").and_then(|u| st.tenant.user_index(u)),
+                q.get("id"),
+            ) else {
+                return bad("organizer-cancel needs user and id".into());
+            };
+            match st.tenant.cancel_by_organizer(u, None, id) {
+                Ok(()) => admin_json(200, &json!({"ok": true})),
+                Err(e) => admin_json(e.status, &json!({"error": e.message})),
+            }
+        }
         ("POST", "expire-tokens") => {
             let mut st = sim.lock();
             let now = st.tenant.now();

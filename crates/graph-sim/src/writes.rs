@@ -250,6 +250,7 @@ impl Tenant {
             importance: "normal".into(),
             sensitivity: "normal".into(),
             categories: Vec::new(),
+            is_cancelled: false,
             change_key: self.ids.change_key(),
             last_modified: now,
         };
@@ -424,6 +425,39 @@ impl Tenant {
                 ev.props.change_key = change_key;
                 ev.props.last_modified = now;
             }
+        }
+        cal.touch(&master);
+        Ok(())
+    }
+
+    /// The organizer cancelled the meeting: this mailbox's copy (an attendee's) stays in the
+    /// calendar with `isCancelled: true` and its subject prefixed "Canceled: " until the
+    /// attendee removes it (microsoft-graph-docs #8692, docs-contrib #803). On a series it
+    /// applies to the whole series, exceptions included.
+    pub fn cancel_by_organizer(
+        &mut self,
+        user: usize,
+        calendar: Option<usize>,
+        id: &str,
+    ) -> Result<(), GraphError> {
+        let (ci, master, _) = self.locate(user, calendar, id)?;
+        let change_key = self.ids.change_key();
+        let now = self.now();
+        let cal = &mut self.users[user].calendars[ci];
+        let ev = cal.events.get_mut(&master).ok_or_else(|| {
+            GraphError::not_found("The specified object was not found in the store.")
+        })?;
+        let cancel = |p: &mut Props| {
+            if !p.is_cancelled {
+                p.is_cancelled = true;
+                p.subject = format!("Canceled: {}", p.subject);
+            }
+            p.change_key = change_key.clone();
+            p.last_modified = now;
+        };
+        cancel(&mut ev.props);
+        for ex in ev.exceptions.values_mut() {
+            cancel(&mut ex.props);
         }
         cal.touch(&master);
         Ok(())

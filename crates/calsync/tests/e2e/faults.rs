@@ -5,15 +5,11 @@
 use crate::harness::*;
 use calsync_engine::{Budget, Health, Outcome, SyncSettings, Tuple};
 use calsync_store::TupleStatus;
-use graph_sim::{FaultRule, RequestRecord};
+use graph_sim::RequestRecord;
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-fn rule(v: serde_json::Value) -> FaultRule {
-    serde_json::from_value(v).unwrap()
-}
 
 fn mailbox_id(h: &Harness, upn: &str) -> String {
     let st = h.sim.lock();
@@ -28,15 +24,6 @@ fn delta_requests(h: &Harness) -> Vec<RequestRecord> {
         .into_iter()
         .filter(|r| r.path.contains("calendarView"))
         .collect()
-}
-
-/// Asserts the simulator saw no request before a `Retry-After` and never more than 4 in
-/// flight to one mailbox.
-fn assert_good_manners(h: &Harness) {
-    let v = h.sim.lock().violations();
-    assert_eq!(v.retry_after, 0, "requests before Retry-After: {v:?}");
-    assert_eq!(v.concurrency, 0, "over 4 in flight: {v:?}");
-    assert!(v.max_in_flight <= 4, "{v:?}");
 }
 
 async fn all_synced(engine: &calsync_engine::Engine, tuples: &[Tuple]) {

@@ -17,14 +17,10 @@ pub const USER: &str = "adele@contoso.onmicrosoft.com";
 /// The real `calsync` binary, for the process-level tests.
 pub const BIN: &str = env!("CARGO_BIN_EXE_calsync");
 
-/// The simulator's settings for calsync's tests. Until calsync mirrors series as Outlook serves
-/// them (issue 10: stubs, listed masters, silent cancellations), its tests run the documented
-/// profile; graph-sim's own default is the `outlook` one.
+/// The simulator's settings for calsync's tests: the default `outlook` profile, so every test
+/// meets series as production Outlook serves them (stubs, listed masters, silent cancellations).
 pub fn sim_config() -> SimConfig {
-    SimConfig {
-        behaviour: graph_sim::Behaviour::documented(),
-        ..SimConfig::default()
-    }
+    SimConfig::default()
 }
 
 /// A config file naming the database at `db`, Graph at `graph` and its token endpoint `token`
@@ -266,6 +262,20 @@ pub fn seed(h: &Harness, singles: u32) -> Vec<String> {
         "2026-09-01T11:00:00",
     ));
     ids
+}
+
+/// A simulator fault rule from its JSON form.
+pub fn rule(v: Value) -> graph_sim::FaultRule {
+    serde_json::from_value(v).unwrap()
+}
+
+/// Asserts the simulator saw no request before a `Retry-After` and never more than 4 in
+/// flight to one mailbox.
+pub fn assert_good_manners(h: &Harness) {
+    let v = h.sim.lock().violations();
+    assert_eq!(v.retry_after, 0, "requests before Retry-After: {v:?}");
+    assert_eq!(v.concurrency, 0, "over 4 in flight: {v:?}");
+    assert!(v.max_in_flight <= 4, "{v:?}");
 }
 
 pub async fn sync(engine: &Engine, t: &Tuple) -> Outcome {

@@ -6,6 +6,7 @@
 //! | `sync` | sync semantics: full and incremental rounds, removals, resyncs, crash safety |
 //! | `faults` | every fault of RELIABILITY.md: throttling, broken transfers, auth, bad input |
 //! | `outage` | a private PostgreSQL cluster stopped and started under the engine |
+//! | `series` | recurring series as Outlook serves them: stubs, masters, silent cancellations |
 //! | `model` | seeded random edits, faults, 410s and crashes converge to the truth |
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
@@ -17,6 +18,7 @@ mod faults;
 mod harness;
 mod model;
 mod outage;
+mod series;
 mod service;
 mod soak;
 mod sync;

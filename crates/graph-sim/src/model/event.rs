@@ -50,6 +50,8 @@ pub struct Props {
     pub sensitivity: String,
     /// `categories`.
     pub categories: Vec<String>,
+    /// `isCancelled`: set on an attendee's copy when the organizer cancels the meeting.
+    pub is_cancelled: bool,
     /// `changeKey`: new on every write.
     pub change_key: String,
     /// `lastModifiedDateTime`.
@@ -212,7 +214,7 @@ impl Instance<'_> {
         m.insert("importance".into(), json!(p.importance));
         m.insert("sensitivity".into(), json!(p.sensitivity));
         m.insert("isAllDay".into(), json!(p.is_all_day));
-        m.insert("isCancelled".into(), json!(false));
+        m.insert("isCancelled".into(), json!(p.is_cancelled));
         m.insert("isOrganizer".into(), json!(true));
         m.insert("responseRequested".into(), json!(true));
         m.insert("seriesMasterId".into(), json!(self.series_master_id()));

@@ -163,6 +163,12 @@ pub struct TruthItem {
     pub show_as: String,
     /// `iCalUId`.
     pub ical_uid: String,
+    /// `isCancelled`: an attendee's copy of a meeting its organizer cancelled.
+    pub is_cancelled: bool,
+    /// An all-day event's first day (floating).
+    pub start_date: Option<chrono::NaiveDate>,
+    /// The day after an all-day event's last day.
+    pub end_date: Option<chrono::NaiveDate>,
 }
 
 #[derive(Debug, Default)]
@@ -372,6 +378,9 @@ impl State {
                 location: i.props.location.clone(),
                 show_as: i.props.show_as.clone(),
                 ical_uid: i.ical_uid(),
+                is_cancelled: i.props.is_cancelled,
+                start_date: i.props.is_all_day.then(|| i.start.date()),
+                end_date: i.props.is_all_day.then(|| i.end.date()),
             })
             .collect();
         out.sort();
