@@ -149,9 +149,6 @@ impl SimProcess {
                 "0",
                 "--seed",
                 "42",
-                // The documented series behaviour until calsync mirrors Outlook's (issue 10).
-                "--profile",
-                "documented",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -449,6 +449,15 @@ impl Engine {
         let ids: Vec<String> = page.items.iter().map(|i| i.id().to_owned()).collect();
         let link_after = page.link;
         let mut changes = page_changes(page.items);
+        for r in changes.full.iter().chain(&changes.partial) {
+            if let Some(why) = &r.time_error {
+                // Kept (times empty, counted in calendar_sync_status), never guessed at, and
+                // never a reason to hold back the rest of the page.
+                warn!(tuple = %tuple.key, event = %r.event_id, error = %why, "an event's time could not be read");
+                metrics::counter!("calsync_items_incomplete_total", "reason" => "time_zone")
+                    .increment(1);
+            }
+        }
         self.complete_series(tuple, &mut changes, round_is_full, cancel)
             .await?;
         let applied = self

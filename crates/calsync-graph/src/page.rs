@@ -4,7 +4,7 @@
 //! well-formed page is a [`GraphError::Malformed`], and the page is not applied.
 
 use crate::error::GraphError;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::{Map, Value};
 
 /// One page of a delta round.
@@ -99,13 +99,8 @@ fn str_field(m: &Map<String, Value>, k: &str) -> Option<String> {
     m.get(k).and_then(Value::as_str).map(str::to_owned)
 }
 
-/// A `dateTimeTimeZone` as an instant and the date as written. calsync asks for UTC
-/// (`Prefer: outlook.timezone`), but a response may carry another zone, Windows names included:
-/// each is converted (DST-correct); a zone calsync does not know is an error, not a guess.
-fn date_time(
-    m: &Map<String, Value>,
-    k: &str,
-) -> Result<Option<(DateTime<Utc>, NaiveDate)>, String> {
+/// A `dateTimeTimeZone` as written: the wall time and its zone's name.
+fn wall_time(m: &Map<String, Value>, k: &str) -> Result<Option<(NaiveDateTime, String)>, String> {
     let Some(v) = m.get(k).filter(|v| !v.is_null()) else {
         return Ok(None);
     };
@@ -117,7 +112,29 @@ fn date_time(
     let local = NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S%.f")
         .or_else(|_| NaiveDateTime::parse_from_str(t, "%Y-%m-%dT%H:%M:%S"))
         .map_err(|_| format!("{k}.dateTime '{dt}' is not a date and time"))?;
-    let at = crate::zone::to_utc(local, tz)?;
+    Ok(Some((local, tz.to_owned())))
+}
+
+/// A `dateTimeTimeZone` as an instant and the date as written. calsync asks for UTC
+/// (`Prefer: outlook.timezone`), but a response may carry another zone, Windows names included:
+/// each is converted (DST-correct); a zone calsync does not know is an error, not a guess. An
+/// all-day event is a floating date, midnight to midnight in whatever zone the response was
+/// rendered in (docs#1802): its instants are its dates' midnights in UTC, whatever the label.
+fn date_time(
+    m: &Map<String, Value>,
+    k: &str,
+    all_day: bool,
+) -> Result<Option<(DateTime<Utc>, NaiveDate)>, String> {
+    let Some((local, tz)) = wall_time(m, k)? else {
+        return Ok(None);
+    };
+    if all_day {
+        return Ok(Some((
+            local.date().and_time(NaiveTime::MIN).and_utc(),
+            local.date(),
+        )));
+    }
+    let at = crate::zone::to_utc(local, &tz)?;
     Ok(Some((at, local.date())))
 }
 
@@ -135,8 +152,10 @@ impl EventItem {
             .ok_or_else(|| GraphError::Malformed {
                 reason: "an item has no id".into(),
             })?;
-        let start = date_time(&payload, "start");
-        let end = date_time(&payload, "end");
+        let is_all_day = payload.get("isAllDay").and_then(Value::as_bool);
+        let all_day = is_all_day == Some(true);
+        let start = date_time(&payload, "start", all_day);
+        let end = date_time(&payload, "end", all_day);
         let time_error = match (&start, &end) {
             (Err(e), _) | (_, Err(e)) => Some(e.clone()),
             _ => None,
@@ -157,7 +176,7 @@ impl EventItem {
             start_date,
             end_date,
             time_error,
-            is_all_day: payload.get("isAllDay").and_then(Value::as_bool),
+            is_all_day,
             event_type: str_field(&payload, "type"),
             series_master_id: str_field(&payload, "seriesMasterId"),
             last_modified: instant(&payload, "lastModifiedDateTime"),
@@ -341,6 +360,44 @@ mod tests {
         assert!(
             events[2].partial,
             "an occurrence without a subject merges into what is stored"
+        );
+    }
+
+    #[test]
+    fn times_in_other_zones_are_converted_and_all_day_dates_float() {
+        let page = parse_page(br#"{"@odata.deltaLink":"d","value":[
+            {"id":"pst","subject":"s","start":{"dateTime":"2026-03-09T09:00:00.0000000","timeZone":"Pacific Standard Time"},
+             "end":{"dateTime":"2026-03-09T09:30:00.0000000","timeZone":"Pacific Standard Time"}},
+            {"id":"day","subject":"s","isAllDay":true,"start":{"dateTime":"2026-04-01T00:00:00.0000000","timeZone":"Tokyo Standard Time"},
+             "end":{"dateTime":"2026-04-02T00:00:00.0000000","timeZone":"Tokyo Standard Time"}},
+            {"id":"mars","subject":"s","start":{"dateTime":"2026-03-09T09:00:00.0000000","timeZone":"Mars Standard Time"},
+             "end":{"dateTime":"2026-03-09T10:00:00.0000000","timeZone":"Mars Standard Time"}}
+        ]}"#).unwrap();
+        let ev = |i: usize| match &page.items[i] {
+            DeltaItem::Event(e) => e.clone(),
+            DeltaItem::Removed { .. } => panic!("an event"),
+        };
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            ev(0).start,
+            Some(at("2026-03-09T16:00:00Z")),
+            "PDT, after 8 March"
+        );
+        assert_eq!(ev(0).end, Some(at("2026-03-09T16:30:00Z")));
+        assert_eq!(
+            ev(1).start,
+            Some(at("2026-04-01T00:00:00Z")),
+            "a floating date"
+        );
+        assert_eq!(ev(1).start_date, NaiveDate::from_ymd_opt(2026, 4, 1));
+        assert_eq!(ev(1).end_date, NaiveDate::from_ymd_opt(2026, 4, 2));
+        let mars = ev(2);
+        assert_eq!(mars.start, None);
+        assert!(
+            mars.time_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Mars Standard Time")),
+            "{mars:?}"
         );
     }
 

@@ -143,8 +143,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         sim: SimConfig {
             seed: args.seed,
             default_page_size: 25,
-            // The documented series behaviour until calsync mirrors Outlook's (issue 10).
-            behaviour: graph_sim::Behaviour::documented(),
             ..SimConfig::default()
         },
         generate: Some(GenerateSpec {

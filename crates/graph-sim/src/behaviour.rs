@@ -47,6 +47,10 @@ pub struct Behaviour {
     /// `InvalidDeltaToken` instead of 410 (microsoft-graph-docs #6599 comments; corso and the
     /// SDKs see `ErrorInvalidSyncStateData` on mailbox delta). An evicted state stays 410.
     pub bad_token_is_400: bool,
+    /// An item written in another zone is rendered in that zone, under its Windows name,
+    /// despite `Prefer: outlook.timezone` (Microsoft Q&A 1382503). Occurrence stubs follow the
+    /// header.
+    pub own_time_zone_despite_prefer: bool,
 }
 
 impl Behaviour {
@@ -59,6 +63,7 @@ impl Behaviour {
             silent_occurrence_removal: true,
             removed_series_lists_occurrences: false,
             bad_token_is_400: true,
+            own_time_zone_despite_prefer: true,
         }
     }
 
@@ -71,6 +76,7 @@ impl Behaviour {
             silent_occurrence_removal: false,
             removed_series_lists_occurrences: true,
             bad_token_is_400: false,
+            own_time_zone_despite_prefer: false,
         }
     }
 
@@ -99,6 +105,7 @@ struct BehaviourSpec {
     silent_occurrence_removal: Option<bool>,
     removed_series_lists_occurrences: Option<bool>,
     bad_token_is_400: Option<bool>,
+    own_time_zone_despite_prefer: Option<bool>,
 }
 
 impl From<BehaviourSpec> for Behaviour {
@@ -115,6 +122,9 @@ impl From<BehaviourSpec> for Behaviour {
                 .removed_series_lists_occurrences
                 .unwrap_or(b.removed_series_lists_occurrences),
             bad_token_is_400: s.bad_token_is_400.unwrap_or(b.bad_token_is_400),
+            own_time_zone_despite_prefer: s
+                .own_time_zone_despite_prefer
+                .unwrap_or(b.own_time_zone_despite_prefer),
         }
     }
 }
@@ -128,6 +138,7 @@ impl From<Behaviour> for BehaviourSpec {
             silent_occurrence_removal: Some(b.silent_occurrence_removal),
             removed_series_lists_occurrences: Some(b.removed_series_lists_occurrences),
             bad_token_is_400: Some(b.bad_token_is_400),
+            own_time_zone_despite_prefer: Some(b.own_time_zone_despite_prefer),
         }
     }
 }

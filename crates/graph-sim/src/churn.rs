@@ -152,7 +152,9 @@ pub fn random_edit(
         6 => {
             let id = pick(rng, &occurrences)?;
             let shift = Duration::hours(rng.gen_range(1..4));
-            let current = t.get_event(user, Some(calendar), &id).ok()?;
+            let current = t
+                .get_event(user, Some(calendar), &id, &crate::model::Render::utc())
+                .ok()?;
             let (s, e) = start_end(&current)?;
             let p = patch(
                 json!({"subject": "Moved this week only", "start": dt(s + shift), "end": dt(e + shift)}),
@@ -173,7 +175,9 @@ pub fn random_edit(
         }
         9 => {
             let id = pick(rng, &series)?;
-            let current = t.get_event(user, Some(calendar), &id).ok()?;
+            let current = t
+                .get_event(user, Some(calendar), &id, &crate::model::Render::utc())
+                .ok()?;
             let (s, e) = start_end(&current)?;
             let shift = Duration::minutes(30);
             let p = patch(json!({"start": dt(s + shift), "end": dt(e + shift)}))?;

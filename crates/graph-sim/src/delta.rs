@@ -10,7 +10,7 @@
 
 use crate::behaviour::Behaviour;
 use crate::error::GraphError;
-use crate::model::{Instance, InstanceKind, Tenant, Window, parse_occurrence_id};
+use crate::model::{Instance, InstanceKind, Render, Tenant, Window, parse_occurrence_id};
 use crate::token::{TokenBody, TokenCodec, TokenError, TokenKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -47,6 +47,14 @@ pub struct DeltaRequest {
     pub delta_token: Option<String>,
     /// `Prefer: odata.maxpagesize`.
     pub max_page_size: Option<usize>,
+    /// The zone times are rendered in (`Prefer: outlook.timezone`).
+    pub render: Render,
+}
+
+impl Default for Render {
+    fn default() -> Self {
+        Render::utc()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -214,6 +222,7 @@ impl SyncCache {
         let round = self.start_round(
             tenant,
             behaviour,
+            &req.render,
             user,
             calendar,
             window,
@@ -290,10 +299,12 @@ impl SyncCache {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one round's every input
     fn start_round(
         &mut self,
         tenant: &Tenant,
         behaviour: &Behaviour,
+        render: &Render,
         user: usize,
         calendar: usize,
         window: Window,
@@ -336,8 +347,10 @@ impl SyncCache {
                             let mv = inst.event.series_version();
                             snapshot.insert(master.to_owned(), mv);
                             if previous.is_none_or(|p| p.snapshot.0.get(master) != Some(&mv)) {
-                                items
-                                    .push(item(Some(master.to_owned()), &inst.event.master_json()));
+                                items.push(item(
+                                    Some(master.to_owned()),
+                                    &inst.event.master_json(render),
+                                ));
                             }
                         }
                     }
@@ -345,7 +358,7 @@ impl SyncCache {
                     if changed {
                         items.push(item(
                             inst.series_master_id().map(str::to_owned),
-                            &delta_json(inst, behaviour),
+                            &delta_json(inst, behaviour, render),
                         ));
                     }
                 }
@@ -490,11 +503,11 @@ impl SyncCache {
 /// An instance as a delta page carries it: occurrences as bare stubs when Outlook's behaviour is
 /// on (microsoft-graph-docs #1716, #7632, #22197; keeper.sh #409; OpenWhispr #1665, #1835),
 /// everything else in full.
-fn delta_json(inst: &Instance<'_>, behaviour: &Behaviour) -> Value {
+fn delta_json(inst: &Instance<'_>, behaviour: &Behaviour, render: &Render) -> Value {
     if behaviour.stub_occurrences && inst.kind == InstanceKind::Occurrence {
-        inst.to_stub_json()
+        inst.to_stub_json(render)
     } else {
-        inst.to_graph_json()
+        inst.to_graph_json(render)
     }
 }
 

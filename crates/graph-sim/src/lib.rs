@@ -23,6 +23,7 @@ pub mod server;
 pub mod sim;
 pub mod token;
 pub mod writes;
+pub mod zone;
 
 pub use behaviour::{Behaviour, Profile};
 pub use delta::Quirks;

@@ -147,8 +147,9 @@ pub struct RecurrenceRange {
     /// Graph writes `0001-01-01` for ranges without an end date.
     #[serde(default, serialize_with = "graph_end_date")]
     pub end_date: Option<NaiveDate>,
-    /// The zone the pattern is expanded in.
-    #[serde(default = "utc")]
+    /// The zone the pattern is expanded in; empty when the client sent none, and then the
+    /// start's zone (filled in when the series is written).
+    #[serde(default)]
     pub recurrence_time_zone: String,
     /// Occurrences of a numbered range.
     #[serde(default)]
@@ -160,10 +161,6 @@ fn graph_end_date<S: serde::Serializer>(d: &Option<NaiveDate>, s: S) -> Result<S
         Some(d) => s.serialize_str(&d.to_string()),
         None => s.serialize_str("0001-01-01"),
     }
-}
-
-fn utc() -> String {
-    "UTC".to_owned()
 }
 
 /// `recurrenceRangeType`.

@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::path::Path;
 
+/// The zones generated events are written in.
+const ZONES: [&str; 7] = [
+    "UTC",
+    "UTC",
+    "Pacific Standard Time",
+    "W. Europe Standard Time",
+    "Eastern Standard Time",
+    "Tokyo Standard Time",
+    "Europe/London",
+];
 /// How to generate a tenant: `--users 50 --events-per-user 200 --recurring 0.3 --seed 42`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -301,7 +311,10 @@ pub fn generate(tenant: &mut Tenant, spec: &GenerateSpec, seed: u64) {
             let minutes = [0, 15, 30, 45][rng.gen_range(0..4)];
             let time = NaiveTime::from_hms_opt(hour, minutes, 0).unwrap_or(NaiveTime::MIN);
             let duration = Duration::minutes([15, 30, 45, 60, 90, 120][rng.gen_range(0..6)]);
-            let dt = |d: chrono::NaiveDateTime| json!({"dateTime": crate::model::graph_date_time(d), "timeZone": "UTC"});
+            // Tenants span zones: events are written in their organizer's zone, Windows and
+            // IANA names both, so series expand across daylight-saving changes.
+            let zone = ZONES[rng.gen_range(0..ZONES.len())];
+            let dt = |d: chrono::NaiveDateTime| json!({"dateTime": crate::model::graph_date_time(d), "timeZone": zone});
             if recurring {
                 let start_day = today + Duration::days(rng.gen_range(-150..60));
                 let start = start_day.and_time(time);
@@ -333,7 +346,7 @@ pub fn generate(tenant: &mut Tenant, spec: &GenerateSpec, seed: u64) {
                 };
                 let mut range = range;
                 range["startDate"] = json!(start_day.to_string());
-                range["recurrenceTimeZone"] = json!("UTC");
+                range["recurrenceTimeZone"] = json!(zone);
                 ev["recurrence"] = json!({"pattern": pattern, "range": range});
             } else {
                 let day = today + Duration::days(rng.gen_range(-120..240));

@@ -3,7 +3,7 @@
 //! cancelled).
 
 use crate::error::GraphError;
-use crate::model::{Attendee, Exception, Props, StoredEvent, Tenant};
+use crate::model::{Attendee, Exception, Props, Render, StoredEvent, Tenant};
 use crate::recurrence::PatternedRecurrence;
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 use serde_json::Value;
@@ -21,10 +21,10 @@ pub struct EventPatch {
     pub attendees: Option<Vec<Attendee>>,
     /// `isAllDay`.
     pub is_all_day: Option<bool>,
-    /// `start`, as a UTC wall time.
-    pub start: Option<NaiveDateTime>,
-    /// `end`, as a UTC wall time.
-    pub end: Option<NaiveDateTime>,
+    /// `start`: a wall time and the zone it is in (UTC, IANA or Windows name).
+    pub start: Option<(NaiveDateTime, String)>,
+    /// `end`: a wall time and the zone it is in.
+    pub end: Option<(NaiveDateTime, String)>,
     /// `showAs`.
     pub show_as: Option<String>,
     /// `importance`.
@@ -62,25 +62,60 @@ fn string_field(v: &Value, name: &str) -> Result<String, GraphError> {
         .ok_or_else(|| invalid_value(name))
 }
 
-/// Reads a `dateTimeTimeZone`. The simulator keeps every instant in UTC and refuses other zones
-/// rather than guess their rules.
-fn date_time_field(v: &Value, name: &str) -> Result<NaiveDateTime, GraphError> {
+/// Reads a `dateTimeTimeZone`: a wall time and a zone Graph knows (UTC, an IANA name or a
+/// Windows name such as "Pacific Standard Time"); any other zone is refused as Graph refuses it.
+fn date_time_field(v: &Value, name: &str) -> Result<(NaiveDateTime, String), GraphError> {
     let dt = v
         .get("dateTime")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid_value(name))?;
     let tz = v.get("timeZone").and_then(Value::as_str).unwrap_or("UTC");
-    if !matches!(tz, "UTC" | "Etc/UTC" | "Coordinated Universal Time") {
+    if crate::zone::resolve(tz).is_none() {
         return Err(GraphError::new(
             400,
             "TimeZoneNotSupportedException",
-            format!("graph-sim keeps events in UTC; time zone '{tz}' is not supported"),
+            format!(
+                "A valid TimeZone value must be specified. The following TimeZone value is not supported: '{tz}'."
+            ),
         ));
     }
     let trimmed = dt.trim_end_matches('Z');
-    NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S%.f")
+    let local = NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S%.f")
         .or_else(|_| NaiveDateTime::parse_from_str(trimmed, "%Y-%m-%dT%H:%M:%S"))
-        .map_err(|_| invalid_value(name))
+        .map_err(|_| invalid_value(name))?;
+    Ok((local, tz.to_owned()))
+}
+
+/// Sets `props`' times from a patch: the start's zone becomes the event's zone, and an end
+/// written in another zone is moved into it.
+fn set_times(props: &mut Props, patch: &EventPatch) {
+    if let Some((start, zone)) = &patch.start {
+        if *zone != props.zone {
+            // Keep the end's instant while the event changes zone.
+            let end_utc = crate::zone::to_utc(props.end, &props.zone);
+            props.end = in_zone(end_utc, zone);
+            props.zone = zone.clone();
+        }
+        props.start = *start;
+    }
+    if let Some((end, zone)) = &patch.end {
+        props.end = if *zone == props.zone {
+            *end
+        } else {
+            in_zone(crate::zone::to_utc(*end, zone), &props.zone)
+        };
+    }
+    if let Some(a) = patch.is_all_day {
+        props.is_all_day = a;
+    }
+}
+
+/// A UTC wall time as a wall time in the zone named `zone`.
+fn in_zone(utc: NaiveDateTime, zone: &str) -> NaiveDateTime {
+    match crate::zone::resolve(zone) {
+        Some(tz) => crate::zone::from_utc(utc, tz),
+        None => utc,
+    }
 }
 
 impl EventPatch {
@@ -231,7 +266,7 @@ impl Tenant {
         calendar: usize,
         patch: &EventPatch,
     ) -> Result<Value, GraphError> {
-        let (Some(start), Some(end)) = (patch.start, patch.end) else {
+        let (Some((start, zone)), Some(_)) = (patch.start.clone(), &patch.end) else {
             return Err(GraphError::invalid_parameter(
                 "An event needs both start and end.",
             ));
@@ -245,7 +280,8 @@ impl Tenant {
             attendees: Vec::new(),
             is_all_day: patch.is_all_day.unwrap_or(false),
             start,
-            end,
+            end: start,
+            zone,
             show_as: "busy".into(),
             importance: "normal".into(),
             sensitivity: "normal".into(),
@@ -255,8 +291,14 @@ impl Tenant {
             last_modified: now,
         };
         patch.apply_shared(&mut props, None);
+        set_times(&mut props, patch);
         check_times(&props)?;
-        let recurrence = patch.recurrence.clone().flatten();
+        let mut recurrence = patch.recurrence.clone().flatten();
+        if let Some(rec) = &mut recurrence {
+            if rec.range.recurrence_time_zone.is_empty() {
+                rec.range.recurrence_time_zone = props.zone.clone();
+            }
+        }
         if let Some(rec) = &recurrence {
             // Graph starts the series on its first occurrence, whatever date `start` said.
             if let Some(first) = rec
@@ -292,7 +334,7 @@ impl Tenant {
         cal.events.insert(id.clone(), ev);
         cal.touch(&id);
         let user_ref = &self.users[user];
-        Ok(user_ref.calendars[calendar].events[&id].master_json())
+        Ok(user_ref.calendars[calendar].events[&id].master_json(&Render::utc()))
     }
 
     /// `PATCH /users/{u}/events/{id}` on a single event, a series master or an instance.
@@ -316,20 +358,17 @@ impl Tenant {
                 let old = ev.props.clone();
                 let mut props = ev.props.clone();
                 patch.apply_shared(&mut props, None);
-                if let Some(s) = patch.start {
-                    props.start = s;
-                }
-                if let Some(e) = patch.end {
-                    props.end = e;
-                }
-                if let Some(a) = patch.is_all_day {
-                    props.is_all_day = a;
-                }
+                set_times(&mut props, patch);
                 check_times(&props)?;
-                let recurrence = match &patch.recurrence {
+                let mut recurrence = match &patch.recurrence {
                     Some(r) => r.clone(),
                     None => ev.recurrence.clone(),
                 };
+                if let Some(rec) = &mut recurrence {
+                    if rec.range.recurrence_time_zone.is_empty() || patch.start.is_some() {
+                        rec.range.recurrence_time_zone = props.zone.clone();
+                    }
+                }
                 if ev.recurrence.is_some() {
                     if patch.touches_time() {
                         // Outlook drops a series' exceptions when its time or pattern changes.
@@ -371,15 +410,7 @@ impl Tenant {
                     }
                 };
                 patch.apply_shared(&mut props, None);
-                if let Some(s) = patch.start {
-                    props.start = s;
-                }
-                if let Some(e) = patch.end {
-                    props.end = e;
-                }
-                if let Some(a) = patch.is_all_day {
-                    props.is_all_day = a;
-                }
+                set_times(&mut props, patch);
                 check_times(&props)?;
                 props.change_key = new_key.clone();
                 props.last_modified = now;
@@ -391,7 +422,7 @@ impl Tenant {
             }
         }
         cal.touch(&master);
-        self.get_event(user, calendar, id)
+        self.get_event(user, calendar, id, &Render::utc())
     }
 
     /// `DELETE /users/{u}/events/{id}`: removes a single event or a whole series; on an
@@ -472,13 +503,14 @@ impl Tenant {
         calendar: Option<usize>,
         id: &str,
         window: &crate::model::Window,
+        render: &Render,
     ) -> Result<Vec<Value>, GraphError> {
         let (ci, master, _) = self.locate(user, calendar, id)?;
         let ev = &self.users[user].calendars[ci].events[&master];
         let mut out = Vec::new();
         ev.instances_in(window, &mut out);
         out.sort_by(|a, b| (a.start, &a.id).cmp(&(b.start, &b.id)));
-        Ok(out.iter().map(|i| i.to_graph_json()).collect())
+        Ok(out.iter().map(|i| i.to_graph_json(render)).collect())
     }
 
     /// `GET /users/{u}/events/{id}`.
@@ -487,49 +519,21 @@ impl Tenant {
         user: usize,
         calendar: Option<usize>,
         id: &str,
+        render: &Render,
     ) -> Result<Value, GraphError> {
         let (ci, master, date) = self.locate(user, calendar, id)?;
         let u = &self.users[user];
         let ev = &u.calendars[ci].events[&master];
         match date {
-            None => Ok(if ev.recurrence.is_some() {
-                ev.master_json()
-            } else {
-                let mut out = Vec::new();
-                let w = crate::model::Window {
-                    start: ev.props.start.and_utc(),
-                    end: ev.props.end.and_utc() + chrono::Duration::seconds(1),
-                };
-                ev.instances_in(&w, &mut out);
-                out.first()
-                    .map(|i| i.to_graph_json())
-                    .unwrap_or_else(|| ev.master_json())
-            }),
+            None if ev.recurrence.is_some() => Ok(ev.master_json(render)),
+            None => Ok(ev.single_instance().to_graph_json(render)),
             Some(date) => {
                 if !ev.has_occurrence_on(date) {
                     return Err(GraphError::not_found(
                         "The specified object was not found in the store.",
                     ));
                 }
-                let (start, end) = match ev.exceptions.get(&date) {
-                    Some(ex) => (ex.props.start, ex.props.end),
-                    None => {
-                        let s = date.and_time(ev.props.start.time());
-                        (s, s + (ev.props.end - ev.props.start))
-                    }
-                };
-                let w = crate::model::Window {
-                    start: start.and_utc(),
-                    end: end.and_utc() + chrono::Duration::seconds(1),
-                };
-                let mut out = Vec::new();
-                ev.instances_in(&w, &mut out);
-                out.into_iter()
-                    .find(|i| i.original_date == Some(date))
-                    .map(|i| i.to_graph_json())
-                    .ok_or_else(|| {
-                        GraphError::not_found("The specified object was not found in the store.")
-                    })
+                Ok(ev.instance_on(date).to_graph_json(render))
             }
         }
     }
@@ -569,12 +573,20 @@ mod tests {
     }
 
     #[test]
-    fn non_utc_zones_are_refused_with_a_clear_message() {
+    fn windows_and_iana_zones_are_accepted_and_unknown_ones_refused_as_graph_does() {
+        for zone in ["Pacific Standard Time", "Europe/Berlin", "UTC"] {
+            let p = EventPatch::from_json(&json!({
+                "start": {"dateTime": "2024-01-01T10:00:00", "timeZone": zone}
+            }))
+            .unwrap();
+            assert_eq!(p.start.unwrap().1, zone);
+        }
         let err = EventPatch::from_json(&json!({
-            "start": {"dateTime": "2024-01-01T10:00:00", "timeZone": "Pacific Standard Time"}
+            "start": {"dateTime": "2024-01-01T10:00:00", "timeZone": "Mars Standard Time"}
         }))
         .unwrap_err();
         assert_eq!(err.code, "TimeZoneNotSupportedException");
+        assert!(err.message.contains("'Mars Standard Time'"));
     }
 
     #[test]
@@ -583,6 +595,6 @@ mod tests {
             "start": {"dateTime": "2024-01-01T10:00:00.0000000", "timeZone": "UTC"}
         }))
         .unwrap();
-        assert_eq!(p.start.unwrap().to_string(), "2024-01-01 10:00:00");
+        assert_eq!(p.start.unwrap().0.to_string(), "2024-01-01 10:00:00");
     }
 }

@@ -285,3 +285,53 @@ async fn a_400_invalid_delta_token_starts_a_full_round(pool: PgPool) {
     assert!(r.full);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
+
+fn in_zone(dt: &str, zone: &str) -> Value {
+    json!({"dateTime": dt, "timeZone": zone})
+}
+
+#[sqlx::test(migrations = false)]
+async fn times_in_other_zones_are_stored_as_the_right_instants_and_all_day_dates_float(
+    pool: PgPool,
+) {
+    let h = harness(pool, 25).await;
+    // A weekly 09:00 Pacific meeting across the US change to daylight saving time (8 March).
+    let pacific = h.create(json!({
+        "subject": "West coast sync",
+        "start": in_zone("2026-03-02T09:00:00", "Pacific Standard Time"),
+        "end": in_zone("2026-03-02T09:30:00", "Pacific Standard Time"),
+        "recurrence": {"pattern": {"type": "weekly", "interval": 1, "daysOfWeek": ["monday"]},
+                       "range": {"type": "numbered", "startDate": "2026-03-02", "numberOfOccurrences": 2}}
+    }));
+    // Outlook sends this one back in its own Windows zone despite Prefer: UTC.
+    let berlin = h.create(json!({"subject": "Berlin review",
+        "start": in_zone("2026-01-20T10:00:00", "W. Europe Standard Time"),
+        "end": in_zone("2026-01-20T11:00:00", "W. Europe Standard Time")}));
+    // All-day in Tokyo on the window's last day: in the window by Tokyo's midnight.
+    let tokyo = h.create(json!({"subject": "Fiscal year (Tokyo)", "isAllDay": true,
+        "start": in_zone("2026-03-31T00:00:00", "Tokyo Standard Time"),
+        "end": in_zone("2026-04-01T00:00:00", "Tokyo Standard Time")}));
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+
+    let rows = h.store.event_summaries(&t.key).await.unwrap();
+    let at = |s: &str| Some(s.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
+    let mut west: Vec<_> = rows
+        .iter()
+        .filter(|r| r.series_master_id.as_deref() == Some(pacific.as_str()))
+        .map(|r| r.start_at)
+        .collect();
+    west.sort();
+    assert_eq!(
+        west,
+        [at("2026-03-02T17:00:00Z"), at("2026-03-09T16:00:00Z")]
+    );
+    let b = rows.iter().find(|r| r.event_id == berlin).unwrap();
+    assert_eq!(b.start_at, at("2026-01-20T09:00:00Z"));
+    let day = rows.iter().find(|r| r.event_id == tokyo).unwrap();
+    assert_eq!(day.start_date, chrono::NaiveDate::from_ymd_opt(2026, 3, 31));
+    assert_eq!(day.end_date, chrono::NaiveDate::from_ymd_opt(2026, 4, 1));
+    assert_eq!(h.store.status().await.unwrap()[0].incomplete_count, 0);
+}

@@ -6,7 +6,7 @@ use super::Window;
 use crate::recurrence::PatternedRecurrence;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use chrono::{DateTime, Duration, NaiveDate, NaiveDateTime, Utc};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -38,10 +38,14 @@ pub struct Props {
     pub attendees: Vec<Attendee>,
     /// `isAllDay`.
     pub is_all_day: bool,
-    /// Start, as a UTC wall time.
+    /// Start, as a wall time in `zone`.
     pub start: NaiveDateTime,
-    /// End, as a UTC wall time.
+    /// End, as a wall time in `zone`.
     pub end: NaiveDateTime,
+    /// The zone the event was written in (`start.timeZone`: UTC, an IANA or a Windows name):
+    /// its `originalStartTimeZone`, the zone its recurrence expands in, and for an all-day
+    /// event the zone whose midnights decide which windows it is in.
+    pub zone: String,
     /// `showAs`: `busy`, `free`, `tentative`, `oof`, …
     pub show_as: String,
     /// `importance`: `low`, `normal` or `high`.
@@ -121,10 +125,38 @@ pub struct Instance<'a> {
     pub original_date: Option<NaiveDate>,
     /// The properties it shows.
     pub props: &'a Props,
-    /// Start, as a UTC wall time.
+    /// Start, as a UTC wall time (the instant; an all-day event's is midnight in its zone).
     pub start: NaiveDateTime,
     /// End, as a UTC wall time.
     pub end: NaiveDateTime,
+    /// Start, as a wall time in the event's zone (an all-day event's floating date).
+    pub local_start: NaiveDateTime,
+    /// End, as a wall time in the event's zone.
+    pub local_end: NaiveDateTime,
+}
+
+/// The zone a response renders times in: what `Prefer: outlook.timezone` named (UTC without
+/// it), and whether items may come in their own zone anyway.
+#[derive(Clone, Debug)]
+pub struct Render {
+    /// The zone's name as the client wrote it; it labels every `timeZone`.
+    pub label: String,
+    /// The zone.
+    pub tz: chrono_tz::Tz,
+    /// Render a (full) item written in another zone in that zone, under its Windows name,
+    /// whatever the client asked for (Q&A 1382503; the `own_time_zone_despite_prefer` switch).
+    pub own_zone: bool,
+}
+
+impl Render {
+    /// Plain UTC, as write answers always are (Prefer is ignored on writes: docs#116, #8755).
+    pub fn utc() -> Self {
+        Render {
+            label: "UTC".to_owned(),
+            tz: chrono_tz::Tz::UTC,
+            own_zone: false,
+        }
+    }
 }
 
 impl Instance<'_> {
@@ -164,28 +196,54 @@ impl Instance<'_> {
         }
     }
 
-    /// When the occurrence was scheduled by the pattern, as a UTC instant.
+    /// When the occurrence was scheduled by the pattern, as a UTC wall time.
     fn original_start(&self) -> Option<NaiveDateTime> {
-        self.original_date
-            .map(|d| d.and_time(self.event.props.start.time()))
+        self.original_date.map(|d| {
+            crate::zone::to_utc(
+                d.and_time(self.event.props.start.time()),
+                self.event.series_zone(),
+            )
+        })
+    }
+
+    /// `start` and `end` as `dateTimeTimeZone`s in the zone `render` says. An all-day event is
+    /// a floating date: midnight to midnight in whatever zone the response is rendered in
+    /// (docs#1802, "by design").
+    fn times(&self, render: &Render, full: bool) -> (Value, Value) {
+        if self.props.is_all_day {
+            return (
+                json!({"dateTime": graph_date_time(self.local_start), "timeZone": render.label}),
+                json!({"dateTime": graph_date_time(self.local_end), "timeZone": render.label}),
+            );
+        }
+        if full && render.own_zone && !crate::zone::is_utc(&self.props.zone) {
+            let label = crate::zone::windows_name(&self.props.zone);
+            return (
+                json!({"dateTime": graph_date_time(self.local_start), "timeZone": label}),
+                json!({"dateTime": graph_date_time(self.local_end), "timeZone": label}),
+            );
+        }
+        let at = |t: NaiveDateTime| json!({"dateTime": graph_date_time(crate::zone::from_utc(t, render.tz)), "timeZone": render.label});
+        (at(self.start), at(self.end))
     }
 
     /// An occurrence as Outlook lists it in calendarView delta: no subject, organizer,
     /// location or anything else but these (microsoft-graph-docs #22197, contrib #34).
-    pub fn to_stub_json(&self) -> Value {
+    pub fn to_stub_json(&self, render: &Render) -> Value {
+        let (start, end) = self.times(render, false);
         json!({
             "@odata.type": "#microsoft.graph.event",
             "@odata.etag": format!("W/\"{}\"", self.shown_change_key()),
             "id": self.id,
             "seriesMasterId": self.series_master_id(),
             "type": self.kind.graph_name(),
-            "start": date_time_time_zone(self.start),
-            "end": date_time_time_zone(self.end),
+            "start": start,
+            "end": end,
         })
     }
 
     /// The instance as Graph renders it in full (calendarView, `/instances`, `GET` of one).
-    pub fn to_graph_json(&self) -> Value {
+    pub fn to_graph_json(&self, render: &Render) -> Value {
         let p = self.props;
         let change_key = self.shown_change_key();
         let mut m = Map::new();
@@ -203,8 +261,8 @@ impl Instance<'_> {
         m.insert("changeKey".into(), json!(change_key));
         m.insert("categories".into(), json!(p.categories));
         m.insert("transactionId".into(), Value::Null);
-        m.insert("originalStartTimeZone".into(), json!("UTC"));
-        m.insert("originalEndTimeZone".into(), json!("UTC"));
+        m.insert("originalStartTimeZone".into(), json!(p.zone));
+        m.insert("originalEndTimeZone".into(), json!(p.zone));
         m.insert("iCalUId".into(), json!(self.ical_uid()));
         m.insert("reminderMinutesBeforeStart".into(), json!(15));
         m.insert("isReminderOn".into(), json!(!p.is_all_day));
@@ -250,8 +308,9 @@ impl Instance<'_> {
             "body".into(),
             json!({"contentType": p.body_type, "content": p.body}),
         );
-        m.insert("start".into(), date_time_time_zone(self.start));
-        m.insert("end".into(), date_time_time_zone(self.end));
+        let (start, end) = self.times(render, true);
+        m.insert("start".into(), start);
+        m.insert("end".into(), end);
         // Graph names a free-text location as its own private uniqueId; an empty one has none.
         // v1.0's physicalAddress has no `type` (beta's does: the official SDK saw the beta shape).
         let location = if p.location.is_empty() {
@@ -303,10 +362,6 @@ pub fn graph_instant(t: DateTime<Utc>) -> String {
     format!("{}Z", graph_date_time(t.naive_utc()))
 }
 
-fn date_time_time_zone(t: NaiveDateTime) -> Value {
-    json!({"dateTime": graph_date_time(t), "timeZone": "UTC"})
-}
-
 fn body_preview(body: &str) -> String {
     let mut text = String::new();
     let mut in_tag = false;
@@ -323,41 +378,64 @@ fn body_preview(body: &str) -> String {
 }
 
 impl StoredEvent {
-    /// Every instance of this event that a calendarView over `window` lists.
+    /// The zone a series expands in: its `recurrenceTimeZone`, else its start's zone.
+    pub fn series_zone(&self) -> &str {
+        match &self.recurrence {
+            Some(r)
+                if !r.range.recurrence_time_zone.is_empty()
+                    && crate::zone::resolve(&r.range.recurrence_time_zone).is_some() =>
+            {
+                &r.range.recurrence_time_zone
+            }
+            _ => &self.props.zone,
+        }
+    }
+
+    /// The event itself as an instance (a single event, or a master's own first occurrence).
+    fn own_instance(&self, kind: InstanceKind) -> Instance<'_> {
+        Instance {
+            id: self.id.clone(),
+            kind,
+            event: self,
+            original_date: None,
+            props: &self.props,
+            start: crate::zone::to_utc(self.props.start, &self.props.zone),
+            end: crate::zone::to_utc(self.props.end, &self.props.zone),
+            local_start: self.props.start,
+            local_end: self.props.end,
+        }
+    }
+
+    /// Every instance of this event that a calendarView over `window` lists. Membership is
+    /// decided on real instants: an all-day event's start is midnight in its own zone
+    /// (Q&A 970643).
     pub fn instances_in<'a>(&'a self, window: &Window, out: &mut Vec<Instance<'a>>) {
         let Some(rec) = &self.recurrence else {
-            if window.overlaps(self.props.start, self.props.end) {
-                out.push(Instance {
-                    id: self.id.clone(),
-                    kind: InstanceKind::SingleInstance,
-                    event: self,
-                    original_date: None,
-                    props: &self.props,
-                    start: self.props.start,
-                    end: self.props.end,
-                });
+            let inst = self.own_instance(InstanceKind::SingleInstance);
+            if window.overlaps(inst.start, inst.end) {
+                out.push(inst);
             }
             return;
         };
-        let duration = self.props.end - self.props.start;
-        let time = self.props.start.time();
-        // Expand one day past the window end: an occurrence starting late on the last day may
-        // still overlap, and exceptions can move an occurrence from outside into the window.
-        let until = (window.end + Duration::days(1)).date_naive();
+        // Expand two days past the window end: zones are up to 14 hours from UTC, and an
+        // occurrence starting late on the last day may still overlap.
+        let until = (window.end + Duration::days(2)).date_naive();
         let mut dates: BTreeSet<NaiveDate> = rec.dates_until(until).into_iter().collect();
         dates.extend(self.exceptions.keys().copied());
         for date in dates {
             if self.cancelled.contains(&date) {
                 continue;
             }
-            let inst = self.instance_on(date, time, duration);
+            let inst = self.instance_on(date);
             if window.overlaps(inst.start, inst.end) {
                 out.push(inst);
             }
         }
     }
 
-    fn instance_on(&self, date: NaiveDate, time: NaiveTime, duration: Duration) -> Instance<'_> {
+    /// The instance the pattern put on `date`: an occurrence, or the exception made of it.
+    pub fn instance_on(&self, date: NaiveDate) -> Instance<'_> {
+        let time = self.props.start.time();
         let id = occurrence_id(&self.id, date.and_time(time));
         match self.exceptions.get(&date) {
             Some(ex) => Instance {
@@ -366,22 +444,33 @@ impl StoredEvent {
                 event: self,
                 original_date: Some(date),
                 props: &ex.props,
-                start: ex.props.start,
-                end: ex.props.end,
+                start: crate::zone::to_utc(ex.props.start, &ex.props.zone),
+                end: crate::zone::to_utc(ex.props.end, &ex.props.zone),
+                local_start: ex.props.start,
+                local_end: ex.props.end,
             },
             None => {
-                let start = date.and_time(time);
+                let local_start = date.and_time(time);
+                let local_end = local_start + (self.props.end - self.props.start);
+                let zone = self.series_zone();
                 Instance {
                     id,
                     kind: InstanceKind::Occurrence,
                     event: self,
                     original_date: Some(date),
                     props: &self.props,
-                    start,
-                    end: start + duration,
+                    start: crate::zone::to_utc(local_start, zone),
+                    end: crate::zone::to_utc(local_end, zone),
+                    local_start,
+                    local_end,
                 }
             }
         }
+    }
+
+    /// A single event as `GET` shows it.
+    pub fn single_instance(&self) -> Instance<'_> {
+        self.own_instance(InstanceKind::SingleInstance)
     }
 
     /// Changes whenever anything of the series changes: its own properties, pattern,
@@ -413,18 +502,12 @@ impl StoredEvent {
         }
     }
 
-    /// The series master as `GET /events/{id}` shows it.
-    pub fn master_json(&self) -> Value {
-        let inst = Instance {
-            id: self.id.clone(),
-            kind: InstanceKind::SingleInstance,
-            event: self,
-            original_date: None,
-            props: &self.props,
-            start: self.props.start,
-            end: self.props.end,
-        };
-        let mut v = inst.to_graph_json();
+    /// The series master as `GET /events/{id}` shows it, and as Outlook lists it in delta:
+    /// with its first occurrence's start and end.
+    pub fn master_json(&self, render: &Render) -> Value {
+        let mut v = self
+            .own_instance(InstanceKind::SingleInstance)
+            .to_graph_json(render);
         if let (Some(rec), Value::Object(m)) = (&self.recurrence, &mut v) {
             m.insert("type".into(), json!("seriesMaster"));
             m.insert("seriesMasterId".into(), Value::Null);

@@ -6,7 +6,7 @@ mod event;
 use event::SINGLE_PREFIX;
 
 pub use event::{
-    Attendee, Exception, Instance, InstanceKind, Props, StoredEvent, graph_date_time,
+    Attendee, Exception, Instance, InstanceKind, Props, Render, StoredEvent, graph_date_time,
     graph_instant, occurrence_id, parse_occurrence_id,
 };
 

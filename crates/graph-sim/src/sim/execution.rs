@@ -6,6 +6,7 @@ use super::*;
 use crate::auth::TokenError;
 use crate::delta::page_json;
 use crate::error::GraphError;
+use crate::model::Render;
 use crate::writes::EventPatch;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -19,6 +20,29 @@ impl State {
                 GraphError::not_found("The specified object was not found in the store.")
             }),
         }
+    }
+
+    /// The zone a read renders times in: `Prefer: outlook.timezone` (UTC without it), any
+    /// zone Graph knows; items may keep their own zone (the behaviour switch).
+    fn render(&self, req: &SimRequest) -> Result<Render, GraphError> {
+        let mut render = Render::utc();
+        for (k, v) in preferences(&req.prefer) {
+            if k == "outlook.timezone" {
+                let name = v.trim_matches('"');
+                render.tz = crate::zone::resolve(name).ok_or_else(|| {
+                    GraphError::new(
+                        400,
+                        "TimeZoneNotSupportedException",
+                        format!(
+                            "A valid TimeZone value must be specified. The following TimeZone value is not supported: '{name}'."
+                        ),
+                    )
+                })?;
+                render.label = name.to_owned();
+            }
+        }
+        render.own_zone = self.behaviour.own_time_zone_despite_prefer;
+        Ok(render)
     }
 
     pub(super) fn execute(
@@ -64,33 +88,19 @@ impl State {
             (Route::Delta { cal, .. }, "GET") => {
                 let ci = self.calendar_index(u, cal)?;
                 let mut dreq = parse_delta_query(&req.query)?;
+                dreq.render = self.render(req)?;
+                // Graph announces change tracking on every delta answer (its response headers in
+                // docs-contrib #7790 read `preference-applied: odata.track-changes`).
                 let mut applied = vec!["odata.track-changes".to_owned()];
                 for (k, v) in preferences(&req.prefer) {
-                    match k.as_str() {
-                        "odata.maxpagesize" => {
-                            let n: usize = v.parse().map_err(|_| {
-                                GraphError::invalid_parameter(
-                                    "odata.maxpagesize must be a positive number",
-                                )
-                            })?;
-                            dreq.max_page_size = Some(n.max(1));
-                            applied.push(format!("odata.maxpagesize={}", n.max(1)));
-                        }
-                        "outlook.timezone"
-                            if !matches!(
-                                v.as_str(),
-                                "UTC" | "Etc/UTC" | "Coordinated Universal Time"
-                            ) =>
-                        {
-                            return Err(GraphError::new(
-                                400,
-                                "TimeZoneNotSupportedException",
-                                format!(
-                                    "graph-sim renders times in UTC only; time zone '{v}' is not supported"
-                                ),
-                            ));
-                        }
-                        _ => {}
+                    if k == "odata.maxpagesize" {
+                        let n: usize = v.parse().map_err(|_| {
+                            GraphError::invalid_parameter(
+                                "odata.maxpagesize must be a positive number",
+                            )
+                        })?;
+                        dreq.max_page_size = Some(n.max(1));
+                        applied.push(format!("odata.maxpagesize={}", n.max(1)));
                     }
                 }
                 let link_base = format!("{}{}", req.origin, req.path);
@@ -119,7 +129,11 @@ impl State {
                 match method {
                     "GET" => {
                         let q = parse_list_query(&req.query)?;
-                        let v = select(self.tenant.get_event(u, ci, id)?, q.select.as_deref());
+                        let render = self.render(req)?;
+                        let v = select(
+                            self.tenant.get_event(u, ci, id, &render)?,
+                            q.select.as_deref(),
+                        );
                         Ok(SimResponse::json(200, &with_context(v, entity)))
                     }
                     "PATCH" => {
@@ -157,7 +171,8 @@ impl State {
                          parameters StartDateTime and EndDateTime.",
                     )
                 })?;
-                let all = self.tenant.instances_of(u, ci, id, &window)?;
+                let render = self.render(req)?;
+                let all = self.tenant.instances_of(u, ci, id, &window, &render)?;
                 // Paged like any list: `odata.maxpagesize` or `$top` (default 10), `$skip`
                 // in the nextLink.
                 let mut size = q.top.unwrap_or(10);

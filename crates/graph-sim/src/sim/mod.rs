@@ -147,9 +147,9 @@ pub struct TruthItem {
     pub event_type: String,
     /// Subject.
     pub subject: String,
-    /// Start instant.
+    /// Start instant (an all-day event's: midnight UTC of its first date).
     pub start: DateTime<Utc>,
-    /// End instant.
+    /// End instant (an all-day event's: midnight UTC of the day after its last).
     pub end: DateTime<Utc>,
     /// All-day event.
     pub is_all_day: bool,
@@ -370,8 +370,18 @@ impl State {
                 id: i.id.clone(),
                 event_type: i.kind.graph_name().to_owned(),
                 subject: i.props.subject.clone(),
-                start: i.start.and_utc(),
-                end: i.end.and_utc(),
+                // An all-day event is a floating date: its instants are its dates' midnights
+                // in UTC, as a client that asked for UTC reads them.
+                start: if i.props.is_all_day {
+                    i.local_start.and_utc()
+                } else {
+                    i.start.and_utc()
+                },
+                end: if i.props.is_all_day {
+                    i.local_end.and_utc()
+                } else {
+                    i.end.and_utc()
+                },
                 is_all_day: i.props.is_all_day,
                 series_master_id: i.series_master_id().map(str::to_owned),
                 organizer_email: i.event.organizer.1.clone(),
@@ -379,8 +389,8 @@ impl State {
                 show_as: i.props.show_as.clone(),
                 ical_uid: i.ical_uid(),
                 is_cancelled: i.props.is_cancelled,
-                start_date: i.props.is_all_day.then(|| i.start.date()),
-                end_date: i.props.is_all_day.then(|| i.end.date()),
+                start_date: i.props.is_all_day.then(|| i.local_start.date()),
+                end_date: i.props.is_all_day.then(|| i.local_end.date()),
             })
             .collect();
         out.sort();

@@ -9,6 +9,7 @@ mod limits;
 mod series;
 mod shape;
 mod writes;
+mod zones;
 
 use chrono::{DateTime, TimeZone, Utc};
 use graph_sim::{Behaviour, FaultRule, Quirks, Sim, SimConfig, SimServer};
