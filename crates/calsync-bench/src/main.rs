@@ -56,6 +56,12 @@ struct BenchArgs {
     pub noop_batches: u32,
     #[arg(long, default_value_t = 10)]
     pub noop_rounds: u32,
+    /// Churn rounds measured (random edits, then one incremental round of every tuple).
+    #[arg(long, default_value_t = 3)]
+    pub churn_batches: u32,
+    /// Random edits per churn round, spread over the mailboxes.
+    #[arg(long, default_value_t = 400)]
+    pub churn_edits: u32,
     /// Tuples registered and scheduled for the idle-memory measurement.
     #[arg(long, default_value_t = 100_000)]
     pub idle_tuples: u32,
@@ -104,6 +110,88 @@ fn rss_mib(field: &str) -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// One request to the simulator's admin API (`/_sim/…`) over a plain HTTP/1.1 connection: the
+/// benchmark links no HTTP client of its own (only calsync-graph speaks HTTP).
+async fn sim_admin(base: &str, method: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+    sim_admin_with(base, method, path, "").await
+}
+
+/// [`sim_admin`] with a JSON body.
+async fn sim_admin_with(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach the simulator at {addr}"))?;
+    let req = format!(
+        "{method} /_sim/{path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let at = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("the simulator's answer has no header end")?;
+    let head = String::from_utf8_lossy(&buf[..at]);
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("/_sim/{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(serde_json::from_slice(&buf[at + 4..])?)
+}
+
+/// One measured churn round: wall seconds, calsync CPU seconds, rows changed, requests.
+struct ChurnRound {
+    wall: f64,
+    cpu: f64,
+    changed: u64,
+    mix: RequestMix,
+}
+
+/// Graph requests by kind, from the simulator's request log.
+#[derive(Debug, Default, Clone, Copy)]
+struct RequestMix {
+    /// calendarView delta pages.
+    delta: u64,
+    /// Series masters fetched for occurrence stubs.
+    masters: u64,
+    /// `/instances` pages read to reconcile changed series.
+    instances: u64,
+    /// The highest sequence number seen.
+    last_seq: u64,
+}
+
+/// The Graph requests the simulator answered after `since` (a sequence number).
+async fn request_mix(base: &str, since: u64) -> anyhow::Result<RequestMix> {
+    let log = sim_admin(base, "GET", "requests").await?;
+    let mut mix = RequestMix {
+        last_seq: since,
+        ..RequestMix::default()
+    };
+    for r in log.as_array().context("the request log is not a list")? {
+        let seq = r["seq"].as_u64().unwrap_or(0);
+        if seq <= since {
+            continue;
+        }
+        mix.last_seq = mix.last_seq.max(seq);
+        let path = r["path"].as_str().unwrap_or("");
+        if path.contains("calendarView") {
+            mix.delta += 1;
+        } else if path.ends_with("/instances") {
+            mix.instances += 1;
+        } else if path.contains("/events/") {
+            mix.masters += 1;
+        }
+    }
+    Ok(mix)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -278,10 +366,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .into_iter()
             .filter(|t| t.key.starts_with(&format!("ingest{rep}-")))
             .collect();
+        let mark = request_mix(&sim_base, 0).await?.last_seq;
         let (cpu0, sim0, t0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?, Instant::now());
         let outcomes = engine.sync_all_once(&tuples, &cancel).await;
         let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
         let sim_cpu = cpu_seconds(&sim.pid())? - sim0;
+        let mix = request_mix(&sim_base, mark).await?;
         let events = count(&outcomes)?;
         // COPY the same rows into fresh tuples of the same table.
         let copy_keys: Vec<TupleSpec> = tuples
@@ -321,9 +411,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let ingest = events as f64 / wall;
         let copy = copied as f64 / copy_time.as_secs_f64();
         println!(
-            "  ingest rep {}: {events} events in {wall:.2}s = {ingest:.0} events/s (calsync CPU {cpu:.2}s); COPY {copied} rows in {:.2}s = {copy:.0} rows/s",
+            "  ingest rep {}: {events} events in {wall:.2}s = {ingest:.0} events/s (calsync CPU {cpu:.2}s); COPY {copied} rows in {:.2}s = {copy:.0} rows/s; requests: {} delta pages, {} master GETs, {} /instances",
             rep + 1,
-            copy_time.as_secs_f64()
+            copy_time.as_secs_f64(),
+            mix.delta,
+            mix.masters,
+            mix.instances
         );
         ingest_rates.push(ingest);
         copy_rates.push(copy);
@@ -331,6 +424,35 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         sim_per_100k.push(sim_cpu / events as f64 * 100_000.0);
         last_tuples = tuples;
     }
+
+    // 1b. The same full round when Outlook lists no series masters at all (the harshest reading
+    //     of the reports): every series' master is fetched before its stubs commit.
+    sim_admin_with(
+        &sim_base,
+        "PUT",
+        "behaviour",
+        r#"{"profile": "outlook", "list_series_masters": false}"#,
+    )
+    .await?;
+    let configs = tuple_configs(args.users, "hydrate-");
+    all_configs.extend(configs.iter().cloned());
+    let hydrating: Vec<Tuple> = register_all(&engine, &all_configs)
+        .await?
+        .into_iter()
+        .filter(|t| t.key.starts_with("hydrate-"))
+        .collect();
+    let mark = request_mix(&sim_base, 0).await?.last_seq;
+    let (cpu0, t0) = (cpu_seconds(&me)?, Instant::now());
+    let outcomes = engine.sync_all_once(&hydrating, &cancel).await;
+    let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
+    let events = count(&outcomes)?;
+    let hydrate_mix = request_mix(&sim_base, mark).await?;
+    let hydrate_rate = events as f64 / wall;
+    println!(
+        "  ingest without listed masters: {events} events in {wall:.2}s = {hydrate_rate:.0} events/s (calsync CPU {cpu:.2}s); requests: {} delta pages, {} master GETs, {} /instances",
+        hydrate_mix.delta, hydrate_mix.masters, hydrate_mix.instances
+    );
+    sim_admin_with(&sim_base, "PUT", "behaviour", r#"{"profile": "outlook"}"#).await?;
 
     // 2. No-change incremental rounds, on a database that has finished digesting the bulk load
     //    (the daemon's steady state).
@@ -359,7 +481,52 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let noop_client = median(client_us.clone());
     let noop_sim = median(sim_us.clone());
 
-    // 3. Idle memory with many tuples, in a process that does nothing else.
+    // 3. A churn round: random realistic edits (series edits, cancelled occurrences, retimed
+    //    and deleted series…) across every mailbox, then one incremental round of each tuple,
+    //    with the extra requests Outlook's series call for (master GETs, /instances).
+    let w = window();
+    let mut churn = Vec::new();
+    for batch in 0..args.churn_batches {
+        let mark = request_mix(&sim_base, 0).await?.last_seq;
+        let edits = sim_admin(
+            &sim_base,
+            "POST",
+            &format!(
+                "churn?edits={}&seed={}&start={}&end={}",
+                args.churn_edits,
+                batch + 1,
+                w.start.format("%Y-%m-%dT%H:%M:%SZ"),
+                w.end.format("%Y-%m-%dT%H:%M:%SZ")
+            ),
+        )
+        .await?;
+        let (cpu0, t0) = (cpu_seconds(&me)?, Instant::now());
+        let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
+        let mut changed = 0;
+        for (t, o) in &outcomes {
+            match o {
+                Outcome::Synced(r) if !r.full => changed += r.upserted + r.removed,
+                other => bail!("{}: expected an incremental round, got {other:?}", t.key),
+            }
+        }
+        let mix = request_mix(&sim_base, mark).await?;
+        println!(
+            "  churn batch {}: {edits} → {changed} rows changed in {wall:.2}s (calsync CPU {cpu:.2}s); requests: {} delta pages, {} master GETs, {} /instances",
+            batch + 1,
+            mix.delta,
+            mix.masters,
+            mix.instances
+        );
+        churn.push(ChurnRound {
+            wall,
+            cpu,
+            changed,
+            mix,
+        });
+    }
+
+    // 4. Idle memory with many tuples, in a process that does nothing else.
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args([
@@ -396,6 +563,12 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (client_100k, sim_100k) = (median(cpu_per_100k), median(sim_per_100k));
     println!("  CPU per 100,000 events       {client_100k:>10.2} s");
     println!(
+        "  ingest, no masters listed    {hydrate_rate:>10.0} events/s   ({:.2}× COPY; {} master GETs for {} delta pages)",
+        hydrate_rate / copy,
+        hydrate_mix.masters,
+        hydrate_mix.delta
+    );
+    println!(
         "  simulator CPU, same events   {sim_100k:>10.2} s   ({:.2}× calsync's)",
         sim_100k / client_100k.max(f64::EPSILON)
     );
@@ -408,6 +581,25 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "  idle with {} tuples    {idle}  (target ≤ 256 MB)",
         args.idle_tuples
     );
+    if !churn.is_empty() {
+        let rounds = tuples.len() as f64;
+        let med = |f: &dyn Fn(&ChurnRound) -> f64| median(churn.iter().map(f).collect());
+        println!(
+            "  churn round ({} edits, {} tuples, medians of {}): {:.2} s wall, {:.2} s calsync CPU, {:.0} rows changed",
+            args.churn_edits,
+            tuples.len(),
+            churn.len(),
+            med(&|c| c.wall),
+            med(&|c| c.cpu),
+            med(&|c| c.changed as f64)
+        );
+        println!(
+            "    requests per tuple-round: {:.2} delta pages + {:.2} master GETs + {:.2} /instances",
+            med(&|c| c.mix.delta as f64) / rounds,
+            med(&|c| c.mix.masters as f64) / rounds,
+            med(&|c| c.mix.instances as f64) / rounds
+        );
+    }
     Ok(())
 }
 
@@ -463,6 +655,12 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     println!("RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering)");
     Ok(())
 }
+
+/// mimalloc instead of the system allocator: parsing pages into JSON trees and writing them
+/// out again is allocation-heavy (a quarter of ingest CPU was in glibc malloc/free), and the
+/// image's musl allocator is slower still.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -71,6 +71,12 @@ impl Store {
     }
 }
 
+/// Every column of `events` but `tuple_id`: the baseline copies whole rows, as ingest writes them.
+const EVENT_COLUMNS: &str = "event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
+     series_master_id, last_modified_at, change_key, payload, seen_round, synced_at, is_cancelled, \
+     start_date, end_date, organizer_email, location, show_as, online_meeting_url, \
+     original_start_time_zone, time_error";
+
 /// Benchmark baseline: `COPY` the rows of `from` tuples into `to` tuples (same table, same
 /// indexes), returning how long the `COPY ... FROM STDIN` alone took and how many rows it wrote.
 /// The rows are exported first, untimed.
@@ -83,8 +89,7 @@ pub async fn copy_rows_for_benchmark(
     for (from, to) in pairs {
         let mut out = conn
             .copy_out_raw(&format!(
-                "COPY (SELECT {to}::bigint, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
-                 series_master_id, last_modified_at, change_key, payload, seen_round, synced_at FROM events WHERE tuple_id = {from}) TO STDOUT"
+                "COPY (SELECT {to}::bigint, {EVENT_COLUMNS} FROM events WHERE tuple_id = {from}) TO STDOUT"
             ))
             .await
             .map_err(db)?;
@@ -95,8 +100,9 @@ pub async fn copy_rows_for_benchmark(
     }
     let started = std::time::Instant::now();
     let mut copy = conn
-        .copy_in_raw("COPY events (tuple_id, event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
-            series_master_id, last_modified_at, change_key, payload, seen_round, synced_at) FROM STDIN")
+        .copy_in_raw(&format!(
+            "COPY events (tuple_id, {EVENT_COLUMNS}) FROM STDIN"
+        ))
         .await
         .map_err(db)?;
     copy.send(data).await.map_err(db)?;

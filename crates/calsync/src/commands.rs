@@ -292,10 +292,16 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         } else {
             format!("{} (untracked)", r.state)
         };
-        let err = match (&r.last_error_code, &r.last_error) {
+        let mut err = match (&r.last_error_code, &r.last_error) {
             (Some(c), Some(m)) => format!("{c}: {}", m.chars().take(80).collect::<String>()),
             _ => String::new(),
         };
+        if r.incomplete_count > 0 {
+            // Rows kept but not whole (a time in an unknown zone, a stub without its series).
+            err = format!("{} incomplete {err}", r.incomplete_count)
+                .trim_end()
+                .to_owned();
+        }
         out.push_str(&format!(
             "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
             key,

@@ -34,6 +34,8 @@ pub enum Edit {
     Deleted(String),
     /// A whole series was deleted; the master's id.
     SeriesDeleted(String),
+    /// The organizer cancelled a meeting; this copy stays, cancelled.
+    OrganizerCancelled(String),
 }
 
 impl Edit {
@@ -51,6 +53,7 @@ impl Edit {
             Edit::SeriesRetimed(_) => "retimed series",
             Edit::Deleted(_) => "deleted",
             Edit::SeriesDeleted(_) => "deleted series",
+            Edit::OrganizerCancelled(_) => "cancelled by organizer",
         }
     }
 }
@@ -85,7 +88,8 @@ pub fn random_edit(
     let cal = t.users.get(user)?.calendars.get(calendar)?;
     let (mut inside, mut outside) = (Vec::new(), Vec::new());
     for e in cal.events.values().filter(|e| e.recurrence.is_none()) {
-        if window.overlaps(e.props.start, e.props.end) {
+        let i = e.single_instance();
+        if window.overlaps(i.start, i.end) {
             inside.push(e.id.clone());
         } else {
             outside.push(e.id.clone());
@@ -107,7 +111,7 @@ pub fn random_edit(
         (!v.is_empty()).then(|| v[rng.gen_range(0..v.len())].clone())
     };
     let patch = |v: serde_json::Value| EventPatch::from_json(&v).ok();
-    let kind = rng.gen_range(0..11);
+    let kind = rng.gen_range(0..12);
     let result = match kind {
         0 | 1 => {
             let start = random_time_in(rng, window);
@@ -183,6 +187,12 @@ pub fn random_edit(
             let p = patch(json!({"start": dt(s + shift), "end": dt(e + shift)}))?;
             t.update_event(user, Some(calendar), &id, &p).ok()?;
             Edit::SeriesRetimed(id)
+        }
+        11 => {
+            let all: Vec<String> = inside.iter().chain(&series).cloned().collect();
+            let id = pick(rng, &all)?;
+            t.cancel_by_organizer(user, Some(calendar), &id).ok()?;
+            Edit::OrganizerCancelled(id)
         }
         _ => {
             if rng.gen_bool(0.7) {

@@ -361,6 +361,41 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
             let n = st.cache.evict(user);
             admin_json(200, &json!({"evicted": n}))
         }
+        ("POST", "churn") => {
+            // Random realistic edits (churn::random_edit) over every mailbox's default
+            // calendar, aimed at a window: what a benchmark's churn round replays.
+            let n = q.get("edits").and_then(|v| v.parse::<usize>().ok());
+            let seed = q
+                .get("seed")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(1);
+            let parse = |k: &str| {
+                q.get(k)
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc))
+            };
+            let (Some(n), Some(start), Some(end)) = (n, parse("start"), parse("end")) else {
+                return bad(
+                    "churn needs edits=<n>, start and end (RFC 3339), optionally seed".into(),
+                );
+            };
+            let window = Window { start, end };
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+            let mut st = sim.lock();
+            let users = st.tenant.users.len();
+            let mut done: std::collections::BTreeMap<&'static str, u64> = Default::default();
+            for i in 0..n {
+                if users == 0 {
+                    break;
+                }
+                if let Some(e) =
+                    crate::churn::random_edit(&mut st.tenant, &mut rng, i % users, 0, &window)
+                {
+                    *done.entry(e.label()).or_default() += 1;
+                }
+            }
+            admin_json(200, &json!(done))
+        }
         ("POST", "organizer-cancel") => {
             let mut st = sim.lock();
             let (Some(u), Some(id)) = (
