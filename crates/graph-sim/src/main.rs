@@ -40,6 +40,10 @@ struct Cli {
     /// default) or `documented`; a scenario file can change single switches.
     #[arg(long, value_enum)]
     profile: Option<ProfileArg>,
+    /// One behaviour switch over the profile, e.g. `--behaviour stub_occurrences=false`
+    /// (repeatable; the names are those of `[sim.behaviour]`).
+    #[arg(long, value_name = "SWITCH=BOOL")]
+    behaviour: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -88,6 +92,22 @@ async fn main() -> anyhow::Result<()> {
             ProfileArg::Outlook => graph_sim::Profile::Outlook,
             ProfileArg::Documented => graph_sim::Profile::Documented,
         });
+    }
+    if !cli.behaviour.is_empty() {
+        let mut spec = toml::Table::try_from(&scenario.sim.behaviour)
+            .context("cannot read the profile's switches")?;
+        for switch in &cli.behaviour {
+            let (k, v) = switch
+                .split_once('=')
+                .with_context(|| format!("--behaviour {switch}: expected SWITCH=true|false"))?;
+            let v: bool = v.trim().parse().with_context(|| {
+                format!("--behaviour {switch}: the value must be true or false")
+            })?;
+            spec.insert(k.trim().to_owned(), toml::Value::Boolean(v));
+        }
+        scenario.sim.behaviour = spec
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("--behaviour: {e}"))?;
     }
     if let Some(s) = cli.seed {
         scenario.sim.seed = s;

@@ -335,3 +335,32 @@ async fn times_in_other_zones_are_stored_as_the_right_instants_and_all_day_dates
     assert_eq!(day.end_date, chrono::NaiveDate::from_ymd_opt(2026, 4, 1));
     assert_eq!(h.store.status().await.unwrap()[0].incomplete_count, 0);
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_link_graph_refused_for_good_is_dropped_and_the_next_try_is_a_full_round(pool: PgPool) {
+    let h = harness(pool, 5).await;
+    seed(&h, 20);
+    let engine = h.engine(calsync_engine::SyncSettings {
+        max_attempts: 1,
+        ..settings()
+    });
+    let t = h.default_tuple(&engine).await;
+    // Page 1 commits (its nextLink is saved), then Graph refuses the nextLink for good.
+    h.sim.lock().faults = vec![rule(json!({
+        "path_contains": "calendarView", "nth": 2,
+        "action": {"kind": "status", "status": 400, "code": "ErrorInvalidParameter",
+                   "message": "The value of parameter 'x' is invalid."}
+    }))];
+    match sync(&engine, &t).await {
+        calsync_engine::Outcome::Failed(f) => assert_eq!(f.code, "ErrorInvalidParameter"),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    h.sim.lock().faults.clear();
+    let r = report(sync(&engine, &t).await);
+    assert!(r.full);
+    // Every page from the first (instances and the one series' master), not the rest of the
+    // round after the refused link.
+    let items = h.instances(&t).len() as u32 + 1;
+    assert_eq!(r.pages, items.div_ceil(5), "a new round from its first page");
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+}
