@@ -361,6 +361,10 @@ async fn a_link_graph_refused_for_good_is_dropped_and_the_next_try_is_a_full_rou
     // Every page from the first (instances and the one series' master), not the rest of the
     // round after the refused link.
     let items = h.instances(&t).len() as u32 + 1;
-    assert_eq!(r.pages, items.div_ceil(5), "a new round from its first page");
+    assert_eq!(
+        r.pages,
+        items.div_ceil(5),
+        "a new round from its first page"
+    );
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }

@@ -22,6 +22,29 @@ fn of_type<'a>(items: &'a [Value], kind: &str) -> Vec<&'a Value> {
     items.iter().filter(|i| i["type"] == kind).collect()
 }
 
+/// Ids of the occurrences among `items`.
+fn occurrence_ids(items: &[Value]) -> BTreeSet<String> {
+    of_type(items, "occurrence")
+        .iter()
+        .map(|o| o["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A weekly Monday 09:00 series of `count` in the window and a full round over it: the master's
+/// id, the round's items and its deltaLink.
+async fn weekly_series(t: &Session, count: u32) -> (String, Vec<Value>, String) {
+    let series = t
+        .create(weekly(
+            "Weekly",
+            "2026-01-05T09:00:00",
+            "2026-01-05T09:30:00",
+            count,
+        ))
+        .await;
+    let (items, delta, _) = t.round(&t.delta_url(), None).await;
+    (series["id"].as_str().unwrap().to_owned(), items, delta)
+}
+
 /// A weekly series in the window with one exception; returns (master id, occurrence ids).
 async fn series_with_exception(t: &Session) -> (String, Vec<String>) {
     let series = t
@@ -109,20 +132,8 @@ async fn occurrences_are_bare_stubs_and_masters_are_listed_with_their_first_occu
 #[tokio::test]
 async fn a_cancelled_occurrence_gets_no_removed_only_its_master_changes_pr_4501() {
     let t = start().await;
-    let series = t
-        .create(weekly(
-            "Weekly",
-            "2026-01-05T09:00:00",
-            "2026-01-05T09:30:00",
-            6,
-        ))
-        .await;
-    let master = series["id"].as_str().unwrap();
-    let (items, delta, _) = t.round(&t.delta_url(), None).await;
-    let occ: Vec<String> = of_type(&items, "occurrence")
-        .iter()
-        .map(|o| o["id"].as_str().unwrap().to_owned())
-        .collect();
+    let (master, items, delta) = weekly_series(&t, 6).await;
+    let occ: Vec<String> = occurrence_ids(&items).into_iter().collect();
     assert_eq!(occ.len(), 6);
     assert_eq!(t.delete(&occ[2]).await, StatusCode::NO_CONTENT);
 
@@ -130,29 +141,15 @@ async fn a_cancelled_occurrence_gets_no_removed_only_its_master_changes_pr_4501(
     assert!(removed(&items).is_empty(), "silence: {items:?}");
     let masters = of_type(&items, "seriesMaster");
     assert_eq!(masters.len(), 1, "the master is listed as changed");
-    assert_eq!(masters[0]["id"], master);
+    assert_eq!(masters[0]["id"], master.as_str());
     assert!(!ids(&items).contains(&occ[2]));
 
     // The documented profile reports the occurrence instead, and lists no master.
     let t = start_documented().await;
-    let series = t
-        .create(weekly(
-            "Weekly",
-            "2026-01-05T09:00:00",
-            "2026-01-05T09:30:00",
-            6,
-        ))
-        .await;
-    let (items, delta, _) = t.round(&t.delta_url(), None).await;
+    let (_, items, delta) = weekly_series(&t, 6).await;
     assert!(of_type(&items, "seriesMaster").is_empty());
-    let third = of_type(&items, "occurrence")[2]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(
-        items[0]["subject"], series["subject"],
-        "documented: in full"
-    );
+    assert_eq!(items[0]["subject"], "Weekly", "documented: in full");
+    let third = occurrence_ids(&items).into_iter().nth(2).unwrap();
     t.delete(&third).await;
     let (items, _, _) = t.round(&delta, None).await;
     assert_eq!(removed(&items), BTreeSet::from([third]));
@@ -161,20 +158,8 @@ async fn a_cancelled_occurrence_gets_no_removed_only_its_master_changes_pr_4501(
 #[tokio::test]
 async fn a_retimed_series_gets_new_occurrence_ids_and_the_old_ones_vanish_silently() {
     let t = start().await;
-    let series = t
-        .create(weekly(
-            "Weekly",
-            "2026-01-05T09:00:00",
-            "2026-01-05T09:30:00",
-            6,
-        ))
-        .await;
-    let master = series["id"].as_str().unwrap().to_owned();
-    let (items, delta, _) = t.round(&t.delta_url(), None).await;
-    let before: BTreeSet<String> = of_type(&items, "occurrence")
-        .iter()
-        .map(|o| o["id"].as_str().unwrap().to_owned())
-        .collect();
+    let (master, items, delta) = weekly_series(&t, 6).await;
+    let before = occurrence_ids(&items);
     let (s, _) = t
         .patch(
             &master,
@@ -184,10 +169,7 @@ async fn a_retimed_series_gets_new_occurrence_ids_and_the_old_ones_vanish_silent
         .await;
     assert_eq!(s, StatusCode::OK);
     let (items, _, _) = t.round(&delta, None).await;
-    let after: BTreeSet<String> = of_type(&items, "occurrence")
-        .iter()
-        .map(|o| o["id"].as_str().unwrap().to_owned())
-        .collect();
+    let after = occurrence_ids(&items);
     assert_eq!(after.len(), 6);
     assert!(before.is_disjoint(&after), "new ids for the new times");
     assert!(
@@ -211,20 +193,8 @@ async fn a_deleted_series_reports_its_master_removed_and_its_occurrences_only_wh
             ..SimConfig::default()
         })
         .await;
-        let series = t
-            .create(weekly(
-                "Weekly",
-                "2026-01-05T09:00:00",
-                "2026-01-05T09:30:00",
-                4,
-            ))
-            .await;
-        let master = series["id"].as_str().unwrap().to_owned();
-        let (items, delta, _) = t.round(&t.delta_url(), None).await;
-        let occ: BTreeSet<String> = of_type(&items, "occurrence")
-            .iter()
-            .map(|o| o["id"].as_str().unwrap().to_owned())
-            .collect();
+        let (master, items, delta) = weekly_series(&t, 4).await;
+        let occ = occurrence_ids(&items);
         assert_eq!(t.delete(&master).await, StatusCode::NO_CONTENT);
         let (items, _, _) = t.round(&delta, None).await;
         let mut want = BTreeSet::from([master.clone()]);

@@ -33,6 +33,21 @@ async fn round_in(t: &Session, zone: &str) -> Vec<Value> {
     }
 }
 
+/// The truth API over January to March.
+fn truth_to_april(t: &Session) -> Vec<graph_sim::TruthItem> {
+    t.sim
+        .lock()
+        .truth(
+            &t.user,
+            "default",
+            graph_sim::Window {
+                start: START.parse().unwrap(),
+                end: "2026-04-01T00:00:00Z".parse().unwrap(),
+            },
+        )
+        .unwrap()
+}
+
 fn in_zone(dt: &str, zone: &str) -> Value {
     json!({"dateTime": dt, "timeZone": zone})
 }
@@ -58,18 +73,7 @@ async fn a_weekly_pacific_series_keeps_its_local_time_across_daylight_saving() {
         }))
         .await;
     assert_eq!(series["originalStartTimeZone"], "Pacific Standard Time");
-    let truth = t
-        .sim
-        .lock()
-        .truth(
-            &t.user,
-            "default",
-            graph_sim::Window {
-                start: START.parse().unwrap(),
-                end: "2026-04-01T00:00:00Z".parse().unwrap(),
-            },
-        )
-        .unwrap();
+    let truth = truth_to_april(&t);
     let mut starts: Vec<String> = truth.iter().map(|i| i.start.to_rfc3339()).collect();
     starts.sort();
     // US daylight saving time begins on 8 March 2026.
@@ -142,18 +146,7 @@ async fn all_day_events_are_floating_dates_and_window_membership_uses_the_owners
         );
         assert_eq!(got["end"]["dateTime"], "2026-04-02T00:00:00.0000000");
     }
-    let truth = t
-        .sim
-        .lock()
-        .truth(
-            &t.user,
-            "default",
-            graph_sim::Window {
-                start: START.parse().unwrap(),
-                end: "2026-04-01T00:00:00Z".parse().unwrap(),
-            },
-        )
-        .unwrap();
+    let truth = truth_to_april(&t);
     assert_eq!(
         truth[0].start_date,
         Some(chrono::NaiveDate::from_ymd_opt(2026, 4, 1).unwrap())
