@@ -368,3 +368,45 @@ async fn a_link_graph_refused_for_good_is_dropped_and_the_next_try_is_a_full_rou
     );
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn while_a_series_cannot_be_fetched_none_of_its_stubs_is_stored(pool: PgPool) {
+    // Stubs and no listed masters, and every master GET fails: the pages holding stubs are
+    // never committed half-done (the tuple retries), and nothing incomplete reaches the view.
+    let h = harness_with(
+        pool,
+        10,
+        SimConfig {
+            behaviour: Behaviour {
+                list_series_masters: false,
+                ..Behaviour::outlook()
+            },
+            ..sim_config()
+        },
+    )
+    .await;
+    business_calendar(&h);
+    h.sim.lock().faults = vec![rule(json!({
+        "path_contains": "/calendar/events/",
+        "action": {"kind": "status", "status": 500, "code": "InternalServerError"}
+    }))];
+    let engine = h.engine(calsync_engine::SyncSettings {
+        max_attempts: 2,
+        ..settings()
+    });
+    let t = h.default_tuple(&engine).await;
+    assert!(matches!(
+        sync(&engine, &t).await,
+        calsync_engine::Outcome::Failed(_)
+    ));
+    let rows = h.store.event_summaries(&t.key).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r.event_type.as_deref() != Some("occurrence")),
+        "no stub without its series: {rows:?}"
+    );
+    assert_eq!(h.store.status().await.unwrap()[0].incomplete_count, 0);
+    h.sim.lock().faults.clear();
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+}
