@@ -56,11 +56,13 @@ fn details(e: &EventItem) -> Details {
 
 /// A series master as the store keeps it.
 pub fn series_row(e: EventItem) -> SeriesRow {
-    SeriesRow {
+    let mut row = SeriesRow {
         master_id: e.id.clone(),
         details: details(&e),
         payload: e.payload,
-    }
+    };
+    row.repair();
+    row
 }
 
 fn row(e: EventItem) -> EventRow {

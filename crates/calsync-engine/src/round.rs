@@ -40,8 +40,7 @@ impl StepError {
     fn code(&self) -> String {
         match self {
             StepError::Graph(e) => e.code().to_owned(),
-            StepError::Store(StoreError::Unavailable(_)) => "DatabaseUnavailable".into(),
-            StepError::Store(_) => "DatabaseError".into(),
+            StepError::Store(e) => e.code().into(),
             StepError::Guard { code, .. } => (*code).into(),
             StepError::Interrupted => "Interrupted".into(),
         }
@@ -239,7 +238,12 @@ impl Engine {
             code: e.code(),
             message: e.message(),
         };
-        warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
+        if matches!(e, StepError::Store(StoreError::Bug { .. })) {
+            // Our SQL does not fit the database: a bug or a schema changed behind our back.
+            tracing::error!(tuple = %tuple.key, code = %failure.code, error = %failure.message, "calsync's SQL was refused by the database (a bug: please report it)");
+        } else {
+            warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
+        }
         // A degraded round's saved link leads back into the loop, and a link Graph refused
         // for good would be refused again: the next attempt starts a full round instead.
         if health == Health::Degraded
@@ -460,19 +464,25 @@ impl Engine {
         }
         self.complete_series(tuple, &mut changes, round_is_full, cancel)
             .await?;
+        let write = PageWrite {
+            tuple_id: tuple.id,
+            expected_version: version,
+            round_start: start,
+            changes: &changes,
+            link: &next,
+            link_kind: kind,
+            stamp,
+        };
+        // A transient database error is retried with the page already in hand: fetching it
+        // again would spend the mailbox's Graph budget on the database's trouble.
         let applied = self
-            .store()
-            .apply_page(&PageWrite {
-                tuple_id: tuple.id,
-                expected_version: version,
-                round_start: start,
-                changes: &changes,
-                link: &next,
-                link_kind: kind,
-                stamp,
+            .with_retries(cancel, || async {
+                self.store()
+                    .apply_page(&write)
+                    .await
+                    .map_err(StepError::Store)
             })
-            .await
-            .map_err(StepError::Store)?;
+            .await?;
         Ok(StepOut {
             next: link_after,
             ids,

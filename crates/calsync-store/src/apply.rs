@@ -55,6 +55,11 @@ impl Store {
     /// instant leaves either the page and its link, or neither.
     pub async fn apply_page(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
         self.panic_point(w.tuple_id);
+        self.bounded("applying a page", self.apply_page_now(w))
+            .await
+    }
+
+    async fn apply_page_now(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
         let c = w.changes;
         let may_sweep = w.link_kind == LinkKind::Delta && w.round_start != Some(RoundStart::Delta);
         if c.is_empty() && !may_sweep {
@@ -424,14 +429,17 @@ impl Store {
         if master_ids.is_empty() {
             return Ok(Default::default());
         }
-        let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT master_id FROM series WHERE tuple_id = $1 AND master_id = ANY($2::text[])",
-        )
-        .bind(tuple_id)
-        .bind(master_ids)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
+        let query = async {
+            sqlx::query_scalar::<_, String>(
+                "SELECT master_id FROM series WHERE tuple_id = $1 AND master_id = ANY($2::text[])",
+            )
+            .bind(tuple_id)
+            .bind(master_ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        };
+        let rows = self.bounded("reading known series", query).await?;
         Ok(rows.into_iter().collect())
     }
 }

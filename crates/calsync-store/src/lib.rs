@@ -20,8 +20,10 @@ pub mod testing;
 pub mod tuples;
 
 pub use apply::{PageApplied, PageWrite, RoundStart};
-pub use error::StoreError;
-pub use page::{Details, EventRow, PageChanges, PageOp, SeriesInstances, SeriesRow, reduce};
+pub use error::{SqlClass, StoreError, sql_class};
+pub use page::{
+    Details, EventRow, PageChanges, PageOp, SeriesInstances, SeriesRow, reduce, strip_nul,
+};
 pub use read_model::{EventSummary, StatusRow};
 #[cfg(any(test, feature = "testing"))]
 pub use testing::{copy_rows_for_benchmark, recreate_database};
@@ -40,17 +42,44 @@ pub const MIN_SERVER_VERSION: i32 = 120_000;
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The longest any one store call may take before it is abandoned as `Unavailable`: a
+    /// connection that stopped answering (a blackholed network) must not hang a round.
+    deadline: Duration,
     #[cfg(any(test, feature = "testing"))]
     faults: std::sync::Arc<testing::Faults>,
 }
 
+/// The deadline of a store built from a bare pool (tests): the default statement timeout, 30 s,
+/// plus 5 s.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(35);
+
 impl Store {
+    /// Runs one store call under the deadline; past it the call is dropped (a transaction in
+    /// it rolls back) and the caller gets `Unavailable`.
+    pub(crate) async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.deadline, call).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{what} did not finish within {} s",
+                self.deadline.as_secs()
+            ))),
+        }
+    }
+
     /// Connects lazily-checked: the pool opens connections as needed, and `connect` fails
     /// only if the first one cannot be made.
+    /// Every session gets `statement_timeout` (and twice that as
+    /// `idle_in_transaction_session_timeout`), so the server cancels what hangs on its side;
+    /// each store call is also bounded by `statement_timeout` plus 5 s on calsync's side.
     pub async fn connect(
         url: &str,
         max_connections: u32,
         acquire_timeout: Duration,
+        statement_timeout: Duration,
     ) -> Result<Self, StoreError> {
         let opts = PgConnectOptions::from_str(url).map_err(|e| {
             StoreError::Query(format!(
@@ -58,7 +87,14 @@ impl Store {
                 redact_url_error(&e.to_string())
             ))
         })?;
-        let opts = opts.application_name("calsync");
+        let ms = statement_timeout.as_millis().max(1);
+        let opts = opts.application_name("calsync").options([
+            ("statement_timeout", format!("{ms}ms")),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", ms * 2),
+            ),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(acquire_timeout)
@@ -68,7 +104,8 @@ impl Store {
             .connect_with(opts)
             .await
             .map_err(db)?;
-        let store = Store::wrap(pool);
+        let mut store = Store::wrap(pool);
+        store.deadline = statement_timeout + Duration::from_secs(5);
         store.check_version().await?;
         Ok(store)
     }
@@ -76,6 +113,7 @@ impl Store {
     fn wrap(pool: PgPool) -> Self {
         Store {
             pool,
+            deadline: DEFAULT_DEADLINE,
             #[cfg(any(test, feature = "testing"))]
             faults: Default::default(),
         }

@@ -102,6 +102,90 @@ pub struct SeriesInstances {
     pub live: Vec<String>,
 }
 
+/// PostgreSQL refuses U+0000 in `text` and in `jsonb` strings (SQLSTATE 22021, 22P05), and
+/// bodies copied into Outlook from other systems carry it. It is removed wherever it appears
+/// (values and keys alike); returns whether anything changed.
+pub fn strip_nul(v: &mut Value) -> bool {
+    match v {
+        Value::String(s) => strip_nul_str(s),
+        Value::Array(a) => a.iter_mut().fold(false, |acc, x| strip_nul(x) | acc),
+        Value::Object(m) => strip_nul_map(m),
+        _ => false,
+    }
+}
+
+fn strip_nul_str(s: &mut String) -> bool {
+    if s.contains('\0') {
+        s.retain(|c| c != '\0');
+        true
+    } else {
+        false
+    }
+}
+
+fn strip_nul_map(m: &mut Map<String, Value>) -> bool {
+    let mut changed = m.values_mut().fold(false, |acc, x| strip_nul(x) | acc);
+    if m.keys().any(|k| k.contains('\0')) {
+        let old = std::mem::take(m);
+        for (mut k, v) in old {
+            strip_nul_str(&mut k);
+            m.insert(k, v);
+        }
+        changed = true;
+    }
+    changed
+}
+
+impl Details {
+    fn strip_nul(&mut self) -> bool {
+        let mut changed = false;
+        for s in [
+            &mut self.ical_uid,
+            &mut self.subject,
+            &mut self.organizer_email,
+            &mut self.location,
+            &mut self.show_as,
+            &mut self.online_meeting_url,
+            &mut self.original_start_time_zone,
+            &mut self.change_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            changed |= strip_nul_str(s);
+        }
+        changed
+    }
+}
+
+impl EventRow {
+    /// Removes what PostgreSQL would refuse (see [`strip_nul`]); returns whether it did.
+    pub fn repair(&mut self) -> bool {
+        let mut changed = self.details.strip_nul() | strip_nul_map(&mut self.payload);
+        for s in [
+            &mut self.event_type,
+            &mut self.series_master_id,
+            &mut self.time_error,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            changed |= strip_nul_str(s);
+        }
+        changed |= strip_nul_str(&mut self.event_id);
+        changed
+    }
+}
+
+impl SeriesRow {
+    /// Removes what PostgreSQL would refuse (see [`strip_nul`]); returns whether it did.
+    pub fn repair(&mut self) -> bool {
+        self.details.strip_nul()
+            | strip_nul_map(&mut self.payload)
+            | strip_nul_str(&mut self.master_id)
+    }
+}
+
 /// One item of a page, in arrival order.
 // Nearly every op is an Upsert; boxing it would add an allocation per event for nothing.
 #[allow(clippy::large_enum_variant)]
@@ -167,7 +251,10 @@ impl EventRow {
 pub fn reduce(ops: Vec<PageOp>) -> PageChanges {
     let mut order: Vec<String> = Vec::new();
     let mut last: HashMap<String, PageOp> = HashMap::new();
-    for op in ops {
+    for mut op in ops {
+        if let PageOp::Upsert(r) = &mut op {
+            r.repair();
+        }
         let id = match &op {
             PageOp::Upsert(r) => r.event_id.clone(),
             PageOp::Remove(id) => id.clone(),
@@ -307,6 +394,24 @@ mod tests {
             assert_eq!(ids(&c.partial), partial, "{ops:?}");
             assert_eq!(c.removed, removed, "{ops:?}");
         }
+    }
+
+    #[test]
+    fn nul_characters_postgresql_refuses_are_removed_everywhere() {
+        let mut r = row("a\0b", Some("Sub\0ject"), false);
+        r.payload.insert(
+            "body".into(),
+            json!({"content": "<p>x\u{0}y</p>", "k\u{0}ey": ["\u{0}", 1]}),
+        );
+        let c = reduce(vec![PageOp::Upsert(r)]);
+        let r = &c.full[0];
+        assert_eq!(r.event_id, "ab");
+        assert_eq!(r.details.subject.as_deref(), Some("Subject"));
+        assert_eq!(
+            r.payload["body"],
+            json!({"content": "<p>xy</p>", "key": ["", 1]})
+        );
+        assert_eq!(r.payload["subject"], "Subject");
     }
 
     #[test]

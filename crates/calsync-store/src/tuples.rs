@@ -244,13 +244,15 @@ impl Store {
 
     /// The stored state of one tuple.
     pub async fn load(&self, tuple_id: i64) -> Result<TupleState, StoreError> {
-        sqlx::query_as(&format!(
-            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = $1"
-        ))
-        .bind(tuple_id)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)
+        let sql = format!("SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = $1");
+        let query = async {
+            sqlx::query_as(&sql)
+                .bind(tuple_id)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)
+        };
+        self.bounded("loading a tuple", query).await
     }
 
     /// Makes the tuple's next round a full one (initial sync + sweep), whatever link it holds:
@@ -326,17 +328,20 @@ impl Store {
         code: &str,
         message: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
-             consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() WHERE id = $1",
-        )
-        .bind(tuple_id)
-        .bind(state.as_str())
-        .bind(code)
-        .bind(message)
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
+        let query = async {
+            sqlx::query(
+                "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
+                 consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() WHERE id = $1",
+            )
+            .bind(tuple_id)
+            .bind(state.as_str())
+            .bind(code)
+            .bind(message)
+            .execute(&self.pool)
+            .await
+            .map_err(db)
+        };
+        self.bounded("recording a failure", query).await?;
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
         db.url.expose_secret(),
         db.max_connections,
         db.connect_timeout,
+        db.statement_timeout,
     )
     .await
     .with_context(|| {

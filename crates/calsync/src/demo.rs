@@ -74,6 +74,7 @@ pub fn config_for_sim(
             max_connections: 8,
             connect_timeout: Duration::from_secs(10),
             wait_at_start: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
         },
         graph,
         auth,

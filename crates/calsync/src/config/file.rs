@@ -79,6 +79,9 @@ pub struct RawDatabase {
     /// How long `run` keeps retrying an unreachable database at start before it exits
     /// non-zero; "0s" exits at once.
     pub wait_at_start: String,
+    /// The server cancels any statement of calsync's that runs longer; calsync abandons any
+    /// store call 5 s after it (a connection that stopped answering).
+    pub statement_timeout: String,
 }
 
 impl Default for RawDatabase {
@@ -89,6 +92,7 @@ impl Default for RawDatabase {
             max_connections: 10,
             connect_timeout: "10s".into(),
             wait_at_start: "60s".into(),
+            statement_timeout: "30s".into(),
         }
     }
 }

@@ -206,6 +206,8 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// How long the daemon waits for the database at start before giving up.
     pub wait_at_start: Duration,
+    /// PostgreSQL's `statement_timeout` for calsync's sessions.
+    pub statement_timeout: Duration,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -215,6 +217,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("wait_at_start", &self.wait_at_start)
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }

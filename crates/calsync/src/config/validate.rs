@@ -83,6 +83,12 @@ fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
         max_connections: d.max_connections,
         connect_timeout: duration("database.connect_timeout", &d.connect_timeout)?,
         wait_at_start: duration("database.wait_at_start", &d.wait_at_start)?,
+        statement_timeout: match duration("database.statement_timeout", &d.statement_timeout)? {
+            t if t < std::time::Duration::from_secs(1) => {
+                return Err(bad("database.statement_timeout", "must be at least 1s"));
+            }
+            t => t,
+        },
     })
 }
 

@@ -4,6 +4,7 @@
 //! | module | what it proves |
 //! |---|---|
 //! | `sync` | sync semantics: full and incremental rounds, removals, resyncs, crash safety |
+//! | `database` | database trouble short of an outage: read-only, locks, timeouts, refused values |
 //! | `faults` | every fault of RELIABILITY.md: throttling, broken transfers, auth, bad input |
 //! | `outage` | a private PostgreSQL cluster stopped and started under the engine |
 //! | `series` | recurring series as Outlook serves them: stubs, masters, silent cancellations |
@@ -14,6 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod cli;
+mod database;
 mod faults;
 mod harness;
 mod model;

@@ -37,9 +37,14 @@ async fn wait_until_mirrored(h: &Harness, tuples: &[calsync_engine::Tuple], limi
 #[tokio::test]
 async fn a_database_restart_under_the_scheduler_loses_nothing() {
     let pg = LocalPostgres::start().unwrap();
-    let store = Store::connect(&pg.url(), 4, Duration::from_secs(2))
-        .await
-        .unwrap();
+    let store = Store::connect(
+        &pg.url(),
+        4,
+        Duration::from_secs(2),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let h = harness_on(store, 5).await;
     let ids = seed(&h, 30);
     let engine = Engine::new(

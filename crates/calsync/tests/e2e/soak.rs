@@ -285,9 +285,14 @@ max_backoff = "2s"
 
     // Edits stop; faults stay on. The daemon must converge through them.
     let edits_stopped = Instant::now();
-    let store = Store::connect(&pg.url(), 2, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let store = Store::connect(
+        &pg.url(),
+        2,
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     let tuples = tracked(&pool).await;
     assert_eq!(tuples.len(), targets.len());
