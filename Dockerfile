@@ -50,8 +50,11 @@ CMD ["--scenario", "/etc/graph-sim/scenario.toml"]
 FROM gcr.io/distroless/static-debian12:nonroot AS calsync
 COPY --from=build /calsync /usr/local/bin/calsync
 COPY config/calsync.example.toml /etc/calsync/calsync.toml
-# The endpoint the probes and the HEALTHCHECK use; set it to "" to turn it off.
-ENV CALSYNC_HTTP__LISTEN=0.0.0.0:9187
+# The endpoint the HEALTHCHECK uses, on loopback by default: nothing outside the container
+# reaches /metrics or POST /reload unless the deployment exposes it deliberately
+# (CALSYNC_HTTP__LISTEN=0.0.0.0:9187, as the compose file and the Kubernetes manifests do).
+# Set it to "" to turn the endpoint off.
+ENV CALSYNC_HTTP__LISTEN=127.0.0.1:9187
 EXPOSE 9187
 USER nonroot:nonroot
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -176,6 +176,16 @@ pub async fn local_request(
     method: &str,
     path: &str,
 ) -> anyhow::Result<(u16, String)> {
+    local_request_with(addr, method, path, None).await
+}
+
+/// [`local_request`] with a bearer token (`POST /reload` requires the admin token).
+pub async fn local_request_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&secrecy::SecretString>,
+) -> anyhow::Result<(u16, String)> {
     use http_body_util::{BodyExt, Empty};
     let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
@@ -186,10 +196,18 @@ pub async fn local_request(
             .await
             .context("http handshake failed")?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
+    let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header(hyper::header::HOST, addr.to_string())
+        .header(hyper::header::HOST, addr.to_string());
+    if let Some(token) = bearer {
+        let mut value =
+            hyper::header::HeaderValue::from_str(&format!("Bearer {}", token.expose_secret()))
+                .map_err(|_| anyhow::anyhow!("the admin token is not a valid header value"))?;
+        value.set_sensitive(true);
+        req = req.header(hyper::header::AUTHORIZATION, value);
+    }
+    let req = req
         .body(Empty::<hyper::body::Bytes>::new())
         .context("cannot build the request")?;
     let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
@@ -232,9 +250,14 @@ fn http_listen(raw: &RawConfig) -> anyhow::Result<std::net::SocketAddr> {
 /// `calsync reload`: checks the config, then POST /reload to the running daemon; prints
 /// what changed.
 pub async fn reload(raw: &RawConfig) -> anyhow::Result<bool> {
-    raw.validate()?;
+    let cfg = raw.validate()?;
     let addr = http_listen(raw)?;
-    let (status, body) = local_request(addr, "POST", "/reload").await?;
+    let Some(token) = &cfg.admin_token else {
+        anyhow::bail!(
+            "http.admin_token_file is not set, so POST /reload is off; send SIGHUP instead (systemctl reload calsync, or kill -HUP <pid>)"
+        );
+    };
+    let (status, body) = local_request_with(addr, "POST", "/reload", Some(token)).await?;
     println!("{}", body.trim());
     Ok(status == 200)
 }

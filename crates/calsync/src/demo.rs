@@ -81,6 +81,7 @@ pub fn config_for_sim(
         sync,
         log_format: LogFormat::Text,
         log_filter: "warn".into(),
+        admin_token: None,
         http_listen: None,
         drain_deadline: Duration::from_secs(8),
         on_remove: crate::config::OnRemove::Keep,

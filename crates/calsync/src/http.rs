@@ -34,14 +34,16 @@ async fn healthz(State(s): State<Arc<Shared>>) -> Response {
 /// Ready: the database answers, its migrations are current, the scheduler runs.
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     let store = s.engine().store();
+    // Reasons, never the database's own error text (it can name hosts, users, databases).
     let database = match store.ping().await {
-        Ok(()) => "ok".to_owned(),
-        Err(e) => format!("unreachable: {e}"),
+        Ok(()) => "ok",
+        Err(e) if e.is_transient() => "unreachable",
+        Err(_) => "error",
     };
     let migrations = match store.migrations_current().await {
-        Ok(true) => "current".to_owned(),
-        Ok(false) => "behind".to_owned(),
-        Err(e) => format!("unknown: {e}"),
+        Ok(true) => "current",
+        Ok(false) => "behind",
+        Err(_) => "unknown",
     };
     let scheduler = if s.scheduler_running() {
         "running"
@@ -138,7 +140,26 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-async fn reload(State(s): State<Arc<Shared>>) -> Response {
+async fn reload(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
+    if !s.admin_enabled() {
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(json!({"reloaded": false,
+                "error": "POST /reload is off: set http.admin_token_file (or send SIGHUP)"})),
+        )
+            .into_response();
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if !s.admin_authorized(presented) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            axum::Json(json!({"reloaded": false, "error": "a valid bearer token is required"})),
+        )
+            .into_response();
+    }
     match request_reload(&s).await {
         Ok(a) => (
             StatusCode::OK,

@@ -31,6 +31,8 @@ pub struct Shared {
     tick_ms: AtomicU64,
     scheduler_running: AtomicBool,
     reload: mpsc::Sender<ReloadReply>,
+    /// The bearer token `POST /reload` requires; `None`: reloading over HTTP is off.
+    admin_token: Option<secrecy::SecretString>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -203,6 +205,7 @@ impl App {
             tick_ms: AtomicU64::new(0),
             scheduler_running: AtomicBool::new(false),
             reload: reload_tx,
+            admin_token: cfg.admin_token.clone(),
         });
         let mut server = match listener {
             Some(listener) => {
@@ -432,6 +435,26 @@ impl Shared {
     /// The Prometheus handle, when metrics are on.
     pub fn metrics(&self) -> Option<&PrometheusHandle> {
         self.metrics.as_ref()
+    }
+
+    /// Whether `presented` (an `Authorization` header's value) carries the admin token. Off
+    /// (always `false`) when no token is configured. Compared in constant time.
+    pub fn admin_authorized(&self, presented: Option<&str>) -> bool {
+        use secrecy::ExposeSecret;
+        let (Some(want), Some(got)) = (&self.admin_token, presented) else {
+            return false;
+        };
+        let Some(got) = got.strip_prefix("Bearer ") else {
+            return false;
+        };
+        let want = want.expose_secret().as_bytes();
+        let got = got.trim().as_bytes();
+        want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// Whether an admin token is configured at all.
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_token.is_some()
     }
 
     /// The scheduler is running and no supervised task has died.

@@ -37,6 +37,9 @@ pub struct RawConfig {
 pub struct RawHttp {
     /// `host:port` for /healthz, /readyz, /metrics and POST /reload; off when empty.
     pub listen: String,
+    /// A file holding the bearer token `POST /reload` requires (first line); without it,
+    /// reloading over HTTP is off (SIGHUP still works).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// `[service]`: how the daemon stops and reloads.

@@ -123,6 +123,8 @@ pub struct Config {
     pub log_filter: String,
     /// The HTTP endpoint's address; off when `None`.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// The bearer token `POST /reload` requires; reloading over HTTP is off without it.
+    pub admin_token: Option<SecretString>,
     /// How long rounds in flight get at shutdown.
     pub drain_deadline: Duration,
     /// What a reload does to a dropped calendar's rows.
@@ -176,7 +178,8 @@ impl Config {
         if (self.log_format, &self.log_filter) != (new.log_format, &new.log_filter) {
             out.push("log");
         }
-        if self.http_listen != new.http_listen {
+        let token = |c: &Config| c.admin_token.as_ref().map(|t| t.expose_secret().to_owned());
+        if self.http_listen != new.http_listen || token(self) != token(new) {
             out.push("http");
         }
         if self.drain_deadline != new.drain_deadline {
@@ -424,6 +427,10 @@ end = "2026-04-01T00:00:00Z"
             ),
             ("[log]\nformat = \"xml\"\n", "log.format"),
             ("[http]\nlisten = \"localhost\"\n", "http.listen"),
+            (
+                "[http]\nadmin_token_file = \"/nonexistent/token\"\n",
+                "http.admin_token_file",
+            ),
             ("[service]\non_remove = \"drop\"\n", "service.on_remove"),
         ];
         for (section, key) in cases {
@@ -438,6 +445,40 @@ end = "2026-04-01T00:00:00Z"
                 "{AUTH_AND_ONE_CALENDAR}\n[[calendars]]\nuser = \"adele@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-02-01T00:00:00Z\"\n"
             );
             assert_eq!(load_in(jail, &twice).unwrap_err().key, "calendars[1].name");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_admin_token_is_read_from_its_file_and_must_be_long_enough() {
+        Jail::expect_with(|jail| {
+            jail.create_file("short-token", "abc\n")?;
+            let e = load_in(
+                jail,
+                &format!("{AUTH_AND_ONE_CALENDAR}\n[http]\nadmin_token_file = \"short-token\"\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "http.admin_token_file");
+            assert!(e.message.contains("16"), "{}", e.message);
+            jail.create_file("token", "0123456789abcdef-long-enough\n")?;
+            let cfg = load_in(
+                jail,
+                &format!("{AUTH_AND_ONE_CALENDAR}\n[http]\nadmin_token_file = \"token\"\n"),
+            )
+            .unwrap();
+            assert_eq!(
+                cfg.admin_token
+                    .as_ref()
+                    .map(|t| t.expose_secret().to_owned()),
+                Some("0123456789abcdef-long-enough".to_owned())
+            );
+            assert!(
+                !format!("{cfg:?}").contains("long-enough"),
+                "the token never reaches Debug"
+            );
+            jail.set_env("CALSYNC_DATABASE__STATEMENT_TIMEOUT", "10ms");
+            let e = load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap_err();
+            assert_eq!(e.key, "database.statement_timeout");
             Ok(())
         });
     }

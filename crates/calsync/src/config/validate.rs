@@ -25,6 +25,7 @@ impl RawConfig {
         let (log_format, log_filter) = log(&self.log)?;
         let tuples = calendars(&self.calendars)?;
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
+        let admin_token = admin_token(&self.http)?;
         Ok(Config {
             database,
             graph,
@@ -33,6 +34,7 @@ impl RawConfig {
             log_format,
             log_filter,
             http_listen,
+            admin_token,
             drain_deadline,
             on_remove,
             tuples,
@@ -289,6 +291,21 @@ fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError>
         });
     }
     Ok(tuples)
+}
+
+/// `http.admin_token_file`: the token `POST /reload` requires, at least 16 characters.
+pub(super) fn admin_token(http: &RawHttp) -> Result<Option<SecretString>, ConfigError> {
+    let Some(p) = &http.admin_token_file else {
+        return Ok(None);
+    };
+    let token = read_secret_file("http.admin_token_file", &resolve_credential(p))?;
+    if token.expose_secret().chars().count() < 16 {
+        return Err(bad(
+            "http.admin_token_file",
+            "the token must be at least 16 characters",
+        ));
+    }
+    Ok(Some(token))
 }
 
 /// `[http]` and `[service]`.

@@ -564,6 +564,7 @@ fn the_deploy_configs_are_valid() {
         .join("\n");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("client-secret"), SECRET).unwrap();
+    std::fs::write(dir.path().join("admin-token"), "an-admin-token-of-24-chars").unwrap();
     std::fs::write(
         dir.path().join("database-url"),
         "postgres://calsync:pw@db/calsync",

@@ -3,7 +3,10 @@
 //! SIGTERM.
 
 use crate::harness::{BIN, bound_addr, config_file, database_url};
-use calsync::commands::local_request;
+use calsync::commands::{local_request, local_request_with};
+
+/// The admin token the daemon under test is configured with (`http.admin_token_file`).
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -138,11 +141,14 @@ async fn the_service_notifies_serves_probes_and_metrics_reloads_resyncs_and_stop
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{ADMIN_TOKEN}\n")).unwrap();
     let base = config_file(
         &url,
         &server.graph_base_url(),
         &server.token_url(graph_sim::DEFAULT_TENANT),
-        r#"
+        &format!(
+            r#"
 [sync]
 interval = "1s"
 page_size = 5
@@ -150,10 +156,13 @@ startup_spread = "100ms"
 
 [http]
 listen = "127.0.0.1:0"
+admin_token_file = "{}"
 
 [service]
 drain_deadline = "3s"
 "#,
+            token_file.display()
+        ),
     );
     let config = dir.path().join("calsync.toml");
     let log = dir.path().join("calsync.log");
@@ -358,7 +367,18 @@ drain_deadline = "3s"
         Some(2),
         "reload's own config check refuses it first"
     );
+    // POST /reload wants the admin token: none, or a wrong one, is refused before anything.
     let (code, body) = local_request(d.http, "POST", "/reload").await.unwrap();
+    assert_eq!(code, 401, "{body}");
+    let wrong = secrecy::SecretString::from("x".repeat(ADMIN_TOKEN.len()));
+    let (code, _) = local_request_with(d.http, "POST", "/reload", Some(&wrong))
+        .await
+        .unwrap();
+    assert_eq!(code, 401);
+    let token = secrecy::SecretString::from(ADMIN_TOKEN);
+    let (code, body) = local_request_with(d.http, "POST", "/reload", Some(&token))
+        .await
+        .unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("calendars[1].user"), "{body}");
     assert_eq!(d.get("/healthz").await.0, 200);
