@@ -54,6 +54,12 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
 
 /// Connects, migrates, builds the engine and registers the configured tuples.
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+    for key in cfg.clear_text_endpoints() {
+        warn!(
+            key,
+            "graph.allow_insecure_http: this URL is plain http to a host that is not loopback; the client secret and access tokens travel in clear"
+        );
+    }
     let store = connect_store_patiently(&cfg.database).await?;
     store
         .migrate()

@@ -112,6 +112,10 @@ pub struct RawGraph {
     pub request_timeout: String,
     /// Pages larger than this many bytes are refused.
     pub max_page_bytes: u64,
+    /// Allow `http://` for `graph.base_url` and `auth.token_url` on a host that is not a
+    /// loopback address (tokens and the client secret would travel in clear): for a test rig
+    /// only. A warning is logged at start.
+    pub allow_insecure_http: bool,
 }
 
 /// A duration as the config file writes it.
@@ -136,6 +140,7 @@ impl Default for RawGraph {
             connect_timeout: text(g.connect_timeout),
             request_timeout: text(g.request_timeout),
             max_page_bytes: g.max_page_bytes as u64,
+            allow_insecure_http: false,
         }
     }
 }
@@ -152,7 +157,8 @@ pub struct RawAuth {
     pub client_secret: SecretValue,
     /// A file holding the client secret (first line).
     pub client_secret_file: Option<PathBuf>,
-    /// The scope asked for.
+    /// The scope asked for; empty (the default) means the `.default` scope of
+    /// `graph.base_url`'s cloud, e.g. `https://graph.microsoft.us/.default`.
     pub scope: String,
 }
 
@@ -163,7 +169,7 @@ impl Default for RawAuth {
             client_id: String::new(),
             client_secret: SecretValue(None),
             client_secret_file: None,
-            scope: "https://graph.microsoft.com/.default".into(),
+            scope: String::new(),
         }
     }
 }

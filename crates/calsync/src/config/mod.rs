@@ -134,6 +134,21 @@ pub struct Config {
 }
 
 impl Config {
+    /// The config keys whose URL is `http://` to a host that is not a loopback address (only
+    /// possible with `graph.allow_insecure_http`): warned about at start.
+    pub fn clear_text_endpoints(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (key, u) in [
+            ("graph.base_url", &self.graph.base_url),
+            ("auth.token_url", &self.auth.token_url),
+        ] {
+            if u.scheme() == "http" && !validate::is_loopback(u) {
+                out.push(key);
+            }
+        }
+        out
+    }
+
     /// The sections whose change a reload cannot apply (they are wired into the database
     /// pool, the Graph client, the engine or the logger at start).
     pub fn needs_restart_for(&self, new: &Config) -> Vec<&'static str> {
@@ -445,6 +460,79 @@ end = "2026-04-01T00:00:00Z"
                 "{AUTH_AND_ONE_CALENDAR}\n[[calendars]]\nuser = \"adele@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-02-01T00:00:00Z\"\n"
             );
             assert_eq!(load_in(jail, &twice).unwrap_err().key, "calendars[1].name");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn clear_text_and_a_mismatched_cloud_are_refused_and_the_scope_follows_the_cloud() {
+        let with = |graph: &str, token: &str| {
+            format!(
+                "[database]\nurl = \"postgres://calsync@127.0.0.1/calsync\"\n[graph]\nbase_url = \"{graph}\"\n[auth]\ntoken_url = \"{token}\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[[calendars]]\nuser = \"a@b\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+            )
+        };
+        let global_token = "https://login.microsoftonline.com/t/oauth2/v2.0/token";
+        let us_token = "https://login.microsoftonline.us/t/oauth2/v2.0/token";
+        Jail::expect_with(|jail| {
+            // Plain http to a host that is not loopback: refused, naming the key.
+            let e =
+                load_in(jail, &with("http://graph.example.com/v1.0", global_token)).unwrap_err();
+            assert_eq!(e.key, "graph.base_url");
+            assert!(e.message.contains("in clear"), "{}", e.message);
+            let e = load_in(
+                jail,
+                &with(
+                    "https://graph.microsoft.com/v1.0",
+                    "http://login.example.com/t/oauth2/v2.0/token",
+                ),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "auth.token_url");
+            // Loopback (graph-sim, a local proxy) is fine, and so is an explicit opt-in.
+            load_in(
+                jail,
+                &with(
+                    "http://127.0.0.1:8080/v1.0",
+                    "http://127.0.0.1:8080/t/oauth2/v2.0/token",
+                ),
+            )
+            .unwrap();
+            let cfg = load_in(
+                jail,
+                &(with(
+                    "http://graph-sim:8080/v1.0",
+                    "http://graph-sim:8080/t/oauth2/v2.0/token",
+                )
+                .replace("[auth]", "allow_insecure_http = true\n[auth]")),
+            )
+            .unwrap();
+            assert_eq!(
+                cfg.clear_text_endpoints(),
+                ["graph.base_url", "auth.token_url"]
+            );
+            // National clouds: the scope follows Graph's cloud; a token endpoint of another
+            // cloud is refused with the known pairs.
+            let cfg = load_in(jail, &with("https://graph.microsoft.us/v1.0", us_token)).unwrap();
+            assert_eq!(cfg.auth.scope, "https://graph.microsoft.us/.default");
+            let cfg =
+                load_in(jail, &with("https://dod-graph.microsoft.us/v1.0", us_token)).unwrap();
+            assert_eq!(cfg.auth.scope, "https://dod-graph.microsoft.us/.default");
+            let cfg = load_in(
+                jail,
+                &with("https://graph.microsoft.com/v1.0", global_token),
+            )
+            .unwrap();
+            assert_eq!(cfg.auth.scope, "https://graph.microsoft.com/.default");
+            let e =
+                load_in(jail, &with("https://graph.microsoft.us/v1.0", global_token)).unwrap_err();
+            assert_eq!(e.key, "auth.token_url");
+            assert!(e.message.contains("US Government L4"), "{}", e.message);
+            let e = load_in(
+                jail,
+                &with("https://microsoftgraph.chinacloudapi.cn/v1.0", us_token),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "auth.token_url");
             Ok(())
         });
     }

@@ -20,7 +20,7 @@ impl RawConfig {
         // In file order, so the first error reported is the first one in the file.
         let database = database(&self.database)?;
         let graph = graph(&self.graph, self.sync.page_size)?;
-        let auth = auth(&self.auth)?;
+        let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
         let sync = sync(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
         let tuples = calendars(&self.calendars)?;
@@ -97,6 +97,7 @@ fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
 /// `[graph]` (and `sync.page_size`, which is sent to Graph as `Prefer: odata.maxpagesize`).
 fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
     let base_url = http_url("graph.base_url", &g.base_url)?;
+    refuse_clear_text("graph.base_url", &base_url, g.allow_insecure_http)?;
     let mut graph = GraphConfig::new(base_url);
     graph.connect_timeout = duration("graph.connect_timeout", &g.connect_timeout)?;
     graph.request_timeout = duration("graph.request_timeout", &g.request_timeout)?;
@@ -114,8 +115,12 @@ fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
     Ok(graph)
 }
 
-/// `[auth]`: the client-credentials app.
-fn auth(a: &RawAuth) -> Result<AuthConfig, ConfigError> {
+/// `[auth]`: the client-credentials app. Its token endpoint and Graph must be of one cloud.
+fn auth(
+    a: &RawAuth,
+    graph_base: &Url,
+    allow_insecure_http: bool,
+) -> Result<AuthConfig, ConfigError> {
     if a.token_url.trim().is_empty() {
         return Err(bad(
             "auth.token_url",
@@ -123,6 +128,26 @@ fn auth(a: &RawAuth) -> Result<AuthConfig, ConfigError> {
         ));
     }
     let token_url = http_url("auth.token_url", &a.token_url)?;
+    refuse_clear_text("auth.token_url", &token_url, allow_insecure_http)?;
+    if let (Some(token_cloud), Some(graph_cloud)) = (
+        cloud_of_token_host(token_url.host_str().unwrap_or("")),
+        cloud_of_graph_host(graph_base.host_str().unwrap_or("")),
+    ) {
+        if token_cloud != graph_cloud {
+            return Err(bad(
+                "auth.token_url",
+                format!(
+                    "{} is the token endpoint of {token_cloud}, but graph.base_url is {graph_cloud}'s Graph; the pairs are: {}",
+                    token_url.host_str().unwrap_or(""),
+                    CLOUDS
+                        .iter()
+                        .map(|c| format!("{} ({} + {})", c.name, c.login, c.graph))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
     if a.client_id.trim().is_empty() {
         return Err(bad("auth.client_id", "missing"));
     }
@@ -143,15 +168,104 @@ fn auth(a: &RawAuth) -> Result<AuthConfig, ConfigError> {
             ));
         }
     };
-    if a.scope.trim().is_empty() {
-        return Err(bad("auth.scope", "is empty"));
-    }
+    // The `.default` scope of the Graph calsync talks to: https://graph.microsoft.com/.default
+    // asks a US Government or China tenant for a token Graph there does not accept.
+    let scope = match a.scope.trim() {
+        "" => default_scope(graph_base),
+        s => s.to_owned(),
+    };
     Ok(AuthConfig {
         token_url,
         client_id: a.client_id.trim().to_owned(),
         client_secret,
-        scope: a.scope.trim().to_owned(),
+        scope,
     })
+}
+
+/// A Microsoft cloud: its token endpoint host and its Graph hosts.
+struct Cloud {
+    name: &'static str,
+    login: &'static str,
+    graph: &'static str,
+}
+
+/// The national clouds and their pairs (Microsoft's "national cloud deployments" page).
+const CLOUDS: [Cloud; 4] = [
+    Cloud {
+        name: "the global service",
+        login: "login.microsoftonline.com",
+        graph: "graph.microsoft.com",
+    },
+    Cloud {
+        name: "US Government L4",
+        login: "login.microsoftonline.us",
+        graph: "graph.microsoft.us",
+    },
+    Cloud {
+        name: "US Government L5 (DOD)",
+        login: "login.microsoftonline.us",
+        graph: "dod-graph.microsoft.us",
+    },
+    Cloud {
+        name: "China (21Vianet)",
+        login: "login.chinacloudapi.cn",
+        graph: "microsoftgraph.chinacloudapi.cn",
+    },
+];
+
+/// Which cloud a token endpoint host belongs to (L4 and L5 share one).
+fn cloud_of_token_host(host: &str) -> Option<&'static str> {
+    let host = host.to_ascii_lowercase();
+    match host.as_str() {
+        "login.microsoftonline.com" | "login.windows.net" => Some("the global service"),
+        "login.microsoftonline.us" => Some("US Government"),
+        "login.chinacloudapi.cn" | "login.partner.microsoftonline.cn" => Some("China (21Vianet)"),
+        _ => None,
+    }
+}
+
+/// Which cloud a Graph host belongs to, named as [`cloud_of_token_host`] names it.
+fn cloud_of_graph_host(host: &str) -> Option<&'static str> {
+    let host = host.to_ascii_lowercase();
+    match host.as_str() {
+        "graph.microsoft.com" => Some("the global service"),
+        "graph.microsoft.us" | "dod-graph.microsoft.us" => Some("US Government"),
+        "microsoftgraph.chinacloudapi.cn" => Some("China (21Vianet)"),
+        _ => None,
+    }
+}
+
+/// `https://<graph host>/.default` for a known cloud's Graph; the global one otherwise (a
+/// simulator or proxy that does not check it).
+fn default_scope(graph_base: &Url) -> String {
+    match graph_base.host_str() {
+        Some(h) if cloud_of_graph_host(h).is_some() => format!("https://{h}/.default"),
+        _ => "https://graph.microsoft.com/.default".to_owned(),
+    }
+}
+
+/// `http://` sends the client secret or bearer tokens in clear: refused unless the host is a
+/// loopback address or `graph.allow_insecure_http` says so.
+fn refuse_clear_text(key: &str, u: &Url, allowed: bool) -> Result<(), ConfigError> {
+    if u.scheme() == "https" || allowed || is_loopback(u) {
+        return Ok(());
+    }
+    Err(bad(
+        key,
+        format!(
+            "'{u}' is http:// to a host that is not a loopback address: tokens and the client secret would travel in clear; use https, or set graph.allow_insecure_http = true for a test rig"
+        ),
+    ))
+}
+
+/// Whether the URL's host is a loopback address (127.0.0.0/8, ::1) or `localhost`.
+pub(super) fn is_loopback(u: &Url) -> bool {
+    match u.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
 }
 
 /// `[sync]`: the engine's cadence, retries and request limits.

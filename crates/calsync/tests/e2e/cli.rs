@@ -81,6 +81,15 @@ fn invalid_configs_exit_2_and_name_the_key() {
             "sync.page_size",
         ),
         (
+            // Plain http to a host that is not loopback: the client secret would go in clear.
+            base.replace(
+                "https://login.microsoftonline.com",
+                "http://login.microsoftonline.com",
+            ),
+            vec![],
+            "auth.token_url",
+        ),
+        (
             base.clone(),
             vec![("CALSYNC_SYNC__PER_MAILBOX_CONCURRENCY", "9")],
             "sync.per_mailbox_concurrency",
