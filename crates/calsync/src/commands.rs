@@ -54,6 +54,9 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
 
 /// Connects, migrates, builds the engine and registers the configured tuples.
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
     for key in cfg.clear_text_endpoints() {
         warn!(
             key,

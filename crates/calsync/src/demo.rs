@@ -82,6 +82,8 @@ pub fn config_for_sim(
         log_format: LogFormat::Text,
         log_filter: "warn".into(),
         admin_token: None,
+        metric_labels: crate::config::MetricLabels::Name,
+        warnings: Vec::new(),
         http_listen: None,
         drain_deadline: Duration::from_secs(8),
         on_remove: crate::config::OnRemove::Keep,

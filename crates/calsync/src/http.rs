@@ -104,20 +104,23 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             for (state, n) in by_state {
                 let _ = writeln!(out, "calsync_tuples{{state=\"{state}\"}} {n}");
             }
-            let _ = writeln!(
-                out,
-                "# HELP calsync_tuple_sync_lag_seconds Seconds since the calendar last completed a round (absent: never).\n# TYPE calsync_tuple_sync_lag_seconds gauge"
-            );
+            // Labelled by the tuple's name (or a hash of it), never by the mailbox itself:
+            // metrics leave the host, and a UPN is personal data (metrics.mailbox_labels).
+            let labels = s.metric_labels();
+            if labels != crate::config::MetricLabels::None {
+                let _ = writeln!(
+                    out,
+                    "# HELP calsync_tuple_sync_lag_seconds Seconds since the calendar last completed a round (absent: never).\n# TYPE calsync_tuple_sync_lag_seconds gauge"
+                );
+            }
             let now = Utc::now();
             for r in &rows {
-                if let Some(t) = r.last_success_at {
+                if let (Some(t), Some(tuple)) = (r.last_success_at, labels.label(&r.tuple_key)) {
                     let lag = (now - t).num_milliseconds().max(0) as f64 / 1000.0;
                     let _ = writeln!(
                         out,
-                        "calsync_tuple_sync_lag_seconds{{tuple=\"{}\",user=\"{}\",calendar=\"{}\"}} {lag}",
-                        escape(&r.tuple_key),
-                        escape(&r.user_id),
-                        escape(&r.calendar_id)
+                        "calsync_tuple_sync_lag_seconds{{tuple=\"{}\"}} {lag}",
+                        escape(&tuple)
                     );
                 }
             }

@@ -77,8 +77,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             command: ConfigCommand::Check,
         } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            raw.validate()?;
+            let cfg = raw.validate()?;
             print!("{}", raw.redacted_toml());
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!("config ok");
             Ok(true)
         }

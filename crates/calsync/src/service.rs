@@ -33,6 +33,8 @@ pub struct Shared {
     reload: mpsc::Sender<ReloadReply>,
     /// The bearer token `POST /reload` requires; `None`: reloading over HTTP is off.
     admin_token: Option<secrecy::SecretString>,
+    /// How `/metrics` labels per-calendar series.
+    metric_labels: crate::config::MetricLabels,
 }
 
 impl std::fmt::Debug for Shared {
@@ -206,6 +208,7 @@ impl App {
             scheduler_running: AtomicBool::new(false),
             reload: reload_tx,
             admin_token: cfg.admin_token.clone(),
+            metric_labels: cfg.metric_labels,
         });
         let mut server = match listener {
             Some(listener) => {
@@ -450,6 +453,11 @@ impl Shared {
         let want = want.expose_secret().as_bytes();
         let got = got.trim().as_bytes();
         want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// How `/metrics` labels per-calendar series.
+    pub fn metric_labels(&self) -> crate::config::MetricLabels {
+        self.metric_labels
     }
 
     /// Whether an admin token is configured at all.

@@ -25,6 +25,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// `[http]`.
     pub http: RawHttp,
+    /// `[metrics]`.
+    pub metrics: RawMetrics,
     /// `[service]`.
     pub service: RawService,
     /// `[[calendars]]`: the tracked tuples.
@@ -63,9 +65,27 @@ impl Default for RawService {
 }
 
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-pub(super) const SECTIONS: [&str; 7] = [
-    "database", "graph", "auth", "sync", "log", "http", "service",
+pub(super) const SECTIONS: [&str; 8] = [
+    "database", "graph", "auth", "sync", "log", "http", "metrics", "service",
 ];
+
+/// `[metrics]`: what `/metrics` may say about each calendar.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Per-calendar series are labelled with the tuple's `name` (the operator's word, not a
+    /// mailbox address unless the name is the default `user/calendar`), a `hash` of it, or
+    /// `none` (no per-calendar series).
+    pub mailbox_labels: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            mailbox_labels: "name".into(),
+        }
+    }
+}
 
 /// `[database]`: the PostgreSQL calsync writes to.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -125,6 +125,11 @@ pub struct Config {
     pub http_listen: Option<std::net::SocketAddr>,
     /// The bearer token `POST /reload` requires; reloading over HTTP is off without it.
     pub admin_token: Option<SecretString>,
+    /// How `/metrics` labels per-calendar series.
+    pub metric_labels: MetricLabels,
+    /// What is allowed but unwise (a secret file others can read): logged at start and
+    /// printed by `config check`.
+    pub warnings: Vec<String>,
     /// How long rounds in flight get at shutdown.
     pub drain_deadline: Duration,
     /// What a reload does to a dropped calendar's rows.
@@ -194,13 +199,42 @@ impl Config {
             out.push("log");
         }
         let token = |c: &Config| c.admin_token.as_ref().map(|t| t.expose_secret().to_owned());
-        if self.http_listen != new.http_listen || token(self) != token(new) {
+        if self.http_listen != new.http_listen
+            || token(self) != token(new)
+            || self.metric_labels != new.metric_labels
+        {
             out.push("http");
         }
         if self.drain_deadline != new.drain_deadline {
             out.push("service.drain_deadline");
         }
         out
+    }
+}
+
+/// How `/metrics` labels per-calendar series (`metrics.mailbox_labels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricLabels {
+    /// `tuple="<name>"`.
+    Name,
+    /// `tuple="<first 12 hex digits of the name's SHA-256>"`: stable, but says nothing.
+    Hash,
+    /// No per-calendar series at all.
+    None,
+}
+
+impl MetricLabels {
+    /// The label value for a tuple named `name`; `None` when per-calendar series are off.
+    pub fn label(self, name: &str) -> Option<String> {
+        use sha2::Digest;
+        match self {
+            MetricLabels::Name => Some(name.to_owned()),
+            MetricLabels::Hash => {
+                let d = sha2::Sha256::digest(name.as_bytes());
+                Some(d.iter().take(6).map(|b| format!("{b:02x}")).collect())
+            }
+            MetricLabels::None => None,
+        }
     }
 }
 
@@ -564,10 +598,37 @@ end = "2026-04-01T00:00:00Z"
                 !format!("{cfg:?}").contains("long-enough"),
                 "the token never reaches Debug"
             );
+            // A secret file others can read is allowed, and warned about.
+            use std::os::unix::fs::PermissionsExt;
+            let token = jail.directory().join("token");
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let toml = format!("{AUTH_AND_ONE_CALENDAR}\n[http]\nadmin_token_file = \"token\"\n");
+            let cfg = load_in(jail, &toml).unwrap();
+            assert_eq!(cfg.warnings.len(), 1, "{:?}", cfg.warnings);
+            assert!(cfg.warnings[0].starts_with("http.admin_token_file:"));
+            assert!(cfg.warnings[0].contains("chmod 600"));
+            std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert!(load_in(jail, &toml).unwrap().warnings.is_empty());
             jail.set_env("CALSYNC_DATABASE__STATEMENT_TIMEOUT", "10ms");
             let e = load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap_err();
             assert_eq!(e.key, "database.statement_timeout");
             Ok(())
         });
+    }
+
+    #[test]
+    fn metric_labels_are_the_name_a_stable_hash_or_nothing() {
+        assert_eq!(MetricLabels::Name.label("adele"), Some("adele".to_owned()));
+        let h = MetricLabels::Hash
+            .label("adele@contoso.onmicrosoft.com/default")
+            .unwrap();
+        assert_eq!(h.len(), 12);
+        assert!(h.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            MetricLabels::Hash.label("adele@contoso.onmicrosoft.com/default"),
+            Some(h),
+            "stable across scrapes"
+        );
+        assert_eq!(MetricLabels::None.label("adele"), None);
     }
 }

@@ -2,8 +2,8 @@
 //! Every error names the key that is wrong.
 
 use super::{
-    Config, ConfigError, DatabaseConfig, LogFormat, OnRemove, RawAuth, RawCalendar, RawConfig,
-    RawDatabase, RawGraph, RawHttp, RawLog, RawService, RawSync, bad,
+    Config, ConfigError, DatabaseConfig, LogFormat, MetricLabels, OnRemove, RawAuth, RawCalendar,
+    RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, bad,
 };
 use calsync_engine::{Budget, SyncSettings, TupleConfig};
 use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
@@ -26,6 +26,7 @@ impl RawConfig {
         let tuples = calendars(&self.calendars)?;
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
         let admin_token = admin_token(&self.http)?;
+        let metric_labels = metrics(&self.metrics)?;
         Ok(Config {
             database,
             graph,
@@ -35,10 +36,41 @@ impl RawConfig {
             log_filter,
             http_listen,
             admin_token,
+            metric_labels,
+            warnings: self.secret_file_warnings(),
             drain_deadline,
             on_remove,
             tuples,
         })
+    }
+
+    /// A secret file readable by its group or by others (the client secret, the database
+    /// URL with its password, the admin token): allowed, but warned about.
+    fn secret_file_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        [
+            ("auth.client_secret_file", &self.auth.client_secret_file),
+            ("database.url_file", &self.database.url_file),
+            ("http.admin_token_file", &self.http.admin_token_file),
+        ]
+        .into_iter()
+        .filter_map(|(key, p)| {
+            let p = resolve_credential(p.as_ref()?);
+            let mode = std::fs::metadata(&p).ok()?.permissions().mode();
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "{key}: {} is readable by {} (mode {:o}); chmod 600 it",
+                    p.display(),
+                    if mode & 0o007 != 0 {
+                        "others"
+                    } else {
+                        "its group"
+                    },
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
     }
 
     /// Only the `[database]` section, for commands that need nothing else.
@@ -420,6 +452,19 @@ pub(super) fn admin_token(http: &RawHttp) -> Result<Option<SecretString>, Config
         ));
     }
     Ok(Some(token))
+}
+
+/// `[metrics]`.
+fn metrics(m: &RawMetrics) -> Result<MetricLabels, ConfigError> {
+    match m.mailbox_labels.trim() {
+        "name" => Ok(MetricLabels::Name),
+        "hash" => Ok(MetricLabels::Hash),
+        "none" => Ok(MetricLabels::None),
+        other => Err(bad(
+            "metrics.mailbox_labels",
+            format!("'{other}' is not one of name, hash, none"),
+        )),
+    }
 }
 
 /// `[http]` and `[service]`.
