@@ -105,6 +105,9 @@ pub struct Tuple {
     pub window: ViewWindow,
     /// Time between its rounds.
     pub interval: Duration,
+    /// The mailbox's directory object id when it is known (else `user` as configured): the key
+    /// of its request limits, so a UPN and an id naming one mailbox share them.
+    pub mailbox: String,
 }
 
 impl Tuple {
@@ -161,6 +164,59 @@ pub struct Liveness {
 }
 
 impl Engine {
+    /// The directory object id of every configured mailbox name: from the store when already
+    /// resolved, else asked of Graph once (through the request gate) and remembered. A name
+    /// that cannot be resolved now (Graph unreachable, no such user) keeps its configured
+    /// spelling as its key; the next registration (a reload, a restart) tries again.
+    async fn resolve_mailboxes(
+        &self,
+        configs: &[TupleConfig],
+    ) -> std::collections::HashMap<String, String> {
+        let mut users: Vec<String> = configs.iter().map(|c| c.user.clone()).collect();
+        users.sort();
+        users.dedup();
+        let mut known = match self.inner.store.mailbox_ids(&users).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read resolved mailbox ids");
+                Default::default()
+            }
+        };
+        let missing: Vec<String> = users
+            .into_iter()
+            .filter(|u| !known.contains_key(u))
+            .collect();
+        for user in &missing {
+            let permit = self.inner.gate.acquire(user).await;
+            let got = self
+                .inner
+                .graph
+                .resolve_user(user, calsync_graph::Connection::Reuse)
+                .await;
+            if let Err(e) = &got {
+                if let Some(wait) = e.retry_after() {
+                    self.inner.gate.defer(user, wait);
+                }
+            }
+            drop(permit);
+            match got {
+                Ok(Some(id)) => {
+                    if let Err(e) = self.inner.store.save_mailbox_id(user, &id).await {
+                        tracing::warn!(user = %user, error = %e, "cannot save a mailbox id");
+                    }
+                    known.insert(user.clone(), id);
+                }
+                Ok(None) => {
+                    tracing::debug!(user = %user, "no such mailbox; its rounds will say so")
+                }
+                Err(e) => {
+                    tracing::warn!(user = %user, error = %e, "cannot resolve a mailbox to its id now; keyed by its name until the next registration")
+                }
+            }
+        }
+        known
+    }
+
     /// An engine over one Graph client and one store; the request gate is built from `settings`.
     pub fn new(graph: GraphClient, store: Store, settings: SyncSettings) -> Self {
         let gate = RequestGate::new(settings.max_in_flight, settings.per_mailbox_concurrency)
@@ -257,6 +313,7 @@ impl Engine {
             })
             .collect();
         let states = self.inner.store.register_tuples(&specs).await?;
+        let mailboxes = self.resolve_mailboxes(configs).await;
         Ok(configs
             .iter()
             .filter_map(|c| {
@@ -268,6 +325,10 @@ impl Engine {
                     calendar: c.calendar.clone(),
                     window: c.window,
                     interval: c.interval.unwrap_or(self.inner.settings.interval),
+                    mailbox: mailboxes
+                        .get(&c.user)
+                        .cloned()
+                        .unwrap_or_else(|| c.user.clone()),
                 })
             })
             .collect())

@@ -505,7 +505,7 @@ impl Engine {
         let permit = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(StepError::Interrupted),
-            p = self.inner.gate.acquire(&tuple.user) => p,
+            p = self.inner.gate.acquire(&tuple.mailbox) => p,
         };
         let fetched = tokio::select! {
             biased;
@@ -537,11 +537,11 @@ impl Engine {
                 // Hold the mailbox before this request's slot is released: a task waiting
                 // for the slot must find the Retry-After already in place.
                 if let Some(wait) = e.retry_after() {
-                    gate.defer(&tuple.user, wait);
+                    gate.defer(&tuple.mailbox, wait);
                 }
                 drop(permit);
                 if e.is_throttle() {
-                    gate.throttled(&tuple.user);
+                    gate.throttled(&tuple.mailbox);
                 }
                 Err(StepError::Graph(e))
             }

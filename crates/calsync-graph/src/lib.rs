@@ -215,6 +215,36 @@ impl GraphClient {
         url
     }
 
+    /// The directory object id of the mailbox `user` names (a UPN or already an id):
+    /// `GET …/users/{user}?$select=id`. `None` when Graph says there is no such user.
+    pub async fn resolve_user(
+        &self,
+        user: &str,
+        connection: Connection,
+    ) -> Result<Option<String>, GraphError> {
+        let mut url = self.inner.cfg.base_url.clone();
+        if let Ok(mut segs) = url.path_segments_mut() {
+            segs.pop_if_empty().push("users").push(user);
+        }
+        url.query_pairs_mut().append_pair("$select", "id");
+        match self.get_ok(&url, connection).await {
+            Ok(body) => {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&body).map_err(|e| GraphError::Malformed {
+                        reason: format!("a user is not JSON: {e}"),
+                    })?;
+                match v.get("id").and_then(serde_json::Value::as_str) {
+                    Some(id) if !id.is_empty() => Ok(Some(id.to_owned())),
+                    _ => Err(GraphError::Malformed {
+                        reason: "a user has no id".into(),
+                    }),
+                }
+            }
+            Err(GraphError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// GETs one event (a series master, when hydrating occurrence stubs). `None` when Graph
     /// says it does not exist (404): the series was deleted.
     pub async fn get_event(

@@ -344,4 +344,42 @@ impl Store {
         self.bounded("recording a failure", query).await?;
         Ok(())
     }
+
+    /// The object ids already resolved for these configured mailbox names.
+    pub async fn mailbox_ids(
+        &self,
+        user_keys: &[String],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let query = async {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT user_key, object_id FROM mailboxes WHERE user_key = ANY($1::text[])",
+            )
+            .bind(user_keys)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        };
+        Ok(self
+            .bounded("reading mailbox ids", query)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// Remembers that the mailbox configured as `user_key` is `object_id`.
+    pub async fn save_mailbox_id(&self, user_key: &str, object_id: &str) -> Result<(), StoreError> {
+        let query = async {
+            sqlx::query(
+                "INSERT INTO mailboxes (user_key, object_id) VALUES ($1, $2) \
+                 ON CONFLICT (user_key) DO UPDATE SET object_id = EXCLUDED.object_id, resolved_at = now()",
+            )
+            .bind(user_key)
+            .bind(object_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)
+        };
+        self.bounded("saving a mailbox id", query).await?;
+        Ok(())
+    }
 }

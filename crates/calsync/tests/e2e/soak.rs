@@ -74,6 +74,7 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
         .map(|(id, key, user, cal, start, end)| Tuple {
             id,
             key,
+            mailbox: user.clone(),
             user,
             calendar: if cal == "default" {
                 CalendarRef::Default
