@@ -121,3 +121,127 @@ async fn an_event_with_nul_characters_is_stored_without_them_and_its_page_commit
     assert_eq!(row.subject.as_deref(), Some("Budget review"));
     assert_eq!(h.store.status().await.unwrap()[0].state, TupleStatus::Ok);
 }
+
+/// A TCP proxy on loopback in front of PostgreSQL that can turn into a black hole: while
+/// `blackhole` is set, bytes are read and dropped in both directions and connections stay open,
+/// as when a network path dies without a reset.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let blackhole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hole = blackhole.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to, hole) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                        hole.clone(),
+                    ),
+                    (Box::new(sr), Box::new(cw), hole.clone()),
+                ] {
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if hole.load(Ordering::Relaxed) {
+                                continue; // dropped on the floor
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy {
+            addr,
+            blackhole,
+            task,
+        }
+    }
+
+    fn set_blackhole(&self, on: bool) {
+        self.blackhole
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_blackholed_database_connection_fails_the_round_within_its_deadline_and_recovers(
+    pool: PgPool,
+) {
+    let (db, user): (String, String) =
+        sqlx::query_as("SELECT current_database(), current_user::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let upstream: std::net::SocketAddr = {
+        let o = pool.connect_options();
+        format!("{}:{}", o.get_host(), o.get_port())
+            .parse()
+            .unwrap_or_else(|_| ([127, 0, 0, 1], o.get_port()).into())
+    };
+    let proxy = Proxy::start(upstream).await;
+    let url = format!("postgres://{user}@{}/{db}", proxy.addr);
+    // A 1 s statement timeout: calsync abandons a store call 6 s in.
+    let store = calsync_store::Store::connect(
+        &url,
+        4,
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_secs(1),
+    )
+    .await
+    .unwrap();
+    let h = harness_on(store, 20).await;
+    seed(&h, 10);
+    let engine = h.engine(SyncSettings {
+        max_attempts: 1,
+        ..settings()
+    });
+    let t = h.default_tuple(&engine).await;
+    proxy.set_blackhole(true);
+    let started = std::time::Instant::now();
+    let o = sync(&engine, &t).await;
+    let took = started.elapsed();
+    assert!(
+        retrying(&o),
+        "a database that stopped answering is unavailable: {o:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(15),
+        "the round gave up within its deadline, not never: {took:?}"
+    );
+    proxy.set_blackhole(false);
+    // The connections the black hole ate are broken; fresh ones work.
+    let engine = h.engine(SyncSettings {
+        max_attempts: 4,
+        ..settings()
+    });
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+}
