@@ -483,6 +483,10 @@ impl Engine {
                     .map_err(StepError::Store)
             })
             .await?;
+        if applied.quarantined > 0 {
+            metrics::counter!("calsync_items_incomplete_total", "reason" => "quarantined")
+                .increment(applied.quarantined);
+        }
         Ok(StepOut {
             next: link_after,
             ids,

@@ -48,6 +48,8 @@ pub struct PageApplied {
     pub removed: u64,
     /// Rows deleted by the sweep at the end of a full round.
     pub swept: u64,
+    /// Items PostgreSQL refused even after repair, kept as quarantined rows.
+    pub quarantined: u64,
 }
 
 impl Store {
@@ -115,12 +117,14 @@ impl Store {
             upsert_series(tx, w.tuple_id, full_round, &c.series).await?;
             self.fault_point()?;
         }
-        if !c.full.is_empty() {
-            applied.upserted += upsert(tx, w.tuple_id, full_round, &c.full, false).await?;
-            self.fault_point()?;
-        }
-        if !c.partial.is_empty() {
-            applied.upserted += upsert(tx, w.tuple_id, full_round, &c.partial, true).await?;
+        for (rows, partial) in [(&c.full, false), (&c.partial, true)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let (upserted, quarantined) =
+                upsert_isolating(tx, w.tuple_id, full_round, rows, partial).await?;
+            applied.upserted += upserted;
+            applied.quarantined += quarantined;
             self.fault_point()?;
         }
         for s in &c.reconcile {
@@ -359,7 +363,7 @@ async fn upsert(
     } else {
         format!(
             "start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at, start_date = EXCLUDED.start_date, \
-             end_date = EXCLUDED.end_date, time_error = EXCLUDED.time_error, event_type = EXCLUDED.event_type, \
+             end_date = EXCLUDED.end_date, time_error = EXCLUDED.time_error, quarantined = NULL, event_type = EXCLUDED.event_type, \
              series_master_id = EXCLUDED.series_master_id, {}, payload = EXCLUDED.payload, \
              seen_round = EXCLUDED.seen_round, synced_at = now() \
              WHERE events.change_key IS DISTINCT FROM EXCLUDED.change_key OR EXCLUDED.change_key IS NULL \
@@ -389,6 +393,88 @@ async fn upsert(
         .bind(&payloads);
     let r = details.bind(q).execute(&mut **tx).await.map_err(db)?;
     Ok(r.rows_affected())
+}
+
+/// Upserts `rows`; if PostgreSQL refuses a value in them (SQLSTATE class 22, after the repair
+/// `reduce` already did), each row is tried on its own under a savepoint and the refused ones are
+/// kept as quarantined rows (id, type, series, the reason), so the rest of the page commits.
+/// Returns (rows written, rows quarantined).
+async fn upsert_isolating(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[EventRow],
+    partial: bool,
+) -> Result<(u64, u64), StoreError> {
+    let savepoint = |name: &'static str| format!("SAVEPOINT {name}");
+    sqlx::query(&savepoint("calsync_batch"))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    match upsert(tx, tuple_id, round, rows, partial).await {
+        Ok(n) => return Ok((n, 0)),
+        Err(StoreError::Refused { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    sqlx::query("ROLLBACK TO SAVEPOINT calsync_batch")
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    let (mut written, mut quarantined) = (0, 0);
+    for row in rows {
+        sqlx::query(&savepoint("calsync_row"))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        match upsert(tx, tuple_id, round, std::slice::from_ref(row), partial).await {
+            Ok(n) => written += n,
+            Err(StoreError::Refused { sqlstate, message }) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT calsync_row")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db)?;
+                let reason = format!("PostgreSQL refused a value ({sqlstate}): {message}");
+                tracing::warn!(tuple_id, event = %row.event_id, %reason, "event quarantined");
+                quarantine(tx, tuple_id, round, row, &reason).await?;
+                quarantined += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((written, quarantined))
+}
+
+/// Keeps a row PostgreSQL refused as what can be stored of it: its id, type and series, and
+/// why. It leaves as any row does (an `@removed`, a sweep) and is replaced when Graph sends the
+/// item again in a form that can be stored.
+async fn quarantine(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    row: &EventRow,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let clean = |s: &str| s.chars().filter(|c| *c != '\0').collect::<String>();
+    let payload =
+        serde_json::json!({"id": clean(&row.event_id), "@calsync.quarantined": clean(reason)});
+    sqlx::query(
+        "INSERT INTO events (tuple_id, event_id, event_type, series_master_id, payload, seen_round, quarantined) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (tuple_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type, \
+           series_master_id = EXCLUDED.series_master_id, payload = EXCLUDED.payload, \
+           seen_round = EXCLUDED.seen_round, quarantined = EXCLUDED.quarantined, synced_at = now()",
+    )
+    .bind(tuple_id)
+    .bind(clean(&row.event_id))
+    .bind(row.event_type.as_deref().map(clean))
+    .bind(row.series_master_id.as_deref().map(clean))
+    .bind(sqlx::types::Json(payload))
+    .bind(round)
+    .bind(clean(reason))
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 async fn upsert_series(

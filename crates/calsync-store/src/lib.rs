@@ -199,4 +199,81 @@ mod tests {
         ours.sort();
         assert_eq!(in_sql, ours, "CHECK is {def}");
     }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_value_postgresql_refuses_quarantines_its_item_and_the_page_commits(pool: PgPool) {
+        use crate::page::{Details, EventRow, PageOp, reduce};
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        let start = "2026-01-01T00:00:00Z".parse().unwrap();
+        let end = "2026-04-01T00:00:00Z".parse().unwrap();
+        let spec = TupleSpec {
+            key: "t".into(),
+            user_id: "u".into(),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: end,
+        };
+        let state = store.register_tuples(&[spec]).await.unwrap().remove(0);
+        let row = |id: &str| EventRow {
+            event_id: id.into(),
+            start_at: Some(start),
+            end_at: Some(end),
+            start_date: None,
+            end_date: None,
+            time_error: None,
+            event_type: Some("singleInstance".into()),
+            series_master_id: None,
+            details: Details {
+                subject: Some(format!("subject {id}")),
+                change_key: Some(id.into()),
+                ..Details::default()
+            },
+            partial: false,
+            payload: serde_json::Map::from_iter([("id".to_owned(), serde_json::json!(id))]),
+        };
+        // A date PostgreSQL cannot hold (before 4713 BC): SQLSTATE 22008.
+        let mut bad = row("bad");
+        bad.start_date = Some(chrono::NaiveDate::MIN);
+        let changes = reduce(vec![
+            PageOp::Upsert(row("a")),
+            PageOp::Upsert(bad),
+            PageOp::Upsert(row("b")),
+        ]);
+        let stamp = LinkStamp {
+            user_id: "u".into(),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: end,
+        };
+        let applied = store
+            .apply_page(&crate::PageWrite {
+                tuple_id: state.id,
+                expected_version: state.link_version,
+                round_start: Some(crate::RoundStart::Full),
+                changes: &changes,
+                link: "https://graph.example/delta?$deltatoken=x",
+                link_kind: LinkKind::Delta,
+                stamp: &stamp,
+            })
+            .await
+            .unwrap();
+        assert_eq!((applied.upserted, applied.quarantined), (2, 1));
+        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT event_id, subject, quarantined FROM calendar_events ORDER BY event_id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].1.as_deref(), Some("subject a"));
+        assert_eq!(rows[1].0, "b");
+        assert_eq!(rows[2].0, "bad");
+        assert!(
+            rows[2].2.as_deref().is_some_and(|q| q.contains("22008")),
+            "{rows:?}"
+        );
+        let status = store.status().await.unwrap();
+        assert_eq!((status[0].event_count, status[0].incomplete_count), (3, 1));
+    }
 }
