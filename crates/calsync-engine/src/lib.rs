@@ -145,6 +145,8 @@ struct Inner {
     /// Where each tuple stands after its last committed page, so a round need not read it
     /// back. Only a hint: the store's link_version check refuses anything stale.
     cursors: std::sync::Mutex<std::collections::HashMap<i64, round::Cursor>>,
+    /// Consecutive runs per tuple that ended on a malformed page.
+    malformed_runs: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
     /// When the engine last did something (a page fetched or failed, a round ended), in ms
     /// since `born`; and how many rounds are running. The watchdog reads both.
     born: std::time::Instant,
@@ -229,6 +231,7 @@ impl Engine {
                 gate,
                 settings,
                 cursors: Default::default(),
+                malformed_runs: Default::default(),
                 born: std::time::Instant::now(),
                 activity_ms: Default::default(),
                 rounds_in_flight: Default::default(),

@@ -56,6 +56,9 @@ impl StepError {
     }
 }
 
+/// Runs in a row that end on a malformed page before the tuple is marked degraded.
+pub(crate) const MALFORMED_RUNS_BEFORE_DEGRADED: u32 = 5;
+
 /// Full jitter: a uniformly random wait up to the exponential step (AWS's "full jitter").
 fn full_jitter(d: Duration) -> Duration {
     if d.is_zero() {
@@ -166,6 +169,7 @@ impl Engine {
             }
             match result {
                 Ok(()) => {
+                    self.malformed_run(tuple, false);
                     info!(tuple = %tuple.key, pages = report.pages, upserted = report.upserted,
                           removed = report.removed, swept = report.swept, full = report.full, "round complete");
                     return Outcome::Synced(report);
@@ -227,12 +231,38 @@ impl Engine {
         Outcome::Failed(failure)
     }
 
+    /// Counts a run that ended on a malformed page (or clears the count); returns how many in
+    /// a row.
+    fn malformed_run(&self, tuple: &Tuple, malformed: bool) -> u32 {
+        let mut runs = self
+            .inner
+            .malformed_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if malformed {
+            let n = runs.entry(tuple.id).or_default();
+            *n += 1;
+            *n
+        } else {
+            runs.remove(&tuple.id);
+            0
+        }
+    }
+
     async fn fail(&self, tuple: &Tuple, e: &StepError) -> Outcome {
-        let health = match e.class() {
+        let mut health = match e.class() {
             Some(ErrorClass::Permanent) => Health::Failed,
             Some(ErrorClass::Degraded) => Health::Degraded,
             _ => Health::Retrying,
         };
+        // A page that is malformed every time (a body Graph keeps cutting short, a link that
+        // always answers garbage) is not retried at the fast cadence forever: after
+        // MALFORMED_RUNS_BEFORE_DEGRADED runs the tuple is degraded and starts afresh later.
+        let malformed = matches!(e, StepError::Graph(GraphError::Malformed { .. }));
+        if self.malformed_run(tuple, malformed) >= MALFORMED_RUNS_BEFORE_DEGRADED {
+            self.malformed_run(tuple, false);
+            health = Health::Degraded;
+        }
         let failure = Failure {
             health,
             code: e.code(),
@@ -450,6 +480,11 @@ impl Engine {
         };
         // A link we would not follow is never saved either.
         graph.check_link(&next).map_err(StepError::Graph)?;
+        if page.skipped > 0 {
+            warn!(tuple = %tuple.key, items = page.skipped, "items without an id were left out of a page");
+            metrics::counter!("calsync_items_incomplete_total", "reason" => "no_id")
+                .increment(u64::from(page.skipped));
+        }
         let ids: Vec<String> = page.items.iter().map(|i| i.id().to_owned()).collect();
         let link_after = page.link;
         let mut changes = page_changes(page.items);

@@ -14,6 +14,9 @@ pub struct DeltaPage {
     pub items: Vec<DeltaItem>,
     /// Where the round goes on, or the link that ends it.
     pub link: PageLink,
+    /// Items left out because nothing identifies them (no `id`): they cannot be stored or
+    /// removed, and failing the page for them would fail it every time Graph sends it.
+    pub skipped: u32,
 }
 
 /// The one link a delta page ends with.
@@ -232,20 +235,27 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, GraphError> {
         None => return Err(malformed("the page has no value array".into())),
     };
     let mut items = Vec::with_capacity(values.len());
+    let mut skipped = 0;
     for v in values {
         let Value::Object(m) = v else {
             return Err(malformed("an item is not an object".into()));
         };
+        if str_field(&m, "id").is_none_or(|id| id.is_empty()) {
+            skipped += 1;
+            continue;
+        }
         if m.contains_key("@removed") {
-            let id = str_field(&m, "id")
-                .filter(|s| !s.is_empty())
-                .ok_or_else(|| malformed("a removed item has no id".into()))?;
+            let id = str_field(&m, "id").unwrap_or_default();
             items.push(DeltaItem::Removed { id });
         } else {
             items.push(DeltaItem::Event(Box::new(EventItem::from_map(m)?)));
         }
     }
-    Ok(DeltaPage { items, link })
+    Ok(DeltaPage {
+        items,
+        link,
+        skipped,
+    })
 }
 
 /// One page of a plain list (`/instances`): its events and the link to the next page.
@@ -296,7 +306,6 @@ mod tests {
             b"{\"value\":[]}",
             b"{\"value\":5,\"@odata.deltaLink\":\"x\"}",
             b"{\"value\":[1],\"@odata.deltaLink\":\"x\"}",
-            b"{\"value\":[{}],\"@odata.deltaLink\":\"x\"}",
             b"{\"value\":[],\"@odata.deltaLink\":7}",
             b"{\"value\":[],\"@odata.deltaLink\":\"a\",\"@odata.nextLink\":\"b\"}",
         ] {
@@ -306,6 +315,20 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn items_without_an_id_are_left_out_and_counted_not_fatal() {
+        let page = parse_page(
+            br#"{"@odata.deltaLink":"d","value":[
+            {}, {"subject":"no id"}, {"id":""}, {"@removed":{"reason":"deleted"}},
+            {"id":"ok","subject":"s"}
+        ]}"#,
+        )
+        .unwrap();
+        assert_eq!(page.skipped, 4);
+        assert_eq!(page.items.len(), 1);
+        assert_eq!(page.items[0].id(), "ok");
     }
 
     #[test]

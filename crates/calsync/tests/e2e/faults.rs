@@ -547,3 +547,44 @@ async fn one_mailbox_named_by_upn_and_by_id_shares_one_gate(pool: PgPool) {
         "{asked:?}"
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_page_malformed_every_time_degrades_its_tuple_instead_of_fast_retries_forever(
+    pool: PgPool,
+) {
+    let h = harness(pool, 50).await;
+    seed(&h, 5);
+    let engine = h.engine(SyncSettings {
+        max_attempts: 2,
+        ..settings()
+    });
+    let t = h.default_tuple(&engine).await;
+    h.sim.lock().faults = vec![rule(
+        json!({"path_contains": "calendarView", "action": {"kind": "malformed_json"}}),
+    )];
+    let mut healths = Vec::new();
+    for _ in 0..5 {
+        match sync(&engine, &t).await {
+            Outcome::Failed(f) => healths.push(f.health),
+            other => panic!("a malformed page cannot sync: {other:?}"),
+        }
+    }
+    assert_eq!(
+        healths,
+        [
+            Health::Retrying,
+            Health::Retrying,
+            Health::Retrying,
+            Health::Retrying,
+            Health::Degraded
+        ]
+    );
+    assert_eq!(
+        h.store.status().await.unwrap()[0].state,
+        TupleStatus::Degraded
+    );
+    // When Graph answers properly again, the next run starts afresh and converges.
+    h.sim.lock().faults.clear();
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+}
