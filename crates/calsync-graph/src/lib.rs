@@ -33,6 +33,11 @@ pub struct GraphConfig {
     pub request_timeout: Duration,
     /// Pages larger than this are refused (guards against the oversized-page service bug).
     pub max_page_bytes: usize,
+    /// Extra trusted root certificates (PEM), e.g. a TLS-inspecting proxy's CA
+    /// (`tls.ca_file`), for Graph and the token endpoint.
+    pub extra_roots_pem: Option<Vec<u8>>,
+    /// Trust the operating system's root store as well as the compiled-in (webpki) roots.
+    pub native_roots: bool,
 }
 
 impl GraphConfig {
@@ -44,6 +49,8 @@ impl GraphConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             max_page_bytes: 64 * 1024 * 1024,
+            extra_roots_pem: None,
+            native_roots: false,
         }
     }
 }
@@ -106,17 +113,38 @@ fn origin_text(u: &Url) -> String {
 impl GraphClient {
     /// A client with its own connection pool; fails only if the TLS backend cannot start.
     pub fn new(cfg: GraphConfig, auth: AuthConfig) -> Result<Self, GraphError> {
+        let extra_roots = match &cfg.extra_roots_pem {
+            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(|e| {
+                GraphError::AuthUnavailable {
+                    reason: format!("tls.ca_file holds no usable PEM certificate: {e}"),
+                }
+            })?,
+            None => Vec::new(),
+        };
         let builder = || {
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 // Never follow a redirect: it could carry the bearer token to another host.
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(cfg.connect_timeout)
                 .timeout(cfg.request_timeout)
                 .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
+                .tls_built_in_webpki_certs(true)
+                .tls_built_in_native_certs(cfg.native_roots);
+            for c in &extra_roots {
+                b = b.add_root_certificate(c.clone());
+            }
+            b
         };
         let built = |b: reqwest::ClientBuilder| {
             b.build().map_err(|e| GraphError::AuthUnavailable {
-                reason: e.without_url().to_string(),
+                reason: if extra_roots.is_empty() {
+                    e.without_url().to_string()
+                } else {
+                    format!(
+                        "the TLS client cannot be built; is every certificate in tls.ca_file valid? ({})",
+                        e.without_url()
+                    )
+                },
             })
         };
         let http = built(builder().pool_idle_timeout(Duration::from_secs(60)))?;

@@ -49,6 +49,31 @@ pub struct Store {
     faults: std::sync::Arc<testing::Faults>,
 }
 
+/// How [`Store::connect`] connects.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Pool size.
+    pub max_connections: u32,
+    /// Time allowed to open a connection or wait for a pooled one.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` for calsync's sessions.
+    pub statement_timeout: Duration,
+    /// Extra trusted root certificates (PEM) for TLS to PostgreSQL (`tls.ca_file`).
+    pub extra_root_pem: Option<Vec<u8>>,
+}
+
+impl ConnectOptions {
+    /// `max_connections` connections, 10 s to connect, 30 s statement timeout, no extra roots.
+    pub fn new(max_connections: u32) -> Self {
+        ConnectOptions {
+            max_connections,
+            acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Duration::from_secs(30),
+            extra_root_pem: None,
+        }
+    }
+}
+
 /// The deadline of a store built from a bare pool (tests): the default statement timeout, 30 s,
 /// plus 5 s.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(35);
@@ -75,26 +100,26 @@ impl Store {
     /// Every session gets `statement_timeout` (and twice that as
     /// `idle_in_transaction_session_timeout`), so the server cancels what hangs on its side;
     /// each store call is also bounded by `statement_timeout` plus 5 s on calsync's side.
-    pub async fn connect(
-        url: &str,
-        max_connections: u32,
-        acquire_timeout: Duration,
-        statement_timeout: Duration,
-    ) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, o: &ConnectOptions) -> Result<Self, StoreError> {
         let opts = PgConnectOptions::from_str(url).map_err(|e| {
             StoreError::Query(format!(
                 "invalid database url: {}",
                 redact_url_error(&e.to_string())
             ))
         })?;
-        let ms = statement_timeout.as_millis().max(1);
-        let opts = opts.application_name("calsync").options([
+        let ms = o.statement_timeout.as_millis().max(1);
+        let mut opts = opts.application_name("calsync").options([
             ("statement_timeout", format!("{ms}ms")),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", ms * 2),
             ),
         ]);
+        if let Some(pem) = &o.extra_root_pem {
+            // Trusted beside the compiled-in roots (`sslrootcert` in the URL works too).
+            opts = opts.ssl_root_cert_from_pem(pem.clone());
+        }
+        let (max_connections, acquire_timeout) = (o.max_connections, o.acquire_timeout);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(acquire_timeout)
@@ -105,7 +130,7 @@ impl Store {
             .await
             .map_err(db)?;
         let mut store = Store::wrap(pool);
-        store.deadline = statement_timeout + Duration::from_secs(5);
+        store.deadline = o.statement_timeout + Duration::from_secs(5);
         store.check_version().await?;
         Ok(store)
     }

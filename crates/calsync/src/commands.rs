@@ -16,9 +16,12 @@ use tracing::warn;
 pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
     Store::connect(
         db.url.expose_secret(),
-        db.max_connections,
-        db.connect_timeout,
-        db.statement_timeout,
+        &calsync_store::ConnectOptions {
+            max_connections: db.max_connections,
+            acquire_timeout: db.connect_timeout,
+            statement_timeout: db.statement_timeout,
+            extra_root_pem: db.extra_root_pem.clone(),
+        },
     )
     .await
     .with_context(|| {

@@ -75,6 +75,7 @@ pub fn config_for_sim(
             connect_timeout: Duration::from_secs(10),
             wait_at_start: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
+            extra_root_pem: None,
         },
         graph,
         auth,

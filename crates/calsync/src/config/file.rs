@@ -27,6 +27,8 @@ pub struct RawConfig {
     pub http: RawHttp,
     /// `[metrics]`.
     pub metrics: RawMetrics,
+    /// `[tls]`.
+    pub tls: RawTls,
     /// `[service]`.
     pub service: RawService,
     /// `[[calendars]]`: the tracked tuples.
@@ -65,9 +67,20 @@ impl Default for RawService {
 }
 
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-pub(super) const SECTIONS: [&str; 8] = [
-    "database", "graph", "auth", "sync", "log", "http", "metrics", "service",
+pub(super) const SECTIONS: [&str; 9] = [
+    "database", "graph", "auth", "sync", "log", "http", "metrics", "tls", "service",
 ];
+
+/// `[tls]`: whom calsync trusts, for Graph, the token endpoint and PostgreSQL.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file of extra root certificates (a TLS-inspecting proxy's CA, a private
+    /// PostgreSQL CA), trusted beside the compiled-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// Also trust the operating system's root store (for Graph and the token endpoint).
+    pub native_roots: bool,
+}
 
 /// `[metrics]`: what `/metrics` may say about each calendar.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -260,6 +260,8 @@ pub struct DatabaseConfig {
     pub wait_at_start: Duration,
     /// PostgreSQL's `statement_timeout` for calsync's sessions.
     pub statement_timeout: Duration,
+    /// Extra trusted root certificates (PEM), from `tls.ca_file`.
+    pub extra_root_pem: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for DatabaseConfig {
@@ -630,5 +632,43 @@ end = "2026-04-01T00:00:00Z"
             "stable across scrapes"
         );
         assert_eq!(MetricLabels::None.label("adele"), None);
+    }
+
+    /// A self-signed CA certificate (`openssl req -x509`, P-256), for the `tls.ca_file` tests.
+    const TEST_CA: &str = include_str!("test-ca.pem");
+
+    #[test]
+    fn tls_ca_file_is_read_checked_and_trusted_by_both_clients() {
+        Jail::expect_with(|jail| {
+            let with = |extra: &str| format!("{AUTH_AND_ONE_CALENDAR}\n[tls]\n{extra}\n");
+            let e = load_in(jail, &with("ca_file = \"missing.pem\"")).unwrap_err();
+            assert_eq!(e.key, "tls.ca_file");
+            jail.create_file("not-a-cert.pem", "hello\n")?;
+            let e = load_in(jail, &with("ca_file = \"not-a-cert.pem\"")).unwrap_err();
+            assert_eq!(e.key, "tls.ca_file");
+            assert!(e.message.contains("no PEM certificate"), "{}", e.message);
+            jail.create_file("ca.pem", TEST_CA)?;
+            let cfg = load_in(jail, &with("ca_file = \"ca.pem\"\nnative_roots = true")).unwrap();
+            assert_eq!(
+                cfg.graph.extra_roots_pem.as_deref(),
+                Some(TEST_CA.as_bytes())
+            );
+            assert!(cfg.graph.native_roots);
+            assert_eq!(
+                cfg.database.extra_root_pem.as_deref(),
+                Some(TEST_CA.as_bytes())
+            );
+            // The Graph client accepts it (and the OS root store) as trust anchors.
+            calsync_graph::GraphClient::new(cfg.graph.clone(), cfg.auth.clone()).unwrap();
+            // A PEM block that is not a certificate is refused when the client is built.
+            jail.create_file(
+                "broken.pem",
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            )?;
+            let cfg = load_in(jail, &with("ca_file = \"broken.pem\"")).unwrap();
+            let err = calsync_graph::GraphClient::new(cfg.graph, cfg.auth).unwrap_err();
+            assert!(err.to_string().contains("tls.ca_file"), "{err}");
+            Ok(())
+        });
     }
 }

@@ -3,7 +3,8 @@
 
 use super::{
     Config, ConfigError, DatabaseConfig, LogFormat, MetricLabels, OnRemove, RawAuth, RawCalendar,
-    RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, bad,
+    RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, RawTls,
+    bad,
 };
 use calsync_engine::{Budget, SyncSettings, TupleConfig};
 use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
@@ -18,8 +19,12 @@ impl RawConfig {
     /// Checks every value and builds the typed config.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         // In file order, so the first error reported is the first one in the file.
-        let database = database(&self.database)?;
-        let graph = graph(&self.graph, self.sync.page_size)?;
+        let mut database = database(&self.database)?;
+        let mut graph = graph(&self.graph, self.sync.page_size)?;
+        let roots = tls(&self.tls)?;
+        database.extra_root_pem = roots.clone();
+        graph.extra_roots_pem = roots;
+        graph.native_roots = self.tls.native_roots;
         let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
         let sync = sync(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
@@ -73,9 +78,11 @@ impl RawConfig {
         .collect()
     }
 
-    /// Only the `[database]` section, for commands that need nothing else.
+    /// Only the `[database]` section (and `tls.ca_file`), for commands that need nothing else.
     pub fn database_config(&self) -> Result<DatabaseConfig, ConfigError> {
-        database(&self.database)
+        let mut d = database(&self.database)?;
+        d.extra_root_pem = tls(&self.tls)?;
+        Ok(d)
     }
 }
 
@@ -117,6 +124,7 @@ fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
         max_connections: d.max_connections,
         connect_timeout: duration("database.connect_timeout", &d.connect_timeout)?,
         wait_at_start: duration("database.wait_at_start", &d.wait_at_start)?,
+        extra_root_pem: None,
         statement_timeout: match duration("database.statement_timeout", &d.statement_timeout)? {
             t if t < std::time::Duration::from_secs(1) => {
                 return Err(bad("database.statement_timeout", "must be at least 1s"));
@@ -452,6 +460,27 @@ pub(super) fn admin_token(http: &RawHttp) -> Result<Option<SecretString>, Config
         ));
     }
     Ok(Some(token))
+}
+
+/// `[tls]`: the extra roots' PEM, read and checked now so a bad file is named at start.
+fn tls(t: &RawTls) -> Result<Option<Vec<u8>>, ConfigError> {
+    let Some(p) = &t.ca_file else {
+        return Ok(None);
+    };
+    let path = resolve_credential(p);
+    let pem = std::fs::read(&path).map_err(|e| {
+        bad(
+            "tls.ca_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(bad(
+            "tls.ca_file",
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(Some(pem))
 }
 
 /// `[metrics]`.

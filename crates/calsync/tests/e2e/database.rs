@@ -211,9 +211,11 @@ async fn a_blackholed_database_connection_fails_the_round_within_its_deadline_an
     // A 1 s statement timeout: calsync abandons a store call 6 s in.
     let store = calsync_store::Store::connect(
         &url,
-        4,
-        std::time::Duration::from_secs(2),
-        std::time::Duration::from_secs(1),
+        &calsync_store::ConnectOptions {
+            acquire_timeout: std::time::Duration::from_secs(2),
+            statement_timeout: std::time::Duration::from_secs(1),
+            ..calsync_store::ConnectOptions::new(4)
+        },
     )
     .await
     .unwrap();

@@ -39,9 +39,11 @@ async fn a_database_restart_under_the_scheduler_loses_nothing() {
     let pg = LocalPostgres::start().unwrap();
     let store = Store::connect(
         &pg.url(),
-        4,
-        Duration::from_secs(2),
-        Duration::from_secs(30),
+        &calsync_store::ConnectOptions {
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(30),
+            ..calsync_store::ConnectOptions::new(4)
+        },
     )
     .await
     .unwrap();

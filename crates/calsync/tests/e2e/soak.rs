@@ -288,9 +288,11 @@ max_backoff = "2s"
     let edits_stopped = Instant::now();
     let store = Store::connect(
         &pg.url(),
-        2,
-        Duration::from_secs(5),
-        Duration::from_secs(30),
+        &calsync_store::ConnectOptions {
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            ..calsync_store::ConnectOptions::new(2)
+        },
     )
     .await
     .unwrap();
