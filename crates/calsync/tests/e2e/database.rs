@@ -26,6 +26,16 @@ async fn admin_session(pool: &PgPool) -> sqlx::PgConnection {
     sqlx::PgConnection::connect_with(&opts).await.unwrap()
 }
 
+/// `ALTER DATABASE <this database> <change>`, then every other session reconnects to see it.
+async fn alter_this_database(admin: &mut sqlx::PgConnection, change: &str) {
+    let sql = format!(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I {}', current_database()); END $$",
+        change.replace('\'', "''")
+    );
+    admin.execute(sql.as_str()).await.unwrap();
+    reconnect_everyone(admin).await;
+}
+
 fn quick() -> SyncSettings {
     SyncSettings {
         max_attempts: 2,
@@ -45,18 +55,10 @@ async fn a_database_turned_read_only_is_waited_out_not_failed(pool: PgPool) {
     let t = h.default_tuple(&engine).await;
     let mut admin = admin_session(&pool).await;
     // A failover: the server this URL reaches is now a standby (SQLSTATE 25006 on writes).
-    admin
-        .execute("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_read_only = on', current_database()); END $$")
-        .await
-        .unwrap();
-    reconnect_everyone(&mut admin).await;
+    alter_this_database(&mut admin, "SET default_transaction_read_only = on").await;
     let o = sync(&engine, &t).await;
     assert!(retrying(&o), "retried as unavailable, not failed: {o:?}");
-    admin
-        .execute("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I RESET default_transaction_read_only', current_database()); END $$")
-        .await
-        .unwrap();
-    reconnect_everyone(&mut admin).await;
+    alter_this_database(&mut admin, "RESET default_transaction_read_only").await;
     // The pool's old connections are gone; the next round reconnects and completes.
     let r = sync(&engine, &t).await;
     let r = if retrying(&r) {
@@ -77,11 +79,7 @@ async fn a_lock_held_past_the_statement_timeout_is_retried_not_failed(pool: PgPo
     let t = h.default_tuple(&engine).await;
     let mut admin = admin_session(&pool).await;
     // calsync's sessions carry a statement_timeout; here a short one, set for the database.
-    admin
-        .execute("DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET statement_timeout = ''300ms''', current_database()); END $$")
-        .await
-        .unwrap();
-    reconnect_everyone(&mut admin).await;
+    alter_this_database(&mut admin, "SET statement_timeout = '300ms'").await;
     // Someone holds the tuples table: every write of calsync's waits, then is cancelled (57014).
     let mut locker = admin_session(&pool).await;
     locker.execute("BEGIN").await.unwrap();

@@ -68,6 +68,22 @@ fn occurrence_ids(h: &Harness, t: &Tuple, master: &str) -> Vec<String> {
         .collect()
 }
 
+/// The harshest reading of the reports: occurrence stubs, and masters never listed.
+async fn harness_without_listed_masters(pool: PgPool) -> Harness {
+    harness_with(
+        pool,
+        10,
+        SimConfig {
+            behaviour: Behaviour {
+                list_series_masters: false,
+                ..Behaviour::outlook()
+            },
+            ..sim_config()
+        },
+    )
+    .await
+}
+
 /// One incremental round, which must not be (or fall back to) a full one.
 async fn one_incremental_round(engine: &calsync_engine::Engine, t: &Tuple) -> RoundReport {
     let r = report(sync(engine, t).await);
@@ -226,18 +242,7 @@ async fn stubs_without_a_listed_master_are_hydrated_through_the_gate_under_a_429
 ) {
     // The harshest reading of the reports: stubs, and masters never listed, so every series is
     // fetched (calendar-scoped) before its page commits; and the fetches meet a 429 storm.
-    let h = harness_with(
-        pool,
-        10,
-        SimConfig {
-            behaviour: Behaviour {
-                list_series_masters: false,
-                ..Behaviour::outlook()
-            },
-            ..sim_config()
-        },
-    )
-    .await;
+    let h = harness_without_listed_masters(pool).await;
     let masters = business_calendar(&h);
     h.sim.lock().faults = vec![rule(json!({
         "path_contains": "/calendar/events/", "times": 6,
@@ -373,18 +378,7 @@ async fn a_link_graph_refused_for_good_is_dropped_and_the_next_try_is_a_full_rou
 async fn while_a_series_cannot_be_fetched_none_of_its_stubs_is_stored(pool: PgPool) {
     // Stubs and no listed masters, and every master GET fails: the pages holding stubs are
     // never committed half-done (the tuple retries), and nothing incomplete reaches the view.
-    let h = harness_with(
-        pool,
-        10,
-        SimConfig {
-            behaviour: Behaviour {
-                list_series_masters: false,
-                ..Behaviour::outlook()
-            },
-            ..sim_config()
-        },
-    )
-    .await;
+    let h = harness_without_listed_masters(pool).await;
     business_calendar(&h);
     h.sim.lock().faults = vec![rule(json!({
         "path_contains": "/calendar/events/",
