@@ -4,11 +4,13 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod budget;
 pub mod error;
 pub mod page;
 pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
+pub use budget::{PageBudget, PageHold};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
 
@@ -38,6 +40,9 @@ pub struct GraphConfig {
     pub extra_roots_pem: Option<Vec<u8>>,
     /// Trust the operating system's root store as well as the compiled-in (webpki) roots.
     pub native_roots: bool,
+    /// Bytes of memory that bodies fetched and not yet committed may take together (see
+    /// [`budget`]); 0 turns the budget off.
+    pub page_memory_budget: usize,
 }
 
 impl GraphConfig {
@@ -51,6 +56,7 @@ impl GraphConfig {
             max_page_bytes: 64 * 1024 * 1024,
             extra_roots_pem: None,
             native_roots: false,
+            page_memory_budget: 192 * 1024 * 1024,
         }
     }
 }
@@ -96,6 +102,7 @@ struct Inner {
     cfg: GraphConfig,
     tokens: TokenSource,
     prefer: HeaderValue,
+    budget: Option<PageBudget>,
 }
 
 fn origin(u: &Url) -> (String, String, Option<u16>) {
@@ -163,6 +170,7 @@ impl GraphClient {
                 tokens: TokenSource::new(auth, http.clone()),
                 http,
                 fresh_http,
+                budget: PageBudget::new(cfg.page_memory_budget),
                 cfg,
                 prefer,
             }),
@@ -224,7 +232,15 @@ impl GraphClient {
         connection: Connection,
     ) -> Result<DeltaPage, GraphError> {
         let url = self.check_link(link)?;
-        parse_page(&self.get_ok(&url, connection).await?)
+        let (body, hold) = self.get_ok(&url, connection).await?;
+        let mut page = parse_page(&body)?;
+        page.hold = hold;
+        Ok(page)
+    }
+
+    /// The page memory budget, when there is one.
+    pub fn page_budget(&self) -> Option<&PageBudget> {
+        self.inner.budget.as_ref()
     }
 
     /// The calendar-scoped URL of one event: `…/users/{u}/calendar/events/{id}` or
@@ -256,7 +272,7 @@ impl GraphClient {
         }
         url.query_pairs_mut().append_pair("$select", "id");
         match self.get_ok(&url, connection).await {
-            Ok(body) => {
+            Ok((body, _)) => {
                 let v: serde_json::Value =
                     serde_json::from_slice(&body).map_err(|e| GraphError::Malformed {
                         reason: format!("a user is not JSON: {e}"),
@@ -284,7 +300,7 @@ impl GraphClient {
     ) -> Result<Option<EventItem>, GraphError> {
         let url = self.event_url(user, calendar, id);
         match self.get_ok(&url, connection).await {
-            Ok(body) => {
+            Ok((body, _)) => {
                 let v: serde_json::Map<String, serde_json::Value> =
                     serde_json::from_slice(&body).map_err(|e| GraphError::Malformed {
                         reason: format!("an event is not a JSON object: {e}"),
@@ -330,7 +346,7 @@ impl GraphClient {
     ) -> Result<Option<ListPage>, GraphError> {
         let url = self.check_link(link)?;
         match self.get_ok(&url, connection).await {
-            Ok(body) => parse_list(&body).map(Some),
+            Ok((body, _)) => parse_list(&body).map(Some),
             Err(GraphError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -338,7 +354,11 @@ impl GraphClient {
 
     /// GETs `url` and returns a 200's body; any other status is classified. On 401 the token
     /// is renewed once and the request repeated.
-    async fn get_ok(&self, url: &Url, connection: Connection) -> Result<Vec<u8>, GraphError> {
+    async fn get_ok(
+        &self,
+        url: &Url,
+        connection: Connection,
+    ) -> Result<(Vec<u8>, PageHold), GraphError> {
         let token = self.inner.tokens.token().await?;
         match self.get(url, &token, connection).await {
             Err(GraphError::Unauthorized { .. }) => {
@@ -355,7 +375,7 @@ impl GraphClient {
         url: &Url,
         token: &auth::AccessToken,
         connection: Connection,
-    ) -> Result<Vec<u8>, GraphError> {
+    ) -> Result<(Vec<u8>, PageHold), GraphError> {
         let mut headers = HeaderMap::new();
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
             .map_err(|_| GraphError::AuthUnavailable {
@@ -380,9 +400,14 @@ impl GraphClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let body = read_capped(resp, self.inner.cfg.max_page_bytes).await?;
+        let (body, hold) = read_capped(
+            resp,
+            self.inner.cfg.max_page_bytes,
+            self.inner.budget.as_ref(),
+        )
+        .await?;
         if status == 200 {
-            Ok(body)
+            Ok((body, hold))
         } else {
             Err(classify(status, retry_after, &body))
         }
@@ -397,18 +422,31 @@ fn transport(e: reqwest::Error) -> GraphError {
     }
 }
 
-async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, GraphError> {
+/// Reads a body up to `limit` bytes, reserving memory from `budget` as it arrives.
+async fn read_capped(
+    resp: reqwest::Response,
+    limit: usize,
+    budget: Option<&PageBudget>,
+) -> Result<(Vec<u8>, PageHold), GraphError> {
     if resp.content_length().is_some_and(|n| n as usize > limit) {
         return Err(GraphError::TooLarge { limit });
     }
-    let mut out = Vec::with_capacity(resp.content_length().map_or(8192, |n| n as usize));
+    let mut held = None;
+    let expected = resp.content_length().map_or(8192, |n| n as usize);
+    if let Some(b) = budget {
+        b.cover(&mut held, expected).await?;
+    }
+    let mut out = Vec::with_capacity(expected);
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(transport)?;
         if out.len() + chunk.len() > limit {
             return Err(GraphError::TooLarge { limit });
         }
+        if let Some(b) = budget {
+            b.cover(&mut held, out.len() + chunk.len()).await?;
+        }
         out.extend_from_slice(&chunk);
     }
-    Ok(out)
+    Ok((out, PageBudget::hold(held)))
 }

@@ -17,6 +17,8 @@ pub struct DeltaPage {
     /// Items left out because nothing identifies them (no `id`): they cannot be stored or
     /// removed, and failing the page for them would fail it every time Graph sends it.
     pub skipped: u32,
+    /// The page's share of the memory budget, released when the page is dropped.
+    pub hold: crate::budget::PageHold,
 }
 
 /// The one link a delta page ends with.
@@ -255,6 +257,7 @@ pub fn parse_page(body: &[u8]) -> Result<DeltaPage, GraphError> {
         items,
         link,
         skipped,
+        hold: Default::default(),
     })
 }
 

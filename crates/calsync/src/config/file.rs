@@ -145,6 +145,9 @@ pub struct RawGraph {
     pub request_timeout: String,
     /// Pages larger than this many bytes are refused.
     pub max_page_bytes: u64,
+    /// Bytes of memory that Graph bodies fetched and not yet committed may take together;
+    /// 0 turns the budget off.
+    pub page_memory_budget: u64,
     /// Allow `http://` for `graph.base_url` and `auth.token_url` on a host that is not a
     /// loopback address (tokens and the client secret would travel in clear): for a test rig
     /// only. A warning is logged at start.
@@ -173,6 +176,7 @@ impl Default for RawGraph {
             connect_timeout: text(g.connect_timeout),
             request_timeout: text(g.request_timeout),
             max_page_bytes: g.max_page_bytes as u64,
+            page_memory_budget: g.page_memory_budget as u64,
             allow_insecure_http: false,
         }
     }

@@ -411,6 +411,7 @@ end = "2026-04-01T00:00:00Z"
                     g.connect_timeout,
                     g.request_timeout,
                     g.max_page_bytes,
+                    g.page_memory_budget,
                 )
             };
             assert_eq!(graph(&from_example), graph(&from_defaults));

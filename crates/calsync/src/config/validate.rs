@@ -145,6 +145,18 @@ fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
         return Err(bad("graph.max_page_bytes", "must be at least 1024"));
     }
     graph.max_page_bytes = g.max_page_bytes as usize;
+    graph.page_memory_budget = usize::try_from(g.page_memory_budget).map_err(|_| {
+        bad(
+            "graph.page_memory_budget",
+            "is larger than this machine can address",
+        )
+    })?;
+    if graph.page_memory_budget != 0 && graph.page_memory_budget < 1024 * 1024 {
+        return Err(bad(
+            "graph.page_memory_budget",
+            "must be 0 (off) or at least 1048576 (1 MiB)",
+        ));
+    }
     if !(1..=10_000).contains(&page_size) {
         return Err(bad(
             "sync.page_size",
