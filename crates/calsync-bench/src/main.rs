@@ -37,6 +37,45 @@ enum Child {
     /// Register and schedule N tuples, idle, report resident memory (run by the benchmark).
     #[command(hide = true)]
     Idle(IdleArgs),
+    /// Peak memory of a full sync of many mailboxes with large pages against a slowed
+    /// database, with and without the page memory budget (BENCHMARKS.md).
+    Memory(MemoryArgs),
+    /// One measured sync for `memory` (run by it).
+    #[command(hide = true)]
+    MeasuredSync(MemoryChildArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct MemoryArgs {
+    /// Mailboxes (one tracked calendar each).
+    #[arg(long, default_value_t = 2000)]
+    pub tuples: u32,
+    #[arg(long, default_value_t = 12)]
+    pub events_per_user: u32,
+    /// The budget measured (bytes); the same sync also runs with the budget off.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub budget: u64,
+    /// Each page's database statement sleeps this long (a trigger with pg_sleep).
+    #[arg(long, default_value_t = 20)]
+    pub slow_ms: u32,
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    #[arg(long)]
+    pub graph_sim: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct MemoryChildArgs {
+    #[arg(long)]
+    pub tuples: u32,
+    #[arg(long)]
+    pub budget: u64,
+    #[arg(long)]
+    pub prefix: String,
+    #[arg(long)]
+    pub database_url: String,
+    #[arg(long)]
+    pub graph_base_url: String,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -480,6 +519,101 @@ fn config_for_sim_base(
     config_for_sim(origin, db_url, &[], window(), sync, page_size)
 }
 
+/// The memory measurement: a tenant whose large series come on single oversized pages
+/// (graph-sim's quirk), a database whose every write sleeps, and a full sync of every mailbox at
+/// once, in a child process per setting so each peak RSS is its own.
+async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
+    let sim_args = BenchArgs {
+        users: args.tuples,
+        events_per_user: args.events_per_user,
+        recurring: 0.6,
+        page_size: 200,
+        reps: 0,
+        noop_batches: 0,
+        noop_rounds: 0,
+        churn_batches: 0,
+        churn_edits: 0,
+        idle_tuples: 0,
+        database_url: None,
+        graph_sim: args.graph_sim.clone(),
+    };
+    let sim = SimProcess::start(&sim_args)?;
+    sim_admin_with(
+        &sim.base,
+        "PUT",
+        "quirks",
+        r#"{"oversize_series_pages": true}"#,
+    )
+    .await?;
+    let db = ScratchDatabase::open(args.database_url.as_deref(), "calsync_bench_memory").await?;
+    let store = calsync_store::Store::connect(&db.url, &calsync_store::ConnectOptions::new(2))
+        .await
+        .context("cannot connect to the benchmark database")?;
+    store.migrate().await?;
+    store
+        .slow_down_writes_for_benchmark(args.slow_ms)
+        .await
+        .context("cannot install the slowing trigger")?;
+    println!(
+        "calsync memory — {} mailboxes × {} events (60% recurring, series never split across pages), every page write sleeps {} ms",
+        args.tuples, args.events_per_user, args.slow_ms
+    );
+    let exe = std::env::current_exe()?;
+    for (budget, prefix) in [(args.budget, "budget-"), (0, "nobudget-")] {
+        let out = Command::new(&exe)
+            .args([
+                "measured-sync",
+                "--tuples",
+                &args.tuples.to_string(),
+                "--budget",
+                &budget.to_string(),
+                "--prefix",
+                prefix,
+                "--database-url",
+                &db.url,
+                "--graph-base-url",
+                &format!("{}/v1.0", sim.base),
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("cannot run the measured sync")?;
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !out.status.success() {
+            bail!("the measured sync failed: {said}");
+        }
+        let what = if budget == 0 {
+            "budget off".to_owned()
+        } else {
+            format!("budget {} MiB", budget / (1024 * 1024))
+        };
+        println!("  {what:<16} {said}");
+    }
+    Ok(())
+}
+
+async fn memory_child(args: MemoryChildArgs) -> anyhow::Result<()> {
+    let base = args.graph_base_url.trim_end_matches("/v1.0").to_owned();
+    let mut cfg = config_for_sim_base(&base, &args.database_url, SyncSettings::default(), 200)?;
+    cfg.graph.page_memory_budget = args.budget as usize;
+    cfg.graph.max_page_bytes = 256 * 1024 * 1024;
+    cfg.database.max_connections = 16;
+    let (engine, _) = calsync::commands::build(&cfg).await?;
+    let configs = tuple_configs(args.tuples, &args.prefix);
+    let tuples = engine.register(&configs).await?;
+    let before = rss_mib("VmRSS:");
+    let t0 = Instant::now();
+    let outcomes = engine
+        .sync_all_once(&tuples, &CancellationToken::new())
+        .await;
+    let wall = t0.elapsed().as_secs_f64();
+    let events = count(&outcomes)?;
+    let hwm = rss_mib("VmHWM:");
+    println!(
+        "peak RSS {hwm:.1} MiB ({before:.1} MiB before the sync; {events} events in {wall:.1} s)"
+    );
+    Ok(())
+}
+
 async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let base = args.graph_base_url.trim_end_matches("/v1.0").to_owned();
     let settings = SyncSettings {
@@ -525,6 +659,8 @@ fn main() -> std::process::ExitCode {
     let r = rt.block_on(async {
         match cli.child {
             Some(Child::Idle(a)) => idle(a).await,
+            Some(Child::Memory(a)) => memory(a).await,
+            Some(Child::MeasuredSync(a)) => memory_child(a).await,
             None => run(cli.args).await,
         }
     });

@@ -71,6 +71,27 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Benchmark: every statement that writes `events` sleeps `ms` first (a statement-level
+    /// trigger), standing in for a database slower than Graph.
+    pub async fn slow_down_writes_for_benchmark(&self, ms: u32) -> Result<(), StoreError> {
+        let secs = f64::from(ms) / 1000.0;
+        for sql in [
+            format!(
+                "CREATE OR REPLACE FUNCTION calsync_bench_slow() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN PERFORM pg_sleep({secs}); RETURN NULL; END $$"
+            ),
+            "DROP TRIGGER IF EXISTS calsync_bench_slow ON events".to_owned(),
+            "CREATE TRIGGER calsync_bench_slow BEFORE INSERT OR UPDATE ON events \
+             FOR EACH STATEMENT EXECUTE FUNCTION calsync_bench_slow()"
+                .to_owned(),
+        ] {
+            sqlx::query(&sql).execute(&self.pool).await.map_err(db)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every column of `events` but `tuple_id`: the baseline copies whole rows, as ingest writes them.
 const EVENT_COLUMNS: &str = "event_id, ical_uid, subject, start_at, end_at, is_all_day, event_type, \
      series_master_id, last_modified_at, change_key, payload, seen_round, synced_at, is_cancelled, \
