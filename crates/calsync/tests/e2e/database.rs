@@ -245,3 +245,101 @@ async fn a_blackholed_database_connection_fails_the_round_within_its_deadline_an
     report(sync(&engine, &t).await);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn no_connection_slot_left_is_waited_out_not_failed(pool: PgPool) {
+    // calsync as an ordinary role, whose connection limit another client (here: the limit
+    // itself) has used up: SQLSTATE 53300 for every new connection. (Superusers ignore
+    // connection limits, and exhausting the server's would starve the other tests.)
+    let (db, port): (String, i32) =
+        sqlx::query_as("SELECT current_database(), current_setting('port')::int")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let role = format!("calsync_limited_{}_{}", std::process::id(), rand_suffix());
+    let mut admin = admin_session(&pool).await;
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT USAGE, CREATE ON SCHEMA public TO {role}"),
+    ] {
+        admin.execute(sql.as_str()).await.unwrap();
+    }
+    let h = harness(pool.clone(), 20).await;
+    for sql in [
+        format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+    ] {
+        admin.execute(sql.as_str()).await.unwrap();
+    }
+    let host = pool.connect_options().get_host().to_owned();
+    let host = if host.starts_with('/') {
+        "127.0.0.1".to_owned()
+    } else {
+        host
+    };
+    let url = format!("postgres://{role}@{host}:{port}/{db}");
+    let store = calsync_store::Store::connect(
+        &url,
+        &calsync_store::ConnectOptions {
+            acquire_timeout: std::time::Duration::from_secs(1),
+            ..calsync_store::ConnectOptions::new(2)
+        },
+    )
+    .await
+    .unwrap();
+    let limited = harness_on(store, 20).await;
+    seed(&limited, 10);
+    let engine = limited.engine(quick());
+    let t = limited.default_tuple(&engine).await;
+    admin
+        .execute(format!("ALTER ROLE {role} CONNECTION LIMIT 0").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    let o = sync(&engine, &t).await;
+    assert!(retrying(&o), "retried as unavailable, not failed: {o:?}");
+    admin
+        .execute(format!("ALTER ROLE {role} CONNECTION LIMIT -1").as_str())
+        .await
+        .unwrap();
+    let r = sync(&engine, &t).await;
+    let r = if retrying(&r) {
+        sync(&engine, &t).await
+    } else {
+        r
+    };
+    report(r);
+    limited.assert_mirrors(std::slice::from_ref(&t)).await;
+    drop((engine, limited, h));
+    admin
+        .execute(
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+            )
+            .as_str(),
+        )
+        .await
+        .unwrap();
+    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        let _ = admin.execute(sql.as_str()).await;
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .elapsed()
+            .map_or(0, |d| d.as_nanos() as u64),
+    );
+    (h.finish() % 1_000_000) as u32
+}
