@@ -152,8 +152,9 @@ struct Inner {
     born: std::time::Instant,
     activity_ms: std::sync::atomic::AtomicU64,
     rounds_in_flight: std::sync::atomic::AtomicUsize,
-    /// Keys of the tuples whose round is running, to say what a shutdown abandoned.
-    running: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The tuples whose round is running (to say what a shutdown abandoned), each with when it
+    /// last made progress (got a request slot, an answer, or started).
+    running: std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
 }
 
 /// Whether the engine is making progress, for a watchdog.
@@ -163,6 +164,9 @@ pub struct Liveness {
     pub rounds_in_flight: usize,
     /// Time since a page was fetched or failed, or a round ended.
     pub since_activity: Duration,
+    /// The longest any running round has gone without progress: one stuck round shows here
+    /// even while the others keep the engine busy.
+    pub longest_round_stall: Duration,
 }
 
 impl Engine {
@@ -249,7 +253,15 @@ impl Engine {
     pub(crate) fn round_started(&self, key: &str) {
         use std::sync::atomic::Ordering;
         self.inner.rounds_in_flight.fetch_add(1, Ordering::Relaxed);
-        self.running_set().insert(key.to_owned());
+        self.running_set()
+            .insert(key.to_owned(), std::time::Instant::now());
+    }
+
+    /// The round of `key` made progress.
+    pub(crate) fn touch_round(&self, key: &str) {
+        if let Some(at) = self.running_set().get_mut(key) {
+            *at = std::time::Instant::now();
+        }
     }
 
     pub(crate) fn round_ended(&self, key: &str) {
@@ -259,13 +271,15 @@ impl Engine {
         self.touch();
     }
 
-    fn running_set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+    fn running_set(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, std::time::Instant>> {
         self.inner.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keys of the tuples with a round running now.
     pub fn rounds_running(&self) -> Vec<String> {
-        self.running_set().iter().cloned().collect()
+        self.running_set().keys().cloned().collect()
     }
 
     /// Rounds in flight and the time since anything happened, for the watchdog.
@@ -273,9 +287,16 @@ impl Engine {
         use std::sync::atomic::Ordering;
         let now = self.inner.born.elapsed().as_millis() as u64;
         let last = self.inner.activity_ms.load(Ordering::Relaxed);
+        let longest_round_stall = self
+            .running_set()
+            .values()
+            .map(|at| at.elapsed())
+            .max()
+            .unwrap_or_default();
         Liveness {
             rounds_in_flight: self.inner.rounds_in_flight.load(Ordering::Relaxed),
             since_activity: Duration::from_millis(now.saturating_sub(last)),
+            longest_round_stall,
         }
     }
 

@@ -546,12 +546,14 @@ impl Engine {
             _ = cancel.cancelled() => return Err(StepError::Interrupted),
             p = self.inner.gate.acquire(&tuple.mailbox) => p,
         };
+        self.touch_round(&tuple.key);
         let fetched = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(StepError::Interrupted),
             r = request => r,
         };
         self.touch();
+        self.touch_round(&tuple.key);
         match &fetched {
             // Static labels on the hot path: no allocation per page.
             Ok(_) => {

@@ -16,8 +16,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-/// A round in flight that has neither fetched nor failed a page for this long is stuck: the
-/// watchdog stops being fed and systemd restarts the service.
+/// A round in flight that has made no progress (no request slot, no answer) for this long is
+/// stuck, even while other rounds progress: the watchdog stops being fed and systemd restarts
+/// the service. Every database call and Graph request has its own deadline, so only a bug or a
+/// wait longer than any Retry-After or request budget can get here.
 pub const STALL_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 type ReloadReply = oneshot::Sender<Result<ScheduleChange, String>>;
@@ -58,7 +60,9 @@ impl Shared {
     /// Alive, and no round stuck.
     fn making_progress(&self) -> bool {
         let l = self.engine.liveness();
-        self.alive() && (l.rounds_in_flight == 0 || l.since_activity < STALL_LIMIT)
+        self.alive()
+            && (l.rounds_in_flight == 0
+                || (l.since_activity < STALL_LIMIT && l.longest_round_stall < STALL_LIMIT))
     }
 }
 

@@ -588,3 +588,31 @@ async fn a_page_malformed_every_time_degrades_its_tuple_instead_of_fast_retries_
     report(sync(&engine, &t).await);
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_round_waiting_on_an_answer_shows_as_stalled_until_it_gets_one(pool: PgPool) {
+    let h = harness(pool, 50).await;
+    seed(&h, 3);
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    h.sim.lock().faults = vec![rule(
+        json!({"path_contains": "calendarView", "nth": 1, "action": {"kind": "delay", "ms": 1500}}),
+    )];
+    let round = tokio::spawn({
+        let (engine, t) = (engine.clone(), t.clone());
+        async move { sync(&engine, &t).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let l = engine.liveness();
+    assert_eq!(l.rounds_in_flight, 1);
+    assert!(
+        l.longest_round_stall >= Duration::from_millis(900),
+        "the watchdog sees one round waiting: {l:?}"
+    );
+    report(round.await.unwrap());
+    let l = engine.liveness();
+    assert_eq!(
+        (l.rounds_in_flight, l.longest_round_stall),
+        (0, Duration::ZERO)
+    );
+}
