@@ -20,6 +20,7 @@ use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
 use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The engine's knobs; the binary fills them from the `[sync]` config section.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct SyncSettings {
     pub max_backoff: Duration,
     /// How soon a failed or degraded tuple is tried again.
     pub failed_retry_interval: Duration,
+    /// A round that makes no progress for this long is cancelled and tried again later.
+    pub stuck_round_after: Duration,
     /// Graph requests in flight across all mailboxes: the ceiling of the adaptive limit.
     pub max_in_flight: usize,
     /// The floor the adaptive limit never drops below when the tenant is throttled.
@@ -63,6 +66,7 @@ impl Default for SyncSettings {
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
             failed_retry_interval: Duration::from_secs(3600),
+            stuck_round_after: Duration::from_secs(600),
             max_in_flight: 64,
             min_in_flight: 4,
             per_mailbox_concurrency: 4,
@@ -153,8 +157,16 @@ struct Inner {
     activity_ms: std::sync::atomic::AtomicU64,
     rounds_in_flight: std::sync::atomic::AtomicUsize,
     /// The tuples whose round is running (to say what a shutdown abandoned), each with when it
-    /// last made progress (got a request slot, an answer, or started).
-    running: std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
+    /// last made progress (got a request slot, an answer, or started) and the token that
+    /// cancels that round alone.
+    running: std::sync::Mutex<std::collections::BTreeMap<String, RunningRound>>,
+}
+
+/// A round in flight, as the engine watches it.
+#[derive(Debug)]
+struct RunningRound {
+    last_progress: std::time::Instant,
+    cancel: CancellationToken,
 }
 
 /// Whether the engine is making progress, for a watchdog.
@@ -250,18 +262,40 @@ impl Engine {
         self.inner.activity_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    pub(crate) fn round_started(&self, key: &str) {
+    pub(crate) fn round_started(&self, key: &str, cancel: CancellationToken) {
         use std::sync::atomic::Ordering;
         self.inner.rounds_in_flight.fetch_add(1, Ordering::Relaxed);
-        self.running_set()
-            .insert(key.to_owned(), std::time::Instant::now());
+        self.running_set().insert(
+            key.to_owned(),
+            RunningRound {
+                last_progress: std::time::Instant::now(),
+                cancel,
+            },
+        );
     }
 
     /// The round of `key` made progress.
     pub(crate) fn touch_round(&self, key: &str) {
-        if let Some(at) = self.running_set().get_mut(key) {
-            *at = std::time::Instant::now();
+        if let Some(r) = self.running_set().get_mut(key) {
+            r.last_progress = std::time::Instant::now();
         }
+    }
+
+    /// Cancels every round that has made no progress for `after` (it ends at its next safe
+    /// point as a failed `StuckRound`, and its tuple runs again later); returns their keys.
+    /// The service calls this on every tick with `sync.stuck_round_after`.
+    pub fn cancel_stuck_rounds(&self, after: Duration) -> Vec<String> {
+        let running = self.running_set();
+        let mut stuck = Vec::new();
+        for (key, r) in running.iter() {
+            if r.last_progress.elapsed() >= after && !r.cancel.is_cancelled() {
+                r.cancel.cancel();
+                tracing::error!(tuple = %key, stalled_secs = r.last_progress.elapsed().as_secs(), "round made no progress; cancelling it");
+                metrics::counter!("calsync_rounds_stuck_total").increment(1);
+                stuck.push(key.clone());
+            }
+        }
+        stuck
     }
 
     pub(crate) fn round_ended(&self, key: &str) {
@@ -273,7 +307,7 @@ impl Engine {
 
     fn running_set(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, std::time::Instant>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, RunningRound>> {
         self.inner.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -290,7 +324,7 @@ impl Engine {
         let longest_round_stall = self
             .running_set()
             .values()
-            .map(|at| at.elapsed())
+            .map(|r| r.last_progress.elapsed())
             .max()
             .unwrap_or_default();
         Liveness {

@@ -126,19 +126,45 @@ impl Engine {
             window = %format_args!("{}/{}", tuple.window.start.format("%Y-%m-%dT%H:%M:%SZ"), tuple.window.end.format("%Y-%m-%dT%H:%M:%SZ")),
         );
         let started = std::time::Instant::now();
-        self.round_started(&tuple.key);
+        // The round's own token: shutdown cancels it through `cancel`, and so does the stuck-round
+        // check (`Engine::cancel_stuck_rounds`), for this round alone.
+        let round_cancel = cancel.child_token();
+        self.round_started(&tuple.key, round_cancel.clone());
         // A panic is a bug, but it must not take the tuple's task (or `sync-once`'s report)
         // down with it: it becomes a failed round with its message, recorded like any other.
-        let outcome = match std::panic::AssertUnwindSafe(
-            self.sync_tuple_in_span(tuple, cancel)
+        let mut outcome = match std::panic::AssertUnwindSafe(
+            self.sync_tuple_in_span(tuple, &round_cancel)
                 .instrument(span.clone()),
         )
         .catch_unwind()
         .await
         {
             Ok(outcome) => outcome,
-            Err(panic) => self.panicked(tuple, panic).instrument(span).await,
+            Err(panic) => self.panicked(tuple, panic).instrument(span.clone()).await,
         };
+        if outcome == Outcome::Interrupted && !cancel.is_cancelled() {
+            // Not a shutdown: this round alone was cancelled as stuck. Its committed pages
+            // stand; the tuple runs again at the fast cadence.
+            let failure = Failure {
+                health: Health::Retrying,
+                code: "StuckRound".into(),
+                message: "the round made no progress for sync.stuck_round_after and was cancelled"
+                    .into(),
+            };
+            if let Err(se) = self
+                .store()
+                .record_failure(
+                    tuple.id,
+                    TupleStatus::Retrying,
+                    &failure.code,
+                    &failure.message,
+                )
+                .await
+            {
+                warn!(tuple = %tuple.key, error = %se, "could not record the failure");
+            }
+            outcome = Outcome::Failed(failure);
+        }
         self.round_ended(&tuple.key);
         let label = match &outcome {
             Outcome::Synced(_) => "synced",

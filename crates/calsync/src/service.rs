@@ -291,6 +291,7 @@ impl App {
                 }
                 _ = tick.tick() => {
                     shared.tick();
+                    engine.cancel_stuck_rounds(engine.settings().stuck_round_after);
                     if let Some(m) = &shared.metrics {
                         m.run_upkeep();
                     }

@@ -233,6 +233,9 @@ pub struct RawSync {
     pub max_backoff: String,
     /// How soon a failed or degraded tuple is tried again.
     pub failed_retry_interval: String,
+    /// A round that makes no progress (no request slot, no answer) for this long is cancelled
+    /// and tried again; past 15 minutes the watchdog stops being fed.
+    pub stuck_round_after: String,
     /// Graph requests in flight across all mailboxes (the adaptive limit's ceiling).
     pub max_in_flight: u32,
     /// The floor the adaptive global limit never drops below.
@@ -261,6 +264,7 @@ impl Default for RawSync {
             min_backoff: text(d.min_backoff),
             max_backoff: text(d.max_backoff),
             failed_retry_interval: text(d.failed_retry_interval),
+            stuck_round_after: text(d.stuck_round_after),
             max_in_flight: d.max_in_flight as u32,
             min_in_flight: d.min_in_flight as u32,
             per_mailbox_concurrency: d.per_mailbox_concurrency as u32,

@@ -376,6 +376,12 @@ fn sync(s: &RawSync) -> Result<SyncSettings, ConfigError> {
         min_backoff,
         max_backoff,
         failed_retry_interval: duration("sync.failed_retry_interval", &s.failed_retry_interval)?,
+        stuck_round_after: match duration("sync.stuck_round_after", &s.stuck_round_after)? {
+            t if t < Duration::from_secs(60) => {
+                return Err(bad("sync.stuck_round_after", "must be at least 1m"));
+            }
+            t => t,
+        },
         max_in_flight: s.max_in_flight as usize,
         min_in_flight: s.min_in_flight as usize,
         per_mailbox_concurrency: s.per_mailbox_concurrency as usize,

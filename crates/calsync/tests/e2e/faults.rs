@@ -616,3 +616,57 @@ async fn a_round_waiting_on_an_answer_shows_as_stalled_until_it_gets_one(pool: P
         (0, Duration::ZERO)
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_round_without_progress_is_cancelled_alone_and_retried(pool: PgPool) {
+    let h = harness(pool, 50).await;
+    seed(&h, 3);
+    let engine = h.engine(settings());
+    let tuples = h
+        .tuples(
+            &engine,
+            &[
+                ("stuck", USER, "default"),
+                ("alex", "alex@contoso.onmicrosoft.com", "default"),
+            ],
+        )
+        .await;
+    // Adele's first delta request hangs for 30 s; the service's check runs every 100 ms here.
+    h.sim.lock().faults = vec![rule(json!({"path_contains": "calendarView", "nth": 1,
+        "mailbox": USER, "action": {"kind": "delay", "ms": 30000}}))];
+    let reaper = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            loop {
+                engine.cancel_stuck_rounds(Duration::from_millis(400));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let started = std::time::Instant::now();
+    let outcomes = engine
+        .sync_all_once(&tuples, &CancellationToken::new())
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "not 30 s");
+    for (t, o) in &outcomes {
+        if t.key == "stuck" {
+            assert!(
+                matches!(o, Outcome::Failed(f) if f.code == "StuckRound" && f.health == Health::Retrying),
+                "{o:?}"
+            );
+        } else {
+            assert!(
+                matches!(o, Outcome::Synced(_)),
+                "the other round carries on: {o:?}"
+            );
+        }
+    }
+    let status = h.store.status().await.unwrap();
+    let stuck = status.iter().find(|r| r.tuple_key == "stuck").unwrap();
+    assert_eq!(stuck.state, TupleStatus::Retrying);
+    assert_eq!(stuck.last_error_code.as_deref(), Some("StuckRound"));
+    reaper.abort();
+    // The next run, without the hang, converges.
+    all_synced(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+}
