@@ -136,7 +136,10 @@ impl GraphClient {
                 .timeout(cfg.request_timeout)
                 .user_agent(concat!("calsync/", env!("CARGO_PKG_VERSION")))
                 .tls_built_in_webpki_certs(true)
-                .tls_built_in_native_certs(cfg.native_roots);
+                .tls_built_in_native_certs(cfg.native_roots)
+                // A path that dies without a reset is noticed by the kernel, not only by the
+                // request timeout.
+                .tcp_keepalive(Duration::from_secs(30));
             for c in &extra_roots {
                 b = b.add_root_certificate(c.clone());
             }

@@ -49,6 +49,23 @@ pub struct Store {
     faults: std::sync::Arc<testing::Faults>,
 }
 
+/// The operating system's root certificates as one PEM bundle (certificates that cannot be
+/// read are skipped, as a TLS client skips them).
+fn native_roots_pem() -> Vec<u8> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    for der in rustls_native_certs::load_native_certs().certs {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        out.extend_from_slice(b"-----BEGIN CERTIFICATE-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b"-----END CERTIFICATE-----\n");
+    }
+    out
+}
+
 /// How [`Store::connect`] connects.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -60,6 +77,8 @@ pub struct ConnectOptions {
     pub statement_timeout: Duration,
     /// Extra trusted root certificates (PEM) for TLS to PostgreSQL (`tls.ca_file`).
     pub extra_root_pem: Option<Vec<u8>>,
+    /// Also trust the operating system's root store (`tls.native_roots`).
+    pub native_roots: bool,
 }
 
 impl ConnectOptions {
@@ -70,6 +89,7 @@ impl ConnectOptions {
             acquire_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
             extra_root_pem: None,
+            native_roots: false,
         }
     }
 }
@@ -115,9 +135,13 @@ impl Store {
                 format!("{}ms", ms * 2),
             ),
         ]);
-        if let Some(pem) = &o.extra_root_pem {
+        let mut roots = o.extra_root_pem.clone().unwrap_or_default();
+        if o.native_roots {
+            roots.extend(native_roots_pem());
+        }
+        if !roots.is_empty() {
             // Trusted beside the compiled-in roots (`sslrootcert` in the URL works too).
-            opts = opts.ssl_root_cert_from_pem(pem.clone());
+            opts = opts.ssl_root_cert_from_pem(roots);
         }
         let (max_connections, acquire_timeout) = (o.max_connections, o.acquire_timeout);
         let pool = PgPoolOptions::new()
@@ -300,5 +324,14 @@ mod tests {
         );
         let status = store.status().await.unwrap();
         assert_eq!((status[0].event_count, status[0].incomplete_count), (3, 1));
+    }
+
+    #[test]
+    fn the_os_root_store_becomes_one_pem_bundle() {
+        let n = rustls_native_certs::load_native_certs().certs.len();
+        let pem = String::from_utf8(native_roots_pem()).unwrap();
+        assert_eq!(pem.matches("-----BEGIN CERTIFICATE-----").count(), n);
+        assert_eq!(pem.matches("-----END CERTIFICATE-----").count(), n);
+        assert!(pem.lines().all(|l| l.len() <= 64 || l.starts_with("-----")));
     }
 }

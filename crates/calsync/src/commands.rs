@@ -21,6 +21,7 @@ pub async fn connect_store(db: &DatabaseConfig) -> anyhow::Result<Store> {
             acquire_timeout: db.connect_timeout,
             statement_timeout: db.statement_timeout,
             extra_root_pem: db.extra_root_pem.clone(),
+            native_roots: db.native_roots,
         },
     )
     .await

@@ -76,6 +76,7 @@ pub fn config_for_sim(
             wait_at_start: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
             extra_root_pem: None,
+            native_roots: false,
         },
         graph,
         auth,

@@ -78,7 +78,7 @@ pub struct RawTls {
     /// PEM file of extra root certificates (a TLS-inspecting proxy's CA, a private
     /// PostgreSQL CA), trusted beside the compiled-in roots.
     pub ca_file: Option<PathBuf>,
-    /// Also trust the operating system's root store (for Graph and the token endpoint).
+    /// Also trust the operating system's root store (Graph, the token endpoint, PostgreSQL).
     pub native_roots: bool,
 }
 

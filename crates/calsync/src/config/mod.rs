@@ -262,6 +262,8 @@ pub struct DatabaseConfig {
     pub statement_timeout: Duration,
     /// Extra trusted root certificates (PEM), from `tls.ca_file`.
     pub extra_root_pem: Option<Vec<u8>>,
+    /// Also trust the operating system's root store (`tls.native_roots`).
+    pub native_roots: bool,
 }
 
 impl std::fmt::Debug for DatabaseConfig {

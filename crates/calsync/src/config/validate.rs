@@ -23,6 +23,7 @@ impl RawConfig {
         let mut graph = graph(&self.graph, self.sync.page_size)?;
         let roots = tls(&self.tls)?;
         database.extra_root_pem = roots.clone();
+        database.native_roots = self.tls.native_roots;
         graph.extra_roots_pem = roots;
         graph.native_roots = self.tls.native_roots;
         let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
@@ -82,6 +83,7 @@ impl RawConfig {
     pub fn database_config(&self) -> Result<DatabaseConfig, ConfigError> {
         let mut d = database(&self.database)?;
         d.extra_root_pem = tls(&self.tls)?;
+        d.native_roots = self.tls.native_roots;
         Ok(d)
     }
 }
@@ -125,6 +127,7 @@ fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
         connect_timeout: duration("database.connect_timeout", &d.connect_timeout)?,
         wait_at_start: duration("database.wait_at_start", &d.wait_at_start)?,
         extra_root_pem: None,
+        native_roots: false,
         statement_timeout: match duration("database.statement_timeout", &d.statement_timeout)? {
             t if t < std::time::Duration::from_secs(1) => {
                 return Err(bad("database.statement_timeout", "must be at least 1s"));
