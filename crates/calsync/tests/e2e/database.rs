@@ -343,3 +343,83 @@ fn rand_suffix() -> u32 {
     );
     (h.finish() % 1_000_000) as u32
 }
+
+#[sqlx::test(migrations = false)]
+async fn under_the_scheduler_every_tuple_catches_up_within_two_intervals_of_the_database_returning(
+    pool: PgPool,
+) {
+    let h = harness(pool.clone(), 20).await;
+    seed(&h, 5);
+    let engine = h.engine(SyncSettings {
+        startup_spread: std::time::Duration::from_millis(100),
+        ..settings()
+    });
+    let work = {
+        let st = h.sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        st.tenant.users[u].calendars[1].id.clone()
+    };
+    // Interval 1 s each (the harness's).
+    let tuples = h
+        .tuples(
+            &engine,
+            &[("adele", USER, "default"), ("adele-work", USER, &work)],
+        )
+        .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn({
+        let (engine, tuples, stop) = (engine.clone(), tuples.clone(), stop.clone());
+        async move { engine.run(tuples, stop).await }
+    });
+    let all_ok = |h: &Harness| {
+        let store = h.store.clone();
+        async move {
+            store
+                .status()
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .all(|r| r.state == TupleStatus::Ok && r.last_success_at.is_some())
+                })
+                .unwrap_or(false)
+        }
+    };
+    let t0 = std::time::Instant::now();
+    while !all_ok(&h).await {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "first rounds"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut admin = admin_session(&pool).await;
+    alter_this_database(&mut admin, "SET default_transaction_read_only = on").await;
+    // The calendar changes while the database refuses writes.
+    let during = h.create(single(
+        "written during the outage",
+        "2026-02-10T10:00:00",
+        "2026-02-10T11:00:00",
+    ));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    alter_this_database(&mut admin, "RESET default_transaction_read_only").await;
+    let back = chrono::Utc::now();
+    let t1 = std::time::Instant::now();
+    loop {
+        let rows = h.store.status().await.unwrap_or_default();
+        let caught_up = rows.len() == 2
+            && rows
+                .iter()
+                .all(|r| r.state == TupleStatus::Ok && r.last_success_at.is_some_and(|t| t > back));
+        if caught_up && h.store.event_ids("adele").await.unwrap().contains(&during) {
+            break;
+        }
+        assert!(
+            t1.elapsed() <= std::time::Duration::from_millis(2500),
+            "not caught up within 2 × the 1 s interval (+ polling): {rows:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let _ = run.await;
+    h.assert_mirrors(&tuples).await;
+}
