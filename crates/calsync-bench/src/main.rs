@@ -58,6 +58,9 @@ struct MemoryArgs {
     /// Each page's database statement sleeps this long (a trigger with pg_sleep).
     #[arg(long, default_value_t = 20)]
     pub slow_ms: u32,
+    /// Skip the run with the budget off (it needs gigabytes with many large pages).
+    #[arg(long)]
+    pub only_budgeted: bool,
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
     #[arg(long)]
@@ -537,12 +540,31 @@ async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
         database_url: None,
         graph_sim: args.graph_sim.clone(),
     };
-    let sim = SimProcess::start(&sim_args)?;
+    // A tenant whose every tenth mailbox has a daily series with a 100 KB body across the whole
+    // window: with series never split and occurrences sent in full, each of those comes as one
+    // ~20 MB page.
+    let dir = std::env::temp_dir().join(format!("calsync-bench-memory-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let scenario = dir.join("scenario.toml");
+    std::fs::write(
+        &scenario,
+        memory_scenario(args.tuples, args.events_per_user),
+    )?;
+    let sim = SimProcess::start_with(&sim_args, Some(&scenario))?;
     sim_admin_with(
         &sim.base,
         "PUT",
         "quirks",
         r#"{"oversize_series_pages": true}"#,
+    )
+    .await?;
+    // Full occurrences (the documented shape; Outlook's stubs would keep these pages small),
+    // so each big series arrives as one page of 200 × 100 KB.
+    sim_admin_with(
+        &sim.base,
+        "PUT",
+        "behaviour",
+        r#"{"profile": "outlook", "stub_occurrences": false}"#,
     )
     .await?;
     let db = ScratchDatabase::open(args.database_url.as_deref(), "calsync_bench_memory").await?;
@@ -555,11 +577,16 @@ async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
         .await
         .context("cannot install the slowing trigger")?;
     println!(
-        "calsync memory — {} mailboxes × {} events (60% recurring, series never split across pages), every page write sleeps {} ms",
+        "calsync memory — {} mailboxes × {} events, every tenth with a daily series carrying a 100 KB body (occurrences in full, series never split across pages), every page write sleeps {} ms",
         args.tuples, args.events_per_user, args.slow_ms
     );
     let exe = std::env::current_exe()?;
-    for (budget, prefix) in [(args.budget, "budget-"), (0, "nobudget-")] {
+    let runs: &[(u64, &str)] = if args.only_budgeted {
+        &[(args.budget, "budget-")]
+    } else {
+        &[(args.budget, "budget-"), (0, "nobudget-")]
+    };
+    for &(budget, prefix) in runs {
         let out = Command::new(&exe)
             .args([
                 "measured-sync",
@@ -588,7 +615,63 @@ async fn memory(args: MemoryArgs) -> anyhow::Result<()> {
         };
         println!("  {what:<16} {said}");
     }
+    let log = sim_admin(&sim.base, "GET", "requests").await?;
+    let mut sizes: Vec<u64> = log
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| {
+                    r["path"]
+                        .as_str()
+                        .is_some_and(|p| p.contains("calendarView"))
+                })
+                .filter_map(|r| r["bytes"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    sizes.sort_unstable();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    if let (Some(max), false) = (sizes.last(), sizes.is_empty()) {
+        println!(
+            "  delta pages: {} (largest {:.1} MiB, {} of 10 MiB or more, median {:.2} MiB)",
+            sizes.len(),
+            mib(*max),
+            sizes.iter().filter(|b| **b >= 10 * 1024 * 1024).count(),
+            mib(sizes[sizes.len() / 2])
+        );
+    }
     Ok(())
+}
+
+/// The memory benchmark's tenant as a graph-sim scenario: `users` mailboxes with `singles`
+/// small events each, and every tenth with a daily series (200 occurrences from 100 days ago)
+/// whose 100 KB body every occurrence carries.
+fn memory_scenario(users: u32, singles: u32) -> String {
+    use std::fmt::Write as _;
+    let today = Utc::now().date_naive();
+    let start = today - ChronoDuration::days(100);
+    let body = "<p>".to_owned() + &"minutes of the weekly review ".repeat(3500) + "</p>";
+    let mut out = String::from("[sim]\nseed = 42\n");
+    for i in 0..users {
+        let _ = write!(
+            out,
+            "\n[[users]]\nupn = \"user{i:04}@contoso.onmicrosoft.com\"\n"
+        );
+        for d in 0..singles {
+            let day = today + ChronoDuration::days(i64::from(d) * 3 - 20);
+            let _ = write!(
+                out,
+                "\n[[users.events]]\nsubject = \"meeting {d}\"\nstart = {{ dateTime = \"{day}T10:00:00\", timeZone = \"UTC\" }}\nend = {{ dateTime = \"{day}T10:30:00\", timeZone = \"UTC\" }}\n"
+            );
+        }
+        if i % 10 == 0 {
+            let _ = write!(
+                out,
+                "\n[[users.events]]\nsubject = \"daily review\"\nbody = {{ contentType = \"html\", content = \"{body}\" }}\nstart = {{ dateTime = \"{start}T09:00:00\", timeZone = \"UTC\" }}\nend = {{ dateTime = \"{start}T09:30:00\", timeZone = \"UTC\" }}\nrecurrence = {{ pattern = {{ type = \"daily\", interval = 1 }}, range = {{ type = \"numbered\", startDate = \"{start}\", numberOfOccurrences = 200 }} }}\n"
+            );
+        }
+    }
+    out
 }
 
 async fn memory_child(args: MemoryChildArgs) -> anyhow::Result<()> {

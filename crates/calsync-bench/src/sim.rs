@@ -12,7 +12,16 @@ pub(crate) struct SimProcess {
 }
 
 impl SimProcess {
+    /// Starts graph-sim with the tenant `args` describe (generated), or with `scenario` (a
+    /// scenario file) when given.
     pub(crate) fn start(args: &BenchArgs) -> anyhow::Result<Self> {
+        Self::start_with(args, None)
+    }
+
+    pub(crate) fn start_with(
+        args: &BenchArgs,
+        scenario: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
         let exe = match &args.graph_sim {
             Some(p) => p.clone(),
             None => std::env::current_exe()?
@@ -26,21 +35,28 @@ impl SimProcess {
                 exe.display()
             );
         }
-        let mut child = Command::new(&exe)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--users",
-                &args.users.to_string(),
-                "--events-per-user",
-                &args.events_per_user.to_string(),
-                "--recurring",
-                &args.recurring.to_string(),
-                "--extra-calendars",
-                "0",
-                "--seed",
-                "42",
-            ])
+        let mut command = Command::new(&exe);
+        command.args(["--listen", "127.0.0.1:0"]);
+        match scenario {
+            Some(path) => {
+                command.arg("--scenario").arg(path);
+            }
+            None => {
+                command.args([
+                    "--users",
+                    &args.users.to_string(),
+                    "--events-per-user",
+                    &args.events_per_user.to_string(),
+                    "--recurring",
+                    &args.recurring.to_string(),
+                    "--extra-calendars",
+                    "0",
+                    "--seed",
+                    "42",
+                ]);
+            }
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

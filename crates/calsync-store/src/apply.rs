@@ -395,6 +395,44 @@ async fn upsert(
     Ok(r.rows_affected())
 }
 
+/// The most payload one statement carries. sqlx keeps each connection's buffers at the size of
+/// the largest message it has sent, so one 20 MB page written as one statement would leave
+/// 20 MB or more behind on every pooled connection, outside the page memory budget (measured:
+/// 560 MiB peak with a 64 MiB budget before this, BENCHMARKS.md).
+const STATEMENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// `rows` in consecutive chunks of about `limit` bytes of payload each (a row larger than the
+/// limit is a chunk of its own).
+fn by_size(rows: &[EventRow], limit: usize) -> Vec<&[EventRow]> {
+    let mut out = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let n = approx_json_len(&r.payload);
+        if i > from && bytes + n > limit {
+            out.push(&rows[from..i]);
+            (from, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if from < rows.len() {
+        out.push(&rows[from..]);
+    }
+    out
+}
+
+/// About how many bytes an object takes as JSON: its strings and keys, plus a little per value.
+fn approx_json_len(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+    fn value(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.len() + 2,
+            serde_json::Value::Array(a) => a.iter().map(value).sum::<usize>() + 2,
+            serde_json::Value::Object(m) => approx_json_len(m),
+            _ => 8,
+        }
+    }
+    m.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>() + 2
+}
+
 /// Upserts `rows`; if PostgreSQL refuses a value in them (SQLSTATE class 22, after the repair
 /// `reduce` already did), each row is tried on its own under a savepoint and the refused ones are
 /// kept as quarantined rows (id, type, series, the reason), so the rest of the page commits.
@@ -411,7 +449,21 @@ async fn upsert_isolating(
         .execute(&mut **tx)
         .await
         .map_err(db)?;
-    match upsert(tx, tuple_id, round, rows, partial).await {
+    let mut all = Ok(0);
+    for chunk in by_size(rows, STATEMENT_BYTES) {
+        match upsert(tx, tuple_id, round, chunk, partial).await {
+            Ok(n) => {
+                if let Ok(total) = &mut all {
+                    *total += n;
+                }
+            }
+            Err(e) => {
+                all = Err(e);
+                break;
+            }
+        }
+    }
+    match all {
         Ok(n) => return Ok((n, 0)),
         Err(StoreError::Refused { .. }) => {}
         Err(e) => return Err(e),
@@ -527,5 +579,56 @@ impl Store {
         };
         let rows = self.bounded("reading known series", query).await?;
         Ok(rows.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::Details;
+
+    fn row(id: &str, body: usize) -> EventRow {
+        let mut payload = serde_json::Map::new();
+        payload.insert("id".into(), serde_json::json!(id));
+        payload.insert(
+            "body".into(),
+            serde_json::json!({"content": "x".repeat(body)}),
+        );
+        EventRow {
+            event_id: id.into(),
+            start_at: None,
+            end_at: None,
+            start_date: None,
+            end_date: None,
+            time_error: None,
+            event_type: None,
+            series_master_id: None,
+            details: Details::default(),
+            partial: false,
+            payload,
+        }
+    }
+
+    #[test]
+    fn large_pages_are_written_in_statements_of_bounded_size() {
+        let rows: Vec<EventRow> = (0..10).map(|i| row(&i.to_string(), 300_000)).collect();
+        let chunks = by_size(&rows, 1_000_000);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [3, 3, 3, 1]
+        );
+        let small: Vec<EventRow> = (0..200).map(|i| row(&i.to_string(), 100)).collect();
+        assert_eq!(
+            by_size(&small, 1_000_000).len(),
+            1,
+            "a normal page is one statement"
+        );
+        let huge = [row("h", 5_000_000)];
+        assert_eq!(
+            by_size(&huge, 1_000_000).len(),
+            1,
+            "a row larger than the limit alone"
+        );
+        assert!(by_size(&[], 1_000_000).is_empty());
     }
 }

@@ -262,6 +262,7 @@ impl State {
             fault,
             early,
             connection: req.connection,
+            bytes: 0,
         };
         if self.log.len() >= self.log_capacity {
             self.log.pop_front();

@@ -106,6 +106,9 @@ pub struct RequestRecord {
     /// The TCP connection that carried it (see [`SimRequest::connection`]).
     #[serde(default)]
     pub connection: u64,
+    /// Bytes of the answer's body.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// Counters of bad manners, for tests to assert are zero.
@@ -510,6 +513,9 @@ impl Sim {
             Err(e) => st.error_response(&e, client),
         };
         st.record(user, &req, resp.status, a.in_flight, fault, a.early);
+        if let Some(last) = st.log.back_mut() {
+            last.bytes = resp.body.len() as u64;
+        }
         drop(st);
         drop(guard);
         if a.malformed {
