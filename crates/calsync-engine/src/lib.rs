@@ -357,6 +357,20 @@ impl Engine {
     /// Records the configured tuples in the store (new ones added, dropped ones untracked)
     /// and returns them with their ids.
     pub async fn register(&self, configs: &[TupleConfig]) -> Result<Vec<Tuple>, StoreError> {
+        self.register_with(configs, true).await
+    }
+
+    /// Records these tuples and leaves every other one as it is (a one-off command's view of
+    /// the database it shares with a daemon), returning them with their ids.
+    pub async fn register_only(&self, configs: &[TupleConfig]) -> Result<Vec<Tuple>, StoreError> {
+        self.register_with(configs, false).await
+    }
+
+    async fn register_with(
+        &self,
+        configs: &[TupleConfig],
+        reconcile: bool,
+    ) -> Result<Vec<Tuple>, StoreError> {
         let specs: Vec<TupleSpec> = configs
             .iter()
             .map(|c| TupleSpec {
@@ -370,7 +384,11 @@ impl Engine {
                 window_end: c.window.end,
             })
             .collect();
-        let states = self.inner.store.register_tuples(&specs).await?;
+        let states = if reconcile {
+            self.inner.store.register_tuples(&specs).await?
+        } else {
+            self.inner.store.add_tuples(&specs).await?
+        };
         let mailboxes = self.resolve_mailboxes(configs).await;
         Ok(configs
             .iter()

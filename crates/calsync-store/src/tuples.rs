@@ -204,6 +204,21 @@ impl Store {
         &self,
         specs: &[TupleSpec],
     ) -> Result<Vec<TupleState>, StoreError> {
+        self.register(specs, true).await
+    }
+
+    /// Records these tuples (new ones added, changed ones updated) and leaves every other tuple
+    /// as it is: what a one-off command (`sync-once`) does, which must never untrack the
+    /// daemon's calendars.
+    pub async fn add_tuples(&self, specs: &[TupleSpec]) -> Result<Vec<TupleState>, StoreError> {
+        self.register(specs, false).await
+    }
+
+    async fn register(
+        &self,
+        specs: &[TupleSpec],
+        untrack_others: bool,
+    ) -> Result<Vec<TupleState>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
         let users: Vec<&str> = specs.iter().map(|s| s.user_id.as_str()).collect();
@@ -226,11 +241,13 @@ impl Store {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::query("UPDATE sync_tuples SET tracked = false, updated_at = now() WHERE tracked AND tuple_key <> ALL($1::text[])")
-            .bind(&keys)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        if untrack_others {
+            sqlx::query("UPDATE sync_tuples SET tracked = false, updated_at = now() WHERE tracked AND tuple_key <> ALL($1::text[])")
+                .bind(&keys)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         let rows: Vec<TupleState> = sqlx::query_as(&format!(
             "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE tuple_key = ANY($1::text[]) ORDER BY id"
         ))

@@ -58,6 +58,16 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
 
 /// Connects, migrates, builds the engine and registers the configured tuples.
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+    build_with(cfg, true).await
+}
+
+/// [`build`], but registering the configured calendars only, never untracking the others:
+/// one-off commands share the database with the daemon and must leave its calendars alone.
+pub async fn build_for_one_off(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+    build_with(cfg, false).await
+}
+
+async fn build_with(cfg: &Config, reconcile: bool) -> anyhow::Result<(Engine, Vec<Tuple>)> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -75,10 +85,12 @@ pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
     let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone())
         .context("cannot build the Graph client")?;
     let engine = Engine::new(graph, store, cfg.sync.clone());
-    let tuples = engine
-        .register(&cfg.tuples)
-        .await
-        .context("cannot register the configured calendars")?;
+    let registered = if reconcile {
+        engine.register(&cfg.tuples).await
+    } else {
+        engine.register_only(&cfg.tuples).await
+    };
+    let tuples = registered.context("cannot register the configured calendars")?;
     Ok((engine, tuples))
 }
 
@@ -107,7 +119,7 @@ pub async fn shutdown_signal() {
 
 /// `calsync sync-once`: one complete round per tuple. Returns whether all succeeded.
 pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
-    let (engine, tuples) = build(&cfg).await?;
+    let (engine, tuples) = build_for_one_off(&cfg).await?;
     let cancel = CancellationToken::new();
     let outcomes = tokio::select! {
         o = engine.sync_all_once(&tuples, &cancel) => o,

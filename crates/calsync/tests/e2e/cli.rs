@@ -584,3 +584,57 @@ fn the_deploy_configs_are_valid() {
     assert_eq!(o.status.code(), Some(0), "{}\n{toml}", text(&o));
     assert!(!text(&o).contains(SECRET));
 }
+
+/// Debugging one mailbox with `sync-once` against the production database must not untrack the
+/// daemon's other calendars (they would vanish from the read model until its next reload).
+#[tokio::test]
+async fn sync_once_with_one_calendar_leaves_the_others_tracked() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cli_one_off")
+        .await
+        .unwrap();
+    let sim = graph_sim::Sim::new(&crate::harness::sim_config());
+    {
+        let mut st = sim.lock();
+        for upn in [
+            "adele@contoso.onmicrosoft.com",
+            "alex@contoso.onmicrosoft.com",
+        ] {
+            let u = st.tenant.add_user(upn, None, upn);
+            let p = graph_sim::writes::EventPatch::from_json(&serde_json::json!({"subject": upn,
+                "start": {"dateTime": "2026-01-10T10:00:00", "timeZone": "UTC"}, "end": {"dateTime": "2026-01-10T11:00:00", "timeZone": "UTC"}})).unwrap();
+            st.tenant.create_event(u, 0, &p).unwrap();
+        }
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let (graph, token) = (
+        server.graph_base_url(),
+        server.token_url(graph_sim::DEFAULT_TENANT),
+    );
+    let both = valid(
+        &url,
+        &graph,
+        &token,
+        &format!(
+            "{ONE_CALENDAR}\n[[calendars]]\nuser = \"alex@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+        ),
+    );
+    let one = valid(&url, &graph, &token, ONE_CALENDAR);
+    for cfg in [both, one] {
+        let o = tokio::task::spawn_blocking(move || run(&["sync-once"], &cfg, &[]))
+            .await
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let tracked: Vec<(String, bool, i64)> = sqlx::query_as(
+        "SELECT tuple_key, tracked, event_count FROM calendar_sync_status ORDER BY tuple_key",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tracked.len(), 2);
+    assert!(
+        tracked.iter().all(|(_, t, n)| *t && *n == 1),
+        "alex's calendar stays tracked and in the read model: {tracked:?}"
+    );
+}
