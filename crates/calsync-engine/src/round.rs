@@ -206,6 +206,17 @@ impl Engine {
                     // was lost); the cursor is gone, so the round restarts from the store.
                     conflict_retried = true;
                 }
+                Err(StepError::Store(StoreError::Conflict { .. })) => {
+                    // Another writer keeps advancing this tuple (a second process, sync-once
+                    // beside run): it is doing the work. Step aside quietly — never forget its
+                    // link, never mark the tuple degraded, record nothing over its status.
+                    info!(tuple = %tuple.key, "another writer is syncing this tuple; this round stands down");
+                    return Outcome::Failed(Failure {
+                        health: Health::Retrying,
+                        code: "Conflict".into(),
+                        message: "another writer advanced this tuple; this round stood down".into(),
+                    });
+                }
                 Err(e) if e.class() == Some(ErrorClass::Resync) && report.resyncs < 2 => {
                     warn!(tuple = %tuple.key, code = %e.code(), "delta state gone; starting a full round");
                     report.resyncs += 1;

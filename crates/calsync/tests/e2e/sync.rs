@@ -591,3 +591,61 @@ async fn a_panicking_round_fails_sync_once_and_names_its_tuple(pool: PgPool) {
     report(sync(&engine, &tuples[0]).await);
     h.assert_mirrors(&tuples).await;
 }
+
+/// Another writer keeps advancing the tuple (a second process): this round retries once from
+/// the store, then stands down — it never forgets the other writer's link and never marks the
+/// tuple degraded.
+#[sqlx::test(migrations = false)]
+async fn a_round_that_keeps_losing_the_race_stands_down_without_touching_the_winner(pool: PgPool) {
+    let h = harness(pool.clone(), 5).await;
+    seed(&h, 10);
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    report(sync(&engine, &t).await);
+    let before: (Option<String>, String) =
+        sqlx::query_as("SELECT link, state FROM sync_tuples WHERE id = $1")
+            .bind(t.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    // A change makes the next round fetch a page; each request is slow, and meanwhile the
+    // "other writer" bumps the tuple's version.
+    h.create(single("new", "2026-01-20T10:00:00", "2026-01-20T11:00:00"));
+    h.sim.lock().faults = vec![rule(
+        json!({"path_contains": "calendarView", "action": {"kind": "delay", "ms": 150}}),
+    )];
+    let other = tokio::spawn({
+        let pool = pool.clone();
+        let id = t.id;
+        async move {
+            loop {
+                sqlx::query("UPDATE sync_tuples SET link_version = link_version + 1 WHERE id = $1")
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+            }
+        }
+    });
+    let o = sync(&engine, &t).await;
+    other.abort();
+    match o {
+        Outcome::Failed(f) => {
+            assert_eq!(f.code, "Conflict");
+            assert_eq!(f.health, calsync_engine::Health::Retrying);
+        }
+        other => panic!("expected to stand down, got {other:?}"),
+    }
+    let after: (Option<String>, String) =
+        sqlx::query_as("SELECT link, state FROM sync_tuples WHERE id = $1")
+            .bind(t.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(after, before, "the winner's link and state are untouched");
+    h.sim.lock().faults.clear();
+    let r = report(sync(&engine, &t).await);
+    assert!(!r.full, "no full resync was forced");
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+}
