@@ -196,8 +196,14 @@ impl Engine {
             match result {
                 Ok(()) => {
                     self.malformed_run(tuple, false);
-                    info!(tuple = %tuple.key, pages = report.pages, upserted = report.upserted,
-                          removed = report.removed, swept = report.swept, full = report.full, "round complete");
+                    // A round that changed nothing is the steady state: at 100,000 calendars it
+                    // would be hundreds of INFO lines a second, so it logs at DEBUG.
+                    if report.full || report.upserted + report.removed + report.swept > 0 {
+                        info!(tuple = %tuple.key, pages = report.pages, upserted = report.upserted,
+                              removed = report.removed, swept = report.swept, full = report.full, "round complete");
+                    } else {
+                        debug!(tuple = %tuple.key, pages = report.pages, "round complete, nothing changed");
+                    }
                     return Outcome::Synced(report);
                 }
                 Err(StepError::Interrupted) => return Outcome::Interrupted,

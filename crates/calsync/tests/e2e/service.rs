@@ -256,6 +256,8 @@ drain_deadline = "3s"
         "{}",
         d.log()
     );
+    // Rounds that change nothing (every second here) stay below INFO.
+    assert!(!d.log().contains("nothing changed"), "{}", d.log());
     let m = d.metrics().await;
     assert!(
         metric(&m, "calsync_rounds_total{outcome=\"synced\"}").unwrap() >= 2.0,
