@@ -120,8 +120,18 @@ impl Engine {
             return Ok(());
         }
         let listed: Vec<String> = changes.series.iter().map(|s| s.master_id.clone()).collect();
-        for master in listed {
-            match self.list_instances(tuple, &master, cancel).await? {
+        // One /instances read per changed series, a few at once like the master fetches (the
+        // gate still holds the mailbox to its limits).
+        let listings: Vec<(String, Option<Vec<String>>)> = futures_util::stream::iter(listed)
+            .map(|master| async move {
+                let live = self.list_instances(tuple, &master, cancel).await?;
+                Ok::<_, StepError>((master, live))
+            })
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
+        for (master, live) in listings {
+            match live {
                 Some(live) => changes.reconcile.push(SeriesInstances {
                     master_id: master,
                     live,
