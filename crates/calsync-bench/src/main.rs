@@ -271,6 +271,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|t| TupleSpec {
                 key: format!("copy{rep}-{}", t.key),
                 user_id: t.user.clone(),
+                mailbox: t.user.clone(),
                 calendar_id: "default".into(),
                 window_start: t.window.start,
                 window_end: t.window.end,
@@ -281,6 +282,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|c| TupleSpec {
                 key: c.key.clone(),
                 user_id: c.user.clone(),
+                mailbox: c.user.clone(),
                 calendar_id: "default".into(),
                 window_start: c.window.start,
                 window_end: c.window.end,

@@ -56,6 +56,8 @@ struct Mailbox {
 #[derive(Debug)]
 struct Adaptive {
     limit: f64,
+    /// What `limit` climbs back to: `max_in_flight`, or this replica's share of it.
+    ceiling: f64,
     in_flight: usize,
     last_decrease: Option<Instant>,
     /// Recent throttles: when, and which mailbox.
@@ -126,6 +128,7 @@ impl RequestGate {
             mailboxes: Mutex::new(HashMap::new()),
             adaptive: Mutex::new(Adaptive {
                 limit: max_in_flight as f64,
+                ceiling: max_in_flight as f64,
                 in_flight: 0,
                 last_decrease: None,
                 throttles: VecDeque::new(),
@@ -299,12 +302,33 @@ impl RequestGate {
         }
     }
 
+    /// Caps the adaptive global limit at `n` (kept within `[min_in_flight, max_in_flight]`):
+    /// N replicas of one app each take their share of the app's limit.
+    pub fn set_ceiling(&self, n: usize) {
+        let n = n.clamp(self.min_in_flight, self.max_in_flight) as f64;
+        let mut a = self.adaptive();
+        if a.ceiling == n {
+            return;
+        }
+        // A limit at its old ceiling (nothing throttled) follows the ceiling; one lowered by
+        // throttling keeps climbing by AIMD as before.
+        if a.limit >= a.ceiling || a.limit > n {
+            a.limit = n;
+        }
+        a.ceiling = n;
+        let limit = a.limit.floor() as usize;
+        drop(a);
+        relock(&self.stats).global_limit = limit;
+        metrics::gauge!("calsync_graph_concurrency_limit").set(limit as f64);
+        self.freed.notify_waiters();
+    }
+
     /// A request succeeded: the global limit grows by one per `limit` successes.
     pub fn succeeded(&self) {
         let mut a = self.adaptive();
-        if a.limit < self.max_in_flight as f64 {
+        if a.limit < a.ceiling {
             let before = a.limit.floor();
-            a.limit = (a.limit + 1.0 / a.limit).min(self.max_in_flight as f64);
+            a.limit = (a.limit + 1.0 / a.limit).min(a.ceiling);
             if a.limit.floor() > before {
                 let limit = a.limit.floor() as usize;
                 drop(a);

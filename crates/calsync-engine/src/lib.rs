@@ -6,6 +6,7 @@
 
 pub mod gate;
 mod guard;
+pub mod lease;
 pub mod mapping;
 pub mod outcome;
 pub mod round;
@@ -13,6 +14,7 @@ pub mod schedule;
 mod series;
 
 pub use gate::{Budget, GateStats, RequestGate};
+pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};
 pub use schedule::{ScheduleChange, Scheduler};
 
@@ -160,6 +162,9 @@ struct Inner {
     /// last made progress (got a request slot, an answer, or started) and the token that
     /// cancels that round alone.
     running: std::sync::Mutex<std::collections::BTreeMap<String, RunningRound>>,
+    /// The mailbox leases this process holds, once it runs fenced ([`Engine::fence_with`]):
+    /// then no page commits without the current fencing token of its mailbox.
+    leases: std::sync::OnceLock<Arc<Leases>>,
 }
 
 /// A round in flight, as the engine watches it.
@@ -167,6 +172,7 @@ struct Inner {
 struct RunningRound {
     last_progress: std::time::Instant,
     cancel: CancellationToken,
+    mailbox: String,
 }
 
 /// Whether the engine is making progress, for a watchdog.
@@ -252,6 +258,7 @@ impl Engine {
                 activity_ms: Default::default(),
                 rounds_in_flight: Default::default(),
                 running: Default::default(),
+                leases: Default::default(),
             }),
         }
     }
@@ -262,16 +269,22 @@ impl Engine {
         self.inner.activity_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    pub(crate) fn round_started(&self, key: &str, cancel: CancellationToken) {
+    pub(crate) fn round_started(&self, tuple: &Tuple, cancel: CancellationToken) {
         use std::sync::atomic::Ordering;
         self.inner.rounds_in_flight.fetch_add(1, Ordering::Relaxed);
         self.running_set().insert(
-            key.to_owned(),
+            tuple.key.clone(),
             RunningRound {
                 last_progress: std::time::Instant::now(),
                 cancel,
+                mailbox: tuple.mailbox.clone(),
             },
         );
+    }
+
+    /// Whether a round of any tuple of `mailbox` is running now.
+    pub fn mailbox_busy(&self, mailbox: &str) -> bool {
+        self.running_set().values().any(|r| r.mailbox == mailbox)
     }
 
     /// The round of `key` made progress.
@@ -334,6 +347,23 @@ impl Engine {
         }
     }
 
+    /// Makes every commit of this engine fenced by mailbox leases held as `identity`, and
+    /// returns the keeper that renews and balances them. Once only: `None` if already fenced.
+    pub fn fence_with(&self, identity: Identity) -> Option<LeaseKeeper> {
+        let leases = Arc::new(Leases::default());
+        self.inner.leases.set(Arc::clone(&leases)).ok()?;
+        Some(LeaseKeeper::new(self.clone(), leases, identity))
+    }
+
+    /// The leases this engine commits under, when fenced.
+    pub fn leases(&self) -> Option<&Arc<Leases>> {
+        self.inner.leases.get()
+    }
+
+    pub(crate) fn gate(&self) -> &RequestGate {
+        &self.inner.gate
+    }
+
     /// The settings it was built with.
     pub fn settings(&self) -> &SyncSettings {
         &self.inner.settings
@@ -371,11 +401,20 @@ impl Engine {
         configs: &[TupleConfig],
         reconcile: bool,
     ) -> Result<Vec<Tuple>, StoreError> {
+        // Mailboxes first: each tuple is stored with its lease key (the object id when known).
+        let mailboxes = self.resolve_mailboxes(configs).await;
+        let mailbox_of = |c: &TupleConfig| {
+            mailboxes
+                .get(&c.user)
+                .cloned()
+                .unwrap_or_else(|| c.user.to_ascii_lowercase())
+        };
         let specs: Vec<TupleSpec> = configs
             .iter()
             .map(|c| TupleSpec {
                 key: c.key.clone(),
                 user_id: c.user.clone(),
+                mailbox: mailbox_of(c),
                 calendar_id: match &c.calendar {
                     CalendarRef::Default => "default".into(),
                     CalendarRef::Id(id) => id.clone(),
@@ -389,11 +428,15 @@ impl Engine {
         } else {
             self.inner.store.add_tuples(&specs).await?
         };
-        let mailboxes = self.resolve_mailboxes(configs).await;
+        let ids: std::collections::HashMap<&str, i64> = states
+            .iter()
+            .map(|s| (s.tuple_key.as_str(), s.id))
+            .collect();
         Ok(configs
             .iter()
-            .filter_map(|c| {
-                let id = states.iter().find(|s| s.tuple_key == c.key)?.id;
+            .zip(specs)
+            .filter_map(|(c, spec)| {
+                let id = *ids.get(c.key.as_str())?;
                 Some(Tuple {
                     id,
                     key: c.key.clone(),
@@ -401,10 +444,7 @@ impl Engine {
                     calendar: c.calendar.clone(),
                     window: c.window,
                     interval: c.interval.unwrap_or(self.inner.settings.interval),
-                    mailbox: mailboxes
-                        .get(&c.user)
-                        .cloned()
-                        .unwrap_or_else(|| c.user.clone()),
+                    mailbox: spec.mailbox,
                 })
             })
             .collect())

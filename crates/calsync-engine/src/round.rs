@@ -21,8 +21,16 @@ use tracing::{Instrument, debug, info, info_span, warn};
 pub(crate) enum StepError {
     Graph(GraphError),
     Store(StoreError),
-    Guard { code: &'static str, message: String },
+    Guard {
+        code: &'static str,
+        message: String,
+    },
     Interrupted,
+    /// This process does not hold the tuple's mailbox lease (any more): stand down quietly.
+    LeaseLost,
+    /// The store names another user, calendar or window for this tuple than the round was
+    /// started for (a reload changed it): the round is the old one's, and stands down.
+    Superseded,
 }
 
 impl StepError {
@@ -30,11 +38,23 @@ impl StepError {
         match self {
             StepError::Graph(e) => Some(e.class()),
             StepError::Store(e) if e.is_transient() => Some(ErrorClass::Retry),
+            StepError::Store(StoreError::Fenced { .. }) => None,
             StepError::Store(StoreError::Conflict { .. }) => Some(ErrorClass::Degraded),
             StepError::Store(_) => Some(ErrorClass::Permanent),
             StepError::Guard { .. } => Some(ErrorClass::Degraded),
-            StepError::Interrupted => None,
+            StepError::Interrupted | StepError::LeaseLost | StepError::Superseded => None,
         }
+    }
+
+    /// A round that lost its lease, or was superseded by a new identity: not a failure of
+    /// the tuple, and nothing is recorded over whoever owns it now.
+    fn stands_down(&self) -> bool {
+        matches!(
+            self,
+            StepError::LeaseLost
+                | StepError::Superseded
+                | StepError::Store(StoreError::Fenced { .. })
+        )
     }
 
     fn code(&self) -> String {
@@ -43,6 +63,8 @@ impl StepError {
             StepError::Store(e) => e.code().into(),
             StepError::Guard { code, .. } => (*code).into(),
             StepError::Interrupted => "Interrupted".into(),
+            StepError::LeaseLost => "LeaseLost".into(),
+            StepError::Superseded => "Superseded".into(),
         }
     }
 
@@ -52,6 +74,10 @@ impl StepError {
             StepError::Store(e) => e.to_string(),
             StepError::Guard { message, .. } => message.clone(),
             StepError::Interrupted => "interrupted by shutdown".into(),
+            StepError::LeaseLost => "this process no longer holds the mailbox's lease".into(),
+            StepError::Superseded => {
+                "the tuple's user, calendar or window changed; the new round takes over".into()
+            }
         }
     }
 }
@@ -118,6 +144,18 @@ impl Engine {
     /// delta state. Leaves the tuple's status in the store. Every log line inside carries the
     /// tuple's key, user, calendar and window.
     pub async fn sync_tuple(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
+        self.sync_tuple_until(tuple, cancel, None).await
+    }
+
+    /// [`Engine::sync_tuple`], also stopping at the next page boundary once `soft` fires: the
+    /// page in hand is fetched and committed, no further one is started (a reload that moved
+    /// the tuple, a lease being handed over). `cancel` stops at once (shutdown).
+    pub async fn sync_tuple_until(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        soft: Option<&CancellationToken>,
+    ) -> Outcome {
         let span = info_span!(
             "tuple",
             tuple = %tuple.key,
@@ -129,11 +167,11 @@ impl Engine {
         // The round's own token: shutdown cancels it through `cancel`, and so does the stuck-round
         // check (`Engine::cancel_stuck_rounds`), for this round alone.
         let round_cancel = cancel.child_token();
-        self.round_started(&tuple.key, round_cancel.clone());
+        self.round_started(tuple, round_cancel.clone());
         // A panic is a bug, but it must not take the tuple's task (or `sync-once`'s report)
         // down with it: it becomes a failed round with its message, recorded like any other.
         let mut outcome = match std::panic::AssertUnwindSafe(
-            self.sync_tuple_in_span(tuple, &round_cancel)
+            self.sync_tuple_in_span(tuple, &round_cancel, soft)
                 .instrument(span.clone()),
         )
         .catch_unwind()
@@ -142,7 +180,8 @@ impl Engine {
             Ok(outcome) => outcome,
             Err(panic) => self.panicked(tuple, panic).instrument(span.clone()).await,
         };
-        if outcome == Outcome::Interrupted && !cancel.is_cancelled() {
+        if outcome == Outcome::Interrupted && round_cancel.is_cancelled() && !cancel.is_cancelled()
+        {
             // Not a shutdown: this round alone was cancelled as stuck. Its committed pages
             // stand; the tuple runs again at the fast cadence.
             let failure = Failure {
@@ -151,18 +190,13 @@ impl Engine {
                 message: "the round made no progress for sync.stuck_round_after and was cancelled"
                     .into(),
             };
-            if let Err(se) = self
-                .store()
-                .record_failure(
-                    tuple.id,
-                    TupleStatus::Retrying,
-                    &failure.code,
-                    &failure.message,
-                )
-                .await
-            {
-                warn!(tuple = %tuple.key, error = %se, "could not record the failure");
-            }
+            self.record(
+                tuple,
+                TupleStatus::Retrying,
+                &failure.code,
+                &failure.message,
+            )
+            .await;
             outcome = Outcome::Failed(failure);
         }
         self.round_ended(&tuple.key);
@@ -185,11 +219,16 @@ impl Engine {
         outcome
     }
 
-    async fn sync_tuple_in_span(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
+    async fn sync_tuple_in_span(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        soft: Option<&CancellationToken>,
+    ) -> Outcome {
         let mut report = RoundReport::default();
         let mut conflict_retried = false;
         loop {
-            let result = self.round(tuple, cancel, &mut report).await;
+            let result = self.round(tuple, cancel, soft, &mut report).await;
             if result.is_err() {
                 self.drop_cursor(tuple.id);
             }
@@ -207,6 +246,15 @@ impl Engine {
                     return Outcome::Synced(report);
                 }
                 Err(StepError::Interrupted) => return Outcome::Interrupted,
+                Err(e) if e.stands_down() => {
+                    info!(tuple = %tuple.key, code = %e.code(), "this round stands down: {}", e.message());
+                    metrics::counter!("calsync_rounds_stood_down_total", "reason" => if matches!(e, StepError::Superseded) { "superseded" } else { "lease_lost" }).increment(1);
+                    return Outcome::Failed(Failure {
+                        health: Health::Retrying,
+                        code: e.code(),
+                        message: e.message(),
+                    });
+                }
                 Err(StepError::Store(StoreError::Conflict { .. })) if !conflict_retried => {
                     // Our idea of the tuple was stale (another writer, or a write whose answer
                     // was lost); the cursor is gone, so the round restarts from the store.
@@ -245,13 +293,41 @@ impl Engine {
 
     async fn forget_link(&self, tuple: &Tuple) -> Result<(), StepError> {
         self.drop_cursor(tuple.id);
+        let fence = self.fence_for(tuple)?;
         let store = self.store();
         let state = store.load(tuple.id).await.map_err(StepError::Store)?;
         store
-            .forget_link(tuple.id, state.link_version)
+            .forget_link(tuple.id, state.link_version, fence)
             .await
             .map_err(StepError::Store)?;
         Ok(())
+    }
+
+    /// The fencing token to commit `tuple`'s pages with: `None` for an engine outside leases,
+    /// `LeaseLost` for a fenced one that does not hold the mailbox now.
+    pub(crate) fn fence_for(&self, tuple: &Tuple) -> Result<Option<i64>, StepError> {
+        match self.leases() {
+            None => Ok(None),
+            Some(l) => l
+                .fence(&tuple.mailbox)
+                .map(Some)
+                .ok_or(StepError::LeaseLost),
+        }
+    }
+
+    /// Records a failure unless this process lost the tuple's lease (then the owner's status
+    /// stands).
+    async fn record(&self, tuple: &Tuple, status: TupleStatus, code: &str, message: &str) {
+        let Ok(fence) = self.fence_for(tuple) else {
+            return;
+        };
+        if let Err(se) = self
+            .store()
+            .record_failure(tuple.id, status, code, message, fence)
+            .await
+        {
+            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
+        }
     }
 
     async fn panicked(&self, tuple: &Tuple, panic: Box<dyn std::any::Any + Send>) -> Outcome {
@@ -259,18 +335,8 @@ impl Engine {
         self.drop_cursor(tuple.id);
         let failure = Failure::panic(format!("round of tuple {} panicked: {what}", tuple.key));
         tracing::error!(tuple = %tuple.key, error = %failure.message, "round panicked (a bug: please report it)");
-        if let Err(se) = self
-            .store()
-            .record_failure(
-                tuple.id,
-                TupleStatus::Failed,
-                &failure.code,
-                &failure.message,
-            )
-            .await
-        {
-            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
-        }
+        self.record(tuple, TupleStatus::Failed, &failure.code, &failure.message)
+            .await;
         Outcome::Failed(failure)
     }
 
@@ -324,13 +390,8 @@ impl Engine {
         {
             let _ = self.forget_link(tuple).await;
         }
-        if let Err(se) = self
-            .store()
-            .record_failure(tuple.id, health.status(), &failure.code, &failure.message)
-            .await
-        {
-            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
-        }
+        self.record(tuple, health.status(), &failure.code, &failure.message)
+            .await;
         Outcome::Failed(failure)
     }
 
@@ -338,9 +399,12 @@ impl Engine {
         &self,
         tuple: &Tuple,
         cancel: &CancellationToken,
+        soft: Option<&CancellationToken>,
         report: &mut RoundReport,
     ) -> Result<(), StepError> {
         let settings = self.settings();
+        // Nothing is fetched for a mailbox this process does not hold.
+        self.fence_for(tuple)?;
         let stamp = tuple.stamp();
         let cached = self
             .cursors()
@@ -355,6 +419,19 @@ impl Engine {
                         self.store().load(tuple.id).await.map_err(StepError::Store)
                     })
                     .await?;
+                if (
+                    &state.user_id,
+                    &state.calendar_id,
+                    state.window_start,
+                    state.window_end,
+                ) != (
+                    &stamp.user_id,
+                    &stamp.calendar_id,
+                    stamp.window_start,
+                    stamp.window_end,
+                ) {
+                    return Err(StepError::Superseded);
+                }
                 Cursor::from_state(&state, &stamp)
             }
         };
@@ -390,7 +467,8 @@ impl Engine {
             max_stale: settings.max_stale_pages,
         };
         loop {
-            if cancel.is_cancelled() {
+            // A page boundary: everything before it is committed.
+            if cancel.is_cancelled() || soft.is_some_and(|s| s.is_cancelled()) {
                 return Err(StepError::Interrupted);
             }
             // After a 503 or a broken connection the retry goes out on a new connection.
@@ -550,11 +628,17 @@ impl Engine {
             link: &next,
             link_kind: kind,
             stamp,
+            fence: None,
         };
         // A transient database error is retried with the page already in hand: fetching it
         // again would spend the mailbox's Graph budget on the database's trouble.
         let applied = self
             .with_retries(cancel, || async {
+                // The lease is read at each attempt: one lost meanwhile stops the write here.
+                let write = PageWrite {
+                    fence: self.fence_for(tuple)?,
+                    ..write
+                };
                 self.store()
                     .apply_page(&write)
                     .await

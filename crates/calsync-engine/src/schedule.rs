@@ -70,13 +70,28 @@ impl ScheduleChange {
     }
 }
 
-/// What the scheduler can tell a running task: its interval changed, or it is to stop. Small on
-/// purpose (an atomic and a `Notify`): 100,000 idle tuples each hold one.
+/// What the scheduler can tell a running task: its interval changed, or it is to stop (which
+/// also cancels its round in flight at the next page boundary); and what the task tells back:
+/// that it ended. Small on purpose: 100,000 idle tuples each hold one.
 #[derive(Debug, Default)]
 struct Control {
     interval_ms: AtomicU64,
     stop: AtomicBool,
     changed: Notify,
+    /// The soft-stop token of the round in flight, if one is.
+    round: std::sync::Mutex<Option<CancellationToken>>,
+    ended: AtomicBool,
+    ended_notify: Notify,
+}
+
+/// Marks its task's control as ended when dropped, however the task ends.
+struct EndGuard(Arc<Control>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.ended.store(true, Ordering::Release);
+        self.0.ended_notify.notify_waiters();
+    }
 }
 
 #[derive(Debug)]
@@ -102,6 +117,9 @@ pub struct Scheduler {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     running: HashMap<String, Running>,
+    /// Tasks told to stop that may not have ended yet: a new task of the same tuple waits for
+    /// its predecessor, so two rounds of one tuple never overlap in this process.
+    ending: HashMap<String, Arc<Control>>,
     /// A tuple task that ended other than by being told to says why here.
     died_tx: tokio::sync::mpsc::UnboundedSender<String>,
     died_rx: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -116,6 +134,7 @@ impl Scheduler {
             shutdown,
             tracker: TaskTracker::new(),
             running: HashMap::new(),
+            ending: HashMap::new(),
             died_tx,
             died_rx,
         }
@@ -140,8 +159,11 @@ impl Scheduler {
         self.running.is_empty()
     }
 
-    /// Makes the running set equal `tuples`.
+    /// Makes the running set equal `tuples`. Tasks of tuples no longer in it are stopped:
+    /// a round in flight stops at its next page boundary (its committed pages stand). A tuple
+    /// whose user, calendar or window changed gets a new task that starts once the old one ended.
     pub fn apply(&mut self, tuples: Vec<Tuple>) -> ScheduleChange {
+        self.ending.retain(|_, c| !c.ended.load(Ordering::Acquire));
         let mut change = ScheduleChange::default();
         let wanted: HashSet<&str> = tuples.iter().map(|t| t.key.as_str()).collect();
         let gone: Vec<String> = self
@@ -153,6 +175,7 @@ impl Scheduler {
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
                 r.control.stop();
+                self.ending.insert(key.clone(), r.control);
                 change.removed.push(key);
             }
         }
@@ -168,6 +191,7 @@ impl Scheduler {
                 Some(_) => {
                     if let Some(old) = self.running.remove(&t.key) {
                         old.control.stop();
+                        self.ending.insert(t.key.clone(), old.control);
                     }
                     change.restarted.push(t.key.clone());
                     self.spawn(t);
@@ -207,7 +231,15 @@ impl Scheduler {
         let shutdown = self.shutdown.clone();
         let died = self.died_tx.clone();
         let key = tuple.key.clone();
+        let predecessor = self.ending.remove(&key);
         self.tracker.spawn(async move {
+            let _ended = EndGuard(Arc::clone(&control));
+            if let Some(old) = predecessor {
+                tokio::select! {
+                    _ = old.wait_ended() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
             let task = std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown));
             if let Err(panic) = futures_util::FutureExt::catch_unwind(task).await {
                 let what = crate::outcome::panic_message(panic.as_ref());
@@ -226,7 +258,26 @@ impl Scheduler {
 impl Control {
     fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(round) = self.round_token().as_ref() {
+            round.cancel();
+        }
         self.changed.notify_one();
+    }
+
+    fn round_token(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
+        self.round.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn wait_ended(&self) {
+        loop {
+            let notified = self.ended_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn retime(&self, interval: Duration) {
@@ -278,11 +329,16 @@ impl Engine {
                     continue;
                 }
             }
+            started = Instant::now();
+            // Stopping the task (a reload, a lease handed over) stops its round at the next
+            // page boundary: the page in hand is committed first.
+            let soft = CancellationToken::new();
+            *control.round_token() = Some(soft.clone());
             if control.stopped() {
                 return;
             }
-            started = Instant::now();
-            let outcome = Box::pin(self.sync_tuple(&tuple, &cancel)).await;
+            let outcome = Box::pin(self.sync_tuple_until(&tuple, &cancel, Some(&soft))).await;
+            *control.round_token() = None;
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }

@@ -35,6 +35,10 @@ pub struct PageWrite<'a> {
     pub link_kind: LinkKind,
     /// What `link` was made for.
     pub stamp: &'a LinkStamp,
+    /// The fencing token of the mailbox lease the writer holds; the write fails with
+    /// `Fenced` unless that lease is current. `None` only for a writer outside any lease (a
+    /// test or benchmark driving the engine directly).
+    pub fence: Option<i64>,
 }
 
 /// What applying a page did.
@@ -57,8 +61,38 @@ impl Store {
     /// instant leaves either the page and its link, or neither.
     pub async fn apply_page(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
         self.panic_point(w.tuple_id);
-        self.bounded("applying a page", self.apply_page_now(w))
+        let result = self
+            .bounded("applying a page", self.apply_page_now(w))
+            .await;
+        match (result, w.fence) {
+            (Err(StoreError::Conflict { tuple_id }), Some(fence)) => {
+                // Which check refused the write: told apart here, off the hot path.
+                if self.holds_lease(tuple_id, fence).await? {
+                    Err(StoreError::Conflict { tuple_id })
+                } else {
+                    Err(StoreError::Fenced { tuple_id })
+                }
+            }
+            (result, _) => result,
+        }
+    }
+
+    /// Whether the lease of `tuple_id`'s mailbox is current with fencing token `fence`.
+    pub async fn holds_lease(&self, tuple_id: i64, fence: i64) -> Result<bool, StoreError> {
+        let query = async {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM sync_tuples t \
+                   JOIN mailbox_leases l ON l.deployment = t.deployment AND l.mailbox = t.mailbox \
+                   JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
+                 WHERE t.id = $1 AND l.fence = $2 AND r.expires_at > now())",
+            )
+            .bind(tuple_id)
+            .bind(fence)
+            .fetch_one(&self.pool)
             .await
+            .map_err(db)
+        };
+        self.bounded("checking a lease", query).await
     }
 
     async fn apply_page_now(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
@@ -68,7 +102,7 @@ impl Store {
             // Only the link moves: one UPDATE is already atomic, no transaction needed. This
             // is every no-change incremental round.
             self.fault_point()?;
-            let (version, _, _) = claim(&self.pool, w).await?;
+            let (version, _, _) = claim(&self.pool, w, self.incarnation()).await?;
             return Ok(PageApplied {
                 version,
                 ..PageApplied::default()
@@ -86,7 +120,7 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         w: &PageWrite<'_>,
     ) -> Result<PageApplied, StoreError> {
-        let (version, full_round, round_is_full) = claim(&mut **tx, w).await?;
+        let (version, full_round, round_is_full) = claim(&mut **tx, w, self.incarnation()).await?;
         self.fault_point()?;
         let mut applied = PageApplied {
             version,
@@ -181,6 +215,7 @@ impl Store {
 async fn claim<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     w: &PageWrite<'_>,
+    committed_by: Option<&str>,
 ) -> Result<(i64, i64, bool), StoreError> {
     let start = match w.round_start {
         Some(RoundStart::Full) => "full",
@@ -202,8 +237,12 @@ async fn claim<'e, E: sqlx::PgExecutor<'e>>(
                state = CASE WHEN $4 = 'delta' THEN 'ok' ELSE state END, \
                consecutive_failures = CASE WHEN $4 = 'delta' THEN 0 ELSE consecutive_failures END, \
                last_error = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error END, \
-               last_error_code = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error_code END \
-             WHERE id = $1 AND link_version = $2 \
+               last_error_code = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error_code END, \
+               committed_by = $11 \
+             WHERE id = $1 AND link_version = $2 AND ($10::bigint IS NULL OR EXISTS \
+               (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
+                 WHERE l.deployment = sync_tuples.deployment AND l.mailbox = sync_tuples.mailbox \
+                   AND l.fence = $10 AND r.expires_at > now())) \
              RETURNING link_version, full_round, round_is_full",
         )
         .bind(w.tuple_id)
@@ -215,9 +254,12 @@ async fn claim<'e, E: sqlx::PgExecutor<'e>>(
         .bind(w.stamp.window_start)
         .bind(w.stamp.window_end)
         .bind(start)
+        .bind(w.fence)
+        .bind(committed_by)
         .fetch_optional(exec)
         .await
         .map_err(db)?;
+    // Which check refused the write is told apart afterwards, off the hot path.
     row.ok_or(StoreError::Conflict {
         tuple_id: w.tuple_id,
     })

@@ -13,6 +13,13 @@ pub enum StoreError {
         /// The tuple whose `link_version` moved.
         tuple_id: i64,
     },
+    /// This process no longer holds the lease of the tuple's mailbox (it expired, or another
+    /// replica took it with a newer fencing token): nothing was written.
+    #[error("tuple {tuple_id}: this process no longer holds its mailbox's lease")]
+    Fenced {
+        /// The tuple whose write was refused.
+        tuple_id: i64,
+    },
     /// Applying the embedded migrations failed.
     #[error("database migration failed: {0}")]
     Migration(String),
@@ -95,6 +102,8 @@ impl StoreError {
             StoreError::Unavailable(_) => "DatabaseUnavailable",
             StoreError::Refused { .. } => "DatabaseRefusedValue",
             StoreError::Bug { .. } => "DatabaseBug",
+            StoreError::Conflict { .. } => "Conflict",
+            StoreError::Fenced { .. } => "LeaseLost",
             _ => "DatabaseError",
         }
     }

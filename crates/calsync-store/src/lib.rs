@@ -13,6 +13,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod leases;
 pub mod page;
 pub mod read_model;
 #[cfg(any(test, feature = "testing"))]
@@ -21,10 +22,11 @@ pub mod tuples;
 
 pub use apply::{PageApplied, PageWrite, RoundStart};
 pub use error::{SqlClass, StoreError, sql_class};
+pub use leases::{Heartbeat, LeaseOwner, ReplicaKind};
 pub use page::{
     Details, EventRow, PageChanges, PageOp, SeriesInstances, SeriesRow, reduce, strip_nul,
 };
-pub use read_model::{EventSummary, StatusRow};
+pub use read_model::{EventSummary, LagHistogram, StatusQuery, StatusRow, StatusSummary};
 #[cfg(any(test, feature = "testing"))]
 pub use testing::{copy_rows_for_benchmark, recreate_database};
 pub use tuples::{LinkKind, LinkStamp, TupleHealth, TupleSpec, TupleState, TupleStatus};
@@ -42,6 +44,10 @@ pub const MIN_SERVER_VERSION: i32 = 120_000;
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    /// The deployment whose tuples this store registers, lists and purges (`service.deployment`).
+    deployment: std::sync::Arc<str>,
+    /// The replica incarnation this process runs as, recorded on each commit (`committed_by`).
+    incarnation: Option<std::sync::Arc<str>>,
     /// The longest any one store call may take before it is abandoned as `Unavailable`: a
     /// connection that stopped answering (a blackholed network) must not hang a round.
     deadline: Duration,
@@ -98,7 +104,32 @@ impl ConnectOptions {
 /// plus 5 s.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(35);
 
+/// The deployment a store works for unless told otherwise.
+pub const DEFAULT_DEPLOYMENT: &str = "default";
+
 impl Store {
+    /// This store, working for `deployment`: the tuples it registers, lists, untracks and
+    /// purges are that deployment's alone.
+    pub fn for_deployment(mut self, deployment: &str) -> Store {
+        self.deployment = deployment.into();
+        self
+    }
+
+    /// This store, recording `incarnation` as the writer of each page it commits.
+    pub fn as_incarnation(mut self, incarnation: &str) -> Store {
+        self.incarnation = Some(incarnation.into());
+        self
+    }
+
+    pub(crate) fn incarnation(&self) -> Option<&str> {
+        self.incarnation.as_deref()
+    }
+
+    /// The deployment this store works for.
+    pub fn deployment(&self) -> &str {
+        &self.deployment
+    }
+
     /// Runs one store call under the deadline; past it the call is dropped (a transaction in
     /// it rolls back) and the caller gets `Unavailable`.
     pub(crate) async fn bounded<T>(
@@ -162,6 +193,8 @@ impl Store {
     fn wrap(pool: PgPool) -> Self {
         Store {
             pool,
+            deployment: DEFAULT_DEPLOYMENT.into(),
+            incarnation: None,
             deadline: DEFAULT_DEADLINE,
             #[cfg(any(test, feature = "testing"))]
             faults: Default::default(),
@@ -259,6 +292,7 @@ mod tests {
         let spec = TupleSpec {
             key: "t".into(),
             user_id: "u".into(),
+            mailbox: "u".into(),
             calendar_id: "default".into(),
             window_start: start,
             window_end: end,
@@ -304,6 +338,7 @@ mod tests {
                 link: "https://graph.example/delta?$deltatoken=x",
                 link_kind: LinkKind::Delta,
                 stamp: &stamp,
+                fence: None,
             })
             .await
             .unwrap();

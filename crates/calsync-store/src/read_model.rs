@@ -43,6 +43,55 @@ pub struct StatusRow {
     /// Rows not whole yet: a time that could not be read, or an occurrence stub whose series
     /// is not stored.
     pub incomplete_count: i64,
+    /// The deployment the tuple belongs to.
+    pub deployment: String,
+    /// The replica holding the tuple's mailbox now, if a live one does.
+    pub owner: Option<String>,
+}
+
+/// How long since each tracked tuple of a deployment last completed a round, as a Prometheus
+/// histogram: bounded whatever the number of tuples.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LagHistogram {
+    /// Upper bounds in seconds, ascending.
+    pub bounds: Vec<f64>,
+    /// Tuples with a lag below each bound (cumulative).
+    pub cumulative: Vec<u64>,
+    /// Tuples that completed a round at least once.
+    pub count: u64,
+    /// Sum of their lags, in seconds.
+    pub sum: f64,
+    /// The largest lag, in seconds.
+    pub max: Option<f64>,
+    /// Tracked tuples that never completed a round.
+    pub never: u64,
+}
+
+/// Which rows `status` shows, in which order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatusQuery {
+    /// Only tuples in this state.
+    pub state: Option<TupleStatus>,
+    /// Longest since its last success first (never synced first of all), instead of by name.
+    pub oldest_first: bool,
+    /// At most this many rows.
+    pub limit: Option<u64>,
+    /// Skip this many rows first.
+    pub offset: u64,
+}
+
+/// How many of a deployment's tracked tuples are in each state, and the oldest last success.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StatusSummary {
+    /// Tracked tuples.
+    pub tracked: u64,
+    /// (state, count), for the states that occur.
+    pub by_state: Vec<(TupleStatus, u64)>,
+    /// Tracked tuples whose mailbox no live replica holds.
+    pub unowned: u64,
+    /// The longest time since any tracked tuple's last success, in seconds (a never-synced
+    /// tuple counts from its registration).
+    pub oldest_lag_seconds: Option<f64>,
 }
 
 /// The read-model columns tests and the demo compare with Graph's truth.
@@ -77,17 +126,114 @@ pub struct EventSummary {
 }
 
 impl Store {
-    /// `calendar_sync_status`, one row per tuple.
+    /// `calendar_sync_status`, one row per tuple of this store's deployment.
     pub async fn status(&self) -> Result<Vec<StatusRow>, StoreError> {
-        sqlx::query_as("SELECT * FROM calendar_sync_status ORDER BY tuple_key")
+        self.status_page(&StatusQuery::default()).await
+    }
+
+    /// The rows of `calendar_sync_status` of this store's deployment that `q` asks for.
+    pub async fn status_page(&self, q: &StatusQuery) -> Result<Vec<StatusRow>, StoreError> {
+        let order = if q.oldest_first {
+            "last_success_at ASC NULLS FIRST, tuple_key"
+        } else {
+            "tuple_key"
+        };
+        sqlx::query_as(&format!(
+            "SELECT * FROM calendar_sync_status WHERE deployment = $1 AND ($2::text IS NULL OR state = $2) \
+             ORDER BY {order} LIMIT $3 OFFSET $4"
+        ))
+        .bind(&*self.deployment)
+        .bind(q.state.map(|s| s.as_str()))
+        .bind(q.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
+        .bind(i64::try_from(q.offset).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    /// The lag histogram of this deployment's tracked tuples over `bounds` (seconds, ascending):
+    /// one aggregate query, so a scrape costs the same at 100 or 100,000 calendars.
+    pub async fn lag_histogram(&self, bounds: &[f64]) -> Result<LagHistogram, StoreError> {
+        let query = async {
+            let rows: Vec<(Option<i32>, i64, f64, Option<f64>)> = sqlx::query_as(
+                "WITH l AS (SELECT EXTRACT(EPOCH FROM now() - last_success_at)::float8 AS lag \
+                              FROM sync_tuples WHERE deployment = $1 AND tracked) \
+                 SELECT CASE WHEN lag IS NULL THEN NULL ELSE width_bucket(lag, $2::float8[]) END AS b, \
+                        count(*), COALESCE(sum(lag), 0)::float8, max(lag) \
+                 FROM l GROUP BY b",
+            )
+            .bind(&*self.deployment)
+            .bind(bounds)
             .fetch_all(&self.pool)
             .await
-            .map_err(db)
+            .map_err(db)?;
+            let mut h = LagHistogram {
+                bounds: bounds.to_vec(),
+                cumulative: vec![0; bounds.len()],
+                ..LagHistogram::default()
+            };
+            for (bucket, n, sum, max) in rows {
+                let n = n.max(0) as u64;
+                let Some(b) = bucket else {
+                    h.never += n;
+                    continue;
+                };
+                // Bucket b holds bounds[b-1] <= lag < bounds[b]: below every bound from b on.
+                for c in h.cumulative.iter_mut().skip(b.max(0) as usize) {
+                    *c += n;
+                }
+                h.count += n;
+                h.sum += sum;
+                h.max = match (h.max, max) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Ok(h)
+        };
+        self.bounded("reading sync lags", query).await
+    }
+
+    /// Counts by state of this deployment's tracked tuples, for `status` and `/metrics`: one
+    /// cheap query whatever the number of tuples (no per-tuple rows leave the database).
+    pub async fn status_summary(&self) -> Result<StatusSummary, StoreError> {
+        let query = async {
+            let rows: Vec<(TupleStatus, i64)> = sqlx::query_as(
+                "SELECT state, count(*) FROM sync_tuples WHERE deployment = $1 AND tracked GROUP BY state ORDER BY state",
+            )
+            .bind(&*self.deployment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+            let (unowned, oldest): (i64, Option<f64>) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM mailbox_leases l JOIN replicas r \
+                          ON r.deployment = l.deployment AND r.incarnation = l.owner \
+                        WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox AND r.expires_at > now())), \
+                        EXTRACT(EPOCH FROM now() - min(COALESCE(t.last_success_at, t.created_at)))::float8 \
+                 FROM sync_tuples t WHERE t.deployment = $1 AND t.tracked",
+            )
+            .bind(&*self.deployment)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+            let by_state: Vec<(TupleStatus, u64)> = rows
+                .into_iter()
+                .map(|(s, n)| (s, n.max(0) as u64))
+                .collect();
+            Ok(StatusSummary {
+                tracked: by_state.iter().map(|(_, n)| n).sum(),
+                by_state,
+                unowned: unowned.max(0) as u64,
+                oldest_lag_seconds: oldest,
+            })
+        };
+        self.bounded("summarising status", query).await
     }
 
     /// Event ids of a tuple, sorted (for tests and the demo's check).
     pub async fn event_ids(&self, tuple_key: &str) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar("SELECT event_id FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id COLLATE \"C\"")
+        sqlx::query_scalar("SELECT event_id FROM calendar_events WHERE deployment = $1 AND tuple_key = $2 ORDER BY event_id COLLATE \"C\"")
+            .bind(&*self.deployment)
             .bind(tuple_key)
             .fetch_all(&self.pool)
             .await
@@ -98,8 +244,9 @@ impl Store {
     pub async fn series_ids(&self, tuple_key: &str) -> Result<Vec<String>, StoreError> {
         sqlx::query_scalar(
             "SELECT s.master_id FROM series s JOIN sync_tuples t ON t.id = s.tuple_id \
-             WHERE t.tuple_key = $1 ORDER BY s.master_id COLLATE \"C\"",
+             WHERE t.deployment = $1 AND t.tuple_key = $2 ORDER BY s.master_id COLLATE \"C\"",
         )
+        .bind(&*self.deployment)
         .bind(tuple_key)
         .fetch_all(&self.pool)
         .await
@@ -111,8 +258,9 @@ impl Store {
         sqlx::query_as(
             "SELECT event_id, event_type, subject, start_at, end_at, is_all_day, series_master_id, \
                is_cancelled, start_date, end_date, organizer_email, location, show_as \
-             FROM calendar_events WHERE tuple_key = $1 ORDER BY event_id COLLATE \"C\"",
+             FROM calendar_events WHERE deployment = $1 AND tuple_key = $2 ORDER BY event_id COLLATE \"C\"",
         )
+        .bind(&*self.deployment)
         .bind(tuple_key)
         .fetch_all(&self.pool)
         .await

@@ -13,6 +13,8 @@ pub struct TupleSpec {
     pub key: String,
     /// The mailbox: a user id or userPrincipalName.
     pub user_id: String,
+    /// The mailbox's lease key: its directory object id when resolved, else `user_id`.
+    pub mailbox: String,
     /// `default` or a calendar id.
     pub calendar_id: String,
     /// The calendarView window's start.
@@ -193,6 +195,12 @@ pub struct TupleHealth {
     pub last_success_at: Option<DateTime<Utc>>,
 }
 
+/// The condition that the lease named by bind parameter `$3` (a fencing token, or NULL for a
+/// writer outside leases) is current for the row's mailbox.
+const LEASE_CURRENT: &str = "($3::bigint IS NULL OR EXISTS (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
+     WHERE l.deployment = sync_tuples.deployment AND l.mailbox = sync_tuples.mailbox \
+       AND l.fence = $3 AND r.expires_at > now()))";
+
 pub(crate) const TUPLE_COLUMNS: &str = "id, tuple_key, user_id, calendar_id, window_start, window_end, link, link_kind, \
     link_user_id, link_calendar_id, link_window_start, link_window_end, link_version, full_round, \
     round_is_full, last_success_at, last_full_sync_at, state, consecutive_failures";
@@ -222,19 +230,29 @@ impl Store {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
         let users: Vec<&str> = specs.iter().map(|s| s.user_id.as_str()).collect();
+        let mailboxes: Vec<&str> = specs.iter().map(|s| s.mailbox.as_str()).collect();
         let cals: Vec<&str> = specs.iter().map(|s| s.calendar_id.as_str()).collect();
         let starts: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_start).collect();
         let ends: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_end).collect();
+        // A changed user, calendar or window bumps link_version: a round of the old identity
+        // still in flight (a reload's old task, another process) can then commit nothing.
         sqlx::query(
-            "INSERT INTO sync_tuples (tuple_key, user_id, calendar_id, window_start, window_end, tracked) \
-             SELECT k, u, c, s, e, true FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS t(k, u, c, s, e) \
-             ON CONFLICT (tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, calendar_id = EXCLUDED.calendar_id, \
-               window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, tracked = true, updated_at = now() \
-             WHERE (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end, sync_tuples.tracked) \
-               IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end, true)",
+            "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked) \
+             SELECT $1, k, u, m, c, s, e, true FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) AS t(k, u, m, c, s, e) \
+             ON CONFLICT (deployment, tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, mailbox = EXCLUDED.mailbox, \
+               calendar_id = EXCLUDED.calendar_id, window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, \
+               tracked = true, updated_at = now(), \
+               link_version = sync_tuples.link_version + CASE WHEN \
+                 (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end) \
+                 IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end) \
+                 THEN 1 ELSE 0 END \
+             WHERE (sync_tuples.user_id, sync_tuples.mailbox, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end, sync_tuples.tracked) \
+               IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.mailbox, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end, true)",
         )
+        .bind(&*self.deployment)
         .bind(&keys)
         .bind(&users)
+        .bind(&mailboxes)
         .bind(&cals)
         .bind(&starts)
         .bind(&ends)
@@ -242,15 +260,40 @@ impl Store {
         .await
         .map_err(db)?;
         if untrack_others {
-            sqlx::query("UPDATE sync_tuples SET tracked = false, updated_at = now() WHERE tracked AND tuple_key <> ALL($1::text[])")
-                .bind(&keys)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+            sqlx::query(
+                "UPDATE sync_tuples SET tracked = false, updated_at = now() \
+                 WHERE deployment = $1 AND tracked AND tuple_key <> ALL($2::text[])",
+            )
+            .bind(&*self.deployment)
+            .bind(&keys)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            // Leases of mailboxes no tracked tuple names any more go (an owner finds its
+            // lease gone at its next renewal and stops).
+            sqlx::query(
+                "DELETE FROM mailbox_leases l WHERE l.deployment = $1 AND NOT EXISTS \
+                   (SELECT 1 FROM sync_tuples t WHERE t.deployment = l.deployment AND t.mailbox = l.mailbox AND t.tracked)",
+            )
+            .bind(&*self.deployment)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
+        // Every mailbox named here gets a lease row (free until a replica takes it).
+        sqlx::query(
+            "INSERT INTO mailbox_leases (deployment, mailbox) SELECT DISTINCT $1, m FROM UNNEST($2::text[]) AS t(m) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&*self.deployment)
+        .bind(&mailboxes)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         let rows: Vec<TupleState> = sqlx::query_as(&format!(
-            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE tuple_key = ANY($1::text[]) ORDER BY id"
+            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE deployment = $1 AND tuple_key = ANY($2::text[]) ORDER BY id"
         ))
+        .bind(&*self.deployment)
         .bind(&keys)
         .fetch_all(&mut *tx)
         .await
@@ -278,8 +321,9 @@ impl Store {
     pub async fn request_resync(&self, tuple_key: &str) -> Result<bool, StoreError> {
         let n = sqlx::query(
             "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
-             round_is_full = true, last_full_sync_at = NULL, updated_at = now() WHERE tuple_key = $1",
+             round_is_full = true, last_full_sync_at = NULL, updated_at = now() WHERE deployment = $1 AND tuple_key = $2",
         )
+        .bind(&*self.deployment)
         .bind(tuple_key)
         .execute(&self.pool)
         .await
@@ -288,18 +332,20 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// Deletes untracked tuples (removed from the config) and their rows. Returns
-    /// (tuples, events) deleted.
+    /// Deletes this deployment's untracked tuples (removed from its config) and their rows.
+    /// Returns (tuples, events) deleted.
     pub async fn purge_untracked(&self) -> Result<(u64, u64), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let events = sqlx::query(
-            "DELETE FROM events WHERE tuple_id IN (SELECT id FROM sync_tuples WHERE NOT tracked)",
+            "DELETE FROM events WHERE tuple_id IN (SELECT id FROM sync_tuples WHERE deployment = $1 AND NOT tracked)",
         )
+        .bind(&*self.deployment)
         .execute(&mut *tx)
         .await
         .map_err(db)?
         .rows_affected();
-        let tuples = sqlx::query("DELETE FROM sync_tuples WHERE NOT tracked")
+        let tuples = sqlx::query("DELETE FROM sync_tuples WHERE deployment = $1 AND NOT tracked")
+            .bind(&*self.deployment)
             .execute(&mut *tx)
             .await
             .map_err(db)?
@@ -312,51 +358,65 @@ impl Store {
     /// (no event counts).
     pub async fn tuple_health(&self) -> Result<Vec<TupleHealth>, StoreError> {
         sqlx::query_as(
-            "SELECT tuple_key, user_id, calendar_id, state, last_success_at FROM sync_tuples WHERE tracked ORDER BY tuple_key",
+            "SELECT tuple_key, user_id, calendar_id, state, last_success_at FROM sync_tuples \
+             WHERE deployment = $1 AND tracked ORDER BY tuple_key",
         )
+        .bind(&*self.deployment)
         .fetch_all(&self.pool)
         .await
         .map_err(db)
     }
 
     /// Forgets the saved link (the delta state is gone); rows stay until the next full round
-    /// sweeps them. Returns the new `link_version`.
+    /// sweeps them. Returns the new `link_version`. With a `fence`, only while that mailbox
+    /// lease is current (else `Conflict`: nothing changes).
     pub async fn forget_link(
         &self,
         tuple_id: i64,
         expected_version: i64,
+        fence: Option<i64>,
     ) -> Result<i64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar(
+        let v: Option<i64> = sqlx::query_scalar(&format!(
             "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
-             round_is_full = true, updated_at = now() WHERE id = $1 AND link_version = $2 RETURNING link_version",
-        )
+             round_is_full = true, updated_at = now() WHERE id = $1 AND link_version = $2 AND {LEASE_CURRENT} \
+             RETURNING link_version"
+        ))
         .bind(tuple_id)
         .bind(expected_version)
+        .bind(fence)
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
         v.ok_or(StoreError::Conflict { tuple_id })
     }
-    /// Records a failed attempt with Graph's error code and message.
+
+    /// Records a failed attempt with Graph's error code and message. With a `fence`, only
+    /// while that mailbox lease is current: a process that lost it records nothing over the
+    /// new owner's status.
     pub async fn record_failure(
         &self,
         tuple_id: i64,
         state: TupleStatus,
         code: &str,
         message: &str,
+        fence: Option<i64>,
     ) -> Result<(), StoreError> {
+        let sql = format!(
+            "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
+             consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() \
+             WHERE id = $1 AND {}",
+            LEASE_CURRENT.replace("$3", "$5")
+        );
         let query = async {
-            sqlx::query(
-                "UPDATE sync_tuples SET state = $2, last_error_code = $3, last_error = $4, \
-                 consecutive_failures = consecutive_failures + 1, last_attempt_at = now(), updated_at = now() WHERE id = $1",
-            )
-            .bind(tuple_id)
-            .bind(state.as_str())
-            .bind(code)
-            .bind(message)
-            .execute(&self.pool)
-            .await
-            .map_err(db)
+            sqlx::query(&sql)
+                .bind(tuple_id)
+                .bind(state.as_str())
+                .bind(code)
+                .bind(message)
+                .bind(fence)
+                .execute(&self.pool)
+                .await
+                .map_err(db)
         };
         self.bounded("recording a failure", query).await?;
         Ok(())

@@ -3,9 +3,9 @@
 
 use crate::config::{Config, DatabaseConfig, RawConfig};
 use anyhow::Context;
-use calsync_engine::{Engine, Outcome, Tuple};
+use calsync_engine::{Engine, Identity, LeaseKeeper, Outcome, Tuple};
 use calsync_graph::GraphClient;
-use calsync_store::{StatusRow, Store};
+use calsync_store::{ReplicaKind, StatusRow, Store};
 use chrono::Utc;
 use secrecy::ExposeSecret;
 use std::time::Duration;
@@ -56,18 +56,36 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
         .await
 }
 
-/// Connects, migrates, builds the engine and registers the configured tuples.
+/// Connects, migrates, builds the engine and registers the configured tuples as the
+/// deployment's set, outside any lease (the demo and the benchmarks drive it alone).
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
-    build_with(cfg, true).await
+    let (engine, tuples, _) = build_with(cfg, None).await?;
+    Ok((engine, tuples))
 }
 
-/// [`build`], but registering the configured calendars only, never untracking the others:
-/// one-off commands share the database with the daemon and must leave its calendars alone.
-pub async fn build_for_one_off(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
-    build_with(cfg, false).await
+/// A replica of the config's deployment: [`build`], with every commit fenced by mailbox
+/// leases held as a new incarnation of `service.replica`, and the keeper of those leases.
+/// A `run` replica registers the deployment's set (untracking what the config dropped); a
+/// one-off command registers its calendars only and never untracks the others.
+pub async fn build_replica(
+    cfg: &Config,
+    kind: ReplicaKind,
+) -> anyhow::Result<(Engine, Vec<Tuple>, LeaseKeeper)> {
+    let o = &cfg.ownership;
+    let replica = match kind {
+        ReplicaKind::Run => o.replica.clone(),
+        ReplicaKind::OneOff => format!("{}-sync-once", o.replica),
+    };
+    let identity = Identity::new(&replica, kind, o.lease_ttl);
+    let (engine, tuples, keeper) = build_with(cfg, Some(identity)).await?;
+    let keeper = keeper.context("the engine was fenced twice")?;
+    Ok((engine, tuples, keeper))
 }
 
-async fn build_with(cfg: &Config, reconcile: bool) -> anyhow::Result<(Engine, Vec<Tuple>)> {
+async fn build_with(
+    cfg: &Config,
+    identity: Option<Identity>,
+) -> anyhow::Result<(Engine, Vec<Tuple>, Option<LeaseKeeper>)> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -82,16 +100,24 @@ async fn build_with(cfg: &Config, reconcile: bool) -> anyhow::Result<(Engine, Ve
         .migrate()
         .await
         .context("cannot apply database migrations")?;
+    let mut store = store.for_deployment(&cfg.ownership.deployment);
+    if let Some(id) = &identity {
+        store = store.as_incarnation(&id.incarnation);
+    }
     let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone())
         .context("cannot build the Graph client")?;
     let engine = Engine::new(graph, store, cfg.sync.clone());
-    let registered = if reconcile {
-        engine.register(&cfg.tuples).await
-    } else {
+    let one_off = identity
+        .as_ref()
+        .is_some_and(|i| i.kind == ReplicaKind::OneOff);
+    let registered = if one_off {
         engine.register_only(&cfg.tuples).await
+    } else {
+        engine.register(&cfg.tuples).await
     };
     let tuples = registered.context("cannot register the configured calendars")?;
-    Ok((engine, tuples))
+    let keeper = identity.and_then(|id| engine.fence_with(id));
+    Ok((engine, tuples, keeper))
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -118,15 +144,50 @@ pub async fn shutdown_signal() {
 }
 
 /// `calsync sync-once`: one complete round per tuple. Returns whether all succeeded.
+///
+/// It runs as a one-off replica of the config's deployment: it syncs the calendars of the
+/// mailboxes whose lease is free, holding those leases (renewed) until it is done, and leaves
+/// a mailbox a running replica holds to that replica, saying so. It never untracks or purges.
 pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
-    let (engine, tuples) = build_for_one_off(&cfg).await?;
+    let (engine, tuples, keeper) = build_replica(&cfg, ReplicaKind::OneOff).await?;
+    let mut mailboxes: Vec<String> = tuples.iter().map(|t| t.mailbox.clone()).collect();
+    mailboxes.sort();
+    mailboxes.dedup();
+    let held = keeper
+        .acquire_only(&mailboxes)
+        .await
+        .context("cannot take the mailboxes' leases")?;
+    let (mine, theirs): (Vec<Tuple>, Vec<Tuple>) =
+        tuples.into_iter().partition(|t| held.contains(&t.mailbox));
     let cancel = CancellationToken::new();
-    let outcomes = tokio::select! {
-        o = engine.sync_all_once(&tuples, &cancel) => o,
-        _ = shutdown_signal() => { cancel.cancel(); anyhow::bail!("interrupted") }
+    let (changed, _) = tokio::sync::watch::channel(Default::default());
+    let result = tokio::select! {
+        o = engine.sync_all_once(&mine, &cancel) => Ok(o),
+        _ = keeper.run(cancel.clone(), changed) => Err(anyhow::anyhow!("the lease keeper stopped")),
+        _ = shutdown_signal() => { cancel.cancel(); Err(anyhow::anyhow!("interrupted")) }
     };
-    let (text, ok) = outcome_report(&outcomes);
+    if let Err(e) = keeper.retire().await {
+        warn!(error = %e, "cannot release the leases; they lapse after service.lease_ttl");
+    }
+    let outcomes = result?;
+    let (text, mut ok) = outcome_report(&outcomes);
     print!("{text}");
+    if !theirs.is_empty() {
+        let busy: Vec<String> = theirs.iter().map(|t| t.mailbox.clone()).collect();
+        let owners = engine.store().lease_owners(&busy).await.unwrap_or_default();
+        for t in &theirs {
+            let owner = owners
+                .iter()
+                .find(|o| o.mailbox == t.mailbox)
+                .and_then(|o| o.replica.clone())
+                .unwrap_or_else(|| "another process".into());
+            println!(
+                "skipped {:<40} its mailbox is leased to replica {owner} of deployment '{}', which syncs it",
+                t.key, cfg.ownership.deployment
+            );
+        }
+        ok = false;
+    }
     Ok(ok)
 }
 
@@ -181,7 +242,8 @@ pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
 /// `calsync resync <tuple>`: the tuple's next round is a full one with sweep.
 pub async fn resync(raw: &RawConfig, tuple: &str) -> anyhow::Result<()> {
     let db = raw.database_config()?;
-    let store = connect_store(&db).await?;
+    let deployment = raw.ownership()?.deployment;
+    let store = connect_store(&db).await?.for_deployment(&deployment);
     let found = store
         .request_resync(tuple)
         .await
@@ -295,18 +357,72 @@ pub async fn healthcheck(raw: &RawConfig) -> anyhow::Result<bool> {
     Ok(status == 200)
 }
 
-/// `calsync status`: every tuple's row of `calendar_sync_status`, as a table or JSON.
-pub async fn status(raw: &RawConfig, json: bool) -> anyhow::Result<()> {
+/// What `calsync status` shows.
+#[derive(Debug, Clone, Default)]
+pub struct StatusArgs {
+    /// JSON instead of a table.
+    pub json: bool,
+    /// The rows asked for.
+    pub query: calsync_store::StatusQuery,
+}
+
+/// Rows a table shows unless told otherwise: at 100,000 calendars the whole list helps nobody.
+pub const STATUS_TABLE_ROWS: u64 = 100;
+
+/// `calsync status`: counts by state and by owner, then the config's deployment's rows of
+/// `calendar_sync_status` (filtered, sorted and paged as asked), as a table or JSON.
+pub async fn status(raw: &RawConfig, args: &StatusArgs) -> anyhow::Result<()> {
     let db = raw.database_config()?;
-    let store = connect_store(&db).await?;
-    let rows = store
-        .status()
-        .await
-        .context("cannot read calendar_sync_status (has `calsync migrate` run?)")?;
-    if json {
+    let deployment = raw.ownership()?.deployment;
+    let store = connect_store(&db).await?.for_deployment(&deployment);
+    let read = "cannot read calendar_sync_status (has `calsync migrate` run?)";
+    let summary = store.status_summary().await.context(read)?;
+    let mut query = args.query.clone();
+    if !args.json && query.limit.is_none() {
+        query.limit = Some(STATUS_TABLE_ROWS);
+    }
+    let rows = store.status_page(&query).await.context(read)?;
+    if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
-    } else {
-        print!("{}", status_table(&rows));
+        return Ok(());
+    }
+    let states: Vec<String> = summary
+        .by_state
+        .iter()
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    println!(
+        "deployment {deployment}: {} calendars tracked ({}), {} without a live owner, oldest success {}",
+        summary.tracked,
+        if states.is_empty() {
+            "none".into()
+        } else {
+            states.join(", ")
+        },
+        summary.unowned,
+        summary
+            .oldest_lag_seconds
+            .map(|s| format!(
+                "{} ago",
+                humantime::format_duration(Duration::from_secs(s.max(0.0) as u64))
+            ))
+            .unwrap_or_else(|| "-".into()),
+    );
+    print!("{}", status_table(&rows));
+    let shown = query.offset + rows.len() as u64;
+    let matching = match query.state {
+        Some(st) => summary
+            .by_state
+            .iter()
+            .find(|(s, _)| *s == st)
+            .map_or(0, |(_, n)| *n),
+        None => summary.tracked,
+    };
+    if rows.len() as u64 == query.limit.unwrap_or(u64::MAX) && shown < matching {
+        println!(
+            "… showing {} of {matching}; --limit, --offset, --state and --oldest choose others",
+            rows.len()
+        );
     }
     Ok(())
 }
@@ -327,8 +443,8 @@ fn age(t: Option<chrono::DateTime<Utc>>) -> String {
 /// A table a person can scan: one line per tuple.
 pub fn status_table(rows: &[StatusRow]) -> String {
     let mut out = format!(
-        "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
-        "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "LAST ERROR"
+        "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
+        "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "OWNER", "LAST ERROR"
     );
     for r in rows {
         let key: String = if r.tuple_key.chars().count() > 36 {
@@ -352,13 +468,14 @@ pub fn status_table(rows: &[StatusRow]) -> String {
                 .to_owned();
         }
         out.push_str(&format!(
-            "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5}  {}\n",
+            "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
             key,
             state,
             r.phase,
             r.event_count,
             age(r.last_success_at),
             r.consecutive_failures,
+            r.owner.as_deref().unwrap_or("-"),
             err
         ));
     }

@@ -89,6 +89,11 @@ pub fn config_for_sim(
         http_listen: None,
         drain_deadline: Duration::from_secs(8),
         on_remove: crate::config::OnRemove::Keep,
+        ownership: crate::config::Ownership {
+            deployment: calsync_store::DEFAULT_DEPLOYMENT.into(),
+            replica: "demo".into(),
+            lease_ttl: Duration::from_secs(20),
+        },
         tuples,
     })
 }

@@ -66,6 +66,11 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The lag histogram's bounds, in seconds: from a busy 1-minute interval to a day.
+const LAG_BOUNDS: [f64; 11] = [
+    15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 21600.0, 86400.0,
+];
+
 /// Prometheus text format: the engine's counters and histograms, plus what is read fresh
 /// per scrape (tuples by state, per-tuple lag, token renewals, the adaptive request limit).
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
@@ -90,29 +95,80 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "# HELP calsync_rounds_in_flight Rounds running now.\n# TYPE calsync_rounds_in_flight gauge\ncalsync_rounds_in_flight {}",
         engine.liveness().rounds_in_flight
     );
-    match engine.store().tuple_health().await {
-        Ok(rows) => {
-            let mut by_state: std::collections::BTreeMap<TupleStatus, u64> =
-                TupleStatus::ALL.into_iter().map(|k| (k, 0)).collect();
-            for r in &rows {
-                *by_state.entry(r.state).or_default() += 1;
+    let store = engine.store();
+    // Bounded by default: counts by state and a lag histogram, the same size at 100 or 100,000
+    // calendars. Every replica reports its deployment's totals; calsync_leases_held is its own.
+    match store.status_summary().await {
+        Ok(summary) => {
+            let _ = writeln!(
+                out,
+                "# HELP calsync_tuples Tracked calendars of the deployment by sync state.\n# TYPE calsync_tuples gauge"
+            );
+            for state in TupleStatus::ALL {
+                let n = summary
+                    .by_state
+                    .iter()
+                    .find(|(s, _)| *s == state)
+                    .map_or(0, |(_, n)| *n);
+                let _ = writeln!(out, "calsync_tuples{{state=\"{state}\"}} {n}");
             }
             let _ = writeln!(
                 out,
-                "# HELP calsync_tuples Tracked calendars by sync state.\n# TYPE calsync_tuples gauge"
+                "# HELP calsync_tuples_unowned Tracked calendars whose mailbox no live replica holds.\n# TYPE calsync_tuples_unowned gauge\ncalsync_tuples_unowned {}",
+                summary.unowned
             );
-            for (state, n) in by_state {
-                let _ = writeln!(out, "calsync_tuples{{state=\"{state}\"}} {n}");
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "# calsync: cannot read tuple states: {}",
+                escape(&e.to_string())
+            );
+        }
+    }
+    match store.lag_histogram(&LAG_BOUNDS).await {
+        Ok(h) => {
+            let _ = writeln!(
+                out,
+                "# HELP calsync_sync_lag_seconds Seconds since each tracked calendar last completed a round.\n# TYPE calsync_sync_lag_seconds histogram"
+            );
+            for (bound, n) in h.bounds.iter().zip(&h.cumulative) {
+                let _ = writeln!(out, "calsync_sync_lag_seconds_bucket{{le=\"{bound}\"}} {n}");
             }
-            // Labelled by the tuple's name (or a hash of it), never by the mailbox itself:
-            // metrics leave the host, and a UPN is personal data (metrics.mailbox_labels).
-            let labels = s.metric_labels();
-            if labels != crate::config::MetricLabels::None {
-                let _ = writeln!(
-                    out,
-                    "# HELP calsync_tuple_sync_lag_seconds Seconds since the calendar last completed a round (absent: never).\n# TYPE calsync_tuple_sync_lag_seconds gauge"
-                );
-            }
+            let _ = writeln!(
+                out,
+                "calsync_sync_lag_seconds_bucket{{le=\"+Inf\"}} {}\ncalsync_sync_lag_seconds_sum {}\ncalsync_sync_lag_seconds_count {}",
+                h.count, h.sum, h.count
+            );
+            let _ = writeln!(
+                out,
+                "# HELP calsync_sync_lag_max_seconds The longest any tracked calendar has gone without completing a round.\n# TYPE calsync_sync_lag_max_seconds gauge\ncalsync_sync_lag_max_seconds {}",
+                h.max.unwrap_or(0.0)
+            );
+            let _ = writeln!(
+                out,
+                "# HELP calsync_tuples_never_synced Tracked calendars that never completed a round.\n# TYPE calsync_tuples_never_synced gauge\ncalsync_tuples_never_synced {}",
+                h.never
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                out,
+                "# calsync: cannot read sync lags: {}",
+                escape(&e.to_string())
+            );
+        }
+    }
+    // Per-calendar series only when asked for (metrics.mailbox_labels = name or hash):
+    // labelled by the tuple's name or a hash of it, never by the mailbox itself (a UPN is
+    // personal data, and metrics leave the host).
+    let labels = s.metric_labels();
+    if labels != crate::config::MetricLabels::None {
+        if let Ok(rows) = store.tuple_health().await {
+            let _ = writeln!(
+                out,
+                "# HELP calsync_tuple_sync_lag_seconds Seconds since the calendar last completed a round (absent: never).\n# TYPE calsync_tuple_sync_lag_seconds gauge"
+            );
             let now = Utc::now();
             for r in &rows {
                 if let (Some(t), Some(tuple)) = (r.last_success_at, labels.label(&r.tuple_key)) {
@@ -124,13 +180,6 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
                     );
                 }
             }
-        }
-        Err(e) => {
-            let _ = writeln!(
-                out,
-                "# calsync: cannot read tuple states: {}",
-                escape(&e.to_string())
-            );
         }
     }
     (

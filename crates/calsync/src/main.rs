@@ -32,6 +32,18 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only calendars in this state: pending, ok, retrying, degraded or failed.
+        #[arg(long, value_parser = parse_state)]
+        state: Option<calsync_store::TupleStatus>,
+        /// The N calendars longest without a successful round, oldest first.
+        #[arg(long, value_name = "N")]
+        oldest: Option<u64>,
+        /// At most this many rows (a table shows 100 unless told).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Skip this many rows first.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
     },
     /// Make a tuple's next round a full resync (initial sync + sweep).
     Resync {
@@ -50,6 +62,16 @@ enum Command {
     /// Run the whole product against the built-in Graph simulator and a throwaway database.
     #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
+}
+
+fn parse_state(s: &str) -> Result<calsync_store::TupleStatus, String> {
+    calsync_store::TupleStatus::parse(s.trim()).ok_or_else(|| {
+        let all: Vec<&str> = calsync_store::TupleStatus::ALL
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
+        format!("'{s}' is not a state; one of {}", all.join(", "))
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,9 +112,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             telemetry::init(calsync::config::LogFormat::Text, &raw.log.filter);
             commands::migrate(&raw).await.map(|_| true)
         }
-        Command::Status { json } => {
+        Command::Status {
+            json,
+            state,
+            oldest,
+            limit,
+            offset,
+        } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
-            commands::status(&raw, json).await.map(|_| true)
+            let args = commands::StatusArgs {
+                json,
+                query: calsync_store::StatusQuery {
+                    state,
+                    oldest_first: oldest.is_some(),
+                    limit: oldest.or(limit),
+                    offset,
+                },
+            };
+            commands::status(&raw, &args).await.map(|_| true)
         }
         Command::Run => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;

@@ -5,9 +5,11 @@
 use crate::commands;
 use crate::config::{Config, OnRemove, RawConfig};
 use anyhow::Context;
-use calsync_engine::{Engine, ScheduleChange, Scheduler};
+use calsync_engine::{Engine, LeaseKeeper, ScheduleChange, Scheduler, Tuple};
+use calsync_store::ReplicaKind;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sd_notify::NotifyState;
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,7 +79,10 @@ enum Note {
     Stopping,
 }
 
-fn notifier() -> std::sync::mpsc::Sender<Note> {
+fn notifier() -> (
+    std::sync::mpsc::Sender<Note>,
+    Option<std::thread::JoinHandle<()>>,
+) {
     let (tx, rx) = std::sync::mpsc::channel::<Note>();
     // Outside systemd NOTIFY_SOCKET is unset and sending is a no-op.
     let spawned = std::thread::Builder::new()
@@ -98,10 +103,13 @@ fn notifier() -> std::sync::mpsc::Sender<Note> {
                 }
             }
         });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start the systemd notifier thread");
+    match spawned {
+        Ok(handle) => (tx, Some(handle)),
+        Err(e) => {
+            warn!(error = %e, "cannot start the systemd notifier thread");
+            (tx, None)
+        }
     }
-    tx
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -143,6 +151,7 @@ pub struct App {
     config_path: Option<PathBuf>,
     engine: Engine,
     tuples: Vec<calsync_engine::Tuple>,
+    keeper: Arc<LeaseKeeper>,
     listener: Option<tokio::net::TcpListener>,
     metrics: Option<PrometheusHandle>,
 }
@@ -165,7 +174,8 @@ impl App {
             Some(_) => Some(metrics_handle()?),
             None => None,
         };
-        let (engine, tuples) = commands::build(&cfg).await?;
+        let (engine, tuples, keeper) = commands::build_replica(&cfg, ReplicaKind::Run).await?;
+        let keeper = Arc::new(keeper);
         let listener = match cfg.http_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -179,6 +189,7 @@ impl App {
             config_path,
             engine,
             tuples,
+            keeper,
             listener,
             metrics,
         })
@@ -198,6 +209,7 @@ impl App {
             config_path,
             engine,
             tuples,
+            keeper,
             listener,
             metrics,
         } = self;
@@ -231,12 +243,33 @@ impl App {
             None => None,
         };
 
-        scheduler.apply(tuples);
+        // The first heartbeat before READY: a lone replica syncs from its first second.
+        match keeper.cycle().await {
+            Ok(c) => {
+                info!(replica = %keeper.identity().replica, held = c.held, replicas = c.replicas, "mailbox leases taken")
+            }
+            Err(e) => warn!(error = %e, "cannot take mailbox leases yet; retrying every heartbeat"),
+        }
+        let (owned_tx, mut owned_rx) = tokio::sync::watch::channel(Arc::new(
+            engine.leases().map(|l| l.mailboxes()).unwrap_or_default(),
+        ));
+        let stop_keeper = CancellationToken::new();
+        let mut keeper_task = tokio::spawn({
+            let keeper = Arc::clone(&keeper);
+            let stop = stop_keeper.clone();
+            async move { keeper.run(stop, owned_tx).await }
+        });
+        let mut all_tuples = tuples;
+        scheduler.apply(owned_tuples(&all_tuples, &owned_rx.borrow_and_update()));
         shared.scheduler_running.store(true, Ordering::Relaxed);
         shared.tick();
         let mut current = cfg;
-        info!(tuples = scheduler.len(), "calsync running");
-        let notes = notifier();
+        info!(
+            tuples = scheduler.len(),
+            configured = all_tuples.len(),
+            "calsync running"
+        );
+        let (notes, notifier_thread) = notifier();
         let notify = |n: Note| {
             let _ = notes.send(n);
         };
@@ -270,6 +303,17 @@ impl App {
                     fatal = Some(anyhow::anyhow!("the http endpoint {why}"));
                     break;
                 }
+                ended = &mut keeper_task => {
+                    error!(result = ?ended, "the lease keeper ended unexpectedly; stopping");
+                    fatal = Some(anyhow::anyhow!("the lease keeper ended unexpectedly"));
+                    break;
+                }
+                Ok(()) = owned_rx.changed() => {
+                    let owned = Arc::clone(&owned_rx.borrow_and_update());
+                    let change = scheduler.apply(owned_tuples(&all_tuples, &owned));
+                    info!(mailboxes = owned.len(), tuples = scheduler.len(), started = change.added.len(),
+                          stopped = change.removed.len(), "the calendars this replica syncs changed");
+                }
                 died = scheduler.task_died() => {
                     error!(reason = %died, "a tuple task ended unexpectedly; stopping");
                     fatal = Some(anyhow::anyhow!("a tuple task ended unexpectedly: {died}"));
@@ -283,7 +327,11 @@ impl App {
                     }
                 } => {
                     notify(Note::Reloading);
-                    let r = reload(&mut scheduler, &engine, &mut current, config_path.as_deref()).await;
+                    let r = reload(&mut scheduler, &engine, &keeper, &mut current, config_path.as_deref()).await;
+                    if let Ok((_, tuples)) = &r {
+                        all_tuples = tuples.clone();
+                    }
+                    let r = r.map(|(change, _)| change);
                     notify(Note::Ready(status_line(&engine, scheduler.len())));
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
@@ -329,6 +377,16 @@ impl App {
                 );
             }
         }
+        // Leases go last, once no round of ours can commit: the other replicas take the
+        // mailboxes at their next heartbeat instead of after service.lease_ttl.
+        stop_keeper.cancel();
+        keeper_task.abort();
+        match keeper.retire().await {
+            Ok(()) => info!("mailbox leases released"),
+            Err(e) => {
+                warn!(error = %e, "cannot release the mailbox leases; other replicas take them after service.lease_ttl")
+            }
+        }
         if let Some(s) = server {
             match tokio::time::timeout(Duration::from_secs(1), s).await {
                 Ok(Ok(Err(e))) => warn!(error = %e, "the http endpoint failed while stopping"),
@@ -336,7 +394,13 @@ impl App {
                 _ => {}
             }
         }
+        // STOPPING=1 and anything queued reach systemd before the process exits (bounded: a
+        // notify socket that stopped reading must not hold the exit).
         drop(notes);
+        if let Some(t) = notifier_thread {
+            let joined = tokio::task::spawn_blocking(move || t.join());
+            let _ = tokio::time::timeout(Duration::from_secs(1), joined).await;
+        }
         match fatal {
             Some(e) => Err(e),
             None => Ok(()),
@@ -359,18 +423,20 @@ fn hangup() -> anyhow::Result<tokio::signal::unix::Signal> {
     signal(SignalKind::hangup()).context("cannot listen for SIGHUP")
 }
 
-/// Re-reads the config file and applies its calendars: new ones start, removed ones stop after
+/// Re-reads the config file and applies its calendars to this replica's schedule (the
+/// calendars of the mailboxes it holds): new ones start, removed ones stop after
 /// any round in flight (rows kept or purged per `service.on_remove`), changed intervals apply.
 /// Rounds in flight are not disturbed. A config that does not validate is refused whole.
 async fn reload(
     scheduler: &mut Scheduler,
     engine: &Engine,
+    keeper: &LeaseKeeper,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<ScheduleChange, String> {
-    let result = reload_inner(scheduler, engine, current, path).await;
+) -> Result<(ScheduleChange, Vec<Tuple>), String> {
+    let result = reload_inner(scheduler, engine, keeper, current, path).await;
     match &result {
-        Ok(a) => info!(
+        Ok((a, _)) => info!(
             added = ?a.added, removed = ?a.removed, retimed = ?a.retimed, restarted = ?a.restarted,
             "config reloaded"
         ),
@@ -382,9 +448,10 @@ async fn reload(
 async fn reload_inner(
     scheduler: &mut Scheduler,
     engine: &Engine,
+    keeper: &LeaseKeeper,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<ScheduleChange, String> {
+) -> Result<(ScheduleChange, Vec<Tuple>), String> {
     let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
     let new = raw.validate().map_err(|e| e.to_string())?;
     let restart_needed = current.needs_restart_for(&new);
@@ -408,9 +475,16 @@ async fn reload_inner(
         .register(&configs)
         .await
         .map_err(|e| format!("cannot register the calendars: {e}"))?;
-    let applied = scheduler.apply(tuples);
-    if new.on_remove == OnRemove::Purge && !applied.removed.is_empty() {
+    // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
+    if let Err(e) = keeper.cycle().await {
+        warn!(error = %e, "cannot renew mailbox leases during the reload");
+    }
+    let owned = engine.leases().map(|l| l.mailboxes()).unwrap_or_default();
+    let applied = scheduler.apply(owned_tuples(&tuples, &owned));
+    if new.on_remove == OnRemove::Purge {
+        // Only this deployment's untracked tuples: other deployments' rows are theirs.
         match engine.store().purge_untracked().await {
+            Ok((0, _)) => {}
             Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
             Err(e) => {
                 warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
@@ -419,7 +493,15 @@ async fn reload_inner(
     }
     current.tuples = new.tuples.clone();
     current.on_remove = new.on_remove;
-    Ok(applied)
+    Ok((applied, tuples))
+}
+
+/// The configured tuples whose mailbox this replica holds.
+fn owned_tuples(all: &[Tuple], owned: &HashSet<String>) -> Vec<Tuple> {
+    all.iter()
+        .filter(|t| owned.contains(&t.mailbox))
+        .cloned()
+        .collect()
 }
 
 /// Asks the main loop to reload; for POST /reload.

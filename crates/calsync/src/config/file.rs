@@ -55,6 +55,15 @@ pub struct RawService {
     pub drain_deadline: String,
     /// When a reload drops a calendar: "keep" its rows (untracked) or "purge" them.
     pub on_remove: String,
+    /// The deployment this config is: its calendars are its own in a shared database, and only
+    /// `calsync run` of this deployment untracks or purges them.
+    pub deployment: String,
+    /// This replica's name, shown by `status` as the owner of its mailboxes; empty: the host
+    /// name.
+    pub replica: String,
+    /// How long a replica's mailbox leases outlive its last heartbeat (it renews every quarter
+    /// of it): a replica that dies hands its mailboxes over within lease_ttl + lease_ttl/4.
+    pub lease_ttl: String,
 }
 
 impl Default for RawService {
@@ -62,6 +71,9 @@ impl Default for RawService {
         RawService {
             drain_deadline: "8s".into(),
             on_remove: "keep".into(),
+            deployment: "default".into(),
+            replica: String::new(),
+            lease_ttl: "20s".into(),
         }
     }
 }
@@ -86,16 +98,16 @@ pub struct RawTls {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawMetrics {
-    /// Per-calendar series are labelled with the tuple's `name` (the operator's word, not a
-    /// mailbox address unless the name is the default `user/calendar`), a `hash` of it, or
-    /// `none` (no per-calendar series).
+    /// Per-calendar series: `none` (the default: only aggregates, bounded at any number of
+    /// calendars), or labelled with the tuple's `name` (the operator's word, not a mailbox
+    /// address unless the name is the default `user/calendar`) or a `hash` of it.
     pub mailbox_labels: String,
 }
 
 impl Default for RawMetrics {
     fn default() -> Self {
         RawMetrics {
-            mailbox_labels: "name".into(),
+            mailbox_labels: "none".into(),
         }
     }
 }

@@ -134,6 +134,8 @@ pub struct Config {
     pub drain_deadline: Duration,
     /// What a reload does to a dropped calendar's rows.
     pub on_remove: OnRemove,
+    /// Who this process is among the database's deployments and replicas.
+    pub ownership: Ownership,
     /// The tracked tuples.
     pub tuples: Vec<TupleConfig>,
 }
@@ -208,8 +210,22 @@ impl Config {
         if self.drain_deadline != new.drain_deadline {
             out.push("service.drain_deadline");
         }
+        if self.ownership != new.ownership {
+            out.push("service.deployment, service.replica, service.lease_ttl");
+        }
         out
     }
+}
+
+/// `service.deployment`, `service.replica`, `service.lease_ttl`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The deployment whose calendars this config names.
+    pub deployment: String,
+    /// This replica's name (the host name unless configured).
+    pub replica: String,
+    /// How long mailbox leases outlive the last heartbeat.
+    pub lease_ttl: Duration,
 }
 
 /// How `/metrics` labels per-calendar series (`metrics.mailbox_labels`).

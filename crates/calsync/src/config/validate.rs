@@ -33,6 +33,7 @@ impl RawConfig {
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
         let admin_token = admin_token(&self.http)?;
         let metric_labels = metrics(&self.metrics)?;
+        let ownership = ownership(&self.service)?;
         Ok(Config {
             database,
             graph,
@@ -46,6 +47,7 @@ impl RawConfig {
             warnings: self.secret_file_warnings(),
             drain_deadline,
             on_remove,
+            ownership,
             tuples,
         })
     }
@@ -77,6 +79,11 @@ impl RawConfig {
             })
         })
         .collect()
+    }
+
+    /// Only `service.deployment`, `service.replica` and `service.lease_ttl`.
+    pub fn ownership(&self) -> Result<super::Ownership, ConfigError> {
+        ownership(&self.service)
     }
 
     /// Only the `[database]` section (and `tls.ca_file`), for commands that need nothing else.
@@ -466,6 +473,62 @@ fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError>
         });
     }
     Ok(tuples)
+}
+
+/// A name that goes into SQL rows, logs and metric labels: 1–63 characters of letters,
+/// digits, `.`, `_` and `-`.
+fn plain_name(key: &str, v: &str) -> Result<String, ConfigError> {
+    let v = v.trim();
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        return Err(bad(
+            key,
+            format!("'{v}' must be 1 to 63 letters, digits, '.', '_' or '-'"),
+        ));
+    }
+    Ok(v.to_owned())
+}
+
+/// The host name, for a replica that is not given a name.
+fn host_name() -> String {
+    let from_env = std::env::var("HOSTNAME").ok();
+    let from_proc = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    from_env
+        .into_iter()
+        .chain(from_proc)
+        .map(|h| {
+            h.trim()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .take(63)
+                .collect::<String>()
+        })
+        .find(|h| !h.is_empty())
+        .unwrap_or_else(|| "calsync".into())
+}
+
+/// `service.deployment`, `service.replica`, `service.lease_ttl`.
+pub(super) fn ownership(service: &RawService) -> Result<super::Ownership, ConfigError> {
+    let deployment = plain_name("service.deployment", &service.deployment)?;
+    let replica = match service.replica.trim() {
+        "" => host_name(),
+        v => plain_name("service.replica", v)?,
+    };
+    let lease_ttl = duration("service.lease_ttl", &service.lease_ttl)?;
+    if lease_ttl < Duration::from_secs(2) || lease_ttl > Duration::from_secs(600) {
+        return Err(bad(
+            "service.lease_ttl",
+            "must be between 2s and 10m (a dead replica's mailboxes move after it)",
+        ));
+    }
+    Ok(super::Ownership {
+        deployment,
+        replica,
+        lease_ttl,
+    })
 }
 
 /// `http.admin_token_file`: the token `POST /reload` requires, at least 16 characters.

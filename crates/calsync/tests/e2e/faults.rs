@@ -72,7 +72,7 @@ async fn retry_after_in_every_form_holds_the_whole_mailbox(pool: PgPool) {
         if i > 0 {
             for t in &tuples {
                 h.store
-                    .forget_link(t.id, h.store.load(t.id).await.unwrap().link_version)
+                    .forget_link(t.id, h.store.load(t.id).await.unwrap().link_version, None)
                     .await
                     .unwrap();
             }

@@ -10,6 +10,7 @@
 //! | `series` | recurring series as Outlook serves them: stubs, masters, silent cancellations |
 //! | `model` | seeded random edits, faults, 410s and crashes converge to the truth |
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
+//! | `replicas` | many processes, one database: deployments, sync-once beside run, leases, fencing, failover |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -20,6 +21,7 @@ mod faults;
 mod harness;
 mod model;
 mod outage;
+mod replicas;
 mod series;
 mod service;
 mod soak;

@@ -160,6 +160,7 @@ admin_token_file = "{}"
 
 [service]
 drain_deadline = "3s"
+replica = "svc-test"
 "#,
             token_file.display()
         ),
@@ -283,12 +284,27 @@ drain_deadline = "3s"
     assert_eq!(metric(&m, "calsync_tuples{state=\"ok\"}"), Some(2.0));
     assert_eq!(metric(&m, "calsync_tuples{state=\"failed\"}"), Some(0.0));
     assert_eq!(metric(&m, "calsync_token_renewals_total"), Some(1.0));
-    let lag = metric(&m, "calsync_tuple_sync_lag_seconds{tuple=\"adele\"}").unwrap();
-    assert!(
-        !m.contains(ADELE),
-        "no mailbox address in /metrics (labels are tuple names)"
+    // Bounded by default: a lag histogram and the oldest lag, no series per calendar.
+    assert_eq!(
+        metric(&m, "calsync_sync_lag_seconds_count"),
+        Some(2.0),
+        "{m}"
     );
+    assert_eq!(
+        metric(&m, "calsync_sync_lag_seconds_bucket{le=\"15\"}"),
+        Some(2.0)
+    );
+    let lag = metric(&m, "calsync_sync_lag_max_seconds").unwrap();
     assert!((0.0..10.0).contains(&lag), "{lag}");
+    assert!(!m.contains("calsync_tuple_sync_lag_seconds{"), "{m}");
+    assert!(!m.contains(ADELE), "no mailbox address in /metrics");
+    // This replica holds both mailboxes and says so.
+    assert_eq!(
+        metric(&m, "calsync_leases_held{replica=\"svc-test\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "calsync_tuples_unowned"), Some(0.0));
 
     // The watchdog is fed while the scheduler makes progress.
     let mut pings = 0;

@@ -405,6 +405,12 @@ impl State {
         self.log.iter().cloned().collect()
     }
 
+    /// Requests being answered now, across all mailboxes (a delayed one counts until its
+    /// answer is sent).
+    pub fn requests_in_flight(&self) -> u32 {
+        self.mailboxes.values().map(|m| m.in_flight).sum()
+    }
+
     /// The counters of bad manners.
     pub fn violations(&self) -> Violations {
         self.violations.clone()
