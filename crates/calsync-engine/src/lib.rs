@@ -165,6 +165,19 @@ struct Inner {
     /// The mailbox leases this process holds, once it runs fenced ([`Engine::fence_with`]):
     /// then no page commits without the current fencing token of its mailbox.
     leases: std::sync::OnceLock<Arc<Leases>>,
+    /// Rounds since the last [`Engine::take_tally`]: for the service's periodic summary.
+    tally: [std::sync::atomic::AtomicU64; 3],
+}
+
+/// Rounds ended since the last [`Engine::take_tally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// Rounds that reached their deltaLink.
+    pub synced: u64,
+    /// Of those, rounds that wrote or deleted something.
+    pub changed: u64,
+    /// Rounds that failed (retrying, degraded or failed).
+    pub failed: u64,
 }
 
 /// A round in flight, as the engine watches it.
@@ -259,6 +272,7 @@ impl Engine {
                 rounds_in_flight: Default::default(),
                 running: Default::default(),
                 leases: Default::default(),
+                tally: Default::default(),
             }),
         }
     }
@@ -280,6 +294,34 @@ impl Engine {
                 mailbox: tuple.mailbox.clone(),
             },
         );
+    }
+
+    pub(crate) fn count_round(&self, outcome: &Outcome) {
+        use std::sync::atomic::Ordering;
+        let t = &self.inner.tally;
+        match outcome {
+            Outcome::Synced(r) => {
+                t[0].fetch_add(1, Ordering::Relaxed);
+                if r.full || r.upserted + r.removed + r.swept > 0 {
+                    t[1].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Outcome::Failed(_) => {
+                t[2].fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Interrupted => {}
+        }
+    }
+
+    /// The rounds ended since the last call.
+    pub fn take_tally(&self) -> Tally {
+        use std::sync::atomic::Ordering;
+        let t = &self.inner.tally;
+        Tally {
+            synced: t[0].swap(0, Ordering::Relaxed),
+            changed: t[1].swap(0, Ordering::Relaxed),
+            failed: t[2].swap(0, Ordering::Relaxed),
+        }
     }
 
     /// Whether a round of any tuple of `mailbox` is running now.

@@ -200,6 +200,7 @@ impl Engine {
             outcome = Outcome::Failed(failure);
         }
         self.round_ended(&tuple.key);
+        self.count_round(&outcome);
         let label = match &outcome {
             Outcome::Synced(_) => "synced",
             Outcome::Failed(f) => f.health.as_str(),

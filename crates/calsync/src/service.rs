@@ -24,6 +24,9 @@ use tracing::{error, info, warn};
 /// wait longer than any Retry-After or request budget can get here.
 pub const STALL_LIMIT: Duration = Duration::from_secs(15 * 60);
 
+/// How often `run` logs its one-line summary at info.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
 type ReloadReply = oneshot::Sender<Result<ScheduleChange, String>>;
 
 /// What the HTTP handlers and the main loop share.
@@ -280,6 +283,8 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_ping = Instant::now();
         let mut last_status = Instant::now();
+        // At info a no-change round logs nothing; this line says the quiet is work being done.
+        let mut last_summary = Instant::now();
         let mut hup = hangup()?;
         tokio::pin!(shutdown);
         let mut fatal: Option<anyhow::Error> = None;
@@ -352,6 +357,14 @@ impl App {
                                 warn!("a round made no progress for {}s; not feeding the watchdog", STALL_LIMIT.as_secs());
                             }
                         }
+                    }
+                    if last_summary.elapsed() >= SUMMARY_EVERY {
+                        let t = engine.take_tally();
+                        info!(rounds = t.synced, changed = t.changed, failed = t.failed,
+                              scheduled = scheduler.len(), configured = all_tuples.len(),
+                              leases = engine.leases().map_or(0, |l| l.len()),
+                              period_secs = SUMMARY_EVERY.as_secs(), "summary");
+                        last_summary = Instant::now();
                     }
                     if last_status.elapsed() >= Duration::from_secs(10) {
                         notify(Note::Status(status_line(&engine, scheduler.len())));

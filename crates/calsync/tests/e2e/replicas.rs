@@ -678,3 +678,149 @@ async fn a_reload_that_moves_a_window_mid_round_converges_on_the_new_window() {
     assert_eq!(state.1, 12, "May's 12 events, none of February's");
     w.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_survive_kill_9_a_joiner_and_sigterm_and_keep_every_calendar_fresh() {
+    use rand::{Rng, SeedableRng};
+    const USERS: usize = 600;
+    const CALENDARS: usize = 5;
+    let url = calsync_store::recreate_database(&database_url(), "calsync_three_replicas")
+        .await
+        .unwrap();
+    let db = PgPool::connect(&url).await.unwrap();
+    let (sim, server) = sim_with(USERS, 1).await;
+    // Five calendars per mailbox: 3,000 tuples over 600 mailboxes.
+    let mut tuples = Vec::new();
+    let mut cals = String::new();
+    {
+        let mut st = sim.lock();
+        for u in 0..USERS {
+            for c in 1..CALENDARS {
+                let id = st.tenant.add_calendar(u, &format!("Calendar {c}"));
+                let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": format!("{u}/{c}"),
+                    "start": {"dateTime": format!("2026-02-{:02}T10:00:00", c + 1), "timeZone": "UTC"},
+                    "end": {"dateTime": format!("2026-02-{:02}T11:00:00", c + 1), "timeZone": "UTC"}}))
+                .unwrap();
+                st.tenant.create_event(u, c, &p).unwrap();
+                let key = format!("u{u}-c{c}");
+                cals.push_str(&format!(
+                    "\n[[calendars]]\nname = \"{key}\"\nuser = \"{}\"\ncalendar = \"{id}\"\nstart = \"{START}\"\nend = \"{END}\"\n",
+                    upn(u)
+                ));
+                tuples.push(Tuple {
+                    calendar: CalendarRef::Id(id),
+                    ..tuple(&key, &upn(u))
+                });
+            }
+            let key = format!("u{u}-c0");
+            cals.push_str(&calendar(&key, &upn(u)));
+            tuples.push(tuple(&key, &upn(u)));
+        }
+    }
+    assert_eq!(tuples.len(), USERS * CALENDARS);
+    let interval = Duration::from_secs(10);
+    let ttl = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let sync = "interval = \"10s\"\nstartup_spread = \"3s\"\nmax_in_flight = 32";
+    let node = |name: &str| {
+        let cfg = write_config(
+            dir.path(),
+            &format!("{name}.toml"),
+            &url,
+            &server,
+            &format!("replica = \"{name}\"\nlease_ttl = \"4s\"\ndrain_deadline = \"5s\""),
+            sync,
+            &cals,
+        );
+        Node::start(&cfg, dir.path().join(format!("{name}.log")))
+    };
+    let mut r1 = node("r1");
+    let mut r2 = node("r2");
+    let mut r3 = node("r3");
+    wait_for("the initial sync", Duration::from_secs(90), async || {
+        all_ok(&db, "default", tuples.len()).await
+    })
+    .await;
+    // Random edits all along, from a thread of their own.
+    let editing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let editor = std::thread::spawn({
+        let sim = sim.clone();
+        let editing = std::sync::Arc::clone(&editing);
+        move || {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+            let w = graph_sim::Window {
+                start: START.parse().unwrap(),
+                end: END.parse().unwrap(),
+            };
+            let mut edits = 0;
+            while editing.load(std::sync::atomic::Ordering::Relaxed) {
+                let (u, c) = (rng.gen_range(0..USERS), rng.gen_range(0..CALENDARS));
+                if graph_sim::churn::random_edit(&mut sim.lock().tenant, &mut rng, u, c, &w)
+                    .is_some()
+                {
+                    edits += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            edits
+        }
+    });
+    // Every calendar stays within 2 × interval + lease TTL of its last success throughout.
+    let bound = (interval * 2 + ttl).as_secs_f64();
+    let worst = |db: PgPool| async move {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT COALESCE(max(EXTRACT(EPOCH FROM now() - last_success_at)), 0)::float8 FROM sync_tuples WHERE tracked",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    };
+    let mut seen_worst: f64 = 0.0;
+    let mut watch = async |secs: u64, seen_worst: &mut f64| {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let w = worst(db.clone()).await;
+            *seen_worst = seen_worst.max(w);
+            assert!(
+                w <= bound,
+                "a calendar went {w:.1} s without a sync (bound {bound} s)"
+            );
+            assert_eq!(bad_states(&db).await, 0);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    watch(10, &mut seen_worst).await;
+    r2.child.kill().unwrap(); // kill -9
+    r2.child.wait().unwrap();
+    watch(15, &mut seen_worst).await;
+    let mut r4 = node("r4");
+    watch(15, &mut seen_worst).await;
+    r1.stop();
+    watch(15, &mut seen_worst).await;
+    editing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let edits = editor.join().unwrap();
+    assert!(edits > 100, "{edits} edits");
+    // The survivors split the mailboxes, and the view equals the truth.
+    let owners: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT r.replica, count(*) FROM mailbox_leases l JOIN replicas r ON r.incarnation = l.owner \
+         WHERE r.expires_at > now() GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        owners,
+        vec![("r3".to_owned(), 300), ("r4".to_owned(), 300)],
+        "{owners:?}"
+    );
+    let store = store_for(&url, "default").await;
+    mirrors(&store, &sim, &tuples, interval * 3).await;
+    let v = sim.lock().violations();
+    assert_eq!((v.retry_after, v.concurrency), (0, 0), "{v:?}");
+    eprintln!(
+        "3 replicas, {} tuples, {edits} edits: worst lag {seen_worst:.1} s (bound {bound} s)",
+        tuples.len()
+    );
+    r3.stop();
+    r4.stop();
+}
