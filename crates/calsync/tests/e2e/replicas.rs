@@ -776,7 +776,7 @@ async fn three_replicas_survive_kill_9_a_joiner_and_sigterm_and_keep_every_calen
         .unwrap()
     };
     let mut seen_worst: f64 = 0.0;
-    let mut watch = async |secs: u64, seen_worst: &mut f64| {
+    let watch = async |secs: u64, seen_worst: &mut f64| {
         let until = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < until {
             let w = worst(db.clone()).await;
