@@ -15,6 +15,8 @@ use calsync_testkit::ScratchDatabase;
 use chrono::{Duration as ChronoDuration, Utc};
 use clap::{Parser, Subcommand};
 use std::process::{Command, Stdio};
+
+mod scale;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +45,9 @@ enum Child {
     /// One measured sync for `memory` (run by it).
     #[command(hide = true)]
     MeasuredSync(MemoryChildArgs),
+    /// The real daemon (one or more replicas) keeping many calendars fresh: start to READY,
+    /// CPU per round, lag, RSS, log volume (BENCHMARKS.md, "Scale").
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -116,6 +121,27 @@ struct BenchArgs {
     /// -p graph-sim -p calsync-bench` puts both in target/release).
     #[arg(long)]
     pub graph_sim: Option<std::path::PathBuf>,
+}
+
+impl BenchArgs {
+    /// A generated tenant of `users` mailboxes with `events` singles each, served by the
+    /// graph-sim binary at `graph_sim`.
+    pub(crate) fn for_tenant(users: u32, events: u32, graph_sim: std::path::PathBuf) -> Self {
+        BenchArgs {
+            users,
+            events_per_user: events,
+            recurring: 0.0,
+            page_size: 200,
+            reps: 1,
+            noop_batches: 0,
+            noop_rounds: 0,
+            churn_batches: 0,
+            churn_edits: 0,
+            idle_tuples: 0,
+            database_url: None,
+            graph_sim: Some(graph_sim),
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -746,6 +772,7 @@ fn main() -> std::process::ExitCode {
             Some(Child::Idle(a)) => idle(a).await,
             Some(Child::Memory(a)) => memory(a).await,
             Some(Child::MeasuredSync(a)) => memory_child(a).await,
+            Some(Child::Scale(a)) => scale::scale(a).await,
             None => run(cli.args).await,
         }
     });

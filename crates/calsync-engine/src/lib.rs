@@ -136,6 +136,16 @@ impl Tuple {
     }
 }
 
+/// Whether a configured mailbox is a directory object id (a GUID) rather than a UPN.
+fn is_object_id(user: &str) -> bool {
+    let b = user.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 /// The sync engine. Cheap to clone; clones share the gate.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -201,57 +211,81 @@ pub struct Liveness {
 }
 
 impl Engine {
-    /// The directory object id of every configured mailbox name: from the store when already
-    /// resolved, else asked of Graph once (through the request gate) and remembered. A name
-    /// that cannot be resolved now (Graph unreachable, no such user) keeps its configured
-    /// spelling as its key; the next registration (a reload, a restart) tries again.
+    /// The directory object id of configured mailbox names, where two names might be one
+    /// mailbox: only a config that names mailboxes both ways (object ids *and* UPNs) needs it,
+    /// since a UPN is unique per user (compared case-insensitively) and so is an id. Then each
+    /// UPN is resolved from the store when already known, else asked of Graph once (through the
+    /// request gate, a few at a time) and remembered. A name that cannot be resolved now keeps
+    /// its configured spelling as its key; the next registration tries again. A config of one
+    /// kind costs no request, so a start with 100,000 calendars is not held up by Graph.
     async fn resolve_mailboxes(
         &self,
         configs: &[TupleConfig],
     ) -> std::collections::HashMap<String, String> {
+        use futures_util::StreamExt;
         let mut users: Vec<String> = configs.iter().map(|c| c.user.clone()).collect();
         users.sort();
         users.dedup();
-        let mut known = match self.inner.store.mailbox_ids(&users).await {
+        let (ids, upns): (Vec<String>, Vec<String>) =
+            users.into_iter().partition(|u| is_object_id(u));
+        if ids.is_empty() || upns.is_empty() {
+            return Default::default();
+        }
+        let mut known = match self.inner.store.mailbox_ids(&upns).await {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read resolved mailbox ids");
                 Default::default()
             }
         };
-        let missing: Vec<String> = users
+        let missing: Vec<String> = upns
             .into_iter()
             .filter(|u| !known.contains_key(u))
             .collect();
-        for user in &missing {
-            let permit = self.inner.gate.acquire(user).await;
-            let got = self
-                .inner
-                .graph
-                .resolve_user(user, calsync_graph::Connection::Reuse)
-                .await;
-            if let Err(e) = &got {
-                if let Some(wait) = e.retry_after() {
-                    self.inner.gate.defer(user, wait);
-                }
-            }
-            drop(permit);
-            match got {
-                Ok(Some(id)) => {
-                    if let Err(e) = self.inner.store.save_mailbox_id(user, &id).await {
-                        tracing::warn!(user = %user, error = %e, "cannot save a mailbox id");
+        let resolved: Vec<(String, Option<String>)> = futures_util::stream::iter(missing)
+            .map(|user| async move {
+                let permit = self.inner.gate.acquire(&user).await;
+                let got = self
+                    .inner
+                    .graph
+                    .resolve_user(&user, calsync_graph::Connection::Reuse)
+                    .await;
+                if let Err(e) = &got {
+                    if let Some(wait) = e.retry_after() {
+                        self.inner.gate.defer(&user, wait);
                     }
-                    known.insert(user.clone(), id);
                 }
-                Ok(None) => {
-                    tracing::debug!(user = %user, "no such mailbox; its rounds will say so")
-                }
-                Err(e) => {
-                    tracing::warn!(user = %user, error = %e, "cannot resolve a mailbox to its id now; keyed by its name until the next registration")
-                }
+                drop(permit);
+                let id = match got {
+                    Ok(Some(id)) => {
+                        if let Err(e) = self.inner.store.save_mailbox_id(&user, &id).await {
+                            tracing::warn!(user = %user, error = %e, "cannot save a mailbox id");
+                        }
+                        Some(id)
+                    }
+                    Ok(None) => {
+                        tracing::debug!(user = %user, "no such mailbox; its rounds will say so");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(user = %user, error = %e, "cannot resolve a mailbox to its id now; keyed by its name until the next registration");
+                        None
+                    }
+                };
+                (user, id)
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for (user, id) in resolved {
+            if let Some(id) = id {
+                known.insert(user, id);
             }
         }
         known
+            .into_iter()
+            .map(|(u, id)| (u, id.to_ascii_lowercase()))
+            .collect()
     }
 
     /// An engine over one Graph client and one store; the request gate is built from `settings`.

@@ -45,6 +45,17 @@ pub fn next_delay(
     }
 }
 
+/// Rounds start on slots, not at arbitrary instants: tuples due within one slot start together,
+/// so the runtime wakes once for them, their requests go out together, and their link commits
+/// share one statement. A slot is a tenth of the interval, at most 250 ms (a 5-minute interval's
+/// rounds start up to 250 ms late; its ±10% jitter is 30 s).
+pub fn slot(due: Instant, epoch: Instant, interval: Duration) -> Instant {
+    let width = (interval / 10).clamp(Duration::from_millis(1), Duration::from_millis(250));
+    let since = due.saturating_duration_since(epoch);
+    let n = since.as_nanos().div_ceil(width.as_nanos());
+    epoch + width * u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// What a [`Scheduler::apply`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScheduleChange {
@@ -120,6 +131,8 @@ pub struct Scheduler {
     /// Tasks told to stop that may not have ended yet: a new task of the same tuple waits for
     /// its predecessor, so two rounds of one tuple never overlap in this process.
     ending: HashMap<String, Arc<Control>>,
+    /// The origin of the slots rounds start on ([`slot`]).
+    epoch: Instant,
     /// A tuple task that ended other than by being told to says why here.
     died_tx: tokio::sync::mpsc::UnboundedSender<String>,
     died_rx: tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -135,6 +148,7 @@ impl Scheduler {
             tracker: TaskTracker::new(),
             running: HashMap::new(),
             ending: HashMap::new(),
+            epoch: Instant::now(),
             died_tx,
             died_rx,
         }
@@ -232,6 +246,7 @@ impl Scheduler {
         let died = self.died_tx.clone();
         let key = tuple.key.clone();
         let predecessor = self.ending.remove(&key);
+        let epoch = self.epoch;
         self.tracker.spawn(async move {
             let _ended = EndGuard(Arc::clone(&control));
             if let Some(old) = predecessor {
@@ -240,7 +255,8 @@ impl Scheduler {
                     _ = shutdown.cancelled() => return,
                 }
             }
-            let task = std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown));
+            let task =
+                std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown, epoch));
             if let Err(panic) = futures_util::FutureExt::catch_unwind(task).await {
                 let what = crate::outcome::panic_message(panic.as_ref());
                 let _ = died.send(format!("tuple {key}: {what}"));
@@ -304,12 +320,18 @@ impl Engine {
         scheduler.wait().await;
     }
 
-    async fn tuple_loop(self, tuple: Tuple, control: Arc<Control>, cancel: CancellationToken) {
+    async fn tuple_loop(
+        self,
+        tuple: Tuple,
+        control: Arc<Control>,
+        cancel: CancellationToken,
+        epoch: Instant,
+    ) {
         let spread = tuple.interval.min(self.settings().startup_spread);
         let first =
             Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
         let mut started = Instant::now();
-        let mut due = started + first;
+        let mut due = slot(started + first, epoch, tuple.interval);
         let mut last: Option<(Outcome, u32)> = None;
         loop {
             tokio::select! {
@@ -355,7 +377,11 @@ impl Engine {
                 self.settings(),
                 jitter,
             );
-            due = (started + delay).max(Instant::now() + Duration::from_millis(10));
+            due = slot(
+                (started + delay).max(Instant::now() + Duration::from_millis(10)),
+                epoch,
+                control.interval(),
+            );
             last = Some((outcome, failures));
         }
     }
@@ -403,6 +429,20 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::outcome::{Failure, RoundReport};
+
+    #[test]
+    fn rounds_start_on_slots_of_a_tenth_of_the_interval_at_most_250_ms() {
+        let epoch = Instant::now();
+        let five_min = Duration::from_secs(300);
+        let at = |ms: u64| epoch + Duration::from_millis(ms);
+        assert_eq!(slot(at(0), epoch, five_min), at(0));
+        assert_eq!(slot(at(1), epoch, five_min), at(250));
+        assert_eq!(slot(at(250), epoch, five_min), at(250));
+        assert_eq!(slot(at(251), epoch, five_min), at(500));
+        let one_s = Duration::from_secs(1);
+        assert_eq!(slot(at(101), epoch, one_s), at(200));
+        assert_eq!(slot(at(5), epoch, Duration::from_millis(5)), at(5));
+    }
 
     #[test]
     fn next_run_follows_the_outcome() {

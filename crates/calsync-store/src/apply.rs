@@ -101,8 +101,20 @@ impl Store {
         if c.is_empty() && !may_sweep {
             // Only the link moves: one UPDATE is already atomic, no transaction needed. This
             // is every no-change incremental round.
+            // Saved together with the links of the rounds that finish at about the same time.
             self.fault_point()?;
-            let (version, _, _) = claim(&self.pool, w, self.incarnation()).await?;
+            let start = match w.round_start {
+                Some(RoundStart::Full) => "full",
+                Some(RoundStart::Delta) => "delta",
+                None => "",
+            };
+            let version = self
+                .batcher
+                .commit(&self.pool, w, start, self.incarnation())
+                .await?
+                .ok_or(StoreError::Conflict {
+                    tuple_id: w.tuple_id,
+                })?;
             return Ok(PageApplied {
                 version,
                 ..PageApplied::default()

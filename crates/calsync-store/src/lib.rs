@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+mod batch;
 pub mod error;
 pub mod leases;
 pub mod page;
@@ -46,6 +47,8 @@ pub struct Store {
     pool: PgPool,
     /// The deployment whose tuples this store registers, lists and purges (`service.deployment`).
     deployment: std::sync::Arc<str>,
+    /// Coalesces link-only commits (shared by clones: one per pool).
+    batcher: std::sync::Arc<batch::LinkBatcher>,
     /// The replica incarnation this process runs as, recorded on each commit (`committed_by`).
     incarnation: Option<std::sync::Arc<str>>,
     /// The longest any one store call may take before it is abandoned as `Unavailable`: a
@@ -194,6 +197,7 @@ impl Store {
         Store {
             pool,
             deployment: DEFAULT_DEPLOYMENT.into(),
+            batcher: Default::default(),
             incarnation: None,
             deadline: DEFAULT_DEADLINE,
             #[cfg(any(test, feature = "testing"))]

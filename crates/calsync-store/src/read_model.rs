@@ -194,6 +194,25 @@ impl Store {
         self.bounded("reading sync lags", query).await
     }
 
+    /// Quantiles (0..=1) of the time since each tracked tuple's last success, in seconds (a
+    /// never-synced tuple counts from its registration): for benchmarks and operators.
+    pub async fn lag_quantiles(&self, qs: &[f64]) -> Result<Vec<f64>, StoreError> {
+        let query = async {
+            let v: Option<Vec<f64>> = sqlx::query_scalar(
+                "SELECT percentile_cont($2::float8[]) WITHIN GROUP \
+                   (ORDER BY EXTRACT(EPOCH FROM now() - COALESCE(last_success_at, created_at))::float8) \
+                 FROM sync_tuples WHERE deployment = $1 AND tracked",
+            )
+            .bind(&*self.deployment)
+            .bind(qs)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(v.unwrap_or_default())
+        };
+        self.bounded("reading lag quantiles", query).await
+    }
+
     /// Counts by state of this deployment's tracked tuples, for `status` and `/metrics`: one
     /// cheap query whatever the number of tuples (no per-tuple rows leave the database).
     pub async fn status_summary(&self) -> Result<StatusSummary, StoreError> {

@@ -363,8 +363,13 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
         }
         ("POST", "churn") => {
             // Random realistic edits (churn::random_edit) over every mailbox's default
-            // calendar, aimed at a window: what a benchmark's churn round replays.
+            // calendar, aimed at a window: what a benchmark's churn round replays. The i-th
+            // edit goes to mailbox (offset + i) mod users.
             let n = q.get("edits").and_then(|v| v.parse::<usize>().ok());
+            let offset = q
+                .get("offset")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
             let seed = q
                 .get("seed")
                 .and_then(|v| v.parse::<u64>().ok())
@@ -389,7 +394,7 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
                     break;
                 }
                 if let Some(e) =
-                    crate::churn::random_edit(&mut st.tenant, &mut rng, i % users, 0, &window)
+                    crate::churn::random_edit(&mut st.tenant, &mut rng, (offset + i) % users, 0, &window)
                 {
                     *done.entry(e.label()).or_default() += 1;
                 }

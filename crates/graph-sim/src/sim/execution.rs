@@ -250,6 +250,9 @@ impl State {
     ) {
         self.stats.requests += 1;
         *self.stats.by_status.entry(status).or_default() += 1;
+        if status == 200 && req.path.contains("calendarView") {
+            self.stats.delta_pages += 1;
+        }
         let seq = self.stats.requests;
         let rec = RequestRecord {
             seq,

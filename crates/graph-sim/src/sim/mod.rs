@@ -131,6 +131,10 @@ pub struct Stats {
     pub requests: u64,
     /// Requests by status.
     pub by_status: BTreeMap<u16, u64>,
+    /// calendarView delta pages answered 200 (a no-change round is one): what a benchmark
+    /// divides a client's CPU by when the request log has wrapped.
+    #[serde(default)]
+    pub delta_pages: u64,
     /// Access tokens issued.
     pub tokens_issued: u64,
     /// Sync-state cache entries evicted.
