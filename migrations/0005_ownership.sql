@@ -30,6 +30,8 @@ CREATE TABLE mailbox_leases (
     PRIMARY KEY (deployment, mailbox)
 );
 CREATE INDEX mailbox_leases_by_owner ON mailbox_leases (deployment, owner);
+INSERT INTO mailbox_leases (deployment, mailbox)
+SELECT DISTINCT deployment, mailbox FROM sync_tuples WHERE tracked;
 
 -- The replicas of each deployment that are alive: each renews its row with its leases.
 CREATE TABLE replicas (

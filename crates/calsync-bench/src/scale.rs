@@ -4,8 +4,8 @@
 //! sync, CPU per round (the daemons' utime+stime over the steady span divided by the delta pages
 //! the simulator served), lag quantiles, RSS, and log lines per second at info.
 
-use crate::sim::{SimProcess, sim_admin, sim_admin_with};
 use crate::BenchArgs;
+use crate::sim::{SimProcess, sim_admin, sim_admin_with};
 use anyhow::{Context, bail};
 use calsync_store::Store;
 use std::os::unix::net::UnixDatagram;
@@ -82,13 +82,28 @@ impl Daemon {
                 }
             }
             if let Some(s) = self.child.try_wait()? {
-                bail!("calsync exited with {s} before READY; see {}", self.log.display());
+                bail!(
+                    "calsync exited with {s} before READY; see {}",
+                    self.log.display()
+                );
             }
             if since.elapsed() > limit {
                 bail!("no READY=1 within {limit:?}; see {}", self.log.display());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Reads the notify socket from now on, as systemd does (a socket nobody reads would
+    /// block the daemon's notifier).
+    fn drain_notes(&self) -> anyhow::Result<()> {
+        let sock = self.notify.try_clone()?;
+        sock.set_nonblocking(false)?;
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while sock.recv(&mut buf).is_ok() {}
+        });
+        Ok(())
     }
 
     fn pid(&self) -> u32 {
@@ -133,7 +148,12 @@ fn clock_ticks_per_second() -> f64 {
         .arg("CLK_TCK")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .unwrap_or(100.0)
 }
 
@@ -148,13 +168,7 @@ fn rss_mib_of(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn config(
-    db: &str,
-    graph: &str,
-    interval: Duration,
-    tuples: u32,
-    window: (&str, &str),
-) -> String {
+fn config(db: &str, graph: &str, interval: Duration, tuples: u32, window: (&str, &str)) -> String {
     let mut s = format!(
         r#"[database]
 url = "{db}"
@@ -225,8 +239,12 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let now = chrono::Utc::now();
-    let start = (now - chrono::Duration::days(90)).format("%Y-%m-%dT00:00:00Z").to_string();
-    let end = (now + chrono::Duration::days(365)).format("%Y-%m-%dT00:00:00Z").to_string();
+    let start = (now - chrono::Duration::days(90))
+        .format("%Y-%m-%dT00:00:00Z")
+        .to_string();
+    let end = (now + chrono::Duration::days(365))
+        .format("%Y-%m-%dT00:00:00Z")
+        .to_string();
     let dir = std::env::temp_dir().join(format!("calsync-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let cfg_path = dir.join("calsync.toml");
@@ -243,6 +261,7 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let mut d = Daemon::start(&calsync, &cfg_path, &dir, &format!("r{r}"))?;
         ready.push(d.ready(t, Duration::from_secs(300))?);
+        d.drain_notes()?;
         daemons.push(d);
     }
     println!(
@@ -283,6 +302,7 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let mut d = Daemon::start(&calsync, &cfg_path, &dir, "r0")?;
         let took = d.ready(t, Duration::from_secs(300))?;
+        d.drain_notes()?;
         println!(
             "start to READY (restart, {} calendars registered): {:.2} s",
             args.tuples,
@@ -295,11 +315,14 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
 
     // Steady state: edits to change_percent of the calendars per interval, spread evenly.
     let per_interval = (f64::from(args.tuples) * args.change_percent / 100.0).round() as u64;
-    let ticks = |ds: &[Daemon]| -> anyhow::Result<u64> {
-        ds.iter().map(|d| clock_ticks_of(d.pid())).sum()
-    };
+    let ticks =
+        |ds: &[Daemon]| -> anyhow::Result<u64> { ds.iter().map(|d| clock_ticks_of(d.pid())).sum() };
     let lines = |ds: &[Daemon]| ds.iter().map(Daemon::log_lines).sum::<usize>();
-    let (c0, p0, l0) = (ticks(&daemons)?, delta_pages(&sim.base).await?, lines(&daemons));
+    let (c0, p0, l0) = (
+        ticks(&daemons)?,
+        delta_pages(&sim.base).await?,
+        lines(&daemons),
+    );
     let t = Instant::now();
     let mut edits = 0u64;
     let mut worst_p99 = 0.0f64;
@@ -326,7 +349,11 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let span = t.elapsed().as_secs_f64();
-    let (c1, p1, l1) = (ticks(&daemons)?, delta_pages(&sim.base).await?, lines(&daemons));
+    let (c1, p1, l1) = (
+        ticks(&daemons)?,
+        delta_pages(&sim.base).await?,
+        lines(&daemons),
+    );
     let hz = clock_ticks_per_second();
     let cpu = (c1 - c0) as f64 / hz;
     let rounds = p1 - p0;

@@ -315,6 +315,7 @@ impl LeaseKeeper {
         let mut tick = tokio::time::interval(self.identity.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut first = true;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -322,6 +323,12 @@ impl LeaseKeeper {
             }
             match self.cycle().await {
                 Ok(c) => {
+                    if first {
+                        tracing::info!(replica = %self.identity.replica, held = c.held, replicas = c.replicas, "mailbox leases taken");
+                        first = false;
+                        changed.send_replace(Arc::new(self.leases.mailboxes()));
+                        continue;
+                    }
                     if failing {
                         tracing::info!(held = c.held, "lease heartbeat works again");
                         failing = false;

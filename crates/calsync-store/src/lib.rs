@@ -184,6 +184,9 @@ impl Store {
             // No ping before every checkout (an extra round trip per query): a dead
             // connection fails its query as Unavailable, and the runner retries.
             .test_before_acquire(false)
+            // Waiting for a connection is normal while many rounds commit at once (an initial
+            // sync of thousands of calendars); warn only when it is a real stall.
+            .acquire_slow_threshold(Duration::from_secs(10))
             .connect_with(opts)
             .await
             .map_err(db)?;

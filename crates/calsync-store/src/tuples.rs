@@ -228,73 +228,140 @@ impl Store {
         untrack_others: bool,
     ) -> Result<Vec<TupleState>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let keys: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
-        let users: Vec<&str> = specs.iter().map(|s| s.user_id.as_str()).collect();
-        let mailboxes: Vec<&str> = specs.iter().map(|s| s.mailbox.as_str()).collect();
-        let cals: Vec<&str> = specs.iter().map(|s| s.calendar_id.as_str()).collect();
-        let starts: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_start).collect();
-        let ends: Vec<DateTime<Utc>> = specs.iter().map(|s| s.window_end).collect();
-        // A changed user, calendar or window bumps link_version: a round of the old identity
-        // still in flight (a reload's old task, another process) can then commit nothing.
-        sqlx::query(
-            "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked) \
-             SELECT $1, k, u, m, c, s, e, true FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) AS t(k, u, m, c, s, e) \
-             ON CONFLICT (deployment, tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, mailbox = EXCLUDED.mailbox, \
-               calendar_id = EXCLUDED.calendar_id, window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, \
-               tracked = true, updated_at = now(), \
-               link_version = sync_tuples.link_version + CASE WHEN \
-                 (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end) \
-                 IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end) \
-                 THEN 1 ELSE 0 END \
-             WHERE (sync_tuples.user_id, sync_tuples.mailbox, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end, sync_tuples.tracked) \
-               IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.mailbox, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end, true)",
+        // What is stored already: a restart with 100,000 unchanged calendars writes nothing.
+        type Stored = (
+            String,
+            String,
+            String,
+            String,
+            DateTime<Utc>,
+            DateTime<Utc>,
+            bool,
+        );
+        let stored: Vec<Stored> = sqlx::query_as(
+            "SELECT tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked \
+             FROM sync_tuples WHERE deployment = $1",
         )
         .bind(&*self.deployment)
-        .bind(&keys)
-        .bind(&users)
-        .bind(&mailboxes)
-        .bind(&cals)
-        .bind(&starts)
-        .bind(&ends)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        if untrack_others {
+        let stored: std::collections::HashMap<&str, &Stored> =
+            stored.iter().map(|r| (r.0.as_str(), r)).collect();
+        let changed: Vec<&TupleSpec> = specs
+            .iter()
+            .filter(|s| {
+                stored.get(s.key.as_str()).is_none_or(|r| {
+                    (&r.1, &r.2, &r.3, r.4, r.5, r.6)
+                        != (
+                            &s.user_id,
+                            &s.mailbox,
+                            &s.calendar_id,
+                            s.window_start,
+                            s.window_end,
+                            true,
+                        )
+                })
+            })
+            .collect();
+        let keys: Vec<&str> = changed.iter().map(|s| s.key.as_str()).collect();
+        let users: Vec<&str> = changed.iter().map(|s| s.user_id.as_str()).collect();
+        let mailboxes: Vec<&str> = changed.iter().map(|s| s.mailbox.as_str()).collect();
+        let cals: Vec<&str> = changed.iter().map(|s| s.calendar_id.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_start).collect();
+        let ends: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_end).collect();
+        if !changed.is_empty() {
+            // A changed user, calendar or window bumps link_version: a round of the old
+            // identity still in flight (a reload's old task, another process) can then commit
+            // nothing.
             sqlx::query(
-                "UPDATE sync_tuples SET tracked = false, updated_at = now() \
-                 WHERE deployment = $1 AND tracked AND tuple_key <> ALL($2::text[])",
+                "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked) \
+                 SELECT $1, k, u, m, c, s, e, true FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) AS t(k, u, m, c, s, e) \
+                 ON CONFLICT (deployment, tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, mailbox = EXCLUDED.mailbox, \
+                   calendar_id = EXCLUDED.calendar_id, window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, \
+                   tracked = true, updated_at = now(), \
+                   link_version = sync_tuples.link_version + CASE WHEN \
+                     (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end) \
+                     IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end) \
+                     THEN 1 ELSE 0 END",
             )
             .bind(&*self.deployment)
             .bind(&keys)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            // Leases of mailboxes no tracked tuple names any more go (an owner finds its
-            // lease gone at its next renewal and stops).
-            sqlx::query(
-                "DELETE FROM mailbox_leases l WHERE l.deployment = $1 AND NOT EXISTS \
-                   (SELECT 1 FROM sync_tuples t WHERE t.deployment = l.deployment AND t.mailbox = l.mailbox AND t.tracked)",
-            )
-            .bind(&*self.deployment)
+            .bind(&users)
+            .bind(&mailboxes)
+            .bind(&cals)
+            .bind(&starts)
+            .bind(&ends)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
         }
-        // Every mailbox named here gets a lease row (free until a replica takes it).
-        sqlx::query(
-            "INSERT INTO mailbox_leases (deployment, mailbox) SELECT DISTINCT $1, m FROM UNNEST($2::text[]) AS t(m) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&*self.deployment)
-        .bind(&mailboxes)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        let mut untracked = 0;
+        if untrack_others {
+            let wanted: std::collections::HashSet<&str> =
+                specs.iter().map(|s| s.key.as_str()).collect();
+            let gone: Vec<&str> = stored
+                .values()
+                .filter(|r| r.6 && !wanted.contains(r.0.as_str()))
+                .map(|r| r.0.as_str())
+                .collect();
+            if !gone.is_empty() {
+                untracked = sqlx::query(
+                    "UPDATE sync_tuples SET tracked = false, updated_at = now() \
+                     WHERE deployment = $1 AND tuple_key = ANY($2::text[])",
+                )
+                .bind(&*self.deployment)
+                .bind(&gone)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected();
+            }
+            if untracked > 0 || !changed.is_empty() {
+                // Leases of mailboxes no tracked tuple names any more go (an owner finds its
+                // lease gone at its next renewal and stops).
+                sqlx::query(
+                    "DELETE FROM mailbox_leases l WHERE l.deployment = $1 AND NOT EXISTS \
+                       (SELECT 1 FROM sync_tuples t WHERE t.deployment = l.deployment AND t.mailbox = l.mailbox AND t.tracked)",
+                )
+                .bind(&*self.deployment)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            }
+        }
+        // Every mailbox named here has a lease row (free until a replica takes it).
+        let leased: Vec<String> =
+            sqlx::query_scalar("SELECT mailbox FROM mailbox_leases WHERE deployment = $1")
+                .bind(&*self.deployment)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+        let leased: std::collections::HashSet<&str> = leased.iter().map(String::as_str).collect();
+        let mut unleased: Vec<&str> = specs
+            .iter()
+            .map(|s| s.mailbox.as_str())
+            .filter(|m| !leased.contains(m))
+            .collect();
+        unleased.sort_unstable();
+        unleased.dedup();
+        if !unleased.is_empty() {
+            sqlx::query(
+                "INSERT INTO mailbox_leases (deployment, mailbox) SELECT $1, m FROM UNNEST($2::text[]) AS t(m) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&*self.deployment)
+            .bind(&unleased)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        let all: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
         let rows: Vec<TupleState> = sqlx::query_as(&format!(
             "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE deployment = $1 AND tuple_key = ANY($2::text[]) ORDER BY id"
         ))
         .bind(&*self.deployment)
-        .bind(&keys)
+        .bind(&all)
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;

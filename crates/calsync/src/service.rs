@@ -82,11 +82,10 @@ enum Note {
     Stopping,
 }
 
-fn notifier() -> (
-    std::sync::mpsc::Sender<Note>,
-    Option<std::thread::JoinHandle<()>>,
-) {
+fn notifier() -> (std::sync::mpsc::Sender<Note>, oneshot::Receiver<()>) {
     let (tx, rx) = std::sync::mpsc::channel::<Note>();
+    // Fires when every queued note was sent (the channel closed and drained).
+    let (done_tx, done_rx) = oneshot::channel::<()>();
     // Outside systemd NOTIFY_SOCKET is unset and sending is a no-op.
     let spawned = std::thread::Builder::new()
         .name("sd-notify".into())
@@ -105,14 +104,12 @@ fn notifier() -> (
                     warn!(error = %e, "cannot notify systemd");
                 }
             }
+            let _ = done_tx.send(());
         });
-    match spawned {
-        Ok(handle) => (tx, Some(handle)),
-        Err(e) => {
-            warn!(error = %e, "cannot start the systemd notifier thread");
-            (tx, None)
-        }
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start the systemd notifier thread");
     }
+    (tx, done_rx)
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
@@ -246,16 +243,10 @@ impl App {
             None => None,
         };
 
-        // The first heartbeat before READY: a lone replica syncs from its first second.
-        match keeper.cycle().await {
-            Ok(c) => {
-                info!(replica = %keeper.identity().replica, held = c.held, replicas = c.replicas, "mailbox leases taken")
-            }
-            Err(e) => warn!(error = %e, "cannot take mailbox leases yet; retrying every heartbeat"),
-        }
-        let (owned_tx, mut owned_rx) = tokio::sync::watch::channel(Arc::new(
-            engine.leases().map(|l| l.mailboxes()).unwrap_or_default(),
-        ));
+        // Leases are taken by the keeper's first heartbeat, at once and after READY: taking
+        // 100,000 of them is a statement of seconds, and the scheduler starts each calendar as
+        // soon as its mailbox is held.
+        let (owned_tx, mut owned_rx) = tokio::sync::watch::channel(Arc::new(HashSet::new()));
         let stop_keeper = CancellationToken::new();
         let mut keeper_task = tokio::spawn({
             let keeper = Arc::clone(&keeper);
@@ -272,11 +263,15 @@ impl App {
             configured = all_tuples.len(),
             "calsync running"
         );
-        let (notes, notifier_thread) = notifier();
+        let (notes, notifier_done) = notifier();
         let notify = |n: Note| {
             let _ = notes.send(n);
         };
-        notify(Note::Ready(status_line(&engine, scheduler.len())));
+        notify(Note::Ready(status_line(
+            &engine,
+            all_tuples.len(),
+            scheduler.len(),
+        )));
 
         let watchdog = sd_notify::watchdog_enabled();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -337,7 +332,7 @@ impl App {
                         all_tuples = tuples.clone();
                     }
                     let r = r.map(|(change, _)| change);
-                    notify(Note::Ready(status_line(&engine, scheduler.len())));
+                    notify(Note::Ready(status_line(&engine, all_tuples.len(), scheduler.len())));
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
                     }
@@ -367,7 +362,7 @@ impl App {
                         last_summary = Instant::now();
                     }
                     if last_status.elapsed() >= Duration::from_secs(10) {
-                        notify(Note::Status(status_line(&engine, scheduler.len())));
+                        notify(Note::Status(status_line(&engine, all_tuples.len(), scheduler.len())));
                         last_status = Instant::now();
                     }
                 }
@@ -410,10 +405,8 @@ impl App {
         // STOPPING=1 and anything queued reach systemd before the process exits (bounded: a
         // notify socket that stopped reading must not hold the exit).
         drop(notes);
-        if let Some(t) = notifier_thread {
-            let joined = tokio::task::spawn_blocking(move || t.join());
-            let _ = tokio::time::timeout(Duration::from_secs(1), joined).await;
-        }
+        // Never a blocking join: a notify socket nobody reads would hold the exit forever.
+        let _ = tokio::time::timeout(Duration::from_secs(1), notifier_done).await;
         match fatal {
             Some(e) => Err(e),
             None => Ok(()),
@@ -421,11 +414,12 @@ impl App {
     }
 }
 
-fn status_line(engine: &Engine, tuples: usize) -> String {
+fn status_line(engine: &Engine, configured: usize, scheduled: usize) -> String {
     let l = engine.liveness();
     let g = engine.gate_stats();
+    let leases = engine.leases().map_or(0, |l| l.len());
     format!(
-        "{tuples} calendars scheduled, {} rounds running, request limit {}, {} throttle waits",
+        "{configured} calendars configured, {scheduled} synced here ({leases} mailbox leases), {} rounds running, request limit {}, {} throttle waits",
         l.rounds_in_flight, g.global_limit, g.throttle_waits
     )
 }

@@ -393,9 +393,13 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
                 if users == 0 {
                     break;
                 }
-                if let Some(e) =
-                    crate::churn::random_edit(&mut st.tenant, &mut rng, (offset + i) % users, 0, &window)
-                {
+                if let Some(e) = crate::churn::random_edit(
+                    &mut st.tenant,
+                    &mut rng,
+                    (offset + i) % users,
+                    0,
+                    &window,
+                ) {
                     *done.entry(e.label()).or_default() += 1;
                 }
             }

@@ -224,7 +224,7 @@ replica = "svc-test"
     let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
     // Port 0: the daemon picked a free port and logged it before READY.
     d.http = bound_addr(&d.log()).unwrap_or_else(|| panic!("no bound address in:\n{}", d.log()));
-    assert!(ready.contains("STATUS=2 calendars scheduled"), "{ready}");
+    assert!(ready.contains("STATUS=2 calendars configured"), "{ready}");
 
     // Probes.
     assert_eq!(d.get("/healthz").await, (200, "ok\n".into()));
