@@ -378,6 +378,11 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         2 * interval.as_secs()
     );
     println!("  RSS: {}", rss.join(", "));
+    let stats = sim_admin(&sim.base, "GET", "stats").await?;
+    println!(
+        "  graph-sim: {} sync states evicted, {} answers 410 (both should be 0 here)",
+        stats["evictions"], stats["by_status"]["410"]
+    );
     println!(
         "  log lines at info: {:.2}/s",
         (l1.saturating_sub(l0)) as f64 / span

@@ -53,6 +53,10 @@ impl SimProcess {
                     "0",
                     "--seed",
                     "42",
+                    // Room for every mailbox's sync states: evictions (410s) are measured by
+                    // the fault tests, not by the benchmarks.
+                    "--cache-capacity",
+                    &(args.users as usize * 20 + 100_000).to_string(),
                 ]);
             }
         }

@@ -36,6 +36,10 @@ struct Cli {
     /// Access-token lifetime in seconds.
     #[arg(long)]
     token_lifetime: Option<i64>,
+    /// Sync states (rounds and delta states) the cache keeps before evicting the oldest with a
+    /// 410 (default 200,000): a tenant of 100,000 mailboxes needs more to serve its steady state.
+    #[arg(long)]
+    cache_capacity: Option<usize>,
     /// How series and bad tokens are served: `outlook` (as reported from production, the
     /// default) or `documented`; a scenario file can change single switches.
     #[arg(long, value_enum)]
@@ -86,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
             g.extra_calendars = v;
         }
         scenario.generate = Some(g);
+    }
+    if let Some(n) = cli.cache_capacity {
+        scenario.sim.cache_capacity = n;
     }
     if let Some(p) = cli.profile {
         scenario.sim.behaviour = graph_sim::Behaviour::of(match p {

@@ -502,6 +502,48 @@ end = "2026-04-01T00:00:00Z"
     }
 
     #[test]
+    fn a_bad_calendars_entry_is_named_by_its_index() {
+        Jail::expect_with(|jail| {
+            let extra = format!(
+                "{AUTH_AND_ONE_CALENDAR}\n[[calendars]]\nuser = \"b@x\"\ncolour = \"red\"\n"
+            );
+            let e = load_in(jail, &extra).unwrap_err();
+            assert_eq!(e.key, "calendars[1]");
+            assert!(e.message.contains("colour"), "{}", e.message);
+            let e = load_in(jail, "calendars = 3\n").unwrap_err();
+            assert_eq!(e.key, "calendars");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_service_section_names_deployment_replica_and_lease_ttl() {
+        Jail::expect_with(|jail| {
+            let cfg = format!(
+                "{AUTH_AND_ONE_CALENDAR}\n[service]\ndeployment = \"eu-1\"\nreplica = \"pod-7\"\nlease_ttl = \"8s\"\n"
+            );
+            let c = load_in(jail, &cfg).unwrap();
+            assert_eq!(
+                (
+                    c.ownership.deployment.as_str(),
+                    c.ownership.replica.as_str(),
+                    c.ownership.lease_ttl
+                ),
+                ("eu-1", "pod-7", Duration::from_secs(8))
+            );
+            for (bad, key) in [
+                ("deployment = \"a b\"", "service.deployment"),
+                ("replica = \"x/y\"", "service.replica"),
+                ("lease_ttl = \"1s\"", "service.lease_ttl"),
+            ] {
+                let cfg = format!("{AUTH_AND_ONE_CALENDAR}\n[service]\n{bad}\n");
+                assert_eq!(load_in(jail, &cfg).unwrap_err().key, key, "{bad}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
     fn calsync_variables_that_name_no_section_are_not_config_keys() {
         Jail::expect_with(|jail| {
             jail.set_env("CALSYNC_SOAK_MINUTES", "10");
