@@ -2,6 +2,7 @@
 //! transaction, guarded by the tuple's `link_version`.
 
 use crate::Store;
+use crate::batch::{LinkSave, save_links};
 use crate::error::{StoreError, db};
 use crate::page::{Details, EventRow, PageChanges, SeriesRow};
 use crate::tuples::{LinkKind, LinkStamp};
@@ -103,14 +104,9 @@ impl Store {
             // is every no-change incremental round.
             // Saved together with the links of the rounds that finish at about the same time.
             self.fault_point()?;
-            let start = match w.round_start {
-                Some(RoundStart::Full) => "full",
-                Some(RoundStart::Delta) => "delta",
-                None => "",
-            };
             let version = self
                 .batcher
-                .commit(&self.pool, w, start, self.incarnation())
+                .commit(&self.pool, w, self.incarnation())
                 .await?
                 .ok_or(StoreError::Conflict {
                     tuple_id: w.tuple_id,
@@ -222,59 +218,23 @@ impl Store {
     }
 }
 
-/// Claims the tuple and saves the link: the row lock orders concurrent writers, the version
-/// check refuses a writer that read an older link.
+/// Claims the tuple and saves the link (the same statement as a batch of link-only commits,
+/// with one row): the row lock orders concurrent writers, the version check refuses a writer
+/// that read an older link, the fence check one that lost its mailbox's lease.
 async fn claim<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     w: &PageWrite<'_>,
     committed_by: Option<&str>,
 ) -> Result<(i64, i64, bool), StoreError> {
-    let start = match w.round_start {
-        Some(RoundStart::Full) => "full",
-        Some(RoundStart::Delta) => "delta",
-        None => "",
-    };
-    let kind = w.link_kind.as_str();
-    let row: Option<(i64, i64, bool)> = sqlx::query_as(
-            "UPDATE sync_tuples SET \
-               link = $3, link_kind = $4, link_user_id = $5, link_calendar_id = $6, \
-               link_window_start = $7, link_window_end = $8, link_version = link_version + 1, \
-               full_round = full_round + CASE WHEN $9 = 'full' THEN 1 ELSE 0 END, \
-               round_is_full = CASE WHEN $9 = 'full' THEN true WHEN $9 = 'delta' THEN false ELSE round_is_full END, \
-               round_pages = CASE WHEN $9 <> '' THEN 1 ELSE round_pages + 1 END, \
-               round_started_at = CASE WHEN $9 <> '' THEN now() ELSE round_started_at END, \
-               last_attempt_at = now(), updated_at = now(), \
-               last_success_at = CASE WHEN $4 = 'delta' THEN now() ELSE last_success_at END, \
-               last_full_sync_at = CASE WHEN $4 = 'delta' AND ($9 = 'full' OR ($9 = '' AND round_is_full)) THEN now() ELSE last_full_sync_at END, \
-               state = CASE WHEN $4 = 'delta' THEN 'ok' ELSE state END, \
-               consecutive_failures = CASE WHEN $4 = 'delta' THEN 0 ELSE consecutive_failures END, \
-               last_error = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error END, \
-               last_error_code = CASE WHEN $4 = 'delta' THEN NULL ELSE last_error_code END, \
-               committed_by = $11 \
-             WHERE id = $1 AND link_version = $2 AND ($10::bigint IS NULL OR EXISTS \
-               (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
-                 WHERE l.deployment = sync_tuples.deployment AND l.mailbox = sync_tuples.mailbox \
-                   AND l.fence = $10 AND r.expires_at > now())) \
-             RETURNING link_version, full_round, round_is_full",
-        )
-        .bind(w.tuple_id)
-        .bind(w.expected_version)
-        .bind(w.link)
-        .bind(kind)
-        .bind(&w.stamp.user_id)
-        .bind(&w.stamp.calendar_id)
-        .bind(w.stamp.window_start)
-        .bind(w.stamp.window_end)
-        .bind(start)
-        .bind(w.fence)
-        .bind(committed_by)
-        .fetch_optional(exec)
-        .await
-        .map_err(db)?;
+    let save = LinkSave::of(w, committed_by);
+    let saved = save_links(exec, &[&save]).await?;
     // Which check refused the write is told apart afterwards, off the hot path.
-    row.ok_or(StoreError::Conflict {
-        tuple_id: w.tuple_id,
-    })
+    saved
+        .first()
+        .map(|r| (r.1, r.2, r.3))
+        .ok_or(StoreError::Conflict {
+            tuple_id: w.tuple_id,
+        })
 }
 
 /// The per-row arrays of the read model's detail columns, bound as `UNNEST` parameters.

@@ -4,7 +4,7 @@
 //! (`link_version`, fencing token) and gets its own answer; the statement is atomic per row,
 //! which is all a link-only commit needs.
 
-use crate::apply::PageWrite;
+use crate::apply::{PageWrite, RoundStart};
 use crate::error::{StoreError, db};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -17,7 +17,9 @@ const GATHER: Duration = Duration::from_millis(2);
 /// The most writes one statement carries.
 const MAX_BATCH: usize = 512;
 
-struct LinkWrite {
+/// A tuple's link after a page, with the checks its write must pass: what [`save_links`]
+/// saves, one row of its `UNNEST`.
+pub(crate) struct LinkSave {
     tuple_id: i64,
     expected: i64,
     link: String,
@@ -26,9 +28,37 @@ struct LinkWrite {
     calendar_id: String,
     window_start: DateTime<Utc>,
     window_end: DateTime<Utc>,
+    /// `full`, `delta` or `` (not the first page of a round).
     start: &'static str,
     fence: Option<i64>,
     committed_by: Option<String>,
+}
+
+impl LinkSave {
+    pub(crate) fn of(w: &PageWrite<'_>, committed_by: Option<&str>) -> Self {
+        LinkSave {
+            tuple_id: w.tuple_id,
+            expected: w.expected_version,
+            link: w.link.to_owned(),
+            kind: w.link_kind.as_str(),
+            user_id: w.stamp.user_id.clone(),
+            calendar_id: w.stamp.calendar_id.clone(),
+            window_start: w.stamp.window_start,
+            window_end: w.stamp.window_end,
+            start: match w.round_start {
+                Some(RoundStart::Full) => "full",
+                Some(RoundStart::Delta) => "delta",
+                None => "",
+            },
+            fence: w.fence,
+            committed_by: committed_by.map(str::to_owned),
+        }
+    }
+}
+
+/// A link save waiting in the batcher, with where its answer goes.
+struct LinkWrite {
+    save: LinkSave,
     reply: oneshot::Sender<Result<Option<i64>, StoreError>>,
 }
 
@@ -41,7 +71,7 @@ pub(crate) struct LinkBatcher {
 impl std::fmt::Debug for LinkWrite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LinkWrite")
-            .field("tuple_id", &self.tuple_id)
+            .field("tuple_id", &self.save.tuple_id)
             .finish_non_exhaustive()
     }
 }
@@ -53,7 +83,6 @@ impl LinkBatcher {
         &self,
         pool: &PgPool,
         w: &PageWrite<'_>,
-        start: &'static str,
         committed_by: Option<&str>,
     ) -> Result<Option<i64>, StoreError> {
         let tx = self.tx.get_or_init(|| {
@@ -63,17 +92,7 @@ impl LinkBatcher {
         });
         let (reply, answer) = oneshot::channel();
         let write = LinkWrite {
-            tuple_id: w.tuple_id,
-            expected: w.expected_version,
-            link: w.link.to_owned(),
-            kind: w.link_kind.as_str(),
-            user_id: w.stamp.user_id.clone(),
-            calendar_id: w.stamp.calendar_id.clone(),
-            window_start: w.stamp.window_start,
-            window_end: w.stamp.window_end,
-            start,
-            fence: w.fence,
-            committed_by: committed_by.map(str::to_owned),
+            save: LinkSave::of(w, committed_by),
             reply,
         };
         tx.send(write)
@@ -100,13 +119,11 @@ async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<LinkWrite>) {
             }
         }
         // One statement at a time: a batch never waits on another for row locks.
-        let result = save(&pool, &batch).await;
+        let saves: Vec<&LinkSave> = batch.iter().map(|w| &w.save).collect();
+        let result = save_links(&pool, &saves).await;
         for w in batch {
             let answer = match &result {
-                Ok(saved) => Ok(saved
-                    .iter()
-                    .find(|(id, _)| *id == w.tuple_id)
-                    .map(|(_, v)| *v)),
+                Ok(saved) => Ok(saved.iter().find(|r| r.0 == w.save.tuple_id).map(|r| r.1)),
                 Err(e) => Err(same_error(e)),
             };
             let _ = w.reply.send(answer);
@@ -130,15 +147,27 @@ fn same_error(e: &StoreError) -> StoreError {
     }
 }
 
-async fn save(pool: &PgPool, batch: &[LinkWrite]) -> Result<Vec<(i64, i64)>, StoreError> {
-    let col = |f: fn(&LinkWrite) -> &str| batch.iter().map(f).collect::<Vec<&str>>();
-    let ids: Vec<i64> = batch.iter().map(|w| w.tuple_id).collect();
-    let expected: Vec<i64> = batch.iter().map(|w| w.expected).collect();
-    let starts: Vec<DateTime<Utc>> = batch.iter().map(|w| w.window_start).collect();
-    let ends: Vec<DateTime<Utc>> = batch.iter().map(|w| w.window_end).collect();
-    let fences: Vec<Option<i64>> = batch.iter().map(|w| w.fence).collect();
-    let by: Vec<Option<&str>> = batch.iter().map(|w| w.committed_by.as_deref()).collect();
-    let query = sqlx::query_as::<_, (i64, i64)>(
+/// Saves each row's link in one statement, only where its `link_version` and fencing token
+/// (if any) are current: the one place a tuple's link and round state are written. Returns
+/// (tuple id, new link_version, full_round, round_is_full) for the rows saved; a row refused
+/// is absent. Used for a batch of link-only commits and, with one row, inside a page's
+/// transaction.
+pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
+    exec: E,
+    rows: &[&LinkSave],
+) -> Result<Vec<(i64, i64, i64, bool)>, StoreError> {
+    let ids: Vec<i64> = rows.iter().map(|w| w.tuple_id).collect();
+    let expected: Vec<i64> = rows.iter().map(|w| w.expected).collect();
+    let links: Vec<&str> = rows.iter().map(|w| w.link.as_str()).collect();
+    let kinds: Vec<&str> = rows.iter().map(|w| w.kind).collect();
+    let users: Vec<&str> = rows.iter().map(|w| w.user_id.as_str()).collect();
+    let cals: Vec<&str> = rows.iter().map(|w| w.calendar_id.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = rows.iter().map(|w| w.window_start).collect();
+    let ends: Vec<DateTime<Utc>> = rows.iter().map(|w| w.window_end).collect();
+    let round_starts: Vec<&str> = rows.iter().map(|w| w.start).collect();
+    let fences: Vec<Option<i64>> = rows.iter().map(|w| w.fence).collect();
+    let by: Vec<Option<&str>> = rows.iter().map(|w| w.committed_by.as_deref()).collect();
+    sqlx::query_as(
         "UPDATE sync_tuples t SET \
            link = v.link, link_kind = v.kind, link_user_id = v.u, link_calendar_id = v.c, \
            link_window_start = v.ws, link_window_end = v.we, link_version = t.link_version + 1, \
@@ -161,18 +190,20 @@ async fn save(pool: &PgPool, batch: &[LinkWrite]) -> Result<Vec<(i64, i64)>, Sto
          WHERE t.id = v.id AND t.link_version = v.expected AND (v.fence IS NULL OR EXISTS \
            (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
              WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox AND l.fence = v.fence AND r.expires_at > now())) \
-         RETURNING t.id, t.link_version",
+         RETURNING t.id, t.link_version, t.full_round, t.round_is_full",
     )
     .bind(&ids)
     .bind(&expected)
-    .bind(col(|w| &w.link))
-    .bind(col(|w| w.kind))
-    .bind(col(|w| &w.user_id))
-    .bind(col(|w| &w.calendar_id))
+    .bind(&links)
+    .bind(&kinds)
+    .bind(&users)
+    .bind(&cals)
     .bind(&starts)
     .bind(&ends)
-    .bind(col(|w| w.start))
+    .bind(&round_starts)
     .bind(&fences)
-    .bind(&by);
-    query.fetch_all(pool).await.map_err(db)
+    .bind(&by)
+    .fetch_all(exec)
+    .await
+    .map_err(db)
 }
