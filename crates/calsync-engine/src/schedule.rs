@@ -61,13 +61,15 @@ pub fn slot(due: Instant, epoch: Instant, interval: Duration) -> Instant {
 pub struct ScheduleChange {
     /// Tuples that got a task.
     pub added: Vec<String>,
-    /// Tuples whose task ends (untracked).
+    /// Tuples whose task ends (untracked, or their mailbox no longer held here): a round in
+    /// flight stops at its next page boundary.
     pub removed: Vec<String>,
     /// Same tuple, new interval: takes effect at once for a waiting task, after the round for
     /// one in flight.
     pub retimed: Vec<String>,
-    /// User, calendar or window changed: the old task ends after any round in flight, a new one
-    /// starts (the store's link_version keeps the two from both writing).
+    /// User, calendar or window changed: the old task stops at its next page boundary, and the
+    /// new one starts once it ended (registration bumped link_version, so the old round can
+    /// commit nothing more).
     pub restarted: Vec<String>,
 }
 
