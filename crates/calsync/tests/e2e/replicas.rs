@@ -21,6 +21,24 @@ fn upn(i: usize) -> String {
     format!("person{i:03}@contoso.onmicrosoft.com")
 }
 
+/// Adds a one-hour single event starting at `start` (UTC wall time, `2026-02-01T10:00:00`) to
+/// calendar `cal` of mailbox `user` (by index).
+fn add_event(
+    t: &mut graph_sim::model::Tenant,
+    user: usize,
+    cal: usize,
+    subject: &str,
+    start: &str,
+) {
+    let begin: chrono::NaiveDateTime = start.parse().unwrap();
+    let end = (begin + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let p = graph_sim::writes::EventPatch::from_json(&crate::harness::single(subject, start, &end))
+        .unwrap();
+    t.create_event(user, cal, &p).unwrap();
+}
+
 /// A simulator with `users` mailboxes of `events` singles each (inside the tests' window).
 async fn sim_with(users: usize, events: usize) -> (Sim, SimServer) {
     let sim = Sim::new(&crate::harness::sim_config());
@@ -29,12 +47,8 @@ async fn sim_with(users: usize, events: usize) -> (Sim, SimServer) {
         for i in 0..users {
             let u = st.tenant.add_user(&upn(i), None, &upn(i));
             for d in 0..events {
-                let p = graph_sim::writes::EventPatch::from_json(&json!({
-                    "subject": format!("{i} {d}"),
-                    "start": {"dateTime": format!("2026-02-{:02}T10:00:00", d % 28 + 1), "timeZone": "UTC"},
-                    "end": {"dateTime": format!("2026-02-{:02}T11:00:00", d % 28 + 1), "timeZone": "UTC"}}))
-                .unwrap();
-                st.tenant.create_event(u, 0, &p).unwrap();
+                let start = format!("2026-02-{:02}T10:00:00", d % 28 + 1);
+                add_event(&mut st.tenant, u, 0, &format!("{i} {d}"), &start);
             }
         }
     }
@@ -332,11 +346,7 @@ async fn a_one_off_command_and_a_second_deployment_leave_a_daemons_calendars_alo
     {
         let mut st = sim.lock();
         let u = st.tenant.user_index(&upn(1)).unwrap();
-        let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": "shared news",
-            "start": {"dateTime": "2026-03-03T09:00:00", "timeZone": "UTC"},
-            "end": {"dateTime": "2026-03-03T10:00:00", "timeZone": "UTC"}}))
-        .unwrap();
-        st.tenant.create_event(u, 0, &p).unwrap();
+        add_event(&mut st.tenant, u, 0, "shared news", "2026-03-03T09:00:00");
     }
     let alpha_store = store_for(&url, "alpha").await;
     let beta_store = store_for(&url, "beta").await;
@@ -426,11 +436,8 @@ async fn two_daemons_with_one_config_split_the_mailboxes_and_commit_each_page_on
         {
             let mut st = sim.lock();
             let u = st.tenant.user_index(&upn(n % 8)).unwrap();
-            let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": format!("edit {n}"),
-                "start": {"dateTime": format!("2026-03-{:02}T09:00:00", n % 28 + 1), "timeZone": "UTC"},
-                "end": {"dateTime": format!("2026-03-{:02}T10:00:00", n % 28 + 1), "timeZone": "UTC"}}))
-            .unwrap();
-            st.tenant.create_event(u, 0, &p).unwrap();
+            let start = format!("2026-03-{:02}T09:00:00", n % 28 + 1);
+            add_event(&mut st.tenant, u, 0, &format!("edit {n}"), &start);
         }
         n += 1;
         assert_eq!(bad_states(&db).await, 0, "a tuple degraded or failed");
@@ -579,12 +586,8 @@ async fn a_reload_that_moves_a_window_mid_round_converges_on_the_new_window() {
     {
         let mut st = sim.lock();
         for d in 1..=12 {
-            let p =
-                graph_sim::writes::EventPatch::from_json(&json!({"subject": format!("may {d}"),
-                "start": {"dateTime": format!("2026-05-{d:02}T10:00:00"), "timeZone": "UTC"},
-                "end": {"dateTime": format!("2026-05-{d:02}T11:00:00"), "timeZone": "UTC"}}))
-                .unwrap();
-            st.tenant.create_event(0, 0, &p).unwrap();
+            let start = format!("2026-05-{d:02}T10:00:00");
+            add_event(&mut st.tenant, 0, 0, &format!("may {d}"), &start);
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -697,11 +700,8 @@ async fn three_replicas_survive_kill_9_a_joiner_and_sigterm_and_keep_every_calen
         for u in 0..USERS {
             for c in 1..CALENDARS {
                 let id = st.tenant.add_calendar(u, &format!("Calendar {c}"));
-                let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": format!("{u}/{c}"),
-                    "start": {"dateTime": format!("2026-02-{:02}T10:00:00", c + 1), "timeZone": "UTC"},
-                    "end": {"dateTime": format!("2026-02-{:02}T11:00:00", c + 1), "timeZone": "UTC"}}))
-                .unwrap();
-                st.tenant.create_event(u, c, &p).unwrap();
+                let start = format!("2026-02-{:02}T10:00:00", c + 1);
+                add_event(&mut st.tenant, u, c, &format!("{u}/{c}"), &start);
                 let key = format!("u{u}-c{c}");
                 cals.push_str(&format!(
                     "\n[[calendars]]\nname = \"{key}\"\nuser = \"{}\"\ncalendar = \"{id}\"\nstart = \"{START}\"\nend = \"{END}\"\n",
