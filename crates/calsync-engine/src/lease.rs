@@ -59,6 +59,14 @@ impl Leases {
             .collect()
     }
 
+    /// Calls `f` with a test of whether this process is to sync a mailbox (held, not being
+    /// handed over), reading the held set in place rather than copying 100,000 names.
+    pub fn syncing<R>(&self, f: impl FnOnce(&dyn Fn(&str) -> bool) -> R) -> R {
+        let releasing = self.releasing();
+        let held = self.read();
+        f(&|m: &str| held.contains_key(m) && !releasing.contains(m))
+    }
+
     fn releasing(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.releasing.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -305,13 +313,9 @@ impl LeaseKeeper {
     }
 
     /// Heartbeats every TTL/4 until `cancel` fires; after each cycle that changed the held
-    /// set, `changed` receives it. A failed heartbeat is logged and retried at the next tick
+    /// set, `changed` counts one more (read the set with [`Leases::syncing`]). A failed heartbeat is logged and retried at the next tick
     /// (the local deadline makes the engine stop writing meanwhile).
-    pub async fn run(
-        &self,
-        cancel: CancellationToken,
-        changed: tokio::sync::watch::Sender<Arc<HashSet<String>>>,
-    ) {
+    pub async fn run(&self, cancel: CancellationToken, changed: tokio::sync::watch::Sender<u64>) {
         let mut tick = tokio::time::interval(self.identity.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -326,7 +330,7 @@ impl LeaseKeeper {
                     if first {
                         tracing::info!(replica = %self.identity.replica, held = c.held, replicas = c.replicas, "mailbox leases taken");
                         first = false;
-                        changed.send_replace(Arc::new(self.leases.mailboxes()));
+                        changed.send_modify(|n| *n += 1);
                         continue;
                     }
                     if failing {
@@ -343,7 +347,7 @@ impl LeaseKeeper {
                             lost = c.lost,
                             "mailbox leases changed"
                         );
-                        changed.send_replace(Arc::new(self.leases.mailboxes()));
+                        changed.send_modify(|n| *n += 1);
                     }
                 }
                 Err(e) => {

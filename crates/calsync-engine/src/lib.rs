@@ -177,7 +177,16 @@ struct Inner {
     leases: std::sync::OnceLock<Arc<Leases>>,
     /// Rounds since the last [`Engine::take_tally`]: for the service's periodic summary.
     tally: [std::sync::atomic::AtomicU64; 3],
+    /// Rounds allowed under way at once ([`ROUNDS_PER_REQUEST`] × `max_in_flight`). A round's
+    /// state is several kilobytes; when 100,000 calendars fall due together (the start, a
+    /// restart) the others wait here, for a few bytes each, instead of as started rounds queued
+    /// on the gate and the pool (that backlog took the daemon to 950 MiB at 100,000).
+    round_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Rounds under way per request slot (`max_in_flight`): enough to keep every slot busy while
+/// other rounds are between requests (committing a page, parsing one, waiting for a mailbox).
+pub const ROUNDS_PER_REQUEST: usize = 4;
 
 /// Rounds ended since the last [`Engine::take_tally`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -298,7 +307,6 @@ impl Engine {
                 graph,
                 store,
                 gate,
-                settings,
                 cursors: Default::default(),
                 malformed_runs: Default::default(),
                 born: std::time::Instant::now(),
@@ -307,8 +315,21 @@ impl Engine {
                 running: Default::default(),
                 leases: Default::default(),
                 tally: Default::default(),
+                round_slots: Arc::new(tokio::sync::Semaphore::new(
+                    ROUNDS_PER_REQUEST * settings.max_in_flight.max(1),
+                )),
+                settings,
             }),
         }
+    }
+
+    /// Waits until this process may start another round; the round holds the permit until it
+    /// ends. `None` only if the semaphore were closed, which nothing does.
+    pub(crate) async fn round_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.inner.round_slots)
+            .acquire_owned()
+            .await
+            .ok()
     }
 
     pub(crate) fn touch(&self) {
@@ -448,6 +469,12 @@ impl Engine {
     /// The Graph client it drives.
     pub fn graph(&self) -> &GraphClient {
         &self.inner.graph
+    }
+
+    /// Forgets the request gate's state of mailboxes with nothing in flight, waiting, owed or
+    /// deferred; a service calls it periodically.
+    pub fn forget_idle_mailboxes(&self) {
+        self.inner.gate.forget_idle();
     }
 
     /// What the request gate has done: throttle waits, the adaptive limit.

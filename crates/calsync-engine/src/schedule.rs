@@ -7,7 +7,9 @@
 
 use crate::outcome::{Health, Outcome};
 use crate::{Engine, SyncSettings, Tuple};
+use futures_util::FutureExt;
 use rand::Rng;
+use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -107,6 +109,30 @@ impl Drop for EndGuard {
     }
 }
 
+/// A running tuple, keyed by its name without a copy of it.
+#[derive(Debug, Clone)]
+struct ByKey(Arc<Tuple>);
+
+impl Borrow<str> for ByKey {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+impl std::hash::Hash for ByKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.key.hash(h)
+    }
+}
+
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for ByKey {}
+
 #[derive(Debug)]
 struct Running {
     /// What the task was started for (user, calendar, window), to tell a retime from a change.
@@ -129,7 +155,7 @@ pub struct Scheduler {
     engine: Engine,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    running: HashMap<String, Running>,
+    running: HashMap<ByKey, Running>,
     /// Tasks told to stop that may not have ended yet: a new task of the same tuple waits for
     /// its predecessor, so two rounds of one tuple never overlap in this process.
     ending: HashMap<String, Arc<Control>>,
@@ -178,25 +204,25 @@ impl Scheduler {
     /// Makes the running set equal `tuples`. Tasks of tuples no longer in it are stopped:
     /// a round in flight stops at its next page boundary (its committed pages stand). A tuple
     /// whose user, calendar or window changed gets a new task that starts once the old one ended.
-    pub fn apply(&mut self, tuples: Vec<Tuple>) -> ScheduleChange {
+    pub fn apply(&mut self, tuples: Vec<Arc<Tuple>>) -> ScheduleChange {
         self.ending.retain(|_, c| !c.ended.load(Ordering::Acquire));
         let mut change = ScheduleChange::default();
         let wanted: HashSet<&str> = tuples.iter().map(|t| t.key.as_str()).collect();
-        let gone: Vec<String> = self
+        let gone: Vec<ByKey> = self
             .running
             .keys()
-            .filter(|k| !wanted.contains(k.as_str()))
+            .filter(|k| !wanted.contains(k.0.key.as_str()))
             .cloned()
             .collect();
         for key in gone {
             if let Some(r) = self.running.remove(&key) {
                 r.control.stop();
-                self.ending.insert(key.clone(), r.control);
-                change.removed.push(key);
+                self.ending.insert(key.0.key.clone(), r.control);
+                change.removed.push(key.0.key.clone());
             }
         }
         for t in tuples {
-            match self.running.get_mut(&t.key) {
+            match self.running.get_mut(t.key.as_str()) {
                 Some(r) if r.identity == identity(&t) => {
                     if r.interval != t.interval {
                         r.interval = t.interval;
@@ -205,7 +231,7 @@ impl Scheduler {
                     }
                 }
                 Some(_) => {
-                    if let Some(old) = self.running.remove(&t.key) {
+                    if let Some(old) = self.running.remove(t.key.as_str()) {
                         old.control.stop();
                         self.ending.insert(t.key.clone(), old.control);
                     }
@@ -230,40 +256,39 @@ impl Scheduler {
         change
     }
 
-    fn spawn(&mut self, tuple: Tuple) {
+    fn spawn(&mut self, tuple: Arc<Tuple>) {
         let control = Arc::new(Control::default());
         control
             .interval_ms
             .store(tuple.interval.as_millis() as u64, Ordering::Relaxed);
         self.running.insert(
-            tuple.key.clone(),
+            ByKey(Arc::clone(&tuple)),
             Running {
                 identity: identity(&tuple),
                 interval: tuple.interval,
                 control: Arc::clone(&control),
             },
         );
-        let engine = self.engine.clone();
-        let shutdown = self.shutdown.clone();
+        let predecessor = self.ending.remove(&*tuple.key);
         let died = self.died_tx.clone();
-        let key = tuple.key.clone();
-        let predecessor = self.ending.remove(&key);
-        let epoch = self.epoch;
-        self.tracker.spawn(async move {
-            let _ended = EndGuard(Arc::clone(&control));
-            if let Some(old) = predecessor {
-                tokio::select! {
-                    _ = old.wait_ended() => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-            let task =
-                std::panic::AssertUnwindSafe(engine.tuple_loop(tuple, control, shutdown, epoch));
-            if let Err(panic) = futures_util::FutureExt::catch_unwind(task).await {
+        let who = Arc::clone(&tuple);
+        // No async block around the loop: its captures would be kept beside the loop's own
+        // copies for the task's whole life. An idle task is what 100,000 calendars cost.
+        let task = std::panic::AssertUnwindSafe(self.engine.clone().tuple_loop(
+            tuple,
+            control,
+            predecessor,
+            self.shutdown.clone(),
+            self.epoch,
+        ))
+        .catch_unwind()
+        .map(move |ended| {
+            if let Err(panic) = ended {
                 let what = crate::outcome::panic_message(panic.as_ref());
-                let _ = died.send(format!("tuple {key}: {what}"));
+                let _ = died.send(format!("tuple {}: {what}", who.key));
             }
         });
+        self.tracker.spawn(task);
     }
 
     /// Waits until every task has stopped (after `shutdown` fired).
@@ -298,6 +323,13 @@ impl Control {
         }
     }
 
+    /// Returns once the task was told to stop (a retime meanwhile is read after the round).
+    async fn stop_requested(&self) {
+        while !self.stopped() {
+            self.changed.notified().await;
+        }
+    }
+
     fn retime(&self, interval: Duration) {
         self.interval_ms
             .store(interval.as_millis() as u64, Ordering::Relaxed);
@@ -318,23 +350,33 @@ impl Engine {
     /// to reach a safe point.
     pub async fn run(&self, tuples: Vec<Tuple>, cancel: CancellationToken) {
         let mut scheduler = Scheduler::new(self.clone(), cancel);
-        scheduler.apply(tuples);
+        scheduler.apply(tuples.into_iter().map(Arc::new).collect());
         scheduler.wait().await;
     }
 
     async fn tuple_loop(
         self,
-        tuple: Tuple,
+        tuple: Arc<Tuple>,
         control: Arc<Control>,
+        predecessor: Option<Arc<Control>>,
         cancel: CancellationToken,
         epoch: Instant,
     ) {
+        let _ended = EndGuard(Arc::clone(&control));
+        if let Some(old) = predecessor {
+            tokio::select! {
+                _ = old.wait_ended() => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
         let spread = tuple.interval.min(self.settings().startup_spread);
         let first =
             Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=spread.as_secs_f64()));
         let mut started = Instant::now();
         let mut due = slot(started + first, epoch, tuple.interval);
-        let mut last: Option<(Outcome, u32)> = None;
+        // The last round's health (`None`: synced) and the failures in a row: all a retime
+        // needs of it, kept small because every idle task holds it.
+        let mut last: Option<(Option<Health>, u32)> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -344,16 +386,29 @@ impl Engine {
                         return;
                     }
                     // A new interval: the wait restarts from the last round's start.
-                    if let Some((outcome, failures)) = &last {
+                    if let Some((health, failures)) = last {
+                        let outcome = match health {
+                            None => Outcome::Synced(Default::default()),
+                            Some(health) => Outcome::Failed(crate::outcome::Failure {
+                                health,
+                                code: String::new(),
+                                message: String::new(),
+                            }),
+                        };
                         let jitter = rand::thread_rng().gen_range(-1.0..=1.0);
                         let delay =
-                            next_delay(outcome, control.interval(), *failures, self.settings(), jitter);
+                            next_delay(&outcome, control.interval(), failures, self.settings(), jitter);
                         due = (started + delay).max(Instant::now() + Duration::from_millis(10));
                     }
                     continue;
                 }
             }
             started = Instant::now();
+            let _slot = tokio::select! {
+                slot = self.round_slot() => slot,
+                _ = cancel.cancelled() => return,
+                _ = control.stop_requested() => return,
+            };
             // Stopping the task (a reload, a lease handed over) stops its round at the next
             // page boundary: the page in hand is committed first.
             let soft = CancellationToken::new();
@@ -361,7 +416,7 @@ impl Engine {
             if control.stopped() {
                 return;
             }
-            let outcome = Box::pin(self.sync_tuple_until(&tuple, &cancel, Some(&soft))).await;
+            let outcome = self.boxed_round(&tuple, &cancel, &soft).await;
             *control.round_token() = None;
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
@@ -384,8 +439,24 @@ impl Engine {
                 epoch,
                 control.interval(),
             );
-            last = Some((outcome, failures));
+            let health = match &outcome {
+                Outcome::Failed(f) => Some(f.health),
+                Outcome::Synced(_) | Outcome::Interrupted => None,
+            };
+            last = Some((health, failures));
         }
+    }
+
+    /// The round as a boxed future, built outside `tuple_loop`'s own state machine: a round's
+    /// future is several kilobytes, and were it built inline the compiler would reserve room for
+    /// it in every tuple's task, idle or not (6.5 KB a task; 650 MB at 100,000 calendars).
+    fn boxed_round<'a>(
+        &'a self,
+        tuple: &'a Tuple,
+        cancel: &'a CancellationToken,
+        soft: &'a CancellationToken,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(self.sync_tuple_until(tuple, cancel, Some(soft)))
     }
 
     /// One complete round for every tuple, concurrently within the request limits.
@@ -399,9 +470,14 @@ impl Engine {
         for t in tuples.iter().cloned() {
             let engine = self.clone();
             let cancel = cancel.clone();
+            // Spawned only once it may run: a round's state is kilobytes (see `round_slots`).
+            let slot = self.round_slot().await;
             let task = set.spawn({
                 let t = t.clone();
-                async move { engine.sync_tuple(&t, &cancel).await }
+                async move {
+                    let _slot = slot;
+                    engine.sync_tuple(&t, &cancel).await
+                }
             });
             by_task.insert(task.id(), t);
         }

@@ -227,7 +227,12 @@ impl Store {
         specs: &[TupleSpec],
         untrack_others: bool,
     ) -> Result<Vec<TupleState>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        // A connection of its own, closed afterwards: the statements below carry every
+        // calendar (megabytes at 100,000), and a pooled connection would keep buffers of that
+        // size for the life of the process.
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        conn.close_on_drop();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
         // What is stored already: a restart with 100,000 unchanged calendars writes nothing.
         type Stored = (
             String,

@@ -160,7 +160,7 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
     let (mine, theirs): (Vec<Tuple>, Vec<Tuple>) =
         tuples.into_iter().partition(|t| held.contains(&t.mailbox));
     let cancel = CancellationToken::new();
-    let (changed, _) = tokio::sync::watch::channel(Default::default());
+    let (changed, _) = tokio::sync::watch::channel(0);
     let result = tokio::select! {
         o = engine.sync_all_once(&mine, &cancel) => Ok(o),
         _ = keeper.run(cancel.clone(), changed) => Err(anyhow::anyhow!("the lease keeper stopped")),

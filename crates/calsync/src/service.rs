@@ -9,7 +9,6 @@ use calsync_engine::{Engine, LeaseKeeper, ScheduleChange, Scheduler, Tuple};
 use calsync_store::ReplicaKind;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sd_notify::NotifyState;
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -246,18 +245,23 @@ impl App {
         // Leases are taken by the keeper's first heartbeat, at once and after READY: taking
         // 100,000 of them is a statement of seconds, and the scheduler starts each calendar as
         // soon as its mailbox is held.
-        let (owned_tx, mut owned_rx) = tokio::sync::watch::channel(Arc::new(HashSet::new()));
+        let (owned_tx, mut owned_rx) = tokio::sync::watch::channel(0u64);
         let stop_keeper = CancellationToken::new();
         let mut keeper_task = tokio::spawn({
             let keeper = Arc::clone(&keeper);
             let stop = stop_keeper.clone();
             async move { keeper.run(stop, owned_tx).await }
         });
-        let mut all_tuples = tuples;
-        scheduler.apply(owned_tuples(&all_tuples, &owned_rx.borrow_and_update()));
+        // One copy of each calendar, shared by this list and its task.
+        let mut all_tuples = shared_tuples(tuples);
+        owned_rx.borrow_and_update();
+        scheduler.apply(owned_tuples(&engine, &all_tuples));
         shared.scheduler_running.store(true, Ordering::Relaxed);
         shared.tick();
         let mut current = cfg;
+        // Registered: the config's own list of calendars is not read again (a reload brings
+        // its own), and at 100,000 calendars it is megabytes.
+        drop(std::mem::take(&mut current.tuples));
         info!(
             tuples = scheduler.len(),
             configured = all_tuples.len(),
@@ -309,9 +313,9 @@ impl App {
                     break;
                 }
                 Ok(()) = owned_rx.changed() => {
-                    let owned = Arc::clone(&owned_rx.borrow_and_update());
-                    let change = scheduler.apply(owned_tuples(&all_tuples, &owned));
-                    info!(mailboxes = owned.len(), tuples = scheduler.len(), started = change.added.len(),
+                    owned_rx.borrow_and_update();
+                    let change = scheduler.apply(owned_tuples(&engine, &all_tuples));
+                    info!(mailboxes = engine.leases().map_or(0, |l| l.len()), tuples = scheduler.len(), started = change.added.len(),
                           stopped = change.removed.len(), "the calendars this replica syncs changed");
                 }
                 died = scheduler.task_died() => {
@@ -328,10 +332,10 @@ impl App {
                 } => {
                     notify(Note::Reloading);
                     let r = reload(&mut scheduler, &engine, &keeper, &mut current, config_path.as_deref()).await;
-                    if let Ok((_, tuples)) = &r {
-                        all_tuples = tuples.clone();
-                    }
-                    let r = r.map(|(change, _)| change);
+                    let r = r.map(|(change, tuples)| {
+                        all_tuples = tuples;
+                        change
+                    });
                     notify(Note::Ready(status_line(&engine, all_tuples.len(), scheduler.len())));
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
@@ -340,6 +344,7 @@ impl App {
                 _ = tick.tick() => {
                     shared.tick();
                     engine.cancel_stuck_rounds(engine.settings().stuck_round_after);
+                    engine.forget_idle_mailboxes();
                     if let Some(m) = &shared.metrics {
                         m.run_upkeep();
                     }
@@ -440,7 +445,7 @@ async fn reload(
     keeper: &LeaseKeeper,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<(ScheduleChange, Vec<Tuple>), String> {
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
     let result = reload_inner(scheduler, engine, keeper, current, path).await;
     match &result {
         Ok((a, _)) => info!(
@@ -458,7 +463,7 @@ async fn reload_inner(
     keeper: &LeaseKeeper,
     current: &mut Config,
     path: Option<&std::path::Path>,
-) -> Result<(ScheduleChange, Vec<Tuple>), String> {
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
     let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
     let new = raw.validate().map_err(|e| e.to_string())?;
     let restart_needed = current.needs_restart_for(&new);
@@ -478,16 +483,17 @@ async fn reload_inner(
             ..t.clone()
         })
         .collect();
-    let tuples = engine
-        .register(&configs)
-        .await
-        .map_err(|e| format!("cannot register the calendars: {e}"))?;
+    let tuples = shared_tuples(
+        engine
+            .register(&configs)
+            .await
+            .map_err(|e| format!("cannot register the calendars: {e}"))?,
+    );
     // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
     if let Err(e) = keeper.cycle().await {
         warn!(error = %e, "cannot renew mailbox leases during the reload");
     }
-    let owned = engine.leases().map(|l| l.mailboxes()).unwrap_or_default();
-    let applied = scheduler.apply(owned_tuples(&tuples, &owned));
+    let applied = scheduler.apply(owned_tuples(engine, &tuples));
     if new.on_remove == OnRemove::Purge {
         // Only this deployment's untracked tuples: other deployments' rows are theirs.
         match engine.store().purge_untracked().await {
@@ -498,17 +504,29 @@ async fn reload_inner(
             }
         }
     }
-    current.tuples = new.tuples.clone();
     current.on_remove = new.on_remove;
     Ok((applied, tuples))
 }
 
+/// Each calendar once, shared by the configured list and its task. (Collected in place, the
+/// list would keep the buffer of the `Tuple`s, twenty times its size: 16 MB at 100,000.)
+fn shared_tuples(tuples: Vec<Tuple>) -> Vec<Arc<Tuple>> {
+    let mut shared: Vec<Arc<Tuple>> = tuples.into_iter().map(Arc::new).collect();
+    shared.shrink_to_fit();
+    shared
+}
+
 /// The configured tuples whose mailbox this replica holds.
-fn owned_tuples(all: &[Tuple], owned: &HashSet<String>) -> Vec<Tuple> {
-    all.iter()
-        .filter(|t| owned.contains(&t.mailbox))
-        .cloned()
-        .collect()
+fn owned_tuples(engine: &Engine, all: &[Arc<Tuple>]) -> Vec<Arc<Tuple>> {
+    let Some(leases) = engine.leases() else {
+        return Vec::new();
+    };
+    leases.syncing(|syncs| {
+        all.iter()
+            .filter(|t| syncs(&t.mailbox))
+            .map(Arc::clone)
+            .collect()
+    })
 }
 
 /// Asks the main loop to reload; for POST /reload.
