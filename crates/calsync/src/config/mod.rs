@@ -335,14 +335,25 @@ impl RawConfig {
             }
             let text = std::fs::read_to_string(path)
                 .map_err(|e| bad("--config", format!("cannot read {}: {e}", path.display())))?;
-            let mut table: toml::Table = text
-                .parse()
-                .map_err(|e: toml::de::Error| bad("config", e.message().to_owned()))?;
             // [[calendars]] are read on their own, straight into their type: through figment's
-            // value tree, 100,000 of them took seconds of a start.
-            if let Some(list) = table.remove("calendars") {
-                calendars = calendar_entries(list)?;
-            }
+            // value tree, 100,000 of them took seconds of a start, and even a `toml::Table` of
+            // them is ~300 MB at its peak. Only a file with an error is read again as a tree, so
+            // the message can name the entry (`calendars[3]`).
+            let table = match toml::from_str::<Document>(&text) {
+                Ok(doc) => {
+                    calendars = doc.calendars;
+                    doc.rest
+                }
+                Err(_) => {
+                    let mut table: toml::Table = text
+                        .parse()
+                        .map_err(|e: toml::de::Error| bad("config", e.message().to_owned()))?;
+                    if let Some(list) = table.remove("calendars") {
+                        calendars = calendar_entries(list)?;
+                    }
+                    table
+                }
+            };
             fig = fig.merge(Serialized::defaults(table));
         }
         fig = fig.merge(
@@ -368,6 +379,15 @@ impl RawConfig {
         raw.calendars = calendars;
         Ok(raw)
     }
+}
+
+/// A config file: its calendars in their type, every other section as a table for figment.
+#[derive(serde::Deserialize)]
+struct Document {
+    #[serde(default)]
+    calendars: Vec<RawCalendar>,
+    #[serde(flatten)]
+    rest: toml::Table,
 }
 
 /// `[[calendars]]` as written, each entry read on its own so an error names its index.
