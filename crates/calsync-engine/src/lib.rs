@@ -526,15 +526,11 @@ impl Engine {
                 window_end: c.window.end,
             })
             .collect();
-        let states = if reconcile {
-            self.inner.store.register_tuples(&specs).await?
+        let ids = if reconcile {
+            self.inner.store.register_tuple_ids(&specs).await?
         } else {
-            self.inner.store.add_tuples(&specs).await?
+            self.inner.store.add_tuple_ids(&specs).await?
         };
-        let ids: std::collections::HashMap<&str, i64> = states
-            .iter()
-            .map(|s| (s.tuple_key.as_str(), s.id))
-            .collect();
         Ok(configs
             .iter()
             .zip(specs)

@@ -290,6 +290,51 @@ mod tests {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn registration_answers_every_tuple_id_whether_written_or_unchanged(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        let start = "2026-01-01T00:00:00Z".parse().unwrap();
+        let spec = |key: &str, days: i64| TupleSpec {
+            key: key.into(),
+            user_id: format!("{key}@x"),
+            mailbox: format!("{key}@x"),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: start + chrono::Duration::days(days),
+        };
+        let first = store
+            .register_tuple_ids(&[spec("a", 30), spec("b", 30)])
+            .await
+            .unwrap();
+        // b unchanged, a's window moved, c new: three ids, a and b keep theirs.
+        let second = store
+            .register_tuple_ids(&[spec("a", 60), spec("b", 30), spec("c", 30)])
+            .await
+            .unwrap();
+        assert_eq!(second.len(), 3, "{second:?}");
+        assert_eq!((second["a"], second["b"]), (first["a"], first["b"]));
+        let states = store.add_tuples(&[spec("b", 30)]).await.unwrap();
+        assert_eq!(
+            states
+                .iter()
+                .map(|s| (s.tuple_key.as_str(), s.id))
+                .collect::<Vec<_>>(),
+            vec![("b", first["b"])],
+            "an unchanged tuple's state is read back by its id"
+        );
+        let (ids, keys): (Vec<i64>, Vec<String>) = sqlx::query_as::<_, (i64, String)>(
+            "SELECT id, tuple_key FROM sync_tuples WHERE tracked ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .unzip();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(ids, [second["a"], second["b"], second["c"]]);
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn a_value_postgresql_refuses_quarantines_its_item_and_the_page_commits(pool: PgPool) {
         use crate::page::{Details, EventRow, PageOp, reduce};
         let store = Store::from_pool(pool.clone());

@@ -5,6 +5,7 @@ use crate::Store;
 use crate::error::{StoreError, db};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::collections::HashMap;
 
 /// What identifies a tracked tuple, as the config says it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,21 +213,51 @@ impl Store {
         &self,
         specs: &[TupleSpec],
     ) -> Result<Vec<TupleState>, StoreError> {
-        self.register(specs, true).await
+        let ids = self.register(specs, true).await?;
+        self.states_of(ids).await
     }
 
     /// Records these tuples (new ones added, changed ones updated) and leaves every other tuple
     /// as it is: what a one-off command (`sync-once`) does, which must never untrack the
     /// daemon's calendars.
     pub async fn add_tuples(&self, specs: &[TupleSpec]) -> Result<Vec<TupleState>, StoreError> {
+        let ids = self.register(specs, false).await?;
+        self.states_of(ids).await
+    }
+
+    /// [`Store::register_tuples`], answering only each tuple's id by its key: what a start
+    /// needs, without reading back 100,000 rows and their links.
+    pub async fn register_tuple_ids(
+        &self,
+        specs: &[TupleSpec],
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        self.register(specs, true).await
+    }
+
+    /// [`Store::add_tuples`], answering only each tuple's id by its key.
+    pub async fn add_tuple_ids(
+        &self,
+        specs: &[TupleSpec],
+    ) -> Result<HashMap<String, i64>, StoreError> {
         self.register(specs, false).await
+    }
+
+    async fn states_of(&self, ids: HashMap<String, i64>) -> Result<Vec<TupleState>, StoreError> {
+        let ids: Vec<i64> = ids.into_values().collect();
+        sqlx::query_as(&format!(
+            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE id = ANY($1::bigint[]) ORDER BY id"
+        ))
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
     }
 
     async fn register(
         &self,
         specs: &[TupleSpec],
         untrack_others: bool,
-    ) -> Result<Vec<TupleState>, StoreError> {
+    ) -> Result<HashMap<String, i64>, StoreError> {
         // A connection of its own, closed afterwards: the statements below carry every
         // calendar (megabytes at 100,000), and a pooled connection would keep buffers of that
         // size for the life of the process.
@@ -242,17 +273,17 @@ impl Store {
             DateTime<Utc>,
             DateTime<Utc>,
             bool,
+            i64,
         );
         let stored: Vec<Stored> = sqlx::query_as(
-            "SELECT tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked \
+            "SELECT tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked, id \
              FROM sync_tuples WHERE deployment = $1",
         )
         .bind(&*self.deployment)
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let stored: std::collections::HashMap<&str, &Stored> =
-            stored.iter().map(|r| (r.0.as_str(), r)).collect();
+        let stored: HashMap<&str, &Stored> = stored.iter().map(|r| (r.0.as_str(), r)).collect();
         let changed: Vec<&TupleSpec> = specs
             .iter()
             .filter(|s| {
@@ -275,11 +306,12 @@ impl Store {
         let cals: Vec<&str> = changed.iter().map(|s| s.calendar_id.as_str()).collect();
         let starts: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_start).collect();
         let ends: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_end).collect();
+        let mut ids: HashMap<String, i64> = HashMap::with_capacity(specs.len());
         if !changed.is_empty() {
             // A changed user, calendar or window bumps link_version: a round of the old
             // identity still in flight (a reload's old task, another process) can then commit
             // nothing.
-            sqlx::query(
+            let written: Vec<(String, i64)> = sqlx::query_as(
                 "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked) \
                  SELECT $1, k, u, m, c, s, e, true FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) AS t(k, u, m, c, s, e) \
                  ON CONFLICT (deployment, tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, mailbox = EXCLUDED.mailbox, \
@@ -288,7 +320,8 @@ impl Store {
                    link_version = sync_tuples.link_version + CASE WHEN \
                      (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end) \
                      IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end) \
-                     THEN 1 ELSE 0 END",
+                     THEN 1 ELSE 0 END \
+                 RETURNING tuple_key, id",
             )
             .bind(&*self.deployment)
             .bind(&keys)
@@ -297,9 +330,10 @@ impl Store {
             .bind(&cals)
             .bind(&starts)
             .bind(&ends)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db)?;
+            ids.extend(written);
         }
         let mut untracked = 0;
         if untrack_others {
@@ -361,17 +395,16 @@ impl Store {
             .await
             .map_err(db)?;
         }
-        let all: Vec<&str> = specs.iter().map(|s| s.key.as_str()).collect();
-        let rows: Vec<TupleState> = sqlx::query_as(&format!(
-            "SELECT {TUPLE_COLUMNS} FROM sync_tuples WHERE deployment = $1 AND tuple_key = ANY($2::text[]) ORDER BY id"
-        ))
-        .bind(&*self.deployment)
-        .bind(&all)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok(rows)
+        // Unchanged tuples keep the ids read at the start; written ones got theirs back.
+        for s in specs {
+            if !ids.contains_key(&s.key) {
+                if let Some(r) = stored.get(s.key.as_str()) {
+                    ids.insert(s.key.clone(), r.7);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// The stored state of one tuple.
