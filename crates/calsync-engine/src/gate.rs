@@ -203,7 +203,7 @@ impl RequestGate {
         }
     }
 
-    /// Drops every idle mailbox entry ([`RequestGate::forget_if_idle`]): with a budget, an entry
+    /// Drops every idle mailbox entry (as a release does): with a budget, an entry
     /// owes a little of it just after each request, so it is forgotten by this periodic sweep.
     pub fn forget_idle(&self) {
         let now = Instant::now();
