@@ -211,7 +211,8 @@ impl RequestGate {
     }
 
     /// Mailboxes the gate keeps state for now.
-    pub fn mailboxes_tracked(&self) -> usize {
+    #[cfg(test)]
+    fn mailboxes_tracked(&self) -> usize {
         self.mailboxes().len()
     }
 

@@ -313,8 +313,9 @@ impl LeaseKeeper {
     }
 
     /// Heartbeats every TTL/4 until `cancel` fires; after each cycle that changed the held
-    /// set, `changed` counts one more (read the set with [`Leases::syncing`]). A failed heartbeat is logged and retried at the next tick
-    /// (the local deadline makes the engine stop writing meanwhile).
+    /// set, `changed` counts one more (read the set with [`Leases::syncing`]). A failed
+    /// heartbeat is logged and retried at the next tick (the local deadline makes the engine
+    /// stop writing meanwhile).
     pub async fn run(&self, cancel: CancellationToken, changed: tokio::sync::watch::Sender<u64>) {
         let mut tick = tokio::time::interval(self.identity.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
