@@ -219,6 +219,7 @@ fn tuple_configs(users: u32, prefix: &str) -> Vec<TupleConfig> {
             user: format!("user{i:04}@contoso.onmicrosoft.com"),
             calendar: CalendarRef::Default,
             window: window(),
+            rolling: None,
             interval: None,
         })
         .collect()

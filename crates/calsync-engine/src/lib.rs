@@ -12,11 +12,13 @@ pub mod outcome;
 pub mod round;
 pub mod schedule;
 mod series;
+pub mod window;
 
 pub use gate::{Budget, GateStats, RequestGate};
 pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};
 pub use schedule::{ScheduleChange, Scheduler};
+pub use window::{Edge, Rebase, WindowSpec};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
 use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};
@@ -92,6 +94,9 @@ pub struct TupleConfig {
     pub calendar: CalendarRef,
     /// The calendarView window.
     pub window: ViewWindow,
+    /// What `window` is computed from when an edge is an offset from now: the window is
+    /// re-based as time passes ([`Rebase`]). `None`: a fixed window.
+    pub rolling: Option<WindowSpec>,
     /// Its own interval; `None` uses [`SyncSettings::interval`].
     pub interval: Option<Duration>,
 }
@@ -109,6 +114,8 @@ pub struct Tuple {
     pub calendar: CalendarRef,
     /// The calendarView window.
     pub window: ViewWindow,
+    /// What `window` is computed from when it rolls; `None`: a fixed window.
+    pub rolling: Option<WindowSpec>,
     /// Time between its rounds.
     pub interval: Duration,
     /// The mailbox's directory object id when it is known (else `user` as configured): the key
@@ -117,6 +124,18 @@ pub struct Tuple {
 }
 
 impl Tuple {
+    /// The tuple as configured (its interval explicit).
+    pub fn config(&self) -> TupleConfig {
+        TupleConfig {
+            key: self.key.clone(),
+            user: self.user.clone(),
+            calendar: self.calendar.clone(),
+            window: self.window,
+            rolling: self.rolling,
+            interval: Some(self.interval),
+        }
+    }
+
     /// The calendar's id, or `default`, for logs and status.
     pub fn calendar_name(&self) -> &str {
         match &self.calendar {
@@ -182,6 +201,38 @@ struct Inner {
     /// restart) the others wait here, for a few bytes each, instead of as started rounds queued
     /// on the gate and the pool (that backlog took the daemon to 950 MiB at 100,000).
     round_slots: Arc<tokio::sync::Semaphore>,
+    /// The metrics every round records, registered once (at the first round, when the
+    /// service's recorder is in place): a `counter!` with labels looks its series up by hashing
+    /// the labels each time, and a no-change round recorded nine of them.
+    hot: std::sync::OnceLock<HotMetrics>,
+}
+
+/// Handles to the series a round records on its common path.
+#[derive(Debug)]
+pub(crate) struct HotMetrics {
+    pub(crate) rounds_synced: metrics::Counter,
+    pub(crate) round_duration: metrics::Histogram,
+    pub(crate) upserted: metrics::Counter,
+    pub(crate) removed: metrics::Counter,
+    pub(crate) swept: metrics::Counter,
+    pub(crate) resyncs: metrics::Counter,
+    pub(crate) pages_applied: metrics::Counter,
+    pub(crate) responses_ok: metrics::Counter,
+}
+
+impl HotMetrics {
+    fn register() -> Self {
+        HotMetrics {
+            rounds_synced: metrics::counter!("calsync_rounds_total", "outcome" => "synced"),
+            round_duration: metrics::histogram!("calsync_round_duration_seconds"),
+            upserted: metrics::counter!("calsync_events_applied_total", "kind" => "upsert"),
+            removed: metrics::counter!("calsync_events_applied_total", "kind" => "remove"),
+            swept: metrics::counter!("calsync_events_applied_total", "kind" => "swept"),
+            resyncs: metrics::counter!("calsync_resyncs_total"),
+            pages_applied: metrics::counter!("calsync_pages_total", "outcome" => "applied"),
+            responses_ok: metrics::counter!("calsync_graph_responses_total", "status" => "200", "code" => ""),
+        }
+    }
 }
 
 /// Rounds under way per request slot (`max_in_flight`): enough to keep every slot busy while
@@ -315,6 +366,7 @@ impl Engine {
                 running: Default::default(),
                 leases: Default::default(),
                 tally: Default::default(),
+                hot: Default::default(),
                 round_slots: Arc::new(tokio::sync::Semaphore::new(
                     ROUNDS_PER_REQUEST * settings.max_in_flight.max(1),
                 )),
@@ -330,6 +382,10 @@ impl Engine {
             .acquire_owned()
             .await
             .ok()
+    }
+
+    pub(crate) fn hot_metrics(&self) -> &HotMetrics {
+        self.inner.hot.get_or_init(HotMetrics::register)
     }
 
     pub(crate) fn touch(&self) {
@@ -542,6 +598,7 @@ impl Engine {
                     user: c.user.clone(),
                     calendar: c.calendar.clone(),
                     window: c.window,
+                    rolling: c.rolling,
                     interval: c.interval.unwrap_or(self.inner.settings.interval),
                     mailbox: spec.mailbox,
                 })

@@ -161,7 +161,7 @@ impl Engine {
             tuple = %tuple.key,
             user = %tuple.user,
             calendar = %tuple.calendar_name(),
-            window = %format_args!("{}/{}", tuple.window.start.format("%Y-%m-%dT%H:%M:%SZ"), tuple.window.end.format("%Y-%m-%dT%H:%M:%SZ")),
+            window = %tuple.window,
         );
         let started = std::time::Instant::now();
         // The round's own token: shutdown cancels it through `cancel`, and so does the stuck-round
@@ -206,17 +206,17 @@ impl Engine {
             Outcome::Failed(f) => f.health.as_str(),
             Outcome::Interrupted => "interrupted",
         };
-        metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
-        metrics::histogram!("calsync_round_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let hot = self.hot_metrics();
         if let Outcome::Synced(r) = &outcome {
-            metrics::counter!("calsync_events_applied_total", "kind" => "upsert")
-                .increment(r.upserted);
-            metrics::counter!("calsync_events_applied_total", "kind" => "remove")
-                .increment(r.removed);
-            metrics::counter!("calsync_events_applied_total", "kind" => "swept").increment(r.swept);
-            metrics::counter!("calsync_resyncs_total").increment(r.resyncs.into());
+            hot.rounds_synced.increment(1);
+            hot.upserted.increment(r.upserted);
+            hot.removed.increment(r.removed);
+            hot.swept.increment(r.swept);
+            hot.resyncs.increment(r.resyncs.into());
+        } else {
+            metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
         }
+        hot.round_duration.record(started.elapsed().as_secs_f64());
         outcome
     }
 
@@ -496,12 +496,17 @@ impl Engine {
                     if let Err(StepError::Graph(e)) = &r {
                         fresh.store(e.wants_fresh_connection(), Ordering::Relaxed);
                     }
-                    let outcome = match &r {
-                        Ok(_) => "applied",
-                        Err(StepError::Interrupted) => "interrupted",
-                        Err(_) => "failed",
-                    };
-                    metrics::counter!("calsync_pages_total", "outcome" => outcome).increment(1);
+                    match &r {
+                        Ok(_) => self.hot_metrics().pages_applied.increment(1),
+                        Err(e) => {
+                            let outcome = match e {
+                                StepError::Interrupted => "interrupted",
+                                _ => "failed",
+                            };
+                            metrics::counter!("calsync_pages_total", "outcome" => outcome)
+                                .increment(1)
+                        }
+                    }
                     r
                 })
                 .await?;
@@ -683,11 +688,7 @@ impl Engine {
         self.touch();
         self.touch_round(&tuple.key);
         match &fetched {
-            // Static labels on the hot path: no allocation per page.
-            Ok(_) => {
-                metrics::counter!("calsync_graph_responses_total", "status" => "200", "code" => "")
-                    .increment(1)
-            }
+            Ok(_) => self.hot_metrics().responses_ok.increment(1),
             Err(e) => metrics::counter!(
                 "calsync_graph_responses_total",
                 "status" => e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),

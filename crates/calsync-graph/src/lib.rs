@@ -79,6 +79,30 @@ pub struct ViewWindow {
     pub end: DateTime<Utc>,
 }
 
+impl std::fmt::Display for ViewWindow {
+    /// `start/end` as RFC 3339 UTC instants to the second (an ISO 8601 interval). Written
+    /// field by field: it labels every round's log span, and a strftime pattern is parsed
+    /// anew at each use.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chrono::{Datelike, Timelike};
+        let one = |f: &mut std::fmt::Formatter<'_>, t: &DateTime<Utc>| {
+            write!(
+                f,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        };
+        one(f, &self.start)?;
+        f.write_str("/")?;
+        one(f, &self.end)
+    }
+}
+
 /// Which connection a request may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Connection {
@@ -105,12 +129,12 @@ struct Inner {
     budget: Option<PageBudget>,
 }
 
-fn origin(u: &Url) -> (String, String, Option<u16>) {
-    (
-        u.scheme().to_owned(),
-        u.host_str().unwrap_or("").to_ascii_lowercase(),
-        u.port_or_known_default(),
-    )
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str()
+            .unwrap_or("")
+            .eq_ignore_ascii_case(b.host_str().unwrap_or(""))
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 fn origin_text(u: &Url) -> String {
@@ -219,7 +243,7 @@ impl GraphClient {
         let url = Url::parse(link).map_err(|_| GraphError::Malformed {
             reason: "a page link is not a URL".into(),
         })?;
-        if origin(&url) != origin(base) {
+        if !same_origin(&url, base) {
             return Err(GraphError::ForeignLink {
                 origin: origin_text(&url),
                 expected: origin_text(base),
@@ -452,4 +476,57 @@ async fn read_capped(
         out.extend_from_slice(&chunk);
     }
     Ok((out, PageBudget::hold(held)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(base: &str) -> GraphClient {
+        let base = Url::parse(base).unwrap();
+        let auth = AuthConfig {
+            token_url: base.join("/token").unwrap(),
+            client_id: "c".into(),
+            client_secret: "s".to_owned().into(),
+            scope: "x".into(),
+        };
+        GraphClient::new(GraphConfig::new(base), auth).unwrap()
+    }
+
+    #[test]
+    fn a_window_prints_as_an_interval_of_utc_instants() {
+        let w = ViewWindow {
+            start: "2026-07-30T00:00:00Z".parse().unwrap(),
+            end: "2027-01-05T13:04:09.5Z".parse().unwrap(),
+        };
+        assert_eq!(w.to_string(), "2026-07-30T00:00:00Z/2027-01-05T13:04:09Z");
+    }
+
+    #[test]
+    fn links_are_held_to_the_configured_origin() {
+        let g = client("https://graph.microsoft.com/v1.0");
+        for ok in [
+            "https://graph.microsoft.com/v1.0/users/a/calendarView/delta?$deltatoken=x",
+            "HTTPS://GRAPH.microsoft.com/v1.0/x",
+            "https://graph.microsoft.com:443/v1.0/x",
+        ] {
+            assert!(g.check_link(ok).is_ok(), "{ok}");
+        }
+        for foreign in [
+            "https://graph.microsoft.com.evil.example/v1.0/x",
+            "https://graph.microsoft.com@evil.example/v1.0/x",
+            "https://graph.microsoft.com:8443/v1.0/x",
+            "http://graph.microsoft.com/v1.0/x",
+            "https://evil.example/https://graph.microsoft.com/",
+        ] {
+            assert!(
+                matches!(g.check_link(foreign), Err(GraphError::ForeignLink { .. })),
+                "{foreign}"
+            );
+        }
+        assert!(matches!(
+            g.check_link("not a link"),
+            Err(GraphError::Malformed { .. })
+        ));
+    }
 }

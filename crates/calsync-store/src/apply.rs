@@ -128,7 +128,8 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         w: &PageWrite<'_>,
     ) -> Result<PageApplied, StoreError> {
-        let (version, full_round, round_is_full) = claim(&mut **tx, w, self.incarnation()).await?;
+        let (version, full_round, round_is_full, rebasing) =
+            claim(&mut **tx, w, self.incarnation()).await?;
         self.fault_point()?;
         let mut applied = PageApplied {
             version,
@@ -164,12 +165,14 @@ impl Store {
                 continue;
             }
             let (upserted, quarantined) =
-                upsert_isolating(tx, w.tuple_id, full_round, rows, partial).await?;
+                upsert_isolating(tx, w.tuple_id, full_round, rows, partial, rebasing).await?;
             applied.upserted += upserted;
             applied.quarantined += quarantined;
             self.fault_point()?;
         }
-        for s in &c.reconcile {
+        // While a moved window's full round runs, the old window's occurrences stay until its
+        // last page; that page's sweep removes whatever the new window's round did not list.
+        for s in c.reconcile.iter().filter(|_| !rebasing) {
             // Occurrences Outlook dropped without a word (cancelled, retimed): what the
             // series' /instances no longer lists, and this page did not just write, is gone.
             let written: Vec<&str> = c
@@ -212,6 +215,13 @@ impl Store {
             .execute(&mut **tx)
             .await
             .map_err(db)?;
+            // The switch: what this round added while the old window was served shows now,
+            // with the sweep of what left, in this transaction.
+            sqlx::query("UPDATE events SET pending = false WHERE tuple_id = $1 AND pending")
+                .bind(w.tuple_id)
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
             self.fault_point()?;
         }
         Ok(applied)
@@ -225,13 +235,13 @@ async fn claim<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     w: &PageWrite<'_>,
     committed_by: Option<&str>,
-) -> Result<(i64, i64, bool), StoreError> {
+) -> Result<(i64, i64, bool, bool), StoreError> {
     let save = LinkSave::of(w, committed_by);
     let saved = save_links(exec, &[&save]).await?;
     // Which check refused the write is told apart afterwards, off the hot path.
     saved
         .first()
-        .map(|r| (r.1, r.2, r.3))
+        .map(|r| (r.1, r.2, r.3, r.4))
         .ok_or(StoreError::Conflict {
             tuple_id: w.tuple_id,
         })
@@ -351,6 +361,7 @@ async fn upsert(
     round: i64,
     rows: &[EventRow],
     partial: bool,
+    pending: bool,
 ) -> Result<u64, StoreError> {
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     let starts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.start_at).collect();
@@ -387,8 +398,8 @@ async fn upsert(
     };
     let sql = format!(
         "INSERT INTO events (tuple_id, event_id, start_at, end_at, start_date, end_date, time_error, event_type, \
-           series_master_id, payload, {DETAIL_COLUMNS}, seen_round) \
-         SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
+           series_master_id, payload, {DETAIL_COLUMNS}, seen_round, pending) \
+         SELECT $1, u.*, $2, $23 FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
            $8::text[], $9::text[], $10::text[], $11::jsonb[], {}) AS u \
          ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict}",
         detail_params(12)
@@ -405,7 +416,13 @@ async fn upsert(
         .bind(&types)
         .bind(&masters)
         .bind(&payloads);
-    let r = details.bind(q).execute(&mut **tx).await.map_err(db)?;
+    // A row that exists keeps its `pending`: one the old window shows stays shown.
+    let r = details
+        .bind(q)
+        .bind(pending)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
     Ok(r.rows_affected())
 }
 
@@ -457,6 +474,7 @@ async fn upsert_isolating(
     round: i64,
     rows: &[EventRow],
     partial: bool,
+    pending: bool,
 ) -> Result<(u64, u64), StoreError> {
     let savepoint = |name: &'static str| format!("SAVEPOINT {name}");
     sqlx::query(&savepoint("calsync_batch"))
@@ -465,7 +483,7 @@ async fn upsert_isolating(
         .map_err(db)?;
     let mut all = Ok(0);
     for chunk in by_size(rows, STATEMENT_BYTES) {
-        match upsert(tx, tuple_id, round, chunk, partial).await {
+        match upsert(tx, tuple_id, round, chunk, partial, pending).await {
             Ok(n) => {
                 if let Ok(total) = &mut all {
                     *total += n;
@@ -492,7 +510,16 @@ async fn upsert_isolating(
             .execute(&mut **tx)
             .await
             .map_err(db)?;
-        match upsert(tx, tuple_id, round, std::slice::from_ref(row), partial).await {
+        match upsert(
+            tx,
+            tuple_id,
+            round,
+            std::slice::from_ref(row),
+            partial,
+            pending,
+        )
+        .await
+        {
             Ok(n) => written += n,
             Err(StoreError::Refused { sqlstate, message }) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT calsync_row")
@@ -501,7 +528,7 @@ async fn upsert_isolating(
                     .map_err(db)?;
                 let reason = format!("PostgreSQL refused a value ({sqlstate}): {message}");
                 tracing::warn!(tuple_id, event = %row.event_id, %reason, "event quarantined");
-                quarantine(tx, tuple_id, round, row, &reason).await?;
+                quarantine(tx, tuple_id, round, row, &reason, pending).await?;
                 quarantined += 1;
             }
             Err(e) => return Err(e),
@@ -519,13 +546,14 @@ async fn quarantine(
     round: i64,
     row: &EventRow,
     reason: &str,
+    pending: bool,
 ) -> Result<(), StoreError> {
     let clean = |s: &str| s.chars().filter(|c| *c != '\0').collect::<String>();
     let payload =
         serde_json::json!({"id": clean(&row.event_id), "@calsync.quarantined": clean(reason)});
     sqlx::query(
-        "INSERT INTO events (tuple_id, event_id, event_type, series_master_id, payload, seen_round, quarantined) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+        "INSERT INTO events (tuple_id, event_id, event_type, series_master_id, payload, seen_round, quarantined, pending) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (tuple_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type, \
            series_master_id = EXCLUDED.series_master_id, payload = EXCLUDED.payload, \
            seen_round = EXCLUDED.seen_round, quarantined = EXCLUDED.quarantined, synced_at = now()",
@@ -537,6 +565,7 @@ async fn quarantine(
     .bind(sqlx::types::Json(payload))
     .bind(round)
     .bind(clean(reason))
+    .bind(pending)
     .execute(&mut **tx)
     .await
     .map_err(db)?;

@@ -149,13 +149,15 @@ fn same_error(e: &StoreError) -> StoreError {
 
 /// Saves each row's link in one statement, only where its `link_version` and fencing token
 /// (if any) are current: the one place a tuple's link and round state are written. Returns
-/// (tuple id, new link_version, full_round, round_is_full) for the rows saved; a row refused
-/// is absent. Used for a batch of link-only commits and, with one row, inside a page's
+/// (tuple id, new link_version, full_round, round_is_full, rebasing) for the rows saved; a
+/// row refused is absent. `rebasing`: the tuple's rows mirror another window than this link's
+/// (the full round of a moved window is under way), so rows it adds wait, hidden, for its last
+/// page; a round's last page makes the link's window the served one. Used for a batch of link-only commits and, with one row, inside a page's
 /// transaction.
 pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     rows: &[&LinkSave],
-) -> Result<Vec<(i64, i64, i64, bool)>, StoreError> {
+) -> Result<Vec<(i64, i64, i64, bool, bool)>, StoreError> {
     let ids: Vec<i64> = rows.iter().map(|w| w.tuple_id).collect();
     let expected: Vec<i64> = rows.iter().map(|w| w.expected).collect();
     let links: Vec<&str> = rows.iter().map(|w| w.link.as_str()).collect();
@@ -183,14 +185,17 @@ pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
            consecutive_failures = CASE WHEN v.kind = 'delta' THEN 0 ELSE t.consecutive_failures END, \
            last_error = CASE WHEN v.kind = 'delta' THEN NULL ELSE t.last_error END, \
            last_error_code = CASE WHEN v.kind = 'delta' THEN NULL ELSE t.last_error_code END, \
-           committed_by = v.by \
+           committed_by = v.by, \
+           served_start = CASE WHEN v.kind = 'delta' THEN v.ws ELSE t.served_start END, \
+           served_end = CASE WHEN v.kind = 'delta' THEN v.we ELSE t.served_end END \
          FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
                      $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bigint[], $11::text[]) \
               AS v(id, expected, link, kind, u, c, ws, we, st, fence, by) \
          WHERE t.id = v.id AND t.link_version = v.expected AND (v.fence IS NULL OR EXISTS \
            (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
              WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox AND l.fence = v.fence AND r.expires_at > now())) \
-         RETURNING t.id, t.link_version, t.full_round, t.round_is_full",
+         RETURNING t.id, t.link_version, t.full_round, t.round_is_full, \
+           (t.served_start IS NOT NULL AND (t.served_start, t.served_end) IS DISTINCT FROM (v.ws, v.we))",
     )
     .bind(&ids)
     .bind(&expected)

@@ -65,6 +65,7 @@ pub fn config_for_sim(
                 CalendarRef::Id(cal.clone())
             },
             window,
+            rolling: None,
             interval: None,
         })
         .collect();
@@ -94,6 +95,7 @@ pub fn config_for_sim(
             replica: "demo".into(),
             lease_ttl: Duration::from_secs(20),
         },
+        window_rebase: calsync_engine::Rebase::default(),
         tuples,
     })
 }
@@ -206,21 +208,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         }
     );
 
-    let today = Utc::now()
-        .date_naive()
-        .and_hms_opt(0, 0, 0)
-        .unwrap_or_default()
-        .and_utc();
-    let window = ViewWindow {
-        start: today - ChronoDuration::days(120),
-        end: today + ChronoDuration::days(240),
+    // A rolling window, as `start = "-120d"`, `end = "+240d"` configures it: fixed at today's
+    // anchor (midnight UTC), moved a day at the end of the demo.
+    let rebase = calsync_engine::Rebase::default();
+    let spec = calsync_engine::WindowSpec {
+        start: calsync_engine::Edge::Offset(ChronoDuration::days(-120)),
+        end: calsync_engine::Edge::Offset(ChronoDuration::days(240)),
     };
+    let today = rebase.anchor(Utc::now());
+    let window = spec
+        .at(today)
+        .ok_or_else(|| anyhow::anyhow!("the demo's window is empty"))?;
     let sync = SyncSettings {
         min_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_secs(2),
         ..SyncSettings::default()
     };
-    let cfg = config_for_sim(
+    let mut cfg = config_for_sim(
         &format!("http://{}", server.addr),
         &db.url,
         &calendars,
@@ -228,9 +232,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         sync,
         50,
     )?;
+    for t in &mut cfg.tuples {
+        t.rolling = Some(spec);
+    }
     let (engine, tuples) = crate::commands::build(&cfg).await?;
     println!(
-        "      migrated; tracking {} (user, calendar, window) tuples, window {} → {}",
+        "      migrated; tracking {} (user, calendar, window) tuples, rolling window -120d..+240d: {} → {}",
         tuples.len(),
         window.start.date_naive(),
         window.end.date_naive()
@@ -313,6 +320,40 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         );
         all_ok &= failed == 0 && check(&engine, &sim, &tuples).await?;
     }
+
+    // The next anchor: what `calsync run` does at midnight. One full round of each new window;
+    // the read model serves the old window until that round's last page switches it.
+    let tomorrow = rebase.next(Utc::now());
+    let moved: Vec<calsync_engine::TupleConfig> = tuples
+        .iter()
+        .map(|t| {
+            let mut c = t.config();
+            c.window = spec.at(tomorrow).unwrap_or(c.window);
+            c
+        })
+        .collect();
+    let tuples = engine.register(&moved).await?;
+    let started = Instant::now();
+    let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+    let (pages, up, _, sw, _, failed) = summarize(&outcomes);
+    println!(
+        "  the window rolls a day ({} → {}): {pages} pages, {up} rows written, {sw} swept in {:.2}s{}",
+        tuples
+            .first()
+            .map_or(window.start, |t| t.window.start)
+            .date_naive(),
+        tuples
+            .first()
+            .map_or(window.end, |t| t.window.end)
+            .date_naive(),
+        started.elapsed().as_secs_f64(),
+        if failed > 0 {
+            format!(", {failed} FAILED")
+        } else {
+            String::new()
+        }
+    );
+    all_ok &= failed == 0 && check(&engine, &sim, &tuples).await?;
 
     println!("\nThe read model, as an app would query it:");
     println!(

@@ -277,6 +277,9 @@ impl App {
             scheduler.len(),
         )));
 
+        // Rolling windows were fixed at this anchor when the config was read; when it moves,
+        // they are re-based (checked on every tick: one clock read).
+        let mut anchor = current.window_rebase.anchor(chrono::Utc::now());
         let watchdog = sd_notify::watchdog_enabled();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -334,6 +337,7 @@ impl App {
                     let r = reload(&mut scheduler, &engine, &keeper, &mut current, config_path.as_deref()).await;
                     let r = r.map(|(change, tuples)| {
                         all_tuples = tuples;
+                        anchor = current.window_rebase.anchor(chrono::Utc::now());
                         change
                     });
                     notify(Note::Ready(status_line(&engine, all_tuples.len(), scheduler.len())));
@@ -343,6 +347,19 @@ impl App {
                 }
                 _ = tick.tick() => {
                     shared.tick();
+                    let now = current.window_rebase.anchor(chrono::Utc::now());
+                    if now != anchor {
+                        // Not moved if the database refuses: tried again at the next tick.
+                        match rebase_windows(&mut scheduler, &engine, &all_tuples, now).await {
+                            Ok(moved) => {
+                                if let Some(tuples) = moved {
+                                    all_tuples = tuples;
+                                }
+                                anchor = now;
+                            }
+                            Err(e) => warn!(error = %e, "cannot re-base the rolling windows; trying again"),
+                        }
+                    }
                     engine.cancel_stuck_rounds(engine.settings().stuck_round_after);
                     engine.forget_idle_mailboxes();
                     if let Some(m) = &shared.metrics {
@@ -505,7 +522,56 @@ async fn reload_inner(
         }
     }
     current.on_remove = new.on_remove;
+    current.window_rebase = new.window_rebase;
     Ok((applied, tuples))
+}
+
+/// Moves every rolling window to `anchor`. The calendars whose window changed are registered
+/// with it and restarted: the next round of each is the full round of its new window, and the
+/// read model serves the old window whole until that round's last page switches it. `None`:
+/// no window moved.
+async fn rebase_windows(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    all: &[Arc<Tuple>],
+    anchor: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Vec<Arc<Tuple>>>, String> {
+    let mut moved = 0usize;
+    let configs: Vec<calsync_engine::TupleConfig> = all
+        .iter()
+        .map(|t| {
+            let mut c = t.config();
+            match t.rolling.map(|spec| spec.at(anchor)) {
+                Some(Some(w)) if w != c.window => {
+                    c.window = w;
+                    moved += 1;
+                }
+                // A fixed end the rolling start has passed: the last window stays.
+                Some(None) => {
+                    warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one")
+                }
+                _ => {}
+            }
+            c
+        })
+        .collect();
+    if moved == 0 {
+        return Ok(None);
+    }
+    let tuples = shared_tuples(
+        engine
+            .register(&configs)
+            .await
+            .map_err(|e| format!("cannot register the moved windows: {e}"))?,
+    );
+    let change = scheduler.apply(owned_tuples(engine, &tuples));
+    info!(
+        moved,
+        restarted = change.restarted.len(),
+        %anchor,
+        "rolling windows re-based"
+    );
+    Ok(Some(tuples))
 }
 
 /// Each calendar once, shared by the configured list and its task. (Collected in place, the

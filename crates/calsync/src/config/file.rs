@@ -260,6 +260,10 @@ pub struct RawSync {
     pub mailbox_budget_window: String,
     /// First rounds at start are spread over this long.
     pub startup_spread: String,
+    /// How often rolling windows (`start`/`end` written as offsets) move.
+    pub window_rebase: String,
+    /// The time of day (UTC, `HH:MM`) the re-base cadence is aligned to.
+    pub window_rebase_at: String,
 }
 
 impl Default for RawSync {
@@ -283,6 +287,8 @@ impl Default for RawSync {
             mailbox_request_budget: budget.map_or(0, |b| b.requests),
             mailbox_budget_window: text(budget.map_or(Duration::from_secs(600), |b| b.per)),
             startup_spread: text(d.startup_spread),
+            window_rebase: "1d".into(),
+            window_rebase_at: "00:00".into(),
         }
     }
 }
@@ -316,9 +322,10 @@ pub struct RawCalendar {
     pub user: String,
     /// `default` or a calendar id.
     pub calendar: String,
-    /// Window start (RFC 3339).
+    /// Window start: an RFC 3339 instant, or an offset from now (`"-90d"`), re-based on
+    /// `sync.window_rebase`.
     pub start: String,
-    /// Window end (RFC 3339).
+    /// Window end: an instant or an offset (`"+365d"`).
     pub end: String,
     /// Its own interval; `[sync] interval` when absent.
     pub interval: Option<String>,

@@ -10,7 +10,7 @@ mod validate;
 
 pub use file::*;
 
-use calsync_engine::{SyncSettings, TupleConfig};
+use calsync_engine::{Rebase, SyncSettings, TupleConfig};
 use calsync_graph::{AuthConfig, GraphConfig};
 use figment::Figment;
 use figment::providers::{Env, Serialized};
@@ -136,6 +136,8 @@ pub struct Config {
     pub on_remove: OnRemove,
     /// Who this process is among the database's deployments and replicas.
     pub ownership: Ownership,
+    /// When rolling windows move (`sync.window_rebase`, `sync.window_rebase_at`).
+    pub window_rebase: Rebase,
     /// The tracked tuples.
     pub tuples: Vec<TupleConfig>,
 }
@@ -777,6 +779,79 @@ end = "2026-04-01T00:00:00Z"
             let cfg = load_in(jail, &with("ca_file = \"broken.pem\"")).unwrap();
             let err = calsync_graph::GraphClient::new(cfg.graph, cfg.auth).unwrap_err();
             assert!(err.to_string().contains("tls.ca_file"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_rolling_window_is_fixed_at_the_rebase_anchor_and_bad_offsets_are_named() {
+        let rolling = |start: &str, end: &str, sync: &str| {
+            AUTH_AND_ONE_CALENDAR
+                .replace("2026-01-01T00:00:00Z", start)
+                .replace("2026-04-01T00:00:00Z", end)
+                .replace("[[calendars]]", &format!("[sync]\n{sync}\n[[calendars]]"))
+        };
+        let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        let now = at("2026-11-28T07:30:00Z");
+        Jail::expect_with(|jail| {
+            let read = |toml: &str| {
+                jail.create_file("calsync.toml", toml).unwrap();
+                RawConfig::load(Some(Path::new("calsync.toml")))?.validate_at(now)
+            };
+            // Default cadence: daily at midnight UTC.
+            let c = read(&rolling("-90d", "+365d", "")).unwrap();
+            let t = &c.tuples[0];
+            assert_eq!(t.window.start, at("2026-08-30T00:00:00Z"));
+            assert_eq!(t.window.end, at("2027-11-28T00:00:00Z"));
+            assert!(t.rolling.is_some());
+            assert_eq!(c.window_rebase, calsync_engine::Rebase::default());
+            // Aligned to 03:00: at 07:30 the anchor is today's 03:00; months are humantime's.
+            let c = read(&rolling(
+                "- 1 month",
+                "+2w",
+                "window_rebase = \"1d\"\nwindow_rebase_at = \"03:00\"",
+            ))
+            .unwrap();
+            let w = c.tuples[0].window;
+            assert_eq!(w.end, at("2026-12-12T03:00:00Z"));
+            assert_eq!(
+                w.start,
+                at("2026-11-28T03:00:00Z") - chrono::TimeDelta::seconds(2_630_016)
+            );
+            // One fixed edge and one rolling edge.
+            let c = read(&rolling("2026-01-01T00:00:00Z", "+30d", "")).unwrap();
+            assert_eq!(c.tuples[0].window.start, at("2026-01-01T00:00:00Z"));
+            assert!(c.tuples[0].rolling.is_some());
+            // A fixed window does not roll.
+            assert!(
+                read(AUTH_AND_ONE_CALENDAR).unwrap().tuples[0]
+                    .rolling
+                    .is_none()
+            );
+            for (start, end, sync, key, says) in [
+                ("-90x", "+1d", "", "calendars[0].start", "not an offset"),
+                ("-1d", "tomorrow", "", "calendars[0].end", "RFC 3339"),
+                ("+5d", "+1d", "", "calendars[0].end", "empty window"),
+                (
+                    "-1d",
+                    "+1d",
+                    "window_rebase = \"0s\"",
+                    "sync.window_rebase",
+                    "at least 1s",
+                ),
+                (
+                    "-1d",
+                    "+1d",
+                    "window_rebase_at = \"25:00\"",
+                    "sync.window_rebase_at",
+                    "time of day",
+                ),
+                ("-1d", "+999999d", "", "calendars[0].end", "century"),
+            ] {
+                let e = read(&rolling(start, end, sync)).unwrap_err();
+                assert_eq!(e.key, key, "{start} {end} {sync}");
+                assert!(e.message.contains(says), "{}", e.message);
+            }
             Ok(())
         });
     }

@@ -6,8 +6,8 @@ use super::{
     RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, RawTls,
     bad,
 };
-use calsync_engine::{Budget, SyncSettings, TupleConfig};
-use calsync_graph::{AuthConfig, CalendarRef, GraphConfig, ViewWindow};
+use calsync_engine::{Budget, Edge, Rebase, SyncSettings, TupleConfig, WindowSpec};
+use calsync_graph::{AuthConfig, CalendarRef, GraphConfig};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashSet;
@@ -18,6 +18,12 @@ use url::Url;
 impl RawConfig {
     /// Checks every value and builds the typed config.
     pub fn validate(&self) -> Result<Config, ConfigError> {
+        self.validate_at(Utc::now())
+    }
+
+    /// [`RawConfig::validate`] with the clock at `now` (rolling windows are fixed at the
+    /// re-base anchor in force then).
+    pub fn validate_at(&self, now: DateTime<Utc>) -> Result<Config, ConfigError> {
         // In file order, so the first error reported is the first one in the file.
         let mut database = database(&self.database)?;
         let mut graph = graph(&self.graph, self.sync.page_size)?;
@@ -28,8 +34,9 @@ impl RawConfig {
         graph.native_roots = self.tls.native_roots;
         let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
         let sync = sync(&self.sync)?;
+        let window_rebase = rebase(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
-        let tuples = calendars(&self.calendars)?;
+        let tuples = calendars(&self.calendars, window_rebase.anchor(now))?;
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
         let admin_token = admin_token(&self.http)?;
         let metric_labels = metrics(&self.metrics)?;
@@ -48,6 +55,7 @@ impl RawConfig {
             drain_deadline,
             on_remove,
             ownership,
+            window_rebase,
             tuples,
         })
     }
@@ -417,8 +425,55 @@ fn log(l: &RawLog) -> Result<(LogFormat, String), ConfigError> {
     Ok((log_format, l.filter.clone()))
 }
 
-/// `[[calendars]]`: one tuple each, with distinct names.
-fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError> {
+/// `sync.window_rebase` and `sync.window_rebase_at`.
+fn rebase(s: &RawSync) -> Result<Rebase, ConfigError> {
+    let every = duration("sync.window_rebase", &s.window_rebase)?;
+    if every < Duration::from_secs(1) {
+        return Err(bad("sync.window_rebase", "must be at least 1s"));
+    }
+    let at = s.window_rebase_at.trim();
+    let time = chrono::NaiveTime::parse_from_str(at, "%H:%M")
+        .or_else(|_| chrono::NaiveTime::parse_from_str(at, "%H:%M:%S"))
+        .map_err(|_| {
+            bad(
+                "sync.window_rebase_at",
+                format!("'{at}' is not a time of day; use e.g. \"03:00\" (UTC)"),
+            )
+        })?;
+    let at = time - chrono::NaiveTime::MIN;
+    Ok(Rebase {
+        every,
+        at: at.to_std().unwrap_or_default(),
+    })
+}
+
+/// A window edge: an RFC 3339 instant, or an offset from now with its sign (`-90d`, `+365d`,
+/// `+12 months`; humantime's units, where a month is 30.44 days and a year 365.25).
+fn edge(key: &str, v: &str) -> Result<Edge, ConfigError> {
+    let t = v.trim();
+    let (sign, rest) = match t.as_bytes().first() {
+        Some(b'-') => (-1, &t[1..]),
+        Some(b'+') => (1, &t[1..]),
+        _ => return instant(key, v).map(Edge::At),
+    };
+    let d = humantime::parse_duration(rest.trim()).map_err(|e| {
+        bad(
+            key,
+            format!("'{v}' is not an offset ({e}); use e.g. \"-90d\" or \"+365d\""),
+        )
+    })?;
+    let d = chrono::TimeDelta::from_std(d)
+        .ok()
+        .filter(|d| *d <= chrono::TimeDelta::days(100 * 366))
+        .ok_or_else(|| bad(key, format!("'{v}' is more than a century")))?;
+    Ok(Edge::Offset(d * sign))
+}
+
+/// `[[calendars]]`: one tuple each, with distinct names; rolling windows fixed at `anchor`.
+fn calendars(
+    calendars: &[RawCalendar],
+    anchor: DateTime<Utc>,
+) -> Result<Vec<TupleConfig>, ConfigError> {
     if calendars.is_empty() {
         return Err(bad(
             "calendars",
@@ -439,11 +494,20 @@ fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError>
             "default" => CalendarRef::Default,
             id => CalendarRef::Id(id.to_owned()),
         };
-        let start = instant(&k("start"), &c.start)?;
-        let end = instant(&k("end"), &c.end)?;
-        if end <= start {
-            return Err(bad(k("end"), "must be after start"));
-        }
+        let spec = WindowSpec {
+            start: edge(&k("start"), &c.start)?,
+            end: edge(&k("end"), &c.end)?,
+        };
+        let Some(window) = spec.at(anchor) else {
+            return Err(bad(
+                k("end"),
+                if spec.is_rolling() {
+                    format!("must be after start (at {anchor}, they give an empty window)")
+                } else {
+                    "must be after start".to_owned()
+                },
+            ));
+        };
         let interval = c
             .interval
             .as_deref()
@@ -468,7 +532,8 @@ fn calendars(calendars: &[RawCalendar]) -> Result<Vec<TupleConfig>, ConfigError>
             key: name,
             user: user.to_owned(),
             calendar,
-            window: ViewWindow { start, end },
+            window,
+            rolling: spec.is_rolling().then_some(spec),
             interval,
         });
     }

@@ -149,6 +149,7 @@ impl Harness {
                     CalendarRef::Id(cal.to_string())
                 },
                 window: window(),
+                rolling: None,
                 interval: Some(Duration::from_secs(1)),
             })
             .collect();

@@ -12,6 +12,7 @@
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
 //! | `replicas` | many processes, one database: deployments, sync-once beside run, leases, fencing, failover |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
+//! | `windows` | moving a window: the old one served whole until the new one's round ends |
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -26,3 +27,4 @@ mod series;
 mod service;
 mod soak;
 mod sync;
+mod windows;

@@ -145,6 +145,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
                     start: windows[i].0.parse().unwrap(),
                     end: windows[i].1.parse().unwrap(),
                 },
+                rolling: None,
                 interval: None,
             }
         })

@@ -66,6 +66,7 @@ async fn a_database_restart_under_the_scheduler_loses_nothing() {
             user: USER.into(),
             calendar: CalendarRef::Default,
             window: window(),
+            rolling: None,
             interval: Some(Duration::from_millis(300)),
         })
         .collect();

@@ -72,6 +72,7 @@ fn tuple(key: &str, user: &str) -> Tuple {
             start: START.parse().unwrap(),
             end: END.parse().unwrap(),
         },
+        rolling: None,
         interval: Duration::from_secs(1),
         mailbox: user.into(),
     }

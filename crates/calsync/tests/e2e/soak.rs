@@ -82,6 +82,7 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
                 CalendarRef::Id(cal)
             },
             window: ViewWindow { start, end },
+            rolling: None,
             interval: Duration::from_secs(2),
         })
         .collect()
