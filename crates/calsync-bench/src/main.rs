@@ -220,6 +220,7 @@ fn tuple_configs(users: u32, prefix: &str) -> Vec<TupleConfig> {
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,
+            schedule: None,
             interval: None,
         })
         .collect()

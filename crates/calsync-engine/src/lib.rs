@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cron;
 pub mod gate;
 mod guard;
 pub mod lease;
@@ -14,6 +15,7 @@ pub mod schedule;
 mod series;
 pub mod window;
 
+pub use cron::{CronSchedule, CronScheduleError};
 pub use gate::{Budget, GateStats, RequestGate};
 pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};
@@ -99,6 +101,9 @@ pub struct TupleConfig {
     pub rolling: Option<WindowSpec>,
     /// Its own interval; `None` uses [`SyncSettings::interval`].
     pub interval: Option<Duration>,
+    /// Synced at these cron fire times instead of every `interval` (which then only spreads
+    /// the first round and paces retries).
+    pub schedule: Option<Arc<CronSchedule>>,
 }
 
 /// A registered tuple: its config plus its store id.
@@ -118,6 +123,8 @@ pub struct Tuple {
     pub rolling: Option<WindowSpec>,
     /// Time between its rounds.
     pub interval: Duration,
+    /// Its cron schedule, if it has one instead of `interval`.
+    pub schedule: Option<Arc<CronSchedule>>,
     /// The mailbox's directory object id when it is known (else `user` as configured): the key
     /// of its request limits, so a UPN and an id naming one mailbox share them.
     pub mailbox: String,
@@ -133,6 +140,7 @@ impl Tuple {
             window: self.window,
             rolling: self.rolling,
             interval: Some(self.interval),
+            schedule: self.schedule.clone(),
         }
     }
 
@@ -600,6 +608,7 @@ impl Engine {
                     window: c.window,
                     rolling: c.rolling,
                     interval: c.interval.unwrap_or(self.inner.settings.interval),
+                    schedule: c.schedule.clone(),
                     mailbox: spec.mailbox,
                 })
             })

@@ -144,7 +144,8 @@ struct Running {
 fn identity(t: &Tuple) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (t.id, &t.user, &t.calendar, t.window).hash(&mut h);
+    // A new schedule restarts the task: it is read where the task computes its next round.
+    (t.id, &t.user, &t.calendar, t.window, &t.schedule).hash(&mut h);
     h.finish()
 }
 
@@ -434,8 +435,17 @@ impl Engine {
                 self.settings(),
                 jitter,
             );
+            let at = match (&tuple.schedule, &outcome) {
+                // On a schedule, a round that ended well waits for the next fire time; a failed
+                // one keeps the retry cadence above.
+                (Some(s), Outcome::Synced(_)) => {
+                    let wait = s.delay(chrono::Utc::now(), jitter.abs());
+                    Instant::now() + wait.unwrap_or(control.interval())
+                }
+                _ => started + delay,
+            };
             due = slot(
-                (started + delay).max(Instant::now() + Duration::from_millis(10)),
+                at.max(Instant::now() + Duration::from_millis(10)),
                 epoch,
                 control.interval(),
             );

@@ -66,6 +66,7 @@ pub fn config_for_sim(
             },
             window,
             rolling: None,
+            schedule: None,
             interval: None,
         })
         .collect();

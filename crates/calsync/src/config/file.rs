@@ -329,4 +329,29 @@ pub struct RawCalendar {
     pub end: String,
     /// Its own interval; `[sync] interval` when absent.
     pub interval: Option<String>,
+    /// Cron patterns (one, or a list whose fire times are joined) to sync at instead of every
+    /// interval, e.g. `["* 8-17 * * Mon-Fri", "*/30 * * * *"]`.
+    pub schedule: Option<Patterns>,
+    /// The IANA zone `schedule` is read in (default `UTC`).
+    pub schedule_zone: Option<String>,
+}
+
+/// One cron pattern or several.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Patterns {
+    /// `schedule = "*/5 * * * *"`
+    One(String),
+    /// `schedule = ["* 8-17 * * Mon-Fri", "*/30 * * * *"]`
+    Many(Vec<String>),
+}
+
+impl Patterns {
+    /// The patterns as a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Patterns::One(p) => vec![p.clone()],
+            Patterns::Many(v) => v.clone(),
+        }
+    }
 }

@@ -855,4 +855,49 @@ end = "2026-04-01T00:00:00Z"
             Ok(())
         });
     }
+
+    #[test]
+    fn a_schedule_is_one_or_more_cron_patterns_in_a_zone_and_bad_ones_are_named() {
+        let with = |lines: &str| format!("{AUTH_AND_ONE_CALENDAR}{lines}\n");
+        Jail::expect_with(|jail| {
+            let c = load_in(
+                jail,
+                &with("schedule = [\"* 8-17 * * Mon-Fri\", \"*/30 * * * *\"]\nschedule_zone = \"Europe/Berlin\""),
+            )
+            .unwrap();
+            let s = c.tuples[0].schedule.as_ref().unwrap();
+            assert_eq!(s.patterns(), ["* 8-17 * * Mon-Fri", "*/30 * * * *"]);
+            assert_eq!(s.zone(), "Europe/Berlin");
+            let c = load_in(jail, &with("schedule = \"*/5 * * * *\"")).unwrap();
+            assert_eq!(c.tuples[0].schedule.as_ref().unwrap().zone(), "UTC");
+            assert!(
+                load_in(jail, AUTH_AND_ONE_CALENDAR).unwrap().tuples[0]
+                    .schedule
+                    .is_none()
+            );
+            for (lines, key, says) in [
+                (
+                    "schedule = \"every minute\"",
+                    "calendars[0].schedule",
+                    "not a cron pattern",
+                ),
+                (
+                    "schedule = \"* * * * *\"\nschedule_zone = \"Berlin\"",
+                    "calendars[0].schedule_zone",
+                    "IANA",
+                ),
+                (
+                    "schedule_zone = \"UTC\"",
+                    "calendars[0].schedule_zone",
+                    "no schedule",
+                ),
+                ("schedule = []", "calendars[0].schedule", "no cron pattern"),
+            ] {
+                let e = load_in(jail, &with(lines)).unwrap_err();
+                assert_eq!(e.key, key, "{lines}");
+                assert!(e.message.contains(says), "{}", e.message);
+            }
+            Ok(())
+        });
+    }
 }

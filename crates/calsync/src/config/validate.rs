@@ -6,12 +6,15 @@ use super::{
     RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, RawTls,
     bad,
 };
-use calsync_engine::{Budget, Edge, Rebase, SyncSettings, TupleConfig, WindowSpec};
+use calsync_engine::{
+    Budget, CronSchedule, CronScheduleError, Edge, Rebase, SyncSettings, TupleConfig, WindowSpec,
+};
 use calsync_graph::{AuthConfig, CalendarRef, GraphConfig};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use url::Url;
 
@@ -516,6 +519,25 @@ fn calendars(
         if interval.is_some_and(|d| d < Duration::from_secs(1)) {
             return Err(bad(k("interval"), "must be at least 1s"));
         }
+        let schedule = match (&c.schedule, &c.schedule_zone) {
+            (Some(p), zone) => Some(Arc::new(
+                CronSchedule::new(&p.to_vec(), zone.as_deref().unwrap_or("UTC")).map_err(|e| {
+                    let key = if matches!(e, CronScheduleError::Zone(_)) {
+                        "schedule_zone"
+                    } else {
+                        "schedule"
+                    };
+                    bad(k(key), e.to_string())
+                })?,
+            )),
+            (None, Some(_)) => {
+                return Err(bad(
+                    k("schedule_zone"),
+                    "is set but there is no schedule to read in it",
+                ));
+            }
+            (None, None) => None,
+        };
         let name = c.name.clone().unwrap_or_else(|| format!("{user}/{cal}"));
         if name.trim().is_empty() {
             return Err(bad(k("name"), "is empty"));
@@ -534,6 +556,7 @@ fn calendars(
             calendar,
             window,
             rolling: spec.is_rolling().then_some(spec),
+            schedule,
             interval,
         });
     }

@@ -150,6 +150,7 @@ impl Harness {
                 },
                 window: window(),
                 rolling: None,
+                schedule: None,
                 interval: Some(Duration::from_secs(1)),
             })
             .collect();

@@ -146,6 +146,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
                     end: windows[i].1.parse().unwrap(),
                 },
                 rolling: None,
+                schedule: None,
                 interval: None,
             }
         })

@@ -67,6 +67,7 @@ async fn a_database_restart_under_the_scheduler_loses_nothing() {
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,
+            schedule: None,
             interval: Some(Duration::from_millis(300)),
         })
         .collect();

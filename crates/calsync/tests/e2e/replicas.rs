@@ -73,6 +73,7 @@ fn tuple(key: &str, user: &str) -> Tuple {
             end: END.parse().unwrap(),
         },
         rolling: None,
+        schedule: None,
         interval: Duration::from_secs(1),
         mailbox: user.into(),
     }

@@ -83,6 +83,7 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
             },
             window: ViewWindow { start, end },
             rolling: None,
+            schedule: None,
             interval: Duration::from_secs(2),
         })
         .collect()

@@ -400,6 +400,7 @@ async fn a_changed_window_starts_a_full_round_and_keeps_old_rows_until_its_sweep
         calendar: moved.calendar.clone(),
         window: moved.window,
         rolling: None,
+        schedule: None,
         interval: None,
     };
     let moved = engine.register(&[cfg]).await.unwrap().remove(0);

@@ -68,6 +68,7 @@ async fn a_moved_window_is_served_whole_until_its_round_ends_then_switched_at_on
             calendar: old.calendar.clone(),
             window: new_window,
             rolling: None,
+            schedule: None,
             interval: None,
         }])
         .await
@@ -278,4 +279,71 @@ async fn a_rolling_window_moves_with_the_clock_in_the_running_daemon() {
     assert!(seen_first, "the first window held 'leaving' and 'staying'");
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("rolling windows re-based"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_calendar_on_a_cron_schedule_syncs_at_its_fire_times_not_its_interval() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_cron")
+        .await
+        .unwrap();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let sim = graph_sim::Sim::new(&sim_config());
+    sim.lock().tenant.add_user(USER, None, "Adele Vance");
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("calsync.toml");
+    // An hour's interval, but a schedule that fires every 2 s (a seconds field, croner's).
+    std::fs::write(
+        &config,
+        config_file(
+            &url,
+            &server.graph_base_url(),
+            &server.token_url(graph_sim::DEFAULT_TENANT),
+            &format!(
+                "[sync]\nstartup_spread = \"100ms\"\n\
+                 [[calendars]]\nname = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"-1d\"\nend = \"+1d\"\n\
+                 interval = \"1h\"\nschedule = \"*/2 * * * * *\"\nschedule_zone = \"Europe/Berlin\"\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("calsync.log");
+    let logfile = std::fs::File::create(&log).unwrap();
+    let _daemon = Child(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env_remove("DATABASE_URL")
+            .stdout(logfile.try_clone().unwrap())
+            .stderr(logfile)
+            .spawn()
+            .unwrap(),
+    );
+    let mut successes = BTreeSet::new();
+    let started = std::time::Instant::now();
+    while successes.len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "rounds at {successes:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let at: Option<chrono::DateTime<chrono::Utc>> = match sqlx::query_scalar(
+            "SELECT last_success_at FROM sync_tuples WHERE tuple_key = 'adele'",
+        )
+        .fetch_optional(&db)
+        .await
+        {
+            Ok(at) => at.flatten(),
+            Err(_) => None, // before the daemon's migrations
+        };
+        successes.extend(at);
+    }
+    // After the first round (at start), each round began at an even second (plus a tenth of
+    // the 2 s period at most) and two rounds were never closer than the schedule allows.
+    let times: Vec<_> = successes.into_iter().collect();
+    for pair in times.windows(2).skip(1) {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        assert!((1_500..=2_600).contains(&gap), "{times:?}");
+    }
 }
