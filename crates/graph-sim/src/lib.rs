@@ -28,7 +28,7 @@ pub mod zone;
 pub use behaviour::{Behaviour, Profile};
 pub use delta::Quirks;
 pub use faults::{FaultAction, FaultRule, Limits};
-pub use model::Window;
+pub use model::{Directory, Group, MailboxKind, Window};
 pub use seed::{GenerateSpec, Scenario};
 pub use server::{SimServer, serve};
 pub use sim::{

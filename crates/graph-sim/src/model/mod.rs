@@ -56,6 +56,9 @@ pub struct Calendar {
     pub seq: u64,
     /// `(seq, event id)` for every change, so a round can tell which events moved.
     pub change_log: Vec<(u64, String)>,
+    /// Deleted: no longer listed or reachable by its id. (Kept in place, so the indexes of
+    /// the others, which delta tokens are bound to, do not move.)
+    pub deleted: bool,
 }
 
 impl Calendar {
@@ -104,12 +107,55 @@ pub struct User {
     pub display_name: String,
     /// The first calendar is the default one.
     pub calendars: Vec<Calendar>,
+    /// Directory properties `/users` filters on.
+    pub directory: Directory,
+}
+
+/// What kind of mailbox a directory user has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailboxKind {
+    /// A person's mailbox.
+    #[default]
+    User,
+    /// A room (listed by `/places/microsoft.graph.room`; its account is disabled, as Exchange
+    /// creates room accounts).
+    Room,
+    /// No Exchange Online mailbox (unlicensed, guest, on-premises): every calendar request
+    /// answers 404 `MailboxNotEnabledForRESTAPI` (notes §errors, docs#8520).
+    None,
+}
+
+/// A user's directory properties (the ones `/users` can filter on here).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Directory {
+    /// `department`.
+    pub department: Option<String>,
+    /// `accountEnabled`.
+    pub account_enabled: bool,
+    /// What mailbox the user has.
+    pub mailbox: MailboxKind,
+    /// Deleted from the directory: no longer listed, its mailbox gone.
+    pub deleted: bool,
+}
+
+/// A security or Microsoft 365 group: users and nested groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Object id.
+    pub id: String,
+    /// Display name.
+    pub display_name: String,
+    /// Direct members: user indexes.
+    pub users: Vec<usize>,
+    /// Direct members: nested groups' indexes.
+    pub groups: Vec<usize>,
 }
 
 impl User {
     /// The index of the calendar with Graph id `id`.
     pub fn calendar_index(&self, id: &str) -> Option<usize> {
-        self.calendars.iter().position(|c| c.id == id)
+        self.calendars.iter().position(|c| c.id == id && !c.deleted)
     }
 
     /// Where an event (single, master, or an occurrence's master) lives: calendar index,
@@ -201,6 +247,8 @@ impl IdGen {
 pub struct Tenant {
     /// The tenant's mailboxes.
     pub users: Vec<User>,
+    /// The tenant's groups.
+    pub groups: Vec<Group>,
     by_key: HashMap<String, usize>,
     /// Where ids, change keys and uids come from.
     pub ids: IdGen,
@@ -213,6 +261,7 @@ impl Tenant {
     pub fn new(seed: u64, clock: Clock) -> Self {
         Tenant {
             users: Vec::new(),
+            groups: Vec::new(),
             by_key: HashMap::new(),
             ids: IdGen::new(seed),
             clock,
@@ -237,9 +286,127 @@ impl Tenant {
                 events: BTreeMap::new(),
                 seq: 0,
                 change_log: Vec::new(),
+                deleted: false,
             }],
+            directory: Directory {
+                account_enabled: true,
+                ..Directory::default()
+            },
         });
         idx
+    }
+
+    /// Adds a directory user of `kind` in `department`; returns its index.
+    pub fn add_directory_user(
+        &mut self,
+        upn: &str,
+        display_name: &str,
+        kind: MailboxKind,
+        department: Option<&str>,
+    ) -> usize {
+        let u = self.add_user(upn, None, display_name);
+        let d = &mut self.users[u].directory;
+        d.mailbox = kind;
+        d.department = department.map(str::to_owned);
+        d.account_enabled = kind != MailboxKind::Room;
+        u
+    }
+
+    /// Deletes a user from the directory: no longer listed, and its mailbox unknown. Its
+    /// index stays (nothing else moves); its names are freed.
+    pub fn delete_user(&mut self, user: usize) -> bool {
+        let Some(u) = self.users.get_mut(user) else {
+            return false;
+        };
+        if u.directory.deleted {
+            return false;
+        }
+        u.directory.deleted = true;
+        let (id, upn) = (u.id.to_lowercase(), u.upn.to_lowercase());
+        self.by_key.remove(&id);
+        self.by_key.remove(&upn);
+        for g in &mut self.groups {
+            g.users.retain(|m| *m != user);
+        }
+        true
+    }
+
+    /// Adds a group with these direct members; returns its index.
+    pub fn add_group(
+        &mut self,
+        display_name: &str,
+        users: Vec<usize>,
+        groups: Vec<usize>,
+    ) -> usize {
+        let id = self.ids.guid();
+        self.groups.push(Group {
+            id,
+            display_name: display_name.to_owned(),
+            users,
+            groups,
+        });
+        self.groups.len() - 1
+    }
+
+    /// The group with object id `id`.
+    pub fn group_index(&self, id: &str) -> Option<usize> {
+        self.groups
+            .iter()
+            .position(|g| g.id.eq_ignore_ascii_case(id))
+    }
+
+    /// Every user in group `g` or in a group nested in it, each once, in a stable order.
+    pub fn transitive_users(&self, g: usize) -> Vec<usize> {
+        let mut seen_groups = vec![false; self.groups.len()];
+        let mut users = std::collections::BTreeSet::new();
+        let mut stack = vec![g];
+        while let Some(g) = stack.pop() {
+            if std::mem::replace(&mut seen_groups[g], true) {
+                continue;
+            }
+            users.extend(self.groups[g].users.iter().copied());
+            stack.extend(
+                self.groups[g]
+                    .groups
+                    .iter()
+                    .copied()
+                    .filter(|n| *n < self.groups.len()),
+            );
+        }
+        users
+            .into_iter()
+            .filter(|u| !self.users[*u].directory.deleted)
+            .collect()
+    }
+
+    /// Renames calendar `id` of `user`.
+    pub fn rename_calendar(&mut self, user: usize, id: &str, name: &str) -> bool {
+        match self.users.get_mut(user).and_then(|u| {
+            let ci = u.calendar_index(id)?;
+            u.calendars.get_mut(ci)
+        }) {
+            Some(c) => {
+                c.name = name.to_owned();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes calendar `id` of `user` (never the default one).
+    pub fn delete_calendar(&mut self, user: usize, id: &str) -> bool {
+        let Some(u) = self.users.get_mut(user) else {
+            return false;
+        };
+        match u.calendar_index(id) {
+            Some(ci) if !u.calendars[ci].is_default => {
+                let c = &mut u.calendars[ci];
+                c.deleted = true;
+                c.events.clear();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Adds a calendar named `name` to the user at index `user`; returns its id.
@@ -253,6 +420,7 @@ impl Tenant {
                 events: BTreeMap::new(),
                 seq: 0,
                 change_log: Vec::new(),
+                deleted: false,
             });
         }
         id

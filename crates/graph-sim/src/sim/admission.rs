@@ -184,6 +184,37 @@ impl State {
                 }
             }
         };
+        // A directory read needs a token but addresses no mailbox.
+        let refused = if route.is_directory() {
+            self.auth.check(req.authorization.as_deref(), now).err()
+        } else {
+            None
+        };
+        // A user without an Exchange Online mailbox (unlicensed, a guest, on-premises) has no
+        // calendar to read: 404 MailboxNotEnabledForRESTAPI (notes §errors; docs#8520).
+        let refused = refused.or_else(|| match user {
+            Some(u)
+                if route.needs_mailbox()
+                    && self.tenant.users[u].directory.mailbox
+                        == crate::model::MailboxKind::None =>
+            {
+                Some(GraphError::new(
+                    404,
+                    "MailboxNotEnabledForRESTAPI",
+                    "The mailbox is either inactive, soft-deleted, or is hosted on-premise.",
+                ))
+            }
+            _ => None,
+        });
+        if let Some(e) = refused {
+            let response = self.error_response(&e, req.client_request_id.as_deref());
+            return Admission::Answer {
+                response,
+                fault: None,
+                user,
+                early: false,
+            };
+        }
         let mailbox_key = self.user_key(user);
         let limits = self.limits.clone();
         let mut early = false;

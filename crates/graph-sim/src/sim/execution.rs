@@ -212,6 +212,7 @@ impl State {
                 let value: Vec<Value> = user
                     .calendars
                     .iter()
+                    .filter(|c| !c.deleted)
                     .map(|c| {
                         json!({
                             "id": c.id, "name": c.name, "isDefaultCalendar": c.is_default,
@@ -223,6 +224,73 @@ impl State {
                     200,
                     &json!({"@odata.context": format!("{base}/$metadata#users('{}')/calendars", user.id), "value": value}),
                 ))
+            }
+            (Route::Users, "GET") => {
+                let q = directory_query(&req.query)?;
+                let filter = q.filter.as_deref().map(UserFilter::parse).transpose()?;
+                let all: Vec<Value> = self
+                    .tenant
+                    .users
+                    .iter()
+                    .filter(|u| !u.directory.deleted)
+                    .map(user_json)
+                    .filter(|v| filter.as_ref().is_none_or(|f| f.matches(v)))
+                    .collect();
+                directory_page(req, &q, all, &format!("{base}/$metadata#users"))
+            }
+            (Route::GroupUsers { group, transitive }, "GET") => {
+                let g = self.tenant.group_index(group).ok_or_else(|| {
+                    GraphError::new(
+                        404,
+                        "Request_ResourceNotFound",
+                        format!("Resource '{group}' does not exist or one of its queried reference-property objects are not present."),
+                    )
+                })?;
+                let q = directory_query(&req.query)?;
+                let members = if *transitive {
+                    self.tenant.transitive_users(g)
+                } else {
+                    self.tenant.groups[g]
+                        .users
+                        .iter()
+                        .copied()
+                        .filter(|u| !self.tenant.users[*u].directory.deleted)
+                        .collect()
+                };
+                let all: Vec<Value> = members
+                    .into_iter()
+                    .map(|u| {
+                        let mut v = user_json(&self.tenant.users[u]);
+                        if let Value::Object(m) = &mut v {
+                            m.insert("@odata.type".into(), json!("#microsoft.graph.user"));
+                        }
+                        v
+                    })
+                    .collect();
+                directory_page(req, &q, all, &format!("{base}/$metadata#users"))
+            }
+            (Route::Rooms, "GET") => {
+                let q = directory_query(&req.query)?;
+                let all: Vec<Value> = self
+                    .tenant
+                    .users
+                    .iter()
+                    .filter(|u| {
+                        !u.directory.deleted
+                            && u.directory.mailbox == crate::model::MailboxKind::Room
+                    })
+                    .map(|u| {
+                        json!({"@odata.type": "#microsoft.graph.room", "id": u.id,
+                               "emailAddress": u.upn, "displayName": u.display_name,
+                               "capacity": null, "bookingType": "standard"})
+                    })
+                    .collect();
+                directory_page(
+                    req,
+                    &q,
+                    all,
+                    &format!("{base}/$metadata#places/microsoft.graph.room"),
+                )
             }
             (Route::User { .. }, "GET") => {
                 let user = &self.tenant.users[u];
@@ -272,4 +340,270 @@ impl State {
         }
         self.log.push_back(rec);
     }
+}
+
+/// A user as `/users` lists it: every property this simulator keeps, filtered by `$select`
+/// later. The default set (without `$select`) is Graph's: no `accountEnabled`, no
+/// `department` (user-list docs, "Properties returned by default").
+fn user_json(u: &crate::model::User) -> Value {
+    let has_mailbox = u.directory.mailbox != crate::model::MailboxKind::None;
+    json!({
+        "id": u.id, "userPrincipalName": u.upn, "displayName": u.display_name,
+        "mail": if has_mailbox { json!(u.upn) } else { Value::Null },
+        "businessPhones": [], "givenName": null, "surname": null, "jobTitle": null,
+        "mobilePhone": null, "officeLocation": null, "preferredLanguage": null,
+        "department": u.directory.department, "accountEnabled": u.directory.account_enabled,
+        "userType": "Member",
+    })
+}
+
+const DEFAULT_USER_FIELDS: [&str; 11] = [
+    "businessphones",
+    "displayname",
+    "givenname",
+    "jobtitle",
+    "mail",
+    "mobilephone",
+    "officelocation",
+    "preferredlanguage",
+    "surname",
+    "userprincipalname",
+    "id",
+];
+
+struct DirectoryQuery {
+    top: usize,
+    offset: usize,
+    select: Option<Vec<String>>,
+    filter: Option<String>,
+}
+
+/// `$top` (1–999, default 100: "Invalid page size specified: '1000'. Must be between 1 and 999
+/// inclusive." as Microsoft Q&A 1129204 quotes it), `$skiptoken`, `$select`, `$filter`.
+fn directory_query(query: &str) -> Result<DirectoryQuery, GraphError> {
+    let mut q = DirectoryQuery {
+        top: 100,
+        offset: 0,
+        select: None,
+        filter: None,
+    };
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.to_ascii_lowercase().as_str() {
+            "$top" => {
+                q.top = v.parse::<usize>().ok().filter(|n| (1..=999).contains(n)).ok_or_else(|| {
+                    GraphError::new(
+                        400,
+                        "Request_BadRequest",
+                        format!("Invalid page size specified: '{v}'. Must be between 1 and 999 inclusive."),
+                    )
+                })?
+            }
+            "$skiptoken" => {
+                q.offset = v
+                    .strip_prefix("RFNwdAIAAQAAA")
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| {
+                        GraphError::new(400, "Request_BadRequest", "Invalid $skiptoken.")
+                    })?
+            }
+            "$select" => {
+                q.select = Some(
+                    v.split(',')
+                        .map(|f| f.trim().to_ascii_lowercase())
+                        .filter(|f| !f.is_empty())
+                        .collect(),
+                )
+            }
+            "$filter" => q.filter = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// One page of a directory list: `$select` applied (Graph's default set for users without
+/// it), an opaque `$skiptoken` in the nextLink.
+fn directory_page(
+    req: &SimRequest,
+    q: &DirectoryQuery,
+    all: Vec<Value>,
+    context: &str,
+) -> Result<SimResponse, GraphError> {
+    let from = q.offset.min(all.len());
+    let to = (from + q.top).min(all.len());
+    let keep = |v: Value| -> Value {
+        let Value::Object(m) = v else { return v };
+        let wanted = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            k == "@odata.type"
+                || match &q.select {
+                    Some(f) => k == "id" || f.contains(&k),
+                    None => {
+                        !m.contains_key("userPrincipalName")
+                            || DEFAULT_USER_FIELDS.contains(&k.as_str())
+                    }
+                }
+        };
+        Value::Object(m.clone().into_iter().filter(|(k, _)| wanted(k)).collect())
+    };
+    let value: Vec<Value> = all[from..to].iter().cloned().map(keep).collect();
+    let mut body = serde_json::Map::new();
+    body.insert("@odata.context".into(), json!(context));
+    body.insert("value".into(), Value::Array(value));
+    if to < all.len() {
+        let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query.as_bytes())
+            .filter(|(k, _)| !k.eq_ignore_ascii_case("$skiptoken"))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept)
+            .append_pair("$skiptoken", &format!("RFNwdAIAAQAAA{to}"))
+            .finish();
+        body.insert(
+            "@odata.nextLink".into(),
+            json!(format!("{}{}?{query}", req.origin, req.path)),
+        );
+    }
+    Ok(SimResponse::json(200, &Value::Object(body)))
+}
+
+/// The `$filter` subset of `/users` this simulator evaluates: clauses joined by `and`, each
+/// `prop eq value`, `prop ne value` or `startswith(prop,'text')`, on `accountEnabled`,
+/// `department`, `displayName`, `mail`, `userPrincipalName`, `userType` and `id`. Anything else
+/// is refused as Graph refuses a clause it cannot evaluate.
+struct UserFilter(Vec<Clause>);
+
+enum Clause {
+    Eq(String, Value, bool),
+    StartsWith(String, String),
+}
+
+impl UserFilter {
+    fn parse(text: &str) -> Result<Self, GraphError> {
+        let unsupported = |what: &str| {
+            GraphError::new(
+                400,
+                "Request_UnsupportedQuery",
+                format!(
+                    "Unsupported or invalid query filter clause specified for property '{what}' of resource 'User'."
+                ),
+            )
+        };
+        const PROPS: [&str; 7] = [
+            "accountenabled",
+            "department",
+            "displayname",
+            "mail",
+            "userprincipalname",
+            "usertype",
+            "id",
+        ];
+        let prop = |p: &str| -> Result<String, GraphError> {
+            let l = p.trim().to_ascii_lowercase();
+            if PROPS.contains(&l.as_str()) {
+                Ok(l)
+            } else {
+                Err(unsupported(p.trim()))
+            }
+        };
+        let literal = |v: &str| -> Result<Value, GraphError> {
+            let v = v.trim();
+            match v {
+                "true" => Ok(json!(true)),
+                "false" => Ok(json!(false)),
+                "null" => Ok(Value::Null),
+                _ if v.len() >= 2 && v.starts_with('\'') && v.ends_with('\'') => {
+                    Ok(json!(v[1..v.len() - 1].replace("''", "'")))
+                }
+                _ => Err(GraphError::new(
+                    400,
+                    "BadRequest",
+                    format!("Invalid filter clause: '{v}' is not a literal."),
+                )),
+            }
+        };
+        let mut clauses = Vec::new();
+        for part in split_and(text) {
+            let part = part.trim();
+            let lower = part.to_ascii_lowercase();
+            if let Some(args) = lower
+                .strip_prefix("startswith(")
+                .and_then(|_| part.get(11..))
+                .and_then(|r| r.strip_suffix(')'))
+            {
+                let (p, v) = args.split_once(',').ok_or_else(|| unsupported(args))?;
+                match literal(v)? {
+                    Value::String(s) => clauses.push(Clause::StartsWith(prop(p)?, s)),
+                    _ => return Err(unsupported(p)),
+                }
+                continue;
+            }
+            let words: Vec<&str> = part.splitn(3, ' ').collect();
+            match words.as_slice() {
+                [p, op, v] if op.eq_ignore_ascii_case("eq") || op.eq_ignore_ascii_case("ne") => {
+                    clauses.push(Clause::Eq(
+                        prop(p)?,
+                        literal(v)?,
+                        op.eq_ignore_ascii_case("eq"),
+                    ))
+                }
+                _ => {
+                    return Err(GraphError::new(
+                        400,
+                        "BadRequest",
+                        format!("Invalid filter clause: '{part}'."),
+                    ));
+                }
+            }
+        }
+        Ok(UserFilter(clauses))
+    }
+
+    fn matches(&self, user: &Value) -> bool {
+        let get = |p: &str| {
+            user.as_object()
+                .and_then(|m| m.iter().find(|(k, _)| k.eq_ignore_ascii_case(p)))
+                .map_or(Value::Null, |(_, v)| v.clone())
+        };
+        self.0.iter().all(|c| match c {
+            Clause::Eq(p, v, eq) => {
+                let have = get(p);
+                let same = match (&have, v) {
+                    (Value::String(a), Value::String(b)) => a.eq_ignore_ascii_case(b),
+                    (a, b) => a == b,
+                };
+                same == *eq
+            }
+            Clause::StartsWith(p, prefix) => get(p).as_str().is_some_and(|s| {
+                s.to_ascii_lowercase()
+                    .starts_with(&prefix.to_ascii_lowercase())
+            }),
+        })
+    }
+}
+
+/// Splits a filter on ` and ` outside quotes.
+fn split_and(text: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut quoted = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if c == '\'' {
+            quoted = !quoted;
+        }
+        if !quoted
+            && rest
+                .get(..5)
+                .is_some_and(|w| w.eq_ignore_ascii_case(" and "))
+        {
+            parts.push(String::new());
+            rest = &rest[5..];
+            continue;
+        }
+        if let Some(last) = parts.last_mut() {
+            last.push(c);
+        }
+        rest = &rest[c.len_utf8()..];
+    }
+    parts
 }

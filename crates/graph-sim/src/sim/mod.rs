@@ -368,7 +368,9 @@ impl State {
         let cal = if calendar.eq_ignore_ascii_case("default") {
             user.calendars.first()?
         } else {
-            user.calendars.iter().find(|c| c.id == calendar)?
+            user.calendars
+                .iter()
+                .find(|c| c.id == calendar && !c.deleted)?
         };
         let mut out: Vec<TruthItem> = cal
             .instances(&window)

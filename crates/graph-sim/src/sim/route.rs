@@ -48,6 +48,15 @@ pub(super) enum Route {
     User {
         user: UserRef,
     },
+    /// `GET /users`: the directory's users.
+    Users,
+    /// `GET /places/microsoft.graph.room`: the tenant's rooms.
+    Rooms,
+    /// `GET /groups/{id}/transitiveMembers/microsoft.graph.user` (or `members/…`: direct only).
+    GroupUsers {
+        group: String,
+        transitive: bool,
+    },
 }
 
 impl Route {
@@ -60,8 +69,19 @@ impl Route {
             | Route::Instances { user, .. }
             | Route::Calendars { user }
             | Route::User { user } => Some(user),
-            Route::Token { .. } => None,
+            Route::Token { .. } | Route::Users | Route::Rooms | Route::GroupUsers { .. } => None,
         }
+    }
+
+    /// A directory read: a token is needed, but no mailbox is addressed.
+    pub(super) fn is_directory(&self) -> bool {
+        matches!(self, Route::Users | Route::Rooms | Route::GroupUsers { .. })
+    }
+
+    /// Whether the route reads or writes a mailbox (a user without one answers 404
+    /// `MailboxNotEnabledForRESTAPI`); `/users/{id}` itself is a directory read.
+    pub(super) fn needs_mailbox(&self) -> bool {
+        !matches!(self, Route::User { .. }) && self.user().is_some()
     }
 }
 
@@ -97,6 +117,23 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
         Some(&"v1.0") | Some(&"beta") => 1,
         _ => return None,
     };
+    match &l[rest..] {
+        ["users"] => return Some(Route::Users),
+        ["places", "microsoft.graph.room"] => return Some(Route::Rooms),
+        ["groups", _, "transitivemembers", "microsoft.graph.user"] => {
+            return Some(Route::GroupUsers {
+                group: segs[rest + 1].clone(),
+                transitive: true,
+            });
+        }
+        ["groups", _, "members", "microsoft.graph.user"] => {
+            return Some(Route::GroupUsers {
+                group: segs[rest + 1].clone(),
+                transitive: false,
+            });
+        }
+        _ => {}
+    }
     let (user, at) = match l.get(rest) {
         Some(&"me") => (UserRef::Me, rest + 1),
         Some(&"users") => (UserRef::Key(segs.get(rest + 1)?.clone()), rest + 2),

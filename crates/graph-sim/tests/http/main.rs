@@ -5,6 +5,7 @@
 mod admin;
 mod auth;
 mod delta;
+mod directory;
 mod limits;
 mod series;
 mod shape;
