@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod cron;
+pub mod discover;
 pub mod gate;
 mod guard;
 pub mod lease;
@@ -16,6 +17,7 @@ mod series;
 pub mod window;
 
 pub use cron::{CronSchedule, CronScheduleError};
+pub use discover::{CalendarPick, Directory, Discovered, Members, Refusals, Source, SourceCounts};
 pub use gate::{Budget, GateStats, RequestGate};
 pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};
@@ -213,6 +215,8 @@ struct Inner {
     /// service's recorder is in place): a `counter!` with labels looks its series up by hashing
     /// the labels each time, and a no-change round recorded nine of them.
     hot: std::sync::OnceLock<HotMetrics>,
+    /// Mailboxes whose calendars Graph refused in a discovery pass, until they are asked again.
+    refusals: discover::Refusals,
 }
 
 /// Handles to the series a round records on its common path.
@@ -375,6 +379,7 @@ impl Engine {
                 leases: Default::default(),
                 tally: Default::default(),
                 hot: Default::default(),
+                refusals: Default::default(),
                 round_slots: Arc::new(tokio::sync::Semaphore::new(
                     ROUNDS_PER_REQUEST * settings.max_in_flight.max(1),
                 )),

@@ -5,12 +5,14 @@
 
 pub mod auth;
 pub mod budget;
+pub mod directory;
 pub mod error;
 pub mod page;
 pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
 pub use budget::{PageBudget, PageHold};
+pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
 

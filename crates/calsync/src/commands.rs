@@ -3,7 +3,7 @@
 
 use crate::config::{Config, DatabaseConfig, RawConfig};
 use anyhow::Context;
-use calsync_engine::{Engine, Identity, LeaseKeeper, Outcome, Tuple};
+use calsync_engine::{Engine, Identity, LeaseKeeper, Outcome, Tuple, TupleConfig};
 use calsync_graph::GraphClient;
 use calsync_store::{ReplicaKind, StatusRow, Store};
 use chrono::Utc;
@@ -59,7 +59,7 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
 /// Connects, migrates, builds the engine and registers the configured tuples as the
 /// deployment's set, outside any lease (the demo and the benchmarks drive it alone).
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
-    let (engine, tuples, _) = build_with(cfg, None).await?;
+    let (engine, tuples, _, _) = build_with(cfg, None).await?;
     Ok((engine, tuples))
 }
 
@@ -67,25 +67,27 @@ pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
 /// leases held as a new incarnation of `service.replica`, and the keeper of those leases.
 /// A `run` replica registers the deployment's set (untracking what the config dropped); a
 /// one-off command registers its calendars only and never untracks the others.
+/// The last value says whether the config's `[[sources]]` were resolved (always true without
+/// sources): if not, the daemon started with what earlier passes found and retries soon.
 pub async fn build_replica(
     cfg: &Config,
     kind: ReplicaKind,
-) -> anyhow::Result<(Engine, Vec<Tuple>, LeaseKeeper)> {
+) -> anyhow::Result<(Engine, Vec<Tuple>, LeaseKeeper, bool)> {
     let o = &cfg.ownership;
     let replica = match kind {
         ReplicaKind::Run => o.replica.clone(),
         ReplicaKind::OneOff => format!("{}-sync-once", o.replica),
     };
     let identity = Identity::new(&replica, kind, o.lease_ttl);
-    let (engine, tuples, keeper) = build_with(cfg, Some(identity)).await?;
+    let (engine, tuples, keeper, whole) = build_with(cfg, Some(identity)).await?;
     let keeper = keeper.context("the engine was fenced twice")?;
-    Ok((engine, tuples, keeper))
+    Ok((engine, tuples, keeper, whole))
 }
 
 async fn build_with(
     cfg: &Config,
     identity: Option<Identity>,
-) -> anyhow::Result<(Engine, Vec<Tuple>, Option<LeaseKeeper>)> {
+) -> anyhow::Result<(Engine, Vec<Tuple>, Option<LeaseKeeper>, bool)> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -110,14 +112,75 @@ async fn build_with(
     let one_off = identity
         .as_ref()
         .is_some_and(|i| i.kind == ReplicaKind::OneOff);
-    let registered = if one_off {
-        engine.register_only(&cfg.tuples).await
+    // With sources, the set is whole only once they are resolved: until then nothing is
+    // untracked (what an earlier pass found stays in the read model).
+    let (configs, whole) = with_discovered(&engine, cfg).await;
+    let registered = if one_off || !whole {
+        engine.register_only(&configs).await
     } else {
-        engine.register(&cfg.tuples).await
+        engine.register(&configs).await
     };
     let tuples = registered.context("cannot register the configured calendars")?;
     let keeper = identity.and_then(|id| engine.fence_with(id));
-    Ok((engine, tuples, keeper))
+    Ok((engine, tuples, keeper, whole))
+}
+
+/// How long a discovery pass at start may take before the daemon starts without it (and
+/// tries again on its own cadence).
+const DISCOVERY_AT_START: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The config's calendars plus what its sources resolve to now, and whether the sources were
+/// resolved (a failed pass leaves the configured calendars only, and says so).
+pub async fn with_discovered(engine: &Engine, cfg: &Config) -> (Vec<TupleConfig>, bool) {
+    if cfg.sources.is_empty() {
+        return (cfg.tuples.clone(), true);
+    }
+    let anchor = cfg.window_rebase.anchor(chrono::Utc::now());
+    let pass = engine.discover(&cfg.sources, anchor, cfg.discovery.refused_recheck);
+    match tokio::time::timeout(DISCOVERY_AT_START, pass).await {
+        Ok(Ok(found)) => {
+            log_discovered(&found);
+            (merge_discovered(&cfg.tuples, found.tuples), true)
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot resolve [[sources]]; starting with what was found before, trying again");
+            (cfg.tuples.clone(), false)
+        }
+        Err(_) => {
+            warn!(
+                "resolving [[sources]] took longer than {}s; starting with what was found before, trying again",
+                DISCOVERY_AT_START.as_secs()
+            );
+            (cfg.tuples.clone(), false)
+        }
+    }
+}
+
+/// Configured calendars first; a discovered tuple with a configured calendar's name is left out.
+pub fn merge_discovered(configured: &[TupleConfig], found: Vec<TupleConfig>) -> Vec<TupleConfig> {
+    let names: std::collections::HashSet<&str> =
+        configured.iter().map(|t| t.key.as_str()).collect();
+    let mut all = configured.to_vec();
+    all.extend(
+        found
+            .into_iter()
+            .filter(|t| !names.contains(t.key.as_str())),
+    );
+    all
+}
+
+/// One line per source: what it listed, left out, was refused and gives.
+pub fn log_discovered(found: &calsync_engine::Discovered) {
+    for (source, c) in &found.counts {
+        tracing::info!(
+            source = %source,
+            listed = c.listed,
+            skipped = c.skipped,
+            refused = c.refused,
+            calendars = c.tuples,
+            "source resolved"
+        );
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -149,7 +212,7 @@ pub async fn shutdown_signal() {
 /// mailboxes whose lease is free, holding those leases (renewed) until it is done, and leaves
 /// a mailbox a running replica holds to that replica, saying so. It never untracks or purges.
 pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
-    let (engine, tuples, keeper) = build_replica(&cfg, ReplicaKind::OneOff).await?;
+    let (engine, tuples, keeper, _) = build_replica(&cfg, ReplicaKind::OneOff).await?;
     let mut mailboxes: Vec<String> = tuples.iter().map(|t| t.mailbox.clone()).collect();
     mailboxes.sort();
     mailboxes.dedup();
@@ -480,4 +543,90 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         ));
     }
     out
+}
+
+/// `calsync discover`: the calendars the config's sources resolve to now (and its
+/// `[[calendars]]`), printed; nothing is synced and the database is not opened. False if the
+/// directory could not be read.
+pub async fn discover(cfg: &Config, json: bool) -> anyhow::Result<bool> {
+    if cfg.sources.is_empty() {
+        anyhow::bail!("the config has no [[sources]] to discover");
+    }
+    let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone())
+        .context("cannot build the Graph client")?;
+    let gate =
+        calsync_engine::RequestGate::new(cfg.sync.max_in_flight, cfg.sync.per_mailbox_concurrency);
+    let directory = calsync_engine::Directory {
+        graph: &graph,
+        gate: &gate,
+        backoff: (cfg.sync.min_backoff, cfg.sync.max_backoff),
+    };
+    let anchor = cfg.window_rebase.anchor(Utc::now());
+    let refusals = calsync_engine::Refusals::default();
+    let found = directory
+        .discover(
+            &cfg.sources,
+            anchor,
+            &refusals,
+            cfg.discovery.refused_recheck,
+        )
+        .await
+        .context("cannot resolve [[sources]]")?;
+    let calendar = |t: &TupleConfig| match &t.calendar {
+        calsync_graph::CalendarRef::Default => "default".to_owned(),
+        calsync_graph::CalendarRef::Id(id) => id.clone(),
+    };
+    if json {
+        let tuples: Vec<serde_json::Value> = found
+            .tuples
+            .iter()
+            .map(|t| {
+                serde_json::json!({"tuple": t.key, "user": t.user, "calendar": calendar(t),
+                    "window": t.window.to_string(), "rolling": t.rolling.is_some()})
+            })
+            .collect();
+        let sources: serde_json::Map<String, serde_json::Value> = found
+            .counts
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    serde_json::json!({"listed": c.listed, "skipped": c.skipped,
+                    "refused": c.refused, "calendars": c.tuples}),
+                )
+            })
+            .collect();
+        let refused: Vec<serde_json::Value> = found
+            .refused
+            .iter()
+            .map(|(m, code)| serde_json::json!({"mailbox": m, "code": code}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "sources": sources, "calendars": tuples, "refused": refused,
+                "configured": cfg.tuples.len(),
+            }))?
+        );
+        return Ok(true);
+    }
+    for (source, c) in &found.counts {
+        println!(
+            "source {source}: {} mailboxes listed, {} left out (excluded or no mail address), {} refused by Graph, {} calendars",
+            c.listed, c.skipped, c.refused, c.tuples
+        );
+    }
+    println!("{:<60} {:<40} WINDOW", "TUPLE", "CALENDAR");
+    for t in &found.tuples {
+        println!("{:<60} {:<40} {}", t.key, calendar(t), t.window);
+    }
+    for (mailbox, code) in &found.refused {
+        println!("refused: {mailbox} ({code})");
+    }
+    println!(
+        "{} calendars from sources, {} configured in [[calendars]]",
+        found.tuples.len(),
+        cfg.tuples.len()
+    );
+    Ok(true)
 }

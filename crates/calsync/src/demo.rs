@@ -97,6 +97,11 @@ pub fn config_for_sim(
             lease_ttl: Duration::from_secs(20),
         },
         window_rebase: calsync_engine::Rebase::default(),
+        sources: Vec::new(),
+        discovery: crate::config::DiscoverySettings {
+            every: Duration::from_secs(3600),
+            refused_recheck: Duration::from_secs(86_400),
+        },
         tuples,
     })
 }

@@ -25,6 +25,13 @@ enum Command {
     Run,
     /// Run one complete round for every configured calendar, then exit (non-zero if any failed).
     SyncOnce,
+    /// Print what the config's [[sources]] resolve to now, without syncing or touching the
+    /// database (a dry run of discovery).
+    Discover {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Apply database migrations.
     Migrate,
     /// Show each tracked calendar's sync state.
@@ -148,6 +155,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
         Command::Healthcheck => {
             let raw = RawConfig::load(cli.config.as_deref())?;
             commands::healthcheck(&raw).await
+        }
+        Command::Discover { json } => {
+            let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
+            telemetry::init(cfg.log_format, "warn");
+            commands::discover(&cfg, json).await
         }
         Command::SyncOnce => {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;

@@ -153,6 +153,8 @@ pub struct App {
     keeper: Arc<LeaseKeeper>,
     listener: Option<tokio::net::TcpListener>,
     metrics: Option<PrometheusHandle>,
+    /// Whether `[[sources]]` were resolved at start (else a pass is tried again soon).
+    sources_resolved: bool,
 }
 
 impl std::fmt::Debug for App {
@@ -173,7 +175,8 @@ impl App {
             Some(_) => Some(metrics_handle()?),
             None => None,
         };
-        let (engine, tuples, keeper) = commands::build_replica(&cfg, ReplicaKind::Run).await?;
+        let (engine, tuples, keeper, sources_resolved) =
+            commands::build_replica(&cfg, ReplicaKind::Run).await?;
         let keeper = Arc::new(keeper);
         let listener = match cfg.http_listen {
             Some(addr) => Some(
@@ -191,6 +194,7 @@ impl App {
             keeper,
             listener,
             metrics,
+            sources_resolved,
         })
     }
 
@@ -211,6 +215,7 @@ impl App {
             keeper,
             listener,
             metrics,
+            sources_resolved,
         } = self;
         let stop = CancellationToken::new();
         let mut scheduler = Scheduler::new(engine.clone(), stop.clone());
@@ -260,8 +265,21 @@ impl App {
         shared.tick();
         let mut current = cfg;
         // Registered: the config's own list of calendars is not read again (a reload brings
-        // its own), and at 100,000 calendars it is megabytes.
-        drop(std::mem::take(&mut current.tuples));
+        // its own), and at 100,000 calendars it is megabytes. With sources it is kept: each
+        // discovery pass registers it beside what the sources resolve to.
+        if current.sources.is_empty() {
+            drop(std::mem::take(&mut current.tuples));
+        }
+        // The next discovery pass: after `discovery.every`, or soon if the start's failed.
+        let mut next_discovery = Instant::now()
+            + if sources_resolved {
+                current.discovery.every
+            } else {
+                DISCOVERY_RETRY
+            };
+        let mut discovering: Option<
+            tokio::task::JoinHandle<Result<calsync_engine::Discovered, String>>,
+        > = None;
         info!(
             tuples = scheduler.len(),
             configured = all_tuples.len(),
@@ -345,8 +363,59 @@ impl App {
                         let _ = reply.send(r);
                     }
                 }
+                found = async {
+                    match discovering.as_mut() {
+                        Some(h) => h.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    discovering = None;
+                    let found = found.map_err(|e| e.to_string()).and_then(|r| r);
+                    match found {
+                        Ok(found) => {
+                            commands::log_discovered(&found);
+                            // Each its interval explicitly: sync.interval may have been reloaded.
+                            let every = current.sync.interval;
+                            let found = found.tuples.into_iter().map(|t| calsync_engine::TupleConfig {
+                                interval: Some(t.interval.unwrap_or(every)),
+                                ..t
+                            });
+                            let configs = commands::merge_discovered(&current.tuples, found.collect());
+                            match register_and_apply(&mut scheduler, &engine, &configs).await {
+                                Ok((change, tuples)) => {
+                                    all_tuples = tuples;
+                                    if !(change.added.is_empty() && change.removed.is_empty() && change.restarted.is_empty()) {
+                                        info!(added = ?change.added, removed = ?change.removed, restarted = ?change.restarted,
+                                              "discovered calendars applied");
+                                    }
+                                    if current.on_remove == OnRemove::Purge {
+                                        purge(&engine).await;
+                                    }
+                                    next_discovery = Instant::now() + current.discovery.every;
+                                }
+                                Err(e) => {
+                                    warn!(error = %e, "cannot register the discovered calendars; trying again");
+                                    next_discovery = Instant::now() + DISCOVERY_RETRY;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "cannot resolve [[sources]]; the calendars found before stay, trying again");
+                            next_discovery = Instant::now() + DISCOVERY_RETRY;
+                        }
+                    }
+                }
                 _ = tick.tick() => {
                     shared.tick();
+                    if !current.sources.is_empty() && discovering.is_none() && Instant::now() >= next_discovery {
+                        let engine = engine.clone();
+                        let sources = current.sources.clone();
+                        let anchor = current.window_rebase.anchor(chrono::Utc::now());
+                        let recheck = current.discovery.refused_recheck;
+                        discovering = Some(tokio::spawn(async move {
+                            engine.discover(&sources, anchor, recheck).await.map_err(|e| e.to_string())
+                        }));
+                    }
                     let now = current.window_rebase.anchor(chrono::Utc::now());
                     if now != anchor {
                         // Not moved if the database refuses: tried again at the next tick.
@@ -492,17 +561,69 @@ async fn reload_inner(
     }
     // The engine's default interval is fixed at start: give each tuple its interval
     // explicitly, so a changed sync.interval applies too.
-    let configs: Vec<calsync_engine::TupleConfig> = new
-        .tuples
-        .iter()
-        .map(|t| calsync_engine::TupleConfig {
-            interval: Some(t.interval.unwrap_or(new.sync.interval)),
-            ..t.clone()
-        })
-        .collect();
+    let with_interval = |t: &calsync_engine::TupleConfig| calsync_engine::TupleConfig {
+        interval: Some(t.interval.unwrap_or(new.sync.interval)),
+        ..t.clone()
+    };
+    let mut configs: Vec<calsync_engine::TupleConfig> =
+        new.tuples.iter().map(with_interval).collect();
+    if !new.sources.is_empty() {
+        // A reload with sources resolves them now: a set without them would untrack them.
+        let anchor = new.window_rebase.anchor(chrono::Utc::now());
+        let found = engine
+            .discover(&new.sources, anchor, new.discovery.refused_recheck)
+            .await
+            .map_err(|e| format!("cannot resolve [[sources]]: {e}"))?;
+        commands::log_discovered(&found);
+        let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
+        configs = commands::merge_discovered(&configs, found);
+    }
+    let (applied, tuples) = register_and_apply_with(scheduler, engine, keeper, &configs).await?;
+    if new.on_remove == OnRemove::Purge {
+        purge(engine).await;
+    }
+    current.on_remove = new.on_remove;
+    current.window_rebase = new.window_rebase;
+    current.discovery = new.discovery;
+    current.sources = new.sources;
+    current.sync.interval = new.sync.interval;
+    current.tuples = if current.sources.is_empty() {
+        Vec::new()
+    } else {
+        new.tuples.iter().map(with_interval).collect()
+    };
+    Ok((applied, tuples))
+}
+
+/// How soon a failed discovery pass is tried again.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
+
+/// Registers `configs` as the deployment's whole set and applies it to this replica's schedule.
+async fn register_and_apply(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    configs: &[calsync_engine::TupleConfig],
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
     let tuples = shared_tuples(
         engine
-            .register(&configs)
+            .register(configs)
+            .await
+            .map_err(|e| format!("cannot register the calendars: {e}"))?,
+    );
+    let applied = scheduler.apply(owned_tuples(engine, &tuples));
+    Ok((applied, tuples))
+}
+
+/// [`register_and_apply`], taking new mailboxes' leases before the schedule is applied.
+async fn register_and_apply_with(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    keeper: &LeaseKeeper,
+    configs: &[calsync_engine::TupleConfig],
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
+    let tuples = shared_tuples(
+        engine
+            .register(configs)
             .await
             .map_err(|e| format!("cannot register the calendars: {e}"))?,
     );
@@ -511,19 +632,19 @@ async fn reload_inner(
         warn!(error = %e, "cannot renew mailbox leases during the reload");
     }
     let applied = scheduler.apply(owned_tuples(engine, &tuples));
-    if new.on_remove == OnRemove::Purge {
-        // Only this deployment's untracked tuples: other deployments' rows are theirs.
-        match engine.store().purge_untracked().await {
-            Ok((0, _)) => {}
-            Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
-            Err(e) => {
-                warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
-            }
+    Ok((applied, tuples))
+}
+
+/// Deletes this deployment's untracked tuples and their rows (`service.on_remove = "purge"`).
+async fn purge(engine: &Engine) {
+    // Only this deployment's untracked tuples: other deployments' rows are theirs.
+    match engine.store().purge_untracked().await {
+        Ok((0, _)) => {}
+        Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
+        Err(e) => {
+            warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
         }
     }
-    current.on_remove = new.on_remove;
-    current.window_rebase = new.window_rebase;
-    Ok((applied, tuples))
 }
 
 /// Moves every rolling window to `anchor`. The calendars whose window changed are registered
@@ -558,9 +679,10 @@ async fn rebase_windows(
     if moved == 0 {
         return Ok(None);
     }
+    // Only windows move: nothing is untracked here (another replica's set may be newer).
     let tuples = shared_tuples(
         engine
-            .register(&configs)
+            .register_only(&configs)
             .await
             .map_err(|e| format!("cannot register the moved windows: {e}"))?,
     );

@@ -31,8 +31,61 @@ pub struct RawConfig {
     pub tls: RawTls,
     /// `[service]`.
     pub service: RawService,
+    /// `[discovery]`: how often sources are listed again.
+    pub discovery: RawDiscovery,
+    /// `[[sources]]`: calendars found in the directory.
+    pub sources: Vec<RawSource>,
     /// `[[calendars]]`: the tracked tuples.
     pub calendars: Vec<RawCalendar>,
+}
+
+/// `[discovery]`: the cadence of `[[sources]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawDiscovery {
+    /// How often every source is listed again (new users and calendars start, gone ones stop).
+    pub every: String,
+    /// A mailbox whose calendars Graph refused is asked again after this long.
+    pub refused_recheck: String,
+}
+
+impl Default for RawDiscovery {
+    fn default() -> Self {
+        RawDiscovery {
+            every: "1h".into(),
+            refused_recheck: "24h".into(),
+        }
+    }
+}
+
+/// `[[sources]]`: calendars found in the directory rather than listed one by one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSource {
+    /// The source's name: the prefix of its tuples' keys (`name:address/calendar`).
+    pub name: String,
+    /// `"all"`: the tenant's users (`User.Read.All`).
+    pub users: Option<String>,
+    /// An OData `$filter` on the users, e.g. `"accountEnabled eq true"`.
+    pub filter: Option<String>,
+    /// A group's object id: its transitive user members (`GroupMember.Read.All`).
+    pub group: Option<String>,
+    /// `"all"`: the tenant's rooms (`Place.Read.All`).
+    pub rooms: Option<String>,
+    /// `"default"` (the default), `"all"`, or a calendar name with `*` wildcards.
+    pub calendars: Option<String>,
+    /// Mailboxes left out, by address or object id.
+    pub exclude: Vec<String>,
+    /// Window start: an instant or an offset (`"-90d"`).
+    pub start: String,
+    /// Window end: an instant or an offset (`"+365d"`).
+    pub end: String,
+    /// Their interval; `[sync] interval` when absent.
+    pub interval: Option<String>,
+    /// Cron patterns instead of the interval.
+    pub schedule: Option<Patterns>,
+    /// The zone of `schedule` (default `UTC`).
+    pub schedule_zone: Option<String>,
 }
 
 /// `[http]`: the health, metrics and reload endpoint.

@@ -138,8 +138,21 @@ pub struct Config {
     pub ownership: Ownership,
     /// When rolling windows move (`sync.window_rebase`, `sync.window_rebase_at`).
     pub window_rebase: Rebase,
+    /// Directory sources of calendars.
+    pub sources: Vec<calsync_engine::Source>,
+    /// How often sources are listed again, and when a refused mailbox is asked again.
+    pub discovery: DiscoverySettings,
     /// The tracked tuples.
     pub tuples: Vec<TupleConfig>,
+}
+
+/// `[discovery]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiscoverySettings {
+    /// How often every source is listed again.
+    pub every: Duration,
+    /// When a mailbox Graph refused is asked again.
+    pub refused_recheck: Duration,
 }
 
 impl Config {

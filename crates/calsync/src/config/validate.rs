@@ -2,12 +2,13 @@
 //! Every error names the key that is wrong.
 
 use super::{
-    Config, ConfigError, DatabaseConfig, LogFormat, MetricLabels, OnRemove, RawAuth, RawCalendar,
-    RawConfig, RawDatabase, RawGraph, RawHttp, RawLog, RawMetrics, RawService, RawSync, RawTls,
-    bad,
+    Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels, OnRemove,
+    Patterns, RawAuth, RawCalendar, RawConfig, RawDatabase, RawDiscovery, RawGraph, RawHttp,
+    RawLog, RawMetrics, RawService, RawSource, RawSync, RawTls, bad,
 };
 use calsync_engine::{
-    Budget, CronSchedule, CronScheduleError, Edge, Rebase, SyncSettings, TupleConfig, WindowSpec,
+    Budget, CalendarPick, CronSchedule, CronScheduleError, Edge, Members, Rebase, Source,
+    SyncSettings, TupleConfig, WindowSpec,
 };
 use calsync_graph::{AuthConfig, CalendarRef, GraphConfig};
 use chrono::{DateTime, Utc};
@@ -39,7 +40,10 @@ impl RawConfig {
         let sync = sync(&self.sync)?;
         let window_rebase = rebase(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
-        let tuples = calendars(&self.calendars, window_rebase.anchor(now))?;
+        let anchor = window_rebase.anchor(now);
+        let sources = sources(&self.sources)?;
+        let tuples = calendars(&self.calendars, anchor, !sources.is_empty())?;
+        let discovery = discovery(&self.discovery)?;
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
         let admin_token = admin_token(&self.http)?;
         let metric_labels = metrics(&self.metrics)?;
@@ -59,6 +63,8 @@ impl RawConfig {
             on_remove,
             ownership,
             window_rebase,
+            sources,
+            discovery,
             tuples,
         })
     }
@@ -472,15 +478,126 @@ fn edge(key: &str, v: &str) -> Result<Edge, ConfigError> {
     Ok(Edge::Offset(d * sign))
 }
 
+/// A `schedule` with its `schedule_zone`, keys named by `k`.
+fn schedule(
+    k: &dyn Fn(&str) -> String,
+    patterns: Option<&Patterns>,
+    zone: Option<&str>,
+) -> Result<Option<Arc<CronSchedule>>, ConfigError> {
+    match (patterns, zone) {
+        (Some(p), zone) => Ok(Some(Arc::new(
+            CronSchedule::new(&p.to_vec(), zone.unwrap_or("UTC")).map_err(|e| {
+                let key = if matches!(e, CronScheduleError::Zone(_)) {
+                    "schedule_zone"
+                } else {
+                    "schedule"
+                };
+                bad(k(key), e.to_string())
+            })?,
+        ))),
+        (None, Some(_)) => Err(bad(
+            k("schedule_zone"),
+            "is set but there is no schedule to read in it",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `[discovery]`.
+fn discovery(d: &RawDiscovery) -> Result<DiscoverySettings, ConfigError> {
+    let every = duration("discovery.every", &d.every)?;
+    if every < Duration::from_secs(1) {
+        return Err(bad("discovery.every", "must be at least 1s"));
+    }
+    Ok(DiscoverySettings {
+        every,
+        refused_recheck: duration("discovery.refused_recheck", &d.refused_recheck)?,
+    })
+}
+
+/// `[[sources]]`: directory sources, each naming exactly one kind of members.
+fn sources(raw: &[RawSource]) -> Result<Vec<Source>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let k = |f: &str| format!("sources[{i}].{f}");
+        let name = plain_name(&k("name"), r.name.trim())?;
+        if !names.insert(name.clone()) {
+            return Err(bad(k("name"), format!("'{name}' names another source too")));
+        }
+        let all = |key: &str, v: &str| {
+            if v.trim().eq_ignore_ascii_case("all") {
+                Ok(())
+            } else {
+                Err(bad(k(key), format!("'{v}' is not \"all\"")))
+            }
+        };
+        let members = match (&r.users, &r.group, &r.rooms) {
+            (Some(u), None, None) => {
+                all("users", u)?;
+                Members::Users {
+                    filter: r.filter.clone().filter(|f| !f.trim().is_empty()),
+                }
+            }
+            (None, Some(g), None) if !g.trim().is_empty() => Members::Group(g.trim().to_owned()),
+            (None, None, Some(v)) => {
+                all("rooms", v)?;
+                Members::Rooms
+            }
+            _ => {
+                return Err(bad(
+                    k("users"),
+                    "name exactly one of users = \"all\", group = \"<object id>\", rooms = \"all\"",
+                ));
+            }
+        };
+        if r.filter.is_some() && !matches!(members, Members::Users { .. }) {
+            return Err(bad(k("filter"), "filters users = \"all\" only"));
+        }
+        let calendars = match r.calendars.as_deref().map(str::trim) {
+            None | Some("default") => CalendarPick::Default,
+            Some("all") => CalendarPick::All,
+            Some("") => return Err(bad(k("calendars"), "is empty")),
+            Some(name) => CalendarPick::Named(name.to_owned()),
+        };
+        let window = WindowSpec {
+            start: edge(&k("start"), &r.start)?,
+            end: edge(&k("end"), &r.end)?,
+        };
+        if window.at(Utc::now()).is_none() && !window.is_rolling() {
+            return Err(bad(k("end"), "must be after start"));
+        }
+        let interval = r
+            .interval
+            .as_deref()
+            .map(|v| duration(&k("interval"), v))
+            .transpose()?;
+        if interval.is_some_and(|d| d < Duration::from_secs(1)) {
+            return Err(bad(k("interval"), "must be at least 1s"));
+        }
+        out.push(Source {
+            name,
+            members,
+            calendars,
+            exclude: r.exclude.iter().map(|e| e.trim().to_lowercase()).collect(),
+            window,
+            interval,
+            schedule: schedule(&k, r.schedule.as_ref(), r.schedule_zone.as_deref())?,
+        });
+    }
+    Ok(out)
+}
+
 /// `[[calendars]]`: one tuple each, with distinct names; rolling windows fixed at `anchor`.
 fn calendars(
     calendars: &[RawCalendar],
     anchor: DateTime<Utc>,
+    has_sources: bool,
 ) -> Result<Vec<TupleConfig>, ConfigError> {
-    if calendars.is_empty() {
+    if calendars.is_empty() && !has_sources {
         return Err(bad(
             "calendars",
-            "no [[calendars]] entry: calsync has nothing to sync",
+            "no [[calendars]] or [[sources]] entry: calsync has nothing to sync",
         ));
     }
     let mut names = HashSet::new();
@@ -519,25 +636,7 @@ fn calendars(
         if interval.is_some_and(|d| d < Duration::from_secs(1)) {
             return Err(bad(k("interval"), "must be at least 1s"));
         }
-        let schedule = match (&c.schedule, &c.schedule_zone) {
-            (Some(p), zone) => Some(Arc::new(
-                CronSchedule::new(&p.to_vec(), zone.as_deref().unwrap_or("UTC")).map_err(|e| {
-                    let key = if matches!(e, CronScheduleError::Zone(_)) {
-                        "schedule_zone"
-                    } else {
-                        "schedule"
-                    };
-                    bad(k(key), e.to_string())
-                })?,
-            )),
-            (None, Some(_)) => {
-                return Err(bad(
-                    k("schedule_zone"),
-                    "is set but there is no schedule to read in it",
-                ));
-            }
-            (None, None) => None,
-        };
+        let schedule = schedule(&k, c.schedule.as_ref(), c.schedule_zone.as_deref())?;
         let name = c.name.clone().unwrap_or_else(|| format!("{user}/{cal}"));
         if name.trim().is_empty() {
             return Err(bad(k("name"), "is empty"));

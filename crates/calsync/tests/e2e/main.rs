@@ -12,12 +12,14 @@
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
 //! | `replicas` | many processes, one database: deployments, sync-once beside run, leases, fencing, failover |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
+//! | `discovery` | a tenant from source lines: users, groups, rooms, calendars, refusals; `calsync discover` |
 //! | `windows` | moving a window: the old one served whole until the new one's round ends |
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod cli;
 mod database;
+mod discovery;
 mod faults;
 mod harness;
 mod model;

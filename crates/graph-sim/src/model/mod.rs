@@ -121,9 +121,20 @@ pub enum MailboxKind {
     /// A room (listed by `/places/microsoft.graph.room`; its account is disabled, as Exchange
     /// creates room accounts).
     Room,
-    /// No Exchange Online mailbox (unlicensed, guest, on-premises): every calendar request
-    /// answers 404 `MailboxNotEnabledForRESTAPI` (notes §errors, docs#8520).
+    /// No Exchange Online mailbox (unlicensed, a guest): no mail address in the directory,
+    /// and every calendar request answers 404 `MailboxNotEnabledForRESTAPI` (notes §errors,
+    /// docs#8520).
     None,
+    /// A mailbox hosted on-premises (or soft-deleted): the directory gives it a mail address,
+    /// yet every calendar request answers 404 `MailboxNotEnabledForRESTAPI`.
+    OnPremises,
+}
+
+impl MailboxKind {
+    /// Whether Graph serves this mailbox's calendars.
+    pub fn serves_calendars(self) -> bool {
+        matches!(self, MailboxKind::User | MailboxKind::Room)
+    }
 }
 
 /// A user's directory properties (the ones `/users` can filter on here).

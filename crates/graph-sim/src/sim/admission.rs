@@ -195,8 +195,7 @@ impl State {
         let refused = refused.or_else(|| match user {
             Some(u)
                 if route.needs_mailbox()
-                    && self.tenant.users[u].directory.mailbox
-                        == crate::model::MailboxKind::None =>
+                    && !self.tenant.users[u].directory.mailbox.serves_calendars() =>
             {
                 Some(GraphError::new(
                     404,
