@@ -913,4 +913,59 @@ end = "2026-04-01T00:00:00Z"
             Ok(())
         });
     }
+
+    #[test]
+    fn the_tenant_example_is_a_whole_tenant_in_under_15_lines() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/tenant.example.toml"
+        ))
+        .unwrap();
+        assert!(text.lines().count() < 15, "{}", text.lines().count());
+        Jail::expect_with(|jail| {
+            jail.create_file("client-secret", "s\n")?;
+            let text = text.replace("/etc/calsync/client-secret", "client-secret");
+            let c = load_in(jail, &text).unwrap();
+            assert!(c.tuples.is_empty());
+            assert_eq!(c.sources.len(), 1);
+            assert!(c.sources[0].window.is_rolling());
+            assert_eq!(
+                c.sources[0].members,
+                calsync_engine::Members::Users {
+                    filter: Some("accountEnabled eq true".into())
+                }
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_source_names_one_kind_of_members_and_its_bad_keys() {
+        let base = AUTH_AND_ONE_CALENDAR;
+        let with = |src: &str| format!("{base}\n[[sources]]\nname = \"s\"\nstart = \"-1d\"\nend = \"+1d\"\n{src}\n");
+        Jail::expect_with(|jail| {
+            let c = load_in(jail, &with("group = \"g-1\"\ncalendars = \"Team *\"")).unwrap();
+            assert_eq!(c.sources[0].members, calsync_engine::Members::Group("g-1".into()));
+            assert_eq!(c.sources[0].calendars, calsync_engine::CalendarPick::Named("Team *".into()));
+            assert_eq!(
+                load_in(jail, &with("rooms = \"all\"")).unwrap().sources[0].members,
+                calsync_engine::Members::Rooms
+            );
+            for (src, key, says) in [
+                ("", "sources[0].users", "exactly one"),
+                ("users = \"all\"\nrooms = \"all\"", "sources[0].users", "exactly one"),
+                ("users = \"some\"", "sources[0].users", "not \"all\""),
+                ("rooms = \"all\"\nfilter = \"x eq 1\"", "sources[0].filter", "users"),
+                ("users = \"all\"\ncalendars = \"\"", "sources[0].calendars", "empty"),
+                ("users = \"all\"\ncolour = \"red\"", "sources", "colour"),
+            ] {
+                let e = load_in(jail, &with(src)).unwrap_err();
+                assert!(e.key.starts_with(key), "{src}: {} {}", e.key, e.message);
+                assert!(e.message.contains(says), "{src}: {}", e.message);
+            }
+            let e = load_in(jail, &format!("{}\n[discovery]\nevery = \"0s\"\n", with("users = \"all\""))).unwrap_err();
+            assert_eq!(e.key, "discovery.every");
+            Ok(())
+        });
+    }
 }
