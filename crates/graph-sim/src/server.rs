@@ -418,6 +418,111 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
                 Err(e) => admin_json(e.status, &json!({"error": e.message})),
             }
         }
+        // The directory, as an administrator changes it (discovery tests, the demo).
+        ("POST", "users") => {
+            let Some(upn) = q.get("upn") else {
+                return bad("users needs upn, optionally name, department and mailbox=user|room|none|on_premises".into());
+            };
+            let kind = match q.get("mailbox").map_or("user", String::as_str) {
+                "user" => crate::model::MailboxKind::User,
+                "room" => crate::model::MailboxKind::Room,
+                "none" => crate::model::MailboxKind::None,
+                "on_premises" => crate::model::MailboxKind::OnPremises,
+                other => {
+                    return bad(format!(
+                        "mailbox '{other}' is not one of user, room, none, on_premises"
+                    ));
+                }
+            };
+            let mut st = sim.lock();
+            if st.tenant.user_index(upn).is_some() {
+                return admin_json(409, &json!({"error": "the user exists"}));
+            }
+            let name = q
+                .get("name")
+                .map_or(upn.as_str(), String::as_str)
+                .to_owned();
+            let u = st.tenant.add_directory_user(
+                upn,
+                &name,
+                kind,
+                q.get("department").map(String::as_str),
+            );
+            admin_json(201, &json!({"id": st.tenant.users[u].id}))
+        }
+        ("DELETE", "users") => {
+            let mut st = sim.lock();
+            match q.get("user").and_then(|k| st.tenant.user_index(k)) {
+                Some(u) => {
+                    st.tenant.delete_user(u);
+                    admin_json(200, &json!({"ok": true}))
+                }
+                None => admin_json(404, &json!({"error": "no such user"})),
+            }
+        }
+        ("POST", "groups") => {
+            let mut st = sim.lock();
+            let mut members = Vec::new();
+            for m in q
+                .get("members")
+                .map(|m| m.split(',').filter(|x| !x.is_empty()).collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
+                match st.tenant.user_index(m) {
+                    Some(u) => members.push(u),
+                    None => return admin_json(404, &json!({"error": format!("no such user {m}")})),
+                }
+            }
+            let g = st.tenant.add_group(
+                q.get("name").map_or("group", String::as_str),
+                members,
+                Vec::new(),
+            );
+            admin_json(201, &json!({"id": st.tenant.groups[g].id}))
+        }
+        (m @ ("POST" | "DELETE"), "groups/members") => {
+            let mut st = sim.lock();
+            let g = q.get("group").and_then(|g| st.tenant.group_index(g));
+            let u = q.get("user").and_then(|u| st.tenant.user_index(u));
+            let (Some(g), Some(u)) = (g, u) else {
+                return admin_json(
+                    404,
+                    &json!({"error": "groups/members needs an existing group and user"}),
+                );
+            };
+            let users = &mut st.tenant.groups[g].users;
+            if m == "POST" {
+                if !users.contains(&u) {
+                    users.push(u);
+                }
+            } else {
+                users.retain(|x| *x != u);
+            }
+            admin_json(200, &json!({"ok": true}))
+        }
+        (m @ ("POST" | "PATCH" | "DELETE"), "calendars") => {
+            let mut st = sim.lock();
+            let Some(u) = q.get("user").and_then(|u| st.tenant.user_index(u)) else {
+                return admin_json(404, &json!({"error": "no such user"}));
+            };
+            match (m, q.get("id"), q.get("name")) {
+                ("POST", _, Some(name)) => {
+                    let id = st.tenant.add_calendar(u, name);
+                    admin_json(201, &json!({"id": id}))
+                }
+                ("PATCH", Some(id), Some(name)) if st.tenant.rename_calendar(u, id, name) => {
+                    admin_json(200, &json!({"ok": true}))
+                }
+                ("DELETE", Some(id), _) if st.tenant.delete_calendar(u, id) => {
+                    admin_json(200, &json!({"ok": true}))
+                }
+                ("POST", _, None) => bad("POST calendars needs user and name".into()),
+                _ => admin_json(
+                    404,
+                    &json!({"error": "no such calendar (or it is the default one)"}),
+                ),
+            }
+        }
         ("POST", "expire-tokens") => {
             let mut st = sim.lock();
             let now = st.tenant.now();

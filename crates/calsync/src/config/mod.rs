@@ -942,28 +942,52 @@ end = "2026-04-01T00:00:00Z"
     #[test]
     fn a_source_names_one_kind_of_members_and_its_bad_keys() {
         let base = AUTH_AND_ONE_CALENDAR;
-        let with = |src: &str| format!("{base}\n[[sources]]\nname = \"s\"\nstart = \"-1d\"\nend = \"+1d\"\n{src}\n");
+        let with = |src: &str| {
+            format!("{base}\n[[sources]]\nname = \"s\"\nstart = \"-1d\"\nend = \"+1d\"\n{src}\n")
+        };
         Jail::expect_with(|jail| {
             let c = load_in(jail, &with("group = \"g-1\"\ncalendars = \"Team *\"")).unwrap();
-            assert_eq!(c.sources[0].members, calsync_engine::Members::Group("g-1".into()));
-            assert_eq!(c.sources[0].calendars, calsync_engine::CalendarPick::Named("Team *".into()));
+            assert_eq!(
+                c.sources[0].members,
+                calsync_engine::Members::Group("g-1".into())
+            );
+            assert_eq!(
+                c.sources[0].calendars,
+                calsync_engine::CalendarPick::Named("Team *".into())
+            );
             assert_eq!(
                 load_in(jail, &with("rooms = \"all\"")).unwrap().sources[0].members,
                 calsync_engine::Members::Rooms
             );
             for (src, key, says) in [
                 ("", "sources[0].users", "exactly one"),
-                ("users = \"all\"\nrooms = \"all\"", "sources[0].users", "exactly one"),
+                (
+                    "users = \"all\"\nrooms = \"all\"",
+                    "sources[0].users",
+                    "exactly one",
+                ),
                 ("users = \"some\"", "sources[0].users", "not \"all\""),
-                ("rooms = \"all\"\nfilter = \"x eq 1\"", "sources[0].filter", "users"),
-                ("users = \"all\"\ncalendars = \"\"", "sources[0].calendars", "empty"),
+                (
+                    "rooms = \"all\"\nfilter = \"x eq 1\"",
+                    "sources[0].filter",
+                    "users",
+                ),
+                (
+                    "users = \"all\"\ncalendars = \"\"",
+                    "sources[0].calendars",
+                    "empty",
+                ),
                 ("users = \"all\"\ncolour = \"red\"", "sources", "colour"),
             ] {
                 let e = load_in(jail, &with(src)).unwrap_err();
                 assert!(e.key.starts_with(key), "{src}: {} {}", e.key, e.message);
                 assert!(e.message.contains(says), "{src}: {}", e.message);
             }
-            let e = load_in(jail, &format!("{}\n[discovery]\nevery = \"0s\"\n", with("users = \"all\""))).unwrap_err();
+            let e = load_in(
+                jail,
+                &format!("{}\n[discovery]\nevery = \"0s\"\n", with("users = \"all\"")),
+            )
+            .unwrap_err();
             assert_eq!(e.key, "discovery.every");
             Ok(())
         });

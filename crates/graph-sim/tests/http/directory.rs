@@ -226,3 +226,153 @@ async fn directory_reads_need_a_token() {
         .unwrap();
     assert_eq!(r.status(), 401);
 }
+
+#[tokio::test]
+async fn an_administrator_changes_users_groups_and_calendars_over_the_admin_api() {
+    let s = start().await;
+    let admin = |m: reqwest::Method, path: &str| {
+        s.http
+            .request(m, format!("{}{path}", s.server.admin_url()))
+            .send()
+    };
+    let r = admin(
+        reqwest::Method::POST,
+        "/users?upn=new@contoso.onmicrosoft.com&name=New&mailbox=on_premises&department=Ops",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        admin(
+            reqwest::Method::POST,
+            "/users?upn=new@contoso.onmicrosoft.com"
+        )
+        .await
+        .unwrap()
+        .status(),
+        409
+    );
+    assert_eq!(
+        admin(reqwest::Method::POST, "/users?upn=x@y&mailbox=mars")
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    let users = format!(
+        "{}/users?$select=userPrincipalName,department&$filter=department%20eq%20'Ops'",
+        s.base()
+    );
+    assert_eq!(
+        s.get(&users, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let g: Value = admin(
+        reqwest::Method::POST,
+        "/groups?name=ops&members=new@contoso.onmicrosoft.com",
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let g = g["id"].as_str().unwrap();
+    let members = format!("{}/groups/{g}/members/microsoft.graph.user", s.base());
+    assert_eq!(
+        s.get(&members, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let alex = "alex@contoso.onmicrosoft.com";
+    assert_eq!(
+        admin(
+            reqwest::Method::POST,
+            &format!("/groups/members?group={g}&user={alex}")
+        )
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    assert_eq!(
+        s.get(&members, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    admin(
+        reqwest::Method::DELETE,
+        &format!("/groups/members?group={g}&user={alex}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.get(&members, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let c: Value = admin(
+        reqwest::Method::POST,
+        &format!("/calendars?user={alex}&name=Side"),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let id = c["id"].as_str().unwrap();
+    assert_eq!(
+        admin(
+            reqwest::Method::PATCH,
+            &format!("/calendars?user={alex}&id={id}&name=Side2")
+        )
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    let cals = format!("{}/users/{alex}/calendars", s.base());
+    assert_eq!(s.get(&cals, None).await.2["value"][1]["name"], "Side2");
+    assert_eq!(
+        admin(
+            reqwest::Method::DELETE,
+            &format!("/calendars?user={alex}&id={id}")
+        )
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    assert_eq!(
+        s.get(&cals, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        admin(
+            reqwest::Method::DELETE,
+            "/users?user=new@contoso.onmicrosoft.com"
+        )
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    assert_eq!(
+        s.get(&users, None).await.2["value"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
