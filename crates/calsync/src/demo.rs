@@ -177,24 +177,27 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
         .serve("127.0.0.1:0")
         .await
         .context("cannot start the Graph simulator")?;
-    let (calendars, event_count) = {
-        let st = sim.lock();
-        let mut cals = Vec::new();
-        let mut n = 0;
-        for (i, u) in st.tenant.users.iter().enumerate() {
-            cals.push((
-                format!("{}/default", u.upn),
-                u.upn.clone(),
-                "default".to_owned(),
-            ));
-            if i == 0 {
-                if let Some(c) = u.calendars.get(1) {
-                    cals.push((format!("{}/{}", u.upn, c.name), u.upn.clone(), c.id.clone()));
-                }
-            }
-            n += u.calendars.iter().map(|c| c.events.len()).sum::<usize>();
-        }
-        (cals, n)
+    let event_count = {
+        let mut st = sim.lock();
+        // What a directory holds beside people: a room, and a guest without a mailbox.
+        st.tenant.add_directory_user(
+            "room-atlas@contoso.onmicrosoft.com",
+            "Atlas (room)",
+            graph_sim::MailboxKind::Room,
+            None,
+        );
+        st.tenant.add_directory_user(
+            "guest@contoso.onmicrosoft.com",
+            "A guest",
+            graph_sim::MailboxKind::None,
+            None,
+        );
+        st.tenant
+            .users
+            .iter()
+            .flat_map(|u| &u.calendars)
+            .map(|c| c.events.len())
+            .sum::<usize>()
     };
     println!(
         "[1/4] Graph simulator on {} — {} users, {} events (30% recurring)",
@@ -233,17 +236,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     let mut cfg = config_for_sim(
         &format!("http://{}", server.addr),
         &db.url,
-        &calendars,
+        &[],
         window,
         sync,
         50,
     )?;
-    for t in &mut cfg.tuples {
-        t.rolling = Some(spec);
-    }
+    // Two source lines instead of a list of calendars: every calendar of every enabled user,
+    // and the rooms.
+    let source = |name: &str, members, calendars| calsync_engine::Source {
+        name: name.into(),
+        members,
+        calendars,
+        exclude: Default::default(),
+        window: spec,
+        interval: None,
+        schedule: None,
+    };
+    cfg.sources = vec![
+        source(
+            "staff",
+            calsync_engine::Members::Users {
+                filter: Some("accountEnabled eq true".into()),
+            },
+            calsync_engine::CalendarPick::All,
+        ),
+        source(
+            "rooms",
+            calsync_engine::Members::Rooms,
+            calsync_engine::CalendarPick::Default,
+        ),
+    ];
     let (engine, tuples) = crate::commands::build(&cfg).await?;
     println!(
-        "      migrated; tracking {} (user, calendar, window) tuples, rolling window -120d..+240d: {} → {}",
+        "      migrated; sources 'staff' (users where accountEnabled eq true, every calendar; the guest has no mailbox) and 'rooms' found {} calendars; rolling window -120d..+240d: {} → {}",
         tuples.len(),
         window.start.date_naive(),
         window.end.date_naive()
@@ -361,12 +386,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
     );
     all_ok &= failed == 0 && check(&engine, &sim, &tuples).await?;
 
+    let Some(shown) = tuples
+        .iter()
+        .find(|t| t.key.starts_with("staff:"))
+        .or(tuples.first())
+    else {
+        anyhow::bail!("the demo's sources found no calendar");
+    };
     println!("\nThe read model, as an app would query it:");
     println!(
         "  SELECT subject, start_at, end_at, event_type FROM calendar_events WHERE tuple_key = '{}' ORDER BY start_at LIMIT 5;",
-        tuples[0].key
+        shown.key
     );
-    let mut rows = engine.store().event_summaries(&tuples[0].key).await?;
+    let mut rows = engine.store().event_summaries(&shown.key).await?;
     rows.sort_by_key(|r| r.start_at);
     let now = Utc::now();
     for r in rows
