@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use std::process::{Command, Stdio};
 
 mod scale;
+mod tenant;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +49,9 @@ enum Child {
     /// The real daemon (one or more replicas) keeping many calendars fresh: start to READY,
     /// CPU per round, lag, RSS, log volume (BENCHMARKS.md, "Scale").
     Scale(scale::ScaleArgs),
+    /// A whole tenant's extra costs: a discovery pass over its users, and re-basing every
+    /// rolling window by a day (BENCHMARKS.md, "Rolling windows and discovery").
+    Tenant(tenant::TenantArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -156,7 +160,7 @@ struct IdleArgs {
 
 /// CPU seconds a process has used, summed over its threads from `/proc/<pid>/task/*/schedstat`
 /// (nanosecond precision, unlike the 10 ms ticks of `/proc/<pid>/stat`).
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     let dir =
         std::fs::read_dir(format!("/proc/{pid}/task")).context("cannot read /proc (Linux only)")?;
     let mut ns: u128 = 0;
@@ -200,7 +204,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn window() -> ViewWindow {
+pub(crate) fn window() -> ViewWindow {
     let today = Utc::now()
         .date_naive()
         .and_hms_opt(0, 0, 0)
@@ -525,11 +529,11 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct SimEndpoints {
-    base: String,
+pub(crate) struct SimEndpoints {
+    pub(crate) base: String,
 }
 
-fn config_for_sim_endpoints(
+pub(crate) fn config_for_sim_endpoints(
     sim: &SimEndpoints,
     db_url: &str,
     page_size: u32,
@@ -775,6 +779,7 @@ fn main() -> std::process::ExitCode {
             Some(Child::Memory(a)) => memory(a).await,
             Some(Child::MeasuredSync(a)) => memory_child(a).await,
             Some(Child::Scale(a)) => scale::scale(a).await,
+            Some(Child::Tenant(a)) => tenant::tenant(a).await,
             None => run(cli.args).await,
         }
     });
