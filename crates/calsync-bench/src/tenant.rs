@@ -121,8 +121,14 @@ pub(crate) async fn tenant(args: TenantArgs) -> anyhow::Result<()> {
     let anchor = chrono::Utc::now();
     let mut found = Vec::new();
     for (label, pick) in [
-        ("default calendars (no request per mailbox)", CalendarPick::Default),
-        ("every calendar (one listing per mailbox)", CalendarPick::All),
+        (
+            "default calendars (no request per mailbox)",
+            CalendarPick::Default,
+        ),
+        (
+            "every calendar (one listing per mailbox)",
+            CalendarPick::All,
+        ),
     ] {
         let sources = [source(pick)];
         let m = measure(&base, &me, async {

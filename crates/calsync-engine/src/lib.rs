@@ -22,7 +22,7 @@ pub use gate::{Budget, GateStats, RequestGate};
 pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};
 pub use schedule::{ScheduleChange, Scheduler};
-pub use window::{Edge, Rebase, WindowSpec};
+pub use window::{Edge, Rebase, WindowSpec, at_anchor};
 
 use calsync_graph::{CalendarRef, GraphClient, ViewWindow};
 use calsync_store::{LinkStamp, Store, StoreError, TupleSpec};

@@ -95,6 +95,17 @@ impl Rebase {
     }
 }
 
+/// Moves every rolling window among `configs` to `anchor` (fixed ones, and a rolling one that
+/// would be empty there, stay): configs made at another anchor (a discovery pass that began
+/// before midnight, the config read at start) registered as they are would move windows back.
+pub fn at_anchor(configs: &mut [crate::TupleConfig], anchor: DateTime<Utc>) {
+    for c in configs {
+        if let Some(w) = c.rolling.and_then(|spec| spec.at(anchor)) {
+            c.window = w;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +175,34 @@ mod tests {
         };
         assert!(ending.at(t("2026-11-28T00:00:00Z")).is_some());
         assert_eq!(ending.at(t("2026-12-05T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn configs_made_at_an_older_anchor_are_moved_to_the_current_one() {
+        let spec = WindowSpec {
+            start: Edge::Offset(TimeDelta::days(-1)),
+            end: Edge::Offset(TimeDelta::days(1)),
+        };
+        let yesterday = t("2026-11-27T00:00:00Z");
+        let fixed = ViewWindow {
+            start: t("2026-01-01T00:00:00Z"),
+            end: t("2026-02-01T00:00:00Z"),
+        };
+        let config = |window, rolling| crate::TupleConfig {
+            key: "k".into(),
+            user: "u".into(),
+            calendar: calsync_graph::CalendarRef::Default,
+            window,
+            rolling,
+            interval: None,
+            schedule: None,
+        };
+        let mut configs = vec![
+            config(spec.at(yesterday).unwrap(), Some(spec)),
+            config(fixed, None),
+        ];
+        at_anchor(&mut configs, t("2026-11-28T00:00:00Z"));
+        assert_eq!(configs[0].window.start, t("2026-11-27T00:00:00Z"));
+        assert_eq!(configs[1].window, fixed);
     }
 }

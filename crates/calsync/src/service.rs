@@ -380,7 +380,9 @@ impl App {
                                 interval: Some(t.interval.unwrap_or(every)),
                                 ..t
                             });
-                            let configs = commands::merge_discovered(&current.tuples, found.collect());
+                            let mut configs = commands::merge_discovered(&current.tuples, found.collect());
+                            // The pass (and the config) may predate the last re-base.
+                            calsync_engine::at_anchor(&mut configs, anchor);
                             match register_and_apply(&mut scheduler, &engine, &configs).await {
                                 Ok((change, tuples)) => {
                                     all_tuples = tuples;
