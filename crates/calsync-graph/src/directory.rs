@@ -79,11 +79,12 @@ impl GraphClient {
         &self,
         first: Url,
         what: &str,
+        eventual: bool,
     ) -> Result<Vec<T>, GraphError> {
         let mut out = Vec::new();
         let mut url = first;
         loop {
-            let (body, _) = self.get_ok(&url, Connection::Reuse).await?;
+            let (body, _) = self.get_ok_with(&url, Connection::Reuse, eventual).await?;
             let page: Page<T> =
                 serde_json::from_slice(&body).map_err(|e| GraphError::Malformed {
                     reason: format!("a page of {what} is not what Graph sends: {e}"),
@@ -97,7 +98,9 @@ impl GraphClient {
     }
 
     /// The tenant's users (`User.Read.All`), narrowed by an OData `$filter` if given (e.g.
-    /// `accountEnabled eq true and department eq 'Sales'`).
+    /// `accountEnabled eq true and department eq 'Sales'`). A filter is sent as an advanced
+    /// query (`ConsistencyLevel: eventual`, `$count=true`), so `ne`, `not` and `endsWith` work
+    /// too (Microsoft Learn, "Advanced query capabilities on Microsoft Entra ID objects").
     pub async fn list_users(&self, filter: Option<&str>) -> Result<Vec<Principal>, GraphError> {
         let mut url = self.directory_url(&["users"]);
         {
@@ -105,10 +108,10 @@ impl GraphClient {
             q.append_pair("$select", "id,userPrincipalName,mail")
                 .append_pair("$top", DIRECTORY_PAGE);
             if let Some(f) = filter {
-                q.append_pair("$filter", f);
+                q.append_pair("$filter", f).append_pair("$count", "true");
             }
         }
-        let users: Vec<RawUser> = self.list_all(url, "users").await?;
+        let users: Vec<RawUser> = self.list_all(url, "users", filter.is_some()).await?;
         Ok(users.into_iter().filter_map(principal).collect())
     }
 
@@ -119,7 +122,7 @@ impl GraphClient {
         url.query_pairs_mut()
             .append_pair("$select", "id,userPrincipalName,mail")
             .append_pair("$top", DIRECTORY_PAGE);
-        let users: Vec<RawUser> = self.list_all(url, "group members").await?;
+        let users: Vec<RawUser> = self.list_all(url, "group members", false).await?;
         Ok(users.into_iter().filter_map(principal).collect())
     }
 
@@ -127,7 +130,7 @@ impl GraphClient {
     pub async fn list_rooms(&self) -> Result<Vec<Principal>, GraphError> {
         let mut url = self.directory_url(&["places", "microsoft.graph.room"]);
         url.query_pairs_mut().append_pair("$top", DIRECTORY_PAGE);
-        let rooms: Vec<RawRoom> = self.list_all(url, "rooms").await?;
+        let rooms: Vec<RawRoom> = self.list_all(url, "rooms", false).await?;
         Ok(rooms
             .into_iter()
             .filter_map(|r| {
@@ -147,7 +150,7 @@ impl GraphClient {
         let mut url = self.directory_url(&["users", user, "calendars"]);
         url.query_pairs_mut()
             .append_pair("$select", "id,name,isDefaultCalendar");
-        let cals: Vec<RawCalendar> = self.list_all(url, "calendars").await?;
+        let cals: Vec<RawCalendar> = self.list_all(url, "calendars", false).await?;
         Ok(cals
             .into_iter()
             .map(|c| CalendarInfo {

@@ -388,12 +388,23 @@ impl GraphClient {
         url: &Url,
         connection: Connection,
     ) -> Result<(Vec<u8>, PageHold), GraphError> {
+        self.get_ok_with(url, connection, false).await
+    }
+
+    /// [`GraphClient::get_ok`]; `eventual` sends `ConsistencyLevel: eventual`, which a
+    /// directory advanced query (`ne`, `endsWith`, `$count`) needs.
+    pub(crate) async fn get_ok_with(
+        &self,
+        url: &Url,
+        connection: Connection,
+        eventual: bool,
+    ) -> Result<(Vec<u8>, PageHold), GraphError> {
         let token = self.inner.tokens.token().await?;
-        match self.get(url, &token, connection).await {
+        match self.get(url, &token, connection, eventual).await {
             Err(GraphError::Unauthorized { .. }) => {
                 self.inner.tokens.invalidate(&token).await;
                 let fresh = self.inner.tokens.token().await?;
-                self.get(url, &fresh, connection).await
+                self.get(url, &fresh, connection, eventual).await
             }
             other => other,
         }
@@ -404,8 +415,12 @@ impl GraphClient {
         url: &Url,
         token: &auth::AccessToken,
         connection: Connection,
+        eventual: bool,
     ) -> Result<(Vec<u8>, PageHold), GraphError> {
         let mut headers = HeaderMap::new();
+        if eventual {
+            headers.insert("consistencylevel", HeaderValue::from_static("eventual"));
+        }
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
             .map_err(|_| GraphError::AuthUnavailable {
                 reason: "the access token is not a valid header value".into(),

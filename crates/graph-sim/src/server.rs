@@ -210,6 +210,7 @@ async fn handle(
     let authorization = header("authorization").into_iter().next();
     let prefer = header("prefer");
     let client_request_id = header("client-request-id").into_iter().next();
+    let consistency_level = header("consistencylevel").into_iter().next();
     let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
@@ -235,6 +236,7 @@ async fn handle(
             body,
             origin,
             client_request_id,
+            consistency_level,
             connection,
         })
         .await;

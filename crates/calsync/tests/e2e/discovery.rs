@@ -70,7 +70,7 @@ refused_recheck = "1h"
 [[sources]]
 name = "staff"
 users = "all"
-filter = "accountEnabled eq true"
+filter = "accountEnabled ne false"   # an advanced query: sent with ConsistencyLevel: eventual
 exclude = ["user0003@contoso.onmicrosoft.com"]
 start = "2026-01-01T00:00:00Z"
 end = "2026-04-01T00:00:00Z"

@@ -228,6 +228,21 @@ impl State {
             (Route::Users, "GET") => {
                 let q = directory_query(&req.query)?;
                 let filter = q.filter.as_deref().map(UserFilter::parse).transpose()?;
+                // `ne` is an advanced query: only with `ConsistencyLevel: eventual` and
+                // `$count=true` (Microsoft Learn, "Advanced query capabilities on Microsoft Entra
+                // ID objects": `accountEnabled ne true` without them is refused).
+                let advanced = req
+                    .consistency_level
+                    .as_deref()
+                    .is_some_and(|c| c.eq_ignore_ascii_case("eventual"))
+                    && q.count;
+                if filter.as_ref().is_some_and(UserFilter::is_advanced) && !advanced {
+                    return Err(GraphError::new(
+                        400,
+                        "Request_UnsupportedQuery",
+                        "Operator 'NotEqualsMatch' is not supported because the 'ConsistencyLevel:eventual' header is missing. Refer to https://aka.ms/graph-docs/advanced-queries for more information",
+                    ));
+                }
                 let all: Vec<Value> = self
                     .tenant
                     .users
@@ -374,6 +389,8 @@ const DEFAULT_USER_FIELDS: [&str; 11] = [
 struct DirectoryQuery {
     top: usize,
     offset: usize,
+    /// `$count=true`.
+    count: bool,
     select: Option<Vec<String>>,
     filter: Option<String>,
 }
@@ -384,6 +401,7 @@ fn directory_query(query: &str) -> Result<DirectoryQuery, GraphError> {
     let mut q = DirectoryQuery {
         top: 100,
         offset: 0,
+        count: false,
         select: None,
         filter: None,
     };
@@ -415,6 +433,7 @@ fn directory_query(query: &str) -> Result<DirectoryQuery, GraphError> {
                 )
             }
             "$filter" => q.filter = Some(v.into_owned()),
+            "$count" => q.count = v.eq_ignore_ascii_case("true"),
             _ => {}
         }
     }
@@ -449,6 +468,9 @@ fn directory_page(
     let value: Vec<Value> = all[from..to].iter().cloned().map(keep).collect();
     let mut body = serde_json::Map::new();
     body.insert("@odata.context".into(), json!(context));
+    if q.count {
+        body.insert("@odata.count".into(), json!(all.len()));
+    }
     body.insert("value".into(), Value::Array(value));
     if to < all.len() {
         let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query.as_bytes())
@@ -557,6 +579,11 @@ impl UserFilter {
             }
         }
         Ok(UserFilter(clauses))
+    }
+
+    /// Whether it needs an advanced query (here: any `ne`).
+    fn is_advanced(&self) -> bool {
+        self.0.iter().any(|c| matches!(c, Clause::Eq(_, _, false)))
     }
 
     fn matches(&self, user: &Value) -> bool {

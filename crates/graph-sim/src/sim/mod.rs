@@ -238,6 +238,8 @@ pub struct SimRequest {
     pub origin: String,
     /// The `client-request-id` header, echoed on the answer.
     pub client_request_id: Option<String>,
+    /// The `ConsistencyLevel` header (`eventual` asks for a directory advanced query).
+    pub consistency_level: Option<String>,
     /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
     /// library is called directly), so tests can tell a fresh connection from a reused one.
     pub connection: u64,

@@ -92,6 +92,28 @@ async fn users_are_filtered_and_selected_as_graph_does() {
     )
     .await;
     assert_eq!(r.len(), 10);
+    // `ne` is an advanced query: refused without `ConsistencyLevel: eventual` and `$count`.
+    let ne = format!("{}/users?$filter=accountEnabled%20ne%20true", s.base());
+    let (status, _, body) = s.get(&ne, None).await;
+    assert_eq!(
+        (status.as_u16(), body["error"]["code"].as_str()),
+        (400, Some("Request_UnsupportedQuery"))
+    );
+    let advanced: Value = s
+        .http
+        .get(format!("{ne}&$count=true"))
+        .bearer_auth(&s.token)
+        .header("ConsistencyLevel", "eventual")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        advanced["@odata.count"], 25,
+        "the rooms' accounts are disabled"
+    );
     let (status, _, body) = s
         .get(
             &format!("{}/users?$filter=jobTitle%20eq%20'x'", s.base()),
