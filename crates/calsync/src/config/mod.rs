@@ -922,6 +922,24 @@ end = "2026-04-01T00:00:00Z"
         ))
         .unwrap();
         assert!(text.lines().count() < 15, "{}", text.lines().count());
+        // The reference shows it too, word for word.
+        let reference = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../config/calsync.example.toml"
+        ))
+        .unwrap();
+        let shown: String = reference
+            .lines()
+            .filter_map(|l| l.strip_prefix("#   "))
+            .take_while(|l| !l.is_empty())
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let tenant_lines: Vec<&str> = text.lines().collect();
+        let shown_lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(
+            shown_lines, tenant_lines,
+            "calsync.example.toml's tenant block"
+        );
         Jail::expect_with(|jail| {
             jail.create_file("client-secret", "s\n")?;
             let text = text.replace("/etc/calsync/client-secret", "client-secret");
