@@ -352,10 +352,16 @@ impl App {
                     }
                 } => {
                     notify(Note::Reloading);
+                    // A pass of the old sources must not land after the new config.
+                    if let Some(pass) = discovering.take() {
+                        pass.abort();
+                    }
                     let r = reload(&mut scheduler, &engine, &keeper, &mut current, config_path.as_deref()).await;
                     let r = r.map(|(change, tuples)| {
                         all_tuples = tuples;
                         anchor = current.window_rebase.anchor(chrono::Utc::now());
+                        // The reload resolved the sources.
+                        next_discovery = Instant::now() + current.discovery.every;
                         change
                     });
                     notify(Note::Ready(status_line(&engine, all_tuples.len(), scheduler.len())));
@@ -383,7 +389,7 @@ impl App {
                             let mut configs = commands::merge_discovered(&current.tuples, found.collect());
                             // The pass (and the config) may predate the last re-base.
                             calsync_engine::at_anchor(&mut configs, anchor);
-                            match register_and_apply(&mut scheduler, &engine, &configs).await {
+                            match register_and_apply(&mut scheduler, &engine, &keeper, &configs).await {
                                 Ok((change, tuples)) => {
                                     all_tuples = tuples;
                                     if !(change.added.is_empty() && change.removed.is_empty() && change.restarted.is_empty()) {
@@ -580,7 +586,7 @@ async fn reload_inner(
         let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
         configs = commands::merge_discovered(&configs, found);
     }
-    let (applied, tuples) = register_and_apply_with(scheduler, engine, keeper, &configs).await?;
+    let (applied, tuples) = register_and_apply(scheduler, engine, keeper, &configs).await?;
     if new.on_remove == OnRemove::Purge {
         purge(engine).await;
     }
@@ -600,24 +606,9 @@ async fn reload_inner(
 /// How soon a failed discovery pass is tried again.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
 
-/// Registers `configs` as the deployment's whole set and applies it to this replica's schedule.
+/// Registers `configs` as the deployment's whole set, takes new mailboxes' leases (up to this
+/// replica's share) and applies the set to this replica's schedule.
 async fn register_and_apply(
-    scheduler: &mut Scheduler,
-    engine: &Engine,
-    configs: &[calsync_engine::TupleConfig],
-) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
-    let tuples = shared_tuples(
-        engine
-            .register(configs)
-            .await
-            .map_err(|e| format!("cannot register the calendars: {e}"))?,
-    );
-    let applied = scheduler.apply(owned_tuples(engine, &tuples));
-    Ok((applied, tuples))
-}
-
-/// [`register_and_apply`], taking new mailboxes' leases before the schedule is applied.
-async fn register_and_apply_with(
     scheduler: &mut Scheduler,
     engine: &Engine,
     keeper: &LeaseKeeper,
@@ -631,7 +622,7 @@ async fn register_and_apply_with(
     );
     // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
     if let Err(e) = keeper.cycle().await {
-        warn!(error = %e, "cannot renew mailbox leases during the reload");
+        warn!(error = %e, "cannot take the new calendars' mailbox leases now; the next heartbeat does");
     }
     let applied = scheduler.apply(owned_tuples(engine, &tuples));
     Ok((applied, tuples))

@@ -197,7 +197,7 @@ async fn a_tenant_is_discovered_from_three_source_lines_mirrored_and_followed() 
     let dry_run_requests = sim.lock().requests().last().map_or(0, |r| r.seq);
     let log = dir.path().join("calsync.log");
     let logfile = std::fs::File::create(&log).unwrap();
-    let _daemon = Child(
+    let daemon = Child(
         std::process::Command::new(BIN)
             .args(["run", "--config"])
             .arg(&config)
@@ -321,6 +321,38 @@ async fn a_tenant_is_discovered_from_three_source_lines_mirrored_and_followed() 
         },
     )
     .await;
+
+    // A reload that changes a source applies at once (it resolves the sources itself).
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            r#"exclude = ["user0003@contoso.onmicrosoft.com"]"#,
+            r#"exclude = ["user0003@contoso.onmicrosoft.com", "user0004@contoso.onmicrosoft.com"]"#,
+        ),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_until(
+        "the reload's exclude applied",
+        Duration::from_secs(10),
+        &log,
+        async || {
+            status(&db)
+                .await
+                .get(&key("staff", &upn(4), "default"))
+                .is_some_and(|v| !v.0)
+        },
+    )
+    .await;
+    assert!(
+        status(&db).await[&key("staff", &upn(5), "default")].0,
+        "the others stay"
+    );
 
     // Refused mailboxes were never hammered: over many discovery passes, one calendar listing
     // for the on-premises group member, and one delta request per on-premises staff mailbox.
