@@ -311,7 +311,8 @@ impl State {
                 let user = &self.tenant.users[u];
                 Ok(SimResponse::json(
                     200,
-                    &json!({"id": user.id, "userPrincipalName": user.upn, "displayName": user.display_name, "mail": user.upn}),
+                    &json!({"id": user.id, "userPrincipalName": user.upn, "displayName": user.display_name,
+                            "mail": if user.directory.mailbox == crate::model::MailboxKind::None { Value::Null } else { json!(user.upn) }}),
                 ))
             }
             _ => Err(GraphError::new(
