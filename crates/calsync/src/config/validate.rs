@@ -503,6 +503,15 @@ fn schedule(
     }
 }
 
+/// A calendar's or a source's own interval, if given: at least a second.
+fn interval(key: &str, v: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    let d = v.map(|v| duration(key, v)).transpose()?;
+    if d.is_some_and(|d| d < Duration::from_secs(1)) {
+        return Err(bad(key, "must be at least 1s"));
+    }
+    Ok(d)
+}
+
 /// `[discovery]`.
 fn discovery(d: &RawDiscovery) -> Result<DiscoverySettings, ConfigError> {
     let every = duration("discovery.every", &d.every)?;
@@ -567,14 +576,7 @@ fn sources(raw: &[RawSource]) -> Result<Vec<Source>, ConfigError> {
         if window.at(Utc::now()).is_none() && !window.is_rolling() {
             return Err(bad(k("end"), "must be after start"));
         }
-        let interval = r
-            .interval
-            .as_deref()
-            .map(|v| duration(&k("interval"), v))
-            .transpose()?;
-        if interval.is_some_and(|d| d < Duration::from_secs(1)) {
-            return Err(bad(k("interval"), "must be at least 1s"));
-        }
+        let interval = interval(&k("interval"), r.interval.as_deref())?;
         out.push(Source {
             name,
             members,
@@ -628,14 +630,7 @@ fn calendars(
                 },
             ));
         };
-        let interval = c
-            .interval
-            .as_deref()
-            .map(|v| duration(&k("interval"), v))
-            .transpose()?;
-        if interval.is_some_and(|d| d < Duration::from_secs(1)) {
-            return Err(bad(k("interval"), "must be at least 1s"));
-        }
+        let interval = interval(&k("interval"), c.interval.as_deref())?;
         let schedule = schedule(&k, c.schedule.as_ref(), c.schedule_zone.as_deref())?;
         let name = c.name.clone().unwrap_or_else(|| format!("{user}/{cal}"));
         if name.trim().is_empty() {

@@ -7,16 +7,6 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Kills the daemon this test started (by its pid) however the test ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 const USERS: usize = 1_000;
 
 fn upn(i: usize) -> String {
@@ -196,18 +186,7 @@ async fn a_tenant_is_discovered_from_three_source_lines_mirrored_and_followed() 
     // The daemon's requests from here (the dry run was another process, with its own memory).
     let dry_run_requests = sim.lock().requests().last().map_or(0, |r| r.seq);
     let log = dir.path().join("calsync.log");
-    let logfile = std::fs::File::create(&log).unwrap();
-    let daemon = Child(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "info")
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .unwrap(),
-    );
+    let daemon = run_daemon(&config, &log);
     // Every discovered calendar mirrored: two events each, on-premises ones failed (one
     // request each, then left for failed_retry_interval).
     let index = |k: &str| -> usize {

@@ -56,6 +56,33 @@ pub fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
+/// `calsync run --config <config>` as a child process logging (at info) to `log`, killed by
+/// its pid when the returned guard drops, however the test ends.
+pub fn run_daemon(config: &std::path::Path, log: &std::path::Path) -> Daemon {
+    let logfile = std::fs::File::create(log).unwrap();
+    Daemon(
+        std::process::Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "info")
+            .stdout(logfile.try_clone().unwrap())
+            .stderr(logfile)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A daemon [`run_daemon`] started; killed on drop.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The PostgreSQL server the process-level tests create their databases on.
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")

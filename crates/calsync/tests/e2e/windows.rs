@@ -140,16 +140,6 @@ async fn a_moved_window_is_served_whole_until_its_round_ends_then_switched_at_on
     assert_eq!(pending, 0);
 }
 
-/// Kills the daemon this test started (by its pid) however the test ends.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rolling_window_moves_with_the_clock_in_the_running_daemon() {
     let url = calsync_store::recreate_database(&database_url(), "calsync_rolling")
@@ -200,18 +190,7 @@ async fn a_rolling_window_moves_with_the_clock_in_the_running_daemon() {
     )
     .unwrap();
     let log = dir.path().join("calsync.log");
-    let logfile = std::fs::File::create(&log).unwrap();
-    let _daemon = Child(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "info")
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = run_daemon(&config, &log);
     // Reading the views while the daemon replaces them in its migrations can deadlock them:
     // wait until it runs.
     let started = std::time::Instant::now();
@@ -308,17 +287,7 @@ async fn a_calendar_on_a_cron_schedule_syncs_at_its_fire_times_not_its_interval(
     )
     .unwrap();
     let log = dir.path().join("calsync.log");
-    let logfile = std::fs::File::create(&log).unwrap();
-    let _daemon = Child(
-        std::process::Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&config)
-            .env_remove("DATABASE_URL")
-            .stdout(logfile.try_clone().unwrap())
-            .stderr(logfile)
-            .spawn()
-            .unwrap(),
-    );
+    let _daemon = run_daemon(&config, &log);
     let mut successes = BTreeSet::new();
     let started = std::time::Instant::now();
     while successes.len() < 4 {
