@@ -127,20 +127,15 @@ async fn a_tenant_is_discovered_from_three_source_lines_mirrored_and_followed() 
     let group = tenant(&sim);
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("calsync.toml");
-    std::fs::write(
-        &config,
-        config_file(
-            &url,
-            &server.graph_base_url(),
-            &server.token_url(graph_sim::DEFAULT_TENANT),
-            &format!(
-                "[sync]\ninterval = \"1h\"\nstartup_spread = \"1s\"\n{}",
-                sources(&group)
-            ),
+    let config = write_config(
+        dir.path(),
+        &url,
+        &server,
+        &format!(
+            "[sync]\ninterval = \"1h\"\nstartup_spread = \"1s\"\n{}",
+            sources(&group)
         ),
-    )
-    .unwrap();
+    );
 
     // The dry run first: what the sources resolve to, without a database.
     let out = std::process::Command::new(BIN)

@@ -56,6 +56,25 @@ pub fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
+/// Writes `calsync.toml` in `dir` for the database at `db` and the simulator `server`, with
+/// `sections` after the connection sections; returns its path.
+pub fn write_config(
+    dir: &std::path::Path,
+    db: &str,
+    server: &SimServer,
+    sections: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("calsync.toml");
+    let text = config_file(
+        db,
+        &server.graph_base_url(),
+        &server.token_url(graph_sim::DEFAULT_TENANT),
+        sections,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// `calsync run --config <config>` as a child process logging (at info) to `log`, killed by
 /// its pid when the returned guard drops, however the test ends.
 pub fn run_daemon(config: &std::path::Path, log: &std::path::Path) -> Daemon {

@@ -175,20 +175,15 @@ async fn a_rolling_window_moves_with_the_clock_in_the_running_daemon() {
     }
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("calsync.toml");
-    std::fs::write(
-        &config,
-        config_file(
-            &url,
-            &server.graph_base_url(),
-            &server.token_url(graph_sim::DEFAULT_TENANT),
-            &format!(
-                "[sync]\ninterval = \"1s\"\nstartup_spread = \"100ms\"\nwindow_rebase = \"3s\"\n\
-                 [[calendars]]\nname = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"-20s\"\nend = \"+20s\"\n"
-            ),
+    let config = write_config(
+        dir.path(),
+        &url,
+        &server,
+        &format!(
+            "[sync]\ninterval = \"1s\"\nstartup_spread = \"100ms\"\nwindow_rebase = \"3s\"\n\
+             [[calendars]]\nname = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"-20s\"\nend = \"+20s\"\n"
         ),
-    )
-    .unwrap();
+    );
     let log = dir.path().join("calsync.log");
     let _daemon = run_daemon(&config, &log);
     // Reading the views while the daemon replaces them in its migrations can deadlock them:
@@ -270,22 +265,17 @@ async fn a_calendar_on_a_cron_schedule_syncs_at_its_fire_times_not_its_interval(
     sim.lock().tenant.add_user(USER, None, "Adele Vance");
     let server = sim.serve("127.0.0.1:0").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("calsync.toml");
     // An hour's interval, but a schedule that fires every 2 s (a seconds field, croner's).
-    std::fs::write(
-        &config,
-        config_file(
-            &url,
-            &server.graph_base_url(),
-            &server.token_url(graph_sim::DEFAULT_TENANT),
-            &format!(
-                "[sync]\nstartup_spread = \"100ms\"\n\
-                 [[calendars]]\nname = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"-1d\"\nend = \"+1d\"\n\
-                 interval = \"1h\"\nschedule = \"*/2 * * * * *\"\nschedule_zone = \"Europe/Berlin\"\n"
-            ),
+    let config = write_config(
+        dir.path(),
+        &url,
+        &server,
+        &format!(
+            "[sync]\nstartup_spread = \"100ms\"\n\
+             [[calendars]]\nname = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"-1d\"\nend = \"+1d\"\n\
+             interval = \"1h\"\nschedule = \"*/2 * * * * *\"\nschedule_zone = \"Europe/Berlin\"\n"
         ),
-    )
-    .unwrap();
+    );
     let log = dir.path().join("calsync.log");
     let _daemon = run_daemon(&config, &log);
     let mut successes = BTreeSet::new();

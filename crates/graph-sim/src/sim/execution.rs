@@ -191,18 +191,9 @@ impl State {
                 body.insert("@odata.context".into(), json!(context));
                 body.insert("value".into(), Value::Array(value));
                 if to < all.len() {
-                    let kept: Vec<(String, String)> =
-                        url::form_urlencoded::parse(req.query.as_bytes())
-                            .filter(|(k, _)| !k.eq_ignore_ascii_case("$skip"))
-                            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                            .collect();
-                    let query = url::form_urlencoded::Serializer::new(String::new())
-                        .extend_pairs(kept)
-                        .append_pair("$skip", &to.to_string())
-                        .finish();
                     body.insert(
                         "@odata.nextLink".into(),
-                        json!(format!("{}{}?{query}", req.origin, req.path)),
+                        json!(next_link(req, "$skip", &to.to_string())),
                     );
                 }
                 Ok(SimResponse::json(200, &Value::Object(body)))
@@ -425,14 +416,7 @@ fn directory_query(query: &str) -> Result<DirectoryQuery, GraphError> {
                         GraphError::new(400, "Request_BadRequest", "Invalid $skiptoken.")
                     })?
             }
-            "$select" => {
-                q.select = Some(
-                    v.split(',')
-                        .map(|f| f.trim().to_ascii_lowercase())
-                        .filter(|f| !f.is_empty())
-                        .collect(),
-                )
-            }
+            "$select" => q.select = Some(select_fields(&v)),
             "$filter" => q.filter = Some(v.into_owned()),
             "$count" => q.count = v.eq_ignore_ascii_case("true"),
             _ => {}
@@ -474,17 +458,9 @@ fn directory_page(
     }
     body.insert("value".into(), Value::Array(value));
     if to < all.len() {
-        let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query.as_bytes())
-            .filter(|(k, _)| !k.eq_ignore_ascii_case("$skiptoken"))
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(kept)
-            .append_pair("$skiptoken", &format!("RFNwdAIAAQAAA{to}"))
-            .finish();
         body.insert(
             "@odata.nextLink".into(),
-            json!(format!("{}{}?{query}", req.origin, req.path)),
+            json!(next_link(req, "$skiptoken", &format!("RFNwdAIAAQAAA{to}"))),
         );
     }
     Ok(SimResponse::json(200, &Value::Object(body)))
@@ -634,4 +610,18 @@ fn split_and(text: &str) -> Vec<String> {
         rest = &rest[c.len_utf8()..];
     }
     parts
+}
+
+/// The request's own URL with `key` set to `value` (any earlier `key` dropped): a list's
+/// nextLink.
+fn next_link(req: &SimRequest, key: &str, value: &str) -> String {
+    let kept: Vec<(String, String)> = url::form_urlencoded::parse(req.query.as_bytes())
+        .filter(|(k, _)| !k.eq_ignore_ascii_case(key))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(kept)
+        .append_pair(key, value)
+        .finish();
+    format!("{}{}?{query}", req.origin, req.path)
 }

@@ -283,14 +283,7 @@ pub(super) fn parse_list_query(query: &str) -> Result<ListQuery, GraphError> {
         match k.to_ascii_lowercase().as_str() {
             "startdatetime" => start = Some(parse_instant(&v, "StartDateTime")?),
             "enddatetime" => end = Some(parse_instant(&v, "EndDateTime")?),
-            "$select" => {
-                q.select = Some(
-                    v.split(',')
-                        .map(|f| f.trim().to_ascii_lowercase())
-                        .filter(|f| !f.is_empty())
-                        .collect(),
-                )
-            }
+            "$select" => q.select = Some(select_fields(&v)),
             "$top" => q.top = Some(number("$top", &v)?.max(1)),
             "$skip" => q.skip = number("$skip", &v)?,
             _ => {}
@@ -305,6 +298,14 @@ pub(super) fn parse_list_query(query: &str) -> Result<ListQuery, GraphError> {
         q.window = Some(Window { start: s, end: e });
     }
     Ok(q)
+}
+
+/// The fields a `$select` names, lower-cased.
+pub(super) fn select_fields(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|f| f.trim().to_ascii_lowercase())
+        .filter(|f| !f.is_empty())
+        .collect()
 }
 
 /// Keeps what `$select` names (case-insensitively), plus what Graph always sends: `@odata.etag`
