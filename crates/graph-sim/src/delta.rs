@@ -34,6 +34,10 @@ pub struct Quirks {
     /// simulator's own, as a misconfigured proxy or a hostile server might; a client must
     /// refuse to follow them.
     pub link_origin: Option<String>,
+    /// Delta requests inside a `$batch` are answered 400 while the same requests sent alone are
+    /// served. Graph documents neither (notes §6); this is the service a client must survive if
+    /// it turns out not to route them.
+    pub no_delta_in_batch: bool,
 }
 
 /// What the client asked for on one delta request.

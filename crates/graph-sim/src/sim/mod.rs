@@ -135,6 +135,9 @@ pub struct Stats {
     /// divides a client's CPU by when the request log has wrapped.
     #[serde(default)]
     pub delta_pages: u64,
+    /// `$batch` requests answered (the requests inside them count as requests, one each).
+    #[serde(default)]
+    pub batches: u64,
     /// Access tokens issued.
     pub tokens_issued: u64,
     /// Sync-state cache entries evicted.
@@ -286,8 +289,11 @@ impl SimResponse {
 }
 
 mod admission;
+mod batch;
 mod execution;
 mod route;
+
+pub use batch::MAX_BATCH_REQUESTS;
 
 use admission::*;
 
@@ -495,6 +501,9 @@ impl Sim {
 
     /// Runs one request through the whole pipeline.
     pub async fn handle(&self, req: SimRequest) -> SimResponse {
+        if req.method == "POST" && batch::is_batch(&req.path) {
+            return self.batch(req).await;
+        }
         let admission = self.lock().admit(&req);
         let a = match admission {
             Admission::Answer {

@@ -4,6 +4,7 @@
 
 mod admin;
 mod auth;
+mod batch;
 mod delta;
 mod directory;
 mod limits;
