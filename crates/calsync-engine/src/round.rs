@@ -598,9 +598,14 @@ impl Engine {
         connection: Connection,
     ) -> Result<StepOut, StepError> {
         let graph = self.graph();
-        let page = self
-            .send(tuple, cancel, graph.fetch_page(link, connection))
-            .await?;
+        // A replayed delta link (most rounds, and most of them change nothing) may share a
+        // JSON batch with the other replays due now; its retries go alone.
+        let page = if start == Some(RoundStart::Delta) && connection == Connection::Reuse {
+            self.send(tuple, cancel, graph.fetch_delta(link)).await?
+        } else {
+            self.send(tuple, cancel, graph.fetch_page(link, connection))
+                .await?
+        };
         let (kind, next) = match &page.link {
             PageLink::Next(l) => (LinkKind::Next, l.clone()),
             PageLink::Delta(l) => (LinkKind::Delta, l.clone()),

@@ -213,6 +213,11 @@ pub struct RawGraph {
     /// Bytes of memory that Graph bodies fetched and not yet committed may take together;
     /// 0 turns the budget off.
     pub page_memory_budget: u64,
+    /// Replays of delta links sent together in one JSON batch, at most (1..=20; 1 sends each
+    /// alone).
+    pub batch_size: u32,
+    /// How long the first replay of a batch waits for others.
+    pub batch_linger: String,
     /// Allow `http://` for `graph.base_url` and `auth.token_url` on a host that is not a
     /// loopback address (tokens and the client secret would travel in clear): for a test rig
     /// only. A warning is logged at start.
@@ -242,6 +247,8 @@ impl Default for RawGraph {
             request_timeout: text(g.request_timeout),
             max_page_bytes: g.max_page_bytes as u64,
             page_memory_budget: g.page_memory_budget as u64,
+            batch_size: g.batch_size as u32,
+            batch_linger: text(g.batch_linger),
             allow_insecure_http: false,
         }
     }

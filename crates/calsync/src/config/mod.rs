@@ -493,6 +493,8 @@ end = "2026-04-01T00:00:00Z"
                     g.request_timeout,
                     g.max_page_bytes,
                     g.page_memory_budget,
+                    g.batch_size,
+                    g.batch_linger,
                 )
             };
             assert_eq!(graph(&from_example), graph(&from_defaults));
@@ -620,6 +622,30 @@ end = "2026-04-01T00:00:00Z"
                 "{AUTH_AND_ONE_CALENDAR}\n[[calendars]]\nuser = \"adele@contoso.onmicrosoft.com\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-02-01T00:00:00Z\"\n"
             );
             assert_eq!(load_in(jail, &twice).unwrap_err().key, "calendars[1].name");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn batch_settings_outside_graphs_limit_are_refused_naming_the_key() {
+        let with = |graph: &str| {
+            format!(
+                "[database]\nurl = \"postgres://calsync@127.0.0.1/calsync\"\n[graph]\n{graph}\n[auth]\ntoken_url = \"https://login.microsoftonline.com/t/oauth2/v2.0/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[[calendars]]\nuser = \"a@b\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+            )
+        };
+        Jail::expect_with(|jail| {
+            for (line, key) in [
+                ("batch_size = 21", "graph.batch_size"),
+                ("batch_size = 0", "graph.batch_size"),
+                ("batch_linger = \"2s\"", "graph.batch_linger"),
+                ("batch_linger = \"soon\"", "graph.batch_linger"),
+            ] {
+                let e = load_in(jail, &with(line)).unwrap_err();
+                assert_eq!(e.key, key, "{line}");
+            }
+            let cfg = load_in(jail, &with("batch_size = 1\nbatch_linger = \"5ms\"")).unwrap();
+            assert_eq!(cfg.graph.batch_size, 1, "1 sends every replay alone");
+            assert_eq!(cfg.graph.batch_linger, Duration::from_millis(5));
             Ok(())
         });
     }

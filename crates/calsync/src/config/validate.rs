@@ -184,6 +184,24 @@ fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
             "must be 0 (off) or at least 1048576 (1 MiB)",
         ));
     }
+    if !(1..=calsync_graph::batch::MAX_REQUESTS as u32).contains(&g.batch_size) {
+        return Err(bad(
+            "graph.batch_size",
+            format!(
+                "{} is out of range 1..={} (Graph's limit; 1 sends every request alone)",
+                g.batch_size,
+                calsync_graph::batch::MAX_REQUESTS
+            ),
+        ));
+    }
+    graph.batch_size = g.batch_size as usize;
+    graph.batch_linger = duration("graph.batch_linger", &g.batch_linger)?;
+    if graph.batch_linger > Duration::from_secs(1) {
+        return Err(bad(
+            "graph.batch_linger",
+            "must be at most 1s: every replay waits for it",
+        ));
+    }
     if !(1..=10_000).contains(&page_size) {
         return Err(bad(
             "sync.page_size",

@@ -17,6 +17,7 @@
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod batch;
 mod cli;
 mod database;
 mod discovery;

@@ -1,0 +1,395 @@
+//! JSON batching of delta-link replays: the rounds due together ask Graph in one
+//! `POST /$batch` of up to 20 GETs (notes §6, Microsoft Learn "Combine multiple HTTP requests
+//! using JSON batching").
+//!
+//! A round that finds nothing new is one GET that answers an empty page and a new deltaLink.
+//! At 100,000 calendars that is hundreds of requests a second, each paying a whole HTTP
+//! exchange (against the real service, TLS too), while rounds already start together on
+//! scheduler slots. So the first request of an incremental round (the replay of a saved
+//! deltaLink) goes to one collector task: it waits up to [`GraphConfig::batch_linger`](crate::GraphConfig::batch_linger) for
+//! others, up to [`GraphConfig::batch_size`](crate::GraphConfig::batch_size), and sends them as one batch; every round gets
+//! its own inner answer back and reads it as it would have read a direct one.
+//!
+//! What keeps this honest with Graph's manners:
+//! - Graph evaluates each inner request against its limits as if it came alone (4 in flight
+//!   per mailbox, the request budgets) and answers a throttled one with its own 429 and
+//!   `Retry-After` (notes §6, "Throttling and batching"). Each round still takes its mailbox's
+//!   slot in the request gate before its request joins a batch, and reads its own inner status
+//!   and `Retry-After`, so the gate sees exactly what it would have seen.
+//! - The outer status is not relied on: a batch answered with anything but 200 gives every
+//!   request in it that answer; a batch the network lost fails every request as transient, and
+//!   its retry goes out alone on a fresh connection.
+//! - Inner URLs are relative to the version root (the known issue with absolute URLs,
+//!   microsoft-graph-docs#6535); the links inside the answers are absolute, as always.
+//! - Only replays are batched: pages of a full round can be large and follow each other, so
+//!   they stay direct. That Graph serves delta links inside a batch is not documented either
+//!   way (notes §6): if a batched replay is refused and the same request sent alone is not,
+//!   batching stops for this process (a warning says so) and every replay goes direct.
+
+use crate::error::GraphError;
+use crate::{Answer, GraphClient, Inner, parse_retry_after};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::sync::Weak;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// Graph's limit of requests in one batch (notes §6).
+pub const MAX_REQUESTS: usize = 20;
+
+/// The collector's inbox.
+#[derive(Debug)]
+pub(crate) struct Batcher {
+    tx: mpsc::UnboundedSender<Job>,
+}
+
+#[derive(Debug)]
+struct Job {
+    /// The request's URL relative to the version root: `/users/…/calendarView/delta?…`.
+    url: String,
+    reply: oneshot::Sender<Result<Answer, GraphError>>,
+}
+
+impl Batcher {
+    /// Starts the collector on the current runtime. It ends when the client is dropped.
+    fn start(inner: Weak<Inner>, size: usize, linger: Duration) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(collect(inner, rx, size, linger));
+        Batcher { tx }
+    }
+}
+
+/// Gathers jobs into batches of at most `size`, the first waiting at most `linger`, and sends
+/// each batch on its own task.
+async fn collect(
+    inner: Weak<Inner>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    size: usize,
+    linger: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = Vec::with_capacity(size);
+        jobs.push(first);
+        let deadline = tokio::time::Instant::now() + linger;
+        while jobs.len() < size {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(job)) => jobs.push(job),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let client = GraphClient { inner };
+        tokio::spawn(async move { client.send_batch(jobs).await });
+    }
+}
+
+#[derive(Serialize)]
+struct BatchRequest<'a> {
+    requests: Vec<InnerRequest<'a>>,
+}
+
+#[derive(Serialize)]
+struct InnerRequest<'a> {
+    id: String,
+    method: &'static str,
+    url: &'a str,
+    headers: InnerHeaders<'a>,
+}
+
+/// Headers of the outer request are not applied to the inner ones: each names its own.
+#[derive(Serialize)]
+struct InnerHeaders<'a> {
+    #[serde(rename = "Prefer")]
+    prefer: &'a str,
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer<'a> {
+    #[serde(borrow)]
+    responses: Vec<InnerAnswer<'a>>,
+}
+
+#[derive(Deserialize)]
+struct InnerAnswer<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    status: u16,
+    #[serde(default, borrow)]
+    headers: Option<std::collections::HashMap<Cow<'a, str>, Cow<'a, str>>>,
+    #[serde(default, borrow)]
+    body: Option<&'a RawValue>,
+}
+
+/// The request body of a batch of GETs of `urls`, with ids `1`…`n` in order.
+fn batch_body(urls: &[&str], prefer: &str) -> Result<Vec<u8>, GraphError> {
+    let requests = urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| InnerRequest {
+            id: (i + 1).to_string(),
+            method: "GET",
+            url,
+            headers: InnerHeaders { prefer },
+        })
+        .collect();
+    serde_json::to_vec(&BatchRequest { requests }).map_err(|e| GraphError::Malformed {
+        reason: format!("a batch could not be written: {e}"),
+    })
+}
+
+/// Splits a 200 batch answer into the inner answers of requests `1`…`n`; a request the
+/// answer leaves out gets `None`. Every inner answer shares the batch body's memory hold.
+fn split_answer(
+    body: &[u8],
+    n: usize,
+    hold: &crate::PageHold,
+) -> Result<Vec<Option<Answer>>, GraphError> {
+    let answer: BatchAnswer<'_> =
+        serde_json::from_slice(body).map_err(|e| GraphError::Malformed {
+            reason: format!("a batch answer is not the expected JSON: {e}"),
+        })?;
+    let mut out: Vec<Option<Answer>> = vec![None; n];
+    let now = SystemTime::now();
+    for inner in answer.responses {
+        let Some(slot) = inner
+            .id
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| out.get_mut(i))
+        else {
+            continue;
+        };
+        let retry_after = inner.headers.as_ref().and_then(|h| {
+            h.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
+                .and_then(|(_, v)| parse_retry_after(v, now))
+        });
+        *slot = Some(Answer {
+            status: inner.status,
+            retry_after,
+            body: inner
+                .body
+                .map(|b| b.get().as_bytes().to_vec())
+                .unwrap_or_default(),
+            hold: hold.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Inner statuses after which the same request is tried alone (unless the answer names the
+/// delta token): what a service that does not route delta links inside batches would answer.
+fn maybe_refused_in_batch(status: u16) -> bool {
+    matches!(status, 400 | 404 | 405 | 501)
+}
+
+impl GraphClient {
+    /// The URL of `url` relative to the version root, when replays are batched and `url` is
+    /// under the root; `None` sends it alone.
+    fn batchable(&self, url: &url::Url) -> Option<String> {
+        let inner = &self.inner;
+        if inner.cfg.batch_size < 2
+            || inner
+                .batch_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return None;
+        }
+        let root = inner.cfg.base_url.path().trim_end_matches('/');
+        let rest = url.path().strip_prefix(root)?;
+        if !rest.starts_with('/') {
+            return None;
+        }
+        Some(match url.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        })
+    }
+
+    /// GETs the first page of a replayed delta link: in a JSON batch with the other replays
+    /// due now when batching is on (see [`crate::batch`]), else alone on a pooled connection.
+    pub async fn fetch_delta(&self, link: &str) -> Result<crate::DeltaPage, GraphError> {
+        let url = self.check_link(link)?;
+        let Some(relative) = self.batchable(&url) else {
+            return self.fetch_page(link, crate::Connection::Reuse).await;
+        };
+        let answer = self.batched(relative).await?;
+        match answer.status {
+            200 => {
+                let mut page = crate::parse_page(&answer.body)?;
+                page.hold = answer.hold;
+                Ok(page)
+            }
+            // The direct path renews the token and asks once more.
+            401 => self.fetch_page(link, crate::Connection::Reuse).await,
+            // A 400 that names the delta token is the token's fault, in a batch or not.
+            s if maybe_refused_in_batch(s)
+                && crate::classify(s, answer.retry_after, &answer.body).class()
+                    != crate::ErrorClass::Resync =>
+            {
+                let page = self.fetch_page(link, crate::Connection::Reuse).await?;
+                if !self
+                    .inner
+                    .batch_refused
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        status = s,
+                        "Graph refused a delta link inside a JSON batch that it serves alone; replays are sent one by one from now on"
+                    );
+                }
+                Ok(page)
+            }
+            _ => Err(crate::classify(
+                answer.status,
+                answer.retry_after,
+                &answer.body,
+            )),
+        }
+    }
+
+    /// Whether replays are still batched (false once Graph refused one; see
+    /// [`GraphClient::fetch_delta`]).
+    pub fn batching(&self) -> bool {
+        self.inner.cfg.batch_size >= 2
+            && !self
+                .inner
+                .batch_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hands `url` to the collector and waits for its inner answer.
+    async fn batched(&self, url: String) -> Result<Answer, GraphError> {
+        let cfg = &self.inner.cfg;
+        let batcher = self.inner.batcher.get_or_init(|| {
+            Batcher::start(
+                std::sync::Arc::downgrade(&self.inner),
+                cfg.batch_size.min(MAX_REQUESTS),
+                cfg.batch_linger,
+            )
+        });
+        let (reply, answer) = oneshot::channel();
+        let lost = || GraphError::Transient {
+            status: None,
+            fresh_connection: true,
+            message: "the batch this request was part of was dropped".into(),
+        };
+        batcher.tx.send(Job { url, reply }).map_err(|_| lost())?;
+        answer.await.map_err(|_| lost())?
+    }
+
+    /// Sends one batch and hands each job its inner answer.
+    async fn send_batch(&self, jobs: Vec<Job>) {
+        // A round that stopped waiting (shutdown, a lost lease) needs no request.
+        let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        if jobs.is_empty() {
+            return;
+        }
+        metrics::counter!("calsync_graph_batches_total").increment(1);
+        metrics::counter!("calsync_graph_batched_requests_total").increment(jobs.len() as u64);
+        match self.post_batch(&jobs).await {
+            Ok(mut answers) => {
+                for (job, answer) in jobs.into_iter().zip(answers.iter_mut()) {
+                    let answer = answer.take().ok_or_else(|| GraphError::Malformed {
+                        reason: "a batch answer has no response for one of its requests".into(),
+                    });
+                    let _ = job.reply.send(answer);
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// `POST {root}/$batch` for `jobs`; on 401 the token is renewed once and the batch sent
+    /// again. A batch answered with anything but 200 gives every job that answer.
+    async fn post_batch(&self, jobs: &[Job]) -> Result<Vec<Option<Answer>>, GraphError> {
+        let inner = &self.inner;
+        let urls: Vec<&str> = jobs.iter().map(|j| j.url.as_str()).collect();
+        let prefer = inner.prefer.to_str().unwrap_or_default();
+        let body = batch_body(&urls, prefer)?;
+        let mut endpoint = inner.cfg.base_url.clone();
+        if let Ok(mut segs) = endpoint.path_segments_mut() {
+            segs.pop_if_empty().push("$batch");
+        }
+        let send = |token: crate::auth::AccessToken| {
+            let request = inner
+                .http
+                .post(endpoint.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            async move { self.exchange(request, &token).await }
+        };
+        let token = inner.tokens.token().await?;
+        let mut answer = send(token.clone()).await?;
+        if answer.status == 401 {
+            inner.tokens.invalidate(&token).await;
+            answer = send(inner.tokens.token().await?).await?;
+        }
+        if answer.status != 200 {
+            return Ok(vec![Some(answer); jobs.len()]);
+        }
+        split_answer(&answer.body, jobs.len(), &answer.hold)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_names_each_request_by_its_place_with_relative_urls_and_its_own_prefer() {
+        let body = batch_body(
+            &[
+                "/users/a/calendarView/delta?$deltatoken=x",
+                "/users/b/calendarView/delta?$deltatoken=y",
+            ],
+            "odata.maxpagesize=100",
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"requests": [
+                {"id": "1", "method": "GET", "url": "/users/a/calendarView/delta?$deltatoken=x",
+                 "headers": {"Prefer": "odata.maxpagesize=100"}},
+                {"id": "2", "method": "GET", "url": "/users/b/calendarView/delta?$deltatoken=y",
+                 "headers": {"Prefer": "odata.maxpagesize=100"}},
+            ]})
+        );
+    }
+
+    /// The answer of json-batching.md's example: out of order, an inner 429 with its own
+    /// Retry-After, bodies as JSON objects; a request left out of the answer gets nothing.
+    #[test]
+    fn a_batch_answer_is_split_by_id_in_any_order_with_each_inner_retry_after() {
+        let body = br#"{"responses": [
+            {"id": "2", "status": 429, "headers": {"Retry-After": "7", "Content-Type": "application/json"},
+             "body": {"error": {"code": "ApplicationThrottled", "message": "slow down"}}},
+            {"id": "1", "status": 200, "headers": {"Content-Type": "application/json"},
+             "body": {"value": [], "@odata.deltaLink": "https://graph.microsoft.com/v1.0/users/a/calendarView/delta?$deltatoken=z"}},
+            {"id": "9", "status": 200, "body": {}}
+        ]}"#;
+        let answers = split_answer(body, 3, &Default::default()).unwrap();
+        let first = answers[0].as_ref().unwrap();
+        assert_eq!(first.status, 200);
+        let page = crate::parse_page(&first.body).unwrap();
+        assert!(page.items.is_empty());
+        let second = answers[1].as_ref().unwrap();
+        assert_eq!(second.status, 429);
+        assert_eq!(second.retry_after, Some(Duration::from_secs(7)));
+        assert!(crate::classify(429, second.retry_after, &second.body).is_throttle());
+        assert!(answers[2].is_none());
+        assert!(matches!(
+            split_answer(b"{\"value\": []}", 1, &Default::default()),
+            Err(GraphError::Malformed { .. })
+        ));
+    }
+}

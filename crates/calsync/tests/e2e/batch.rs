@@ -1,0 +1,144 @@
+//! Delta-link replays in JSON batches (calsync-graph/src/batch.rs) against graph-sim's
+//! `$batch`, which runs every request inside through the same limits and faults as a direct
+//! one: the view still equals the truth, each mailbox keeps its manners, and a service that
+//! refuses delta inside a batch is asked directly from then on.
+
+use crate::harness::*;
+use calsync_engine::{Outcome, Tuple};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const MAILBOXES: usize = 45;
+
+/// `MAILBOXES` users with three events each, one tuple per default calendar.
+async fn tenant(h: &Harness, engine: &calsync_engine::Engine) -> (Vec<Tuple>, Vec<String>) {
+    let mut upns = Vec::new();
+    {
+        let mut st = h.sim.lock();
+        for i in 0..MAILBOXES {
+            let upn = format!("user{i}@contoso.onmicrosoft.com");
+            let u = st.tenant.add_user(&upn, None, &format!("User {i}"));
+            for j in 0..3 {
+                let patch = graph_sim::writes::EventPatch::from_json(&single(
+                    &format!("u{i} e{j}"),
+                    &format!("2026-02-0{}T09:00:00", j + 1),
+                    &format!("2026-02-0{}T10:00:00", j + 1),
+                ))
+                .unwrap();
+                st.tenant.create_event(u, 0, &patch).unwrap();
+            }
+            upns.push(upn);
+        }
+    }
+    let specs: Vec<(String, String)> = upns.iter().map(|u| (u.clone(), u.clone())).collect();
+    let specs: Vec<(&str, &str, &str)> = specs
+        .iter()
+        .map(|(k, u)| (k.as_str(), u.as_str(), "default"))
+        .collect();
+    (h.tuples(engine, &specs).await, upns)
+}
+
+/// Edits one event in each of every third mailbox.
+fn edit_some(h: &Harness, upns: &[String], round: usize) {
+    let mut st = h.sim.lock();
+    for upn in upns.iter().step_by(3) {
+        let u = st.tenant.user_index(upn).unwrap();
+        let patch = graph_sim::writes::EventPatch::from_json(&single(
+            &format!("{upn} edit {round}"),
+            "2026-03-02T09:00:00",
+            "2026-03-02T09:30:00",
+        ))
+        .unwrap();
+        st.tenant.create_event(u, 0, &patch).unwrap();
+    }
+}
+
+async fn sync_all(engine: &calsync_engine::Engine, tuples: &[Tuple]) {
+    for (t, o) in engine
+        .sync_all_once(tuples, &CancellationToken::new())
+        .await
+    {
+        assert!(matches!(o, Outcome::Synced(_)), "{}: {o:?}", t.key);
+    }
+}
+
+fn batches(h: &Harness) -> u64 {
+    h.sim.lock().stats().batches
+}
+
+#[sqlx::test(migrations = false)]
+async fn replays_due_together_share_batches_and_each_keeps_its_own_throttling(pool: PgPool) {
+    let h = harness(pool, 10).await;
+    let engine = h.engine(settings());
+    let (tuples, upns) = tenant(&h, &engine).await;
+    sync_all(&engine, &tuples).await;
+    assert_eq!(batches(&h), 0, "full rounds are not batched");
+
+    edit_some(&h, &upns, 1);
+    h.sim.lock().clear_log();
+    sync_all(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+    let replays = h
+        .sim
+        .lock()
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("calendarView"))
+        .count();
+    assert_eq!(replays, MAILBOXES, "one replay per tuple, each logged");
+    let sent = batches(&h);
+    // 45 replays due at once: three batches of at most 20, a few more if some came late.
+    assert!((3..=10).contains(&sent), "{sent} batches");
+
+    // Requests inside a batch are throttled one by one, with their own Retry-After: the
+    // mailbox is held, the retry waits for it, the rest of the batch is unaffected.
+    h.sim.lock().faults = vec![rule(json!({
+        "path_contains": "calendarView", "every": 7, "times": 5,
+        "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
+                   "retry_after": 0.3}
+    }))];
+    edit_some(&h, &upns, 2);
+    sync_all(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+    let log = h.sim.lock().requests();
+    assert!(log.iter().filter(|r| r.status == 429).count() >= 5);
+    assert_good_manners(&h);
+    assert!(batches(&h) > sent);
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_service_that_refuses_delta_in_a_batch_is_asked_directly_from_then_on(pool: PgPool) {
+    let h = harness(pool, 10).await;
+    h.sim.lock().cache.quirks.no_delta_in_batch = true;
+    let engine = h.engine(settings());
+    let (tuples, upns) = tenant(&h, &engine).await;
+    sync_all(&engine, &tuples).await;
+    edit_some(&h, &upns, 1);
+    sync_all(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+    let tried = batches(&h);
+    assert!(tried >= 1, "batching was tried");
+    let statuses = |h: &Harness| {
+        h.sim
+            .lock()
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("calendarView"))
+            .map(|r| r.status)
+            .collect::<Vec<_>>()
+    };
+    h.sim.lock().clear_log();
+    edit_some(&h, &upns, 2);
+    sync_all(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+    assert_eq!(batches(&h), tried, "no batch once one was refused");
+    let s = statuses(&h);
+    assert_eq!(s.len(), MAILBOXES);
+    assert!(s.iter().all(|&s| s == 200), "{s:?}");
+    let status = h.store.status().await.unwrap();
+    assert!(
+        status.iter().all(|s| s.last_error_code.is_none()),
+        "no tuple failed"
+    );
+}
