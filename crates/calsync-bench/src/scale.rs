@@ -203,9 +203,13 @@ lease_ttl = "20s"
     s
 }
 
-async fn delta_pages(base: &str) -> anyhow::Result<u64> {
+/// Delta pages served and `$batch` requests answered, so far.
+async fn delta_pages(base: &str) -> anyhow::Result<(u64, u64)> {
     let s = sim_admin(base, "GET", "stats").await?;
-    Ok(s["delta_pages"].as_u64().unwrap_or(0))
+    Ok((
+        s["delta_pages"].as_u64().unwrap_or(0),
+        s["batches"].as_u64().unwrap_or(0),
+    ))
 }
 
 pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
@@ -356,7 +360,8 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
     );
     let hz = clock_ticks_per_second();
     let cpu = (c1 - c0) as f64 / hz;
-    let rounds = p1 - p0;
+    let rounds = p1.0 - p0.0;
+    let batches = p1.1 - p0.1;
     let rss: Vec<String> = daemons
         .iter()
         .map(|d| format!("{:.0} MiB", rss_mib_of(d.pid())))
@@ -372,6 +377,10 @@ pub(crate) async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
         rounds as f64 / span,
         cpu / rounds.max(1) as f64 * 1e6,
         cpu / span * 100.0
+    );
+    println!(
+        "  JSON batches: {batches}, {:.1} pages per batch on average (the replays among the pages)",
+        rounds as f64 / batches.max(1) as f64
     );
     println!(
         "  time since last success: p99 {worst_p99:.0} s, max {worst_max:.0} s (worst sample; bound 2 x interval = {} s)",
