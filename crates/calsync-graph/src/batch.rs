@@ -191,15 +191,10 @@ impl GraphClient {
     /// The URL of `url` relative to the version root, when replays are batched and `url` is
     /// under the root; `None` sends it alone.
     fn batchable(&self, url: &url::Url) -> Option<String> {
-        let inner = &self.inner;
-        if inner.cfg.batch_size < 2
-            || inner
-                .batch_refused
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if !self.batching() {
             return None;
         }
-        let root = inner.cfg.base_url.path().trim_end_matches('/');
+        let root = self.inner.cfg.base_url.path().trim_end_matches('/');
         let rest = url.path().strip_prefix(root)?;
         if !rest.starts_with('/') {
             return None;
