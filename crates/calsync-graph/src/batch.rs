@@ -213,6 +213,10 @@ impl GraphClient {
             return self.fetch_page(link, crate::Connection::Reuse).await;
         };
         let answer = self.batched(relative).await?;
+        let limit = self.inner.cfg.max_page_bytes;
+        if answer.body.len() > limit {
+            return Err(GraphError::TooLarge { limit });
+        }
         match answer.status {
             200 => {
                 let mut page = crate::parse_page(&answer.body)?;
@@ -320,7 +324,10 @@ impl GraphClient {
                 .post(endpoint.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
-            async move { self.exchange(request, &token).await }
+            // Each page in the batch is held to max_page_bytes on its own (fetch_delta), so
+            // one large page does not fail the 19 rounds beside it.
+            let limit = inner.cfg.max_page_bytes.saturating_mul(jobs.len());
+            async move { self.exchange(request, &token, limit).await }
         };
         let token = inner.tokens.token().await?;
         let mut answer = send(token.clone()).await?;

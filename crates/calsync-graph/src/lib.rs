@@ -443,7 +443,9 @@ impl GraphClient {
         if eventual {
             request = request.header("consistencylevel", HeaderValue::from_static("eventual"));
         }
-        let answer = self.exchange(request, token).await?;
+        let answer = self
+            .exchange(request, token, self.inner.cfg.max_page_bytes)
+            .await?;
         if answer.status == 200 {
             Ok((answer.body, answer.hold))
         } else {
@@ -451,12 +453,13 @@ impl GraphClient {
         }
     }
 
-    /// Sends `request` with `token` as its bearer and reads the answer's body within the page
-    /// limits, whatever its status.
+    /// Sends `request` with `token` as its bearer and reads the answer's body (at most `limit`
+    /// bytes, within the page memory budget), whatever its status.
     async fn exchange(
         &self,
         request: reqwest::RequestBuilder,
         token: &auth::AccessToken,
+        limit: usize,
     ) -> Result<Answer, GraphError> {
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.secret.expose_secret()))
             .map_err(|_| GraphError::AuthUnavailable {
@@ -474,12 +477,7 @@ impl GraphClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        let (body, hold) = read_capped(
-            resp,
-            self.inner.cfg.max_page_bytes,
-            self.inner.budget.as_ref(),
-        )
-        .await?;
+        let (body, hold) = read_capped(resp, limit, self.inner.budget.as_ref()).await?;
         Ok(Answer {
             status,
             retry_after,

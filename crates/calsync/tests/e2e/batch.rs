@@ -142,3 +142,47 @@ async fn a_service_that_refuses_delta_in_a_batch_is_asked_directly_from_then_on(
         "no tuple failed"
     );
 }
+
+/// Each page in a batch is held to `graph.max_page_bytes` on its own: one mailbox's large page
+/// fails its own round (as it would alone), not the rounds that shared its batch.
+#[sqlx::test(migrations = false)]
+async fn a_page_too_large_fails_its_own_round_not_the_others_in_its_batch(pool: PgPool) {
+    let h = harness(pool, 100).await;
+    let mut cfg = h.graph_config();
+    cfg.max_page_bytes = 16 * 1024;
+    let graph = calsync_graph::GraphClient::new(cfg, h.auth()).unwrap();
+    let engine = calsync_engine::Engine::new(graph, h.store.clone(), settings());
+    let (tuples, upns) = tenant(&h, &engine).await;
+    sync_all(&engine, &tuples).await;
+    {
+        let mut st = h.sim.lock();
+        let u = st.tenant.user_index(&upns[0]).unwrap();
+        for i in 0..60 {
+            let patch = graph_sim::writes::EventPatch::from_json(&single(
+                &format!("bulk {i}"),
+                "2026-03-03T09:00:00",
+                "2026-03-03T10:00:00",
+            ))
+            .unwrap();
+            st.tenant.create_event(u, 0, &patch).unwrap();
+        }
+    }
+    edit_some(&h, &upns, 1);
+    let before = batches(&h);
+    let outcomes = engine
+        .sync_all_once(&tuples, &CancellationToken::new())
+        .await;
+    assert!(batches(&h) > before, "the replays were batched");
+    for (t, o) in &outcomes {
+        if t.user == upns[0] {
+            assert!(
+                matches!(o, Outcome::Failed(f) if f.code == "PageTooLarge"),
+                "{o:?}"
+            );
+        } else {
+            assert!(matches!(o, Outcome::Synced(_)), "{}: {o:?}", t.key);
+        }
+    }
+    let rest: Vec<Tuple> = tuples.into_iter().filter(|t| t.user != upns[0]).collect();
+    h.assert_mirrors(&rest).await;
+}
