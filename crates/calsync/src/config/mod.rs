@@ -628,11 +628,7 @@ end = "2026-04-01T00:00:00Z"
 
     #[test]
     fn batch_settings_outside_graphs_limit_are_refused_naming_the_key() {
-        let with = |graph: &str| {
-            format!(
-                "[database]\nurl = \"postgres://calsync@127.0.0.1/calsync\"\n[graph]\n{graph}\n[auth]\ntoken_url = \"https://login.microsoftonline.com/t/oauth2/v2.0/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n[[calendars]]\nuser = \"a@b\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
-            )
-        };
+        let with = |graph: &str| format!("{AUTH_AND_ONE_CALENDAR}[graph]\n{graph}\n");
         Jail::expect_with(|jail| {
             for (line, key) in [
                 ("batch_size = 21", "graph.batch_size"),

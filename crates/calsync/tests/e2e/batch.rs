@@ -11,6 +11,12 @@ use tokio_util::sync::CancellationToken;
 
 const MAILBOXES: usize = 45;
 
+/// Creates a single event in `user`'s default calendar, straight in the simulator's tenant.
+fn add_single(st: &mut graph_sim::sim::State, user: usize, subject: &str, start: &str, end: &str) {
+    let patch = graph_sim::writes::EventPatch::from_json(&single(subject, start, end)).unwrap();
+    st.tenant.create_event(user, 0, &patch).unwrap();
+}
+
 /// `MAILBOXES` users with three events each, one tuple per default calendar.
 async fn tenant(h: &Harness, engine: &calsync_engine::Engine) -> (Vec<Tuple>, Vec<String>) {
     let mut upns = Vec::new();
@@ -20,13 +26,13 @@ async fn tenant(h: &Harness, engine: &calsync_engine::Engine) -> (Vec<Tuple>, Ve
             let upn = format!("user{i}@contoso.onmicrosoft.com");
             let u = st.tenant.add_user(&upn, None, &format!("User {i}"));
             for j in 0..3 {
-                let patch = graph_sim::writes::EventPatch::from_json(&single(
+                add_single(
+                    &mut st,
+                    u,
                     &format!("u{i} e{j}"),
                     &format!("2026-02-0{}T09:00:00", j + 1),
                     &format!("2026-02-0{}T10:00:00", j + 1),
-                ))
-                .unwrap();
-                st.tenant.create_event(u, 0, &patch).unwrap();
+                );
             }
             upns.push(upn);
         }
@@ -44,13 +50,13 @@ fn edit_some(h: &Harness, upns: &[String], round: usize) {
     let mut st = h.sim.lock();
     for upn in upns.iter().step_by(3) {
         let u = st.tenant.user_index(upn).unwrap();
-        let patch = graph_sim::writes::EventPatch::from_json(&single(
+        add_single(
+            &mut st,
+            u,
             &format!("{upn} edit {round}"),
             "2026-03-02T09:00:00",
             "2026-03-02T09:30:00",
-        ))
-        .unwrap();
-        st.tenant.create_event(u, 0, &patch).unwrap();
+        );
     }
 }
 
@@ -158,13 +164,13 @@ async fn a_page_too_large_fails_its_own_round_not_the_others_in_its_batch(pool: 
         let mut st = h.sim.lock();
         let u = st.tenant.user_index(&upns[0]).unwrap();
         for i in 0..60 {
-            let patch = graph_sim::writes::EventPatch::from_json(&single(
+            add_single(
+                &mut st,
+                u,
                 &format!("bulk {i}"),
                 "2026-03-03T09:00:00",
                 "2026-03-03T10:00:00",
-            ))
-            .unwrap();
-            st.tenant.create_event(u, 0, &patch).unwrap();
+            );
         }
     }
     edit_some(&h, &upns, 1);

@@ -140,13 +140,12 @@ impl Sim {
     }
 
     fn dependency_failed(&self, inner: &InnerRequest) -> Value {
-        json!({
-            "id": inner.id,
-            "status": 424,
-            "headers": {"Content-Type": "application/json"},
-            "body": {"error": {"code": "FailedDependency",
-                               "message": "The request depends on a request that failed."}},
-        })
+        inner_error(
+            inner,
+            424,
+            "FailedDependency",
+            "The request depends on a request that failed.",
+        )
     }
 
     /// Runs one request of a batch through the whole pipeline and writes its answer as the
@@ -158,23 +157,19 @@ impl Sim {
             } else {
                 "Invalid request URL."
             };
-            return json!({
-                "id": inner.id, "status": 400,
-                "headers": {"Content-Type": "application/json"},
-                "body": {"error": {"code": "BadRequest", "message": message}},
-            });
+            return inner_error(inner, 400, "BadRequest", message);
         }
         let (path, query) = match inner.url.split_once('?') {
             Some((p, q)) => (p, q),
             None => (inner.url.as_str(), ""),
         };
         if path.ends_with("/delta") && self.lock().cache.quirks.no_delta_in_batch {
-            return json!({
-                "id": inner.id, "status": 400,
-                "headers": {"Content-Type": "application/json"},
-                "body": {"error": {"code": "BadRequest",
-                                   "message": "graph-sim (quirk no_delta_in_batch): delta is not served inside a batch."}},
-            });
+            return inner_error(
+                inner,
+                400,
+                "BadRequest",
+                "graph-sim (quirk no_delta_in_batch): delta is not served inside a batch.",
+            );
         }
         let header = |name: &str| {
             inner
@@ -203,12 +198,12 @@ impl Sim {
         )
         .await;
         if resp.fate != Fate::Normal {
-            return json!({
-                "id": inner.id, "status": 504,
-                "headers": {"Content-Type": "application/json"},
-                "body": {"error": {"code": "GatewayTimeout",
-                                   "message": "The service did not answer in time."}},
-            });
+            return inner_error(
+                inner,
+                504,
+                "GatewayTimeout",
+                "The service did not answer in time.",
+            );
         }
         let headers: serde_json::Map<String, Value> = resp
             .headers
@@ -227,6 +222,15 @@ impl Sim {
         }
         answer
     }
+}
+
+/// A Graph error answered inside a batch, for `inner`.
+fn inner_error(inner: &InnerRequest, status: u16, code: &str, message: &str) -> Value {
+    json!({
+        "id": inner.id, "status": status,
+        "headers": {"Content-Type": "application/json"},
+        "body": {"error": {"code": code, "message": message}},
+    })
 }
 
 /// `retry-after` → `Retry-After`, as Graph writes the headers inside a batch answer.
