@@ -143,6 +143,10 @@ struct Inner {
     /// Set once Graph answered a batched replay with an error that the same request sent
     /// alone did not get: replays are sent one by one from then on.
     batch_refused: std::sync::atomic::AtomicBool,
+    /// `{origin}/`: a link that starts with it is on the configured origin without parsing it.
+    origin_slash: String,
+    /// `{origin}{root path}/`: a plain link under it is relative to the root without parsing.
+    root_slash: String,
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
@@ -214,10 +218,16 @@ impl GraphClient {
                 http,
                 fresh_http,
                 budget: PageBudget::new(cfg.page_memory_budget),
-                cfg,
                 prefer,
                 batcher: std::sync::OnceLock::new(),
                 batch_refused: std::sync::atomic::AtomicBool::new(false),
+                origin_slash: format!("{}/", origin_text(&cfg.base_url)),
+                root_slash: format!(
+                    "{}{}/",
+                    origin_text(&cfg.base_url),
+                    cfg.base_url.path().trim_end_matches('/')
+                ),
+                cfg,
             }),
         })
     }
@@ -268,6 +278,16 @@ impl GraphClient {
             });
         }
         Ok(url)
+    }
+
+    /// [`GraphClient::check_link`] without the parsed URL. A link that starts with the
+    /// configured origin and a `/` (what Graph sends) is accepted without being parsed: every
+    /// such string parses, and to that origin. Anything else is parsed and checked in full.
+    pub fn allows_link(&self, link: &str) -> Result<(), GraphError> {
+        if link.starts_with(&self.inner.origin_slash) {
+            return Ok(());
+        }
+        self.check_link(link).map(drop)
     }
 
     /// GETs one delta page. On 401 the token is renewed once and the request repeated.
@@ -583,5 +603,38 @@ mod tests {
             g.check_link("not a link"),
             Err(GraphError::Malformed { .. })
         ));
+    }
+
+    /// `allows_link` skips the parser for links that start with the origin and a `/`; on every
+    /// link it answers as `check_link` does.
+    #[test]
+    fn the_quick_link_check_agrees_with_the_parser() {
+        for base in ["https://graph.microsoft.com/v1.0", "http://127.0.0.1:8080/v1.0/"] {
+            let g = client(base);
+            for link in [
+                "https://graph.microsoft.com/v1.0/users/a/calendarView/delta?$deltatoken=x",
+                "https://graph.microsoft.com/",
+                "https://graph.microsoft.com/@evil.example/x",
+                "https://graph.microsoft.com/v1.0/x y\\z#f",
+                "https://graph.microsoft.com.evil.example/v1.0/x",
+                "https://graph.microsoft.com@evil.example/v1.0/x",
+                "HTTPS://GRAPH.microsoft.com/v1.0/x",
+                "https://graph.microsoft.com:443/v1.0/x",
+                "http://127.0.0.1:8080/v1.0/users/a?$deltatoken=x",
+                "http://127.0.0.1:80800/v1.0/x",
+                "http://127.0.0.1:8080@evil.example/v1.0/x",
+                "http://127.0.0.1:8080/../../x",
+                "not a link",
+                "",
+            ] {
+                let parsed = g.check_link(link).map(drop);
+                let quick = g.allows_link(link);
+                assert_eq!(
+                    format!("{quick:?}"),
+                    format!("{parsed:?}"),
+                    "{link} against {base}"
+                );
+            }
+        }
     }
 }
