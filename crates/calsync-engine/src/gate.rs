@@ -216,6 +216,15 @@ impl RequestGate {
         self.mailboxes().len()
     }
 
+    /// Whether requests to `mailbox` are held for a `Retry-After` now.
+    pub fn deferred(&self, mailbox: &str) -> bool {
+        let now = Instant::now();
+        self.mailboxes()
+            .get(&Self::key(mailbox))
+            .and_then(|m| m.not_before)
+            .is_some_and(|t| now < t)
+    }
+
     /// Waits for the mailbox's `Retry-After` and budget, a mailbox slot and a global slot.
     pub async fn acquire(&self, mailbox: &str) -> Permit<'_> {
         let key = Self::key(mailbox);

@@ -11,6 +11,7 @@ mod guard;
 pub mod lease;
 pub mod mapping;
 pub mod outcome;
+mod quick;
 pub mod round;
 pub mod schedule;
 mod series;
@@ -266,7 +267,9 @@ pub struct Tally {
 #[derive(Debug)]
 struct RunningRound {
     last_progress: std::time::Instant,
-    cancel: CancellationToken,
+    /// Cancels the round alone; `None` for a quick round (one request and one commit, each
+    /// bounded by its own timeout).
+    cancel: Option<CancellationToken>,
     mailbox: String,
 }
 
@@ -407,7 +410,7 @@ impl Engine {
         self.inner.activity_ms.fetch_max(ms, Ordering::Relaxed);
     }
 
-    pub(crate) fn round_started(&self, tuple: &Tuple, cancel: CancellationToken) {
+    pub(crate) fn round_started(&self, tuple: &Tuple, cancel: Option<CancellationToken>) {
         use std::sync::atomic::Ordering;
         self.inner.rounds_in_flight.fetch_add(1, Ordering::Relaxed);
         self.running_set().insert(
@@ -467,8 +470,11 @@ impl Engine {
         let running = self.running_set();
         let mut stuck = Vec::new();
         for (key, r) in running.iter() {
-            if r.last_progress.elapsed() >= after && !r.cancel.is_cancelled() {
-                r.cancel.cancel();
+            let Some(cancel) = &r.cancel else {
+                continue;
+            };
+            if r.last_progress.elapsed() >= after && !cancel.is_cancelled() {
+                cancel.cancel();
                 tracing::error!(tuple = %key, stalled_secs = r.last_progress.elapsed().as_secs(), "round made no progress; cancelling it");
                 metrics::counter!("calsync_rounds_stuck_total").increment(1);
                 stuck.push(key.clone());

@@ -6,6 +6,7 @@ use crate::Tuple;
 use crate::guard::LoopGuard;
 use crate::mapping::page_changes;
 use crate::outcome::{Failure, Health, Outcome, RoundReport, panic_message};
+use crate::quick::Prefetched;
 use backon::{ExponentialBuilder, Retryable};
 use calsync_graph::{Connection, ErrorClass, GraphError, PageLink};
 use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError, TupleStatus};
@@ -106,9 +107,23 @@ pub(crate) struct Cursor {
 }
 
 fn stamp_hash(s: &calsync_store::LinkStamp) -> u64 {
+    stamp_hash_of(&s.user_id, &s.calendar_id, s.window_start, s.window_end)
+}
+
+/// [`stamp_hash`] of `tuple.stamp()`, without building the stamp.
+fn tuple_stamp_hash(t: &Tuple) -> u64 {
+    stamp_hash_of(&t.user, t.calendar_name(), t.window.start, t.window.end)
+}
+
+fn stamp_hash_of(
+    user: &str,
+    calendar: &str,
+    start: chrono::DateTime<chrono::Utc>,
+    end: chrono::DateTime<chrono::Utc>,
+) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (&s.user_id, &s.calendar_id, s.window_start, s.window_end).hash(&mut h);
+    (user, calendar, start, end).hash(&mut h);
     h.finish()
 }
 
@@ -156,6 +171,18 @@ impl Engine {
         cancel: &CancellationToken,
         soft: Option<&CancellationToken>,
     ) -> Outcome {
+        self.sync_tuple_from(tuple, cancel, soft, None).await
+    }
+
+    /// [`Engine::sync_tuple_until`], going on from the first answer of a replay that the
+    /// quick lane fetched ([`crate::quick`]).
+    pub(crate) async fn sync_tuple_from(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        soft: Option<&CancellationToken>,
+        prefetched: Option<Prefetched>,
+    ) -> Outcome {
         let span = info_span!(
             "tuple",
             tuple = %tuple.key,
@@ -167,11 +194,11 @@ impl Engine {
         // The round's own token: shutdown cancels it through `cancel`, and so does the stuck-round
         // check (`Engine::cancel_stuck_rounds`), for this round alone.
         let round_cancel = cancel.child_token();
-        self.round_started(tuple, round_cancel.clone());
+        self.round_started(tuple, Some(round_cancel.clone()));
         // A panic is a bug, but it must not take the tuple's task (or `sync-once`'s report)
         // down with it: it becomes a failed round with its message, recorded like any other.
         let mut outcome = match std::panic::AssertUnwindSafe(
-            self.sync_tuple_in_span(tuple, &round_cancel, soft)
+            self.sync_tuple_in_span(tuple, &round_cancel, soft, prefetched)
                 .instrument(span.clone()),
         )
         .catch_unwind()
@@ -225,11 +252,14 @@ impl Engine {
         tuple: &Tuple,
         cancel: &CancellationToken,
         soft: Option<&CancellationToken>,
+        mut prefetched: Option<Prefetched>,
     ) -> Outcome {
         let mut report = RoundReport::default();
         let mut conflict_retried = false;
         loop {
-            let result = self.round(tuple, cancel, soft, &mut report).await;
+            let result = self
+                .round(tuple, cancel, soft, &mut report, prefetched.take())
+                .await;
             if result.is_err() {
                 self.drop_cursor(tuple.id);
             }
@@ -292,6 +322,44 @@ impl Engine {
         self.cursors().remove(&tuple_id);
     }
 
+    /// The delta link to replay and the version it was saved at, when `tuple`'s last round
+    /// ended here with a delta link for its current user, calendar and window, and no full
+    /// resync is due: what the quick lane needs.
+    pub(crate) fn replayable(&self, tuple: &Tuple) -> Option<(String, i64)> {
+        let cursors = self.cursors();
+        let c = cursors.get(&tuple.id)?;
+        if c.kind != Some(LinkKind::Delta) || c.stamp != tuple_stamp_hash(tuple) {
+            return None;
+        }
+        if self.resync_due(c.last_full_sync_at) {
+            return None;
+        }
+        Some((c.link.clone()?, c.version))
+    }
+
+    /// Whether the periodic full resync (`sync.full_resync_every`) is due.
+    fn resync_due(&self, last_full_sync_at: Option<chrono::DateTime<chrono::Utc>>) -> bool {
+        self.settings().full_resync_every.is_some_and(|every| {
+            last_full_sync_at.is_none_or(|at| {
+                chrono::Utc::now()
+                    .signed_duration_since(at)
+                    .to_std()
+                    .unwrap_or_default()
+                    >= every
+            })
+        })
+    }
+
+    /// Records the link a quick round committed, as a full round's last page would.
+    pub(crate) fn replayed(&self, tuple: &Tuple, link: &str, version: i64) {
+        if let Some(c) = self.cursors().get_mut(&tuple.id) {
+            c.link = Some(link.to_owned());
+            c.kind = Some(LinkKind::Delta);
+            c.version = version;
+            c.round_is_full = false;
+        }
+    }
+
     async fn forget_link(&self, tuple: &Tuple) -> Result<(), StepError> {
         self.drop_cursor(tuple.id);
         let fence = self.fence_for(tuple)?;
@@ -343,7 +411,7 @@ impl Engine {
 
     /// Counts a run that ended on a malformed page (or clears the count); returns how many in
     /// a row.
-    fn malformed_run(&self, tuple: &Tuple, malformed: bool) -> u32 {
+    pub(crate) fn malformed_run(&self, tuple: &Tuple, malformed: bool) -> u32 {
         let mut runs = self
             .inner
             .malformed_runs
@@ -402,6 +470,7 @@ impl Engine {
         cancel: &CancellationToken,
         soft: Option<&CancellationToken>,
         report: &mut RoundReport,
+        prefetched: Option<Prefetched>,
     ) -> Result<(), StepError> {
         let settings = self.settings();
         // Nothing is fetched for a mailbox this process does not hold.
@@ -436,15 +505,7 @@ impl Engine {
                 Cursor::from_state(&state, &stamp)
             }
         };
-        let resync_due = settings.full_resync_every.is_some_and(|every| {
-            cursor.last_full_sync_at.is_none_or(|at| {
-                chrono::Utc::now()
-                    .signed_duration_since(at)
-                    .to_std()
-                    .unwrap_or_default()
-                    >= every
-            })
-        });
+        let resync_due = self.resync_due(cursor.last_full_sync_at);
         let initial = || {
             self.graph()
                 .initial_link(&tuple.user, &tuple.calendar, &tuple.window)
@@ -460,6 +521,12 @@ impl Engine {
         let mut last_full_sync_at = cursor.last_full_sync_at;
         debug!(tuple = %tuple.key, resume = start.is_none(), full = report.full, "round starts");
         let mut version = cursor.version;
+        // The quick lane's answer stands for the first request if it replayed this link.
+        let first = std::sync::Mutex::new(
+            prefetched
+                .filter(|p| start == Some(RoundStart::Delta) && p.link == link)
+                .map(|p| p.page),
+        );
         let mut guard = LoopGuard {
             seen: HashSet::new(),
             pages: 0,
@@ -481,6 +548,7 @@ impl Engine {
                     } else {
                         Connection::Reuse
                     };
+                    let answer = first.lock().unwrap_or_else(|p| p.into_inner()).take();
                     let r = self
                         .step(
                             tuple,
@@ -491,6 +559,7 @@ impl Engine {
                             &stamp,
                             cancel,
                             connection,
+                            answer,
                         )
                         .await;
                     if let Err(StepError::Graph(e)) = &r {
@@ -596,11 +665,15 @@ impl Engine {
         stamp: &calsync_store::LinkStamp,
         cancel: &CancellationToken,
         connection: Connection,
+        answer: Option<Result<calsync_graph::DeltaPage, GraphError>>,
     ) -> Result<StepOut, StepError> {
         let graph = self.graph();
         // A replayed delta link (most rounds, and most of them change nothing) may share a
         // JSON batch with the other replays due now; its retries go alone.
-        let page = if start == Some(RoundStart::Delta) && connection == Connection::Reuse {
+        let page = if let Some(answer) = answer {
+            // Fetched by the quick lane, through the gate, counted there.
+            answer.map_err(StepError::Graph)?
+        } else if start == Some(RoundStart::Delta) && connection == Connection::Reuse {
             self.send(tuple, cancel, graph.fetch_delta(link)).await?
         } else {
             self.send(tuple, cancel, graph.fetch_page(link, connection))
@@ -721,5 +794,35 @@ impl Engine {
                 Err(StepError::Graph(e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calsync_graph::{CalendarRef, ViewWindow};
+
+    /// The quick lane finds a tuple's cursor by this hash without building its stamp.
+    #[test]
+    fn a_tuples_stamp_hash_is_its_stamps() {
+        let mut t = Tuple {
+            id: 1,
+            key: "k".into(),
+            user: "adele@contoso.onmicrosoft.com".into(),
+            calendar: CalendarRef::Default,
+            window: ViewWindow {
+                start: "2026-01-01T00:00:00Z".parse().unwrap(),
+                end: "2027-01-01T00:00:00Z".parse().unwrap(),
+            },
+            rolling: None,
+            interval: Duration::from_secs(300),
+            schedule: None,
+            mailbox: "adele@contoso.onmicrosoft.com".into(),
+        };
+        let default = tuple_stamp_hash(&t);
+        assert_eq!(default, stamp_hash(&t.stamp()));
+        t.calendar = CalendarRef::Id("AAMk".into());
+        assert_eq!(tuple_stamp_hash(&t), stamp_hash(&t.stamp()));
+        assert_ne!(tuple_stamp_hash(&t), default);
     }
 }

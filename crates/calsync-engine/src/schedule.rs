@@ -6,6 +6,7 @@
 //! future is boxed and exists only while it runs.
 
 use crate::outcome::{Health, Outcome};
+use crate::quick::{Prefetched, Quick};
 use crate::{Engine, SyncSettings, Tuple};
 use futures_util::FutureExt;
 use rand::Rng;
@@ -410,15 +411,30 @@ impl Engine {
                 _ = cancel.cancelled() => return,
                 _ = control.stop_requested() => return,
             };
-            // Stopping the task (a reload, a lease handed over) stops its round at the next
-            // page boundary: the page in hand is committed first.
-            let soft = CancellationToken::new();
-            *control.round_token() = Some(soft.clone());
             if control.stopped() {
                 return;
             }
-            let outcome = self.boxed_round(&tuple, &cancel, &soft).await;
-            *control.round_token() = None;
+            // Most rounds replay a link and find nothing: the quick lane does those, and hands
+            // anything else to the full round with the answer in hand. A stop while it runs
+            // takes effect after its one page, as it would at the full round's page boundary.
+            // Boxed for the reason `boxed_round` is: an idle task holds no room for it.
+            let quick = Box::pin(self.quick_round(&tuple, &cancel)).await;
+            let outcome = match quick {
+                Quick::Synced => Outcome::Synced(Default::default()),
+                Quick::Interrupted => return,
+                Quick::Slow(prefetched) => {
+                    // Stopping the task (a reload, a lease handed over) stops its round at the
+                    // next page boundary: the page in hand is committed first.
+                    let soft = CancellationToken::new();
+                    *control.round_token() = Some(soft.clone());
+                    if control.stopped() {
+                        return;
+                    }
+                    let outcome = self.boxed_round(&tuple, &cancel, &soft, prefetched).await;
+                    *control.round_token() = None;
+                    outcome
+                }
+            };
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }
@@ -465,8 +481,9 @@ impl Engine {
         tuple: &'a Tuple,
         cancel: &'a CancellationToken,
         soft: &'a CancellationToken,
+        prefetched: Option<Prefetched>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
-        Box::pin(self.sync_tuple_until(tuple, cancel, Some(soft)))
+        Box::pin(self.sync_tuple_from(tuple, cancel, Some(soft), prefetched))
     }
 
     /// One complete round for every tuple, concurrently within the request limits.

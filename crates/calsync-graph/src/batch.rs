@@ -430,7 +430,10 @@ mod tests {
     /// is, it is the one the parser makes, and the rest are left to the parser.
     #[test]
     fn plain_links_are_made_relative_as_the_parser_would() {
-        for base in ["https://graph.microsoft.com/v1.0", "http://127.0.0.1:8080/v1.0/"] {
+        for base in [
+            "https://graph.microsoft.com/v1.0",
+            "http://127.0.0.1:8080/v1.0/",
+        ] {
             let root = base.trim_end_matches('/');
             let g = {
                 let url = url::Url::parse(base).unwrap();

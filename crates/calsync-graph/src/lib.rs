@@ -609,7 +609,10 @@ mod tests {
     /// link it answers as `check_link` does.
     #[test]
     fn the_quick_link_check_agrees_with_the_parser() {
-        for base in ["https://graph.microsoft.com/v1.0", "http://127.0.0.1:8080/v1.0/"] {
+        for base in [
+            "https://graph.microsoft.com/v1.0",
+            "http://127.0.0.1:8080/v1.0/",
+        ] {
             let g = client(base);
             for link in [
                 "https://graph.microsoft.com/v1.0/users/a/calendarView/delta?$deltatoken=x",

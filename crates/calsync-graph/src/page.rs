@@ -269,9 +269,19 @@ type Raw = serde_json::value::RawValue;
 /// The top of a page, its values left unparsed (a `null` is present, not absent).
 #[derive(serde::Deserialize)]
 struct PageTop<'a> {
-    #[serde(rename = "@odata.nextLink", borrow, default, deserialize_with = "present")]
+    #[serde(
+        rename = "@odata.nextLink",
+        borrow,
+        default,
+        deserialize_with = "present"
+    )]
     next: Option<&'a Raw>,
-    #[serde(rename = "@odata.deltaLink", borrow, default, deserialize_with = "present")]
+    #[serde(
+        rename = "@odata.deltaLink",
+        borrow,
+        default,
+        deserialize_with = "present"
+    )]
     delta: Option<&'a Raw>,
     #[serde(borrow, default, deserialize_with = "present")]
     value: Option<&'a Raw>,

@@ -1,0 +1,118 @@
+//! The common round, quickly: a replayed delta link that answers an empty page with a new
+//! delta link (at 100,000 calendars, 99% of rounds). It needs one request and one link commit,
+//! and none of the full round's machinery: no span, no retry loop, no per-round cancellation
+//! token, no boxed state machine. Anything else — a page with changes, a nextLink, an error,
+//! a commit the store refused — is handed to the full round ([`crate::round`]) with the page
+//! or error in hand, so nothing is fetched twice and every rule of the full round (retries,
+//! Retry-After, resync, conflicts, fencing) applies as before.
+
+use crate::round::StepError;
+use crate::{Engine, Tuple};
+use calsync_graph::{DeltaPage, GraphError, PageLink};
+use calsync_store::{LinkKind, PageChanges, PageWrite, RoundStart};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// A replay's first answer, fetched by the quick lane, for the full round to go on from.
+#[derive(Debug)]
+pub(crate) struct Prefetched {
+    /// The link that was replayed: the full round uses the answer only for this link.
+    pub(crate) link: String,
+    /// The page, or the error Graph answered (already counted, its Retry-After already held).
+    pub(crate) page: Result<DeltaPage, GraphError>,
+}
+
+/// How a quick round ended.
+#[derive(Debug)]
+pub(crate) enum Quick {
+    /// Nothing changed, and the new link is committed: the round is complete.
+    Synced,
+    /// Shutdown came while it waited.
+    Interrupted,
+    /// A full round is needed, from this answer if one was fetched.
+    Slow(Option<Prefetched>),
+}
+
+/// No changes, for a link-only commit.
+static NO_CHANGES: std::sync::LazyLock<PageChanges> =
+    std::sync::LazyLock::new(PageChanges::default);
+
+impl Engine {
+    /// Replays `tuple`'s saved delta link and, if the answer is an empty page ending in a
+    /// delta link, commits that link. Only for a tuple whose cursor is known (its last round
+    /// ended here), due no full resync, whose mailbox lease is held.
+    pub(crate) async fn quick_round(&self, tuple: &Tuple, cancel: &CancellationToken) -> Quick {
+        let Ok(fence) = self.fence_for(tuple) else {
+            return Quick::Slow(None);
+        };
+        let Some((link, version)) = self.replayable(tuple) else {
+            return Quick::Slow(None);
+        };
+        // A mailbox held for a Retry-After waits in the full round, where the wait can be
+        // cancelled as stuck.
+        if self.inner.gate.deferred(&tuple.mailbox) {
+            return Quick::Slow(None);
+        }
+        let started = std::time::Instant::now();
+        self.round_started(tuple, None);
+        let graph = self.graph();
+        let fetched = self.send(tuple, cancel, graph.fetch_delta(&link)).await;
+        let page = match fetched {
+            Ok(page) => page,
+            Err(StepError::Graph(e)) => {
+                self.round_ended(&tuple.key);
+                return Quick::Slow(Some(Prefetched { link, page: Err(e) }));
+            }
+            Err(_) => {
+                self.round_ended(&tuple.key);
+                return Quick::Interrupted;
+            }
+        };
+        let next = match &page.link {
+            PageLink::Delta(next)
+                if page.items.is_empty()
+                    && page.skipped == 0
+                    && graph.allows_link(next).is_ok() =>
+            {
+                next
+            }
+            _ => {
+                self.round_ended(&tuple.key);
+                return Quick::Slow(Some(Prefetched {
+                    link,
+                    page: Ok(page),
+                }));
+            }
+        };
+        let stamp = tuple.stamp();
+        let write = PageWrite {
+            tuple_id: tuple.id,
+            expected_version: version,
+            round_start: Some(RoundStart::Delta),
+            changes: &NO_CHANGES,
+            link: next,
+            link_kind: LinkKind::Delta,
+            stamp: &stamp,
+            fence,
+        };
+        let applied = self.store().apply_page(&write).await;
+        self.round_ended(&tuple.key);
+        let Ok(applied) = applied else {
+            // The full round commits the page in hand with its retries, and tells a conflict
+            // or a lost lease from a database in trouble.
+            return Quick::Slow(Some(Prefetched {
+                link,
+                page: Ok(page),
+            }));
+        };
+        self.replayed(tuple, next, applied.version);
+        self.malformed_run(tuple, false);
+        let hot = self.hot_metrics();
+        hot.pages_applied.increment(1);
+        hot.rounds_synced.increment(1);
+        hot.round_duration.record(started.elapsed().as_secs_f64());
+        self.count_round(&crate::outcome::Outcome::Synced(Default::default()));
+        debug!(tuple = %tuple.key, pages = 1, "round complete, nothing changed");
+        Quick::Synced
+    }
+}
