@@ -8,7 +8,8 @@
 //!   are throttled at once — the sign of a tenant- or app-wide limit — and grows back by one
 //!   per `limit` successful requests.
 
-use std::collections::{HashMap, VecDeque};
+use crate::FastMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -100,7 +101,7 @@ pub struct RequestGate {
     /// (spacing, tolerance) of the per-mailbox GCRA; `None`: no budget.
     budget: Option<(Duration, Duration)>,
     // std Mutexes: held only to read or update state, never across an await.
-    mailboxes: Mutex<HashMap<String, Mailbox>>,
+    mailboxes: Mutex<FastMap<String, Mailbox>>,
     adaptive: Mutex<Adaptive>,
     freed: Notify,
     stats: Mutex<GateStats>,
@@ -138,7 +139,7 @@ impl RequestGate {
             max_in_flight,
             min_in_flight: max_in_flight.min(per_mailbox.max(1)),
             budget: None,
-            mailboxes: Mutex::new(HashMap::new()),
+            mailboxes: Mutex::new(FastMap::default()),
             adaptive: Mutex::new(Adaptive {
                 limit: max_in_flight as f64,
                 ceiling: max_in_flight as f64,
@@ -167,7 +168,7 @@ impl RequestGate {
         self
     }
 
-    fn mailboxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mailbox>> {
+    fn mailboxes(&self) -> std::sync::MutexGuard<'_, FastMap<String, Mailbox>> {
         relock(&self.mailboxes)
     }
 
@@ -184,7 +185,7 @@ impl RequestGate {
         mailbox.to_ascii_lowercase()
     }
 
-    fn entry<'m>(&self, map: &'m mut HashMap<String, Mailbox>, key: &str) -> &'m mut Mailbox {
+    fn entry<'m>(&self, map: &'m mut FastMap<String, Mailbox>, key: &str) -> &'m mut Mailbox {
         map.entry(key.to_owned()).or_insert_with(|| Mailbox {
             slots: Arc::new(Semaphore::new(self.per_mailbox)),
             not_before: None,

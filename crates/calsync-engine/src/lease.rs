@@ -8,9 +8,9 @@
 //! let another replica take over. The database's fencing check is the real guard; this one
 //! saves a doomed page's work.
 
-use crate::Engine;
+use crate::{Engine, FastMap};
 use calsync_store::{ReplicaKind, Store, StoreError};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// The leases this process holds: mailbox → fencing token, until a local deadline.
 #[derive(Debug)]
 pub struct Leases {
-    held: RwLock<HashMap<String, i64>>,
+    held: RwLock<FastMap<String, i64>>,
     /// Held leases being handed over: their tasks are stopped (at a page boundary) and the
     /// lease is released once no round of theirs runs, so the page in hand still commits.
     releasing: std::sync::Mutex<HashSet<String>>,
@@ -81,11 +81,11 @@ impl Leases {
         self.read().is_empty()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, i64>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, FastMap<String, i64>> {
         self.held.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, i64>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, FastMap<String, i64>> {
         self.held.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -216,7 +216,7 @@ impl LeaseKeeper {
         if hb.lapsed || hb.owned != self.leases.len() as u64 {
             // Leases were taken while this process lapsed, or their mailboxes deregistered:
             // the database's list is the truth.
-            let owned: HashMap<String, i64> = self
+            let owned: FastMap<String, i64> = self
                 .store
                 .owned_leases(&id.incarnation)
                 .await?

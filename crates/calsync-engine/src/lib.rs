@@ -182,6 +182,10 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// A map keyed by tuple id or mailbox, read on every round: foldhash instead of SipHash (the keys
+/// come from the config and the store, not from Graph).
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug)]
 struct Inner {
     graph: GraphClient,
@@ -190,9 +194,9 @@ struct Inner {
     settings: SyncSettings,
     /// Where each tuple stands after its last committed page, so a round need not read it
     /// back. Only a hint: the store's link_version check refuses anything stale.
-    cursors: std::sync::Mutex<std::collections::HashMap<i64, round::Cursor>>,
+    cursors: std::sync::Mutex<FastMap<i64, round::Cursor>>,
     /// Consecutive runs per tuple that ended on a malformed page.
-    malformed_runs: std::sync::Mutex<std::collections::HashMap<i64, u32>>,
+    malformed_runs: std::sync::Mutex<FastMap<i64, u32>>,
     /// When the engine last did something (a page fetched or failed, a round ended), in ms
     /// since `born`; and how many rounds are running. The watchdog reads both.
     born: std::time::Instant,

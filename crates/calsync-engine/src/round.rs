@@ -314,7 +314,7 @@ impl Engine {
         }
     }
 
-    fn cursors(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<i64, Cursor>> {
+    fn cursors(&self) -> std::sync::MutexGuard<'_, crate::FastMap<i64, Cursor>> {
         self.inner.cursors.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -117,10 +117,57 @@ struct InnerAnswer<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
     status: u16,
-    #[serde(default, borrow)]
-    headers: Option<std::collections::HashMap<Cow<'a, str>, Cow<'a, str>>>,
+    #[serde(default)]
+    headers: Option<RetryAfterHeader>,
     #[serde(default, borrow)]
     body: Option<&'a RawValue>,
+}
+
+/// The one inner header calsync reads, `Retry-After` (any case), picked out of the headers
+/// object without keeping the others.
+struct RetryAfterHeader(Option<String>);
+
+impl<'de> Deserialize<'de> for RetryAfterHeader {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct IsRetryAfter(bool);
+        impl<'de> Deserialize<'de> for IsRetryAfter {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Name;
+                impl serde::de::Visitor<'_> for Name {
+                    type Value = IsRetryAfter;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a header name")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IsRetryAfter, E> {
+                        Ok(IsRetryAfter(v.eq_ignore_ascii_case("retry-after")))
+                    }
+                }
+                d.deserialize_str(Name)
+            }
+        }
+        struct Headers;
+        impl<'de> serde::de::Visitor<'de> for Headers {
+            type Value = RetryAfterHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of headers")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<RetryAfterHeader, M::Error> {
+                let mut found = None;
+                while let Some(IsRetryAfter(wanted)) = m.next_key()? {
+                    if wanted {
+                        found = Some(m.next_value::<String>()?);
+                    } else {
+                        m.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(RetryAfterHeader(found))
+            }
+        }
+        d.deserialize_map(Headers)
+    }
 }
 
 /// The request body of a batch of GETs of `urls`, with ids `1`…`n` in order.
@@ -163,11 +210,10 @@ fn split_answer(
         else {
             continue;
         };
-        let retry_after = inner.headers.as_ref().and_then(|h| {
-            h.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("retry-after"))
-                .and_then(|(_, v)| parse_retry_after(v, now))
-        });
+        let retry_after = inner
+            .headers
+            .and_then(|h| h.0)
+            .and_then(|v| parse_retry_after(&v, now));
         *slot = Some(Answer {
             status: inner.status,
             retry_after,

@@ -62,9 +62,17 @@ impl Store {
     /// instant leaves either the page and its link, or neither.
     pub async fn apply_page(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
         self.panic_point(w.tuple_id);
-        let result = self
-            .bounded("applying a page", self.apply_page_now(w))
-            .await;
+        let c = w.changes;
+        let may_sweep = w.link_kind == LinkKind::Delta && w.round_start != Some(RoundStart::Delta);
+        let result = if c.is_empty() && !may_sweep {
+            // Only the link moves (every no-change incremental round): one UPDATE is already
+            // atomic, no transaction needed, and it is saved together with the links of the
+            // rounds that finish at about the same time, each statement under the deadline.
+            self.commit_link(w).await
+        } else {
+            self.bounded("applying a page", self.apply_page_now(w))
+                .await
+        };
         match (result, w.fence) {
             (Err(StoreError::Conflict { tuple_id }), Some(fence)) => {
                 // Which check refused the write: told apart here, off the hot path.
@@ -96,26 +104,22 @@ impl Store {
         self.bounded("checking a lease", query).await
     }
 
+    async fn commit_link(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
+        self.fault_point()?;
+        let version = self
+            .batcher
+            .commit(&self.pool, self.deadline, w, self.incarnation())
+            .await?
+            .ok_or(StoreError::Conflict {
+                tuple_id: w.tuple_id,
+            })?;
+        Ok(PageApplied {
+            version,
+            ..PageApplied::default()
+        })
+    }
+
     async fn apply_page_now(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
-        let c = w.changes;
-        let may_sweep = w.link_kind == LinkKind::Delta && w.round_start != Some(RoundStart::Delta);
-        if c.is_empty() && !may_sweep {
-            // Only the link moves: one UPDATE is already atomic, no transaction needed. This
-            // is every no-change incremental round.
-            // Saved together with the links of the rounds that finish at about the same time.
-            self.fault_point()?;
-            let version = self
-                .batcher
-                .commit(&self.pool, w, self.incarnation())
-                .await?
-                .ok_or(StoreError::Conflict {
-                    tuple_id: w.tuple_id,
-                })?;
-            return Ok(PageApplied {
-                version,
-                ..PageApplied::default()
-            });
-        }
         let mut tx = self.pool.begin().await.map_err(db)?;
         let applied = self.apply_in(&mut tx, w).await?;
         self.fault_point()?;

@@ -82,12 +82,13 @@ impl LinkBatcher {
     pub(crate) async fn commit(
         &self,
         pool: &PgPool,
+        deadline: Duration,
         w: &PageWrite<'_>,
         committed_by: Option<&str>,
     ) -> Result<Option<i64>, StoreError> {
         let tx = self.tx.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(pool.clone(), rx));
+            tokio::spawn(run(pool.clone(), deadline, rx));
             tx
         });
         let (reply, answer) = oneshot::channel();
@@ -103,7 +104,7 @@ impl LinkBatcher {
     }
 }
 
-async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<LinkWrite>) {
+async fn run(pool: PgPool, deadline: Duration, mut rx: mpsc::UnboundedReceiver<LinkWrite>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let gather = tokio::time::sleep(GATHER);
@@ -120,7 +121,14 @@ async fn run(pool: PgPool, mut rx: mpsc::UnboundedReceiver<LinkWrite>) {
         }
         // One statement at a time: a batch never waits on another for row locks.
         let saves: Vec<&LinkSave> = batch.iter().map(|w| &w.save).collect();
-        let result = save_links(&pool, &saves).await;
+        // Bounded here, once per statement, rather than around each write that waits for it.
+        let result = match tokio::time::timeout(deadline, save_links(&pool, &saves)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "saving links did not finish within {} s",
+                deadline.as_secs()
+            ))),
+        };
         for w in batch {
             let answer = match &result {
                 Ok(saved) => Ok(saved.iter().find(|r| r.0 == w.save.tuple_id).map(|r| r.1)),

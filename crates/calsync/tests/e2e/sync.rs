@@ -651,3 +651,59 @@ async fn a_round_that_keeps_losing_the_race_stands_down_without_touching_the_win
     assert!(!r.full, "no full resync was forced");
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
+
+/// The scheduler's rounds start in the quick lane (calsync-engine/src/quick.rs): a replay that
+/// finds nothing is one request and one link commit; one that finds a change goes on in the full
+/// round from the page in hand. Graph is never asked for the same link twice: every round here
+/// is one page, so the delta requests are the rounds (one more at most, cut by the stop).
+#[sqlx::test(migrations = false)]
+async fn a_replay_that_finds_a_change_goes_on_from_the_page_in_hand(pool: PgPool) {
+    let h = harness(pool, 50).await;
+    let ids = seed(&h, 3);
+    let engine = h.engine(SyncSettings {
+        startup_spread: Duration::from_millis(50),
+        ..settings()
+    });
+    let tuples = vec![h.default_tuple(&engine).await];
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let (engine, cancel, tuples) = (engine.clone(), cancel.clone(), tuples.clone());
+        async move { engine.run(tuples, cancel).await }
+    });
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    h.update(
+        &ids[0],
+        json!({"subject": "moved to the quick lane's hand-over"}),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.delete(&ids[1]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap()
+        .unwrap();
+    let tally = engine.take_tally();
+    let delta_requests = h
+        .sim
+        .lock()
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("calendarView/delta"))
+        .count() as u64;
+    assert_eq!(tally.failed, 0);
+    assert!(
+        tally.changed >= 3,
+        "the first round and the two edits changed something: {tally:?}"
+    );
+    assert!(
+        tally.synced >= 5,
+        "no-change rounds ran between the edits: {tally:?}"
+    );
+    assert!(
+        (tally.synced..=tally.synced + 1).contains(&delta_requests),
+        "{delta_requests} delta requests for {} rounds: a link was fetched twice",
+        tally.synced
+    );
+    h.assert_mirrors(&tuples).await;
+}
