@@ -481,16 +481,7 @@ mod tests {
             "http://127.0.0.1:8080/v1.0/",
         ] {
             let root = base.trim_end_matches('/');
-            let g = {
-                let url = url::Url::parse(base).unwrap();
-                let auth = crate::AuthConfig {
-                    token_url: url.join("/token").unwrap(),
-                    client_id: "c".into(),
-                    client_secret: "s".to_owned().into(),
-                    scope: "x".into(),
-                };
-                GraphClient::new(crate::GraphConfig::new(url), auth).unwrap()
-            };
+            let g = crate::tests::client(base);
             let mut plain = 0;
             for rest in [
                 "/users/user0001@contoso.onmicrosoft.com/calendarView/delta?$deltatoken=aB-c_d.e~f%3D",

@@ -557,7 +557,7 @@ async fn read_capped(
 mod tests {
     use super::*;
 
-    fn client(base: &str) -> GraphClient {
+    pub(crate) fn client(base: &str) -> GraphClient {
         let base = Url::parse(base).unwrap();
         let auth = AuthConfig {
             token_url: base.join("/token").unwrap(),
