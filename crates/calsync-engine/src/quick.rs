@@ -107,11 +107,11 @@ impl Engine {
         };
         self.replayed(tuple, next, applied.version);
         self.malformed_run(tuple, false);
-        let hot = self.hot_metrics();
-        hot.pages_applied.increment(1);
-        hot.rounds_synced.increment(1);
-        hot.round_duration.record(started.elapsed().as_secs_f64());
-        self.count_round(&crate::outcome::Outcome::Synced(Default::default()));
+        self.hot_metrics().pages_applied.increment(1);
+        self.round_counted(
+            &crate::outcome::Outcome::Synced(Default::default()),
+            started,
+        );
         debug!(tuple = %tuple.key, pages = 1, "round complete, nothing changed");
         Quick::Synced
     }

@@ -227,14 +227,21 @@ impl Engine {
             outcome = Outcome::Failed(failure);
         }
         self.round_ended(&tuple.key);
-        self.count_round(&outcome);
-        let label = match &outcome {
+        self.round_counted(&outcome, started);
+        outcome
+    }
+
+    /// Counts a round that ended (the service's tally, the round metrics), in the full round
+    /// and the quick lane alike.
+    pub(crate) fn round_counted(&self, outcome: &Outcome, started: std::time::Instant) {
+        self.count_round(outcome);
+        let label = match outcome {
             Outcome::Synced(_) => "synced",
             Outcome::Failed(f) => f.health.as_str(),
             Outcome::Interrupted => "interrupted",
         };
         let hot = self.hot_metrics();
-        if let Outcome::Synced(r) = &outcome {
+        if let Outcome::Synced(r) = outcome {
             hot.rounds_synced.increment(1);
             hot.upserted.increment(r.upserted);
             hot.removed.increment(r.removed);
@@ -244,7 +251,6 @@ impl Engine {
             metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
         }
         hot.round_duration.record(started.elapsed().as_secs_f64());
-        outcome
     }
 
     async fn sync_tuple_in_span(

@@ -472,6 +472,7 @@ mod tests {
             Err(GraphError::Malformed { .. })
         ));
     }
+
     /// The relative URL of a replay is made without the parser for plain links; whenever it
     /// is, it is the one the parser makes, and the rest are left to the parser.
     #[test]

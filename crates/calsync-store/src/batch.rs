@@ -122,13 +122,7 @@ async fn run(pool: PgPool, deadline: Duration, mut rx: mpsc::UnboundedReceiver<L
         // One statement at a time: a batch never waits on another for row locks.
         let saves: Vec<&LinkSave> = batch.iter().map(|w| &w.save).collect();
         // Bounded here, once per statement, rather than around each write that waits for it.
-        let result = match tokio::time::timeout(deadline, save_links(&pool, &saves)).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "saving links did not finish within {} s",
-                deadline.as_secs()
-            ))),
-        };
+        let result = crate::within(deadline, "saving links", save_links(&pool, &saves)).await;
         for w in batch {
             let answer = match &result {
                 Ok(saved) => Ok(saved.iter().find(|r| r.0 == w.save.tuple_id).map(|r| r.1)),

@@ -133,20 +133,14 @@ impl Store {
         &self.deployment
     }
 
-    /// Runs one store call under the deadline; past it the call is dropped (a transaction in
+    /// Runs one store call under the deadline (see [`within`]); past it the call is dropped (a transaction in
     /// it rolls back) and the caller gets `Unavailable`.
     pub(crate) async fn bounded<T>(
         &self,
         what: &str,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.deadline, call).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Unavailable(format!(
-                "{what} did not finish within {} s",
-                self.deadline.as_secs()
-            ))),
-        }
+        within(self.deadline, what, call).await
     }
 
     /// Connects lazily-checked: the pool opens connections as needed, and `connect` fails
@@ -263,6 +257,22 @@ impl Store {
     #[cfg(not(any(test, feature = "testing")))]
     #[inline(always)]
     pub(crate) fn panic_point(&self, _tuple_id: i64) {}
+}
+
+/// Runs `call` for at most `deadline`; past it the call is dropped and the answer is
+/// `Unavailable`, naming `what`.
+pub(crate) async fn within<T>(
+    deadline: std::time::Duration,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "{what} did not finish within {} s",
+            deadline.as_secs()
+        ))),
+    }
 }
 
 #[cfg(test)]
