@@ -6,10 +6,11 @@
 //! or error in hand, so nothing is fetched twice and every rule of the full round (retries,
 //! Retry-After, resync, conflicts, fencing) applies as before.
 
+use crate::outcome::Outcome;
 use crate::round::StepError;
 use crate::{Engine, Tuple};
 use calsync_graph::{DeltaPage, GraphError, PageLink};
-use calsync_store::{LinkKind, PageChanges, PageWrite, RoundStart};
+use calsync_store::{LinkKind, PageChanges, PageWrite, RoundStart, StoreError};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -25,8 +26,9 @@ pub(crate) struct Prefetched {
 /// How a quick round ended.
 #[derive(Debug)]
 pub(crate) enum Quick {
-    /// Nothing changed, and the new link is committed: the round is complete.
-    Synced,
+    /// The round ended here: nothing changed and the new link is committed, or the commit
+    /// was fenced off (the lease moved on) and the round stood down.
+    Done(Outcome),
     /// Shutdown came while it waited.
     Interrupted,
     /// A full round is needed, from this answer if one was fetched.
@@ -97,22 +99,30 @@ impl Engine {
         };
         let applied = self.store().apply_page(&write).await;
         self.round_ended(&tuple.key);
-        let Ok(applied) = applied else {
-            // The full round commits the page in hand with its retries, and tells a conflict
-            // or a lost lease from a database in trouble.
-            return Quick::Slow(Some(Prefetched {
-                link,
-                page: Ok(page),
-            }));
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(e @ StoreError::Fenced { .. }) => {
+                // Another process holds the mailbox now: stand down as the full round does,
+                // even if the task is being stopped for the same reason meanwhile.
+                let outcome = self.stood_down(tuple, &StepError::Store(e));
+                self.round_counted(&outcome, started);
+                return Quick::Done(outcome);
+            }
+            Err(_) => {
+                // The full round commits the page in hand with its retries, and tells a
+                // conflict from a database in trouble.
+                return Quick::Slow(Some(Prefetched {
+                    link,
+                    page: Ok(page),
+                }));
+            }
         };
         self.replayed(tuple, next, applied.version);
         self.malformed_run(tuple, false);
         self.hot_metrics().pages_applied.increment(1);
-        self.round_counted(
-            &crate::outcome::Outcome::Synced(Default::default()),
-            started,
-        );
+        let outcome = Outcome::Synced(Default::default());
+        self.round_counted(&outcome, started);
         debug!(tuple = %tuple.key, pages = 1, "round complete, nothing changed");
-        Quick::Synced
+        Quick::Done(outcome)
     }
 }

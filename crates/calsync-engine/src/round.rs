@@ -283,15 +283,7 @@ impl Engine {
                     return Outcome::Synced(report);
                 }
                 Err(StepError::Interrupted) => return Outcome::Interrupted,
-                Err(e) if e.stands_down() => {
-                    info!(tuple = %tuple.key, code = %e.code(), "this round stands down: {}", e.message());
-                    metrics::counter!("calsync_rounds_stood_down_total", "reason" => if matches!(e, StepError::Superseded) { "superseded" } else { "lease_lost" }).increment(1);
-                    return Outcome::Failed(Failure {
-                        health: Health::Retrying,
-                        code: e.code(),
-                        message: e.message(),
-                    });
-                }
+                Err(e) if e.stands_down() => return self.stood_down(tuple, &e),
                 Err(StepError::Store(StoreError::Conflict { .. })) if !conflict_retried => {
                     // Our idea of the tuple was stale (another writer, or a write whose answer
                     // was lost); the cursor is gone, so the round restarts from the store.
@@ -318,6 +310,18 @@ impl Engine {
                 Err(e) => return self.fail(tuple, &e).await,
             }
         }
+    }
+
+    /// A round that lost its lease or was superseded: said once, counted, nothing recorded
+    /// over whoever owns the tuple now.
+    pub(crate) fn stood_down(&self, tuple: &Tuple, e: &StepError) -> Outcome {
+        info!(tuple = %tuple.key, code = %e.code(), "this round stands down: {}", e.message());
+        metrics::counter!("calsync_rounds_stood_down_total", "reason" => if matches!(e, StepError::Superseded) { "superseded" } else { "lease_lost" }).increment(1);
+        Outcome::Failed(Failure {
+            health: Health::Retrying,
+            code: e.code(),
+            message: e.message(),
+        })
     }
 
     fn cursors(&self) -> std::sync::MutexGuard<'_, crate::FastMap<i64, Cursor>> {

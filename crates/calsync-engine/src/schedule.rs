@@ -420,7 +420,7 @@ impl Engine {
             // Boxed for the reason `boxed_round` is: an idle task holds no room for it.
             let quick = Box::pin(self.quick_round(&tuple, &cancel)).await;
             let outcome = match quick {
-                Quick::Synced => Outcome::Synced(Default::default()),
+                Quick::Done(outcome) => outcome,
                 Quick::Interrupted => return,
                 Quick::Slow(prefetched) => {
                     // Stopping the task (a reload, a lease handed over) stops its round at the
