@@ -1,7 +1,7 @@
 //! The page-loop guard: Graph has been seen to serve endless nextLinks and endless empty pages
 //! (graph-delta-notes.md, quirks); a round that stops making progress is abandoned as degraded.
 
-use crate::round::StepError;
+use crate::step_error::StepError;
 use std::collections::HashSet;
 
 /// Catches the service's infinite-nextLink and endless-empty-page behaviour.

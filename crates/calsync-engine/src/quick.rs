@@ -2,12 +2,12 @@
 //! delta link (at 100,000 calendars, 99% of rounds). It needs one request and one link commit,
 //! and none of the full round's machinery: no span, no retry loop, no per-round cancellation
 //! token, no boxed state machine. Anything else — a page with changes, a nextLink, an error,
-//! a commit the store refused — is handed to the full round ([`crate::round`]) with the page
+//! a commit the store refused — is handed on to the full round (see [`crate::round`], which starts every round here) with the page
 //! or error in hand, so nothing is fetched twice and every rule of the full round (retries,
 //! Retry-After, resync, conflicts, fencing) applies as before.
 
 use crate::outcome::Outcome;
-use crate::round::StepError;
+use crate::step_error::StepError;
 use crate::{Engine, Tuple};
 use calsync_graph::{DeltaPage, GraphError, PageLink};
 use calsync_store::{LinkKind, PageChanges, PageWrite, RoundStart, StoreError};

@@ -1,146 +1,35 @@
-//! One tuple's sync round and the runner around it: the one place that owns retries, backoff,
-//! resyncs and the status a tuple is left in.
+//! The one round runner: [`Engine::run_round`] is how every round starts (the scheduler,
+//! `sync_all_once`, and a wake-up). It tries the quick lane first ([`crate::quick`]: a replay
+//! that finds nothing is one request and one link commit) and goes on in the full round from
+//! the answer in hand. The full round is the one place that owns retries, resyncs, loop guards
+//! and the status a tuple is left in.
 
-use crate::Engine;
-use crate::Tuple;
+use crate::cursor::Cursor;
 use crate::guard::LoopGuard;
 use crate::mapping::page_changes;
-use crate::outcome::{Failure, Health, Outcome, RoundReport, panic_message};
-use crate::quick::Prefetched;
-use backon::{ExponentialBuilder, Retryable};
+use crate::outcome::{Failure, Health, Outcome, RoundReport};
+use crate::quick::{Prefetched, Quick};
+use crate::step_error::StepError;
+use crate::{Engine, Tuple};
 use calsync_graph::{Connection, ErrorClass, GraphError, PageLink};
 use calsync_store::{LinkKind, PageWrite, RoundStart, StoreError, TupleStatus};
 use futures_util::FutureExt;
-use rand::Rng;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-#[derive(Debug)]
-pub(crate) enum StepError {
-    Graph(GraphError),
-    Store(StoreError),
-    Guard {
-        code: &'static str,
-        message: String,
-    },
-    Interrupted,
-    /// This process does not hold the tuple's mailbox lease (any more): stand down quietly.
-    LeaseLost,
-    /// The store names another user, calendar or window for this tuple than the round was
-    /// started for (a reload changed it): the round is the old one's, and stands down.
-    Superseded,
+/// Asks a round to stop at its next page boundary (the page in hand is fetched and committed,
+/// no further one is started): a reload moved the tuple, its lease is being handed over. The
+/// scheduler's per-task control answers it without a token per round.
+pub trait SoftStop: Send + Sync {
+    /// Whether the round should stop at its next page boundary.
+    fn stop_requested(&self) -> bool;
 }
 
-impl StepError {
-    fn class(&self) -> Option<ErrorClass> {
-        match self {
-            StepError::Graph(e) => Some(e.class()),
-            StepError::Store(e) if e.is_transient() => Some(ErrorClass::Retry),
-            StepError::Store(StoreError::Fenced { .. }) => None,
-            StepError::Store(StoreError::Conflict { .. }) => Some(ErrorClass::Degraded),
-            StepError::Store(_) => Some(ErrorClass::Permanent),
-            StepError::Guard { .. } => Some(ErrorClass::Degraded),
-            StepError::Interrupted | StepError::LeaseLost | StepError::Superseded => None,
-        }
-    }
-
-    /// A round that lost its lease, or was superseded by a new identity: not a failure of
-    /// the tuple, and nothing is recorded over whoever owns it now.
-    fn stands_down(&self) -> bool {
-        matches!(
-            self,
-            StepError::LeaseLost
-                | StepError::Superseded
-                | StepError::Store(StoreError::Fenced { .. })
-        )
-    }
-
-    fn code(&self) -> String {
-        match self {
-            StepError::Graph(e) => e.code().to_owned(),
-            StepError::Store(e) => e.code().into(),
-            StepError::Guard { code, .. } => (*code).into(),
-            StepError::Interrupted => "Interrupted".into(),
-            StepError::LeaseLost => "LeaseLost".into(),
-            StepError::Superseded => "Superseded".into(),
-        }
-    }
-
-    fn message(&self) -> String {
-        match self {
-            StepError::Graph(e) => e.to_string(),
-            StepError::Store(e) => e.to_string(),
-            StepError::Guard { message, .. } => message.clone(),
-            StepError::Interrupted => "interrupted by shutdown".into(),
-            StepError::LeaseLost => "this process no longer holds the mailbox's lease".into(),
-            StepError::Superseded => {
-                "the tuple's user, calendar or window changed; the new round takes over".into()
-            }
-        }
-    }
-}
-
-/// Runs in a row that end on a malformed page before the tuple is marked degraded.
-pub(crate) const MALFORMED_RUNS_BEFORE_DEGRADED: u32 = 5;
-
-/// Full jitter: a uniformly random wait up to the exponential step (AWS's "full jitter").
-fn full_jitter(d: Duration) -> Duration {
-    if d.is_zero() {
-        return d;
-    }
-    Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=d.as_secs_f64()))
-}
-
-/// A tuple's position as of its last committed page.
-#[derive(Debug, Clone)]
-pub(crate) struct Cursor {
-    link: Option<String>,
-    kind: Option<LinkKind>,
-    /// Hash of the stamp the link was made for.
-    stamp: u64,
-    version: i64,
-    round_is_full: bool,
-    last_full_sync_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-fn stamp_hash(s: &calsync_store::LinkStamp) -> u64 {
-    stamp_hash_of(&s.user_id, &s.calendar_id, s.window_start, s.window_end)
-}
-
-/// [`stamp_hash`] of `tuple.stamp()`, without building the stamp.
-fn tuple_stamp_hash(t: &Tuple) -> u64 {
-    stamp_hash_of(&t.user, t.calendar_name(), t.window.start, t.window.end)
-}
-
-fn stamp_hash_of(
-    user: &str,
-    calendar: &str,
-    start: chrono::DateTime<chrono::Utc>,
-    end: chrono::DateTime<chrono::Utc>,
-) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (user, calendar, start, end).hash(&mut h);
-    h.finish()
-}
-
-impl Cursor {
-    fn from_state(state: &calsync_store::TupleState, stamp: &calsync_store::LinkStamp) -> Self {
-        let (kind, link) = match state.link_for(stamp) {
-            Some((k, l)) => (Some(k), Some(l.to_owned())),
-            None => (None, None),
-        };
-        Cursor {
-            link,
-            kind,
-            stamp: stamp_hash(stamp),
-            version: state.link_version,
-            round_is_full: state.round_is_full,
-            last_full_sync_at: state.last_full_sync_at,
-        }
+impl SoftStop for CancellationToken {
+    fn stop_requested(&self) -> bool {
+        self.is_cancelled()
     }
 }
 
@@ -154,33 +43,35 @@ struct StepOut {
 }
 
 impl Engine {
-    /// Runs one complete round for `tuple` (resuming a round in progress if one was saved),
-    /// retrying what is retryable and restarting with a full round when Graph dropped the
-    /// delta state. Leaves the tuple's status in the store. Every log line inside carries the
-    /// tuple's key, user, calendar and window.
-    pub async fn sync_tuple(&self, tuple: &Tuple, cancel: &CancellationToken) -> Outcome {
-        self.sync_tuple_until(tuple, cancel, None).await
-    }
-
-    /// [`Engine::sync_tuple`], also stopping at the next page boundary once `soft` fires: the
-    /// page in hand is fetched and committed, no further one is started (a reload that moved
-    /// the tuple, a lease being handed over). `cancel` stops at once (shutdown).
-    pub async fn sync_tuple_until(
+    /// Runs one complete round for `tuple`: a replay that finds nothing ends in the quick lane;
+    /// anything else (a change, a saved nextLink to resume, no link, an error) goes on in the
+    /// full round, retrying what is retryable and restarting with a full round when Graph
+    /// dropped the delta state. Leaves the tuple's status in the store. `cancel` stops at once
+    /// (shutdown); `soft` at the next page boundary. Every log line of a full round carries
+    /// the tuple's key, user, calendar and window.
+    pub async fn run_round(
         &self,
         tuple: &Tuple,
         cancel: &CancellationToken,
-        soft: Option<&CancellationToken>,
+        soft: Option<&dyn SoftStop>,
     ) -> Outcome {
-        self.sync_tuple_from(tuple, cancel, soft, None).await
+        match self.quick_round(tuple, cancel).await {
+            Quick::Done(outcome) => outcome,
+            Quick::Interrupted => Outcome::Interrupted,
+            // Boxed: a full round's future is kilobytes, and only the rounds that need one
+            // should hold one (a no-change round does not).
+            Quick::Slow(prefetched) => {
+                Box::pin(self.full_round(tuple, cancel, soft, prefetched)).await
+            }
+        }
     }
 
-    /// [`Engine::sync_tuple_until`], going on from the first answer of a replay that the
-    /// quick lane fetched ([`crate::quick`]).
-    pub(crate) async fn sync_tuple_from(
+    /// The full round, going on from the quick lane's first answer if it fetched one.
+    async fn full_round(
         &self,
         tuple: &Tuple,
         cancel: &CancellationToken,
-        soft: Option<&CancellationToken>,
+        soft: Option<&dyn SoftStop>,
         prefetched: Option<Prefetched>,
     ) -> Outcome {
         let span = info_span!(
@@ -231,33 +122,11 @@ impl Engine {
         outcome
     }
 
-    /// Counts a round that ended (the service's tally, the round metrics), in the full round
-    /// and the quick lane alike.
-    pub(crate) fn round_counted(&self, outcome: &Outcome, started: std::time::Instant) {
-        self.count_round(outcome);
-        let label = match outcome {
-            Outcome::Synced(_) => "synced",
-            Outcome::Failed(f) => f.health.as_str(),
-            Outcome::Interrupted => "interrupted",
-        };
-        let hot = self.hot_metrics();
-        if let Outcome::Synced(r) = outcome {
-            hot.rounds_synced.increment(1);
-            hot.upserted.increment(r.upserted);
-            hot.removed.increment(r.removed);
-            hot.swept.increment(r.swept);
-            hot.resyncs.increment(r.resyncs.into());
-        } else {
-            metrics::counter!("calsync_rounds_total", "outcome" => label).increment(1);
-        }
-        hot.round_duration.record(started.elapsed().as_secs_f64());
-    }
-
     async fn sync_tuple_in_span(
         &self,
         tuple: &Tuple,
         cancel: &CancellationToken,
-        soft: Option<&CancellationToken>,
+        soft: Option<&dyn SoftStop>,
         mut prefetched: Option<Prefetched>,
     ) -> Outcome {
         let mut report = RoundReport::default();
@@ -312,173 +181,11 @@ impl Engine {
         }
     }
 
-    /// A round that lost its lease or was superseded: said once, counted, nothing recorded
-    /// over whoever owns the tuple now.
-    pub(crate) fn stood_down(&self, tuple: &Tuple, e: &StepError) -> Outcome {
-        info!(tuple = %tuple.key, code = %e.code(), "this round stands down: {}", e.message());
-        metrics::counter!("calsync_rounds_stood_down_total", "reason" => if matches!(e, StepError::Superseded) { "superseded" } else { "lease_lost" }).increment(1);
-        Outcome::Failed(Failure {
-            health: Health::Retrying,
-            code: e.code(),
-            message: e.message(),
-        })
-    }
-
-    fn cursors(&self) -> std::sync::MutexGuard<'_, crate::FastMap<i64, Cursor>> {
-        self.inner.cursors.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn drop_cursor(&self, tuple_id: i64) {
-        self.cursors().remove(&tuple_id);
-    }
-
-    /// The delta link to replay and the version it was saved at, when `tuple`'s last round
-    /// ended here with a delta link for its current user, calendar and window, and no full
-    /// resync is due: what the quick lane needs.
-    pub(crate) fn replayable(&self, tuple: &Tuple) -> Option<(String, i64)> {
-        let cursors = self.cursors();
-        let c = cursors.get(&tuple.id)?;
-        if c.kind != Some(LinkKind::Delta) || c.stamp != tuple_stamp_hash(tuple) {
-            return None;
-        }
-        if self.resync_due(c.last_full_sync_at) {
-            return None;
-        }
-        Some((c.link.clone()?, c.version))
-    }
-
-    /// Whether the periodic full resync (`sync.full_resync_every`) is due.
-    fn resync_due(&self, last_full_sync_at: Option<chrono::DateTime<chrono::Utc>>) -> bool {
-        self.settings().full_resync_every.is_some_and(|every| {
-            last_full_sync_at.is_none_or(|at| {
-                chrono::Utc::now()
-                    .signed_duration_since(at)
-                    .to_std()
-                    .unwrap_or_default()
-                    >= every
-            })
-        })
-    }
-
-    /// Records the link a quick round committed, as a full round's last page would.
-    pub(crate) fn replayed(&self, tuple: &Tuple, link: &str, version: i64) {
-        if let Some(c) = self.cursors().get_mut(&tuple.id) {
-            c.link = Some(link.to_owned());
-            c.kind = Some(LinkKind::Delta);
-            c.version = version;
-            c.round_is_full = false;
-        }
-    }
-
-    async fn forget_link(&self, tuple: &Tuple) -> Result<(), StepError> {
-        self.drop_cursor(tuple.id);
-        let fence = self.fence_for(tuple)?;
-        let store = self.store();
-        let state = store.load(tuple.id).await.map_err(StepError::Store)?;
-        store
-            .forget_link(tuple.id, state.link_version, fence)
-            .await
-            .map_err(StepError::Store)?;
-        Ok(())
-    }
-
-    /// The fencing token to commit `tuple`'s pages with: `None` for an engine outside leases,
-    /// `LeaseLost` for a fenced one that does not hold the mailbox now.
-    pub(crate) fn fence_for(&self, tuple: &Tuple) -> Result<Option<i64>, StepError> {
-        match self.leases() {
-            None => Ok(None),
-            Some(l) => l
-                .fence(&tuple.mailbox)
-                .map(Some)
-                .ok_or(StepError::LeaseLost),
-        }
-    }
-
-    /// Records a failure unless this process lost the tuple's lease (then the owner's status
-    /// stands).
-    async fn record(&self, tuple: &Tuple, status: TupleStatus, code: &str, message: &str) {
-        let Ok(fence) = self.fence_for(tuple) else {
-            return;
-        };
-        if let Err(se) = self
-            .store()
-            .record_failure(tuple.id, status, code, message, fence)
-            .await
-        {
-            warn!(tuple = %tuple.key, error = %se, "could not record the failure");
-        }
-    }
-
-    async fn panicked(&self, tuple: &Tuple, panic: Box<dyn std::any::Any + Send>) -> Outcome {
-        let what = panic_message(panic.as_ref());
-        self.drop_cursor(tuple.id);
-        let failure = Failure::panic(format!("round of tuple {} panicked: {what}", tuple.key));
-        tracing::error!(tuple = %tuple.key, error = %failure.message, "round panicked (a bug: please report it)");
-        self.record(tuple, TupleStatus::Failed, &failure.code, &failure.message)
-            .await;
-        Outcome::Failed(failure)
-    }
-
-    /// Counts a run that ended on a malformed page (or clears the count); returns how many in
-    /// a row.
-    pub(crate) fn malformed_run(&self, tuple: &Tuple, malformed: bool) -> u32 {
-        let mut runs = self
-            .inner
-            .malformed_runs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if malformed {
-            let n = runs.entry(tuple.id).or_default();
-            *n += 1;
-            *n
-        } else {
-            runs.remove(&tuple.id);
-            0
-        }
-    }
-
-    async fn fail(&self, tuple: &Tuple, e: &StepError) -> Outcome {
-        let mut health = match e.class() {
-            Some(ErrorClass::Permanent) => Health::Failed,
-            Some(ErrorClass::Degraded) => Health::Degraded,
-            _ => Health::Retrying,
-        };
-        // A page that is malformed every time (a body Graph keeps cutting short, a link that
-        // always answers garbage) is not retried at the fast cadence forever: after
-        // MALFORMED_RUNS_BEFORE_DEGRADED runs the tuple is degraded and starts afresh later.
-        let malformed = matches!(e, StepError::Graph(GraphError::Malformed { .. }));
-        if self.malformed_run(tuple, malformed) >= MALFORMED_RUNS_BEFORE_DEGRADED {
-            self.malformed_run(tuple, false);
-            health = Health::Degraded;
-        }
-        let failure = Failure {
-            health,
-            code: e.code(),
-            message: e.message(),
-        };
-        if matches!(e, StepError::Store(StoreError::Bug { .. })) {
-            // Our SQL does not fit the database: a bug or a schema changed behind our back.
-            tracing::error!(tuple = %tuple.key, code = %failure.code, error = %failure.message, "calsync's SQL was refused by the database (a bug: please report it)");
-        } else {
-            warn!(tuple = %tuple.key, state = health.as_str(), code = %failure.code, error = %failure.message, "round failed");
-        }
-        // A degraded round's saved link leads back into the loop, and a link Graph refused
-        // for good would be refused again: the next attempt starts a full round instead.
-        if health == Health::Degraded
-            || (health == Health::Failed && matches!(e, StepError::Graph(_)))
-        {
-            let _ = self.forget_link(tuple).await;
-        }
-        self.record(tuple, health.status(), &failure.code, &failure.message)
-            .await;
-        Outcome::Failed(failure)
-    }
-
     async fn round(
         &self,
         tuple: &Tuple,
         cancel: &CancellationToken,
-        soft: Option<&CancellationToken>,
+        soft: Option<&dyn SoftStop>,
         report: &mut RoundReport,
         prefetched: Option<Prefetched>,
     ) -> Result<(), StepError> {
@@ -486,11 +193,7 @@ impl Engine {
         // Nothing is fetched for a mailbox this process does not hold.
         self.fence_for(tuple)?;
         let stamp = tuple.stamp();
-        let cached = self
-            .cursors()
-            .get(&tuple.id)
-            .filter(|c| c.stamp == stamp_hash(&stamp))
-            .cloned();
+        let cached = self.cursor(tuple.id, &stamp);
         let cursor = match cached {
             Some(c) => c,
             None => {
@@ -546,7 +249,7 @@ impl Engine {
         };
         loop {
             // A page boundary: everything before it is committed.
-            if cancel.is_cancelled() || soft.is_some_and(|s| s.is_cancelled()) {
+            if cancel.is_cancelled() || soft.is_some_and(|s| s.stop_requested()) {
                 return Err(StepError::Interrupted);
             }
             // After a 503 or a broken connection the retry goes out on a new connection.
@@ -605,12 +308,12 @@ impl Engine {
             if kind == LinkKind::Delta && round_is_full {
                 last_full_sync_at = Some(chrono::Utc::now());
             }
-            self.cursors().insert(
+            self.keep_cursor(
                 tuple.id,
                 Cursor {
                     link: Some(saved),
                     kind: Some(kind),
-                    stamp: stamp_hash(&stamp),
+                    stamp: crate::cursor::stamp_hash(&stamp),
                     version,
                     round_is_full,
                     last_full_sync_at,
@@ -624,43 +327,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// Retries `op` on retryable errors with capped exponential backoff and full jitter;
-    /// the request gate separately holds the mailbox for any `Retry-After`.
-    async fn with_retries<T, F, Fut>(
-        &self,
-        cancel: &CancellationToken,
-        op: F,
-    ) -> Result<T, StepError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, StepError>>,
-    {
-        let s = self.settings();
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(s.min_backoff)
-            .with_max_delay(s.max_backoff)
-            .with_max_times(s.max_attempts.saturating_sub(1));
-        let for_sleep = cancel.clone();
-        let for_when = cancel.clone();
-        let sleeper = move |d: Duration| {
-            let cancel = for_sleep.clone();
-            async move {
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = cancel.cancelled() => {}
-                }
-            }
-        };
-        op.retry(backoff)
-            .sleep(sleeper)
-            .when(move |e: &StepError| e.class() == Some(ErrorClass::Retry) && !for_when.is_cancelled())
-            .adjust(|_, d| d.map(full_jitter))
-            .notify(|e: &StepError, d: Duration| {
-                debug!(code = %e.code(), error = %e.message(), wait_ms = d.as_millis() as u64, "retrying");
-            })
-            .await
     }
 
     /// Fetches one page and applies it with the link after it.
@@ -751,88 +417,5 @@ impl Engine {
             removed: applied.removed,
             swept: applied.swept,
         })
-    }
-
-    /// Sends one Graph request for `tuple` through the request gate: a mailbox slot, no
-    /// request before its `Retry-After`, the adaptive global limit. A throttled answer holds
-    /// the mailbox before the slot is released.
-    pub(crate) async fn send<T>(
-        &self,
-        tuple: &Tuple,
-        cancel: &CancellationToken,
-        request: impl std::future::Future<Output = Result<T, GraphError>>,
-    ) -> Result<T, StepError> {
-        let permit = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(StepError::Interrupted),
-            p = self.inner.gate.acquire(&tuple.mailbox) => p,
-        };
-        self.touch_round(&tuple.key);
-        let fetched = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Err(StepError::Interrupted),
-            r = request => r,
-        };
-        self.touch();
-        self.touch_round(&tuple.key);
-        match &fetched {
-            Ok(_) => self.hot_metrics().responses_ok.increment(1),
-            Err(e) => metrics::counter!(
-                "calsync_graph_responses_total",
-                "status" => e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
-                "code" => e.code().to_owned()
-            )
-            .increment(1),
-        }
-        let gate = &self.inner.gate;
-        match fetched {
-            Ok(p) => {
-                drop(permit);
-                gate.succeeded();
-                Ok(p)
-            }
-            Err(e) => {
-                // Hold the mailbox before this request's slot is released: a task waiting
-                // for the slot must find the Retry-After already in place.
-                if let Some(wait) = e.retry_after() {
-                    gate.defer(&tuple.mailbox, wait);
-                }
-                drop(permit);
-                if e.is_throttle() {
-                    gate.throttled(&tuple.mailbox);
-                }
-                Err(StepError::Graph(e))
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use calsync_graph::{CalendarRef, ViewWindow};
-
-    /// The quick lane finds a tuple's cursor by this hash without building its stamp.
-    #[test]
-    fn a_tuples_stamp_hash_is_its_stamps() {
-        let mut t = Tuple {
-            id: 1,
-            key: "k".into(),
-            user: "adele@contoso.onmicrosoft.com".into(),
-            calendar: CalendarRef::Default,
-            window: ViewWindow {
-                start: "2026-01-01T00:00:00Z".parse().unwrap(),
-                end: "2027-01-01T00:00:00Z".parse().unwrap(),
-            },
-            rolling: None,
-            interval: Duration::from_secs(300),
-            schedule: None,
-            mailbox: "adele@contoso.onmicrosoft.com".into(),
-        };
-        let default = tuple_stamp_hash(&t);
-        assert_eq!(default, stamp_hash(&t.stamp()));
-        t.calendar = CalendarRef::Id("AAMk".into());
-        assert_eq!(tuple_stamp_hash(&t), stamp_hash(&t.stamp()));
-        assert_ne!(tuple_stamp_hash(&t), default);
     }
 }

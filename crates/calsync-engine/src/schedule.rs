@@ -6,7 +6,7 @@
 //! future is boxed and exists only while it runs.
 
 use crate::outcome::{Health, Outcome};
-use crate::quick::{Prefetched, Quick};
+use crate::round::SoftStop;
 use crate::{Engine, SyncSettings, Tuple};
 use futures_util::FutureExt;
 use rand::Rng;
@@ -94,8 +94,6 @@ struct Control {
     interval_ms: AtomicU64,
     stop: AtomicBool,
     changed: Notify,
-    /// The soft-stop token of the round in flight, if one is.
-    round: std::sync::Mutex<Option<CancellationToken>>,
     ended: AtomicBool,
     ended_notify: Notify,
 }
@@ -185,7 +183,7 @@ impl Scheduler {
     }
 
     /// Resolves when a tuple task ended unexpectedly (a panic outside a round, which
-    /// `sync_tuple` cannot catch), with what it said. The service treats it as fatal.
+    /// `run_round` cannot catch), with what it said. The service treats it as fatal.
     pub async fn task_died(&mut self) -> String {
         match self.died_rx.recv().await {
             Some(why) => why,
@@ -300,17 +298,17 @@ impl Scheduler {
     }
 }
 
+impl SoftStop for Control {
+    fn stop_requested(&self) -> bool {
+        self.stopped()
+    }
+}
+
 impl Control {
     fn stop(&self) {
+        // A round in flight reads it at its next page boundary ([`SoftStop`]).
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(round) = self.round_token().as_ref() {
-            round.cancel();
-        }
         self.changed.notify_one();
-    }
-
-    fn round_token(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
-        self.round.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn wait_ended(&self) {
@@ -414,27 +412,10 @@ impl Engine {
             if control.stopped() {
                 return;
             }
-            // Most rounds replay a link and find nothing: the quick lane does those, and hands
-            // anything else to the full round with the answer in hand. A stop while it runs
-            // takes effect after its one page, as it would at the full round's page boundary.
-            // Boxed for the reason `boxed_round` is: an idle task holds no room for it.
-            let quick = Box::pin(self.quick_round(&tuple, &cancel)).await;
-            let outcome = match quick {
-                Quick::Done(outcome) => outcome,
-                Quick::Interrupted => return,
-                Quick::Slow(prefetched) => {
-                    // Stopping the task (a reload, a lease handed over) stops its round at the
-                    // next page boundary: the page in hand is committed first.
-                    let soft = CancellationToken::new();
-                    *control.round_token() = Some(soft.clone());
-                    if control.stopped() {
-                        return;
-                    }
-                    let outcome = self.boxed_round(&tuple, &cancel, &soft, prefetched).await;
-                    *control.round_token() = None;
-                    outcome
-                }
-            };
+            // Stopping the task (a reload, a lease handed over) stops its round at the next page
+            // boundary: the page in hand is committed first. Boxed: an idle task holds no room
+            // for a round (at 100,000 calendars that room would be hundreds of megabytes).
+            let outcome = Box::pin(self.run_round(&tuple, &cancel, Some(&*control))).await;
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }
@@ -473,19 +454,6 @@ impl Engine {
         }
     }
 
-    /// The round as a boxed future, built outside `tuple_loop`'s own state machine: a round's
-    /// future is several kilobytes, and were it built inline the compiler would reserve room for
-    /// it in every tuple's task, idle or not (6.5 KB a task; 650 MB at 100,000 calendars).
-    fn boxed_round<'a>(
-        &'a self,
-        tuple: &'a Tuple,
-        cancel: &'a CancellationToken,
-        soft: &'a CancellationToken,
-        prefetched: Option<Prefetched>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
-        Box::pin(self.sync_tuple_from(tuple, cancel, Some(soft), prefetched))
-    }
-
     /// One complete round for every tuple, concurrently within the request limits.
     pub async fn sync_all_once(
         &self,
@@ -503,14 +471,14 @@ impl Engine {
                 let t = t.clone();
                 async move {
                     let _slot = slot;
-                    engine.sync_tuple(&t, &cancel).await
+                    engine.run_round(&t, &cancel, None).await
                 }
             });
             by_task.insert(task.id(), t);
         }
         let mut out = Vec::with_capacity(tuples.len());
         while let Some(r) = set.join_next_with_id().await {
-            // `sync_tuple` turns a panicking round into a failure itself; a task that still
+            // `run_round` turns a panicking round into a failure itself; a task that still
             // ended abnormally is reported as failed, never dropped from the outcome.
             let (id, outcome) = match r {
                 Ok((id, o)) => (id, o),

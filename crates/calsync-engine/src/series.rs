@@ -17,7 +17,7 @@
 
 use crate::Engine;
 use crate::Tuple;
-use crate::round::StepError;
+use crate::step_error::StepError;
 use calsync_graph::{Connection, ViewWindow};
 use calsync_store::{PageChanges, SeriesInstances};
 use futures_util::{StreamExt, TryStreamExt};

@@ -327,7 +327,7 @@ pub fn assert_good_manners(h: &Harness) {
 }
 
 pub async fn sync(engine: &Engine, t: &Tuple) -> Outcome {
-    engine.sync_tuple(t, &CancellationToken::new()).await
+    engine.run_round(t, &CancellationToken::new(), None).await
 }
 
 pub fn report(o: Outcome) -> calsync_engine::RoundReport {

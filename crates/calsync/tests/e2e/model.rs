@@ -97,7 +97,7 @@ impl Case {
 }
 
 async fn round(engine: &Engine, t: &Tuple) -> Outcome {
-    engine.sync_tuple(t, &CancellationToken::new()).await
+    engine.run_round(t, &CancellationToken::new(), None).await
 }
 
 /// One seeded case; `Err` carries what happened, for the failure message.

@@ -284,7 +284,7 @@ async fn a_round_killed_at_random_instants_converges_to_the_truth(pool: PgPool) 
         let e = h.engine(settings());
         let t2 = t.clone();
         let task = tokio::spawn(async move {
-            e.sync_tuple(&t2, &tokio_util::sync::CancellationToken::new())
+            e.run_round(&t2, &tokio_util::sync::CancellationToken::new(), None)
                 .await
         });
         tokio::time::sleep(Duration::from_millis(after_ms)).await;

@@ -1,0 +1,112 @@
+//! How a round's requests and writes go out: every Graph request through the request gate
+//! (`send`: a mailbox slot, its `Retry-After`, the adaptive limit), and every step retried on
+//! retryable errors with capped exponential backoff and full jitter (`with_retries`, backon).
+
+use crate::step_error::StepError;
+use crate::{Engine, Tuple};
+use backon::{ExponentialBuilder, Retryable};
+use calsync_graph::{ErrorClass, GraphError};
+use rand::Rng;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Full jitter: a uniformly random wait up to the exponential step (AWS's "full jitter").
+fn full_jitter(d: Duration) -> Duration {
+    if d.is_zero() {
+        return d;
+    }
+    Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=d.as_secs_f64()))
+}
+
+impl Engine {
+    /// Retries `op` on retryable errors with capped exponential backoff and full jitter;
+    /// the request gate separately holds the mailbox for any `Retry-After`.
+    pub(crate) async fn with_retries<T, F, Fut>(
+        &self,
+        cancel: &CancellationToken,
+        op: F,
+    ) -> Result<T, StepError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StepError>>,
+    {
+        let s = self.settings();
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(s.min_backoff)
+            .with_max_delay(s.max_backoff)
+            .with_max_times(s.max_attempts.saturating_sub(1));
+        let for_sleep = cancel.clone();
+        let for_when = cancel.clone();
+        let sleeper = move |d: Duration| {
+            let cancel = for_sleep.clone();
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+        };
+        op.retry(backoff)
+            .sleep(sleeper)
+            .when(move |e: &StepError| e.class() == Some(ErrorClass::Retry) && !for_when.is_cancelled())
+            .adjust(|_, d| d.map(full_jitter))
+            .notify(|e: &StepError, d: Duration| {
+                debug!(code = %e.code(), error = %e.message(), wait_ms = d.as_millis() as u64, "retrying");
+            })
+            .await
+    }
+
+    /// Sends one Graph request for `tuple` through the request gate: a mailbox slot, no
+    /// request before its `Retry-After`, the adaptive global limit. A throttled answer holds
+    /// the mailbox before the slot is released.
+    pub(crate) async fn send<T>(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        request: impl std::future::Future<Output = Result<T, GraphError>>,
+    ) -> Result<T, StepError> {
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(StepError::Interrupted),
+            p = self.inner.gate.acquire(&tuple.mailbox) => p,
+        };
+        self.touch_round(&tuple.key);
+        let fetched = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Err(StepError::Interrupted),
+            r = request => r,
+        };
+        self.touch();
+        self.touch_round(&tuple.key);
+        match &fetched {
+            Ok(_) => self.hot_metrics().responses_ok.increment(1),
+            Err(e) => metrics::counter!(
+                "calsync_graph_responses_total",
+                "status" => e.status().map_or_else(|| "none".to_owned(), |s| s.to_string()),
+                "code" => e.code().to_owned()
+            )
+            .increment(1),
+        }
+        let gate = &self.inner.gate;
+        match fetched {
+            Ok(p) => {
+                drop(permit);
+                gate.succeeded();
+                Ok(p)
+            }
+            Err(e) => {
+                // Hold the mailbox before this request's slot is released: a task waiting
+                // for the slot must find the Retry-After already in place.
+                if let Some(wait) = e.retry_after() {
+                    gate.defer(&tuple.mailbox, wait);
+                }
+                drop(permit);
+                if e.is_throttle() {
+                    gate.throttled(&tuple.mailbox);
+                }
+                Err(StepError::Graph(e))
+            }
+        }
+    }
+}
