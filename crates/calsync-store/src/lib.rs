@@ -13,15 +13,19 @@
 
 pub mod apply;
 mod batch;
+mod columns;
 pub mod error;
 pub mod leases;
+mod link;
 pub mod page;
 pub mod read_model;
+mod steps;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tuples;
+mod upsert;
+pub mod write;
 
-pub use apply::{PageApplied, PageWrite, RoundStart};
 pub use error::{SqlClass, StoreError, sql_class};
 pub use leases::{Heartbeat, LeaseOwner, ReplicaKind};
 pub use page::{
@@ -31,6 +35,7 @@ pub use read_model::{EventSummary, LagHistogram, StatusQuery, StatusRow, StatusS
 #[cfg(any(test, feature = "testing"))]
 pub use testing::{copy_rows_for_benchmark, recreate_database};
 pub use tuples::{LinkKind, LinkStamp, TupleHealth, TupleSpec, TupleState, TupleStatus};
+pub use write::{PageApplied, PageWrite, RoundStart};
 
 use error::{db, redact_url_error};
 use sqlx::PgPool;

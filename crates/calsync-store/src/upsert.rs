@@ -1,0 +1,317 @@
+//! The page transaction's writing steps: events upserted in statements of bounded size, each
+//! returning the ids it changed; a value PostgreSQL refuses isolated under savepoints and its row
+//! kept as quarantined; series masters upserted.
+
+use crate::columns::{DETAIL_COLUMNS, DetailColumns, detail_params, detail_updates};
+use crate::error::{StoreError, db};
+use crate::page::{EventRow, SeriesRow};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{Postgres, Transaction};
+
+/// What an upsert of events wrote: the ids whose rows were inserted or changed (a row whose
+/// `changeKey` did not move in the same round is not), and those kept as quarantined.
+#[derive(Debug, Default)]
+pub(crate) struct Upserted {
+    pub(crate) written: Vec<String>,
+    pub(crate) quarantined: Vec<String>,
+}
+
+async fn upsert(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[EventRow],
+    partial: bool,
+    pending: bool,
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+    let starts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.start_at).collect();
+    let ends: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.end_at).collect();
+    let start_dates: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.start_date).collect();
+    let end_dates: Vec<Option<NaiveDate>> = rows.iter().map(|r| r.end_date).collect();
+    let time_errors: Vec<Option<&str>> = rows.iter().map(|r| r.time_error.as_deref()).collect();
+    let types: Vec<Option<&str>> = rows.iter().map(|r| r.event_type.as_deref()).collect();
+    let masters: Vec<Option<&str>> = rows.iter().map(|r| r.series_master_id.as_deref()).collect();
+    let payloads: Vec<sqlx::types::Json<&serde_json::Map<String, serde_json::Value>>> =
+        rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
+    let details = DetailColumns::of(rows.iter().map(|r| &r.details));
+    let on_conflict = if partial {
+        // A partial item (an occurrence stub) never nulls out what is stored.
+        format!(
+            "start_at = COALESCE(EXCLUDED.start_at, events.start_at), end_at = COALESCE(EXCLUDED.end_at, events.end_at), \
+             start_date = COALESCE(EXCLUDED.start_date, events.start_date), end_date = COALESCE(EXCLUDED.end_date, events.end_date), \
+             time_error = CASE WHEN EXCLUDED.start_at IS NOT NULL OR EXCLUDED.time_error IS NOT NULL THEN EXCLUDED.time_error ELSE events.time_error END, \
+             event_type = COALESCE(EXCLUDED.event_type, events.event_type), \
+             series_master_id = COALESCE(EXCLUDED.series_master_id, events.series_master_id), \
+             {}, payload = events.payload || EXCLUDED.payload, seen_round = EXCLUDED.seen_round, synced_at = now()",
+            detail_updates("events", true)
+        )
+    } else {
+        format!(
+            "start_at = EXCLUDED.start_at, end_at = EXCLUDED.end_at, start_date = EXCLUDED.start_date, \
+             end_date = EXCLUDED.end_date, time_error = EXCLUDED.time_error, quarantined = NULL, event_type = EXCLUDED.event_type, \
+             series_master_id = EXCLUDED.series_master_id, {}, payload = EXCLUDED.payload, \
+             seen_round = EXCLUDED.seen_round, synced_at = now() \
+             WHERE events.change_key IS DISTINCT FROM EXCLUDED.change_key OR EXCLUDED.change_key IS NULL \
+                OR events.seen_round <> EXCLUDED.seen_round",
+            detail_updates("events", false)
+        )
+    };
+    let sql = format!(
+        "INSERT INTO events (tuple_id, event_id, start_at, end_at, start_date, end_date, time_error, event_type, \
+           series_master_id, payload, {DETAIL_COLUMNS}, seen_round, pending) \
+         SELECT $1, u.*, $2, $23 FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
+           $8::text[], $9::text[], $10::text[], $11::jsonb[], {}) AS u \
+         ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict} \
+         RETURNING event_id",
+        detail_params(12)
+    );
+    let q = sqlx::query_scalar(&sql)
+        .bind(tuple_id)
+        .bind(round)
+        .bind(&ids)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&start_dates)
+        .bind(&end_dates)
+        .bind(&time_errors)
+        .bind(&types)
+        .bind(&masters)
+        .bind(&payloads);
+    // A row that exists keeps its `pending`: one the old window shows stays shown.
+    details
+        .bind(q)
+        .bind(pending)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)
+}
+
+/// The most payload one statement carries. sqlx keeps each connection's buffers at the size of
+/// the largest message it has sent, so one 20 MB page written as one statement would leave
+/// 20 MB or more behind on every pooled connection, outside the page memory budget (measured:
+/// 560 MiB peak with a 64 MiB budget before this, BENCHMARKS.md).
+const STATEMENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// `rows` in consecutive chunks of about `limit` bytes of payload each (a row larger than the
+/// limit is a chunk of its own).
+fn by_size(rows: &[EventRow], limit: usize) -> Vec<&[EventRow]> {
+    let mut out = Vec::new();
+    let (mut from, mut bytes) = (0, 0);
+    for (i, r) in rows.iter().enumerate() {
+        let n = approx_json_len(&r.payload);
+        if i > from && bytes + n > limit {
+            out.push(&rows[from..i]);
+            (from, bytes) = (i, 0);
+        }
+        bytes += n;
+    }
+    if from < rows.len() {
+        out.push(&rows[from..]);
+    }
+    out
+}
+
+/// About how many bytes an object takes as JSON: its strings and keys, plus a little per value.
+fn approx_json_len(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+    fn value(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.len() + 2,
+            serde_json::Value::Array(a) => a.iter().map(value).sum::<usize>() + 2,
+            serde_json::Value::Object(m) => approx_json_len(m),
+            _ => 8,
+        }
+    }
+    m.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>() + 2
+}
+
+/// Upserts `rows`; if PostgreSQL refuses a value in them (SQLSTATE class 22, after the repair
+/// `reduce` already did), each row is tried on its own under a savepoint and the refused ones are
+/// kept as quarantined rows (id, type, series, the reason), so the rest of the page commits.
+pub(crate) async fn upsert_events(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[EventRow],
+    partial: bool,
+    pending: bool,
+) -> Result<Upserted, StoreError> {
+    let savepoint = |name: &'static str| format!("SAVEPOINT {name}");
+    sqlx::query(&savepoint("calsync_batch"))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    let mut all = Ok(Vec::new());
+    for chunk in by_size(rows, STATEMENT_BYTES) {
+        match upsert(tx, tuple_id, round, chunk, partial, pending).await {
+            Ok(ids) => {
+                if let Ok(written) = &mut all {
+                    written.extend(ids);
+                }
+            }
+            Err(e) => {
+                all = Err(e);
+                break;
+            }
+        }
+    }
+    match all {
+        Ok(written) => {
+            return Ok(Upserted {
+                written,
+                quarantined: Vec::new(),
+            });
+        }
+        Err(StoreError::Refused { .. }) => {}
+        Err(e) => return Err(e),
+    }
+    sqlx::query("ROLLBACK TO SAVEPOINT calsync_batch")
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    let mut out = Upserted::default();
+    for row in rows {
+        sqlx::query(&savepoint("calsync_row"))
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+        match upsert(
+            tx,
+            tuple_id,
+            round,
+            std::slice::from_ref(row),
+            partial,
+            pending,
+        )
+        .await
+        {
+            Ok(ids) => out.written.extend(ids),
+            Err(StoreError::Refused { sqlstate, message }) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT calsync_row")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db)?;
+                let reason = format!("PostgreSQL refused a value ({sqlstate}): {message}");
+                tracing::warn!(tuple_id, event = %row.event_id, %reason, "event quarantined");
+                let id = quarantine(tx, tuple_id, round, row, &reason, pending).await?;
+                out.quarantined.push(id);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// Keeps a row PostgreSQL refused as what can be stored of it: its id, type and series, and
+/// why. It leaves as any row does (an `@removed`, a sweep) and is replaced when Graph sends the
+/// item again in a form that can be stored.
+async fn quarantine(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    row: &EventRow,
+    reason: &str,
+    pending: bool,
+) -> Result<String, StoreError> {
+    let clean = |s: &str| s.chars().filter(|c| *c != '\0').collect::<String>();
+    let payload =
+        serde_json::json!({"id": clean(&row.event_id), "@calsync.quarantined": clean(reason)});
+    sqlx::query_scalar(
+        "INSERT INTO events (tuple_id, event_id, event_type, series_master_id, payload, seen_round, quarantined, pending) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (tuple_id, event_id) DO UPDATE SET event_type = EXCLUDED.event_type, \
+           series_master_id = EXCLUDED.series_master_id, payload = EXCLUDED.payload, \
+           seen_round = EXCLUDED.seen_round, quarantined = EXCLUDED.quarantined, synced_at = now() \
+         RETURNING event_id",
+    )
+    .bind(tuple_id)
+    .bind(clean(&row.event_id))
+    .bind(row.event_type.as_deref().map(clean))
+    .bind(row.series_master_id.as_deref().map(clean))
+    .bind(sqlx::types::Json(payload))
+    .bind(round)
+    .bind(clean(reason))
+    .bind(pending)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(db)
+}
+
+/// Upserts series masters; returns the master ids written.
+pub(crate) async fn upsert_series(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    round: i64,
+    rows: &[SeriesRow],
+) -> Result<Vec<String>, StoreError> {
+    let ids: Vec<&str> = rows.iter().map(|r| r.master_id.as_str()).collect();
+    let payloads: Vec<sqlx::types::Json<&serde_json::Map<String, serde_json::Value>>> =
+        rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
+    let details = DetailColumns::of(rows.iter().map(|r| &r.details));
+    let sql = format!(
+        "INSERT INTO series (tuple_id, master_id, payload, {DETAIL_COLUMNS}, seen_round) \
+         SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::jsonb[], {}) AS u \
+         ON CONFLICT (tuple_id, master_id) DO UPDATE SET {}, payload = EXCLUDED.payload, \
+           seen_round = EXCLUDED.seen_round, synced_at = now() \
+         RETURNING master_id",
+        detail_params(5),
+        detail_updates("series", false)
+    );
+    let q = sqlx::query_scalar(&sql)
+        .bind(tuple_id)
+        .bind(round)
+        .bind(&ids)
+        .bind(&payloads);
+    details.bind(q).fetch_all(&mut **tx).await.map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::Details;
+
+    fn row(id: &str, body: usize) -> EventRow {
+        let mut payload = serde_json::Map::new();
+        payload.insert("id".into(), serde_json::json!(id));
+        payload.insert(
+            "body".into(),
+            serde_json::json!({"content": "x".repeat(body)}),
+        );
+        EventRow {
+            event_id: id.into(),
+            start_at: None,
+            end_at: None,
+            start_date: None,
+            end_date: None,
+            time_error: None,
+            event_type: None,
+            series_master_id: None,
+            details: Details::default(),
+            partial: false,
+            payload,
+        }
+    }
+
+    #[test]
+    fn large_pages_are_written_in_statements_of_bounded_size() {
+        let rows: Vec<EventRow> = (0..10).map(|i| row(&i.to_string(), 300_000)).collect();
+        let chunks = by_size(&rows, 1_000_000);
+        assert_eq!(
+            chunks.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [3, 3, 3, 1]
+        );
+        let small: Vec<EventRow> = (0..200).map(|i| row(&i.to_string(), 100)).collect();
+        assert_eq!(
+            by_size(&small, 1_000_000).len(),
+            1,
+            "a normal page is one statement"
+        );
+        let huge = [row("h", 5_000_000)];
+        assert_eq!(
+            by_size(&huge, 1_000_000).len(),
+            1,
+            "a row larger than the limit alone"
+        );
+        assert!(by_size(&[], 1_000_000).is_empty());
+    }
+}
