@@ -206,6 +206,27 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGHUPs, as `calsync run` takes them: one message each.
+pub fn hangups() -> anyhow::Result<crate::service::Hangups> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    #[cfg(unix)]
+    {
+        use anyhow::Context;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    Ok(rx)
+}
+
 /// `calsync sync-once`: one complete round per tuple. Returns whether all succeeded.
 ///
 /// It runs as a one-off replica of the config's deployment: it syncs the calendars of the

@@ -1,6 +1,7 @@
 //! The HTTP endpoint (`http.listen`): `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
 
-use crate::service::{Shared, request_reload};
+use crate::shared::Shared;
+use crate::worker::WorkerState;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -51,7 +52,28 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         "stopped"
     };
     let ready = database == "ok" && migrations == "current" && scheduler == "running";
-    let body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler});
+    let mut body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler});
+    // Workers are named only when one is not well: restarting after a failure (with how it
+    // ended), or stopped while the service runs. A busy worker (a long discovery pass) is
+    // normal work, not a reason.
+    let unwell: serde_json::Map<String, serde_json::Value> = s
+        .workers()
+        .snapshot()
+        .into_iter()
+        .filter(|(_, w)| {
+            w.state == WorkerState::Restarting || (w.state == WorkerState::Stopped && ready)
+        })
+        .map(|(name, w)| {
+            let why = match &w.last_error {
+                Some(e) => format!("{}: {e}", w.state.as_str()),
+                None => w.state.as_str().to_owned(),
+            };
+            (name.to_owned(), serde_json::Value::String(why))
+        })
+        .collect();
+    if !unwell.is_empty() {
+        body["workers"] = serde_json::Value::Object(unwell);
+    }
     let code = if ready {
         StatusCode::OK
     } else {
@@ -95,6 +117,31 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         "# HELP calsync_rounds_in_flight Rounds running now.\n# TYPE calsync_rounds_in_flight gauge\ncalsync_rounds_in_flight {}",
         engine.liveness().rounds_in_flight
     );
+    let _ = writeln!(
+        out,
+        "# HELP calsync_worker_state Each background worker's state (1 for the state it is in).\n# TYPE calsync_worker_state gauge"
+    );
+    for (name, w) in s.workers().snapshot() {
+        for state in WorkerState::ALL {
+            let on = u8::from(w.state == state);
+            let _ = writeln!(
+                out,
+                "calsync_worker_state{{worker=\"{name}\",state=\"{}\"}} {on}",
+                state.as_str()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP calsync_worker_restarts Times each background worker was started again after it ended.\n# TYPE calsync_worker_restarts gauge"
+    );
+    for (name, w) in s.workers().snapshot() {
+        let _ = writeln!(
+            out,
+            "calsync_worker_restarts{{worker=\"{name}\"}} {}",
+            w.restarts
+        );
+    }
     let store = engine.store();
     // Bounded by default: counts by state and a lag histogram, the same size at 100 or 100,000
     // calendars. Every replica reports its deployment's totals; calsync_leases_held is its own.
@@ -212,7 +259,7 @@ async fn reload(State(s): State<Arc<Shared>>, headers: axum::http::HeaderMap) ->
         )
             .into_response();
     }
-    match request_reload(&s).await {
+    match s.request_reload().await {
         Ok(a) => (
             StatusCode::OK,
             axum::Json(

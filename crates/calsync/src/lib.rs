@@ -7,6 +7,12 @@ pub mod commands;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod discovery;
 pub mod http;
+pub mod notify;
+pub mod schedule;
 pub mod service;
+pub mod shared;
 pub mod telemetry;
+pub mod upkeep;
+pub mod worker;

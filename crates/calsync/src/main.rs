@@ -142,7 +142,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
             telemetry::init(cfg.log_format, &cfg.log_filter);
             let app = service::App::build(cfg, cli.config.clone()).await?;
-            app.run(commands::shutdown_signal()).await.map(|_| true)
+            app.run(commands::shutdown_signal(), commands::hangups()?)
+                .await
+                .map(|_| true)
         }
         Command::Resync { tuple } => {
             let raw = RawConfig::load(cli.config.as_deref())?;

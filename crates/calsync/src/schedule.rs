@@ -1,0 +1,401 @@
+//! The schedule worker: the one owner of this replica's [`Scheduler`] and of the set of
+//! calendars it was built from. Everything that changes the set reaches it as a message
+//! ([`ToSchedule`]: a reload, a discovery pass's result, a re-base) or a watch (the mailboxes
+//! the lease keeper holds), and is applied in order, one at a time. It runs as a supervised
+//! worker, so a slow reload (a discovery pass over 10,000 users) never holds up the main loop,
+//! `/healthz` or the watchdog.
+
+use crate::commands;
+use crate::config::{Config, OnRemove, RawConfig};
+use crate::notify::Note;
+use crate::shared::{Shared, ToSchedule};
+use crate::worker::WorkerCtx;
+use calsync_engine::{Engine, LeaseKeeper, Rebase, ScheduleChange, Scheduler, Source, Tuple};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// What the discovery and re-base workers follow: the config's sources and rolling-window
+/// cadence, replaced by each reload.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The `[[sources]]` to resolve (none: no discovery).
+    pub sources: Vec<Source>,
+    /// `[discovery]`.
+    pub discovery: crate::config::DiscoverySettings,
+    /// When rolling windows move.
+    pub window_rebase: Rebase,
+    /// When the next discovery pass is due.
+    pub next_pass: tokio::time::Instant,
+}
+
+impl Plan {
+    /// The plan of `cfg`, whose sources were resolved (or, `false`, not) just now.
+    pub fn of(cfg: &Config, resolved: bool) -> Self {
+        Plan {
+            sources: cfg.sources.clone(),
+            discovery: cfg.discovery,
+            window_rebase: cfg.window_rebase,
+            next_pass: tokio::time::Instant::now()
+                + if resolved {
+                    cfg.discovery.every
+                } else {
+                    crate::discovery::RETRY
+                },
+        }
+    }
+}
+
+/// The schedule worker's state.
+pub struct ScheduleWorker {
+    /// The engine its tasks run rounds on.
+    pub engine: Engine,
+    /// The lease keeper (new mailboxes are taken at once when the set grows).
+    pub keeper: Arc<LeaseKeeper>,
+    /// The scheduler; its tasks stop when the service's stop token fires.
+    pub scheduler: Scheduler,
+    /// Every calendar of the deployment's set, one copy each, shared with its task.
+    pub all: Vec<Arc<Tuple>>,
+    /// The config in force.
+    pub current: Config,
+    /// Where a reload reads the config from.
+    pub config_path: Option<PathBuf>,
+    /// The rolling windows' anchor the set was registered at.
+    pub anchor: chrono::DateTime<chrono::Utc>,
+    /// What it shares with the HTTP handlers and the main loop.
+    pub shared: Arc<Shared>,
+    /// Notes to systemd (RELOADING, READY).
+    pub notes: std::sync::mpsc::Sender<Note>,
+    /// What the discovery and re-base workers follow.
+    pub plan: watch::Sender<Plan>,
+    /// Bumped by the lease keeper when the mailboxes held here change.
+    pub owned: watch::Receiver<u64>,
+    /// Its messages.
+    pub inbox: mpsc::Receiver<ToSchedule>,
+    /// The service's stop.
+    pub stop: CancellationToken,
+}
+
+impl std::fmt::Debug for ScheduleWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScheduleWorker")
+            .field("tuples", &self.all.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScheduleWorker {
+    /// Applies the changes it is told of until the service stops, then waits for the tuple
+    /// tasks to end (bounded by the caller's drain deadline). A tuple task that died (a panic
+    /// outside a round) ends it with an error: its policy is fatal.
+    pub async fn run(mut self, ctx: WorkerCtx) -> anyhow::Result<()> {
+        self.owned.borrow_and_update();
+        self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+        self.counted();
+        loop {
+            ctx.idle();
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                Ok(()) = self.owned.changed() => {
+                    ctx.busy();
+                    self.owned.borrow_and_update();
+                    let change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+                    info!(mailboxes = self.engine.leases().map_or(0, |l| l.len()), tuples = self.scheduler.len(),
+                          started = change.added.len(), stopped = change.removed.len(),
+                          "the calendars this replica syncs changed");
+                }
+                died = self.scheduler.task_died() => {
+                    return Err(anyhow::anyhow!("a tuple task ended unexpectedly: {died}"));
+                }
+                Some(message) = self.inbox.recv() => {
+                    ctx.busy();
+                    self.handle(message).await;
+                }
+            }
+            self.counted();
+        }
+        self.scheduler.wait().await;
+        Ok(())
+    }
+
+    fn counted(&self) {
+        self.shared.set_counts(self.all.len(), self.scheduler.len());
+    }
+
+    async fn handle(&mut self, message: ToSchedule) {
+        match message {
+            ToSchedule::Reload(reply) => {
+                if reply.is_none() {
+                    info!("SIGHUP: reloading the config");
+                }
+                let _ = self.notes.send(Note::Reloading);
+                let r = reload(
+                    &mut self.scheduler,
+                    &self.engine,
+                    &self.keeper,
+                    &mut self.current,
+                    self.config_path.as_deref(),
+                )
+                .await;
+                let r = r.map(|(change, tuples)| {
+                    self.all = tuples;
+                    self.anchor = self.current.window_rebase.anchor(chrono::Utc::now());
+                    // The reload resolved the sources: the next pass is `every` from now, and
+                    // a pass of the old sources under way is dropped.
+                    self.plan.send_replace(Plan::of(&self.current, true));
+                    change
+                });
+                self.counted();
+                let _ = self.notes.send(Note::Ready(self.shared.status_line()));
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            ToSchedule::Discovered(found, reply) => {
+                let _ = reply.send(self.apply_discovered(found).await);
+            }
+            ToSchedule::Rebase(anchor, reply) => {
+                // Not moved if the database refuses: asked again at the next tick.
+                let moved = match rebase_windows(
+                    &mut self.scheduler,
+                    &self.engine,
+                    &self.all,
+                    anchor,
+                )
+                .await
+                {
+                    Ok(moved) => {
+                        if let Some(tuples) = moved {
+                            self.all = tuples;
+                        }
+                        self.anchor = anchor;
+                        true
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "cannot re-base the rolling windows; trying again");
+                        false
+                    }
+                };
+                let _ = reply.send(moved);
+            }
+        }
+    }
+
+    /// Registers what a discovery pass found beside the configured calendars; `false` if the
+    /// database refused (the pass is tried again soon).
+    async fn apply_discovered(&mut self, found: calsync_engine::Discovered) -> bool {
+        commands::log_discovered(&found);
+        // Each its interval explicitly: sync.interval may have been reloaded.
+        let every = self.current.sync.interval;
+        let found = found
+            .tuples
+            .into_iter()
+            .map(|t| calsync_engine::TupleConfig {
+                interval: Some(t.interval.unwrap_or(every)),
+                ..t
+            });
+        let mut configs = commands::merge_discovered(&self.current.tuples, found.collect());
+        // The pass (and the config) may predate the last re-base.
+        calsync_engine::at_anchor(&mut configs, self.anchor);
+        match register_and_apply(&mut self.scheduler, &self.engine, &self.keeper, &configs).await {
+            Ok((change, tuples)) => {
+                self.all = tuples;
+                if !(change.added.is_empty()
+                    && change.removed.is_empty()
+                    && change.restarted.is_empty())
+                {
+                    info!(added = ?change.added, removed = ?change.removed, restarted = ?change.restarted,
+                          "discovered calendars applied");
+                }
+                if self.current.on_remove == OnRemove::Purge {
+                    purge(&self.engine).await;
+                }
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot register the discovered calendars; trying again");
+                false
+            }
+        }
+    }
+}
+
+/// Re-reads the config file and applies its calendars to this replica's schedule (the
+/// calendars of the mailboxes it holds): new ones start, removed ones stop after
+/// any round in flight (rows kept or purged per `service.on_remove`), changed intervals apply.
+/// Rounds in flight are not disturbed. A config that does not validate is refused whole.
+async fn reload(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    keeper: &LeaseKeeper,
+    current: &mut Config,
+    path: Option<&std::path::Path>,
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
+    let result = reload_inner(scheduler, engine, keeper, current, path).await;
+    match &result {
+        Ok((a, _)) => info!(
+            added = ?a.added, removed = ?a.removed, retimed = ?a.retimed, restarted = ?a.restarted,
+            "config reloaded"
+        ),
+        Err(e) => error!(error = %e, "config reload refused; the running config stays"),
+    }
+    result
+}
+
+async fn reload_inner(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    keeper: &LeaseKeeper,
+    current: &mut Config,
+    path: Option<&std::path::Path>,
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
+    let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
+    let new = raw.validate().map_err(|e| e.to_string())?;
+    let restart_needed = current.needs_restart_for(&new);
+    if !restart_needed.is_empty() {
+        warn!(
+            sections = ?restart_needed,
+            "these settings changed and take effect after a restart; calendars and intervals apply now"
+        );
+    }
+    // The engine's default interval is fixed at start: give each tuple its interval
+    // explicitly, so a changed sync.interval applies too.
+    let with_interval = |t: &calsync_engine::TupleConfig| calsync_engine::TupleConfig {
+        interval: Some(t.interval.unwrap_or(new.sync.interval)),
+        ..t.clone()
+    };
+    let mut configs: Vec<calsync_engine::TupleConfig> =
+        new.tuples.iter().map(with_interval).collect();
+    if !new.sources.is_empty() {
+        // A reload with sources resolves them now: a set without them would untrack them.
+        let anchor = new.window_rebase.anchor(chrono::Utc::now());
+        let found = engine
+            .discover(&new.sources, anchor, new.discovery.refused_recheck)
+            .await
+            .map_err(|e| format!("cannot resolve [[sources]]: {e}"))?;
+        commands::log_discovered(&found);
+        let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
+        configs = commands::merge_discovered(&configs, found);
+    }
+    let (applied, tuples) = register_and_apply(scheduler, engine, keeper, &configs).await?;
+    if new.on_remove == OnRemove::Purge {
+        purge(engine).await;
+    }
+    current.on_remove = new.on_remove;
+    current.window_rebase = new.window_rebase;
+    current.discovery = new.discovery;
+    current.sources = new.sources;
+    current.sync.interval = new.sync.interval;
+    current.tuples = if current.sources.is_empty() {
+        Vec::new()
+    } else {
+        new.tuples.iter().map(with_interval).collect()
+    };
+    Ok((applied, tuples))
+}
+
+/// Registers `configs` as the deployment's whole set, takes new mailboxes' leases (up to this
+/// replica's share) and applies the set to this replica's schedule.
+async fn register_and_apply(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    keeper: &LeaseKeeper,
+    configs: &[calsync_engine::TupleConfig],
+) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
+    let tuples = shared_tuples(
+        engine
+            .register(configs)
+            .await
+            .map_err(|e| format!("cannot register the calendars: {e}"))?,
+    );
+    // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
+    if let Err(e) = keeper.cycle().await {
+        warn!(error = %e, "cannot take the new calendars' mailbox leases now; the next heartbeat does");
+    }
+    let applied = scheduler.apply(owned_tuples(engine, &tuples));
+    Ok((applied, tuples))
+}
+
+/// Deletes this deployment's untracked tuples and their rows (`service.on_remove = "purge"`).
+async fn purge(engine: &Engine) {
+    // Only this deployment's untracked tuples: other deployments' rows are theirs.
+    match engine.store().purge_untracked().await {
+        Ok((0, _)) => {}
+        Ok((t, e)) => info!(tuples = t, events = e, "purged removed calendars"),
+        Err(e) => {
+            warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
+        }
+    }
+}
+
+/// Moves every rolling window to `anchor`. The calendars whose window changed are registered
+/// with it and restarted: the next round of each is the full round of its new window, and the
+/// read model serves the old window whole until that round's last page switches it. `None`:
+/// no window moved.
+async fn rebase_windows(
+    scheduler: &mut Scheduler,
+    engine: &Engine,
+    all: &[Arc<Tuple>],
+    anchor: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<Vec<Arc<Tuple>>>, String> {
+    let mut moved = 0usize;
+    let configs: Vec<calsync_engine::TupleConfig> = all
+        .iter()
+        .map(|t| {
+            let mut c = t.config();
+            match t.rolling.map(|spec| spec.at(anchor)) {
+                Some(Some(w)) if w != c.window => {
+                    c.window = w;
+                    moved += 1;
+                }
+                // A fixed end the rolling start has passed: the last window stays.
+                Some(None) => {
+                    warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one")
+                }
+                _ => {}
+            }
+            c
+        })
+        .collect();
+    if moved == 0 {
+        return Ok(None);
+    }
+    // Only windows move: nothing is untracked here (another replica's set may be newer).
+    let tuples = shared_tuples(
+        engine
+            .register_only(&configs)
+            .await
+            .map_err(|e| format!("cannot register the moved windows: {e}"))?,
+    );
+    let change = scheduler.apply(owned_tuples(engine, &tuples));
+    info!(
+        moved,
+        restarted = change.restarted.len(),
+        %anchor,
+        "rolling windows re-based"
+    );
+    Ok(Some(tuples))
+}
+
+/// Each calendar once, shared by the configured list and its task. (Collected in place, the
+/// list would keep the buffer of the `Tuple`s, twenty times its size: 16 MB at 100,000.)
+pub fn shared_tuples(tuples: Vec<Tuple>) -> Vec<Arc<Tuple>> {
+    let mut shared: Vec<Arc<Tuple>> = tuples.into_iter().map(Arc::new).collect();
+    shared.shrink_to_fit();
+    shared
+}
+
+/// The configured tuples whose mailbox this replica holds.
+pub fn owned_tuples(engine: &Engine, all: &[Arc<Tuple>]) -> Vec<Arc<Tuple>> {
+    let Some(leases) = engine.leases() else {
+        return Vec::new();
+    };
+    leases.syncing(|syncs| {
+        all.iter()
+            .filter(|t| syncs(&t.mailbox))
+            .map(Arc::clone)
+            .collect()
+    })
+}

@@ -1,0 +1,87 @@
+//! Two small periodic workers: `upkeep` (every second: cancel stuck rounds, forget idle
+//! mailboxes' gate state, the metrics recorder's upkeep; every minute the summary line) and
+//! `rebase` (asks the schedule worker to move the rolling windows when their anchor moves).
+
+use crate::schedule::Plan;
+use crate::shared::{Shared, ToSchedule};
+use crate::worker::WorkerCtx;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::info;
+
+/// How often the summary line is logged at info.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// The upkeep worker; never ends by itself.
+pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let engine = shared.engine().clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // At info a no-change round logs nothing; this line says the quiet is work being done.
+    let mut last_summary = Instant::now();
+    loop {
+        ctx.idle();
+        tick.tick().await;
+        ctx.busy();
+        engine.cancel_stuck_rounds(engine.settings().stuck_round_after);
+        engine.forget_idle_mailboxes();
+        if let Some(m) = shared.metrics() {
+            m.run_upkeep();
+        }
+        if last_summary.elapsed() >= SUMMARY_EVERY {
+            let t = engine.take_tally();
+            let (configured, scheduled) = shared.counts();
+            info!(
+                rounds = t.synced,
+                changed = t.changed,
+                failed = t.failed,
+                scheduled,
+                configured,
+                leases = engine.leases().map_or(0, |l| l.len()),
+                period_secs = SUMMARY_EVERY.as_secs(),
+                "summary"
+            );
+            last_summary = Instant::now();
+        }
+    }
+}
+
+/// The re-base worker: checks the anchor every second (one clock read) and, when it moved,
+/// has the schedule worker register the moved windows; asked again until that succeeds.
+pub async fn rebase(
+    ctx: WorkerCtx,
+    mut plan: watch::Receiver<Plan>,
+    schedule: mpsc::Sender<ToSchedule>,
+) -> anyhow::Result<()> {
+    // Rolling windows were fixed at this anchor when the config was read (or reloaded).
+    let mut anchor = plan
+        .borrow_and_update()
+        .window_rebase
+        .anchor(chrono::Utc::now());
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ctx.idle();
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = plan.changed() => {
+                if changed.is_err() { return Ok(()) }
+                anchor = plan.borrow_and_update().window_rebase.anchor(chrono::Utc::now());
+                continue;
+            }
+        }
+        let now = plan.borrow().window_rebase.anchor(chrono::Utc::now());
+        if now == anchor {
+            continue;
+        }
+        ctx.busy();
+        let (tx, rx) = oneshot::channel();
+        if schedule.send(ToSchedule::Rebase(now, tx)).await.is_err() {
+            return Ok(());
+        }
+        if rx.await.unwrap_or(false) {
+            anchor = now;
+        }
+    }
+}
