@@ -4,6 +4,17 @@
 //! (read from /proc) is calsync's alone, and the simulator's own cost is measured beside it.
 //! The idle-memory figure comes from a second child (`calsync-bench idle`) that holds 100,000
 //! scheduled tuples and nothing else.
+//!
+//! Longer than 600 lines because each benchmark with its printed report is one function here
+//! (ingest, memory, restart); the larger ones already have their own modules.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `scale` | the real daemon keeping many calendars fresh (`calsync-bench scale`) |
+//! | `tenant` | a discovery pass over a tenant and a re-base of every window |
+//! | `sim` | the graph-sim binary as a child process, and its admin API |
+//!
+//! The ingest, memory and restart benchmarks are here in `main.rs`.
 
 use anyhow::{Context, bail};
 use calsync::config::Config;

@@ -1,6 +1,28 @@
 //! calsync-engine: per-tuple sync rounds, the runner that owns retries and status, the
 //! scheduler, and request limits. It drives calsync-graph and calsync-store through their
 //! narrow APIs and knows neither SQL nor HTTP.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`round`] | `Engine::run_round`, the one runner: quick lane first, then the full round |
+//! | `quick` | the quick lane: a replay that finds nothing, one request and one commit |
+//! | `step_error` | what stops a step and what the runner makes of it |
+//! | `cursor` | the cursor cache: where each tuple stands after its last commit |
+//! | `send` | requests through the gate; steps retried with backoff (backon) |
+//! | `failure` | stand-downs, failures recorded under the fence, panics, malformed runs |
+//! | `running` | the running set, round slots, liveness, the tally, round metrics |
+//! | `guard` | the page-loop guard (endless nextLinks, repeated pages) |
+//! | `series` | series completed before a page commits: masters, reconciliation |
+//! | [`mapping`] | what a Graph page means for the store (pure) |
+//! | [`outcome`] | what a round leaves behind: `Outcome`, `Failure`, `Health` |
+//! | [`schedule`] | the scheduler: one task per tuple, slots, `next_delay` |
+//! | [`gate`] | the request gate: per-mailbox limits, Retry-After, budgets, AIMD |
+//! | [`lease`] | mailbox leases: the keeper, fair share, fencing tokens |
+//! | `register` | registration: tuples recorded with ids and mailbox keys |
+//! | `tuple` | `TupleConfig` and `Tuple` |
+//! | [`discover`] | `[[sources]]` resolved against the directory |
+//! | [`window`] | rolling windows and their re-base anchor |
+//! | [`cron`] | cron schedules per calendar |
 
 #![warn(missing_docs)]
 

@@ -120,7 +120,11 @@ impl Engine {
         self.replayed(tuple, next, applied.version);
         self.malformed_run(tuple, false);
         self.hot_metrics().pages_applied.increment(1);
-        let outcome = Outcome::Synced(Default::default());
+        // One page fetched and committed, nothing in it.
+        let outcome = Outcome::Synced(crate::outcome::RoundReport {
+            pages: 1,
+            ..Default::default()
+        });
         self.round_counted(&outcome, started);
         debug!(tuple = %tuple.key, pages = 1, "round complete, nothing changed");
         Quick::Done(outcome)

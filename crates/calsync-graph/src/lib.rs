@@ -1,5 +1,18 @@
 //! calsync-graph: the Microsoft Graph client — auth, calendarView delta paging, error
 //! classification and the event model. The only crate that speaks HTTP to Graph.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`auth`] | client-credentials tokens: fetched, cached, renewed once per expiry |
+//! | [`batch`] | JSON batching of delta-link replays (`POST /$batch`, 20 at most) |
+//! | [`budget`] | the memory budget for Graph bodies held between fetch and commit |
+//! | [`directory`] | directory reads for discovery: users, group members, rooms, calendars |
+//! | [`error`] | `classify`: what a Graph answer means (retry, resync, degrade, fail) |
+//! | [`page`] | delta pages as calsync reads them: items, `@removed`, the one link |
+//! | [`zone`] | time zones as Graph names them: UTC, IANA and Windows names |
+//!
+//! The client itself (`GraphClient`: links checked against the origin, delta paging, series
+//! reads) is here in `lib.rs`.
 
 #![warn(missing_docs)]
 

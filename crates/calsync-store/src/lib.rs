@@ -5,8 +5,15 @@
 //! |---|---|
 //! | [`error`] | [`StoreError`] and the mapping from sqlx errors |
 //! | [`tuples`] | the tuple registry: saved links, sync state ([`TupleStatus`]) |
-//! | [`apply`] | applying a page with its link in one transaction |
+//! | [`write`] | what a page write is ([`PageWrite`]) and what it did ([`PageApplied`]) |
+//! | [`apply`] | applying a page with its link in one transaction, as named steps |
+//! | `steps` | the transaction's steps that delete or show rows, returning their ids |
+//! | `upsert` | the transaction's upserts (events, series), returning their ids; quarantine |
+//! | `columns` | the read model's detail columns as bound to a write |
+//! | `link` | the link statement: a tuple's link and round state, version- and fence-checked |
+//! | `batch` | link-only commits gathered into one statement |
 //! | [`page`] | `reduce`: a page's items become at most one write per id (pure) |
+//! | [`leases`] | replica heartbeats and mailbox leases, fencing tokens |
 //! | [`read_model`] | reading `calendar_events` and `calendar_sync_status` |
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]

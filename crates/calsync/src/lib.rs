@@ -1,5 +1,20 @@
 //! calsync: the binary's library — CLI commands, config, telemetry, the service and the demo.
 //! `main.rs` only parses arguments and maps errors to exit codes.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`commands`] | the one-off commands: sync-once, migrate, status, resync, reload, discover |
+//! | [`config`] | the config tree: figment loading, validation, `config check` |
+//! | `demo` | `calsync demo`: the product against graph-sim (feature `demo`) |
+//! | [`service`] | `calsync run`: `App::build`, then the main loop and the drain |
+//! | [`worker`] | the supervisor of background workers: names, states, one policy |
+//! | [`schedule`] | the schedule worker: the one owner of the scheduler and the tracked set |
+//! | [`discovery`] | the discovery worker: `[[sources]]` resolved on their cadence |
+//! | [`upkeep`] | the upkeep and re-base workers |
+//! | [`shared`] | what the HTTP handlers, workers and main loop share |
+//! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `POST /reload` |
+//! | [`notify`] | notes to systemd (READY, RELOADING, STATUS, WATCHDOG, STOPPING) |
+//! | [`telemetry`] | logging: text or JSON, the filter |
 
 #![warn(missing_docs)]
 

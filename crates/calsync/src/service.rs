@@ -205,6 +205,8 @@ impl App {
             drop(std::mem::take(&mut current.tuples));
         }
         let configured = all.len();
+        // The schedule worker keeps these current from its first step on; READY says them now.
+        shared.set_counts(configured, 0);
         let (notes, notifier_done) = notifier();
         {
             let mut worker = Some(ScheduleWorker {

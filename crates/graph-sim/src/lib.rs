@@ -6,6 +6,24 @@
 //! `shared/graph-delta-notes.md`), never from one client's assumptions. Faults, limits and
 //! quirks are scriptable; the truth (the exact live instances of any window), the request log
 //! and the counters of bad manners are open to tests through [`Sim`] and `/_sim`.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`auth`] | the client-credentials token endpoint and bearer checks |
+//! | [`behaviour`] | switches where production and the documentation disagree |
+//! | [`churn`] | random edits a real user would make, seeded |
+//! | [`clock`] | the simulator's "now": the system clock or a manual one |
+//! | [`delta`] | calendarView delta: sync states, frozen rounds, pages, quirks |
+//! | [`error`] | Graph-shaped error answers |
+//! | [`faults`] | scriptable faults and service limits |
+//! | [`model`] | tenant state: users, calendars, events, series and their instances |
+//! | [`recurrence`] | `patternedRecurrence` expanded into occurrence dates |
+//! | [`seed`] | seeding a tenant from numbers or a scenario file |
+//! | [`server`] | the HTTP face: hyper, resettable connections, `/_sim` admin |
+//! | [`sim`] | the request pipeline: route, auth, manners, limits, faults, answer, log |
+//! | [`token`] | sealed `$skiptoken` / `$deltatoken` values |
+//! | [`writes`] | Graph's write endpoints on events |
+//! | [`zone`] | time zones as Graph names them |
 
 #![warn(missing_docs)]
 

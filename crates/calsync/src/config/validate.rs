@@ -1,5 +1,9 @@
 //! Validation: the file as written becomes the typed [`Config`], one function per section.
 //! Every error names the key that is wrong.
+//!
+//! Longer than 600 lines because it is one function per section in the order of the file,
+//! each short and independent; the tests of `config/mod.rs` hold every key's errors. A split
+//! into one file per section is due when a section grows (`[push]`, `[auth]` kinds).
 
 use super::{
     Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels, OnRemove,

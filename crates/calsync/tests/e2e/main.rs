@@ -14,6 +14,7 @@
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
 //! | `discovery` | a tenant from source lines: users, groups, rooms, calendars, refusals; `calsync discover` |
 //! | `windows` | moving a window: the old one served whole until the new one's round ends |
+//! | `workers` | the supervised workers: a stalled reload keeps health, the watchdog and rounds going |
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -31,3 +32,4 @@ mod service;
 mod soak;
 mod sync;
 mod windows;
+mod workers;
