@@ -1,5 +1,5 @@
 //! The one round runner: [`Engine::run_round`] is how every round starts (the scheduler,
-//! `sync_all_once`, and a wake-up). It tries the quick lane first ([`crate::quick`]: a replay
+//! `sync_all_once`, and a wake-up). It tries the quick lane first (`quick.rs`: a replay
 //! that finds nothing is one request and one link commit) and goes on in the full round from
 //! the answer in hand. The full round is the one place that owns retries, resyncs, loop guards
 //! and the status a tuple is left in.

@@ -20,9 +20,9 @@ pub struct TupleConfig {
     /// The calendarView window.
     pub window: ViewWindow,
     /// What `window` is computed from when an edge is an offset from now: the window is
-    /// re-based as time passes ([`Rebase`]). `None`: a fixed window.
+    /// re-based as time passes ([`crate::Rebase`]). `None`: a fixed window.
     pub rolling: Option<WindowSpec>,
-    /// Its own interval; `None` uses [`SyncSettings::interval`].
+    /// Its own interval; `None` uses [`crate::SyncSettings::interval`].
     pub interval: Option<Duration>,
     /// Synced at these cron fire times instead of every `interval` (which then only spreads
     /// the first round and paces retries).

@@ -1,7 +1,7 @@
 //! Applying one page: its rows, its removals, any sweep and the link after it commit in one
 //! transaction, guarded by the tuple's `link_version`. The transaction is a list of named
-//! steps ([`crate::steps`], [`crate::upsert`]), each returning the ids it touched; a page that
-//! moves only its link is saved with others by [`crate::batch`].
+//! steps (`steps.rs`, `upsert.rs`), each returning the ids it touched; a page that
+//! moves only its link is saved with others by `batch.rs`.
 
 use crate::Store;
 use crate::error::{StoreError, db};

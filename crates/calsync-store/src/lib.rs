@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`error`] | [`StoreError`] and the mapping from sqlx errors |
 //! | [`tuples`] | the tuple registry: saved links, sync state ([`TupleStatus`]) |
-//! | [`write`] | what a page write is ([`PageWrite`]) and what it did ([`PageApplied`]) |
+//! | [`write`](mod@write) | what a page write is ([`PageWrite`]) and what it did ([`PageApplied`]) |
 //! | [`apply`] | applying a page with its link in one transaction, as named steps |
 //! | `steps` | the transaction's steps that delete or show rows, returning their ids |
 //! | `upsert` | the transaction's upserts (events, series), returning their ids; quarantine |
