@@ -192,14 +192,36 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// The module paths a `use crate::...;` statement names: `use crate::a::{b, c::d}` gives
-/// `[a, b]`, `[a, c, d]` (prefixes are resolved to files later).
+/// The module paths a file's code names through the crate root: every `use crate::...;`
+/// (`use crate::a::{b, c::d}` gives `[a, b]`, `[a, c, d]`) and every `crate::a::b` written in
+/// place. Comments are left out; prefixes are resolved to files later.
 fn use_paths(text: &str) -> Vec<Vec<String>> {
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("use crate::") {
-        let after = &rest[i + "use crate::".len()..];
-        let end = after.find(';').unwrap_or(after.len());
+    let mut rest = code.as_str();
+    while let Some(i) = rest.find("crate::") {
+        let after = &rest[i + "crate::".len()..];
+        let is_use = rest[..i].trim_end().ends_with("use");
+        let end = if is_use {
+            after.find(';').unwrap_or(after.len())
+        } else {
+            // A path in place: segments while they are names joined by `::`.
+            let mut n = 0;
+            let bytes = after.as_bytes();
+            while n < bytes.len()
+                && (bytes[n].is_ascii_alphanumeric()
+                    || bytes[n] == b'_'
+                    || (bytes[n] == b':' && bytes.get(n + 1) == Some(&b':'))
+                    || (bytes[n] == b':' && n > 0 && bytes[n - 1] == b':'))
+            {
+                n += 1;
+            }
+            n
+        };
         expand(&after[..end], &mut Vec::new(), &mut out);
         rest = &after[end..];
     }
@@ -332,13 +354,17 @@ fn no_file_of_a_crate_imports_one_that_imports_it_back() {
 
 #[test]
 fn the_import_reader_expands_groups_and_renames() {
-    let got = use_paths("use crate::a::{b, c::{d, e as f}, self};\nuse crate::Engine;\n");
+    let got = use_paths(
+        "use crate::a::{b, c::{d, e as f}, self};\nuse crate::Engine;\n\
+         // crate::commented::out\nlet x = crate::g::h::RETRY + 1;\n",
+    );
     let want: Vec<Vec<String>> = [
         vec!["a", "b"],
         vec!["a", "c", "d"],
         vec!["a", "c", "e"],
         vec!["a"],
         vec!["Engine"],
+        vec!["g", "h", "RETRY"],
     ]
     .iter()
     .map(|p| p.iter().map(|s| (*s).to_owned()).collect())

@@ -210,8 +210,12 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// SIGHUPs as they arrive, one message each (`main` passes the process's to `calsync run`;
+/// a test may pass its own).
+pub type Hangups = tokio::sync::mpsc::UnboundedReceiver<()>;
+
 /// SIGHUPs, as `calsync run` takes them: one message each.
-pub fn hangups() -> anyhow::Result<crate::service::Hangups> {
+pub fn hangups() -> anyhow::Result<Hangups> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     #[cfg(unix)]
     {

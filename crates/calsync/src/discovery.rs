@@ -2,16 +2,43 @@
 //! after a failed pass) and hands what it found to the schedule worker. A reload replaces its
 //! plan, which drops a pass of the old sources under way and restarts the cadence.
 
-use crate::schedule::Plan;
+use crate::config::{Config, DiscoverySettings};
 use crate::shared::ToSchedule;
 use crate::worker::WorkerCtx;
-use calsync_engine::Engine;
+use calsync_engine::{Engine, Rebase, Source};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::warn;
 
 /// How soon a failed discovery pass is tried again.
 pub const RETRY: Duration = Duration::from_secs(30);
+
+/// What the discovery and re-base workers follow: the config's sources and rolling-window
+/// cadence, replaced by each reload.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The `[[sources]]` to resolve (none: no discovery).
+    pub sources: Vec<Source>,
+    /// `[discovery]`.
+    pub discovery: DiscoverySettings,
+    /// When rolling windows move.
+    pub window_rebase: Rebase,
+    /// When the next discovery pass is due.
+    pub next_pass: tokio::time::Instant,
+}
+
+impl Plan {
+    /// The plan of `cfg`, whose sources were resolved (or, `false`, not) just now.
+    pub fn of(cfg: &Config, resolved: bool) -> Self {
+        Plan {
+            sources: cfg.sources.clone(),
+            discovery: cfg.discovery,
+            window_rebase: cfg.window_rebase,
+            next_pass: tokio::time::Instant::now()
+                + if resolved { cfg.discovery.every } else { RETRY },
+        }
+    }
+}
 
 /// Runs discovery passes until the plan's sender is gone (the service stopped).
 pub async fn run(

@@ -7,46 +7,16 @@
 
 use crate::commands;
 use crate::config::{Config, OnRemove, RawConfig};
+use crate::discovery::Plan;
 use crate::notify::Note;
 use crate::shared::{Shared, ToSchedule};
 use crate::worker::WorkerCtx;
-use calsync_engine::{Engine, LeaseKeeper, Rebase, ScheduleChange, Scheduler, Source, Tuple};
+use calsync_engine::{Engine, LeaseKeeper, ScheduleChange, Scheduler, Tuple};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-
-/// What the discovery and re-base workers follow: the config's sources and rolling-window
-/// cadence, replaced by each reload.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// The `[[sources]]` to resolve (none: no discovery).
-    pub sources: Vec<Source>,
-    /// `[discovery]`.
-    pub discovery: crate::config::DiscoverySettings,
-    /// When rolling windows move.
-    pub window_rebase: Rebase,
-    /// When the next discovery pass is due.
-    pub next_pass: tokio::time::Instant,
-}
-
-impl Plan {
-    /// The plan of `cfg`, whose sources were resolved (or, `false`, not) just now.
-    pub fn of(cfg: &Config, resolved: bool) -> Self {
-        Plan {
-            sources: cfg.sources.clone(),
-            discovery: cfg.discovery,
-            window_rebase: cfg.window_rebase,
-            next_pass: tokio::time::Instant::now()
-                + if resolved {
-                    cfg.discovery.every
-                } else {
-                    crate::discovery::RETRY
-                },
-        }
-    }
-}
 
 /// The schedule worker's state.
 pub struct ScheduleWorker {

@@ -4,10 +4,11 @@
 //! SIGHUP and worker exits, and feeds `/healthz` and the systemd watchdog every second. Nothing
 //! slow is awaited in it. On shutdown it drains: rounds first, leases last.
 
-use crate::commands;
+use crate::commands::{self, Hangups};
 use crate::config::Config;
+use crate::discovery::Plan;
 use crate::notify::{Note, notifier};
-use crate::schedule::{Plan, ScheduleWorker, shared_tuples};
+use crate::schedule::{ScheduleWorker, shared_tuples};
 use crate::shared::{Shared, ToSchedule};
 use crate::worker::{Exit, Policy, Supervisor};
 use anyhow::Context;
@@ -22,9 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use crate::shared::STALL_LIMIT;
-
-/// SIGHUPs as they arrive (`main` passes the process's; tests their own).
-pub type Hangups = mpsc::UnboundedReceiver<()>;
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     let seconds = [

@@ -2,7 +2,7 @@
 //! mailboxes' gate state, the metrics recorder's upkeep; every minute the summary line) and
 //! `rebase` (asks the schedule worker to move the rolling windows when their anchor moves).
 
-use crate::schedule::Plan;
+use crate::discovery::Plan;
 use crate::shared::{Shared, ToSchedule};
 use crate::worker::WorkerCtx;
 use std::sync::Arc;
