@@ -45,7 +45,7 @@ pub async fn run(
     ctx: WorkerCtx,
     engine: Engine,
     mut plan: watch::Receiver<Plan>,
-    schedule: mpsc::Sender<ToSchedule>,
+    schedule: mpsc::UnboundedSender<ToSchedule>,
 ) -> anyhow::Result<()> {
     let mut next_pass = plan.borrow_and_update().next_pass;
     loop {
@@ -80,11 +80,7 @@ pub async fn run(
         let registered = match found {
             Ok(found) => {
                 let (tx, rx) = oneshot::channel();
-                if schedule
-                    .send(ToSchedule::Discovered(found, tx))
-                    .await
-                    .is_err()
-                {
+                if schedule.send(ToSchedule::Discovered(found, tx)).is_err() {
                     return Ok(());
                 }
                 rx.await.unwrap_or(false)

@@ -53,16 +53,14 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     };
     let ready = database == "ok" && migrations == "current" && scheduler == "running";
     let mut body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler});
-    // Workers are named only when one is not well: restarting after a failure (with how it
-    // ended), or stopped while the service runs. A busy worker (a long discovery pass) is
-    // normal work, not a reason.
+    // Workers are named only when one is not well: restarting after a failure, with how it
+    // ended. (A fatal worker's end stops the process.) A busy worker (a long discovery pass)
+    // is normal work, not a reason.
     let unwell: serde_json::Map<String, serde_json::Value> = s
         .workers()
         .snapshot()
         .into_iter()
-        .filter(|(_, w)| {
-            w.state == WorkerState::Restarting || (w.state == WorkerState::Stopped && ready)
-        })
+        .filter(|(_, w)| w.state == WorkerState::Restarting)
         .map(|(name, w)| {
             let why = match &w.last_error {
                 Some(e) => format!("{}: {e}", w.state.as_str()),

@@ -43,7 +43,7 @@ pub struct ScheduleWorker {
     /// Bumped by the lease keeper when the mailboxes held here change.
     pub owned: watch::Receiver<u64>,
     /// Its messages.
-    pub inbox: mpsc::Receiver<ToSchedule>,
+    pub inbox: mpsc::UnboundedReceiver<ToSchedule>,
     /// The service's stop.
     pub stop: CancellationToken,
 }
@@ -81,7 +81,15 @@ impl ScheduleWorker {
                 }
                 Some(message) = self.inbox.recv() => {
                     ctx.busy();
-                    self.handle(message).await;
+                    let stop = self.stop.clone();
+                    tokio::select! {
+                        () = self.handle(message) => {}
+                        // A reload or a pass waiting on Graph (a discovery over 10,000 users)
+                        // must not hold the drain: it is dropped at shutdown. Registration is
+                        // one transaction, so the set is either registered or not; a purge
+                        // left undone is done by the next reload or discovery pass.
+                        () = stop.cancelled() => break,
+                    }
                 }
             }
             self.counted();
@@ -98,25 +106,18 @@ impl ScheduleWorker {
         match message {
             ToSchedule::Reload(reply) => {
                 if reply.is_none() {
+                    self.shared.reload_begins();
                     info!("SIGHUP: reloading the config");
                 }
                 let _ = self.notes.send(Note::Reloading);
-                let r = reload(
-                    &mut self.scheduler,
-                    &self.engine,
-                    &self.keeper,
-                    &mut self.current,
-                    self.config_path.as_deref(),
-                )
-                .await;
-                let r = r.map(|(change, tuples)| {
-                    self.all = tuples;
-                    self.anchor = self.current.window_rebase.anchor(chrono::Utc::now());
-                    // The reload resolved the sources: the next pass is `every` from now, and
-                    // a pass of the old sources under way is dropped.
-                    self.plan.send_replace(Plan::of(&self.current, true));
-                    change
-                });
+                let r = self.reload().await;
+                match &r {
+                    Ok(a) => info!(
+                        added = ?a.added, removed = ?a.removed, retimed = ?a.retimed, restarted = ?a.restarted,
+                        "config reloaded"
+                    ),
+                    Err(e) => error!(error = %e, "config reload refused; the running config stays"),
+                }
                 self.counted();
                 let _ = self.notes.send(Note::Ready(self.shared.status_line()));
                 if let Some(reply) = reply {
@@ -128,21 +129,8 @@ impl ScheduleWorker {
             }
             ToSchedule::Rebase(anchor, reply) => {
                 // Not moved if the database refuses: asked again at the next tick.
-                let moved = match rebase_windows(
-                    &mut self.scheduler,
-                    &self.engine,
-                    &self.all,
-                    anchor,
-                )
-                .await
-                {
-                    Ok(moved) => {
-                        if let Some(tuples) = moved {
-                            self.all = tuples;
-                        }
-                        self.anchor = anchor;
-                        true
-                    }
+                let moved = match self.rebase_windows(anchor).await {
+                    Ok(()) => true,
                     Err(e) => {
                         warn!(error = %e, "cannot re-base the rolling windows; trying again");
                         false
@@ -151,6 +139,62 @@ impl ScheduleWorker {
                 let _ = reply.send(moved);
             }
         }
+    }
+
+    /// Re-reads the config file and applies its calendars to this replica's schedule (the
+    /// calendars of the mailboxes it holds): new ones start, removed ones stop after any round
+    /// in flight (rows kept or purged per `service.on_remove`), changed intervals apply. Rounds
+    /// in flight are not disturbed. A config that does not validate is refused whole.
+    async fn reload(&mut self) -> Result<ScheduleChange, String> {
+        let raw = RawConfig::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
+        let new = raw.validate().map_err(|e| e.to_string())?;
+        let restart_needed = self.current.needs_restart_for(&new);
+        if !restart_needed.is_empty() {
+            warn!(
+                sections = ?restart_needed,
+                "these settings changed and take effect after a restart; calendars and intervals apply now"
+            );
+        }
+        // The engine's default interval is fixed at start: give each tuple its interval
+        // explicitly, so a changed sync.interval applies too.
+        let with_interval = |t: &calsync_engine::TupleConfig| calsync_engine::TupleConfig {
+            interval: Some(t.interval.unwrap_or(new.sync.interval)),
+            ..t.clone()
+        };
+        let mut configs: Vec<calsync_engine::TupleConfig> =
+            new.tuples.iter().map(with_interval).collect();
+        if !new.sources.is_empty() {
+            // A reload with sources resolves them now: a set without them would untrack them.
+            let anchor = new.window_rebase.anchor(chrono::Utc::now());
+            let found = self
+                .engine
+                .discover(&new.sources, anchor, new.discovery.refused_recheck)
+                .await
+                .map_err(|e| format!("cannot resolve [[sources]]: {e}"))?;
+            commands::log_discovered(&found);
+            let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
+            configs = commands::merge_discovered(&configs, found);
+        }
+        let applied = self.register_and_apply(&configs).await?;
+        if new.on_remove == OnRemove::Purge {
+            purge(&self.engine).await;
+        }
+        let current = &mut self.current;
+        current.on_remove = new.on_remove;
+        current.window_rebase = new.window_rebase;
+        current.discovery = new.discovery;
+        current.sources = new.sources;
+        current.sync.interval = new.sync.interval;
+        current.tuples = if current.sources.is_empty() {
+            Vec::new()
+        } else {
+            new.tuples.iter().map(with_interval).collect()
+        };
+        self.anchor = self.current.window_rebase.anchor(chrono::Utc::now());
+        // The reload resolved the sources: the next pass is `every` from now, and a pass of
+        // the old sources under way is dropped.
+        self.plan.send_replace(Plan::of(&self.current, true));
+        Ok(applied)
     }
 
     /// Registers what a discovery pass found beside the configured calendars; `false` if the
@@ -169,9 +213,8 @@ impl ScheduleWorker {
         let mut configs = commands::merge_discovered(&self.current.tuples, found.collect());
         // The pass (and the config) may predate the last re-base.
         calsync_engine::at_anchor(&mut configs, self.anchor);
-        match register_and_apply(&mut self.scheduler, &self.engine, &self.keeper, &configs).await {
-            Ok((change, tuples)) => {
-                self.all = tuples;
+        match self.register_and_apply(&configs).await {
+            Ok(change) => {
                 if !(change.added.is_empty()
                     && change.removed.is_empty()
                     && change.restarted.is_empty())
@@ -190,102 +233,73 @@ impl ScheduleWorker {
             }
         }
     }
-}
 
-/// Re-reads the config file and applies its calendars to this replica's schedule (the
-/// calendars of the mailboxes it holds): new ones start, removed ones stop after
-/// any round in flight (rows kept or purged per `service.on_remove`), changed intervals apply.
-/// Rounds in flight are not disturbed. A config that does not validate is refused whole.
-async fn reload(
-    scheduler: &mut Scheduler,
-    engine: &Engine,
-    keeper: &LeaseKeeper,
-    current: &mut Config,
-    path: Option<&std::path::Path>,
-) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
-    let result = reload_inner(scheduler, engine, keeper, current, path).await;
-    match &result {
-        Ok((a, _)) => info!(
-            added = ?a.added, removed = ?a.removed, retimed = ?a.retimed, restarted = ?a.restarted,
-            "config reloaded"
-        ),
-        Err(e) => error!(error = %e, "config reload refused; the running config stays"),
-    }
-    result
-}
-
-async fn reload_inner(
-    scheduler: &mut Scheduler,
-    engine: &Engine,
-    keeper: &LeaseKeeper,
-    current: &mut Config,
-    path: Option<&std::path::Path>,
-) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
-    let raw = RawConfig::load(path).map_err(|e| e.to_string())?;
-    let new = raw.validate().map_err(|e| e.to_string())?;
-    let restart_needed = current.needs_restart_for(&new);
-    if !restart_needed.is_empty() {
-        warn!(
-            sections = ?restart_needed,
-            "these settings changed and take effect after a restart; calendars and intervals apply now"
+    /// Registers `configs` as the deployment's whole set, takes new mailboxes' leases (up to
+    /// this replica's share) and applies the set to this replica's schedule.
+    async fn register_and_apply(
+        &mut self,
+        configs: &[calsync_engine::TupleConfig],
+    ) -> Result<ScheduleChange, String> {
+        self.all = shared_tuples(
+            self.engine
+                .register(configs)
+                .await
+                .map_err(|e| format!("cannot register the calendars: {e}"))?,
         );
+        // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
+        if let Err(e) = self.keeper.cycle().await {
+            warn!(error = %e, "cannot take the new calendars' mailbox leases now; the next heartbeat does");
+        }
+        Ok(self.scheduler.apply(owned_tuples(&self.engine, &self.all)))
     }
-    // The engine's default interval is fixed at start: give each tuple its interval
-    // explicitly, so a changed sync.interval applies too.
-    let with_interval = |t: &calsync_engine::TupleConfig| calsync_engine::TupleConfig {
-        interval: Some(t.interval.unwrap_or(new.sync.interval)),
-        ..t.clone()
-    };
-    let mut configs: Vec<calsync_engine::TupleConfig> =
-        new.tuples.iter().map(with_interval).collect();
-    if !new.sources.is_empty() {
-        // A reload with sources resolves them now: a set without them would untrack them.
-        let anchor = new.window_rebase.anchor(chrono::Utc::now());
-        let found = engine
-            .discover(&new.sources, anchor, new.discovery.refused_recheck)
-            .await
-            .map_err(|e| format!("cannot resolve [[sources]]: {e}"))?;
-        commands::log_discovered(&found);
-        let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
-        configs = commands::merge_discovered(&configs, found);
-    }
-    let (applied, tuples) = register_and_apply(scheduler, engine, keeper, &configs).await?;
-    if new.on_remove == OnRemove::Purge {
-        purge(engine).await;
-    }
-    current.on_remove = new.on_remove;
-    current.window_rebase = new.window_rebase;
-    current.discovery = new.discovery;
-    current.sources = new.sources;
-    current.sync.interval = new.sync.interval;
-    current.tuples = if current.sources.is_empty() {
-        Vec::new()
-    } else {
-        new.tuples.iter().map(with_interval).collect()
-    };
-    Ok((applied, tuples))
-}
 
-/// Registers `configs` as the deployment's whole set, takes new mailboxes' leases (up to this
-/// replica's share) and applies the set to this replica's schedule.
-async fn register_and_apply(
-    scheduler: &mut Scheduler,
-    engine: &Engine,
-    keeper: &LeaseKeeper,
-    configs: &[calsync_engine::TupleConfig],
-) -> Result<(ScheduleChange, Vec<Arc<Tuple>>), String> {
-    let tuples = shared_tuples(
-        engine
-            .register(configs)
-            .await
-            .map_err(|e| format!("cannot register the calendars: {e}"))?,
-    );
-    // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
-    if let Err(e) = keeper.cycle().await {
-        warn!(error = %e, "cannot take the new calendars' mailbox leases now; the next heartbeat does");
+    /// Moves every rolling window to `anchor`. The calendars whose window changed are
+    /// registered with it and restarted: the next round of each is the full round of its new
+    /// window, and the read model serves the old window whole until that round's last page
+    /// switches it.
+    async fn rebase_windows(
+        &mut self,
+        anchor: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), String> {
+        let mut moved = 0usize;
+        let configs: Vec<calsync_engine::TupleConfig> = self
+            .all
+            .iter()
+            .map(|t| {
+                let mut c = t.config();
+                match t.rolling.map(|spec| spec.at(anchor)) {
+                    Some(Some(w)) if w != c.window => {
+                        c.window = w;
+                        moved += 1;
+                    }
+                    // A fixed end the rolling start has passed: the last window stays.
+                    Some(None) => {
+                        warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one")
+                    }
+                    _ => {}
+                }
+                c
+            })
+            .collect();
+        if moved > 0 {
+            // Only windows move: nothing is untracked here (another replica's set may be newer).
+            self.all = shared_tuples(
+                self.engine
+                    .register_only(&configs)
+                    .await
+                    .map_err(|e| format!("cannot register the moved windows: {e}"))?,
+            );
+            let change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+            info!(
+                moved,
+                restarted = change.restarted.len(),
+                %anchor,
+                "rolling windows re-based"
+            );
+        }
+        self.anchor = anchor;
+        Ok(())
     }
-    let applied = scheduler.apply(owned_tuples(engine, &tuples));
-    Ok((applied, tuples))
 }
 
 /// Deletes this deployment's untracked tuples and their rows (`service.on_remove = "purge"`).
@@ -298,55 +312,6 @@ async fn purge(engine: &Engine) {
             warn!(error = %e, "cannot purge removed calendars; their rows stay untracked")
         }
     }
-}
-
-/// Moves every rolling window to `anchor`. The calendars whose window changed are registered
-/// with it and restarted: the next round of each is the full round of its new window, and the
-/// read model serves the old window whole until that round's last page switches it. `None`:
-/// no window moved.
-async fn rebase_windows(
-    scheduler: &mut Scheduler,
-    engine: &Engine,
-    all: &[Arc<Tuple>],
-    anchor: chrono::DateTime<chrono::Utc>,
-) -> Result<Option<Vec<Arc<Tuple>>>, String> {
-    let mut moved = 0usize;
-    let configs: Vec<calsync_engine::TupleConfig> = all
-        .iter()
-        .map(|t| {
-            let mut c = t.config();
-            match t.rolling.map(|spec| spec.at(anchor)) {
-                Some(Some(w)) if w != c.window => {
-                    c.window = w;
-                    moved += 1;
-                }
-                // A fixed end the rolling start has passed: the last window stays.
-                Some(None) => {
-                    warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one")
-                }
-                _ => {}
-            }
-            c
-        })
-        .collect();
-    if moved == 0 {
-        return Ok(None);
-    }
-    // Only windows move: nothing is untracked here (another replica's set may be newer).
-    let tuples = shared_tuples(
-        engine
-            .register_only(&configs)
-            .await
-            .map_err(|e| format!("cannot register the moved windows: {e}"))?,
-    );
-    let change = scheduler.apply(owned_tuples(engine, &tuples));
-    info!(
-        moved,
-        restarted = change.restarted.len(),
-        %anchor,
-        "rolling windows re-based"
-    );
-    Ok(Some(tuples))
 }
 
 /// Each calendar once, shared by the configured list and its task. (Collected in place, the

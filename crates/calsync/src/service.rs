@@ -137,7 +137,7 @@ impl App {
         } = self;
         let stop = CancellationToken::new();
         let mut supervisor = Supervisor::new();
-        let (schedule_tx, schedule_rx) = mpsc::channel::<ToSchedule>(4);
+        let (schedule_tx, schedule_rx) = mpsc::unbounded_channel::<ToSchedule>();
         let shared = Arc::new(Shared::new(
             engine.clone(),
             metrics,

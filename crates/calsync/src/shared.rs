@@ -41,7 +41,11 @@ pub struct Shared {
     /// Milliseconds since `started` of the main loop's last tick.
     tick_ms: AtomicU64,
     scheduler_running: AtomicBool,
-    schedule: mpsc::Sender<ToSchedule>,
+    /// Unbounded: each sender has at most one message waiting for its answer (discovery,
+    /// re-base, each `POST /reload`), and SIGHUPs coalesce through `reload_pending`.
+    schedule: mpsc::UnboundedSender<ToSchedule>,
+    /// A SIGHUP's reload is queued and not yet begun.
+    reload_pending: AtomicBool,
     /// The bearer token `POST /reload` requires; `None`: reloading over HTTP is off.
     admin_token: Option<secrecy::SecretString>,
     /// How `/metrics` labels per-calendar series.
@@ -63,7 +67,7 @@ impl Shared {
     pub fn new(
         engine: Engine,
         metrics: Option<PrometheusHandle>,
-        schedule: mpsc::Sender<ToSchedule>,
+        schedule: mpsc::UnboundedSender<ToSchedule>,
         admin_token: Option<secrecy::SecretString>,
         metric_labels: crate::config::MetricLabels,
         workers: Arc<Workers>,
@@ -75,6 +79,7 @@ impl Shared {
             tick_ms: AtomicU64::new(0),
             scheduler_running: AtomicBool::new(false),
             schedule,
+            reload_pending: AtomicBool::new(false),
             admin_token,
             metric_labels,
             workers,
@@ -144,15 +149,24 @@ impl Shared {
         let (tx, rx) = oneshot::channel();
         self.schedule
             .send(ToSchedule::Reload(Some(tx)))
-            .await
             .map_err(|_| "the service is shutting down".to_owned())?;
         rx.await
             .map_err(|_| "the service is shutting down".to_owned())?
     }
 
-    /// Asks for a reload without waiting (SIGHUP); `false` if one is already queued.
+    /// Asks for a reload without waiting (SIGHUP); `false` if one is already queued and not
+    /// yet begun (it reads the file as it is then, so one is enough).
     pub fn reload_soon(&self) -> bool {
-        self.schedule.try_send(ToSchedule::Reload(None)).is_ok()
+        if self.reload_pending.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        // Only fails once the schedule worker is gone (shutting down).
+        self.schedule.send(ToSchedule::Reload(None)).is_ok()
+    }
+
+    /// A SIGHUP's reload begins: the next SIGHUP queues another.
+    pub fn reload_begins(&self) {
+        self.reload_pending.store(false, Ordering::Release);
     }
 
     /// The engine.

@@ -52,7 +52,7 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
 pub async fn rebase(
     ctx: WorkerCtx,
     mut plan: watch::Receiver<Plan>,
-    schedule: mpsc::Sender<ToSchedule>,
+    schedule: mpsc::UnboundedSender<ToSchedule>,
 ) -> anyhow::Result<()> {
     // Rolling windows were fixed at this anchor when the config was read (or reloaded).
     let mut anchor = plan
@@ -77,7 +77,7 @@ pub async fn rebase(
         }
         ctx.busy();
         let (tx, rx) = oneshot::channel();
-        if schedule.send(ToSchedule::Rebase(now, tx)).await.is_err() {
+        if schedule.send(ToSchedule::Rebase(now, tx)).is_err() {
             return Ok(());
         }
         if rx.await.unwrap_or(false) {
