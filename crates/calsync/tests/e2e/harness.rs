@@ -336,3 +336,71 @@ pub fn report(o: Outcome) -> calsync_engine::RoundReport {
         other => panic!("expected a synced round, got {other:?}"),
     }
 }
+
+/// Polls `f` every 100 ms until it holds; fails the test after `limit`.
+pub async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A systemd notify socket drained as systemd would, by a thread of its own: what a child
+/// started with `NOTIFY_SOCKET` set to [`NotifySocket::path`] sends lands in [`NotifySocket::take`].
+pub struct NotifySocket {
+    path: std::path::PathBuf,
+    notes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    drainer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NotifySocket {
+    /// Binds `path` and starts draining it.
+    pub fn bind(path: &std::path::Path) -> Self {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let drainer = {
+            let notes = std::sync::Arc::clone(&notes);
+            let done = std::sync::Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let note = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        notes.lock().unwrap().push(note);
+                    }
+                }
+            })
+        };
+        NotifySocket {
+            path: path.to_path_buf(),
+            notes,
+            done,
+            drainer: Some(drainer),
+        }
+    }
+
+    /// Where children send their notes.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The notes received since the last call.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap())
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(d) = self.drainer.take() {
+            let _ = d.join();
+        }
+    }
+}

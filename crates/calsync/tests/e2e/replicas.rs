@@ -3,7 +3,7 @@
 //! while its old round is in flight. The real binary as child processes, graph-sim on loopback,
 //! real PostgreSQL.
 
-use crate::harness::{BIN, config_file, database_url, rule};
+use crate::harness::{BIN, config_file, database_url, rule, wait_for};
 use calsync_engine::Tuple;
 use calsync_graph::{CalendarRef, ViewWindow};
 use calsync_store::Store;
@@ -160,14 +160,6 @@ impl Drop for Node {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-}
-
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

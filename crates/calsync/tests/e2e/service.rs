@@ -2,7 +2,7 @@
 //! watchdog, /healthz, /readyz, /metrics, SIGHUP and `calsync reload`, `calsync resync`, and
 //! SIGTERM.
 
-use crate::harness::{BIN, bound_addr, config_file, database_url};
+use crate::harness::{BIN, NotifySocket, bound_addr, config_file, database_url, wait_for};
 use calsync::commands::{local_request, local_request_with};
 
 /// The admin token the daemon under test is configured with (`http.admin_token_file`).
@@ -10,7 +10,6 @@ const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ struct Daemon {
     config: PathBuf,
     log: PathBuf,
     /// Filled by a thread that drains the notify socket as systemd would.
-    notes: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    notes: NotifySocket,
     http: SocketAddr,
     base: String,
     _dir: tempfile::TempDir,
@@ -47,7 +46,7 @@ impl Daemon {
 
     /// Notifications received since the last call.
     fn notifications(&self) -> Vec<String> {
-        std::mem::take(&mut *self.notes.lock().unwrap())
+        self.notes.take()
     }
 
     fn signal(&self, sig: &str) {
@@ -92,14 +91,6 @@ fn metric(text: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-}
-
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut f: F) {
-    let start = Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn status_of(
@@ -172,33 +163,14 @@ replica = "svc-test"
         &base,
         &(calendar("adele", ADELE, "1s") + &calendar("alex", ALEX, "1s")),
     );
-    let notify_path = dir.path().join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let notes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let drained = std::sync::Arc::clone(&notes);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_draining = std::sync::Arc::clone(&done);
-    let drainer = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while !stop_draining.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok(n) = notify.recv(&mut buf) {
-                drained
-                    .lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
-        }
-    });
+    let notes = NotifySocket::bind(&dir.path().join("notify.sock"));
     let logfile = std::fs::File::create(&log).unwrap();
     let child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(&config)
         .env_remove("DATABASE_URL")
         .env("RUST_LOG", "info")
-        .env("NOTIFY_SOCKET", &notify_path)
+        .env("NOTIFY_SOCKET", notes.path())
         .env("WATCHDOG_USEC", "1000000")
         .stdout(Stdio::from(logfile.try_clone().unwrap()))
         .stderr(Stdio::from(logfile))
@@ -471,7 +443,6 @@ replica = "svc-test"
     // SIGTERM: STOPPING=1, a clean exit.
     d.notifications();
     d.signal("TERM");
-    let notes = std::sync::Arc::clone(&d.notes);
     let log_path = d.log.clone();
     let started = Instant::now();
     let status = loop {
@@ -488,14 +459,6 @@ replica = "svc-test"
         std::fs::read_to_string(&log_path).unwrap_or_default()
     );
     std::thread::sleep(Duration::from_millis(300));
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    drainer.join().unwrap();
-    assert!(
-        notes
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|m| m.contains("STOPPING=1"))
-    );
+    assert!(d.notifications().iter().any(|m| m.contains("STOPPING=1")));
     server.stop().await;
 }
