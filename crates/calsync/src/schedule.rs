@@ -261,27 +261,32 @@ impl ScheduleWorker {
         &mut self,
         anchor: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), String> {
-        let mut moved = 0usize;
-        let configs: Vec<calsync_engine::TupleConfig> = self
+        let window_at = |t: &Tuple| t.rolling.map(|spec| spec.at(anchor));
+        let moved = self
             .all
             .iter()
-            .map(|t| {
-                let mut c = t.config();
-                match t.rolling.map(|spec| spec.at(anchor)) {
-                    Some(Some(w)) if w != c.window => {
-                        c.window = w;
-                        moved += 1;
-                    }
-                    // A fixed end the rolling start has passed: the last window stays.
-                    Some(None) => {
-                        warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one")
-                    }
-                    _ => {}
-                }
-                c
-            })
-            .collect();
+            .filter(|t| matches!(window_at(t), Some(Some(w)) if w != t.window))
+            .count();
+        for t in self
+            .all
+            .iter()
+            .filter(|t| matches!(window_at(t), Some(None)))
+        {
+            // A fixed end the rolling start has passed: the last window stays.
+            warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one");
+        }
         if moved > 0 {
+            let configs: Vec<calsync_engine::TupleConfig> = self
+                .all
+                .iter()
+                .map(|t| {
+                    let mut c = t.config();
+                    if let Some(Some(w)) = window_at(t) {
+                        c.window = w;
+                    }
+                    c
+                })
+                .collect();
             // Only windows move: nothing is untracked here (another replica's set may be newer).
             self.all = shared_tuples(
                 self.engine

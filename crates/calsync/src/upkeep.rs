@@ -54,11 +54,10 @@ pub async fn rebase(
     mut plan: watch::Receiver<Plan>,
     schedule: mpsc::UnboundedSender<ToSchedule>,
 ) -> anyhow::Result<()> {
-    // Rolling windows were fixed at this anchor when the config was read (or reloaded).
-    let mut anchor = plan
-        .borrow_and_update()
-        .window_rebase
-        .anchor(chrono::Utc::now());
+    // The anchor the windows are known to be at: none at first, so a worker (re)started after
+    // the anchor moved still asks (the schedule worker finds nothing moved if nothing did).
+    plan.borrow_and_update();
+    let mut anchor = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,12 +66,13 @@ pub async fn rebase(
             _ = tick.tick() => {}
             changed = plan.changed() => {
                 if changed.is_err() { return Ok(()) }
-                anchor = plan.borrow_and_update().window_rebase.anchor(chrono::Utc::now());
+                // The reload registered its windows at the anchor of now.
+                anchor = Some(plan.borrow_and_update().window_rebase.anchor(chrono::Utc::now()));
                 continue;
             }
         }
         let now = plan.borrow().window_rebase.anchor(chrono::Utc::now());
-        if now == anchor {
+        if anchor == Some(now) {
             continue;
         }
         ctx.busy();
@@ -81,7 +81,7 @@ pub async fn rebase(
             return Ok(());
         }
         if rx.await.unwrap_or(false) {
-            anchor = now;
+            anchor = Some(now);
         }
     }
 }
