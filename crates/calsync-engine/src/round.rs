@@ -58,12 +58,22 @@ impl Engine {
         match self.quick_round(tuple, cancel).await {
             Quick::Done(outcome) => outcome,
             Quick::Interrupted => Outcome::Interrupted,
-            // Boxed: a full round's future is kilobytes, and only the rounds that need one
-            // should hold one (a no-change round does not).
-            Quick::Slow(prefetched) => {
-                Box::pin(self.full_round(tuple, cancel, soft, prefetched)).await
-            }
+            Quick::Slow(prefetched) => self.boxed_full_round(tuple, cancel, soft, prefetched).await,
         }
+    }
+
+    /// The full round as a boxed future, built outside `run_round`'s own state machine, as
+    /// `boxed_round` was outside the tuple task's: a full round's future is kilobytes, and a
+    /// `Box::pin(..)` written inline may still get room reserved for the unboxed future in the
+    /// caller's state, which every no-change round would then allocate and move.
+    fn boxed_full_round<'a>(
+        &'a self,
+        tuple: &'a Tuple,
+        cancel: &'a CancellationToken,
+        soft: Option<&'a dyn SoftStop>,
+        prefetched: Option<Prefetched>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + 'a>> {
+        Box::pin(self.full_round(tuple, cancel, soft, prefetched))
     }
 
     /// The full round, going on from the quick lane's first answer if it fetched one.
