@@ -1,7 +1,7 @@
 //! What a Graph delta page means for the store: plain functions, no I/O.
 
 use calsync_graph::{DeltaItem, EventItem};
-use calsync_store::{Details, EventRow, PageChanges, PageOp, SeriesRow, reduce};
+use calsync_store::{EventRow, PageChanges, PageOp, SeriesRow, reduce};
 use std::collections::HashMap;
 
 /// Maps a page's items to store writes. A series master is series data, never an instance:
@@ -37,28 +37,11 @@ pub fn is_master(e: &EventItem) -> bool {
     e.event_type.as_deref() == Some("seriesMaster")
 }
 
-/// The fields beyond id and times.
-fn details(e: &EventItem) -> Details {
-    Details {
-        ical_uid: e.ical_uid.clone(),
-        subject: e.subject.clone(),
-        is_all_day: e.is_all_day,
-        is_cancelled: e.is_cancelled,
-        organizer_email: e.organizer_email.clone(),
-        location: e.location.clone(),
-        show_as: e.show_as.clone(),
-        online_meeting_url: e.online_meeting_url.clone(),
-        original_start_time_zone: e.original_start_time_zone.clone(),
-        last_modified_at: e.last_modified,
-        change_key: e.change_key.clone(),
-    }
-}
-
 /// A series master as the store keeps it.
 pub fn series_row(e: EventItem) -> SeriesRow {
     let mut row = SeriesRow {
-        master_id: e.id.clone(),
-        details: details(&e),
+        master_id: e.id,
+        details: e.details,
         payload: e.payload,
     };
     row.repair();
@@ -67,7 +50,7 @@ pub fn series_row(e: EventItem) -> SeriesRow {
 
 fn row(e: EventItem) -> EventRow {
     EventRow {
-        details: details(&e),
+        details: e.details,
         event_id: e.id,
         start_at: e.start,
         end_at: e.end,

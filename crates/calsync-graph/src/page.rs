@@ -4,6 +4,7 @@
 //! well-formed page is a [`GraphError::Malformed`], and the page is not applied.
 
 use crate::error::GraphError;
+use calsync_details::Details;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::{Map, Value};
 
@@ -57,10 +58,6 @@ impl DeltaItem {
 pub struct EventItem {
     /// Graph's id of the instance.
     pub id: String,
-    /// `iCalUId`: shared by every instance of a series.
-    pub ical_uid: Option<String>,
-    /// `subject`.
-    pub subject: Option<String>,
     /// `start`, converted to UTC from whatever zone it was written in.
     pub start: Option<DateTime<Utc>>,
     /// `end`, converted to UTC.
@@ -71,28 +68,12 @@ pub struct EventItem {
     pub end_date: Option<NaiveDate>,
     /// Why `start` or `end` could not be read (an unknown zone), if so.
     pub time_error: Option<String>,
-    /// `isAllDay`.
-    pub is_all_day: Option<bool>,
     /// `type`: `singleInstance`, `occurrence`, `exception` or `seriesMaster`.
     pub event_type: Option<String>,
     /// `seriesMasterId`, for occurrences and exceptions.
     pub series_master_id: Option<String>,
-    /// `lastModifiedDateTime`.
-    pub last_modified: Option<DateTime<Utc>>,
-    /// `changeKey`.
-    pub change_key: Option<String>,
-    /// `isCancelled`.
-    pub is_cancelled: Option<bool>,
-    /// `organizer.emailAddress.address`.
-    pub organizer_email: Option<String>,
-    /// `location.displayName`.
-    pub location: Option<String>,
-    /// `showAs`.
-    pub show_as: Option<String>,
-    /// `onlineMeeting.joinUrl`, or the older `onlineMeetingUrl`.
-    pub online_meeting_url: Option<String>,
-    /// `originalStartTimeZone`.
-    pub original_start_time_zone: Option<String>,
+    /// The fields beyond id and times, as the read model keeps them (calsync-details).
+    pub details: Details,
     /// Only some properties were sent (seen for occurrences: id, type, start, end): merge it
     /// into what is stored instead of replacing it.
     pub partial: bool,
@@ -143,12 +124,6 @@ fn date_time(
     Ok(Some((at, local.date())))
 }
 
-fn instant(m: &Map<String, Value>, k: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(m.get(k)?.as_str()?)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
-
 impl EventItem {
     /// Reads the indexed fields out of an event object; only a missing or empty `id` is an error.
     pub fn from_map(payload: Map<String, Value>) -> Result<Self, GraphError> {
@@ -157,8 +132,8 @@ impl EventItem {
             .ok_or_else(|| GraphError::Malformed {
                 reason: "an item has no id".into(),
             })?;
-        let is_all_day = payload.get("isAllDay").and_then(Value::as_bool);
-        let all_day = is_all_day == Some(true);
+        let details = Details::from_graph(&payload);
+        let all_day = details.is_all_day == Some(true);
         let start = date_time(&payload, "start", all_day);
         let end = date_time(&payload, "end", all_day);
         let time_error = match (&start, &end) {
@@ -167,41 +142,15 @@ impl EventItem {
         };
         let (start, start_date) = start.ok().flatten().unzip();
         let (end, end_date) = end.ok().flatten().unzip();
-        let online_meeting_url = payload
-            .get("onlineMeeting")
-            .and_then(|o| o.get("joinUrl"))
-            .and_then(Value::as_str)
-            .or_else(|| payload.get("onlineMeetingUrl").and_then(Value::as_str))
-            .map(str::to_owned);
         Ok(EventItem {
-            ical_uid: str_field(&payload, "iCalUId"),
-            subject: str_field(&payload, "subject"),
             start,
             end,
             start_date,
             end_date,
             time_error,
-            is_all_day,
             event_type: str_field(&payload, "type"),
             series_master_id: str_field(&payload, "seriesMasterId"),
-            last_modified: instant(&payload, "lastModifiedDateTime"),
-            change_key: str_field(&payload, "changeKey"),
-            is_cancelled: payload.get("isCancelled").and_then(Value::as_bool),
-            organizer_email: payload
-                .get("organizer")
-                .and_then(|o| o.get("emailAddress"))
-                .and_then(|e| e.get("address"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            location: payload
-                .get("location")
-                .and_then(|l| l.get("displayName"))
-                .and_then(Value::as_str)
-                .filter(|l| !l.is_empty())
-                .map(str::to_owned),
-            show_as: str_field(&payload, "showAs"),
-            online_meeting_url,
-            original_start_time_zone: str_field(&payload, "originalStartTimeZone"),
+            details,
             partial: !payload.contains_key("subject"),
             id,
             payload,
@@ -420,7 +369,8 @@ mod tests {
         let DeltaItem::Event(e) = &page.items[0] else {
             panic!()
         };
-        assert_eq!(e.subject, None);
+        assert_eq!(e.details.subject, None);
+        assert_eq!(e.details.is_all_day, None);
         assert_eq!(e.start, None);
         assert!(!e.partial);
         assert_eq!(e.payload["extra"]["k"], 1);
@@ -447,20 +397,27 @@ mod tests {
             })
             .collect();
         let all_day = events[0];
-        assert_eq!(all_day.is_all_day, Some(true));
+        assert_eq!(all_day.details.is_all_day, Some(true));
         assert_eq!(
             (all_day.end.unwrap() - all_day.start.unwrap()).num_days(),
             3,
             "multi-day"
         );
-        assert_eq!(all_day.subject.as_deref(), Some("Offsite 🏔️ — Zürich"));
+        assert_eq!(
+            all_day.details.subject.as_deref(),
+            Some("Offsite 🏔️ — Zürich")
+        );
         assert_eq!(
             all_day.payload["newGraphField"]["nested"][2], 3,
             "unknown fields kept"
         );
         let sparse = events[1];
         assert_eq!(
-            (sparse.start, sparse.is_all_day, sparse.ical_uid.as_deref()),
+            (
+                sparse.start,
+                sparse.details.is_all_day,
+                sparse.details.ical_uid.as_deref()
+            ),
             (None, None, None)
         );
         assert!(

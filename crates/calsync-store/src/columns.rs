@@ -1,11 +1,13 @@
 //! The read model's detail columns (subject, organizer, location, ...), as bound to a write:
-//! their names, their SQL types, the per-row arrays of an `UNNEST`, and their `ON CONFLICT`
-//! updates, shared by the event and the series upserts.
+//! the per-row arrays of an `UNNEST` and their `ON CONFLICT` updates, shared by the event and
+//! the series upserts. Which columns there are is calsync-details' table: nothing here names
+//! one.
 
-use crate::page::Details;
+use calsync_details::{COLUMNS, Details, Field};
 use chrono::{DateTime, Utc};
 use sqlx::Postgres;
 use sqlx::postgres::PgArguments;
+use std::sync::LazyLock;
 
 /// A statement that takes bound parameters: a plain query or one that returns a column.
 pub(crate) trait Binds<'q>: Sized {
@@ -25,101 +27,91 @@ impl<'q, O> Binds<'q> for sqlx::query::QueryScalar<'q, Postgres, O, PgArguments>
     }
 }
 
-/// The per-row arrays of the read model's detail columns, bound as `UNNEST` parameters.
-pub(crate) struct DetailColumns<'a> {
-    ical_uid: Vec<Option<&'a str>>,
-    subject: Vec<Option<&'a str>>,
-    is_all_day: Vec<Option<bool>>,
-    is_cancelled: Vec<Option<bool>>,
-    organizer_email: Vec<Option<&'a str>>,
-    location: Vec<Option<&'a str>>,
-    show_as: Vec<Option<&'a str>>,
-    online_meeting_url: Vec<Option<&'a str>>,
-    original_start_time_zone: Vec<Option<&'a str>>,
-    last_modified_at: Vec<Option<DateTime<Utc>>>,
-    change_key: Vec<Option<&'a str>>,
+/// One detail column's per-row values, bound as an `UNNEST` parameter.
+enum Array<'a> {
+    Text(Vec<Option<&'a str>>),
+    Bool(Vec<Option<bool>>),
+    Time(Vec<Option<DateTime<Utc>>>),
 }
 
+impl<'a> Array<'a> {
+    /// An empty array of the field's kind.
+    fn of_kind(f: Field<'_>, rows: usize) -> Array<'a> {
+        match f {
+            Field::Text(_) => Array::Text(Vec::with_capacity(rows)),
+            Field::Bool(_) => Array::Bool(Vec::with_capacity(rows)),
+            Field::Time(_) => Array::Time(Vec::with_capacity(rows)),
+        }
+    }
+
+    fn push(&mut self, f: Field<'a>) {
+        // Column i of every `Details` has one kind (calsync-details' table): the arms that
+        // pair different kinds cannot be reached.
+        match (self, f) {
+            (Array::Text(v), Field::Text(x)) => v.push(x),
+            (Array::Bool(v), Field::Bool(x)) => v.push(x),
+            (Array::Time(v), Field::Time(x)) => v.push(x),
+            (Array::Text(_) | Array::Bool(_) | Array::Time(_), _) => {
+                debug_assert!(false, "a detail column changed kind between rows")
+            }
+        }
+    }
+}
+
+/// The per-row arrays of the read model's detail columns (calsync-details' `COLUMNS`, in
+/// order), bound as `UNNEST` parameters.
+pub(crate) struct DetailColumns<'a>(Vec<Array<'a>>);
+
 /// The detail columns, in the order [`DetailColumns::bind`] binds them.
-pub(crate) const DETAIL_COLUMNS: &str = "ical_uid, subject, is_all_day, is_cancelled, organizer_email, location, \
-     show_as, online_meeting_url, original_start_time_zone, last_modified_at, change_key";
-const DETAIL_TYPES: [&str; 11] = [
-    "text[]",
-    "text[]",
-    "bool[]",
-    "bool[]",
-    "text[]",
-    "text[]",
-    "text[]",
-    "text[]",
-    "text[]",
-    "timestamptz[]",
-    "text[]",
-];
+pub(crate) static DETAIL_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    COLUMNS
+        .iter()
+        .map(|c| c.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+});
 
 impl<'a> DetailColumns<'a> {
-    pub(crate) fn of(details: impl Iterator<Item = &'a Details>) -> Self {
-        let mut c = DetailColumns {
-            ical_uid: Vec::new(),
-            subject: Vec::new(),
-            is_all_day: Vec::new(),
-            is_cancelled: Vec::new(),
-            organizer_email: Vec::new(),
-            location: Vec::new(),
-            show_as: Vec::new(),
-            online_meeting_url: Vec::new(),
-            original_start_time_zone: Vec::new(),
-            last_modified_at: Vec::new(),
-            change_key: Vec::new(),
-        };
+    pub(crate) fn of(details: impl ExactSizeIterator<Item = &'a Details>) -> Self {
+        let rows = details.len();
+        let mut arrays: Vec<Array<'a>> = Details::default()
+            .fields()
+            .into_iter()
+            .map(|f| Array::of_kind(f, rows))
+            .collect();
         for d in details {
-            c.ical_uid.push(d.ical_uid.as_deref());
-            c.subject.push(d.subject.as_deref());
-            c.is_all_day.push(d.is_all_day);
-            c.is_cancelled.push(d.is_cancelled);
-            c.organizer_email.push(d.organizer_email.as_deref());
-            c.location.push(d.location.as_deref());
-            c.show_as.push(d.show_as.as_deref());
-            c.online_meeting_url.push(d.online_meeting_url.as_deref());
-            c.original_start_time_zone
-                .push(d.original_start_time_zone.as_deref());
-            c.last_modified_at.push(d.last_modified_at);
-            c.change_key.push(d.change_key.as_deref());
+            for (a, f) in arrays.iter_mut().zip(d.fields()) {
+                a.push(f);
+            }
         }
-        c
+        DetailColumns(arrays)
     }
 
     pub(crate) fn bind<'q, Q: Binds<'q>>(&'q self, q: Q) -> Q {
-        q.bind_one(&self.ical_uid)
-            .bind_one(&self.subject)
-            .bind_one(&self.is_all_day)
-            .bind_one(&self.is_cancelled)
-            .bind_one(&self.organizer_email)
-            .bind_one(&self.location)
-            .bind_one(&self.show_as)
-            .bind_one(&self.online_meeting_url)
-            .bind_one(&self.original_start_time_zone)
-            .bind_one(&self.last_modified_at)
-            .bind_one(&self.change_key)
+        self.0.iter().fold(q, |q, a| match a {
+            Array::Text(v) => q.bind_one(v),
+            Array::Bool(v) => q.bind_one(v),
+            Array::Time(v) => q.bind_one(v),
+        })
     }
 }
 
 /// `$first::text[], …` for the detail columns' parameters.
 pub(crate) fn detail_params(first: usize) -> String {
-    DETAIL_TYPES
+    COLUMNS
         .iter()
         .enumerate()
-        .map(|(i, t)| format!("${}::{t}", first + i))
+        .map(|(i, c)| format!("${}::{}", first + i, c.array_type))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
 /// `col = EXCLUDED.col` (or, for a partial row, `COALESCE(EXCLUDED.col, table.col)`).
 pub(crate) fn detail_updates(table: &str, partial: bool) -> String {
-    DETAIL_COLUMNS
-        .split(',')
-        .map(str::trim)
+    COLUMNS
+        .iter()
         .map(|c| {
+            let c = c.name;
             if partial {
                 format!("{c} = COALESCE(EXCLUDED.{c}, {table}.{c})")
             } else {
@@ -128,4 +120,73 @@ pub(crate) fn detail_updates(table: &str, partial: bool) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+    use sqlx::PgPool;
+
+    /// calsync-details' table against the migrated schema: a column added there without its
+    /// migration (or a migration that forgot the view) fails here, not in production.
+    #[sqlx::test(migrations = false)]
+    async fn every_detail_column_is_in_the_tables_and_the_view_with_its_type(pool: PgPool) {
+        Store::from_pool(pool.clone()).migrate().await.unwrap();
+        let types = |table: &'static str| {
+            let pool = pool.clone();
+            async move {
+                let rows: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                     WHERE table_schema = current_schema() AND table_name = $1",
+                )
+                .bind(table)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                rows.into_iter()
+                    .collect::<std::collections::HashMap<String, String>>()
+            }
+        };
+        let (events, series, view) = (
+            types("events").await,
+            types("series").await,
+            types("calendar_events").await,
+        );
+        for c in COLUMNS {
+            for (table, cols) in [("events", &events), ("series", &series)] {
+                assert_eq!(
+                    cols.get(c.name).map(String::as_str),
+                    Some(c.sql_type),
+                    "{table}.{}",
+                    c.name
+                );
+            }
+            let shown = view.get(c.name).map(String::as_str);
+            if c.in_view {
+                assert_eq!(shown, Some(c.sql_type), "calendar_events.{}", c.name);
+            } else {
+                assert_eq!(shown, None, "calendar_events shows {}", c.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_statement_pieces_follow_the_table() {
+        assert_eq!(DETAIL_COLUMNS.split(", ").count(), COLUMNS.len());
+        assert!(detail_params(5).starts_with("$5::text[], "));
+        assert_eq!(detail_params(5).matches("::").count(), COLUMNS.len());
+        assert!(
+            detail_updates("events", true)
+                .contains("subject = COALESCE(EXCLUDED.subject, events.subject)")
+        );
+        let d = [Details::default(), Details::default()];
+        let c = DetailColumns::of(d.iter());
+        assert_eq!(c.0.len(), COLUMNS.len());
+        assert!(c.0.iter().all(|a| match a {
+            Array::Text(v) => v.len() == 2,
+            Array::Bool(v) => v.len() == 2,
+            Array::Time(v) => v.len() == 2,
+        }));
+    }
 }

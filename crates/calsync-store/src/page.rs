@@ -4,55 +4,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
-/// What an event says about itself beyond its id and times: the fields the read model
-/// indexes. An occurrence stub has none of them; its series (a [`SeriesRow`]) does.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Details {
-    /// The iCalendar UID.
-    pub ical_uid: Option<String>,
-    /// The subject.
-    pub subject: Option<String>,
-    /// Whether it is all-day.
-    pub is_all_day: Option<bool>,
-    /// `isCancelled`: an attendee's copy of a meeting its organizer cancelled.
-    pub is_cancelled: Option<bool>,
-    /// `organizer.emailAddress.address`.
-    pub organizer_email: Option<String>,
-    /// `location.displayName`.
-    pub location: Option<String>,
-    /// `showAs`: `free`, `tentative`, `busy`, `oof`, `workingElsewhere`.
-    pub show_as: Option<String>,
-    /// `onlineMeeting.joinUrl` (or the older `onlineMeetingUrl`).
-    pub online_meeting_url: Option<String>,
-    /// `originalStartTimeZone`: the zone the organizer used.
-    pub original_start_time_zone: Option<String>,
-    /// Graph's `lastModifiedDateTime`.
-    pub last_modified_at: Option<DateTime<Utc>>,
-    /// Graph's `changeKey`: an unchanged key means an unchanged row.
-    pub change_key: Option<String>,
-}
-
-impl Details {
-    /// Lays `newer` over `self`: fields it has win, fields it lacks are kept.
-    fn merge(&mut self, newer: Details) {
-        macro_rules! keep {
-            ($($f:ident),*) => { $( if newer.$f.is_some() { self.$f = newer.$f; } )* };
-        }
-        keep!(
-            ical_uid,
-            subject,
-            is_all_day,
-            is_cancelled,
-            organizer_email,
-            location,
-            show_as,
-            online_meeting_url,
-            original_start_time_zone,
-            last_modified_at,
-            change_key
-        );
-    }
-}
+/// What an event says about itself beyond its id and times, declared in calsync-details.
+pub use calsync_details::Details;
 
 /// One event row to write: a single event, an occurrence or an exception.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,32 +89,16 @@ fn strip_nul_map(m: &mut Map<String, Value>) -> bool {
     changed
 }
 
-impl Details {
-    fn strip_nul(&mut self) -> bool {
-        let mut changed = false;
-        for s in [
-            &mut self.ical_uid,
-            &mut self.subject,
-            &mut self.organizer_email,
-            &mut self.location,
-            &mut self.show_as,
-            &mut self.online_meeting_url,
-            &mut self.original_start_time_zone,
-            &mut self.change_key,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            changed |= strip_nul_str(s);
-        }
-        changed
-    }
+/// Removes NULs from every text field of `d`; returns whether it did.
+fn strip_nul_details(d: &mut Details) -> bool {
+    d.texts_mut()
+        .fold(false, |changed, s| strip_nul_str(s) | changed)
 }
 
 impl EventRow {
     /// Removes what PostgreSQL would refuse (see [`strip_nul`]); returns whether it did.
     pub fn repair(&mut self) -> bool {
-        let mut changed = self.details.strip_nul() | strip_nul_map(&mut self.payload);
+        let mut changed = strip_nul_details(&mut self.details) | strip_nul_map(&mut self.payload);
         for s in [
             &mut self.event_type,
             &mut self.series_master_id,
@@ -180,7 +117,7 @@ impl EventRow {
 impl SeriesRow {
     /// Removes what PostgreSQL would refuse (see [`strip_nul`]); returns whether it did.
     pub fn repair(&mut self) -> bool {
-        self.details.strip_nul()
+        strip_nul_details(&mut self.details)
             | strip_nul_map(&mut self.payload)
             | strip_nul_str(&mut self.master_id)
     }

@@ -5,6 +5,7 @@
 use crate::columns::{DETAIL_COLUMNS, DetailColumns, detail_params, detail_updates};
 use crate::error::{StoreError, db};
 use crate::page::{EventRow, SeriesRow};
+use calsync_details::COLUMNS;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Postgres, Transaction};
 
@@ -59,11 +60,13 @@ async fn upsert(
     };
     let sql = format!(
         "INSERT INTO events (tuple_id, event_id, start_at, end_at, start_date, end_date, time_error, event_type, \
-           series_master_id, payload, {DETAIL_COLUMNS}, seen_round, pending) \
-         SELECT $1, u.*, $2, $23 FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
+           series_master_id, payload, {}, seen_round, pending) \
+         SELECT $1, u.*, $2, ${} FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
            $8::text[], $9::text[], $10::text[], $11::jsonb[], {}) AS u \
          ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict} \
          RETURNING event_id",
+        *DETAIL_COLUMNS,
+        12 + COLUMNS.len(),
         detail_params(12)
     );
     let q = sqlx::query_scalar(&sql)
@@ -249,11 +252,12 @@ pub(crate) async fn upsert_series(
         rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
     let details = DetailColumns::of(rows.iter().map(|r| &r.details));
     let sql = format!(
-        "INSERT INTO series (tuple_id, master_id, payload, {DETAIL_COLUMNS}, seen_round) \
+        "INSERT INTO series (tuple_id, master_id, payload, {}, seen_round) \
          SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::jsonb[], {}) AS u \
          ON CONFLICT (tuple_id, master_id) DO UPDATE SET {}, payload = EXCLUDED.payload, \
            seen_round = EXCLUDED.seen_round, synced_at = now() \
          RETURNING master_id",
+        *DETAIL_COLUMNS,
         detail_params(5),
         detail_updates("series", false)
     );

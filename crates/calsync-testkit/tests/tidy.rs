@@ -105,6 +105,20 @@ fn crate_edges_are_the_ones_architecture_md_states() {
     // Only calsync-store speaks SQL, only calsync-graph speaks HTTP to Graph.
     assert_eq!(users_of(&deps, "sqlx"), set(&["calsync-store"]));
     assert_eq!(users_of(&deps, "reqwest"), set(&["calsync-graph"]));
+    // The read model's detail columns are declared once, in a crate that knows neither HTTP
+    // nor SQL, read by the parser and bound by the store.
+    let details_deps: Vec<&Dep> = deps
+        .iter()
+        .filter(|d| d.from == "calsync-details")
+        .collect();
+    assert!(
+        details_deps.iter().all(|d| !d.to.starts_with("calsync")),
+        "calsync-details depends on a calsync crate"
+    );
+    assert!(
+        users_of(&deps, "calsync-details").is_superset(&set(&["calsync-graph", "calsync-store"])),
+        "the parser and the store both take the detail columns from calsync-details"
+    );
     // graph-sim reaches calsync only through the demo feature and the test kit, and knows
     // no calsync crate itself.
     assert_eq!(
@@ -504,4 +518,42 @@ fn each_crates_module_table_lists_its_modules() {
         "module tables out of date:\n{}",
         wrong.join("\n")
     );
+}
+
+/// `migrations/README.md` names, for each view, the last migration that defines it: the copy
+/// to start from when a migration changes the view.
+#[test]
+fn migrations_readme_names_the_current_definition_of_each_view() {
+    let dir = root().join("migrations");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    files.sort();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for f in &files {
+        let sql = std::fs::read_to_string(f).unwrap();
+        for line in sql.lines() {
+            let l = line.trim_start();
+            let Some(rest) = l
+                .strip_prefix("CREATE OR REPLACE VIEW ")
+                .or_else(|| l.strip_prefix("CREATE VIEW "))
+            else {
+                continue;
+            };
+            let view = rest.split_whitespace().next().unwrap().to_owned();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            last.insert(view, name);
+        }
+    }
+    assert!(last.contains_key("calendar_events"), "{last:?}");
+    let readme = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    for (view, file) in &last {
+        let row = format!("| `{view}` | `{file}` |");
+        assert!(
+            readme.contains(&row),
+            "migrations/README.md should say `{file}` holds the current `{view}` (want the row {row})"
+        );
+    }
 }
