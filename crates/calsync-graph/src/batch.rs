@@ -31,43 +31,60 @@ use crate::{Answer, GraphClient, Inner, parse_retry_after};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 /// Graph's limit of requests in one batch (notes §6).
 pub const MAX_REQUESTS: usize = 20;
 
-/// The collector's inbox.
+/// The collector's receiving end: whoever holds it runs the collector
+/// ([`GraphClient::run_batch_collector`]).
+#[derive(Debug)]
+pub struct BatchInbox(mpsc::UnboundedReceiver<Job>);
+
+/// Where replays go to be batched. The collector runs where the inbox went: in a worker of the
+/// caller's ([`GraphClient::take_batch_inbox`]: `calsync run` supervises it by name), or else
+/// in a task the first replay starts, which ends when the client is dropped.
 #[derive(Debug)]
 pub(crate) struct Batcher {
     tx: mpsc::UnboundedSender<Job>,
+    inbox: Mutex<Option<BatchInbox>>,
+    /// The inbox was taken, by a caller or by the first replay: replays only send.
+    taken: AtomicBool,
+}
+
+impl Default for Batcher {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Batcher {
+            tx,
+            inbox: Mutex::new(Some(BatchInbox(rx))),
+            taken: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Batcher {
+    fn take_inbox(&self) -> Option<BatchInbox> {
+        self.taken.store(true, Ordering::Release);
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 #[derive(Debug)]
-struct Job {
+pub(crate) struct Job {
     /// The request's URL relative to the version root: `/users/…/calendarView/delta?…`.
     url: String,
     reply: oneshot::Sender<Result<Answer, GraphError>>,
 }
 
-impl Batcher {
-    /// Starts the collector on the current runtime. It ends when the client is dropped.
-    fn start(inner: Weak<Inner>, size: usize, linger: Duration) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(collect(inner, rx, size, linger));
-        Batcher { tx }
-    }
-}
-
 /// Gathers jobs into batches of at most `size`, the first waiting at most `linger`, and sends
-/// each batch on its own task.
-async fn collect(
-    inner: Weak<Inner>,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    size: usize,
-    linger: Duration,
-) {
+/// each batch on its own task; ends when the client is gone. A job taken from the inbox is
+/// answered by its batch's task: only the gathering batch is lost if this future is dropped.
+async fn collect(inner: Weak<Inner>, inbox: &mut BatchInbox, size: usize, linger: Duration) {
+    let rx = &mut inbox.0;
     while let Some(first) = rx.recv().await {
         let mut jobs = Vec::with_capacity(size);
         jobs.push(first);
@@ -83,6 +100,23 @@ async fn collect(
         };
         let client = GraphClient { inner };
         tokio::spawn(async move { client.send_batch(jobs).await });
+    }
+}
+
+impl GraphClient {
+    /// The collector's inbox, for a caller that runs the collector as a supervised worker
+    /// ([`GraphClient::run_batch_collector`]); taken before the first replay, or replays
+    /// start a collector of their own. `None` once taken.
+    pub fn take_batch_inbox(&self) -> Option<BatchInbox> {
+        self.inner.batcher.take_inbox()
+    }
+
+    /// Runs the collector on `inbox` until the future is dropped. A collector that ends (a
+    /// panic) leaves the replays still queued in `inbox` for the next run.
+    pub async fn run_batch_collector(&self, inbox: &mut BatchInbox) {
+        let cfg = &self.inner.cfg;
+        let (size, linger) = (cfg.batch_size.min(MAX_REQUESTS), cfg.batch_linger);
+        collect(Arc::downgrade(&self.inner), inbox, size, linger).await
     }
 }
 
@@ -341,14 +375,16 @@ impl GraphClient {
 
     /// Hands `url` to the collector and waits for its inner answer.
     async fn batched(&self, url: String) -> Result<Answer, GraphError> {
-        let cfg = &self.inner.cfg;
-        let batcher = self.inner.batcher.get_or_init(|| {
-            Batcher::start(
-                std::sync::Arc::downgrade(&self.inner),
-                cfg.batch_size.min(MAX_REQUESTS),
-                cfg.batch_linger,
-            )
-        });
+        let batcher = &self.inner.batcher;
+        if !batcher.taken.load(Ordering::Acquire) {
+            // Nobody runs the collector (a one-shot sync, a test): a task of its own does.
+            if let Some(mut inbox) = batcher.take_inbox() {
+                let inner = Arc::downgrade(&self.inner);
+                let cfg = &self.inner.cfg;
+                let (size, linger) = (cfg.batch_size.min(MAX_REQUESTS), cfg.batch_linger);
+                tokio::spawn(async move { collect(inner, &mut inbox, size, linger).await });
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let lost = || GraphError::Transient {
             status: None,

@@ -25,6 +25,7 @@ pub mod page;
 pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
+pub use batch::BatchInbox;
 pub use budget::{PageBudget, PageHold};
 pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
@@ -151,8 +152,8 @@ struct Inner {
     tokens: TokenSource,
     prefer: HeaderValue,
     budget: Option<PageBudget>,
-    /// The replay batcher, started at the first replay.
-    batcher: std::sync::OnceLock<batch::Batcher>,
+    /// Where replays go to be batched (see [`GraphClient::take_batch_inbox`]).
+    batcher: batch::Batcher,
     /// Set once Graph answered a batched replay with an error that the same request sent
     /// alone did not get: replays are sent one by one from then on.
     batch_refused: std::sync::atomic::AtomicBool,
@@ -232,7 +233,7 @@ impl GraphClient {
                 fresh_http,
                 budget: PageBudget::new(cfg.page_memory_budget),
                 prefer,
-                batcher: std::sync::OnceLock::new(),
+                batcher: batch::Batcher::default(),
                 batch_refused: std::sync::atomic::AtomicBool::new(false),
                 origin_slash: format!("{}/", origin_text(&cfg.base_url)),
                 root_slash: format!(

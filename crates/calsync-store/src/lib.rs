@@ -33,6 +33,7 @@ pub mod tuples;
 mod upsert;
 pub mod write;
 
+pub use batch::LinkInbox;
 pub use error::{SqlClass, StoreError, sql_class};
 pub use leases::{Heartbeat, LeaseOwner, ReplicaKind};
 pub use page::{

@@ -1,6 +1,6 @@
 //! `calsync run` as a service: [`App::build`] connects, migrates, registers and binds; then
-//! [`App::run`] starts the supervised workers (the HTTP endpoint, the lease keeper, the schedule
-//! worker, discovery, re-base, upkeep) and runs the main loop, which only waits for shutdown,
+//! [`App::run`] starts the supervised workers (the HTTP endpoint, the link batcher, the batch
+//! collector, the lease keeper, the schedule worker, discovery, re-base, upkeep) and runs the main loop, which only waits for shutdown,
 //! SIGHUP and worker exits, and feeds `/healthz` and the systemd watchdog every second. Nothing
 //! slow is awaited in it. On shutdown it drains: rounds first, leases last.
 
@@ -68,6 +68,9 @@ pub struct App {
     metrics: Option<PrometheusHandle>,
     /// Whether `[[sources]]` were resolved at start (else a pass is tried again soon).
     sources_resolved: bool,
+    /// The link batcher's and the batch collector's inboxes, run as workers by `run`.
+    link_inbox: calsync_store::LinkInbox,
+    batch_inbox: calsync_graph::BatchInbox,
 }
 
 impl std::fmt::Debug for App {
@@ -91,6 +94,15 @@ impl App {
         let (engine, tuples, keeper, sources_resolved) =
             commands::build_replica(&cfg, ReplicaKind::Run).await?;
         let keeper = Arc::new(keeper);
+        // Taken before any round runs, so no commit or replay starts a loop of its own.
+        let link_inbox = engine
+            .store()
+            .take_link_inbox()
+            .context("the link batcher was started before the daemon could supervise it")?;
+        let batch_inbox = engine
+            .graph()
+            .take_batch_inbox()
+            .context("the batch collector was started before the daemon could supervise it")?;
         let listener = match cfg.http_listen {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -108,6 +120,8 @@ impl App {
             listener,
             metrics,
             sources_resolved,
+            link_inbox,
+            batch_inbox,
         })
     }
 
@@ -134,6 +148,8 @@ impl App {
             listener,
             metrics,
             sources_resolved,
+            link_inbox,
+            batch_inbox,
         } = self;
         let stop = CancellationToken::new();
         let mut supervisor = Supervisor::new();
@@ -165,6 +181,36 @@ impl App {
                         .with_graceful_shutdown(async move { stop.cancelled().await })
                         .await
                         .context("the http endpoint failed")
+                }
+            });
+        }
+
+        // The two loops every round's commit and replay go through. They outlive the drain
+        // (rounds finishing commit through them) and stop with the supervisor. A run that
+        // ended (a panic) leaves what was queued in its inbox for the next one.
+        {
+            let inbox = Arc::new(tokio::sync::Mutex::new(link_inbox));
+            let store = engine.store().clone();
+            supervisor.spawn("link-batcher", Policy::Restart, move |ctx| {
+                let (inbox, store) = (Arc::clone(&inbox), store.clone());
+                async move {
+                    let mut inbox = inbox.lock().await;
+                    ctx.idle();
+                    store.run_link_batcher(&mut inbox).await;
+                    anyhow::bail!("the link batcher's inbox closed")
+                }
+            });
+        }
+        {
+            let inbox = Arc::new(tokio::sync::Mutex::new(batch_inbox));
+            let graph = engine.graph().clone();
+            supervisor.spawn("batch-collector", Policy::Restart, move |ctx| {
+                let (inbox, graph) = (Arc::clone(&inbox), graph.clone());
+                async move {
+                    let mut inbox = inbox.lock().await;
+                    ctx.idle();
+                    graph.run_batch_collector(&mut inbox).await;
+                    anyhow::bail!("the batch collector's inbox closed")
                 }
             });
         }
