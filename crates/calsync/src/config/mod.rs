@@ -2,11 +2,17 @@
 //! `CALSYNC_<SECTION>__<KEY>` environment), then validated into domain types. Every error names
 //! the key that is wrong.
 //!
-//! `file` holds the sections as written (with their defaults), `validate` turns them into
-//! [`Config`], one function per section.
+//! | module | owns |
+//! |---|---|
+//! | `file` | the sections as written, with their defaults |
+//! | `validate` | the file as written becomes [`Config`], one function per section |
+//! | `connect` | the sections of where calsync connects and with what: database, Graph, auth, TLS |
+//! | `values` | values several sections share: durations, instants, URLs, secret files |
 
+mod connect;
 mod file;
 mod validate;
+mod values;
 
 pub use file::*;
 
@@ -164,7 +170,7 @@ impl Config {
             ("graph.base_url", &self.graph.base_url),
             ("auth.token_url", &self.auth.token_url),
         ] {
-            if u.scheme() == "http" && !validate::is_loopback(u) {
+            if u.scheme() == "http" && !connect::is_loopback(u) {
                 out.push(key);
             }
         }

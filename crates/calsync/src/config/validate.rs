@@ -1,27 +1,26 @@
 //! Validation: the file as written becomes the typed [`Config`], one function per section.
 //! Every error names the key that is wrong.
-//!
-//! Longer than 600 lines because it is one function per section in the order of the file,
-//! each short and independent; the tests of `config/mod.rs` hold every key's errors. A split
-//! into one file per section is due when a section grows (`[push]`, `[auth]` kinds).
+//! The connection sections (`[database]`, `[graph]`, `[auth]`, `[tls]`) are in `connect.rs`,
+//! values several sections share in `values.rs`; the tests of `config/mod.rs` hold every key's
+//! errors.
 
+use super::connect::{auth, database, graph, tls};
+use super::values::{duration, instant, read_secret_file, resolve_credential};
 use super::{
     Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels, OnRemove,
-    Patterns, RawAuth, RawCalendar, RawConfig, RawDatabase, RawDiscovery, RawGraph, RawHttp,
-    RawLog, RawMetrics, RawService, RawSource, RawSync, RawTls, bad,
+    Patterns, RawCalendar, RawConfig, RawDiscovery, RawHttp, RawLog, RawMetrics, RawService,
+    RawSource, RawSync, bad,
 };
 use calsync_engine::{
     Budget, CalendarPick, CronSchedule, CronScheduleError, Edge, Members, Rebase, Source,
     SyncSettings, TupleConfig, WindowSpec,
 };
-use calsync_graph::{AuthConfig, CalendarRef, GraphConfig};
+use calsync_graph::CalendarRef;
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use url::Url;
 
 impl RawConfig {
     /// Checks every value and builds the typed config.
@@ -113,259 +112,6 @@ impl RawConfig {
         d.extra_root_pem = tls(&self.tls)?;
         d.native_roots = self.tls.native_roots;
         Ok(d)
-    }
-}
-
-/// `[database]`: the URL (inline, from a file, or `DATABASE_URL`) and the pool.
-fn database(d: &RawDatabase) -> Result<DatabaseConfig, ConfigError> {
-    let db_url = match (&d.url.0, &d.url_file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "database.url_file",
-                "set database.url or database.url_file, not both",
-            ));
-        }
-        (Some(u), None) => u.clone(),
-        (None, Some(p)) => read_secret_file("database.url_file", &resolve_credential(p))?,
-        (None, None) => match std::env::var("DATABASE_URL") {
-            Ok(u) if !u.trim().is_empty() => SecretString::from(u),
-            _ => {
-                return Err(bad(
-                    "database.url",
-                    "missing: set database.url (or CALSYNC_DATABASE__URL, or DATABASE_URL)",
-                ));
-            }
-        },
-    };
-    match Url::parse(db_url.expose_secret()) {
-        Ok(u) if matches!(u.scheme(), "postgres" | "postgresql") => {}
-        _ => {
-            return Err(bad(
-                "database.url",
-                "must be a postgres:// or postgresql:// URL",
-            ));
-        }
-    }
-    if d.max_connections == 0 {
-        return Err(bad("database.max_connections", "must be at least 1"));
-    }
-    Ok(DatabaseConfig {
-        url: db_url,
-        max_connections: d.max_connections,
-        connect_timeout: duration("database.connect_timeout", &d.connect_timeout)?,
-        wait_at_start: duration("database.wait_at_start", &d.wait_at_start)?,
-        extra_root_pem: None,
-        native_roots: false,
-        statement_timeout: match duration("database.statement_timeout", &d.statement_timeout)? {
-            t if t < std::time::Duration::from_secs(1) => {
-                return Err(bad("database.statement_timeout", "must be at least 1s"));
-            }
-            t => t,
-        },
-    })
-}
-
-/// `[graph]` (and `sync.page_size`, which is sent to Graph as `Prefer: odata.maxpagesize`).
-fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigError> {
-    let base_url = http_url("graph.base_url", &g.base_url)?;
-    refuse_clear_text("graph.base_url", &base_url, g.allow_insecure_http)?;
-    let mut graph = GraphConfig::new(base_url);
-    graph.connect_timeout = duration("graph.connect_timeout", &g.connect_timeout)?;
-    graph.request_timeout = duration("graph.request_timeout", &g.request_timeout)?;
-    if g.max_page_bytes < 1024 {
-        return Err(bad("graph.max_page_bytes", "must be at least 1024"));
-    }
-    graph.max_page_bytes = g.max_page_bytes as usize;
-    graph.page_memory_budget = usize::try_from(g.page_memory_budget).map_err(|_| {
-        bad(
-            "graph.page_memory_budget",
-            "is larger than this machine can address",
-        )
-    })?;
-    if graph.page_memory_budget != 0 && graph.page_memory_budget < 1024 * 1024 {
-        return Err(bad(
-            "graph.page_memory_budget",
-            "must be 0 (off) or at least 1048576 (1 MiB)",
-        ));
-    }
-    if !(1..=calsync_graph::batch::MAX_REQUESTS as u32).contains(&g.batch_size) {
-        return Err(bad(
-            "graph.batch_size",
-            format!(
-                "{} is out of range 1..={} (Graph's limit; 1 sends every request alone)",
-                g.batch_size,
-                calsync_graph::batch::MAX_REQUESTS
-            ),
-        ));
-    }
-    graph.batch_size = g.batch_size as usize;
-    graph.batch_linger = duration("graph.batch_linger", &g.batch_linger)?;
-    if graph.batch_linger > Duration::from_secs(1) {
-        return Err(bad(
-            "graph.batch_linger",
-            "must be at most 1s: every replay waits for it",
-        ));
-    }
-    if !(1..=10_000).contains(&page_size) {
-        return Err(bad(
-            "sync.page_size",
-            format!("{} is out of range 1..=10000", page_size),
-        ));
-    }
-    graph.page_size = Some(page_size);
-    Ok(graph)
-}
-
-/// `[auth]`: the client-credentials app. Its token endpoint and Graph must be of one cloud.
-fn auth(
-    a: &RawAuth,
-    graph_base: &Url,
-    allow_insecure_http: bool,
-) -> Result<AuthConfig, ConfigError> {
-    if a.token_url.trim().is_empty() {
-        return Err(bad(
-            "auth.token_url",
-            "missing: e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
-        ));
-    }
-    let token_url = http_url("auth.token_url", &a.token_url)?;
-    refuse_clear_text("auth.token_url", &token_url, allow_insecure_http)?;
-    if let (Some(token_cloud), Some(graph_cloud)) = (
-        cloud_of_token_host(token_url.host_str().unwrap_or("")),
-        cloud_of_graph_host(graph_base.host_str().unwrap_or("")),
-    ) {
-        if token_cloud != graph_cloud {
-            return Err(bad(
-                "auth.token_url",
-                format!(
-                    "{} is the token endpoint of {token_cloud}, but graph.base_url is {graph_cloud}'s Graph; the pairs are: {}",
-                    token_url.host_str().unwrap_or(""),
-                    CLOUDS
-                        .iter()
-                        .map(|c| format!("{} ({} + {})", c.name, c.login, c.graph))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-    }
-    if a.client_id.trim().is_empty() {
-        return Err(bad("auth.client_id", "missing"));
-    }
-    let client_secret = match (&a.client_secret.0, &a.client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "auth.client_secret_file",
-                "set auth.client_secret or auth.client_secret_file, not both",
-            ));
-        }
-        (Some(s), None) if !s.expose_secret().is_empty() => s.clone(),
-        (Some(_), None) => return Err(bad("auth.client_secret", "is empty")),
-        (None, Some(p)) => read_secret_file("auth.client_secret_file", &resolve_credential(p))?,
-        (None, None) => {
-            return Err(bad(
-                "auth.client_secret",
-                "missing: set auth.client_secret or auth.client_secret_file",
-            ));
-        }
-    };
-    // The `.default` scope of the Graph calsync talks to: https://graph.microsoft.com/.default
-    // asks a US Government or China tenant for a token Graph there does not accept.
-    let scope = match a.scope.trim() {
-        "" => default_scope(graph_base),
-        s => s.to_owned(),
-    };
-    Ok(AuthConfig {
-        token_url,
-        client_id: a.client_id.trim().to_owned(),
-        client_secret,
-        scope,
-    })
-}
-
-/// A Microsoft cloud: its token endpoint host and its Graph hosts.
-struct Cloud {
-    name: &'static str,
-    login: &'static str,
-    graph: &'static str,
-}
-
-/// The national clouds and their pairs (Microsoft's "national cloud deployments" page).
-const CLOUDS: [Cloud; 4] = [
-    Cloud {
-        name: "the global service",
-        login: "login.microsoftonline.com",
-        graph: "graph.microsoft.com",
-    },
-    Cloud {
-        name: "US Government L4",
-        login: "login.microsoftonline.us",
-        graph: "graph.microsoft.us",
-    },
-    Cloud {
-        name: "US Government L5 (DOD)",
-        login: "login.microsoftonline.us",
-        graph: "dod-graph.microsoft.us",
-    },
-    Cloud {
-        name: "China (21Vianet)",
-        login: "login.chinacloudapi.cn",
-        graph: "microsoftgraph.chinacloudapi.cn",
-    },
-];
-
-/// Which cloud a token endpoint host belongs to (L4 and L5 share one).
-fn cloud_of_token_host(host: &str) -> Option<&'static str> {
-    let host = host.to_ascii_lowercase();
-    match host.as_str() {
-        "login.microsoftonline.com" | "login.windows.net" => Some("the global service"),
-        "login.microsoftonline.us" => Some("US Government"),
-        "login.chinacloudapi.cn" | "login.partner.microsoftonline.cn" => Some("China (21Vianet)"),
-        _ => None,
-    }
-}
-
-/// Which cloud a Graph host belongs to, named as [`cloud_of_token_host`] names it.
-fn cloud_of_graph_host(host: &str) -> Option<&'static str> {
-    let host = host.to_ascii_lowercase();
-    match host.as_str() {
-        "graph.microsoft.com" => Some("the global service"),
-        "graph.microsoft.us" | "dod-graph.microsoft.us" => Some("US Government"),
-        "microsoftgraph.chinacloudapi.cn" => Some("China (21Vianet)"),
-        _ => None,
-    }
-}
-
-/// `https://<graph host>/.default` for a known cloud's Graph; the global one otherwise (a
-/// simulator or proxy that does not check it).
-fn default_scope(graph_base: &Url) -> String {
-    match graph_base.host_str() {
-        Some(h) if cloud_of_graph_host(h).is_some() => format!("https://{h}/.default"),
-        _ => "https://graph.microsoft.com/.default".to_owned(),
-    }
-}
-
-/// `http://` sends the client secret or bearer tokens in clear: refused unless the host is a
-/// loopback address or `graph.allow_insecure_http` says so.
-fn refuse_clear_text(key: &str, u: &Url, allowed: bool) -> Result<(), ConfigError> {
-    if u.scheme() == "https" || allowed || is_loopback(u) {
-        return Ok(());
-    }
-    Err(bad(
-        key,
-        format!(
-            "'{u}' is http:// to a host that is not a loopback address: tokens and the client secret would travel in clear; use https, or set graph.allow_insecure_http = true for a test rig"
-        ),
-    ))
-}
-
-/// Whether the URL's host is a loopback address (127.0.0.0/8, ::1) or `localhost`.
-pub(super) fn is_loopback(u: &Url) -> bool {
-    match u.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
-        None => false,
     }
 }
 
@@ -750,27 +496,6 @@ pub(super) fn admin_token(http: &RawHttp) -> Result<Option<SecretString>, Config
     Ok(Some(token))
 }
 
-/// `[tls]`: the extra roots' PEM, read and checked now so a bad file is named at start.
-fn tls(t: &RawTls) -> Result<Option<Vec<u8>>, ConfigError> {
-    let Some(p) = &t.ca_file else {
-        return Ok(None);
-    };
-    let path = resolve_credential(p);
-    let pem = std::fs::read(&path).map_err(|e| {
-        bad(
-            "tls.ca_file",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        return Err(bad(
-            "tls.ca_file",
-            format!("{} holds no PEM certificate", path.display()),
-        ));
-    }
-    Ok(Some(pem))
-}
-
 /// `[metrics]`.
 fn metrics(m: &RawMetrics) -> Result<MetricLabels, ConfigError> {
     match m.mailbox_labels.trim() {
@@ -810,61 +535,4 @@ fn service(
         }
     };
     Ok((http_listen, drain_deadline, on_remove))
-}
-
-fn duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(v.trim()).map_err(|e| {
-        bad(
-            key,
-            format!("'{v}' is not a duration ({e}); use e.g. \"30s\", \"5m\", \"7d\""),
-        )
-    })
-}
-
-fn instant(key: &str, v: &str) -> Result<DateTime<Utc>, ConfigError> {
-    DateTime::parse_from_rfc3339(v.trim())
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| {
-            bad(
-                key,
-                format!(
-                    "'{v}' is not an RFC 3339 instant ({e}); use e.g. \"2026-01-01T00:00:00Z\""
-                ),
-            )
-        })
-}
-
-fn read_secret_file(key: &str, path: &Path) -> Result<SecretString, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| bad(key, format!("cannot read {}: {e}", path.display())))?;
-    let trimmed = text.trim_end_matches(['\n', '\r']);
-    if trimmed.is_empty() {
-        return Err(bad(key, format!("{} is empty", path.display())));
-    }
-    Ok(SecretString::from(trimmed.to_owned()))
-}
-
-fn http_url(key: &str, v: &str) -> Result<Url, ConfigError> {
-    let u = Url::parse(v.trim()).map_err(|e| bad(key, format!("'{v}' is not a URL ({e})")))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(bad(
-            key,
-            format!("'{v}' must be an http(s) URL with a host"),
-        ));
-    }
-    Ok(u)
-}
-
-/// Under systemd, `LoadCredential=` files live in `$CREDENTIALS_DIRECTORY`; a relative
-/// `*_file` path is looked up there first.
-fn resolve_credential(p: &Path) -> PathBuf {
-    if p.is_relative() {
-        if let Ok(dir) = std::env::var("CREDENTIALS_DIRECTORY") {
-            let candidate = Path::new(&dir).join(p);
-            if candidate.exists() {
-                return candidate;
-            }
-        }
-    }
-    p.to_path_buf()
 }
