@@ -58,7 +58,13 @@ impl Engine {
         let started = std::time::Instant::now();
         self.round_started(tuple, None);
         let graph = self.graph();
-        let fetched = self.send(tuple, cancel, graph.fetch_delta(&link)).await;
+        let fetched = self
+            .send(
+                tuple,
+                cancel,
+                graph.fetch_delta(&link, self.mailbox_hold(tuple)),
+            )
+            .await;
         let page = match fetched {
             Ok(page) => page,
             Err(StepError::Graph(e)) => {

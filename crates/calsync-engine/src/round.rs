@@ -360,7 +360,12 @@ impl Engine {
             // Fetched by the quick lane, through the gate, counted there.
             answer.map_err(StepError::Graph)?
         } else if start == Some(RoundStart::Delta) && connection == Connection::Reuse {
-            self.send(tuple, cancel, graph.fetch_delta(link)).await?
+            self.send(
+                tuple,
+                cancel,
+                graph.fetch_delta(link, self.mailbox_hold(tuple)),
+            )
+            .await?
         } else {
             self.send(tuple, cancel, graph.fetch_page(link, connection))
                 .await?

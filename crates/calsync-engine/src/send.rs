@@ -5,8 +5,9 @@
 use crate::step_error::StepError;
 use crate::{Engine, Tuple};
 use backon::{ExponentialBuilder, Retryable};
-use calsync_graph::{ErrorClass, GraphError};
+use calsync_graph::{ErrorClass, GraphError, MailboxHold};
 use rand::Rng;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -19,7 +20,36 @@ fn full_jitter(d: Duration) -> Duration {
     Duration::from_secs_f64(rand::thread_rng().gen_range(0.0..=d.as_secs_f64()))
 }
 
+/// A replay's mailbox as the request gate sees it, for the batch collector: it asks again
+/// when its batch goes out, and holds the mailbox the moment an inner answer brings a
+/// `Retry-After` (see `calsync_graph::MailboxHold`).
+struct GateHold {
+    engine: Engine,
+    mailbox: String,
+}
+
+impl MailboxHold for GateHold {
+    fn held(&self) -> bool {
+        self.engine.inner.gate.deferred(&self.mailbox)
+    }
+
+    fn hold_for(&self, wait: Duration) {
+        self.engine.inner.gate.defer(&self.mailbox, wait);
+    }
+}
+
 impl Engine {
+    /// What a replay of `tuple` hands the batch collector about its mailbox (nothing when
+    /// replays are not batched).
+    pub(crate) fn mailbox_hold(&self, tuple: &Tuple) -> Option<Arc<dyn MailboxHold>> {
+        self.graph().batching().then(|| {
+            Arc::new(GateHold {
+                engine: self.clone(),
+                mailbox: tuple.mailbox.clone(),
+            }) as Arc<dyn MailboxHold>
+        })
+    }
+
     /// Retries `op` on retryable errors with capped exponential backoff and full jitter;
     /// the request gate separately holds the mailbox for any `Retry-After`.
     pub(crate) async fn with_retries<T, F, Fut>(

@@ -73,11 +73,31 @@ impl Batcher {
     }
 }
 
-#[derive(Debug)]
+/// What a batched request knows of its mailbox's manners (the caller's request gate): a
+/// replay waits up to the linger in the collector after it passed the gate, and a
+/// `Retry-After` for its mailbox may arrive meanwhile (the soak saw requests reach a mailbox
+/// 15–21 ms after its 429, issue 23). So the collector asks again when it sends the batch, and
+/// holds the mailbox itself when an inner answer brings a `Retry-After`, before any round
+/// hears of it.
+pub trait MailboxHold: Send + Sync {
+    /// Whether a `Retry-After` holds the mailbox now.
+    fn held(&self) -> bool;
+    /// Holds the mailbox for `wait` (Graph's `Retry-After`).
+    fn hold_for(&self, wait: Duration);
+}
+
 pub(crate) struct Job {
     /// The request's URL relative to the version root: `/users/…/calendarView/delta?…`.
     url: String,
     reply: oneshot::Sender<Result<Answer, GraphError>>,
+    /// Its mailbox's manners, if the caller keeps them.
+    hold: Option<Arc<dyn MailboxHold>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").finish_non_exhaustive()
+    }
 }
 
 /// Gathers jobs into batches of at most `size`, the first waiting at most `linger`, and sends
@@ -310,7 +330,13 @@ impl GraphClient {
 
     /// GETs the first page of a replayed delta link: in a JSON batch with the other replays
     /// due now when batching is on (see [`crate::batch`]), else alone on a pooled connection.
-    pub async fn fetch_delta(&self, link: &str) -> Result<crate::DeltaPage, GraphError> {
+    /// `hold` is its mailbox's state in the caller's request gate: a replay whose mailbox is
+    /// held when its batch goes out is not sent ([`GraphError::Held`]).
+    pub async fn fetch_delta(
+        &self,
+        link: &str,
+        hold: Option<Arc<dyn MailboxHold>>,
+    ) -> Result<crate::DeltaPage, GraphError> {
         if !self.batching() {
             return self.fetch_page(link, crate::Connection::Reuse).await;
         }
@@ -324,7 +350,7 @@ impl GraphClient {
                 }
             }
         };
-        let answer = self.batched(relative).await?;
+        let answer = self.batched(relative, hold).await?;
         let limit = self.inner.cfg.max_page_bytes;
         if answer.body.len() > limit {
             return Err(GraphError::TooLarge { limit });
@@ -374,7 +400,11 @@ impl GraphClient {
     }
 
     /// Hands `url` to the collector and waits for its inner answer.
-    async fn batched(&self, url: String) -> Result<Answer, GraphError> {
+    async fn batched(
+        &self,
+        url: String,
+        hold: Option<Arc<dyn MailboxHold>>,
+    ) -> Result<Answer, GraphError> {
         let batcher = &self.inner.batcher;
         if !batcher.taken.load(Ordering::Acquire) {
             // Nobody runs the collector (a one-shot sync, a test): a task of its own does.
@@ -391,7 +421,10 @@ impl GraphClient {
             fresh_connection: true,
             message: "the batch this request was part of was dropped".into(),
         };
-        batcher.tx.send(Job { url, reply }).map_err(|_| lost())?;
+        batcher
+            .tx
+            .send(Job { url, reply, hold })
+            .map_err(|_| lost())?;
         answer.await.map_err(|_| lost())?
     }
 
@@ -399,6 +432,14 @@ impl GraphClient {
     async fn send_batch(&self, jobs: Vec<Job>) {
         // A round that stopped waiting (shutdown, a lost lease) needs no request.
         let jobs: Vec<Job> = jobs.into_iter().filter(|j| !j.reply.is_closed()).collect();
+        // A mailbox held since its replay joined: the replay goes back to its round, which
+        // waits out the Retry-After at the gate and asks again.
+        let (held, jobs): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| j.hold.as_ref().is_some_and(|h| h.held()));
+        for job in held {
+            let _ = job.reply.send(Err(GraphError::Held));
+        }
         if jobs.is_empty() {
             return;
         }
@@ -406,6 +447,17 @@ impl GraphClient {
         metrics::counter!("calsync_graph_batched_requests_total").increment(jobs.len() as u64);
         match self.post_batch(&jobs).await {
             Ok(mut answers) => {
+                // Every Retry-After is in place before any round hears its answer: a replay
+                // of the same mailbox gathered meanwhile finds its mailbox held.
+                for (job, answer) in jobs.iter().zip(answers.iter()) {
+                    let wait = answer
+                        .as_ref()
+                        .filter(|a| a.status != 200)
+                        .and_then(|a| a.retry_after);
+                    if let (Some(hold), Some(wait)) = (&job.hold, wait) {
+                        hold.hold_for(wait);
+                    }
+                }
                 for (job, answer) in jobs.into_iter().zip(answers.iter_mut()) {
                     let answer = answer.take().ok_or_else(|| GraphError::Malformed {
                         reason: "a batch answer has no response for one of its requests".into(),

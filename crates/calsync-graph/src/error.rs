@@ -106,6 +106,10 @@ pub enum GraphError {
         /// What happened, without the secret.
         reason: String,
     },
+    /// Not sent: while the request waited to join a JSON batch, a `Retry-After` came for its
+    /// mailbox. Retried once the mailbox is free (the request gate waits for it).
+    #[error("not sent: its mailbox is waiting out a Retry-After")]
+    Held,
 }
 
 /// The broad classes the engine's runner acts on.
@@ -131,7 +135,8 @@ impl GraphError {
             | GraphError::AuthUnavailable { .. }
             // The token endpoint refusing us is not about one calendar: every tuple backs off
             // while the token source holds the failure (no storm of token requests).
-            | GraphError::AuthRejected { .. } => ErrorClass::Retry,
+            | GraphError::AuthRejected { .. }
+            | GraphError::Held => ErrorClass::Retry,
             GraphError::ResyncRequired { .. } => ErrorClass::Resync,
             GraphError::Unauthorized { .. }
             | GraphError::Forbidden { .. }
@@ -156,6 +161,7 @@ impl GraphError {
             GraphError::ForeignLink { .. } => "ForeignLink",
             GraphError::AuthRejected { error, .. } => error,
             GraphError::AuthUnavailable { .. } => "TokenEndpointUnavailable",
+            GraphError::Held => "HeldForRetryAfter",
         }
     }
 
@@ -184,7 +190,8 @@ impl GraphError {
             GraphError::Malformed { .. } | GraphError::TooLarge { .. } => Some(200),
             GraphError::ForeignLink { .. }
             | GraphError::AuthRejected { .. }
-            | GraphError::AuthUnavailable { .. } => None,
+            | GraphError::AuthUnavailable { .. }
+            | GraphError::Held => None,
         }
     }
 

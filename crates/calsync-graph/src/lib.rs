@@ -25,7 +25,7 @@ pub mod page;
 pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
-pub use batch::BatchInbox;
+pub use batch::{BatchInbox, MailboxHold};
 pub use budget::{PageBudget, PageHold};
 pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};

@@ -192,3 +192,86 @@ async fn a_page_too_large_fails_its_own_round_not_the_others_in_its_batch(pool: 
     let rest: Vec<Tuple> = tuples.into_iter().filter(|t| t.user != upns[0]).collect();
     h.assert_mirrors(&rest).await;
 }
+
+/// A replay that passed the gate and waits in the collector for company, while the answer to
+/// another batch throttles its mailbox, is not sent before that `Retry-After` has passed: the
+/// collector asks the gate again when the batch goes out (issue 23: the soak saw requests reach
+/// a mailbox 15–21 ms after its 429; notes §6, "Throttling and batching": every request inside
+/// a batch counts against its mailbox). Mutation-checked: without the check, B's replay leaves
+/// with its batch ~0.4 s after the 429 and graph-sim counts it early.
+#[sqlx::test(migrations = false)]
+async fn a_replay_waiting_for_its_batch_is_not_sent_while_its_mailbox_is_held(pool: PgPool) {
+    let h = harness(pool, 10).await;
+    let mut g = h.graph_config();
+    g.batch_size = 2;
+    g.batch_linger = std::time::Duration::from_millis(400);
+    let graph = calsync_graph::GraphClient::new(g, h.auth()).unwrap();
+    let engine = calsync_engine::Engine::new(graph, h.store.clone(), settings());
+    let work = {
+        let st = h.sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        st.tenant.users[u]
+            .calendars
+            .iter()
+            .find(|c| !c.is_default)
+            .unwrap()
+            .id
+            .clone()
+    };
+    let tuples = h
+        .tuples(
+            &engine,
+            &[
+                ("a", USER, "default"),
+                ("x", "alex@contoso.onmicrosoft.com", "default"),
+                ("b", USER, work.as_str()),
+            ],
+        )
+        .await;
+    sync_all(&engine, &tuples).await;
+
+    // A's next replay (Adele's default calendar) is answered 429 with Retry-After 1.5 s; X's
+    // (Alex's) takes 300 ms, so the batch carrying both is answered 300 ms after it left.
+    h.sim.lock().faults = vec![
+        rule(json!({
+            "mailbox": USER, "path_contains": "com/calendarView", "times": 1,
+            "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
+                       "retry_after": 1.5}
+        })),
+        rule(json!({
+            "mailbox": "alex@contoso.onmicrosoft.com", "path_contains": "calendarView", "times": 1,
+            "action": {"kind": "delay", "ms": 300}
+        })),
+    ];
+    h.sim.lock().clear_log();
+    let cancel = CancellationToken::new();
+    let round = |t: &Tuple| {
+        let (engine, t, cancel) = (engine.clone(), t.clone(), cancel.clone());
+        tokio::spawn(async move { engine.run_round(&t, &cancel, None).await })
+    };
+    // A and X fill the first batch (size 2) at once. B, 100 ms later, passes the gate (nothing
+    // holds Adele's mailbox yet) and waits in the collector for company until 500 ms; the
+    // first batch's answer holds the mailbox at 300 ms.
+    let (a, x) = (round(&tuples[0]), round(&tuples[1]));
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let b = round(&tuples[2]);
+    for (name, task) in [("a", a), ("x", x), ("b", b)] {
+        let o = task.await.unwrap();
+        assert!(matches!(o, Outcome::Synced(_)), "{name}: {o:?}");
+    }
+    assert_good_manners(&h);
+    let log = h.sim.lock().requests();
+    let throttled = log
+        .iter()
+        .find(|r| r.status == 429)
+        .expect("A's replay was throttled");
+    let b_sent = log
+        .iter()
+        .find(|r| r.path.contains(&work) && r.path.contains("calendarView"))
+        .expect("B's replay was sent");
+    assert!(
+        b_sent.at_secs - throttled.at_secs >= 1.45,
+        "B's replay reached Adele's mailbox {:.3} s after the 429 with Retry-After 1.5 s",
+        b_sent.at_secs - throttled.at_secs
+    );
+}

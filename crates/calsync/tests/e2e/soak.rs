@@ -5,7 +5,7 @@
 //! Off by default (it takes minutes). Run it with:
 //!
 //! ```text
-//! CALSYNC_SOAK_MINUTES=10 cargo test -p calsync --release --test soak -- --ignored --nocapture
+//! CALSYNC_SOAK_MINUTES=10 cargo test -p calsync --release --test e2e soak:: -- --ignored --nocapture
 //! ```
 //!
 //! It prints a report (requests, faults, throttle answers, waits, divergence) for
@@ -118,7 +118,7 @@ async fn divergence(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Result<usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a soak run takes minutes: CALSYNC_SOAK_MINUTES=10 cargo test -p calsync --release --test soak -- --ignored"]
+#[ignore = "a soak run takes minutes: .ci/run runs it for 2 (CALSYNC_SOAK_MINUTES=10 cargo test -p calsync --release --test e2e soak:: -- --ignored)"]
 async fn soak_with_faults_edits_a_database_restart_and_kill_9() {
     let minutes: f64 = std::env::var("CALSYNC_SOAK_MINUTES")
         .ok()
