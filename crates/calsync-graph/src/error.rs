@@ -216,15 +216,27 @@ impl GraphError {
     }
 }
 
-/// `Retry-After` as Graph sends it: whole or fractional seconds (`2.128`), or an HTTP date.
+/// The longest `Retry-After` calsync honours. Graph's throttling answers ask for seconds to a
+/// few minutes (notes §3.2); a larger value (a proxy's error, a date in the wrong year) would
+/// silence a mailbox for as long as it says, while asking again after the cap costs one
+/// request, answered with a fresh `Retry-After` if Graph still means it (issue 23: 1e9 s was
+/// accepted).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+
+/// `Retry-After` as Graph sends it: whole or fractional seconds (`2.128`), or an HTTP date;
+/// at most [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let v = value.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && (0.0..1e9).contains(&secs))
-            .then(|| Duration::from_secs_f64(secs));
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64())));
     }
     let at = httpdate::parse_http_date(v).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_RETRY_AFTER),
+    )
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -493,5 +505,19 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
         assert_eq!(parse_retry_after("NaN", now), None);
+        // Capped: a mailbox is asked again after 15 minutes, whatever the header said.
+        for absurd in ["1000000000", "1e300", "999999999.5"] {
+            assert_eq!(
+                parse_retry_after(absurd, now),
+                Some(MAX_RETRY_AFTER),
+                "{absurd}"
+            );
+        }
+        let next_year = httpdate::fmt_http_date(now + Duration::from_secs(365 * 86_400));
+        assert_eq!(parse_retry_after(&next_year, now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            parse_retry_after("900", now),
+            Some(Duration::from_secs(900))
+        );
     }
 }
