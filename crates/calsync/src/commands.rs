@@ -532,18 +532,21 @@ fn age(t: Option<chrono::DateTime<Utc>>) -> String {
     }
 }
 
-/// A table a person can scan: one line per tuple.
+/// A table a person can scan: one line per tuple. The TUPLE column is as wide as the longest
+/// name shown: discovered names (`source:user@domain/calendar`) differ at their end, so a cut
+/// one made a user's calendars look alike (issue 23).
 pub fn status_table(rows: &[StatusRow]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.tuple_key.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max("TUPLE".len());
     let mut out = format!(
-        "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
+        "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
         "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "OWNER", "LAST ERROR"
     );
     for r in rows {
-        let key: String = if r.tuple_key.chars().count() > 36 {
-            r.tuple_key.chars().take(35).chain(['…']).collect()
-        } else {
-            r.tuple_key.clone()
-        };
         let state = if r.tracked {
             r.state.to_string()
         } else {
@@ -559,9 +562,9 @@ pub fn status_table(rows: &[StatusRow]) -> String {
                 .trim_end()
                 .to_owned();
         }
-        out.push_str(&format!(
-            "{:<36} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
-            key,
+        let line = format!(
+            "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}",
+            r.tuple_key,
             state,
             r.phase,
             r.event_count,
@@ -569,7 +572,9 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             r.consecutive_failures,
             r.owner.as_deref().unwrap_or("-"),
             err
-        ));
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -658,4 +663,55 @@ pub async fn discover(cfg: &Config, json: bool) -> anyhow::Result<bool> {
         cfg.tuples.len()
     );
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calsync_store::TupleStatus;
+
+    fn row(key: &str) -> StatusRow {
+        StatusRow {
+            tuple_key: key.into(),
+            user_id: "user0000@contoso.onmicrosoft.com".into(),
+            calendar_id: "default".into(),
+            window_start: Utc::now(),
+            window_end: Utc::now(),
+            tracked: true,
+            phase: "incremental".into(),
+            state: TupleStatus::Ok,
+            last_success_at: Some(Utc::now()),
+            last_full_sync_at: None,
+            last_attempt_at: None,
+            last_error: None,
+            last_error_code: None,
+            consecutive_failures: 0,
+            event_count: 3,
+            incomplete_count: 0,
+            deployment: "default".into(),
+            owner: None,
+        }
+    }
+
+    /// The demo showed `staff:user0000@contoso.onmicrosoft.…` twice: a user's calendars differ
+    /// only at the end of their names (issue 23).
+    #[test]
+    fn status_shows_whole_tuple_names_in_one_aligned_column() {
+        let keys = [
+            "staff:user0000@contoso.onmicrosoft.com/Calendar",
+            "staff:user0000@contoso.onmicrosoft.com/Team planning",
+            "short",
+        ];
+        let table = status_table(&keys.map(row));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        for k in keys {
+            assert!(table.contains(k), "{k} cut in:\n{table}");
+        }
+        // Every STATE column starts where the header's does.
+        let at = lines[0].find("STATE").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(&l[at..at + 2], "ok", "{table}");
+        }
+    }
 }
