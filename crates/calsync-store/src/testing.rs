@@ -23,6 +23,13 @@ impl Store {
         Store::wrap(pool)
     }
 
+    /// This store with a deadline of `d` for each call, to test what a hung database does
+    /// without waiting out the real one.
+    pub fn with_deadline(mut self, d: std::time::Duration) -> Self {
+        self.deadline = d;
+        self
+    }
+
     /// Makes the next page transaction fail after `n` of its statements ran, before it
     /// commits, as a crash inside the transaction would. 0 disarms it.
     pub fn inject_fault_after_statements(&self, n: u32) {

@@ -253,7 +253,23 @@ impl Store {
         .map_err(db)
     }
 
+    /// Registration carries every calendar in a few statements, each under the server's
+    /// `statement_timeout`: the whole is allowed four store deadlines before it is abandoned
+    /// (issue 23: it had no deadline, so a dead connection hung a reload for good).
     async fn register(
+        &self,
+        specs: &[TupleSpec],
+        untrack_others: bool,
+    ) -> Result<HashMap<String, i64>, StoreError> {
+        crate::within(
+            self.deadline.saturating_mul(4),
+            "registering calendars",
+            self.register_now(specs, untrack_others),
+        )
+        .await
+    }
+
+    async fn register_now(
         &self,
         specs: &[TupleSpec],
         untrack_others: bool,
@@ -481,17 +497,20 @@ impl Store {
         expected_version: i64,
         fence: Option<i64>,
     ) -> Result<i64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar(&format!(
+        let sql = format!(
             "UPDATE sync_tuples SET link = NULL, link_kind = NULL, link_version = link_version + 1, \
              round_is_full = true, updated_at = now() WHERE id = $1 AND link_version = $2 AND {LEASE_CURRENT} \
              RETURNING link_version"
-        ))
-        .bind(tuple_id)
-        .bind(expected_version)
-        .bind(fence)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
+        );
+        let query = sqlx::query_scalar(&sql)
+            .bind(tuple_id)
+            .bind(expected_version)
+            .bind(fence)
+            .fetch_optional(&self.pool);
+        // Under the deadline like every call a round makes (issue 23: this one had none).
+        let v: Option<i64> = self
+            .bounded("forgetting a link", async { query.await.map_err(db) })
+            .await?;
         v.ok_or(StoreError::Conflict { tuple_id })
     }
 
@@ -563,5 +582,75 @@ impl Store {
         };
         self.bounded("saving a mailbox id", query).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::PgPool;
+    use std::time::{Duration, Instant};
+
+    fn spec(key: &str) -> TupleSpec {
+        let start = "2026-01-01T00:00:00Z".parse().unwrap();
+        TupleSpec {
+            key: key.into(),
+            user_id: "u".into(),
+            mailbox: "u".into(),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: start + chrono::Duration::days(30),
+        }
+    }
+
+    /// A database that stops answering (here: a row locked by another session, on a pool
+    /// without `statement_timeout`) makes `forget_link` and registration give up at their
+    /// deadline instead of hanging the round or the reload (issue 23, point 6).
+    #[sqlx::test(migrations = false)]
+    async fn forget_link_and_registration_give_up_at_their_deadline(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        let t = store.register_tuples(&[spec("t")]).await.unwrap().remove(0);
+        let store = store.with_deadline(Duration::from_millis(300));
+        let mut blocker = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM sync_tuples WHERE id = $1 FOR UPDATE")
+            .bind(t.id)
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+
+        let began = Instant::now();
+        let e = store
+            .forget_link(t.id, t.link_version, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+
+        let mut moved = spec("t");
+        moved.window_end += chrono::Duration::days(1);
+        let began = Instant::now();
+        let e = store.register_tuples(&[moved.clone()]).await.unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            began.elapsed()
+        );
+
+        // Once the lock is gone both go through. (The abandoned UPDATE was already with the
+        // server and may have run once the lock went: its version check makes that harmless,
+        // so the second call reads the version first.)
+        blocker.rollback().await.unwrap();
+        let now = store.load(t.id).await.unwrap();
+        store
+            .forget_link(t.id, now.link_version, None)
+            .await
+            .unwrap();
+        store.register_tuples(&[moved]).await.unwrap();
     }
 }
