@@ -369,14 +369,20 @@ impl GraphClient {
                     != crate::ErrorClass::Resync =>
             {
                 let page = self.fetch_page(link, crate::Connection::Reuse).await?;
-                if !self
+                // Off for a while, not for good: one misleading answer (a proxy, a bad minute
+                // of the service) must not cost batching until the next restart (issue 23).
+                let hold = self.inner.cfg.batch_refusal_hold;
+                let until = self.inner.started.elapsed().saturating_add(hold);
+                let until_ms = u64::try_from(until.as_millis()).unwrap_or(u64::MAX).max(1);
+                let before = self
                     .inner
-                    .batch_refused
-                    .swap(true, std::sync::atomic::Ordering::Relaxed)
-                {
+                    .batch_refused_until_ms
+                    .swap(until_ms, Ordering::Relaxed);
+                if before == 0 || self.inner.started.elapsed().as_millis() >= u128::from(before) {
                     tracing::warn!(
                         status = s,
-                        "Graph refused a delta link inside a JSON batch that it serves alone; replays are sent one by one from now on"
+                        off_for_secs = hold.as_secs(),
+                        "Graph refused a delta link inside a JSON batch that it serves alone; replays are sent one by one for a while, then batched again"
                     );
                 }
                 Ok(page)
@@ -389,14 +395,14 @@ impl GraphClient {
         }
     }
 
-    /// Whether replays are still batched (false once Graph refused one; see
-    /// [`GraphClient::fetch_delta`]).
+    /// Whether replays are batched now (not for `graph.batch_refusal_hold` after Graph
+    /// refused one; see [`GraphClient::fetch_delta`]).
     pub fn batching(&self) -> bool {
-        self.inner.cfg.batch_size >= 2
-            && !self
-                .inner
-                .batch_refused
-                .load(std::sync::atomic::Ordering::Relaxed)
+        if self.inner.cfg.batch_size < 2 {
+            return false;
+        }
+        let until = self.inner.batch_refused_until_ms.load(Ordering::Relaxed);
+        until == 0 || self.inner.started.elapsed().as_millis() >= u128::from(until)
     }
 
     /// Hands `url` to the collector and waits for its inner answer.

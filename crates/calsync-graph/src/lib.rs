@@ -65,11 +65,15 @@ pub struct GraphConfig {
     pub batch_size: usize,
     /// How long the first replay of a batch waits for others to join it.
     pub batch_linger: Duration,
+    /// How long replays go one by one after Graph refused a batched one that it served alone,
+    /// before batching is tried again.
+    pub batch_refusal_hold: Duration,
 }
 
 impl GraphConfig {
     /// The defaults for `base_url`: 100 items per page, 10 s to connect, 60 s per request, 64 MiB
-    /// pages, replays batched 20 at a time after a 20 ms linger.
+    /// pages, replays batched 20 at a time after a 20 ms linger (one by one for an hour after
+    /// Graph refused a batched one).
     pub fn new(base_url: Url) -> Self {
         GraphConfig {
             base_url,
@@ -82,6 +86,7 @@ impl GraphConfig {
             page_memory_budget: 192 * 1024 * 1024,
             batch_size: batch::MAX_REQUESTS,
             batch_linger: Duration::from_millis(20),
+            batch_refusal_hold: Duration::from_secs(3600),
         }
     }
 }
@@ -154,9 +159,11 @@ struct Inner {
     budget: Option<PageBudget>,
     /// Where replays go to be batched (see [`GraphClient::take_batch_inbox`]).
     batcher: batch::Batcher,
-    /// Set once Graph answered a batched replay with an error that the same request sent
-    /// alone did not get: replays are sent one by one from then on.
-    batch_refused: std::sync::atomic::AtomicBool,
+    /// Until when (ms after `started`) replays go one by one because Graph refused one in a
+    /// batch that it served alone; 0: never refused.
+    batch_refused_until_ms: std::sync::atomic::AtomicU64,
+    /// When this client was built: the clock of `batch_refused_until_ms`.
+    started: std::time::Instant,
     /// `{origin}/`: a link that starts with it is on the configured origin without parsing it.
     origin_slash: String,
     /// `{origin}{root path}/`: a plain link under it is relative to the root without parsing.
@@ -234,7 +241,8 @@ impl GraphClient {
                 budget: PageBudget::new(cfg.page_memory_budget),
                 prefer,
                 batcher: batch::Batcher::default(),
-                batch_refused: std::sync::atomic::AtomicBool::new(false),
+                batch_refused_until_ms: std::sync::atomic::AtomicU64::new(0),
+                started: std::time::Instant::now(),
                 origin_slash: format!("{}/", origin_text(&cfg.base_url)),
                 root_slash: format!(
                     "{}{}/",

@@ -275,3 +275,39 @@ async fn a_replay_waiting_for_its_batch_is_not_sent_while_its_mailbox_is_held(po
         b_sent.at_secs - throttled.at_secs
     );
 }
+
+/// One refusal turns batching off for `batch_refusal_hold`, not until the next restart
+/// (issue 23: one misleading answer cost batching for the life of the process).
+#[sqlx::test(migrations = false)]
+async fn batching_is_tried_again_after_a_refusal_hold(pool: PgPool) {
+    let h = harness(pool, 10).await;
+    h.sim.lock().cache.quirks.no_delta_in_batch = true;
+    let mut g = h.graph_config();
+    g.batch_refusal_hold = std::time::Duration::from_secs(3);
+    let graph = calsync_graph::GraphClient::new(g, h.auth()).unwrap();
+    let engine = calsync_engine::Engine::new(graph, h.store.clone(), settings());
+    let (tuples, upns) = tenant(&h, &engine).await;
+    sync_all(&engine, &tuples).await;
+    edit_some(&h, &upns, 1);
+    sync_all(&engine, &tuples).await;
+    assert!(!engine.graph().batching(), "refused: one by one");
+    let refused = batches(&h);
+    assert!(refused >= 1);
+
+    // The service serves delta in batches again; within the hold nothing is batched.
+    h.sim.lock().cache.quirks.no_delta_in_batch = false;
+    edit_some(&h, &upns, 2);
+    sync_all(&engine, &tuples).await;
+    assert_eq!(batches(&h), refused, "no batch within the hold");
+
+    wait_for(
+        "batching is tried again",
+        std::time::Duration::from_secs(6),
+        async || engine.graph().batching(),
+    )
+    .await;
+    edit_some(&h, &upns, 3);
+    sync_all(&engine, &tuples).await;
+    h.assert_mirrors(&tuples).await;
+    assert!(batches(&h) > refused, "batched again");
+}
