@@ -10,6 +10,7 @@
 //! | `steps` | the transaction's steps that delete or show rows, returning their ids |
 //! | `upsert` | the transaction's upserts (events, series), returning their ids; quarantine |
 //! | `columns` | the read model's detail columns as bound to a write |
+//! | [`migrate`] | applying migrations beside a newer or older release: unknown ones left alone, lock waits bounded and retried |
 //! | `link` | the link statement: a tuple's link and round state, version- and fence-checked |
 //! | `batch` | link-only commits gathered into one statement |
 //! | [`page`] | `reduce`: a page's items become at most one write per id (pure) |
@@ -24,6 +25,7 @@ mod columns;
 pub mod error;
 pub mod leases;
 mod link;
+pub mod migrate;
 pub mod page;
 pub mod read_model;
 mod steps;
@@ -36,6 +38,7 @@ pub mod write;
 pub use batch::LinkInbox;
 pub use error::{SqlClass, StoreError, sql_class};
 pub use leases::{Heartbeat, LeaseOwner, ReplicaKind};
+pub use migrate::Migrated;
 pub use page::{
     Details, EventRow, PageChanges, PageOp, SeriesInstances, SeriesRow, reduce, strip_nul,
 };
@@ -225,14 +228,6 @@ impl Store {
             return Err(StoreError::TooOld { found });
         }
         Ok(())
-    }
-
-    /// Applies the embedded migrations (append-only files in `migrations/`).
-    pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::migrate!("../../migrations")
-            .run(&self.pool)
-            .await
-            .map_err(|e| StoreError::Migration(e.to_string()))
     }
 
     /// Whether every embedded migration has been applied.

@@ -323,11 +323,24 @@ pub fn outcome_report(outcomes: &[(Tuple, Outcome)]) -> (String, bool) {
 pub async fn migrate(raw: &RawConfig) -> anyhow::Result<()> {
     let db = raw.database_config()?;
     let store = connect_store(&db).await?;
-    store
+    let m = store
         .migrate()
         .await
         .context("cannot apply database migrations")?;
-    println!("migrations applied");
+    match m.applied.as_slice() {
+        [] => println!("migrations: the database is current"),
+        v => println!(
+            "migrations applied: {}",
+            v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    }
+    if !m.unknown.is_empty() {
+        let names: Vec<String> = m.unknown.iter().map(|(v, d)| format!("{v} {d}")).collect();
+        println!(
+            "the database also has migrations of a newer calsync, left alone: {}",
+            names.join(", ")
+        );
+    }
     Ok(())
 }
 
