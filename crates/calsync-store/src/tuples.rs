@@ -350,6 +350,36 @@ impl Store {
             .await
             .map_err(db)?;
             ids.extend(written);
+            // A tuple that now names another mailbox or calendar: its rows are of the old
+            // one. They go now, with the served window, so the view never shows one
+            // calendar's events under another's name until (or, if the new one fails,
+            // instead of) the new calendar's first round (issue 23, point 6).
+            let moved: Vec<&str> = changed
+                .iter()
+                .filter(|s| {
+                    stored
+                        .get(s.key.as_str())
+                        .is_some_and(|r| (&r.1, &r.3) != (&s.user_id, &s.calendar_id))
+                })
+                .map(|s| s.key.as_str())
+                .collect();
+            if !moved.is_empty() {
+                for sql in [
+                    "DELETE FROM events WHERE tuple_id IN \
+                       (SELECT id FROM sync_tuples WHERE deployment = $1 AND tuple_key = ANY($2::text[]))",
+                    "DELETE FROM series WHERE tuple_id IN \
+                       (SELECT id FROM sync_tuples WHERE deployment = $1 AND tuple_key = ANY($2::text[]))",
+                    "UPDATE sync_tuples SET served_start = NULL, served_end = NULL \
+                     WHERE deployment = $1 AND tuple_key = ANY($2::text[])",
+                ] {
+                    sqlx::query(sql)
+                        .bind(&*self.deployment)
+                        .bind(&moved)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+            }
         }
         let mut untracked = 0;
         if untrack_others {
@@ -652,5 +682,72 @@ mod tests {
             .await
             .unwrap();
         store.register_tuples(&[moved]).await.unwrap();
+    }
+
+    /// A tuple whose calendar changed (a config edit keeping its name) drops the old
+    /// calendar's rows at once: before, the view showed them labelled with the new calendar
+    /// until its first round ended, and for good if that round failed (issue 23, point 6).
+    #[sqlx::test(migrations = false)]
+    async fn a_tuple_moved_to_another_calendar_shows_none_of_the_old_ones_rows(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        let t = store.register_tuples(&[spec("t")]).await.unwrap().remove(0);
+        let other = store
+            .register_tuples(&[spec("t"), spec("u")])
+            .await
+            .unwrap();
+        let u = other.iter().find(|s| s.tuple_key == "u").unwrap().id;
+        for id in [t.id, u] {
+            sqlx::query(
+                "INSERT INTO events (tuple_id, event_id, payload, seen_round) VALUES ($1, 'e', '{}', 1)",
+            )
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "UPDATE sync_tuples SET served_start = window_start, served_end = window_end WHERE id = $1",
+        )
+        .bind(t.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let shown = |pool: PgPool, key: &'static str| async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM calendar_events WHERE tuple_key = $1",
+            )
+            .bind(key)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+        assert_eq!(shown(pool.clone(), "t").await, 1);
+
+        // Only the window moves: the rows stay (the served-window switch handles it).
+        let mut wider = spec("t");
+        wider.window_end += chrono::Duration::days(1);
+        store
+            .register_tuples(&[wider.clone(), spec("u")])
+            .await
+            .unwrap();
+        assert_eq!(shown(pool.clone(), "t").await, 1);
+
+        // The calendar changes: the old calendar's row is gone from the view and the table.
+        let mut moved = wider;
+        moved.calendar_id = "AAMkAGI2TAAA=".into();
+        store.register_tuples(&[moved, spec("u")]).await.unwrap();
+        assert_eq!(shown(pool.clone(), "t").await, 0);
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE tuple_id = $1")
+            .bind(t.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0);
+        assert_eq!(
+            shown(pool.clone(), "u").await,
+            1,
+            "other tuples keep theirs"
+        );
     }
 }
