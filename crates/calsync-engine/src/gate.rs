@@ -226,6 +226,16 @@ impl RequestGate {
             .is_some_and(|t| now < t)
     }
 
+    /// How long the mailbox's `Retry-After` still holds it, if it does.
+    pub fn held_for(&self, mailbox: &str) -> Option<Duration> {
+        let now = Instant::now();
+        self.mailboxes()
+            .get(&Self::key(mailbox))
+            .and_then(|m| m.not_before)
+            .filter(|t| now < *t)
+            .map(|t| t - now)
+    }
+
     /// Waits for the mailbox's `Retry-After` and budget, a mailbox slot and a global slot.
     pub async fn acquire(&self, mailbox: &str) -> Permit<'_> {
         let key = Self::key(mailbox);

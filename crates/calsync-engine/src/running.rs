@@ -71,7 +71,66 @@ pub struct Liveness {
     pub longest_round_stall: Duration,
 }
 
+/// A wait for a mailbox's `Retry-After` at least this long is made without the round's slot.
+pub(crate) const RELEASE_SLOT_AFTER: Duration = Duration::from_secs(1);
+
+tokio::task_local! {
+    /// The slot of the round this task runs, where the runner gave one: a round that must wait
+    /// out a long `Retry-After` gives it back meanwhile (see [`Engine::wait_out_hold`]).
+    static ROUND_SLOT: RoundSlot;
+}
+
+/// A round's slot, which the round may give back during a long wait and take again.
+#[derive(Debug)]
+pub(crate) struct RoundSlot(std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>);
+
+impl RoundSlot {
+    fn with<R>(&self, f: impl FnOnce(&mut Option<tokio::sync::OwnedSemaphorePermit>) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 impl Engine {
+    /// Runs `round` holding `slot`, which the round gives back during long waits.
+    pub(crate) async fn in_slot<T>(
+        &self,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        round: impl std::future::Future<Output = T>,
+    ) -> T {
+        ROUND_SLOT
+            .scope(RoundSlot(std::sync::Mutex::new(slot)), round)
+            .await
+    }
+
+    /// Before a request of `tuple`: when its mailbox is held for [`RELEASE_SLOT_AFTER`] or
+    /// more, the wait is made without the round's slot, and the slot taken again after it.
+    /// A few hundred mailboxes waiting out `Retry-After: 120` held every slot, and healthy
+    /// mailboxes stopped being synced (issue 23, point 6). False: cancelled while waiting.
+    pub(crate) async fn wait_out_hold(&self, tuple: &Tuple, cancel: &CancellationToken) -> bool {
+        let Some(wait) = self.inner.gate.held_for(&tuple.mailbox) else {
+            return true;
+        };
+        if wait < RELEASE_SLOT_AFTER {
+            return true;
+        }
+        let Ok(released) = ROUND_SLOT.try_with(|s| s.with(|p| p.take().is_some())) else {
+            return true;
+        };
+        if !released {
+            return true;
+        }
+        let slot = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return false,
+            slot = async {
+                tokio::time::sleep(wait).await;
+                self.round_slot().await
+            } => slot,
+        };
+        let _ = ROUND_SLOT.try_with(|s| s.with(|p| *p = slot));
+        true
+    }
+
     /// Waits until this process may start another round; the round holds the permit until it
     /// ends. `None` only if the semaphore were closed, which nothing does.
     pub(crate) async fn round_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {

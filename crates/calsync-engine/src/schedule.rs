@@ -404,7 +404,7 @@ impl Engine {
                 }
             }
             started = Instant::now();
-            let _slot = tokio::select! {
+            let round_slot = tokio::select! {
                 slot = self.round_slot() => slot,
                 _ = cancel.cancelled() => return,
                 _ = control.stop_requested() => return,
@@ -414,8 +414,12 @@ impl Engine {
             }
             // Stopping the task (a reload, a lease handed over) stops its round at the next page
             // boundary: the page in hand is committed first. Boxed: an idle task holds no room
-            // for a round (at 100,000 calendars that room would be hundreds of megabytes).
-            let outcome = Box::pin(self.run_round(&tuple, &cancel, Some(&*control))).await;
+            // for a round (at 100,000 calendars that room would be hundreds of megabytes). The
+            // round holds the slot, and gives it back while it waits out a long Retry-After.
+            let outcome = Box::pin(
+                self.in_slot(round_slot, self.run_round(&tuple, &cancel, Some(&*control))),
+            )
+            .await;
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }
@@ -470,8 +474,9 @@ impl Engine {
             let task = set.spawn({
                 let t = t.clone();
                 async move {
-                    let _slot = slot;
-                    engine.run_round(&t, &cancel, None).await
+                    engine
+                        .in_slot(slot, engine.run_round(&t, &cancel, None))
+                        .await
                 }
             });
             by_task.insert(task.id(), t);

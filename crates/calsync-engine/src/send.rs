@@ -96,6 +96,9 @@ impl Engine {
         cancel: &CancellationToken,
         request: impl std::future::Future<Output = Result<T, GraphError>>,
     ) -> Result<T, StepError> {
+        if !self.wait_out_hold(tuple, cancel).await {
+            return Err(StepError::Interrupted);
+        }
         let permit = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(StepError::Interrupted),

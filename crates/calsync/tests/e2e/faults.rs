@@ -670,3 +670,84 @@ async fn a_round_without_progress_is_cancelled_alone_and_retried(pool: PgPool) {
     all_synced(&engine, &tuples).await;
     h.assert_mirrors(&tuples).await;
 }
+
+/// Mailboxes waiting out a long `Retry-After` give their round slot back while they wait: 8
+/// mailboxes throttled with `Retry-After: 60` beside 2 healthy ones, 4 round slots (issue 23:
+/// a few hundred throttled mailboxes held all 256 slots and healthy ones stopped being synced).
+/// Before: every slot held by a throttled round waiting at the gate, the healthy ones not
+/// asked again within the 6 s.
+#[sqlx::test(migrations = false)]
+async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healthy_ones(
+    pool: PgPool,
+) {
+    let h = harness(pool, 10).await;
+    let users: Vec<String> = (0..10)
+        .map(|i| format!("user{i}@contoso.onmicrosoft.com"))
+        .collect();
+    {
+        let mut st = h.sim.lock();
+        for (i, upn) in users.iter().enumerate() {
+            let u = st.tenant.add_user(upn, None, &format!("User {i}"));
+            let patch = graph_sim::writes::EventPatch::from_json(&single(
+                &format!("u{i}"),
+                "2026-02-03T10:00:00",
+                "2026-02-03T11:00:00",
+            ))
+            .unwrap();
+            st.tenant.create_event(u, 0, &patch).unwrap();
+        }
+    }
+    // max_in_flight 1: ROUNDS_PER_REQUEST (4) round slots.
+    let engine = h.engine(SyncSettings {
+        max_in_flight: 1,
+        min_in_flight: 1,
+        startup_spread: Duration::from_millis(200),
+        ..settings()
+    });
+    let specs: Vec<(&str, &str, &str)> = users
+        .iter()
+        .map(|u| (u.as_str(), u.as_str(), "default"))
+        .collect();
+    let tuples = h.tuples(&engine, &specs).await;
+    all_synced(&engine, &tuples).await;
+
+    // Users 0..8 are throttled from now on, each answer saying 60 s.
+    h.sim.lock().faults = users[..8]
+        .iter()
+        .map(|u| {
+            rule(json!({
+                "mailbox": u, "path_contains": "calendarView",
+                "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
+                           "retry_after": 60}
+            }))
+        })
+        .collect();
+    h.sim.lock().clear_log();
+    let cancel = CancellationToken::new();
+    let run = tokio::spawn({
+        let (engine, cancel, tuples) = (engine.clone(), cancel.clone(), tuples.clone());
+        async move { engine.run(tuples, cancel).await }
+    });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = delta_requests(&h);
+    for healthy in &users[8..] {
+        let id = mailbox_id(&h, healthy);
+        let asked = log
+            .iter()
+            .filter(|r| r.mailbox.as_deref() == Some(id.as_str()) && r.status == 200)
+            .count();
+        // Every second (the harness's interval) for 6 s, give or take the start's spread.
+        assert!(asked >= 4, "{healthy} was synced {asked} times in 6 s");
+    }
+    let throttled = log.iter().filter(|r| r.status == 429).count();
+    assert!(
+        throttled >= 8,
+        "each throttled mailbox was asked: {throttled}"
+    );
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the throttled rounds stop at the cancel")
+        .unwrap();
+    assert_good_manners(&h);
+}
