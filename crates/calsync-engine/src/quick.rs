@@ -109,7 +109,10 @@ impl Engine {
             Ok(applied) => applied,
             Err(e @ StoreError::Fenced { .. }) => {
                 // Another process holds the mailbox now: stand down as the full round does,
-                // even if the task is being stopped for the same reason meanwhile.
+                // even if the task is being stopped for the same reason meanwhile. The
+                // cursor goes too: the other process moves the link, and a round after the
+                // mailbox comes back must start from the database (issue 23).
+                self.drop_cursor(tuple.id);
                 let outcome = self.stood_down(tuple, &StepError::Store(e));
                 self.round_counted(&outcome, started);
                 return Quick::Done(outcome);

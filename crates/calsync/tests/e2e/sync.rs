@@ -707,3 +707,69 @@ async fn a_replay_that_finds_a_change_goes_on_from_the_page_in_hand(pool: PgPool
     );
     h.assert_mirrors(&tuples).await;
 }
+
+/// A quick round refused by the fence (another replica holds the mailbox now) forgets its
+/// cursor: when the mailbox comes back after the other replica synced, the next round starts
+/// from the database, not from the link and version this process held before (issue 23,
+/// point 6). Before: the stale cursor cost a replay, a refused commit and a second replay.
+#[sqlx::test(migrations = false)]
+async fn a_fenced_quick_round_forgets_its_cursor(pool: PgPool) {
+    let h = harness(pool.clone(), 10).await;
+    seed(&h, 3);
+    let id = calsync_engine::Identity::new(
+        "a",
+        calsync_store::ReplicaKind::Run,
+        Duration::from_secs(30),
+    );
+    let engine = calsync_engine::Engine::new(
+        h.graph(),
+        h.store.clone().as_incarnation(&id.incarnation),
+        settings(),
+    );
+    let keeper = engine.fence_with(id.clone()).unwrap();
+    let t = h.default_tuple(&engine).await;
+    keeper.cycle().await.unwrap();
+    assert_eq!(engine.leases().map(|l| l.len()), Some(1));
+    let cancel = CancellationToken::new();
+    report(engine.run_round(&t, &cancel, None).await);
+    report(engine.run_round(&t, &cancel, None).await);
+
+    // Another replica takes the mailbox; this process does not know yet.
+    let fence: i64 = sqlx::query_scalar("SELECT fence FROM mailbox_leases")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE mailbox_leases SET owner = 'thief#1', fence = nextval('lease_fence')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    match engine.run_round(&t, &cancel, None).await {
+        Outcome::Failed(f) => assert_eq!(f.code, "LeaseLost"),
+        o => panic!("expected to stand down, got {o:?}"),
+    }
+    // The other replica syncs (its commit moves the version), then the mailbox comes back.
+    sqlx::query("UPDATE sync_tuples SET link_version = link_version + 1 WHERE id = $1")
+        .bind(t.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE mailbox_leases SET owner = $1, fence = $2")
+        .bind(&id.incarnation)
+        .bind(fence)
+        .execute(&pool)
+        .await
+        .unwrap();
+    h.sim.lock().clear_log();
+    report(engine.run_round(&t, &cancel, None).await);
+    let replays = h
+        .sim
+        .lock()
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("calendarView"))
+        .count();
+    assert_eq!(
+        replays, 1,
+        "one replay, from the database's link and version"
+    );
+}
