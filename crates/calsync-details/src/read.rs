@@ -5,17 +5,20 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+#[inline]
 fn at<'a>(event: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
     let (first, rest) = path.split_first()?;
     rest.iter().try_fold(event.get(*first)?, |v, k| v.get(k))
 }
 
 /// A string property.
+#[inline]
 pub fn text(event: &Map<String, Value>, path: &[&str]) -> Option<String> {
     at(event, path)?.as_str().map(str::to_owned)
 }
 
 /// A boolean property.
+#[inline]
 pub fn boolean(event: &Map<String, Value>, path: &[&str]) -> Option<bool> {
     at(event, path)?.as_bool()
 }
