@@ -226,6 +226,18 @@ impl RequestGate {
             .is_some_and(|t| now < t)
     }
 
+    /// Counts a wait for a mailbox's `Retry-After` (here, or by a round that waits without its
+    /// slot: `Engine::wait_out_hold`).
+    pub(crate) fn count_throttle_wait(&self, wait: Duration) {
+        {
+            let mut s = relock(&self.stats);
+            s.throttle_waits += 1;
+            s.throttle_wait_seconds += wait.as_secs_f64();
+        }
+        // A histogram: its _count and _sum are the waits and the seconds waited.
+        metrics::histogram!("calsync_throttle_wait_seconds").record(wait.as_secs_f64());
+    }
+
     /// How long the mailbox's `Retry-After` still holds it, if it does.
     pub fn held_for(&self, mailbox: &str) -> Option<Duration> {
         let now = Instant::now();
@@ -248,14 +260,7 @@ impl RequestGate {
             if let Some(t) = not_before {
                 let now = Instant::now();
                 if now < t {
-                    {
-                        let mut s = relock(&self.stats);
-                        s.throttle_waits += 1;
-                        s.throttle_wait_seconds += (t - now).as_secs_f64();
-                    }
-                    // A histogram: its _count and _sum are the waits and the seconds waited.
-                    metrics::histogram!("calsync_throttle_wait_seconds")
-                        .record((t - now).as_secs_f64());
+                    self.count_throttle_wait(t - now);
                     tokio::time::sleep_until(t).await;
                     continue;
                 }

@@ -119,6 +119,7 @@ impl Engine {
         if !released {
             return true;
         }
+        self.inner.gate.count_throttle_wait(wait);
         let slot = tokio::select! {
             biased;
             _ = cancel.cancelled() => return false,
