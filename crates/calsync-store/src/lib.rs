@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`error`] | [`StoreError`] and the mapping from sqlx errors |
 //! | [`tuples`] | the tuple registry: saved links, sync state ([`TupleStatus`]) |
+//! | `register` | registration: the stored tuples made to match a config, writing only what changed |
 //! | [`write`](mod@write) | what a page write is ([`PageWrite`]) and what it did ([`PageApplied`]) |
 //! | [`apply`] | applying a page with its link in one transaction, as named steps |
 //! | `steps` | the transaction's steps that delete or show rows, returning their ids |
@@ -28,6 +29,7 @@ mod link;
 pub mod migrate;
 pub mod page;
 pub mod read_model;
+mod register;
 mod steps;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
