@@ -168,12 +168,11 @@ mod tests {
         assert!(store.migrations_current().await.unwrap());
     }
 
-    /// A migration behind a long read (an app's transaction on `events`) gives up within its
-    /// lock timeout, leaves the read alone, and goes through once the read ends.
-    #[sqlx::test(migrations = false)]
-    async fn a_migration_waiting_on_a_lock_gives_up_fast_and_retries(pool: PgPool) {
-        let store = Store::from_pool(pool.clone());
-        // Everything but the last migration, as a database of the previous release.
+    /// A database of the previous release (every migration but the last), and an app's long
+    /// read of the read model holding its lock; returns the last migration's version.
+    async fn previous_release_with_a_reader(
+        pool: &PgPool,
+    ) -> (i64, sqlx::Transaction<'static, sqlx::Postgres>) {
         let mut older = sqlx::migrate!("../../migrations");
         let last = older.iter().map(|m| m.version).max().unwrap();
         older.migrations = older
@@ -183,13 +182,21 @@ mod tests {
             .cloned()
             .collect::<Vec<_>>()
             .into();
-        older.run(&pool).await.unwrap();
-        // An app reads the read model in a long transaction.
+        older.run(pool).await.unwrap();
         let mut reader = pool.begin().await.unwrap();
         sqlx::query("SELECT count(*) FROM calendar_events")
             .execute(&mut *reader)
             .await
             .unwrap();
+        (last, reader)
+    }
+
+    /// A migration behind a long read (an app's transaction on `events`) gives up within its
+    /// lock timeout, leaves the read alone, and goes through once the read ends.
+    #[sqlx::test(migrations = false)]
+    async fn a_migration_waiting_on_a_lock_gives_up_fast_and_retries(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        let (last, reader) = previous_release_with_a_reader(&pool).await;
         let release = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(1500)).await;
             reader.commit().await.unwrap();
@@ -213,21 +220,7 @@ mod tests {
     #[sqlx::test(migrations = false)]
     async fn a_lock_held_past_the_retry_span_fails_the_start(pool: PgPool) {
         let store = Store::from_pool(pool.clone());
-        let mut older = sqlx::migrate!("../../migrations");
-        let last = older.iter().map(|m| m.version).max().unwrap();
-        older.migrations = older
-            .migrations
-            .iter()
-            .filter(|m| m.version != last)
-            .cloned()
-            .collect::<Vec<_>>()
-            .into();
-        older.run(&pool).await.unwrap();
-        let mut reader = pool.begin().await.unwrap();
-        sqlx::query("SELECT count(*) FROM calendar_events")
-            .execute(&mut *reader)
-            .await
-            .unwrap();
+        let (_, reader) = previous_release_with_a_reader(&pool).await;
         let e = store
             .migrate_with(Duration::from_millis(100), Duration::from_millis(500))
             .await
