@@ -318,6 +318,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 calendar_id: "default".into(),
                 window_start: t.window.start,
                 window_end: t.window.end,
+                settings: None,
             })
             .collect();
         let mut specs: Vec<TupleSpec> = all_configs
@@ -329,6 +330,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 calendar_id: "default".into(),
                 window_start: c.window.start,
                 window_end: c.window.end,
+                settings: None,
             })
             .collect();
         specs.extend(copy_keys.iter().cloned());

@@ -4,7 +4,7 @@
 
 use crate::{Engine, Tuple, TupleConfig};
 use calsync_graph::CalendarRef;
-use calsync_store::{StoreError, TupleSpec};
+use calsync_store::{SetWrite, StoreError, TrackedSet, TupleSpec};
 
 /// Whether a configured mailbox is a directory object id (a GUID) rather than a UPN.
 fn is_object_id(user: &str) -> bool {
@@ -20,20 +20,30 @@ impl Engine {
     /// Records the configured tuples in the store (new ones added, dropped ones untracked)
     /// and returns them with their ids.
     pub async fn register(&self, configs: &[TupleConfig]) -> Result<Vec<Tuple>, StoreError> {
-        self.register_with(configs, true).await
+        Ok(self
+            .register_set(configs, true, &SetWrite::default())
+            .await?
+            .0)
     }
 
     /// Records these tuples and leaves every other one as it is (a one-off command's view of
     /// the database it shares with a daemon), returning them with their ids.
     pub async fn register_only(&self, configs: &[TupleConfig]) -> Result<Vec<Tuple>, StoreError> {
-        self.register_with(configs, false).await
+        Ok(self
+            .register_set(configs, false, &SetWrite::default())
+            .await?
+            .0)
     }
 
-    async fn register_with(
+    /// Registers `configs` as a generation of the deployment's tracked set (`reconcile`: the
+    /// whole set, other tuples untracked; else these beside the rest), returning them with
+    /// their ids and the deployment's generation after the write.
+    pub async fn register_set(
         &self,
         configs: &[TupleConfig],
         reconcile: bool,
-    ) -> Result<Vec<Tuple>, StoreError> {
+        write: &SetWrite,
+    ) -> Result<(Vec<Tuple>, i64), StoreError> {
         // Mailboxes first: each tuple is stored with its lease key (the object id when known).
         let mailboxes = self.resolve_mailboxes(configs).await;
         let mailbox_of = |c: &TupleConfig| {
@@ -54,14 +64,19 @@ impl Engine {
                 },
                 window_start: c.window.start,
                 window_end: c.window.end,
+                settings: Some(crate::tuple::settings::encode(
+                    c.interval.unwrap_or(self.inner.settings.interval),
+                    c,
+                )),
             })
             .collect();
-        let ids = if reconcile {
-            self.inner.store.register_tuple_ids(&specs).await?
-        } else {
-            self.inner.store.add_tuple_ids(&specs).await?
-        };
-        Ok(configs
+        let registered = self
+            .inner
+            .store
+            .register_set(&specs, reconcile, write)
+            .await?;
+        let ids = registered.ids;
+        let tuples = configs
             .iter()
             .zip(specs)
             .filter_map(|(c, spec)| {
@@ -78,7 +93,55 @@ impl Engine {
                     mailbox: spec.mailbox,
                 })
             })
-            .collect())
+            .collect();
+        Ok((tuples, registered.generation))
+    }
+
+    /// The deployment's tracked set as stored: what changed after generation `after` (every
+    /// tracked tuple for a negative `after`), each tuple by its key with `None` for one no
+    /// longer tracked, the generation this brings the reader to and how many tuples are
+    /// tracked in all.
+    pub async fn tracked_since(
+        &self,
+        after: i64,
+    ) -> Result<(TrackedSet, Vec<(String, Option<Tuple>)>, usize), StoreError> {
+        let changes = self.inner.store.tracked_since(after).await?;
+        let tracked = usize::try_from(changes.tracked).unwrap_or(0);
+        let default = self.inner.settings.interval;
+        let tuples = changes
+            .tuples
+            .into_iter()
+            .map(|t| {
+                if !t.tracked {
+                    return (t.tuple_key, None);
+                }
+                let (interval, schedule, rolling, problem) =
+                    crate::tuple::settings::decode(t.settings.as_deref(), default);
+                if let Some(p) = problem {
+                    tracing::warn!(tuple = %t.tuple_key, problem = %p, "a stored tuple's settings are unreadable; defaults used");
+                }
+                let calendar = match t.calendar_id.as_str() {
+                    "default" => CalendarRef::Default,
+                    id => CalendarRef::Id(id.to_owned()),
+                };
+                let tuple = Tuple {
+                    id: t.id,
+                    key: t.tuple_key.clone(),
+                    user: t.user_id,
+                    calendar,
+                    window: calsync_graph::ViewWindow {
+                        start: t.window_start,
+                        end: t.window_end,
+                    },
+                    rolling,
+                    interval,
+                    schedule,
+                    mailbox: t.mailbox,
+                };
+                (t.tuple_key, Some(tuple))
+            })
+            .collect();
+        Ok((changes.set, tuples, tracked))
     }
 
     /// The directory object id of configured mailbox names, where two names might be one

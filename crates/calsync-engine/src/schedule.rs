@@ -144,7 +144,15 @@ fn identity(t: &Tuple) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     // A new schedule restarts the task: it is read where the task computes its next round.
-    (t.id, &t.user, &t.calendar, t.window, &t.schedule).hash(&mut h);
+    (
+        t.id,
+        &t.user,
+        &t.calendar,
+        t.window,
+        &t.schedule,
+        &t.mailbox,
+    )
+        .hash(&mut h);
     h.finish()
 }
 

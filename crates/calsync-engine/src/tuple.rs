@@ -85,3 +85,100 @@ impl Tuple {
         }
     }
 }
+
+/// What a replica needs to schedule a tuple beside its identity, as stored with it
+/// (`sync_tuples.settings`): every replica schedules the deployment's tuples from the
+/// database, whatever its own config file says (issue 23).
+pub mod settings {
+    use super::*;
+    use crate::window::Edge;
+    use chrono::{DateTime, TimeDelta, Utc};
+    use serde_json::{Value, json};
+
+    fn edge(e: Edge) -> Value {
+        match e {
+            Edge::At(t) => json!({ "at": t.to_rfc3339() }),
+            Edge::Offset(d) => json!({ "offset_s": d.num_seconds() }),
+        }
+    }
+
+    fn edge_of(v: &Value) -> Option<Edge> {
+        if let Some(s) = v.get("offset_s").and_then(Value::as_i64) {
+            return TimeDelta::try_seconds(s).map(Edge::Offset);
+        }
+        let at = v.get("at")?.as_str()?;
+        DateTime::parse_from_rfc3339(at)
+            .ok()
+            .map(|t| Edge::At(t.with_timezone(&Utc)))
+    }
+
+    /// The stored form of a tuple's interval, schedule and rolling window.
+    pub fn encode(interval: Duration, c: &TupleConfig) -> String {
+        let mut v =
+            json!({ "interval_ms": u64::try_from(interval.as_millis()).unwrap_or(u64::MAX) });
+        if let Some(s) = &c.schedule {
+            v["schedule"] = json!({ "zone": s.zone(), "patterns": s.patterns() });
+        }
+        if let Some(r) = c.rolling {
+            v["rolling"] = json!({ "start": edge(r.start), "end": edge(r.end) });
+        }
+        v.to_string()
+    }
+
+    /// A tuple's stored settings read back: its interval (`default` when absent or
+    /// unreadable), schedule and rolling window. What cannot be read is left at its default
+    /// and said in the error, which the caller logs.
+    pub fn decode(
+        text: Option<&str>,
+        default: Duration,
+    ) -> (
+        Duration,
+        Option<Arc<CronSchedule>>,
+        Option<WindowSpec>,
+        Option<String>,
+    ) {
+        let Some(text) = text else {
+            return (default, None, None, None);
+        };
+        let v: Value = match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return (default, None, None, Some(format!("not JSON: {e}"))),
+        };
+        let mut problem = None;
+        let interval = v
+            .get("interval_ms")
+            .and_then(Value::as_u64)
+            .filter(|ms| *ms > 0)
+            .map_or(default, Duration::from_millis);
+        let schedule = v.get("schedule").and_then(|s| {
+            let zone = s.get("zone").and_then(Value::as_str).unwrap_or("UTC");
+            let patterns: Vec<String> = s
+                .get("patterns")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match CronSchedule::new(&patterns, zone) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    problem = Some(format!("schedule: {e}"));
+                    None
+                }
+            }
+        });
+        let rolling = v.get("rolling").and_then(|r| {
+            let spec = WindowSpec {
+                start: edge_of(r.get("start")?)?,
+                end: edge_of(r.get("end")?)?,
+            };
+            Some(spec)
+        });
+        if v.get("rolling").is_some() && rolling.is_none() {
+            problem = Some("rolling: unreadable edges".into());
+        }
+        (interval, schedule, rolling, problem)
+    }
+}

@@ -181,6 +181,7 @@ mod tests {
                 calendar_id: "default".into(),
                 window_start: start,
                 window_end: end,
+                settings: None,
             }])
             .await
             .unwrap()

@@ -20,6 +20,18 @@ pub enum StoreError {
         /// The tuple whose write was refused.
         tuple_id: i64,
     },
+    /// A registration based on one generation of the deployment's tracked set found a newer
+    /// one (a reload elsewhere wrote it while a discovery pass or a re-base ran): nothing was
+    /// written, and the writer follows the newer set instead.
+    #[error(
+        "the tracked set moved to generation {current} since generation {based_on} this change was computed from"
+    )]
+    Superseded {
+        /// The generation the change was computed from.
+        based_on: i64,
+        /// The deployment's generation now.
+        current: i64,
+    },
     /// Applying the embedded migrations failed.
     #[error("database migration failed: {0}")]
     Migration(String),
@@ -104,6 +116,7 @@ impl StoreError {
             StoreError::Bug { .. } => "DatabaseBug",
             StoreError::Conflict { .. } => "Conflict",
             StoreError::Fenced { .. } => "LeaseLost",
+            StoreError::Superseded { .. } => "Superseded",
             _ => "DatabaseError",
         }
     }

@@ -266,6 +266,7 @@ mod tests {
                 calendar_id: "default".into(),
                 window_start: start,
                 window_end: end,
+                settings: None,
             }])
             .await
             .unwrap()
@@ -364,6 +365,7 @@ mod tests {
             calendar_id: "default".into(),
             window_start: "2026-01-01T00:00:00Z".parse().unwrap(),
             window_end: "2026-04-01T00:00:00Z".parse().unwrap(),
+            settings: None,
         };
         let a = store.clone().for_deployment("a");
         let b = store.clone().for_deployment("b");

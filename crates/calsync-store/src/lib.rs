@@ -24,6 +24,7 @@ pub mod apply;
 mod batch;
 mod columns;
 pub mod error;
+pub mod generation;
 pub mod leases;
 mod link;
 pub mod migrate;
@@ -39,6 +40,7 @@ pub mod write;
 
 pub use batch::LinkInbox;
 pub use error::{SqlClass, StoreError, sql_class};
+pub use generation::{Registered, SetChanges, SetListener, SetWrite, StoredTuple, TrackedSet};
 pub use leases::{Heartbeat, LeaseOwner, ReplicaKind};
 pub use migrate::Migrated;
 pub use page::{
@@ -321,6 +323,7 @@ mod tests {
             calendar_id: "default".into(),
             window_start: start,
             window_end: start + chrono::Duration::days(days),
+            settings: None,
         };
         let first = store
             .register_tuple_ids(&[spec("a", 30), spec("b", 30)])
@@ -368,6 +371,7 @@ mod tests {
             calendar_id: "default".into(),
             window_start: start,
             window_end: end,
+            settings: None,
         };
         let state = store.register_tuples(&[spec]).await.unwrap().remove(0);
         let row = |id: &str| EventRow {

@@ -3,6 +3,7 @@
 
 use crate::Store;
 use crate::error::{StoreError, db};
+use crate::generation::{Registered, SetWrite};
 use crate::tuples::{TUPLE_COLUMNS, TupleSpec, TupleState};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ impl Store {
         &self,
         specs: &[TupleSpec],
     ) -> Result<Vec<TupleState>, StoreError> {
-        let ids = self.register(specs, true).await?;
+        let ids = self.register(specs, true, &SetWrite::default()).await?.ids;
         self.states_of(ids).await
     }
 
@@ -22,7 +23,7 @@ impl Store {
     /// as it is: what a one-off command (`sync-once`) does, which must never untrack the
     /// daemon's calendars.
     pub async fn add_tuples(&self, specs: &[TupleSpec]) -> Result<Vec<TupleState>, StoreError> {
-        let ids = self.register(specs, false).await?;
+        let ids = self.register(specs, false, &SetWrite::default()).await?.ids;
         self.states_of(ids).await
     }
 
@@ -32,7 +33,7 @@ impl Store {
         &self,
         specs: &[TupleSpec],
     ) -> Result<HashMap<String, i64>, StoreError> {
-        self.register(specs, true).await
+        Ok(self.register(specs, true, &SetWrite::default()).await?.ids)
     }
 
     /// [`Store::add_tuples`], answering only each tuple's id by its key.
@@ -40,7 +41,19 @@ impl Store {
         &self,
         specs: &[TupleSpec],
     ) -> Result<HashMap<String, i64>, StoreError> {
-        self.register(specs, false).await
+        Ok(self.register(specs, false, &SetWrite::default()).await?.ids)
+    }
+
+    /// Registers `specs` as a new generation of the deployment's tracked set (see
+    /// [`SetWrite`]): the whole set (`untrack_others`, other tuples untracked) or these tuples
+    /// beside the rest. The generation moves only if a tuple or the digest changed.
+    pub async fn register_set(
+        &self,
+        specs: &[TupleSpec],
+        untrack_others: bool,
+        write: &SetWrite,
+    ) -> Result<Registered, StoreError> {
+        self.register(specs, untrack_others, write).await
     }
 
     async fn states_of(&self, ids: HashMap<String, i64>) -> Result<Vec<TupleState>, StoreError> {
@@ -61,11 +74,12 @@ impl Store {
         &self,
         specs: &[TupleSpec],
         untrack_others: bool,
-    ) -> Result<HashMap<String, i64>, StoreError> {
+        write: &SetWrite,
+    ) -> Result<Registered, StoreError> {
         crate::within(
             self.deadline.saturating_mul(4),
             "registering calendars",
-            self.register_now(specs, untrack_others),
+            self.register_now(specs, untrack_others, write),
         )
         .await
     }
@@ -74,13 +88,25 @@ impl Store {
         &self,
         specs: &[TupleSpec],
         untrack_others: bool,
-    ) -> Result<HashMap<String, i64>, StoreError> {
+        write: &SetWrite,
+    ) -> Result<Registered, StoreError> {
         // A connection of its own, closed afterwards: the statements below carry every
         // calendar (megabytes at 100,000), and a pooled connection would keep buffers of that
         // size for the life of the process.
         let mut conn = self.pool.acquire().await.map_err(db)?;
         conn.close_on_drop();
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+        // The deployment's generation, locked: registrations of one deployment (replicas
+        // reloading at once, a discovery pass beside a re-base) take turns, and one computed
+        // from an older generation is refused whole.
+        let (current, current_digest) =
+            crate::generation::lock_set(&mut tx, &self.deployment).await?;
+        if let Some(based_on) = write.based_on {
+            if based_on != current {
+                return Err(StoreError::Superseded { based_on, current });
+            }
+        }
+        let next = current + 1;
         // What is stored already: a restart with 100,000 unchanged calendars writes nothing.
         type Stored = (
             String,
@@ -91,9 +117,10 @@ impl Store {
             DateTime<Utc>,
             bool,
             i64,
+            Option<String>,
         );
         let stored: Vec<Stored> = sqlx::query_as(
-            "SELECT tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked, id \
+            "SELECT tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked, id, settings \
              FROM sync_tuples WHERE deployment = $1",
         )
         .bind(&*self.deployment)
@@ -114,6 +141,9 @@ impl Store {
                             s.window_end,
                             true,
                         )
+                        // A tuple stored without settings (by an older release, or a caller
+                        // that has none) is not rewritten by one that has none either.
+                        || (s.settings.is_some() && r.8 != s.settings)
                 })
             })
             .collect();
@@ -123,17 +153,19 @@ impl Store {
         let cals: Vec<&str> = changed.iter().map(|s| s.calendar_id.as_str()).collect();
         let starts: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_start).collect();
         let ends: Vec<DateTime<Utc>> = changed.iter().map(|s| s.window_end).collect();
+        let settings: Vec<Option<&str>> = changed.iter().map(|s| s.settings.as_deref()).collect();
         let mut ids: HashMap<String, i64> = HashMap::with_capacity(specs.len());
         if !changed.is_empty() {
             // A changed user, calendar or window bumps link_version: a round of the old
             // identity still in flight (a reload's old task, another process) can then commit
             // nothing.
             let written: Vec<(String, i64)> = sqlx::query_as(
-                "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked) \
-                 SELECT $1, k, u, m, c, s, e, true FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[]) AS t(k, u, m, c, s, e) \
+                "INSERT INTO sync_tuples (deployment, tuple_key, user_id, mailbox, calendar_id, window_start, window_end, tracked, settings, generation) \
+                 SELECT $1, k, u, m, c, s, e, true, x, $9 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], $8::text[]) AS t(k, u, m, c, s, e, x) \
                  ON CONFLICT (deployment, tuple_key) DO UPDATE SET user_id = EXCLUDED.user_id, mailbox = EXCLUDED.mailbox, \
                    calendar_id = EXCLUDED.calendar_id, window_start = EXCLUDED.window_start, window_end = EXCLUDED.window_end, \
-                   tracked = true, updated_at = now(), \
+                   tracked = true, updated_at = now(), generation = EXCLUDED.generation, \
+                   settings = COALESCE(EXCLUDED.settings, sync_tuples.settings), \
                    link_version = sync_tuples.link_version + CASE WHEN \
                      (sync_tuples.user_id, sync_tuples.calendar_id, sync_tuples.window_start, sync_tuples.window_end) \
                      IS DISTINCT FROM (EXCLUDED.user_id, EXCLUDED.calendar_id, EXCLUDED.window_start, EXCLUDED.window_end) \
@@ -147,6 +179,8 @@ impl Store {
             .bind(&cals)
             .bind(&starts)
             .bind(&ends)
+            .bind(&settings)
+            .bind(next)
             .fetch_all(&mut *tx)
             .await
             .map_err(db)?;
@@ -193,11 +227,12 @@ impl Store {
                 .collect();
             if !gone.is_empty() {
                 untracked = sqlx::query(
-                    "UPDATE sync_tuples SET tracked = false, updated_at = now() \
+                    "UPDATE sync_tuples SET tracked = false, updated_at = now(), generation = $3 \
                      WHERE deployment = $1 AND tuple_key = ANY($2::text[])",
                 )
                 .bind(&*self.deployment)
                 .bind(&gone)
+                .bind(next)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?
@@ -242,6 +277,25 @@ impl Store {
             .await
             .map_err(db)?;
         }
+        let moved_on = !changed.is_empty()
+            || untracked > 0
+            || write.digest.as_deref().is_some_and(|d| d != current_digest);
+        let generation = if moved_on {
+            crate::generation::write_set(
+                &mut tx,
+                &self.deployment,
+                next,
+                write,
+                self.incarnation(),
+            )
+            .await?;
+            next
+        } else {
+            if let Some(anchor) = write.anchor {
+                crate::generation::set_anchor(&mut tx, &self.deployment, anchor).await?;
+            }
+            current
+        };
         tx.commit().await.map_err(db)?;
         // Unchanged tuples keep the ids read at the start; written ones got theirs back.
         for s in specs {
@@ -251,7 +305,11 @@ impl Store {
                 }
             }
         }
-        Ok(ids)
+        Ok(Registered {
+            ids,
+            generation,
+            changed: moved_on,
+        })
     }
 }
 
@@ -269,6 +327,7 @@ mod tests {
             calendar_id: "default".into(),
             window_start: start,
             window_end: start + chrono::Duration::days(30),
+            settings: None,
         }
     }
 

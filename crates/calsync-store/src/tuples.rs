@@ -21,6 +21,9 @@ pub struct TupleSpec {
     pub window_start: DateTime<Utc>,
     /// The calendarView window's end.
     pub window_end: DateTime<Utc>,
+    /// What a replica needs to schedule it beside its identity (interval, cron schedule,
+    /// rolling window), as the engine writes it (JSON); `None`: the engine's defaults.
+    pub settings: Option<String>,
 }
 
 /// What a saved link was made for. A link is only replayed for the same stamp.
@@ -383,6 +386,7 @@ mod tests {
             calendar_id: "default".into(),
             window_start: start,
             window_end: start + chrono::Duration::days(30),
+            settings: None,
         }
     }
 

@@ -63,35 +63,70 @@ pub async fn connect_store_patiently(db: &DatabaseConfig) -> anyhow::Result<Stor
 /// Connects, migrates, builds the engine and registers the configured tuples as the
 /// deployment's set, outside any lease (the demo and the benchmarks drive it alone).
 pub async fn build(cfg: &Config) -> anyhow::Result<(Engine, Vec<Tuple>)> {
-    let (engine, tuples, _, _) = build_with(cfg, None).await?;
-    Ok((engine, tuples))
+    let b = build_with(cfg, None).await?;
+    Ok((b.engine, b.tuples))
+}
+
+/// A replica as built: connected, migrated, its set registered or followed.
+#[derive(Debug)]
+pub struct Built {
+    /// The engine.
+    pub engine: Engine,
+    /// The tuples it serves: a `run` replica's are the deployment's tracked set as stored; a
+    /// one-off command's are its config's.
+    pub tuples: Vec<Tuple>,
+    /// The keeper of its mailbox leases.
+    pub keeper: LeaseKeeper,
+    /// Whether the config's `[[sources]]` were resolved (always true without sources, or when
+    /// the set was followed rather than registered).
+    pub sources_resolved: bool,
+    /// The deployment's tracked set as this replica found or wrote it.
+    pub set: FollowedSet,
+}
+
+/// Where a replica stands against the deployment's tracked set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowedSet {
+    /// The generation it serves.
+    pub generation: i64,
+    /// That generation's config digest.
+    pub digest: String,
+    /// Its own config is one the deployment ran and replaced: it follows the database's set
+    /// and registers nothing of its own until reloaded with the current file.
+    pub stale: bool,
 }
 
 /// A replica of the config's deployment: [`build`], with every commit fenced by mailbox
 /// leases held as a new incarnation of `service.replica`, and the keeper of those leases.
-/// A `run` replica registers the deployment's set (untracking what the config dropped); a
-/// one-off command registers its calendars only and never untracks the others.
-/// The last value says whether the config's `[[sources]]` were resolved (always true without
-/// sources): if not, the daemon started with what earlier passes found and retries soon.
-pub async fn build_replica(
-    cfg: &Config,
-    kind: ReplicaKind,
-) -> anyhow::Result<(Engine, Vec<Tuple>, LeaseKeeper, bool)> {
+/// A `run` replica registers its config as the deployment's set unless its file is one the
+/// deployment replaced (a stale file: it follows the stored set instead), then serves the
+/// stored set; a one-off command registers its calendars only and never untracks the others.
+pub async fn build_replica(cfg: &Config, kind: ReplicaKind) -> anyhow::Result<Built> {
     let o = &cfg.ownership;
     let replica = match kind {
         ReplicaKind::Run => o.replica.clone(),
         ReplicaKind::OneOff => format!("{}-sync-once", o.replica),
     };
     let identity = Identity::new(&replica, kind, o.lease_ttl);
-    let (engine, tuples, keeper, whole) = build_with(cfg, Some(identity)).await?;
-    let keeper = keeper.context("the engine was fenced twice")?;
-    Ok((engine, tuples, keeper, whole))
+    let b = build_with(cfg, Some(identity)).await?;
+    Ok(Built {
+        keeper: b.keeper.context("the engine was fenced twice")?,
+        engine: b.engine,
+        tuples: b.tuples,
+        sources_resolved: b.sources_resolved,
+        set: b.set,
+    })
 }
 
-async fn build_with(
-    cfg: &Config,
-    identity: Option<Identity>,
-) -> anyhow::Result<(Engine, Vec<Tuple>, Option<LeaseKeeper>, bool)> {
+struct BuiltWith {
+    engine: Engine,
+    tuples: Vec<Tuple>,
+    keeper: Option<LeaseKeeper>,
+    sources_resolved: bool,
+    set: FollowedSet,
+}
+
+async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<BuiltWith> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -116,17 +151,88 @@ async fn build_with(
     let one_off = identity
         .as_ref()
         .is_some_and(|i| i.kind == ReplicaKind::OneOff);
-    // With sources, the set is whole only once they are resolved: until then nothing is
-    // untracked (what an earlier pass found stays in the read model).
-    let (configs, whole) = with_discovered(&engine, cfg).await;
-    let registered = if one_off || !whole {
-        engine.register_only(&configs).await
+    let keeper_of =
+        |engine: &Engine, identity: Option<Identity>| identity.and_then(|id| engine.fence_with(id));
+    if one_off {
+        let (configs, _) = with_discovered(&engine, cfg).await;
+        let write = calsync_store::SetWrite {
+            cause: "sync-once",
+            ..Default::default()
+        };
+        let (tuples, generation) = engine
+            .register_set(&configs, false, &write)
+            .await
+            .context("cannot register the configured calendars")?;
+        let keeper = keeper_of(&engine, identity);
+        let set = FollowedSet {
+            generation,
+            digest: cfg.digest.clone(),
+            stale: false,
+        };
+        return Ok(BuiltWith {
+            engine,
+            tuples,
+            keeper,
+            sources_resolved: true,
+            set,
+        });
+    }
+    let found = engine
+        .store()
+        .tracked_set()
+        .await
+        .context("cannot read the deployment's tracked set")?;
+    // A file the deployment ran and replaced is stale: registering it would revert the set
+    // another replica's reload wrote (issue 23). Any other file is the operator's intent: the
+    // deployment's first config, the one in force, or a new one (a rollout).
+    let stale = found.generation > 0
+        && found.config_digest != cfg.digest
+        && engine
+            .store()
+            .config_superseded(&cfg.digest)
+            .await
+            .context("cannot read the deployment's config history")?;
+    let mut sources_resolved = true;
+    if stale {
+        warn!(
+            generation = found.generation,
+            deployment_digest = %found.config_digest,
+            file_digest = %cfg.digest,
+            "this replica's config file is one the deployment replaced: it serves the deployment's current set and registers nothing; reload it once its file is current"
+        );
     } else {
-        engine.register(&configs).await
-    };
-    let tuples = registered.context("cannot register the configured calendars")?;
-    let keeper = identity.and_then(|id| engine.fence_with(id));
-    Ok((engine, tuples, keeper, whole))
+        // With sources, the set is whole only once they are resolved: until then nothing is
+        // untracked (what an earlier pass found stays in the read model).
+        let (configs, whole) = with_discovered(&engine, cfg).await;
+        sources_resolved = whole;
+        let write = calsync_store::SetWrite {
+            cause: "start",
+            digest: Some(cfg.digest.clone()),
+            based_on: None,
+            anchor: Some(cfg.anchor),
+        };
+        engine
+            .register_set(&configs, whole, &write)
+            .await
+            .context("cannot register the configured calendars")?;
+    }
+    let (set, stored, _) = engine
+        .tracked_since(-1)
+        .await
+        .context("cannot read the deployment's tracked set")?;
+    let tuples: Vec<Tuple> = stored.into_iter().filter_map(|(_, t)| t).collect();
+    let keeper = keeper_of(&engine, identity);
+    Ok(BuiltWith {
+        engine,
+        tuples,
+        keeper,
+        sources_resolved,
+        set: FollowedSet {
+            generation: set.generation,
+            stale: set.config_digest != cfg.digest,
+            digest: set.config_digest,
+        },
+    })
 }
 
 /// How long a discovery pass at start may take before the daemon starts without it (and
@@ -241,7 +347,12 @@ pub fn hangups() -> anyhow::Result<Hangups> {
 /// mailboxes whose lease is free, holding those leases (renewed) until it is done, and leaves
 /// a mailbox a running replica holds to that replica, saying so. It never untracks or purges.
 pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
-    let (engine, tuples, keeper, _) = build_replica(&cfg, ReplicaKind::OneOff).await?;
+    let Built {
+        engine,
+        tuples,
+        keeper,
+        ..
+    } = build_replica(&cfg, ReplicaKind::OneOff).await?;
     let mut mailboxes: Vec<String> = tuples.iter().map(|t| t.mailbox.clone()).collect();
     mailboxes.sort();
     mailboxes.dedup();

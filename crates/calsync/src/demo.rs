@@ -54,7 +54,7 @@ pub fn config_for_sim(
 ) -> anyhow::Result<Config> {
     let graph = calsync_testkit::sim::graph(origin, page_size)?;
     let auth = calsync_testkit::sim::auth(origin)?;
-    let tuples = calendars
+    let tuples: Vec<TupleConfig> = calendars
         .iter()
         .map(|(key, user, cal)| TupleConfig {
             key: key.clone(),
@@ -102,6 +102,8 @@ pub fn config_for_sim(
             every: Duration::from_secs(3600),
             refused_recheck: Duration::from_secs(86_400),
         },
+        digest: format!("demo-{}", tuples.len()),
+        anchor: chrono::Utc::now(),
         tuples,
     })
 }

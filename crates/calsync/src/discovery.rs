@@ -1,6 +1,8 @@
 //! The discovery worker: resolves the config's `[[sources]]` every `discovery.every` (sooner
 //! after a failed pass) and hands what it found to the schedule worker. A reload replaces its
-//! plan, which drops a pass of the old sources under way and restarts the cadence.
+//! plan, which drops a pass of the old sources under way and restarts the cadence. One
+//! replica of a deployment runs the passes at a time (the `discovery` role in PostgreSQL),
+//! and only one whose config is the deployment's: the others follow the generation it writes.
 
 use crate::config::{Config, DiscoverySettings};
 use crate::shared::ToSchedule;
@@ -25,6 +27,9 @@ pub struct Plan {
     pub window_rebase: Rebase,
     /// When the next discovery pass is due.
     pub next_pass: tokio::time::Instant,
+    /// The digest of the config the sources come from: a pass runs only while it is the
+    /// deployment's.
+    pub digest: String,
 }
 
 impl Plan {
@@ -36,6 +41,7 @@ impl Plan {
             window_rebase: cfg.window_rebase,
             next_pass: tokio::time::Instant::now()
                 + if resolved { cfg.discovery.every } else { RETRY },
+            digest: cfg.digest.clone(),
         }
     }
 }
@@ -46,8 +52,15 @@ pub async fn run(
     engine: Engine,
     mut plan: watch::Receiver<Plan>,
     schedule: mpsc::UnboundedSender<ToSchedule>,
+    role_ttl: Duration,
 ) -> anyhow::Result<()> {
     let mut next_pass = plan.borrow_and_update().next_pass;
+    let store = engine.store();
+    // The holder keeps the role between passes, so the cadence is the deployment's, not each
+    // replica's: another replica takes it only when this one is gone (or stale).
+    let mut holding = false;
+    let mut keep = tokio::time::interval(role_ttl / 4);
+    keep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ctx.idle();
         let current = plan.borrow().clone();
@@ -60,27 +73,63 @@ pub async fn run(
         tokio::select! {
             _ = wait => {}
             changed = plan.changed() => {
-                if changed.is_err() { return Ok(()) }
+                if changed.is_err() {
+                    if holding {
+                        let _ = store.release_role(crate::schedule::ROLE_DISCOVERY).await;
+                    }
+                    return Ok(())
+                }
                 next_pass = plan.borrow_and_update().next_pass;
+                continue;
+            }
+            _ = keep.tick(), if holding => {
+                holding = store.hold_role(crate::schedule::ROLE_DISCOVERY, role_ttl).await.unwrap_or(false);
                 continue;
             }
         }
         ctx.busy();
-        let anchor = current.window_rebase.anchor(chrono::Utc::now());
-        let pass = engine.discover(&current.sources, anchor, current.discovery.refused_recheck);
-        let found = tokio::select! {
-            found = pass => found,
-            // A reload replaced the sources: this pass's answer is for the old ones.
-            changed = plan.changed() => {
-                if changed.is_err() { return Ok(()) }
-                next_pass = plan.borrow_and_update().next_pass;
+        let based_on = match coordinate(store, &current, role_ttl).await {
+            Some(g) => g,
+            None => {
+                holding = false;
+                next_pass = tokio::time::Instant::now() + RETRY;
                 continue;
             }
         };
+        holding = true;
+        let anchor = current.window_rebase.anchor(chrono::Utc::now());
+        let pass = engine.discover(&current.sources, anchor, current.discovery.refused_recheck);
+        tokio::pin!(pass);
+        // The role is renewed while the pass runs (10,000 users take minutes); a replica that
+        // loses it (a pause past its ttl) drops the pass: another one runs it.
+        let mut renew = tokio::time::interval(role_ttl / 4);
+        renew.tick().await;
+        let found = loop {
+            tokio::select! {
+                found = &mut pass => break Some(found),
+                // A reload replaced the sources: this pass's answer is for the old ones.
+                changed = plan.changed() => {
+                    if changed.is_err() { return Ok(()) }
+                    next_pass = plan.borrow_and_update().next_pass;
+                    break None;
+                }
+                _ = renew.tick() => {
+                    if !store.hold_role(crate::schedule::ROLE_DISCOVERY, role_ttl).await.unwrap_or(false) {
+                        warn!("lost the discovery role during a pass; another replica runs it");
+                        next_pass = tokio::time::Instant::now() + RETRY;
+                        break None;
+                    }
+                }
+            }
+        };
+        let Some(found) = found else { continue };
         let registered = match found {
             Ok(found) => {
                 let (tx, rx) = oneshot::channel();
-                if schedule.send(ToSchedule::Discovered(found, tx)).is_err() {
+                if schedule
+                    .send(ToSchedule::Discovered(found, based_on, tx))
+                    .is_err()
+                {
                     return Ok(());
                 }
                 rx.await.unwrap_or(false)
@@ -96,5 +145,31 @@ pub async fn run(
             } else {
                 RETRY
             };
+    }
+}
+
+/// Takes (or keeps) the deployment's discovery role and answers the generation a pass starts
+/// from, if this replica is to run it: it holds the role and its config is the deployment's.
+async fn coordinate(store: &calsync_store::Store, plan: &Plan, ttl: Duration) -> Option<i64> {
+    let set = match store.tracked_set().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot read the deployment's tracked set; discovery waits");
+            return None;
+        }
+    };
+    if set.config_digest != plan.digest {
+        // A stale file's sources are not the deployment's: leave the role to a replica whose
+        // config is current.
+        let _ = store.release_role(crate::schedule::ROLE_DISCOVERY).await;
+        return None;
+    }
+    match store.hold_role(crate::schedule::ROLE_DISCOVERY, ttl).await {
+        Ok(true) => Some(set.generation),
+        Ok(false) => None,
+        Err(e) => {
+            warn!(error = %e, "cannot take the discovery role; trying again");
+            None
+        }
     }
 }

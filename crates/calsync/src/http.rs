@@ -51,8 +51,19 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     } else {
         "stopped"
     };
-    let ready = database == "ok" && migrations == "current" && scheduler == "running";
-    let mut body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler});
+    // A replica whose file the deployment replaced serves the stored set, but is not ready:
+    // its operator must know its file is not what runs (issue 23).
+    let set = s.followed();
+    let config = if set.stale { "stale" } else { "current" };
+    let ready = database == "ok" && migrations == "current" && scheduler == "running" && !set.stale;
+    let mut body = json!({"ready": ready, "database": database, "migrations": migrations, "scheduler": scheduler,
+                          "config": config, "generation": set.generation});
+    if set.stale {
+        body["reason"] = json!(format!(
+            "this replica's config file is not the deployment's (generation {} was written from config {}): fix the file or reload a replica with the current one",
+            set.generation, set.digest
+        ));
+    }
     // Workers are named only when one is not well: restarting after a failure, with how it
     // ended. (A fatal worker's end stops the process.) A busy worker (a long discovery pass)
     // is normal work, not a reason.

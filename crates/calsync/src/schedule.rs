@@ -44,6 +44,10 @@ pub struct ScheduleWorker {
     pub owned: watch::Receiver<u64>,
     /// Its messages.
     pub inbox: mpsc::UnboundedReceiver<ToSchedule>,
+    /// The generation of the deployment's tracked set `all` is at.
+    pub generation: i64,
+    /// How long a coordinator role (discovery, re-base) is held without renewal.
+    pub role_ttl: std::time::Duration,
     /// The service's stop.
     pub stop: CancellationToken,
 }
@@ -124,13 +128,19 @@ impl ScheduleWorker {
                     let _ = reply.send(r);
                 }
             }
-            ToSchedule::Discovered(found, reply) => {
-                let _ = reply.send(self.apply_discovered(found).await);
+            ToSchedule::Discovered(found, based_on, reply) => {
+                let _ = reply.send(self.apply_discovered(found, based_on).await);
+            }
+            ToSchedule::Follow => {
+                self.shared.follow_begins();
+                if let Err(e) = self.follow().await {
+                    warn!(error = %e, "cannot read the deployment's tracked set; trying again");
+                }
             }
             ToSchedule::Rebase(anchor, reply) => {
                 // Not moved if the database refuses: asked again at the next tick.
                 let moved = match self.rebase_windows(anchor).await {
-                    Ok(()) => true,
+                    Ok(done) => done,
                     Err(e) => {
                         warn!(error = %e, "cannot re-base the rolling windows; trying again");
                         false
@@ -141,10 +151,12 @@ impl ScheduleWorker {
         }
     }
 
-    /// Re-reads the config file and applies its calendars to this replica's schedule (the
-    /// calendars of the mailboxes it holds): new ones start, removed ones stop after any round
-    /// in flight (rows kept or purged per `service.on_remove`), changed intervals apply. Rounds
-    /// in flight are not disturbed. A config that does not validate is refused whole.
+    /// Re-reads the config file and registers its calendars as the deployment's new
+    /// generation (an operator's reload is intent: it is written even over a newer set); every
+    /// replica, this one included, then follows it: new calendars start on the replica that
+    /// holds their mailbox, removed ones stop after any round in flight (rows kept or purged
+    /// per `service.on_remove`), changed intervals apply. A config that does not validate is
+    /// refused whole.
     async fn reload(&mut self) -> Result<ScheduleChange, String> {
         let raw = RawConfig::load(self.config_path.as_deref()).map_err(|e| e.to_string())?;
         let new = raw.validate().map_err(|e| e.to_string())?;
@@ -155,65 +167,80 @@ impl ScheduleWorker {
                 "these settings changed and take effect after a restart; calendars and intervals apply now"
             );
         }
-        // The engine's default interval is fixed at start: give each tuple its interval
-        // explicitly, so a changed sync.interval applies too.
-        let with_interval = |t: &calsync_engine::TupleConfig| calsync_engine::TupleConfig {
-            interval: Some(t.interval.unwrap_or(new.sync.interval)),
-            ..t.clone()
-        };
         let mut configs: Vec<calsync_engine::TupleConfig> =
-            new.tuples.iter().map(with_interval).collect();
+            new.tuples.iter().map(|t| with_interval(t, &new)).collect();
         if !new.sources.is_empty() {
             // A reload with sources resolves them now: a set without them would untrack them.
-            let anchor = new.window_rebase.anchor(chrono::Utc::now());
             let found = self
                 .engine
-                .discover(&new.sources, anchor, new.discovery.refused_recheck)
+                .discover(&new.sources, new.anchor, new.discovery.refused_recheck)
                 .await
                 .map_err(|e| format!("cannot resolve [[sources]]: {e}"))?;
             commands::log_discovered(&found);
-            let found: Vec<_> = found.tuples.iter().map(with_interval).collect();
+            let found: Vec<_> = found
+                .tuples
+                .iter()
+                .map(|t| with_interval(t, &new))
+                .collect();
             configs = commands::merge_discovered(&configs, found);
         }
-        let applied = self.register_and_apply(&configs).await?;
+        let write = calsync_store::SetWrite {
+            cause: "reload",
+            digest: Some(new.digest.clone()),
+            based_on: None,
+            anchor: Some(new.anchor),
+        };
+        let applied = self.register_and_apply(&configs, &write).await?;
         if new.on_remove == OnRemove::Purge {
             purge(&self.engine).await;
         }
+        self.adopt(new);
+        // The reload resolved the sources: the next pass is `every` from now, and a pass of
+        // the old sources under way is dropped.
+        self.plan.send_replace(Plan::of(&self.current, true));
+        self.publish(false);
+        Ok(applied)
+    }
+
+    /// Takes the parts of `new` that decide the set as the config in force (the rest needs a
+    /// restart, and was warned about).
+    fn adopt(&mut self, new: Config) {
         let current = &mut self.current;
         current.on_remove = new.on_remove;
         current.window_rebase = new.window_rebase;
         current.discovery = new.discovery;
-        current.sources = new.sources;
         current.sync.interval = new.sync.interval;
-        current.tuples = if current.sources.is_empty() {
+        current.digest = new.digest.clone();
+        current.anchor = new.anchor;
+        current.tuples = if new.sources.is_empty() {
             Vec::new()
         } else {
-            new.tuples.iter().map(with_interval).collect()
+            new.tuples.iter().map(|t| with_interval(t, &new)).collect()
         };
-        self.anchor = self.current.window_rebase.anchor(chrono::Utc::now());
-        // The reload resolved the sources: the next pass is `every` from now, and a pass of
-        // the old sources under way is dropped.
-        self.plan.send_replace(Plan::of(&self.current, true));
-        Ok(applied)
+        current.sources = new.sources;
     }
 
-    /// Registers what a discovery pass found beside the configured calendars; `false` if the
-    /// database refused (the pass is tried again soon).
-    async fn apply_discovered(&mut self, found: calsync_engine::Discovered) -> bool {
+    /// Registers what a discovery pass computed from generation `based_on` found beside the
+    /// configured calendars; `false` if the database refused or the set moved on meanwhile
+    /// (the pass is tried again soon).
+    async fn apply_discovered(&mut self, found: calsync_engine::Discovered, based_on: i64) -> bool {
         commands::log_discovered(&found);
-        // Each its interval explicitly: sync.interval may have been reloaded.
-        let every = self.current.sync.interval;
+        let current = &self.current;
         let found = found
             .tuples
             .into_iter()
-            .map(|t| calsync_engine::TupleConfig {
-                interval: Some(t.interval.unwrap_or(every)),
-                ..t
-            });
-        let mut configs = commands::merge_discovered(&self.current.tuples, found.collect());
+            .map(|t| with_interval(&t, current))
+            .collect();
+        let mut configs = commands::merge_discovered(&self.current.tuples, found);
         // The pass (and the config) may predate the last re-base.
         calsync_engine::at_anchor(&mut configs, self.anchor);
-        match self.register_and_apply(&configs).await {
+        let write = calsync_store::SetWrite {
+            cause: "discovery",
+            digest: None,
+            based_on: Some(based_on),
+            anchor: None,
+        };
+        match self.register_and_apply(&configs, &write).await {
             Ok(change) => {
                 if !(change.added.is_empty()
                     && change.removed.is_empty()
@@ -234,33 +261,157 @@ impl ScheduleWorker {
         }
     }
 
-    /// Registers `configs` as the deployment's whole set, takes new mailboxes' leases (up to
-    /// this replica's share) and applies the set to this replica's schedule.
+    /// Registers `configs` (the whole set) as a generation, takes new mailboxes' leases (up
+    /// to this replica's share) and applies the new generation to this replica's schedule.
     async fn register_and_apply(
         &mut self,
         configs: &[calsync_engine::TupleConfig],
+        write: &calsync_store::SetWrite,
     ) -> Result<ScheduleChange, String> {
-        self.all = shared_tuples(
-            self.engine
-                .register(configs)
-                .await
-                .map_err(|e| format!("cannot register the calendars: {e}"))?,
-        );
+        let registered = self.engine.register_set(configs, true, write).await;
+        if let Err(calsync_store::StoreError::Superseded { .. }) = &registered {
+            // Another replica wrote a newer set meanwhile: serve that one.
+            let _ = self.follow().await;
+        }
+        registered.map_err(|e| format!("cannot register the calendars: {e}"))?;
         // New mailboxes are taken now (up to this replica's share), not at the next heartbeat.
         if let Err(e) = self.keeper.cycle().await {
             warn!(error = %e, "cannot take the new calendars' mailbox leases now; the next heartbeat does");
         }
-        Ok(self.scheduler.apply(owned_tuples(&self.engine, &self.all)))
+        self.follow().await
     }
 
-    /// Moves every rolling window to `anchor`. The calendars whose window changed are
-    /// registered with it and restarted: the next round of each is the full round of its new
-    /// window, and the read model serves the old window whole until that round's last page
-    /// switches it.
+    /// Catches up with the deployment's tracked set: applies what changed since the
+    /// generation served here (a task whose tuple changed in any field that matters, its
+    /// mailbox key included, restarts with the new tuple), and compares the generation's
+    /// config with this replica's, re-reading the file when they differ: a file that now
+    /// agrees is adopted quietly, one that does not is reported stale (log, `/readyz`,
+    /// `calsync_config_stale`) and never registered.
+    async fn follow(&mut self) -> Result<ScheduleChange, String> {
+        let store = self.engine.store();
+        let head = store.tracked_set().await.map_err(|e| e.to_string())?;
+        let mut change = ScheduleChange::default();
+        if head.generation != self.generation {
+            let (set, tuples, tracked) = self
+                .engine
+                .tracked_since(self.generation)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut changed: std::collections::HashMap<String, Option<Arc<Tuple>>> = tuples
+                .into_iter()
+                .map(|(k, t)| (k, t.map(Arc::new)))
+                .collect();
+            self.all.retain_mut(|t| match changed.remove(&t.key) {
+                None => true,
+                Some(None) => false,
+                Some(Some(n)) => {
+                    *t = n;
+                    true
+                }
+            });
+            self.all.extend(changed.into_values().flatten());
+            if self.all.len() != tracked {
+                // A change was missed (tuples purged before this replica saw them untracked):
+                // the whole set is read again.
+                let (_, whole, _) = self
+                    .engine
+                    .tracked_since(-1)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                self.all = whole
+                    .into_iter()
+                    .filter_map(|(_, t)| t.map(Arc::new))
+                    .collect();
+            }
+            self.all.shrink_to_fit();
+            if let Some(anchor) = set.anchor {
+                self.anchor = anchor;
+            }
+            info!(
+                generation = set.generation,
+                from = self.generation,
+                cause = %set.cause,
+                by = %set.written_by,
+                tuples = self.all.len(),
+                "following the deployment's tracked set"
+            );
+            self.generation = set.generation;
+            change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+        }
+        // A re-base that moved no window writes no generation, only its anchor.
+        if let Some(anchor) = head.anchor {
+            self.anchor = anchor;
+        }
+        let was_stale = self.shared.followed().stale;
+        let mut stale = head.generation > 0 && head.config_digest != self.current.digest;
+        if stale {
+            // Another replica's reload (or this file's edit): the file may agree by now.
+            if let Ok(new) = RawConfig::load(self.config_path.as_deref())
+                .map_err(|e| e.to_string())
+                .and_then(|raw| raw.validate().map_err(|e| e.to_string()))
+            {
+                if new.digest == head.config_digest {
+                    info!(
+                        generation = head.generation,
+                        "this replica's config file agrees with the deployment's new set; adopted"
+                    );
+                    self.adopt(new);
+                    self.plan.send_replace(Plan::of(&self.current, true));
+                    stale = false;
+                }
+            }
+        }
+        if stale && !was_stale {
+            warn!(
+                generation = head.generation,
+                deployment_digest = %head.config_digest,
+                file_digest = %self.current.digest,
+                "this replica's config file is not the deployment's: it serves the deployment's set and registers nothing of its own; fix the file or reload a replica with the current one"
+            );
+        }
+        self.shared.set_followed(commands::FollowedSet {
+            generation: self.generation.max(head.generation),
+            digest: head.config_digest,
+            stale,
+        });
+        Ok(change)
+    }
+
+    /// Publishes where this replica stands after it wrote the set itself.
+    fn publish(&self, stale: bool) {
+        self.shared.set_followed(commands::FollowedSet {
+            generation: self.generation,
+            digest: self.current.digest.clone(),
+            stale,
+        });
+    }
+
+    /// Moves every rolling window to `anchor`, if this replica coordinates re-bases (one at a
+    /// time per deployment, by a role in PostgreSQL; the others follow the generation it
+    /// writes). The calendars whose window changed are registered with it and restarted: the
+    /// next round of each is the full round of its new window, and the read model serves the
+    /// old window whole until that round's last page switches it. `Ok(false)`: another replica
+    /// coordinates (asked again later).
     async fn rebase_windows(
         &mut self,
         anchor: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        if self.anchor == anchor {
+            return Ok(true);
+        }
+        let store = self.engine.store();
+        if !store
+            .hold_role(ROLE_REBASE, self.role_ttl)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(false);
+        }
+        // The windows are computed from the set as stored, whatever this replica's file says.
+        self.follow().await?;
+        if self.anchor == anchor {
+            return Ok(true);
+        }
         let window_at = |t: &Tuple| t.rolling.map(|spec| spec.at(anchor));
         let moved = self
             .all
@@ -275,35 +426,54 @@ impl ScheduleWorker {
             // A fixed end the rolling start has passed: the last window stays.
             warn!(tuple = %t.key, %anchor, "the rolling window is empty at this anchor; keeping the last one");
         }
-        if moved > 0 {
-            let configs: Vec<calsync_engine::TupleConfig> = self
-                .all
-                .iter()
-                .map(|t| {
-                    let mut c = t.config();
-                    if let Some(Some(w)) = window_at(t) {
-                        c.window = w;
-                    }
-                    c
-                })
-                .collect();
-            // Only windows move: nothing is untracked here (another replica's set may be newer).
-            self.all = shared_tuples(
-                self.engine
-                    .register_only(&configs)
-                    .await
-                    .map_err(|e| format!("cannot register the moved windows: {e}"))?,
-            );
-            let change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
-            info!(
-                moved,
-                restarted = change.restarted.len(),
-                %anchor,
-                "rolling windows re-based"
-            );
+        let configs: Vec<calsync_engine::TupleConfig> = self
+            .all
+            .iter()
+            .filter(|t| matches!(window_at(t), Some(Some(w)) if w != t.window))
+            .map(|t| {
+                let mut c = t.config();
+                if let Some(Some(w)) = window_at(t) {
+                    c.window = w;
+                }
+                c
+            })
+            .collect();
+        // Only the moved windows are written, on the generation they were computed from.
+        let write = calsync_store::SetWrite {
+            cause: "rebase",
+            digest: None,
+            based_on: Some(self.generation),
+            anchor: Some(anchor),
+        };
+        let registered = self.engine.register_set(&configs, false, &write).await;
+        if let Err(calsync_store::StoreError::Superseded { .. }) = &registered {
+            let _ = self.follow().await;
+            return Ok(false);
         }
+        registered.map_err(|e| format!("cannot register the moved windows: {e}"))?;
+        let change = self.follow().await?;
         self.anchor = anchor;
-        Ok(())
+        info!(
+            moved,
+            restarted = change.restarted.len(),
+            %anchor,
+            "rolling windows re-based"
+        );
+        Ok(true)
+    }
+}
+
+/// The role of the replica that moves the deployment's rolling windows.
+pub const ROLE_REBASE: &str = "rebase";
+/// The role of the replica that runs the deployment's discovery passes.
+pub const ROLE_DISCOVERY: &str = "discovery";
+
+/// `t` with its interval explicit (the engine's default is fixed at start; a reloaded
+/// `sync.interval` applies through this).
+fn with_interval(t: &calsync_engine::TupleConfig, cfg: &Config) -> calsync_engine::TupleConfig {
+    calsync_engine::TupleConfig {
+        interval: Some(t.interval.unwrap_or(cfg.sync.interval)),
+        ..t.clone()
     }
 }
 

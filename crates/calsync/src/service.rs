@@ -68,6 +68,8 @@ pub struct App {
     metrics: Option<PrometheusHandle>,
     /// Whether `[[sources]]` were resolved at start (else a pass is tried again soon).
     sources_resolved: bool,
+    /// Where this replica stands against the deployment's tracked set at start.
+    set: commands::FollowedSet,
     /// The link batcher's and the batch collector's inboxes, run as workers by `run`.
     link_inbox: calsync_store::LinkInbox,
     batch_inbox: calsync_graph::BatchInbox,
@@ -91,8 +93,13 @@ impl App {
             Some(_) => Some(metrics_handle()?),
             None => None,
         };
-        let (engine, tuples, keeper, sources_resolved) =
-            commands::build_replica(&cfg, ReplicaKind::Run).await?;
+        let commands::Built {
+            engine,
+            tuples,
+            keeper,
+            sources_resolved,
+            set,
+        } = commands::build_replica(&cfg, ReplicaKind::Run).await?;
         let keeper = Arc::new(keeper);
         // Taken before any round runs, so no commit or replay starts a loop of its own.
         let link_inbox = engine
@@ -120,6 +127,7 @@ impl App {
             listener,
             metrics,
             sources_resolved,
+            set,
             link_inbox,
             batch_inbox,
         })
@@ -148,6 +156,7 @@ impl App {
             listener,
             metrics,
             sources_resolved,
+            set,
             link_inbox,
             batch_inbox,
         } = self;
@@ -240,7 +249,11 @@ impl App {
         let mut current = cfg;
         let all = shared_tuples(tuples);
         let drain_deadline = current.drain_deadline;
-        let anchor = current.window_rebase.anchor(chrono::Utc::now());
+        let role_ttl = current.ownership.lease_ttl;
+        // The windows are at the anchor the deployment's set was registered at.
+        let anchor = current.anchor;
+        let generation = set.generation;
+        shared.set_followed(set);
         let (plan_tx, plan_rx) = watch::channel(Plan::of(&current, sources_resolved));
         // Registered: the config's own list of calendars is not read again (a reload brings
         // its own), and at 100,000 calendars it is megabytes. With sources it is kept: each
@@ -267,6 +280,8 @@ impl App {
                 owned: owned_rx,
                 inbox: schedule_rx,
                 stop: stop.clone(),
+                generation,
+                role_ttl,
             });
             supervisor.spawn("schedule", Policy::Fatal, move |ctx| {
                 let worker = worker.take();
@@ -281,7 +296,13 @@ impl App {
             let plan = plan_rx.clone();
             let schedule = schedule_tx.clone();
             supervisor.spawn("discovery", Policy::Restart, move |ctx| {
-                crate::discovery::run(ctx, engine.clone(), plan.clone(), schedule.clone())
+                crate::discovery::run(
+                    ctx,
+                    engine.clone(),
+                    plan.clone(),
+                    schedule.clone(),
+                    role_ttl,
+                )
             });
         }
         {
@@ -289,6 +310,12 @@ impl App {
             let schedule = schedule_tx.clone();
             supervisor.spawn("rebase", Policy::Restart, move |ctx| {
                 crate::upkeep::rebase(ctx, plan.clone(), schedule.clone())
+            });
+        }
+        {
+            let shared = Arc::clone(&shared);
+            supervisor.spawn("follow", Policy::Restart, move |ctx| {
+                crate::upkeep::follow(ctx, Arc::clone(&shared))
             });
         }
         {

@@ -25,9 +25,12 @@ pub type ReloadReply = oneshot::Sender<Result<ScheduleChange, String>>;
 pub enum ToSchedule {
     /// Re-read the config file (SIGHUP: no answer; `POST /reload`: the answer).
     Reload(Option<ReloadReply>),
-    /// A discovery pass found these calendars; answers whether they were registered (else
-    /// the pass is tried again soon).
-    Discovered(calsync_engine::Discovered, oneshot::Sender<bool>),
+    /// A discovery pass, computed from the given generation of the tracked set, found these
+    /// calendars; answers whether they were registered (else the pass is tried again soon).
+    Discovered(calsync_engine::Discovered, i64, oneshot::Sender<bool>),
+    /// The deployment's tracked set may have a new generation (a notification, or the poll):
+    /// catch up with it.
+    Follow,
     /// The rolling windows' anchor moved here; answers whether the windows moved (else the
     /// re-base is asked again).
     Rebase(chrono::DateTime<chrono::Utc>, oneshot::Sender<bool>),
@@ -54,6 +57,10 @@ pub struct Shared {
     /// Calendars configured (deployment-wide) and scheduled here, for the summary lines.
     configured: AtomicUsize,
     scheduled: AtomicUsize,
+    /// A `Follow` is queued and not yet begun (notifications coalesce).
+    follow_pending: AtomicBool,
+    /// Where this replica stands against the deployment's tracked set.
+    set: std::sync::Mutex<crate::commands::FollowedSet>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -85,6 +92,43 @@ impl Shared {
             workers,
             configured: AtomicUsize::new(0),
             scheduled: AtomicUsize::new(0),
+            follow_pending: AtomicBool::new(false),
+            set: std::sync::Mutex::new(crate::commands::FollowedSet {
+                generation: 0,
+                digest: String::new(),
+                stale: false,
+            }),
+        }
+    }
+
+    /// Asks the schedule worker to catch up with the tracked set, unless it is asked already.
+    pub fn follow_soon(&self) -> bool {
+        if self.follow_pending.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        self.schedule.send(ToSchedule::Follow).is_ok()
+    }
+
+    /// A `Follow` begins: the next notification queues another.
+    pub fn follow_begins(&self) {
+        self.follow_pending.store(false, Ordering::Release);
+    }
+
+    /// Records where this replica stands against the deployment's set (and says it in
+    /// `/metrics`: `calsync_tracked_generation`, `calsync_config_stale`).
+    pub fn set_followed(&self, set: crate::commands::FollowedSet) {
+        metrics::gauge!("calsync_tracked_generation").set(set.generation as f64);
+        metrics::gauge!("calsync_config_stale").set(if set.stale { 1.0 } else { 0.0 });
+        if let Ok(mut s) = self.set.lock() {
+            *s = set;
+        }
+    }
+
+    /// Where this replica stands against the deployment's set.
+    pub fn followed(&self) -> crate::commands::FollowedSet {
+        match self.set.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
         }
     }
 

@@ -85,3 +85,46 @@ pub async fn rebase(
         }
     }
 }
+
+/// How often a replica asks the database for a new generation of the tracked set, beside the
+/// notifications (which a dropped connection loses).
+pub const FOLLOW_POLL: Duration = Duration::from_secs(5);
+
+/// The follow worker: wakes the schedule worker to catch up with the deployment's tracked
+/// set at each `calsync_tracked` notification for this deployment and every
+/// [`FOLLOW_POLL`]. A listener that fails is opened again at the next poll.
+pub async fn follow(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let store = shared.engine().store().clone();
+    let mut listener = None;
+    let mut poll = tokio::time::interval(FOLLOW_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ctx.idle();
+        let heard = async {
+            match listener.as_mut() {
+                Some(l) => calsync_store::SetListener::next(l).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = poll.tick() => {
+                if listener.is_none() {
+                    match store.listen_sets().await {
+                        Ok(l) => listener = Some(l),
+                        Err(e) => tracing::debug!(error = %e, "cannot listen for new generations; polling"),
+                    }
+                }
+            }
+            r = heard => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "the generation listener's connection ended; polling");
+                    listener = None;
+                }
+            }
+        }
+        if !shared.follow_soon() {
+            // The schedule worker is gone: the service is stopping.
+            return Ok(());
+        }
+    }
+}

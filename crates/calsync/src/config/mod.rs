@@ -150,6 +150,10 @@ pub struct Config {
     pub discovery: DiscoverySettings,
     /// The tracked tuples.
     pub tuples: Vec<TupleConfig>,
+    /// The rolling windows' anchor `tuples`' windows were computed at.
+    pub anchor: chrono::DateTime<chrono::Utc>,
+    /// The digest of the parts that decide the tracked set ([`RawConfig::set_digest`]).
+    pub digest: String,
 }
 
 /// `[discovery]`, validated.

@@ -69,7 +69,31 @@ impl RawConfig {
             sources,
             discovery,
             tuples,
+            anchor,
+            digest: self.set_digest(),
         })
+    }
+
+    /// The digest of what decides the deployment's tracked set: the calendars, the sources and
+    /// their cadence, the default interval, the re-base cadence and `service.on_remove`, as
+    /// written (after environment overrides). Replicas compare it with the generation in the
+    /// database to tell a config the deployment runs from a stale or a new one.
+    pub fn set_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let v = serde_json::json!({
+            "calendars": self.calendars,
+            "sources": self.sources,
+            "discovery": self.discovery,
+            "interval": self.sync.interval,
+            "window_rebase": self.sync.window_rebase,
+            "window_rebase_at": self.sync.window_rebase_at,
+            "on_remove": self.service.on_remove,
+        });
+        Sha256::digest(v.to_string().as_bytes())
+            .iter()
+            .take(12)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// A secret file readable by its group or by others (the client secret, the database

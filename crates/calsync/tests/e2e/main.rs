@@ -10,6 +10,7 @@
 //! | `series` | recurring series as Outlook serves them: stubs, masters, silent cancellations |
 //! | `model` | seeded random edits, faults, 410s and crashes converge to the truth |
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
+//! | `converge` | one deployment, one truth: a reload sent to one replica reaches all, stale files never revert the set, re-keyed tuples keep syncing |
 //! | `replicas` | many processes, one database: deployments, sync-once beside run, leases, fencing, failover |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
 //! | `discovery` | a tenant from source lines: users, groups, rooms, calendars, refusals; `calsync discover` |
@@ -20,6 +21,7 @@
 
 mod batch;
 mod cli;
+mod converge;
 mod database;
 mod discovery;
 mod faults;

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 const START: &str = "2026-01-01T00:00:00Z";
 const END: &str = "2026-04-01T00:00:00Z";
 
-fn upn(i: usize) -> String {
+pub(crate) fn upn(i: usize) -> String {
     format!("person{i:03}@contoso.onmicrosoft.com")
 }
 
 /// Adds a one-hour single event starting at `start` (UTC wall time, `2026-02-01T10:00:00`) to
 /// calendar `cal` of mailbox `user` (by index).
-fn add_event(
+pub(crate) fn add_event(
     t: &mut graph_sim::model::Tenant,
     user: usize,
     cal: usize,
@@ -40,7 +40,7 @@ fn add_event(
 }
 
 /// A simulator with `users` mailboxes of `events` singles each (inside the tests' window).
-async fn sim_with(users: usize, events: usize) -> (Sim, SimServer) {
+pub(crate) async fn sim_with(users: usize, events: usize) -> (Sim, SimServer) {
     let sim = Sim::new(&crate::harness::sim_config());
     {
         let mut st = sim.lock();
@@ -56,13 +56,13 @@ async fn sim_with(users: usize, events: usize) -> (Sim, SimServer) {
     (sim, server)
 }
 
-fn calendar(key: &str, user: &str) -> String {
+pub(crate) fn calendar(key: &str, user: &str) -> String {
     format!(
         "\n[[calendars]]\nname = \"{key}\"\nuser = \"{user}\"\ncalendar = \"default\"\nstart = \"{START}\"\nend = \"{END}\"\n"
     )
 }
 
-fn tuple(key: &str, user: &str) -> Tuple {
+pub(crate) fn tuple(key: &str, user: &str) -> Tuple {
     Tuple {
         id: 0,
         key: key.into(),
@@ -81,7 +81,7 @@ fn tuple(key: &str, user: &str) -> Tuple {
 
 /// A config file for one deployment/replica (the sections after `[database]`, `[graph]`,
 /// `[auth]`), written to `dir`.
-fn write_config(
+pub(crate) fn write_config(
     dir: &Path,
     file: &str,
     url: &str,
@@ -102,13 +102,13 @@ fn write_config(
 }
 
 /// A `calsync run` child process, killed on drop if still running.
-struct Node {
+pub(crate) struct Node {
     child: Child,
     log: PathBuf,
 }
 
 impl Node {
-    fn start(config: &Path, log: PathBuf) -> Node {
+    pub(crate) fn start(config: &Path, log: PathBuf) -> Node {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .args(["run", "--config"])
@@ -122,11 +122,11 @@ impl Node {
         Node { child, log }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])
             .status()
@@ -135,7 +135,7 @@ impl Node {
         assert!(ok, "kill -{sig}");
     }
 
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
+    pub(crate) fn wait(&mut self, limit: Duration) -> ExitStatus {
         let started = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -147,7 +147,7 @@ impl Node {
     }
 
     /// SIGTERM, then a clean exit within 10 s.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.signal("TERM");
         let s = self.wait(Duration::from_secs(10));
         assert_eq!(s.code(), Some(0), "{}", self.log());
@@ -164,7 +164,7 @@ impl Drop for Node {
 }
 
 /// (key, state) of every tracked tuple of `deployment` (none before the first migration).
-async fn states(db: &PgPool, deployment: &str) -> Vec<(String, String)> {
+pub(crate) async fn states(db: &PgPool, deployment: &str) -> Vec<(String, String)> {
     sqlx::query_as(
         "SELECT tuple_key, state FROM sync_tuples WHERE deployment = $1 AND tracked ORDER BY tuple_key",
     )
@@ -174,19 +174,19 @@ async fn states(db: &PgPool, deployment: &str) -> Vec<(String, String)> {
     .unwrap_or_default()
 }
 
-async fn all_ok(db: &PgPool, deployment: &str, n: usize) -> bool {
+pub(crate) async fn all_ok(db: &PgPool, deployment: &str, n: usize) -> bool {
     let s = states(db, deployment).await;
     s.len() == n && s.iter().all(|(_, st)| st == "ok")
 }
 
-async fn bad_states(db: &PgPool) -> i64 {
+pub(crate) async fn bad_states(db: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE state IN ('degraded', 'failed')")
         .fetch_one(db)
         .await
         .unwrap()
 }
 
-async fn diverging(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Vec<String> {
+pub(crate) async fn diverging(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Vec<String> {
     calsync_testkit::compare(store, sim, tuples)
         .await
         .unwrap()
@@ -201,7 +201,7 @@ async fn diverging(store: &Store, sim: &Sim, tuples: &[Tuple]) -> Vec<String> {
         .collect()
 }
 
-async fn mirrors(store: &Store, sim: &Sim, tuples: &[Tuple], limit: Duration) {
+pub(crate) async fn mirrors(store: &Store, sim: &Sim, tuples: &[Tuple], limit: Duration) {
     let started = Instant::now();
     loop {
         let d = diverging(store, sim, tuples).await;
@@ -218,14 +218,14 @@ async fn mirrors(store: &Store, sim: &Sim, tuples: &[Tuple], limit: Duration) {
     }
 }
 
-async fn store_for(url: &str, deployment: &str) -> Store {
+pub(crate) async fn store_for(url: &str, deployment: &str) -> Store {
     Store::connect(url, &calsync_store::ConnectOptions::new(4))
         .await
         .unwrap()
         .for_deployment(deployment)
 }
 
-fn sync_once(config: &Path) -> (i32, String) {
+pub(crate) fn sync_once(config: &Path) -> (i32, String) {
     let out = Command::new(BIN)
         .args(["sync-once", "--config"])
         .arg(config)

@@ -205,7 +205,8 @@ replica = "svc-test"
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
         v,
-        json!({"ready": true, "database": "ok", "migrations": "current", "scheduler": "running"})
+        json!({"ready": true, "database": "ok", "migrations": "current", "scheduler": "running",
+               "config": "current", "generation": 1})
     );
 
     // Both calendars synced; metrics agree with what happened.

@@ -1,0 +1,285 @@
+//! One deployment, one truth (issue 23): replicas schedule the deployment's tracked set as
+//! stored in PostgreSQL, in generations, not their own config files. A reload sent to one
+//! replica reaches all; a replica with a stale file never reverts the set (not at start, not
+//! in a discovery pass, not in a re-base); a tuple re-keyed from its UPN to its object id
+//! keeps syncing. The real binary as child processes, graph-sim on loopback, real PostgreSQL.
+
+use crate::replicas::{Node, add_event, mirrors, sim_with, store_for, tuple, upn, write_config};
+use sqlx::PgPool;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// The tracked tuples' mailboxes (`personNNN`), sorted.
+async fn tracked_people(db: &PgPool) -> BTreeSet<String> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT user_id FROM sync_tuples WHERE deployment = 'default' AND tracked",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap_or_default();
+    keys.into_iter()
+        .map(|u| u.split('@').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn people(ids: &[usize]) -> BTreeSet<String> {
+    ids.iter()
+        .map(|i| upn(*i).split('@').next().unwrap().to_owned())
+        .collect()
+}
+
+/// Every tracked tuple has synced since `since` and none is failing.
+async fn all_fresh(db: &PgPool, n: i64, since: chrono::DateTime<chrono::Utc>) -> bool {
+    let (fresh, bad): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE last_success_at > $1), count(*) FILTER (WHERE state IN ('failed', 'degraded')) \
+         FROM sync_tuples WHERE deployment = 'default' AND tracked",
+    )
+    .bind(since)
+    .fetch_one(db)
+    .await
+    .unwrap_or((0, 1));
+    fresh == n && bad == 0
+}
+
+/// The sources section: every user but `excluded`, rolling windows re-based every 3 s, a
+/// discovery pass every 2 s, removed calendars purged.
+fn config(
+    dir: &std::path::Path,
+    replica: &str,
+    url: &str,
+    server: &graph_sim::SimServer,
+    excluded: &[usize],
+) -> std::path::PathBuf {
+    let exclude: Vec<String> = excluded
+        .iter()
+        .map(|i| format!("\"{}\"", upn(*i)))
+        .collect();
+    let sources = format!(
+        "\n[discovery]\nevery = \"2s\"\n\n[[sources]]\nname = \"staff\"\nusers = \"all\"\nexclude = [{}]\nstart = \"-400d\"\nend = \"+400d\"\n",
+        exclude.join(", ")
+    );
+    write_config(
+        dir,
+        &format!("{replica}.toml"),
+        url,
+        server,
+        &format!("replica = \"{replica}\"\nlease_ttl = \"3s\"\non_remove = \"purge\""),
+        "interval = \"1s\"\nstartup_spread = \"200ms\"\nwindow_rebase = \"3s\"",
+        &sources,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_sent_to_one_of_three_replicas_reaches_all_and_a_stale_file_never_reverts_it() {
+    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_converge")
+        .await
+        .unwrap();
+    let db = PgPool::connect(&url).await.unwrap();
+    let (sim, server) = sim_with(6, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = [4, 5];
+    let v2 = [0, 1];
+    let mut nodes: Vec<Node> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|r| {
+            let c = config(dir.path(), r, &url, &server, &v1);
+            Node::start(&c, dir.path().join(format!("{r}.log")))
+        })
+        .collect();
+    let start = chrono::Utc::now();
+    crate::harness::wait_for(
+        "the first set synced",
+        Duration::from_secs(40),
+        async || {
+            tracked_people(&db).await == people(&[0, 1, 2, 3]) && all_fresh(&db, 4, start).await
+        },
+    )
+    .await;
+    let purged_user: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM calendar_events WHERE user_id = $1")
+            .bind(upn(0))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert!(
+        purged_user > 0,
+        "person000's events are mirrored before the reload"
+    );
+
+    // r1's file changes and only r1 is told: it registers the new set; r2 and r3 follow it.
+    config(dir.path(), "r1", &url, &server, &v2);
+    nodes[0].signal("HUP");
+    let reloaded = Instant::now();
+    let after = chrono::Utc::now();
+    crate::harness::wait_for(
+        "every replica serves the new set",
+        Duration::from_secs(20),
+        async || {
+            tracked_people(&db).await == people(&[2, 3, 4, 5]) && all_fresh(&db, 4, after).await
+        },
+    )
+    .await;
+    let converged = reloaded.elapsed();
+    // Purged with the reload: rows and tuples of the removed calendars are gone.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE user_id = ANY($1)")
+        .bind(vec![upn(0), upn(1)])
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the removed calendars were purged");
+
+    // Watch across discovery passes (every 2 s) and re-bases (every 3 s), with r3 restarted
+    // on its stale file: the set never reverts, and nothing is purged again.
+    let users_listed = |sim: &graph_sim::Sim| {
+        sim.lock()
+            .requests()
+            .iter()
+            .filter(|r| r.path.contains("/users") && !r.path.contains("calendar"))
+            .count()
+    };
+    let listed_before = users_listed(&sim);
+    nodes[2].stop();
+    nodes[2] = Node::start(&dir.path().join("r3.toml"), dir.path().join("r3-again.log"));
+    let mut causes = BTreeSet::new();
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(10) {
+        assert_eq!(
+            tracked_people(&db).await,
+            people(&[2, 3, 4, 5]),
+            "the set reverted"
+        );
+        let cause: Option<String> =
+            sqlx::query_scalar("SELECT cause FROM tracked_sets WHERE deployment = 'default'")
+                .fetch_optional(&db)
+                .await
+                .unwrap();
+        causes.extend(cause);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        users_listed(&sim) >= listed_before + 3,
+        "discovery passes ran while watching"
+    );
+    assert!(
+        causes.contains("rebase"),
+        "re-bases ran while watching: {causes:?}"
+    );
+    let again = chrono::Utc::now();
+    crate::harness::wait_for(
+        "all fresh after the watch",
+        Duration::from_secs(15),
+        async || all_fresh(&db, 4, again).await,
+    )
+    .await;
+    // The stale replicas said so; the restarted one registered nothing.
+    for (i, log) in [(1, nodes[1].log()), (2, nodes[2].log())] {
+        assert!(
+            log.contains("config file is not the deployment's")
+                || log.contains("config file is one the deployment replaced"),
+            "replica {i} did not report its stale file:\n{log}"
+        );
+    }
+    assert!(
+        nodes[2]
+            .log()
+            .contains("config file is one the deployment replaced")
+    );
+    let writers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT split_part(written_by, '#', 1) FROM tracked_sets")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+    assert!(
+        !writers.contains(&"r3".to_owned()) || causes.contains("rebase"),
+        "{writers:?}"
+    );
+    let v = sim.lock().violations();
+    assert_eq!((v.retry_after, v.concurrency), (0, 0), "{v:?}");
+    eprintln!("converged on the reloaded set in {converged:?}");
+    assert!(converged < Duration::from_secs(15), "{converged:?}");
+    for n in &mut nodes {
+        n.stop();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tuple_re_keyed_from_its_upn_to_its_object_id_keeps_syncing() {
+    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_rekey")
+        .await
+        .unwrap();
+    let db = PgPool::connect(&url).await.unwrap();
+    let (sim, server) = sim_with(3, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sync = "interval = \"1s\"\nstartup_spread = \"200ms\"";
+    let service = "replica = \"r1\"\nlease_ttl = \"3s\"";
+    let upn_only: String = (0..2)
+        .map(|i| crate::replicas::calendar(&format!("c{i}"), &upn(i)))
+        .collect();
+    let cfg = write_config(
+        dir.path(),
+        "r1.toml",
+        &url,
+        &server,
+        service,
+        sync,
+        &upn_only,
+    );
+    let mut node = Node::start(&cfg, dir.path().join("r1.log"));
+    let start = chrono::Utc::now();
+    crate::harness::wait_for("synced", Duration::from_secs(30), async || {
+        all_fresh(&db, 2, start).await
+    })
+    .await;
+    // A calendar named by object id joins: every UPN tuple is re-keyed to its object id.
+    let id2 = {
+        let st = sim.lock();
+        let u = st.tenant.user_index(&upn(2)).unwrap();
+        st.tenant.users[u].id.clone()
+    };
+    let with_id = format!("{upn_only}{}", crate::replicas::calendar("c2", &id2));
+    write_config(
+        dir.path(),
+        "r1.toml",
+        &url,
+        &server,
+        service,
+        sync,
+        &with_id,
+    );
+    node.signal("HUP");
+    crate::harness::wait_for("re-keyed", Duration::from_secs(20), async || {
+        let mailboxes: Vec<String> =
+            sqlx::query_scalar("SELECT mailbox FROM sync_tuples WHERE tracked ORDER BY tuple_key")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        mailboxes.len() == 3 && mailboxes.iter().all(|m| !m.contains('@'))
+    })
+    .await;
+    // Edits after the re-key reach the mirror, and every tuple keeps succeeding.
+    {
+        let mut st = sim.lock();
+        for i in 0..3 {
+            let u = st.tenant.user_index(&upn(i)).unwrap();
+            add_event(
+                &mut st.tenant,
+                u,
+                0,
+                &format!("after {i}"),
+                "2026-03-03T09:00:00",
+            );
+        }
+    }
+    let after = chrono::Utc::now();
+    let store = store_for(&url, "default").await;
+    let tuples = vec![
+        tuple("c0", &upn(0)),
+        tuple("c1", &upn(1)),
+        tuple("c2", &id2),
+    ];
+    mirrors(&store, &sim, &tuples, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(all_fresh(&db, 3, after).await, "{}", node.log());
+    assert!(!node.log().contains("stands down"), "{}", node.log());
+    node.stop();
+}
