@@ -39,3 +39,44 @@ CREATE TABLE deployment_roles (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (deployment, role)
 );
+
+-- Read model v6: calendar_sync_status says which tuples are overdue (`stale`).
+CREATE OR REPLACE VIEW calendar_sync_status AS
+SELECT t.tuple_key,
+       t.user_id,
+       t.calendar_id,
+       t.window_start,
+       t.window_end,
+       t.tracked,
+       CASE WHEN t.round_is_full AND t.link_kind IS DISTINCT FROM 'delta' THEN 'initial' ELSE 'incremental' END AS phase,
+       t.state,
+       t.last_success_at,
+       t.last_full_sync_at,
+       t.last_attempt_at,
+       t.last_error,
+       t.last_error_code,
+       t.consecutive_failures,
+       (SELECT count(*) FROM events e WHERE e.tuple_id = t.id) AS event_count,
+       (SELECT count(*) FROM events e
+         WHERE e.tuple_id = t.id
+           AND (e.time_error IS NOT NULL
+                OR e.quarantined IS NOT NULL
+                OR (e.event_type = 'occurrence' AND e.subject IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM series s
+                                     WHERE s.tuple_id = e.tuple_id AND s.master_id = e.series_master_id))))
+         AS incomplete_count,
+       t.deployment,
+       (SELECT r.replica FROM mailbox_leases l JOIN replicas r
+                ON r.deployment = l.deployment AND r.incarnation = l.owner
+         WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox AND r.expires_at > now())
+         AS owner,
+       t.served_start AS served_window_start,
+       t.served_end AS served_window_end,
+       -- Overdue: no round completed within the tuple's bound (max(3 x its cadence, cadence +
+       -- 10 min), written by the engine at registration; 15 min without one) while its state
+       -- says nothing is wrong. Issue 23: never silently stale.
+       (t.tracked AND t.state IN ('pending', 'ok', 'retrying')
+        AND COALESCE(t.last_success_at, t.created_at)
+            < now() - make_interval(secs => COALESCE((t.settings::jsonb ->> 'stale_after_s')::float8, 900)))
+         AS stale
+FROM sync_tuples t;

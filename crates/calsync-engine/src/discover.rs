@@ -100,8 +100,23 @@ pub struct Discovered {
     pub tuples: Vec<TupleConfig>,
     /// Per source: mailboxes listed, left out (excluded, no mail address), refused by Graph.
     pub counts: BTreeMap<String, SourceCounts>,
-    /// Mailboxes Graph refused (address, Graph's code), this pass or remembered.
-    pub refused: Vec<(String, String)>,
+    /// Mailboxes Graph refused, this pass or remembered.
+    pub refused: Vec<Refused>,
+    /// Sources whose rolling window is empty at the pass's anchor (a fixed end the rolling
+    /// start has passed): they give no tuples, and the caller keeps their last ones.
+    pub empty_window: Vec<String>,
+}
+
+/// A mailbox whose calendars Graph refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its address, lower-cased.
+    pub address: String,
+    /// Graph's code (`ErrorAccessDenied`, `MailboxNotEnabledForRESTAPI`, ...).
+    pub code: String,
+    /// How long it has been refused without an answer between: a mailbox refused once (a
+    /// mailbox move, a policy change) is not a mailbox gone.
+    pub refused_for: Duration,
 }
 
 /// One source's share of a pass.
@@ -120,22 +135,27 @@ pub struct SourceCounts {
 /// Mailboxes Graph refused, each with when it may be asked again.
 #[derive(Debug, Default)]
 pub struct Refusals {
-    until: Mutex<HashMap<String, (Instant, String)>>,
+    /// Address → (asked again after, Graph's code, refused since).
+    until: Mutex<HashMap<String, (Instant, String, Instant)>>,
 }
 
 impl Refusals {
-    fn held(&self, address: &str, now: Instant) -> Option<String> {
+    fn held(&self, address: &str, now: Instant) -> Option<(String, Instant)> {
         let map = self.until.lock().unwrap_or_else(|p| p.into_inner());
         map.get(address)
-            .filter(|(until, _)| now < *until)
-            .map(|(_, code)| code.clone())
+            .filter(|(until, _, _)| now < *until)
+            .map(|(_, code, since)| (code.clone(), *since))
     }
 
-    fn record(&self, address: &str, code: &str, until: Instant) {
-        self.until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(address.to_owned(), (until, code.to_owned()));
+    /// Records a refusal; answers since when the mailbox is refused (its first refusal with
+    /// no answer between).
+    fn record(&self, address: &str, code: &str, until: Instant) -> Instant {
+        let mut map = self.until.lock().unwrap_or_else(|p| p.into_inner());
+        let since = map
+            .get(address)
+            .map_or_else(Instant::now, |(_, _, since)| *since);
+        map.insert(address.to_owned(), (until, code.to_owned(), since));
+        since
     }
 
     fn clear(&self, address: &str) {
@@ -214,6 +234,7 @@ impl Directory<'_> {
                 ..SourceCounts::default()
             };
             let Some(window) = s.window.at(anchor) else {
+                out.empty_window.push(s.name.clone());
                 continue;
             };
             let rolling = s.window.is_rolling().then_some(s.window);
@@ -257,9 +278,9 @@ impl Directory<'_> {
             for p in &wanted {
                 let key = p.address.to_lowercase();
                 match refusals.held(&key, now) {
-                    Some(code) => {
+                    Some((code, since)) => {
                         counts.refused += 1;
-                        refused_seen.insert(key, code);
+                        refused_seen.insert(key, (code, since));
                     }
                     None => asked.push(p.clone()),
                 }
@@ -292,9 +313,10 @@ impl Directory<'_> {
                         Some(code) => {
                             tracing::info!(mailbox = %p.address, code, recheck_secs = refused_recheck.as_secs(),
                                            "graph refuses this mailbox's calendars; asking again later");
-                            refusals.record(&key, code, Instant::now() + refused_recheck);
+                            let since =
+                                refusals.record(&key, code, Instant::now() + refused_recheck);
                             counts.refused += 1;
-                            refused_seen.insert(key, code.to_owned());
+                            refused_seen.insert(key, (code.to_owned(), since));
                         }
                         None => return Err(e),
                     },
@@ -304,7 +326,14 @@ impl Directory<'_> {
         }
         out.tuples.sort_by(|a, b| a.key.cmp(&b.key));
         out.tuples.dedup_by(|a, b| a.key == b.key);
-        out.refused = refused_seen.into_iter().collect();
+        out.refused = refused_seen
+            .into_iter()
+            .map(|(address, (code, since))| Refused {
+                address,
+                code,
+                refused_for: since.elapsed(),
+            })
+            .collect();
         Ok(out)
     }
 

@@ -47,7 +47,9 @@ mod tuple;
 pub mod window;
 
 pub use cron::{CronSchedule, CronScheduleError};
-pub use discover::{CalendarPick, Directory, Discovered, Members, Refusals, Source, SourceCounts};
+pub use discover::{
+    CalendarPick, Directory, Discovered, Members, Refusals, Refused, Source, SourceCounts,
+};
 pub use gate::{Budget, GateStats, RequestGate};
 pub use lease::{Identity, LeaseKeeper, Leases};
 pub use outcome::{Failure, Health, Outcome, RoundReport};

@@ -52,9 +52,23 @@ impl Engine {
                 .cloned()
                 .unwrap_or_else(|| c.user.to_ascii_lowercase())
         };
+        // A cron schedule's cadence is computed once per schedule (sources share theirs).
+        // Keyed by the schedule's address: a held `Arc` keeps it unique while this runs.
+        let mut cadences: std::collections::HashMap<usize, std::time::Duration> =
+            Default::default();
         let specs: Vec<TupleSpec> = configs
             .iter()
-            .map(|c| TupleSpec {
+            .map(|c| {
+                let interval = c.interval.unwrap_or(self.inner.settings.interval);
+                let cadence = match &c.schedule {
+                    Some(s) => *cadences
+                        .entry(std::sync::Arc::as_ptr(s) as usize)
+                        .or_insert_with(|| crate::tuple::settings::cadence(interval, Some(s))),
+                    None => interval,
+                };
+                (c, interval, cadence)
+            })
+            .map(|(c, interval, cadence)| TupleSpec {
                 key: c.key.clone(),
                 user_id: c.user.clone(),
                 mailbox: mailbox_of(c),
@@ -64,10 +78,7 @@ impl Engine {
                 },
                 window_start: c.window.start,
                 window_end: c.window.end,
-                settings: Some(crate::tuple::settings::encode(
-                    c.interval.unwrap_or(self.inner.settings.interval),
-                    c,
-                )),
+                settings: Some(crate::tuple::settings::encode(interval, c, cadence)),
             })
             .collect();
         let registered = self

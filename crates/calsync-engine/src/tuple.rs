@@ -112,10 +112,43 @@ pub mod settings {
             .map(|t| Edge::At(t.with_timezone(&Utc)))
     }
 
-    /// The stored form of a tuple's interval, schedule and rolling window.
-    pub fn encode(interval: Duration, c: &TupleConfig) -> String {
-        let mut v =
-            json!({ "interval_ms": u64::try_from(interval.as_millis()).unwrap_or(u64::MAX) });
+    /// The longest time between two rounds a tuple's schedule plans: its interval, or for a
+    /// cron schedule the longest gap between fire times over the coming week.
+    pub fn cadence(interval: Duration, schedule: Option<&CronSchedule>) -> Duration {
+        let Some(s) = schedule else {
+            return interval;
+        };
+        let now = Utc::now();
+        let horizon = now + TimeDelta::days(7);
+        let mut at = now;
+        let mut longest = Duration::ZERO;
+        // At most 20,000 fire times (a schedule every 30 s covers a week in that many).
+        for _ in 0..20_000 {
+            let Some(next) = s.next_after(at) else { break };
+            longest = longest.max((next - at).to_std().unwrap_or_default());
+            if next > horizon {
+                break;
+            }
+            at = next;
+        }
+        if longest.is_zero() { interval } else { longest }
+    }
+
+    /// When a tuple of this cadence is overdue (`calendar_sync_status.stale`): no round
+    /// completed within max(3 × cadence, cadence + 10 min).
+    pub fn stale_after(cadence: Duration) -> Duration {
+        cadence
+            .saturating_mul(3)
+            .max(cadence.saturating_add(Duration::from_secs(600)))
+    }
+
+    /// The stored form of a tuple's interval, schedule and rolling window, and the bound
+    /// past which it is overdue.
+    pub fn encode(interval: Duration, c: &TupleConfig, cadence: Duration) -> String {
+        let mut v = json!({
+            "interval_ms": u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            "stale_after_s": stale_after(cadence).as_secs_f64(),
+        });
         if let Some(s) = &c.schedule {
             v["schedule"] = json!({ "zone": s.zone(), "patterns": s.patterns() });
         }

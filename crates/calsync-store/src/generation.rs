@@ -370,3 +370,216 @@ impl SetListener {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuples::TupleSpec;
+    use sqlx::PgPool;
+
+    fn spec(key: &str, settings: &str) -> TupleSpec {
+        let start = "2026-01-01T00:00:00Z".parse().unwrap();
+        TupleSpec {
+            key: key.into(),
+            user_id: format!("{key}@x"),
+            mailbox: format!("{key}@x"),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: start + chrono::Duration::days(30),
+            settings: Some(settings.into()),
+        }
+    }
+
+    fn write(cause: &'static str, digest: Option<&str>, based_on: Option<i64>) -> SetWrite {
+        SetWrite {
+            cause,
+            digest: digest.map(str::to_owned),
+            based_on,
+            anchor: None,
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_registration_moves_the_generation_only_when_the_set_changes(pool: PgPool) {
+        let store = Store::from_pool(pool.clone()).as_incarnation("r1#a");
+        store.migrate().await.unwrap();
+        assert_eq!(store.tracked_set().await.unwrap().generation, 0);
+        let mut listener = store.listen_sets().await.unwrap();
+        let r = store
+            .register_set(
+                &[spec("a", "{}"), spec("b", "{}")],
+                true,
+                &write("start", Some("d1"), None),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.generation, r.changed), (1, true));
+        tokio::time::timeout(Duration::from_secs(5), listener.next())
+            .await
+            .expect("a new generation is notified")
+            .unwrap();
+        // The same set again: nothing written, the generation stays.
+        let r = store
+            .register_set(
+                &[spec("a", "{}"), spec("b", "{}")],
+                true,
+                &write("start", Some("d1"), None),
+            )
+            .await
+            .unwrap();
+        assert_eq!((r.generation, r.changed), (1, false));
+        // A changed setting (an interval) is a change; an untracked tuple is one.
+        let r = store
+            .register_set(
+                &[spec("a", "{\"interval_ms\":1}")],
+                true,
+                &write("reload", Some("d2"), None),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.generation, 2);
+        let since = store.tracked_since(1).await.unwrap();
+        let mut changed: Vec<(String, bool)> = since
+            .tuples
+            .iter()
+            .map(|t| (t.tuple_key.clone(), t.tracked))
+            .collect();
+        changed.sort();
+        assert_eq!(changed, [("a".into(), true), ("b".into(), false)]);
+        assert_eq!((since.set.generation, since.tracked), (2, 1));
+        assert_eq!(since.set.config_digest, "d2");
+        assert_eq!(since.set.written_by, "r1#a");
+        // The whole set: tracked tuples only.
+        assert_eq!(store.tracked_since(-1).await.unwrap().tuples.len(), 1);
+        // d1 ran and was replaced: a replica starting with it has a stale file.
+        assert!(store.config_superseded("d1").await.unwrap());
+        assert!(!store.config_superseded("d2").await.unwrap());
+        assert!(!store.config_superseded("never-ran").await.unwrap());
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_change_computed_from_an_older_generation_is_refused_whole(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        store
+            .register_set(&[spec("a", "{}")], true, &write("start", Some("d1"), None))
+            .await
+            .unwrap();
+        // A discovery pass starts at generation 1; a reload writes generation 2 meanwhile.
+        store
+            .register_set(&[spec("b", "{}")], true, &write("reload", Some("d2"), None))
+            .await
+            .unwrap();
+        let err = store
+            .register_set(&[spec("a", "{}")], true, &write("discovery", None, Some(1)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Superseded {
+                    based_on: 1,
+                    current: 2
+                }
+            ),
+            "{err}"
+        );
+        let tracked: Vec<String> =
+            sqlx::query_scalar("SELECT tuple_key FROM sync_tuples WHERE tracked")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(tracked, ["b"], "nothing of the refused change was written");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn a_role_is_held_by_one_incarnation_until_it_lapses_or_is_released(pool: PgPool) {
+        let a = Store::from_pool(pool.clone()).as_incarnation("r1#a");
+        let b = Store::from_pool(pool.clone()).as_incarnation("r2#b");
+        a.migrate().await.unwrap();
+        let ttl = Duration::from_secs(60);
+        assert!(a.hold_role("discovery", ttl).await.unwrap());
+        assert!(!b.hold_role("discovery", ttl).await.unwrap());
+        assert!(
+            a.hold_role("discovery", ttl).await.unwrap(),
+            "renewed by its holder"
+        );
+        assert!(
+            b.hold_role("rebase", ttl).await.unwrap(),
+            "roles are separate"
+        );
+        assert_eq!(
+            b.role_holder("discovery").await.unwrap().as_deref(),
+            Some("r1#a")
+        );
+        a.release_role("discovery").await.unwrap();
+        assert!(b.hold_role("discovery", ttl).await.unwrap());
+        // Lapsed by the database's clock (a holder suspended past its ttl): taken over.
+        sqlx::query("UPDATE deployment_roles SET expires_at = now() - interval '1 second'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(a.hold_role("discovery", ttl).await.unwrap());
+    }
+
+    /// Issue 23: a tuple whose state says `ok` while no round completes (a stand-down loop,
+    /// no owner) is shown as stale by the view, `status` and `/metrics`' counts.
+    #[sqlx::test(migrations = false)]
+    async fn a_tuple_overdue_past_its_bound_is_stale_whatever_its_state_claims(pool: PgPool) {
+        let store = Store::from_pool(pool.clone());
+        store.migrate().await.unwrap();
+        store
+            .register_set(
+                &[
+                    spec("fresh", "{\"stale_after_s\": 900}"),
+                    spec("overdue", "{\"stale_after_s\": 900}"),
+                    spec("failed", "{\"stale_after_s\": 900}"),
+                    spec("hourly", "{\"stale_after_s\": 10800}"),
+                ],
+                true,
+                &write("start", Some("d"), None),
+            )
+            .await
+            .unwrap();
+        for (key, state, ago) in [
+            ("fresh", "ok", 60),
+            ("overdue", "ok", 1800),
+            ("failed", "failed", 1800),
+            ("hourly", "ok", 1800),
+        ] {
+            sqlx::query(
+                "UPDATE sync_tuples SET state = $2, last_success_at = now() - make_interval(secs => $3) WHERE tuple_key = $1",
+            )
+            .bind(key)
+            .bind(state)
+            .bind(ago as f64)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let stale: Vec<String> = store
+            .status_page(&crate::StatusQuery {
+                stale: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.tuple_key)
+            .collect();
+        assert_eq!(
+            stale,
+            ["overdue"],
+            "failed says so itself; hourly is within 3 h"
+        );
+        let s = store.status_summary().await.unwrap();
+        assert_eq!((s.stale, s.tracked), (1, 4));
+        let ok = s
+            .by_state
+            .iter()
+            .find(|(st, _)| *st == crate::TupleStatus::Ok)
+            .unwrap()
+            .1;
+        assert_eq!(ok, 2, "a stale tuple is counted once, as stale");
+    }
+}

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`error`] | [`StoreError`] and the mapping from sqlx errors |
 //! | [`tuples`] | the tuple registry: saved links, sync state ([`TupleStatus`]) |
+//! | [`generation`] | the tracked set in generations ([`SetWrite`], [`TrackedSet`]), its notifications, roles one replica holds at a time |
 //! | `register` | registration: the stored tuples made to match a config, writing only what changed |
 //! | [`write`](mod@write) | what a page write is ([`PageWrite`]) and what it did ([`PageApplied`]) |
 //! | [`apply`] | applying a page with its link in one transaction, as named steps |

@@ -47,7 +47,16 @@ pub struct StatusRow {
     pub deployment: String,
     /// The replica holding the tuple's mailbox now, if a live one does.
     pub owner: Option<String>,
+    /// No round completed within the tuple's bound while its state says nothing is wrong
+    /// (`calendar_sync_status.stale`): `status` shows it as `stale`.
+    pub stale: bool,
 }
+
+/// A tracked tuple of `sync_tuples t` that is overdue: the same predicate as the `stale` column
+/// of `calendar_sync_status` (migration `0007_generations.sql`).
+pub const STALE_SQL: &str = "(t.tracked AND t.state IN ('pending', 'ok', 'retrying') \
+     AND COALESCE(t.last_success_at, t.created_at) \
+         < now() - make_interval(secs => COALESCE((t.settings::jsonb ->> 'stale_after_s')::float8, 900)))";
 
 /// How long since each tracked tuple of a deployment last completed a round, as a Prometheus
 /// histogram: bounded whatever the number of tuples.
@@ -72,6 +81,8 @@ pub struct LagHistogram {
 pub struct StatusQuery {
     /// Only tuples in this state.
     pub state: Option<TupleStatus>,
+    /// Only overdue tuples (`stale`), whatever their state.
+    pub stale: bool,
     /// Longest since its last success first (never synced first of all), instead of by name.
     pub oldest_first: bool,
     /// At most this many rows.
@@ -85,8 +96,10 @@ pub struct StatusQuery {
 pub struct StatusSummary {
     /// Tracked tuples.
     pub tracked: u64,
-    /// (state, count), for the states that occur.
+    /// (state, count), for the states that occur, overdue tuples left out.
     pub by_state: Vec<(TupleStatus, u64)>,
+    /// Overdue tuples (counted here instead of under their state).
+    pub stale: u64,
     /// Tracked tuples whose mailbox no live replica holds.
     pub unowned: u64,
     /// The longest time since any tracked tuple's last success, in seconds (a never-synced
@@ -140,12 +153,13 @@ impl Store {
         };
         sqlx::query_as(&format!(
             "SELECT * FROM calendar_sync_status WHERE deployment = $1 AND ($2::text IS NULL OR state = $2) \
-             ORDER BY {order} LIMIT $3 OFFSET $4"
+             AND (NOT $5 OR stale) ORDER BY {order} LIMIT $3 OFFSET $4"
         ))
         .bind(&*self.deployment)
         .bind(q.state.map(|s| s.as_str()))
         .bind(q.limit.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
         .bind(i64::try_from(q.offset).unwrap_or(i64::MAX))
+        .bind(q.stale)
         .fetch_all(&self.pool)
         .await
         .map_err(db)
@@ -217,9 +231,10 @@ impl Store {
     /// cheap query whatever the number of tuples (no per-tuple rows leave the database).
     pub async fn status_summary(&self) -> Result<StatusSummary, StoreError> {
         let query = async {
-            let rows: Vec<(TupleStatus, i64)> = sqlx::query_as(
-                "SELECT state, count(*) FROM sync_tuples WHERE deployment = $1 AND tracked GROUP BY state ORDER BY state",
-            )
+            let rows: Vec<(TupleStatus, bool, i64)> = sqlx::query_as(&format!(
+                "SELECT state, {STALE_SQL} AS stale, count(*) FROM sync_tuples t WHERE t.deployment = $1 AND t.tracked \
+                 GROUP BY 1, 2 ORDER BY 1, 2"
+            ))
             .bind(&*self.deployment)
             .fetch_all(&self.pool)
             .await
@@ -235,13 +250,16 @@ impl Store {
             .fetch_one(&self.pool)
             .await
             .map_err(db)?;
+            let stale: u64 = rows.iter().filter(|r| r.1).map(|r| r.2.max(0) as u64).sum();
             let by_state: Vec<(TupleStatus, u64)> = rows
                 .into_iter()
-                .map(|(s, n)| (s, n.max(0) as u64))
+                .filter(|r| !r.1)
+                .map(|(s, _, n)| (s, n.max(0) as u64))
                 .collect();
             Ok(StatusSummary {
-                tracked: by_state.iter().map(|(_, n)| n).sum(),
+                tracked: by_state.iter().map(|(_, n)| n).sum::<u64>() + stale,
                 by_state,
+                stale,
                 unowned: unowned.max(0) as u64,
                 oldest_lag_seconds: oldest,
             })

@@ -602,11 +602,14 @@ pub async fn status(raw: &RawConfig, args: &StatusArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    let states: Vec<String> = summary
+    let mut states: Vec<String> = summary
         .by_state
         .iter()
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
+    if summary.stale > 0 {
+        states.push(format!("{} stale", summary.stale));
+    }
     println!(
         "deployment {deployment}: {} calendars tracked ({}), {} without a live owner, oldest success {}",
         summary.tracked,
@@ -627,6 +630,7 @@ pub async fn status(raw: &RawConfig, args: &StatusArgs) -> anyhow::Result<()> {
     print!("{}", status_table(&rows));
     let shown = query.offset + rows.len() as u64;
     let matching = match query.state {
+        _ if query.stale => summary.stale,
         Some(st) => summary
             .by_state
             .iter()
@@ -656,6 +660,22 @@ fn age(t: Option<chrono::DateTime<Utc>>) -> String {
     }
 }
 
+/// Why an overdue tuple is not being synced, as far as the database tells: nobody holds its
+/// mailbox, its owner stood down (its lease moved), or is waiting out Graph's throttling, or
+/// simply has not completed a round of it.
+pub fn stale_reason(r: &StatusRow) -> String {
+    match (&r.owner, r.last_error_code.as_deref()) {
+        (None, _) => "overdue: no live replica holds its mailbox".into(),
+        (Some(o), Some("LeaseLost" | "Superseded")) => {
+            format!("overdue: {o} stood down from it (its lease or definition moved)")
+        }
+        (Some(o), Some("TooManyRequests" | "ServiceUnavailable" | "ApplicationThrottled")) => {
+            format!("overdue: {o} is waiting for Graph's Retry-After")
+        }
+        (Some(o), _) => format!("overdue: {o} has not completed a round of it"),
+    }
+}
+
 /// A table a person can scan: one line per tuple. The TUPLE column is as wide as the longest
 /// name shown: discovered names (`source:user@domain/calendar`) differ at their end, so a cut
 /// one made a user's calendars look alike (issue 23).
@@ -671,7 +691,9 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "OWNER", "LAST ERROR"
     );
     for r in rows {
-        let state = if r.tracked {
+        let state = if r.stale {
+            "stale".to_owned()
+        } else if r.tracked {
             r.state.to_string()
         } else {
             format!("{} (untracked)", r.state)
@@ -680,6 +702,11 @@ pub fn status_table(rows: &[StatusRow]) -> String {
             (Some(c), Some(m)) => format!("{c}: {}", m.chars().take(80).collect::<String>()),
             _ => String::new(),
         };
+        if r.stale {
+            err = format!("{}; {err}", stale_reason(r))
+                .trim_end_matches("; ")
+                .to_owned();
+        }
         if r.incomplete_count > 0 {
             // Rows kept but not whole (a time in an unknown zone, a stub without its series).
             err = format!("{} incomplete {err}", r.incomplete_count)
@@ -757,7 +784,7 @@ pub async fn discover(cfg: &Config, json: bool) -> anyhow::Result<bool> {
         let refused: Vec<serde_json::Value> = found
             .refused
             .iter()
-            .map(|(m, code)| serde_json::json!({"mailbox": m, "code": code}))
+            .map(|r| serde_json::json!({"mailbox": r.address, "code": r.code}))
             .collect();
         println!(
             "{}",
@@ -778,8 +805,11 @@ pub async fn discover(cfg: &Config, json: bool) -> anyhow::Result<bool> {
     for t in &found.tuples {
         println!("{:<60} {:<40} {}", t.key, calendar(t), t.window);
     }
-    for (mailbox, code) in &found.refused {
-        println!("refused: {mailbox} ({code})");
+    for r in &found.refused {
+        println!("refused: {} ({})", r.address, r.code);
+    }
+    for source in &found.empty_window {
+        println!("source {source}: its window is empty now (a fixed end the rolling start passed)");
     }
     println!(
         "{} calendars from sources, {} configured in [[calendars]]",
@@ -814,6 +844,7 @@ mod tests {
             incomplete_count: 0,
             deployment: "default".into(),
             owner: None,
+            stale: false,
         }
     }
 

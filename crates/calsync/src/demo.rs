@@ -101,6 +101,7 @@ pub fn config_for_sim(
         discovery: crate::config::DiscoverySettings {
             every: Duration::from_secs(3600),
             refused_recheck: Duration::from_secs(86_400),
+            max_untrack_percent: 50,
         },
         digest: format!("demo-{}", tuples.len()),
         anchor: chrono::Utc::now(),

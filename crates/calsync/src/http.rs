@@ -168,6 +168,8 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
                     .map_or(0, |(_, n)| *n);
                 let _ = writeln!(out, "calsync_tuples{{state=\"{state}\"}} {n}");
             }
+            // Overdue (issue 23): counted here instead of under the state they claim.
+            let _ = writeln!(out, "calsync_tuples{{state=\"stale\"}} {}", summary.stale);
             let _ = writeln!(
                 out,
                 "# HELP calsync_tuples_unowned Tracked calendars whose mailbox no live replica holds.\n# TYPE calsync_tuples_unowned gauge\ncalsync_tuples_unowned {}",

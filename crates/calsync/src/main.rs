@@ -39,9 +39,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Only calendars in this state: pending, ok, retrying, degraded or failed.
+        /// Only calendars in this state: pending, ok, retrying, degraded, failed, or stale
+        /// (overdue: no round completed within max(3 x interval, interval + 10 min)).
         #[arg(long, value_parser = parse_state)]
-        state: Option<calsync_store::TupleStatus>,
+        state: Option<StateArg>,
         /// The N calendars longest without a successful round, oldest first.
         #[arg(long, value_name = "N")]
         oldest: Option<u64>,
@@ -71,14 +72,26 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-fn parse_state(s: &str) -> Result<calsync_store::TupleStatus, String> {
-    calsync_store::TupleStatus::parse(s.trim()).ok_or_else(|| {
-        let all: Vec<&str> = calsync_store::TupleStatus::ALL
-            .iter()
-            .map(|t| t.as_str())
-            .collect();
-        format!("'{s}' is not a state; one of {}", all.join(", "))
-    })
+/// `status --state`: a stored state, or `stale` (overdue, whatever the state says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateArg {
+    Stored(calsync_store::TupleStatus),
+    Stale,
+}
+
+fn parse_state(s: &str) -> Result<StateArg, String> {
+    if s.trim() == "stale" {
+        return Ok(StateArg::Stale);
+    }
+    calsync_store::TupleStatus::parse(s.trim())
+        .map(StateArg::Stored)
+        .ok_or_else(|| {
+            let all: Vec<&str> = calsync_store::TupleStatus::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect();
+            format!("'{s}' is not a state; one of {}, stale", all.join(", "))
+        })
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,7 +143,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             let args = commands::StatusArgs {
                 json,
                 query: calsync_store::StatusQuery {
-                    state,
+                    state: match state {
+                        Some(StateArg::Stored(s)) => Some(s),
+                        _ => None,
+                    },
+                    stale: state == Some(StateArg::Stale),
                     oldest_first: oldest.is_some(),
                     limit: oldest.or(limit),
                     offset,

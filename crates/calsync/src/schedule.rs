@@ -48,6 +48,8 @@ pub struct ScheduleWorker {
     pub generation: i64,
     /// How long a coordinator role (discovery, re-base) is held without renewal.
     pub role_ttl: std::time::Duration,
+    /// Sources whose last pass was held (it would untrack too many), with its answer.
+    pub held: std::collections::HashMap<String, u64>,
     /// The service's stop.
     pub stop: CancellationToken,
 }
@@ -225,9 +227,17 @@ impl ScheduleWorker {
     /// (the pass is tried again soon).
     async fn apply_discovered(&mut self, found: calsync_engine::Discovered, based_on: i64) -> bool {
         commands::log_discovered(&found);
+        let (found, doubts) = crate::discovery::doubt(
+            &self.all,
+            found,
+            &self.current.sources,
+            self.current.discovery.refused_recheck,
+            self.current.discovery.max_untrack_percent,
+            &mut self.held,
+        );
+        crate::discovery::report(&doubts);
         let current = &self.current;
         let found = found
-            .tuples
             .into_iter()
             .map(|t| with_interval(&t, current))
             .collect();
@@ -401,7 +411,7 @@ impl ScheduleWorker {
         }
         let store = self.engine.store();
         if !store
-            .hold_role(ROLE_REBASE, self.role_ttl)
+            .hold_role(crate::shared::ROLE_REBASE, self.role_ttl)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -462,11 +472,6 @@ impl ScheduleWorker {
         Ok(true)
     }
 }
-
-/// The role of the replica that moves the deployment's rolling windows.
-pub const ROLE_REBASE: &str = "rebase";
-/// The role of the replica that runs the deployment's discovery passes.
-pub const ROLE_DISCOVERY: &str = "discovery";
 
 /// `t` with its interval explicit (the engine's default is fixed at start; a reloaded
 /// `sync.interval` applies through this).

@@ -282,6 +282,7 @@ impl App {
                 stop: stop.clone(),
                 generation,
                 role_ttl,
+                held: Default::default(),
             });
             supervisor.spawn("schedule", Policy::Fatal, move |ctx| {
                 let worker = worker.take();

@@ -16,6 +16,11 @@ use tokio::sync::{mpsc, oneshot};
 /// wait longer than any Retry-After or request budget can get here.
 pub const STALL_LIMIT: Duration = Duration::from_secs(15 * 60);
 
+/// The role of the replica that moves the deployment's rolling windows.
+pub const ROLE_REBASE: &str = "rebase";
+/// The role of the replica that runs the deployment's discovery passes.
+pub const ROLE_DISCOVERY: &str = "discovery";
+
 /// Where a reload's answer goes (only `POST /reload` waits for one).
 pub type ReloadReply = oneshot::Sender<Result<ScheduleChange, String>>;
 

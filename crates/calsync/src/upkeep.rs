@@ -20,6 +20,7 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // At info a no-change round logs nothing; this line says the quiet is work being done.
     let mut last_summary = Instant::now();
+    let mut reported = std::collections::HashSet::new();
     loop {
         ctx.idle();
         tick.tick().await;
@@ -43,8 +44,45 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
                 "summary"
             );
             last_summary = Instant::now();
+            report_stale(&engine, &mut reported).await;
         }
     }
+}
+
+/// Logs each tuple once when it becomes overdue (issue 23: never silently stale), from one
+/// replica of the deployment at a time (the `report` role), with the reason `status` gives.
+async fn report_stale(
+    engine: &calsync_engine::Engine,
+    reported: &mut std::collections::HashSet<String>,
+) {
+    let store = engine.store();
+    if !store
+        .hold_role("report", SUMMARY_EVERY * 2)
+        .await
+        .unwrap_or(false)
+    {
+        reported.clear();
+        return;
+    }
+    let q = calsync_store::StatusQuery {
+        stale: true,
+        limit: Some(1000),
+        ..Default::default()
+    };
+    let Ok(rows) = store.status_page(&q).await else {
+        return;
+    };
+    let now: std::collections::HashSet<String> = rows.iter().map(|r| r.tuple_key.clone()).collect();
+    for r in rows.iter().filter(|r| !reported.contains(&r.tuple_key)) {
+        tracing::warn!(
+            tuple = %r.tuple_key,
+            last_success = ?r.last_success_at,
+            state = %r.state,
+            reason = %crate::commands::stale_reason(r),
+            "a calendar is overdue: no round completed within its bound"
+        );
+    }
+    *reported = now;
 }
 
 /// The re-base worker: checks the anchor every second (one clock read) and, when it moved,

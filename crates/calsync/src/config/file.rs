@@ -47,6 +47,9 @@ pub struct RawDiscovery {
     pub every: String,
     /// A mailbox whose calendars Graph refused is asked again after this long.
     pub refused_recheck: String,
+    /// A pass that would untrack more than this share of a source's calendars (in percent),
+    /// or all of them, is held until the next pass agrees.
+    pub max_untrack_percent: u8,
 }
 
 impl Default for RawDiscovery {
@@ -54,6 +57,7 @@ impl Default for RawDiscovery {
         RawDiscovery {
             every: "1h".into(),
             refused_recheck: "24h".into(),
+            max_untrack_percent: 50,
         }
     }
 }

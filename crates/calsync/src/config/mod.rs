@@ -163,6 +163,9 @@ pub struct DiscoverySettings {
     pub every: Duration,
     /// When a mailbox Graph refused is asked again.
     pub refused_recheck: Duration,
+    /// A pass that would untrack more than this percentage of a source's calendars (or all
+    /// of them) is held until the next pass agrees.
+    pub max_untrack_percent: u8,
 }
 
 impl Config {

@@ -310,9 +310,16 @@ fn discovery(d: &RawDiscovery) -> Result<DiscoverySettings, ConfigError> {
     if every < Duration::from_secs(1) {
         return Err(bad("discovery.every", "must be at least 1s"));
     }
+    if d.max_untrack_percent > 100 {
+        return Err(bad(
+            "discovery.max_untrack_percent",
+            "must be a percentage, 0 to 100",
+        ));
+    }
     Ok(DiscoverySettings {
         every,
         refused_recheck: duration("discovery.refused_recheck", &d.refused_recheck)?,
+        max_untrack_percent: d.max_untrack_percent,
     })
 }
 

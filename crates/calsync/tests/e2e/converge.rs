@@ -283,3 +283,79 @@ async fn a_tuple_re_keyed_from_its_upn_to_its_object_id_keeps_syncing() {
     assert!(!node.log().contains("stands down"), "{}", node.log());
     node.stop();
 }
+
+/// Issue 23: a calendar whose mailbox is held by a replica that never completes its rounds
+/// (a stand-down loop, a wedged process) keeps the state `ok` it last had: `status` and
+/// `/metrics` must call it stale, with the reason the owner gives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_calendar_whose_owner_never_completes_a_round_shows_stale_in_status_and_metrics() {
+    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_stale")
+        .await
+        .unwrap();
+    let db = PgPool::connect(&url).await.unwrap();
+    let (_sim, server) = sim_with(2, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cals: String = (0..2)
+        .map(|i| crate::replicas::calendar(&format!("c{i}"), &upn(i)))
+        .collect();
+    let cfg = write_config(
+        dir.path(),
+        "r1.toml",
+        &url,
+        &server,
+        "replica = \"r1\"\nlease_ttl = \"3s\"",
+        "interval = \"1s\"\nstartup_spread = \"200ms\"",
+        &format!("{cals}\n[http]\nlisten = \"127.0.0.1:0\"\n"),
+    );
+    let mut node = Node::start(&cfg, dir.path().join("r1.log"));
+    let start = chrono::Utc::now();
+    crate::harness::wait_for("synced", Duration::from_secs(30), async || {
+        all_fresh(&db, 2, start).await
+    })
+    .await;
+    // A process that holds c1's mailbox and never completes a round of it; and the hour
+    // since its last success, passed.
+    for sql in [
+        "INSERT INTO replicas (deployment, incarnation, replica, kind, expires_at) \
+         VALUES ('default', 'wedged#1', 'wedged', 'one-off', now() + interval '1 hour')",
+        "UPDATE mailbox_leases SET owner = 'wedged#1', fence = nextval('lease_fence') WHERE mailbox = $1",
+        "UPDATE sync_tuples SET last_success_at = now() - interval '1 hour' WHERE user_id = $1",
+    ] {
+        sqlx::query(sql).bind(upn(1)).execute(&db).await.unwrap();
+    }
+    let status = std::process::Command::new(crate::harness::BIN)
+        .args(["status", "--state", "stale", "--config"])
+        .arg(&cfg)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{out}");
+    assert!(out.contains("1 stale"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("c1 "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("stale") && line.contains("overdue: wedged"),
+        "{line}"
+    );
+    assert!(
+        !out.lines().any(|l| l.starts_with("c0 ")),
+        "only the stale one: {out}"
+    );
+    let addr = crate::harness::bound_addr(&node.log()).unwrap();
+    let (code, metrics) = calsync::commands::local_request(addr, "GET", "/metrics")
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("calsync_tuples{state=\"stale\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("calsync_tuples{state=\"ok\"} 1"),
+        "{metrics}"
+    );
+    node.stop();
+}
