@@ -80,3 +80,21 @@ SELECT t.tuple_key,
             < now() - make_interval(secs => COALESCE((t.settings::jsonb ->> 'stale_after_s')::float8, 900)))
          AS stale
 FROM sync_tuples t;
+
+-- "Run this tuple's round now", asked anywhere (`calsync sync-once` beside a daemon; a push
+-- notification next) and taken by the replica that holds the tuple's mailbox, which runs the
+-- round through the tuple's own task and writes how it ended. NOTIFY calsync_rounds wakes the
+-- replicas; they also poll.
+CREATE TABLE round_requests (
+    id           bigserial   PRIMARY KEY,
+    deployment   text        NOT NULL,
+    tuple_key    text        NOT NULL,
+    requested_by text        NOT NULL,
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    taken_by     text,
+    taken_at     timestamptz,
+    done_at      timestamptz,
+    outcome      text,       -- 'ok', 'failed', 'interrupted', 'not-scheduled'
+    detail       text
+);
+CREATE INDEX round_requests_open ON round_requests (deployment, id) WHERE done_at IS NULL;

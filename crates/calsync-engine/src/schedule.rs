@@ -96,6 +96,9 @@ struct Control {
     changed: Notify,
     ended: AtomicBool,
     ended_notify: Notify,
+    /// Round requests (ids in `round_requests`) its next round answers: set by
+    /// [`Scheduler::wake`], which also makes that round start now.
+    asked: std::sync::Mutex<Vec<i64>>,
 }
 
 /// Marks its task's control as ended when dropped, however the task ends.
@@ -299,6 +302,22 @@ impl Scheduler {
         self.tracker.spawn(task);
     }
 
+    /// Runs `key`'s round now, through its own task (so it never overlaps its scheduled
+    /// round), and has that round answer request `request` in the store. `false` if no task of
+    /// that tuple runs here.
+    pub fn wake(&self, key: &str, request: i64) -> bool {
+        let Some(r) = self.running.get(key) else {
+            return false;
+        };
+        r.control
+            .asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(request);
+        r.control.changed.notify_one();
+        true
+    }
+
     /// Waits until every task has stopped (after `shutdown` fired).
     pub async fn wait(&self) {
         self.tracker.close();
@@ -351,6 +370,39 @@ impl Control {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+
+    fn has_asks(&self) -> bool {
+        !self
+            .asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    fn take_asks(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.asked.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Engine {
+    /// Writes how a requested round ended, for whoever asked (bounded; a failure is logged:
+    /// the asker gives up at its own deadline).
+    async fn answer_asks(&self, asked: &[i64], outcome: &Outcome) {
+        let (what, detail) = match outcome {
+            Outcome::Synced(_) => ("ok", None),
+            Outcome::Failed(f) => ("failed", Some(format!("{}: {}", f.code, f.message))),
+            Outcome::Interrupted => ("interrupted", None),
+        };
+        for id in asked {
+            if let Err(e) = self
+                .store()
+                .finish_round_request(*id, what, detail.as_deref())
+                .await
+            {
+                tracing::warn!(request = id, error = %e, "cannot write a requested round's outcome");
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -393,6 +445,11 @@ impl Engine {
                     if control.stopped() {
                         return;
                     }
+                    if control.has_asks() {
+                        // Asked for a round now (a wake-up through the database).
+                        due = Instant::now();
+                        continue;
+                    }
                     // A new interval: the wait restarts from the last round's start.
                     if let Some((health, failures)) = last {
                         let outcome = match health {
@@ -424,10 +481,14 @@ impl Engine {
             // boundary: the page in hand is committed first. Boxed: an idle task holds no room
             // for a round (at 100,000 calendars that room would be hundreds of megabytes). The
             // round holds the slot, and gives it back while it waits out a long Retry-After.
+            let asked = control.take_asks();
             let outcome = Box::pin(
                 self.in_slot(round_slot, self.run_round(&tuple, &cancel, Some(&*control))),
             )
             .await;
+            if !asked.is_empty() {
+                self.answer_asks(&asked, &outcome).await;
+            }
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;
             }

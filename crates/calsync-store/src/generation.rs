@@ -330,12 +330,21 @@ impl Store {
         .await
     }
 
-    /// A connection listening for new generations of any deployment's set.
+    /// A connection listening for new generations of this deployment's set.
     pub async fn listen_sets(&self) -> Result<SetListener, StoreError> {
+        self.listen(CHANNEL).await
+    }
+
+    /// A connection listening for round requests of this deployment.
+    pub async fn listen_rounds(&self) -> Result<SetListener, StoreError> {
+        self.listen(crate::wake::ROUNDS_CHANNEL).await
+    }
+
+    async fn listen(&self, channel: &str) -> Result<SetListener, StoreError> {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
             .await
             .map_err(db)?;
-        l.listen(CHANNEL).await.map_err(db)?;
+        l.listen(channel).await.map_err(db)?;
         Ok(SetListener {
             inner: l,
             deployment: self.deployment.to_string(),
@@ -343,7 +352,8 @@ impl Store {
     }
 }
 
-/// Notifications of new generations of this store's deployment.
+/// Notifications on one channel (new generations, round requests) for this store's
+/// deployment.
 pub struct SetListener {
     inner: sqlx::postgres::PgListener,
     deployment: String,

@@ -18,6 +18,7 @@
 //! | [`page`] | `reduce`: a page's items become at most one write per id (pure) |
 //! | [`leases`] | replica heartbeats and mailbox leases, fencing tokens |
 //! | [`read_model`] | reading `calendar_events` and `calendar_sync_status` |
+//! | [`wake`] | round requests: "run this tuple's round now" reaching the replica that holds its mailbox |
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]
 
@@ -37,6 +38,7 @@ mod steps;
 pub mod testing;
 pub mod tuples;
 mod upsert;
+pub mod wake;
 pub mod write;
 
 pub use batch::LinkInbox;
@@ -51,6 +53,7 @@ pub use read_model::{EventSummary, LagHistogram, StatusQuery, StatusRow, StatusS
 #[cfg(any(test, feature = "testing"))]
 pub use testing::{copy_rows_for_benchmark, recreate_database};
 pub use tuples::{LinkKind, LinkStamp, TupleHealth, TupleSpec, TupleState, TupleStatus};
+pub use wake::RoundRequest;
 pub use write::{PageApplied, PageWrite, RoundStart};
 
 use error::{db, redact_url_error};

@@ -82,6 +82,9 @@ pub struct Built {
     pub sources_resolved: bool,
     /// The deployment's tracked set as this replica found or wrote it.
     pub set: FollowedSet,
+    /// A one-off command beside a running daemon: the calendars it was asked for, registered
+    /// nothing (their rounds are asked of the replicas that hold their mailboxes).
+    pub beside_daemon: Option<Vec<TupleConfig>>,
 }
 
 /// Where a replica stands against the deployment's tracked set.
@@ -115,6 +118,7 @@ pub async fn build_replica(cfg: &Config, kind: ReplicaKind) -> anyhow::Result<Bu
         tuples: b.tuples,
         sources_resolved: b.sources_resolved,
         set: b.set,
+        beside_daemon: b.beside,
     })
 }
 
@@ -124,6 +128,7 @@ struct BuiltWith {
     keeper: Option<LeaseKeeper>,
     sources_resolved: bool,
     set: FollowedSet,
+    beside: Option<Vec<TupleConfig>>,
 }
 
 async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<BuiltWith> {
@@ -155,6 +160,28 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
         |engine: &Engine, identity: Option<Identity>| identity.and_then(|id| engine.fence_with(id));
     if one_off {
         let (configs, _) = with_discovered(&engine, cfg).await;
+        // Beside a running daemon, a one-off command rewrites nothing the daemon serves: it
+        // asks the replica holding each mailbox for the round (issue 23).
+        if engine
+            .store()
+            .daemon_alive()
+            .await
+            .context("cannot read the deployment's replicas")?
+        {
+            let keeper = keeper_of(&engine, identity);
+            return Ok(BuiltWith {
+                engine,
+                tuples: Vec::new(),
+                keeper,
+                sources_resolved: true,
+                set: FollowedSet {
+                    generation: 0,
+                    digest: cfg.digest.clone(),
+                    stale: false,
+                },
+                beside: Some(configs),
+            });
+        }
         let write = calsync_store::SetWrite {
             cause: "sync-once",
             ..Default::default()
@@ -175,6 +202,7 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
             keeper,
             sources_resolved: true,
             set,
+            beside: None,
         });
     }
     let found = engine
@@ -232,6 +260,7 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
             stale: set.config_digest != cfg.digest,
             digest: set.config_digest,
         },
+        beside: None,
     })
 }
 
@@ -351,8 +380,29 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
         engine,
         tuples,
         keeper,
+        beside_daemon,
         ..
     } = build_replica(&cfg, ReplicaKind::OneOff).await?;
+    let mut tuples = tuples;
+    let mut asked_ok = true;
+    if let Some(configs) = beside_daemon {
+        // Calendars the deployment tracks are asked of their holders; ones it does not track
+        // are registered beside its set and synced here, as without a daemon.
+        let (asked, new) = ask_the_daemon(&engine, &configs, &cfg.ownership.deployment).await?;
+        asked_ok = asked;
+        if new.is_empty() {
+            return Ok(asked_ok);
+        }
+        let write = calsync_store::SetWrite {
+            cause: "sync-once",
+            ..Default::default()
+        };
+        tuples = engine
+            .register_set(&new, false, &write)
+            .await
+            .context("cannot register the configured calendars")?
+            .0;
+    }
     let mut mailboxes: Vec<String> = tuples.iter().map(|t| t.mailbox.clone()).collect();
     mailboxes.sort();
     mailboxes.dedup();
@@ -391,7 +441,114 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
         }
         ok = false;
     }
-    Ok(ok)
+    Ok(ok && asked_ok)
+}
+
+/// How long `sync-once` beside a daemon waits for the rounds it asked for.
+const ASK_DEADLINE: Duration = Duration::from_secs(600);
+
+/// `sync-once` beside a running daemon: each configured calendar the deployment tracks as
+/// configured gets its round from the replica that holds its mailbox, asked through the
+/// database; the command waits for each and reports it. A calendar the deployment tracks
+/// differently is named and not rewritten. Answers whether all of that went well, and the
+/// calendars the deployment does not track (the caller syncs those itself).
+async fn ask_the_daemon(
+    engine: &Engine,
+    configs: &[TupleConfig],
+    deployment: &str,
+) -> anyhow::Result<(bool, Vec<TupleConfig>)> {
+    let (_, stored, _) = engine
+        .tracked_since(-1)
+        .await
+        .context("cannot read the deployment's tracked set")?;
+    let stored: std::collections::HashMap<String, Tuple> = stored
+        .into_iter()
+        .filter_map(|(k, t)| Some((k, t?)))
+        .collect();
+    let mut ok = true;
+    let mut keys = Vec::new();
+    let mut new = Vec::new();
+    for c in configs {
+        match stored.get(&c.key) {
+            Some(t) if t.user == c.user && t.calendar == c.calendar && t.window == c.window => {
+                keys.push(c.key.clone())
+            }
+            Some(_) => {
+                ok = false;
+                println!(
+                    "skipped {:<40} the running deployment '{deployment}' tracks it with another mailbox, calendar or window; not rewritten (reload the daemon to change it)",
+                    c.key
+                );
+            }
+            None => new.push(c.clone()),
+        }
+    }
+    if keys.is_empty() {
+        return Ok((ok, new));
+    }
+    let store = engine.store();
+    let asked = store
+        .request_rounds(&keys)
+        .await
+        .context("cannot ask the daemon for rounds")?;
+    let ids: Vec<i64> = asked.iter().map(|(id, _)| *id).collect();
+    let deadline = tokio::time::Instant::now() + ASK_DEADLINE;
+    let answered = loop {
+        let now = store
+            .round_requests(&ids)
+            .await
+            .context("cannot read the rounds asked for")?;
+        if now.iter().all(|r| r.done_at.is_some()) || tokio::time::Instant::now() >= deadline {
+            break now;
+        }
+        let wait = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            _ = wait => {}
+            _ = shutdown_signal() => {
+                let _ = store.withdraw_round_requests(&ids).await;
+                anyhow::bail!("interrupted; the rounds asked for were withdrawn");
+            }
+        }
+    };
+    let pending: Vec<i64> = answered
+        .iter()
+        .filter(|r| r.done_at.is_none())
+        .map(|r| r.id)
+        .collect();
+    if !pending.is_empty() {
+        let _ = store.withdraw_round_requests(&pending).await;
+    }
+    let owners = store.incarnation_replicas().await.unwrap_or_default();
+    for r in &answered {
+        let by = r
+            .taken_by
+            .as_ref()
+            .map(|i| owners.get(i).cloned().unwrap_or_else(|| i.clone()))
+            .unwrap_or_else(|| "no replica".into());
+        match (r.done_at, r.outcome.as_deref()) {
+            (Some(_), Some("ok")) => {
+                println!("ok      {:<40} round run by replica {by}", r.tuple_key)
+            }
+            (Some(_), outcome) => {
+                ok = false;
+                println!(
+                    "failed  {:<40} round run by replica {by}: {} {}",
+                    r.tuple_key,
+                    outcome.unwrap_or("-"),
+                    r.detail.as_deref().unwrap_or("")
+                );
+            }
+            (None, _) => {
+                ok = false;
+                println!(
+                    "failed  {:<40} not answered within {}s ({by} took it)",
+                    r.tuple_key,
+                    ASK_DEADLINE.as_secs()
+                );
+            }
+        }
+    }
+    Ok((ok, new))
 }
 
 /// One line per tuple, and whether every round succeeded (`sync-once`'s exit code).

@@ -133,6 +133,23 @@ impl ScheduleWorker {
             ToSchedule::Discovered(found, based_on, reply) => {
                 let _ = reply.send(self.apply_discovered(found, based_on).await);
             }
+            ToSchedule::Wake(asked) => {
+                for (id, key) in asked {
+                    if !self.scheduler.wake(&key, id) {
+                        // Its mailbox is held here but its task is not (yet) running: say so
+                        // rather than leave the asker waiting.
+                        let _ = self
+                            .engine
+                            .store()
+                            .finish_round_request(
+                                id,
+                                "not-scheduled",
+                                Some("the replica holding its mailbox does not schedule it"),
+                            )
+                            .await;
+                    }
+                }
+            }
             ToSchedule::Follow => {
                 self.shared.follow_begins();
                 if let Err(e) = self.follow().await {

@@ -99,6 +99,7 @@ impl App {
             keeper,
             sources_resolved,
             set,
+            ..
         } = commands::build_replica(&cfg, ReplicaKind::Run).await?;
         let keeper = Arc::new(keeper);
         // Taken before any round runs, so no commit or replay starts a loop of its own.
@@ -317,6 +318,13 @@ impl App {
             let shared = Arc::clone(&shared);
             supervisor.spawn("follow", Policy::Restart, move |ctx| {
                 crate::upkeep::follow(ctx, Arc::clone(&shared))
+            });
+        }
+        {
+            let shared = Arc::clone(&shared);
+            let schedule = schedule_tx.clone();
+            supervisor.spawn("wake", Policy::Restart, move |ctx| {
+                crate::upkeep::wake(ctx, Arc::clone(&shared), schedule.clone())
             });
         }
         {

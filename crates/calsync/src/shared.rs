@@ -36,6 +36,8 @@ pub enum ToSchedule {
     /// The deployment's tracked set may have a new generation (a notification, or the poll):
     /// catch up with it.
     Follow,
+    /// Round requests this replica took (id, tuple key): run each tuple's round now.
+    Wake(Vec<(i64, String)>),
     /// The rolling windows' anchor moved here; answers whether the windows moved (else the
     /// re-base is asked again).
     Rebase(chrono::DateTime<chrono::Utc>, oneshot::Sender<bool>),

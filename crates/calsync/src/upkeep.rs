@@ -166,3 +166,51 @@ pub async fn follow(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
         }
     }
 }
+
+/// How often a replica looks for round requests beside the notifications.
+pub const WAKE_POLL: Duration = Duration::from_secs(2);
+
+/// The wake worker: takes the round requests for tuples whose mailbox this replica holds (at
+/// each `calsync_rounds` notification and every [`WAKE_POLL`]) and has the schedule worker
+/// run them now.
+pub async fn wake(
+    ctx: WorkerCtx,
+    shared: Arc<Shared>,
+    schedule: mpsc::UnboundedSender<ToSchedule>,
+) -> anyhow::Result<()> {
+    let store = shared.engine().store().clone();
+    let mut listener = None;
+    let mut poll = tokio::time::interval(WAKE_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ctx.idle();
+        let heard = async {
+            match listener.as_mut() {
+                Some(l) => calsync_store::SetListener::next(l).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = poll.tick() => {
+                if listener.is_none() {
+                    listener = store.listen_rounds().await.ok();
+                }
+            }
+            r = heard => {
+                if r.is_err() {
+                    listener = None;
+                }
+            }
+        }
+        ctx.busy();
+        match store.take_round_requests().await {
+            Ok(asked) if asked.is_empty() => {}
+            Ok(asked) => {
+                if schedule.send(ToSchedule::Wake(asked)).is_err() {
+                    return Ok(());
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot take round requests; trying again"),
+        }
+    }
+}

@@ -300,7 +300,9 @@ async fn a_one_off_command_and_a_second_deployment_leave_a_daemons_calendars_alo
         "the daemon's calendars are untouched"
     );
     assert_eq!(after.len(), 4, "{after:?}");
-    // A mailbox the daemon holds is left to it, and sync-once says so.
+    // A calendar the daemon serves is not rewritten: its round is asked of the replica
+    // holding its mailbox, and sync-once exits by that round (issue 23: it exited 1 for
+    // calendars another replica holds, although nothing failed).
     let held = write_config(
         dir.path(),
         "held.toml",
@@ -310,12 +312,46 @@ async fn a_one_off_command_and_a_second_deployment_leave_a_daemons_calendars_alo
         sync,
         &calendar("c0", &upn(0)),
     );
+    let asked_at = chrono::Utc::now();
     let (code, out) = sync_once(&held);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 0, "{out}");
     assert!(
-        out.contains("skipped c0") && out.contains("alpha-1"),
+        out.contains("ok      c0") && out.contains("round run by replica alpha-1"),
         "{out}"
     );
+    let ran: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT last_success_at FROM sync_tuples WHERE deployment = 'alpha' AND tuple_key = 'c0'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert!(
+        ran.unwrap() > asked_at,
+        "the holder's round ran after the ask"
+    );
+    // The same name with another window is the daemon's, and is not rewritten.
+    let other = write_config(
+        dir.path(),
+        "other.toml",
+        &url,
+        &server,
+        "deployment = \"alpha\"\nlease_ttl = \"3s\"",
+        sync,
+        &calendar("c0", &upn(0)).replace(END, "2026-05-01T00:00:00Z"),
+    );
+    let (code, out) = sync_once(&other);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("skipped c0") && out.contains("not rewritten"),
+        "{out}"
+    );
+    let end: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "SELECT window_end FROM sync_tuples WHERE deployment = 'alpha' AND tuple_key = 'c0'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(end, END.parse::<chrono::DateTime<chrono::Utc>>().unwrap());
     assert_eq!(states(&db, "alpha").await.len(), 4);
 
     // A second deployment with its own config, one tuple named like alpha's, one mailbox shared.
