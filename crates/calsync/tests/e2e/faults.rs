@@ -671,17 +671,17 @@ async fn a_round_without_progress_is_cancelled_alone_and_retried(pool: PgPool) {
     h.assert_mirrors(&tuples).await;
 }
 
-/// Mailboxes waiting out a long `Retry-After` give their round slot back while they wait: 8
-/// mailboxes throttled with `Retry-After: 60` beside 2 healthy ones, 4 round slots (issue 23:
-/// a few hundred throttled mailboxes held all 256 slots and healthy ones stopped being synced).
-/// Before: every slot held by a throttled round waiting at the gate, the healthy ones not
-/// asked again within the 6 s.
+/// Mailboxes waiting out a long `Retry-After` give their round slot back while they wait: 300
+/// mailboxes throttled with `Retry-After: 120` beside 50 healthy ones, 256 round slots (issue
+/// 23: a few hundred throttled mailboxes held all 256 slots and healthy ones stopped being
+/// synced). Before: every slot held by a throttled round waiting at the gate, the healthy ones
+/// not asked again within the 6 s.
 #[sqlx::test(migrations = false)]
 async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healthy_ones(
     pool: PgPool,
 ) {
-    let h = harness(pool, 10).await;
-    let users: Vec<String> = (0..10)
+    let h = harness(pool, 350).await;
+    let users: Vec<String> = (0..350)
         .map(|i| format!("user{i}@contoso.onmicrosoft.com"))
         .collect();
     {
@@ -697,10 +697,10 @@ async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healt
             st.tenant.create_event(u, 0, &patch).unwrap();
         }
     }
-    // max_in_flight 1: ROUNDS_PER_REQUEST (4) round slots.
+    // max_in_flight 64: ROUNDS_PER_REQUEST (4) x 64 = 256 round slots, the default's.
     let engine = h.engine(SyncSettings {
-        max_in_flight: 1,
-        min_in_flight: 1,
+        max_in_flight: 64,
+        min_in_flight: 64,
         startup_spread: Duration::from_millis(200),
         ..settings()
     });
@@ -711,14 +711,14 @@ async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healt
     let tuples = h.tuples(&engine, &specs).await;
     all_synced(&engine, &tuples).await;
 
-    // Users 0..8 are throttled from now on, each answer saying 60 s.
-    h.sim.lock().faults = users[..8]
+    // Users 0..300 are throttled from now on, each answer saying 120 s.
+    h.sim.lock().faults = users[..300]
         .iter()
         .map(|u| {
             rule(json!({
                 "mailbox": u, "path_contains": "calendarView",
                 "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
-                           "retry_after": 60}
+                           "retry_after": 120}
             }))
         })
         .collect();
@@ -730,7 +730,7 @@ async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healt
     });
     tokio::time::sleep(Duration::from_secs(6)).await;
     let log = delta_requests(&h);
-    for healthy in &users[8..] {
+    for healthy in &users[300..] {
         let id = mailbox_id(&h, healthy);
         let asked = log
             .iter()
@@ -741,7 +741,7 @@ async fn mailboxes_waiting_out_a_long_retry_after_leave_the_round_slots_to_healt
     }
     let throttled = log.iter().filter(|r| r.status == 429).count();
     assert!(
-        throttled >= 8,
+        throttled >= 300,
         "each throttled mailbox was asked: {throttled}"
     );
     cancel.cancel();

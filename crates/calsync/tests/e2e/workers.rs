@@ -22,7 +22,8 @@ async fn last_success(db: &sqlx::PgPool, key: &str) -> Option<chrono::DateTime<c
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reload_stalled_on_discovery_keeps_health_and_the_watchdog_and_the_rounds_going() {
+async fn a_reload_with_10000_users_stalled_on_discovery_keeps_health_and_the_watchdog_and_the_rounds_going()
+ {
     let url = calsync_store::recreate_database(&database_url(), "calsync_workers")
         .await
         .unwrap();
@@ -33,6 +34,12 @@ async fn a_reload_stalled_on_discovery_keeps_health_and_the_watchdog_and_the_rou
         let adele = st.tenant.add_user(ADELE, None, ADELE);
         st.tenant
             .add_directory_user(ROOM, "Room 1", MailboxKind::Room, None);
+        // Issue 23: a reload with 10,000 users and their listing slow ran in the main loop.
+        for i in 0..10_000 {
+            let upn = format!("staff{i:05}@contoso.onmicrosoft.com");
+            st.tenant
+                .add_directory_user(&upn, &upn, MailboxKind::User, None);
+        }
         let p = graph_sim::writes::EventPatch::from_json(&json!({"subject": "standup",
             "start": {"dateTime": "2026-02-02T10:00:00", "timeZone": "UTC"},
             "end": {"dateTime": "2026-02-02T11:00:00", "timeZone": "UTC"}}))
@@ -121,10 +128,21 @@ end = "2026-04-01T00:00:00Z"
     )
     .await;
 
-    // The directory answers nothing for a minute; a reload resolves the sources again.
+    // The directory answers nothing for a minute; a reload adds a source of the tenant's
+    // 10,000 users and resolves the sources again.
+    // The reload lists the 10,000 users first (eleven pages), then waits on the rooms.
     sim.lock().faults = vec![rule(json!({
         "path_contains": "places", "action": {"kind": "delay", "ms": 60000}
     }))];
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace(
+            "[[sources]]\nname = \"rooms\"",
+            "[[sources]]\nname = \"staff\"\nusers = \"all\"\ninterval = \"1h\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n\n[[sources]]\nname = \"rooms\"",
+        ),
+    )
+    .unwrap();
     let ok = Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
@@ -138,6 +156,16 @@ end = "2026-04-01T00:00:00Z"
     )
     .await;
 
+    let listed = sim
+        .lock()
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/users") && r.status == 200)
+        .count();
+    assert!(
+        listed >= 11,
+        "the reload listed the 10,000 users: {listed} pages"
+    );
     // Longer than /healthz tolerates a main loop that does not turn (10 s).
     notes.take();
     let stalled = Instant::now();
