@@ -98,3 +98,10 @@ CREATE TABLE round_requests (
     detail       text
 );
 CREATE INDEX round_requests_open ON round_requests (deployment, id) WHERE done_at IS NULL;
+
+-- A random salt per deployment for `metrics.mailbox_labels = "hash"`: an unsalted hash of a
+-- tuple's name is reversed by anyone holding a list of the tenant's addresses (issue 23).
+CREATE TABLE deployment_salts (
+    deployment text  PRIMARY KEY,
+    label_salt bytea NOT NULL
+);

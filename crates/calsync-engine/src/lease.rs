@@ -26,6 +26,17 @@ pub struct Leases {
     born: Instant,
     /// Milliseconds since `born` until which `held` may be used; 0: never renewed.
     valid_until_ms: AtomicU64,
+    /// The same deadline by the wall clock (milliseconds since the Unix epoch). The monotonic
+    /// clock stops while the machine is suspended, so a process resumed after its leases
+    /// lapsed would go on using them; the wall clock moves on (issue 23). Both must agree.
+    valid_until_wall_ms: AtomicU64,
+}
+
+/// Milliseconds since the Unix epoch now (0 if the clock is before it).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Default for Leases {
@@ -35,6 +46,7 @@ impl Default for Leases {
             releasing: Default::default(),
             born: Instant::now(),
             valid_until_ms: AtomicU64::new(0),
+            valid_until_wall_ms: AtomicU64::new(0),
         }
     }
 }
@@ -43,7 +55,9 @@ impl Leases {
     /// The fencing token for `mailbox`, if this process holds its lease and its last
     /// heartbeat is recent enough.
     pub fn fence(&self, mailbox: &str) -> Option<i64> {
-        if self.born.elapsed().as_millis() as u64 >= self.valid_until_ms.load(Ordering::Acquire) {
+        if self.born.elapsed().as_millis() as u64 >= self.valid_until_ms.load(Ordering::Acquire)
+            || wall_ms() >= self.valid_until_wall_ms.load(Ordering::Acquire)
+        {
             return None;
         }
         self.read().get(mailbox).copied()
@@ -95,11 +109,20 @@ impl Leases {
             .saturating_add(ttl.mul_f64(0.9));
         self.valid_until_ms
             .store(until.as_millis() as u64, Ordering::Release);
+        // By the wall clock, from now minus the time the heartbeat took.
+        let took = heartbeat_started.elapsed().as_millis() as u64;
+        self.valid_until_wall_ms.store(
+            wall_ms()
+                .saturating_sub(took)
+                .saturating_add(ttl.mul_f64(0.9).as_millis() as u64),
+            Ordering::Release,
+        );
     }
 
     /// Forgets every lease at once (shutdown, or a store that cannot be reached).
     pub fn expire(&self) {
         self.valid_until_ms.store(0, Ordering::Release);
+        self.valid_until_wall_ms.store(0, Ordering::Release);
     }
 }
 
@@ -400,5 +423,21 @@ mod tests {
         assert_eq!(l.fence("other"), None);
         l.renewed(Instant::now(), Duration::ZERO);
         assert_eq!(l.fence("m"), None, "expired");
+    }
+
+    /// The monotonic clock stops while the machine sleeps: a laptop or a VM suspended past
+    /// its leases' ttl must not resume using them (issue 23). A suspension is what the wall
+    /// clock sees and the monotonic clock does not: here, the wall deadline already passed.
+    #[test]
+    fn leases_are_unusable_once_the_wall_clock_passed_their_deadline() {
+        let l = Leases::default();
+        l.write().insert("m".into(), 7);
+        l.renewed(Instant::now(), Duration::from_secs(60));
+        assert_eq!(l.fence("m"), Some(7));
+        // What a resume after a long suspension looks like: the monotonic deadline is still
+        // ahead, the wall-clock one is behind.
+        l.valid_until_wall_ms
+            .store(wall_ms().saturating_sub(1), Ordering::Release);
+        assert_eq!(l.fence("m"), None);
     }
 }

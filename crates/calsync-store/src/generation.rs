@@ -330,6 +330,27 @@ impl Store {
         .await
     }
 
+    /// The deployment's random salt for hashed metric labels, made on first use (32 bytes from
+    /// `fresh` if none is stored yet): the same for every replica and across restarts.
+    pub async fn label_salt(&self, fresh: [u8; 32]) -> Result<Vec<u8>, StoreError> {
+        self.bounded("reading the label salt", async {
+            sqlx::query(
+                "INSERT INTO deployment_salts (deployment, label_salt) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&*self.deployment)
+            .bind(&fresh[..])
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            sqlx::query_scalar("SELECT label_salt FROM deployment_salts WHERE deployment = $1")
+                .bind(&*self.deployment)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)
+        })
+        .await
+    }
+
     /// A connection listening for new generations of this deployment's set.
     pub async fn listen_sets(&self) -> Result<SetListener, StoreError> {
         self.listen(CHANNEL).await

@@ -229,7 +229,10 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             );
             let now = Utc::now();
             for r in &rows {
-                if let (Some(t), Some(tuple)) = (r.last_success_at, labels.label(&r.tuple_key)) {
+                if let (Some(t), Some(tuple)) = (
+                    r.last_success_at,
+                    labels.label(&r.tuple_key, s.label_salt()),
+                ) {
                     let lag = (now - t).num_milliseconds().max(0) as f64 / 1000.0;
                     let _ = writeln!(
                         out,

@@ -164,12 +164,25 @@ impl App {
         let stop = CancellationToken::new();
         let mut supervisor = Supervisor::new();
         let (schedule_tx, schedule_rx) = mpsc::unbounded_channel::<ToSchedule>();
+        // Hashed labels are salted per deployment (the salt lives in the database, so every
+        // replica and restart labels alike).
+        let label_salt = if cfg.metric_labels == crate::config::MetricLabels::Hash {
+            let fresh: [u8; 32] = rand::random();
+            engine
+                .store()
+                .label_salt(fresh)
+                .await
+                .context("cannot read the deployment's metric label salt")?
+        } else {
+            Vec::new()
+        };
         let shared = Arc::new(Shared::new(
             engine.clone(),
             metrics,
             schedule_tx.clone(),
             cfg.admin_token.clone(),
             cfg.metric_labels,
+            label_salt,
             supervisor.workers(),
         ));
         if let Some(listener) = listener {

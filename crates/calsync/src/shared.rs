@@ -60,6 +60,8 @@ pub struct Shared {
     admin_token: Option<secrecy::SecretString>,
     /// How `/metrics` labels per-calendar series.
     metric_labels: crate::config::MetricLabels,
+    /// The deployment's salt for hashed labels (empty unless they are hashed).
+    label_salt: Vec<u8>,
     workers: Arc<Workers>,
     /// Calendars configured (deployment-wide) and scheduled here, for the summary lines.
     configured: AtomicUsize,
@@ -84,6 +86,7 @@ impl Shared {
         schedule: mpsc::UnboundedSender<ToSchedule>,
         admin_token: Option<secrecy::SecretString>,
         metric_labels: crate::config::MetricLabels,
+        label_salt: Vec<u8>,
         workers: Arc<Workers>,
     ) -> Self {
         Shared {
@@ -96,6 +99,7 @@ impl Shared {
             reload_pending: AtomicBool::new(false),
             admin_token,
             metric_labels,
+            label_salt,
             workers,
             configured: AtomicUsize::new(0),
             scheduled: AtomicUsize::new(0),
@@ -248,6 +252,11 @@ impl Shared {
         let want = want.expose_secret().as_bytes();
         let got = got.trim().as_bytes();
         want.len() == got.len() && want.iter().zip(got).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
+    /// The deployment's salt for hashed metric labels.
+    pub fn label_salt(&self) -> &[u8] {
+        &self.label_salt
     }
 
     /// How `/metrics` labels per-calendar series.

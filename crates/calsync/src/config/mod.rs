@@ -261,21 +261,33 @@ pub struct Ownership {
 pub enum MetricLabels {
     /// `tuple="<name>"`.
     Name,
-    /// `tuple="<first 12 hex digits of the name's SHA-256>"`: stable, but says nothing.
+    /// `tuple="<first 12 hex digits of SHA-256(salt, name)>"`, with the deployment's random
+    /// salt from the database: stable across scrapes and replicas, and not reversible from a
+    /// list of the tenant's addresses.
     Hash,
     /// No per-calendar series at all.
     None,
 }
 
 impl MetricLabels {
-    /// The label value for a tuple named `name`; `None` when per-calendar series are off.
-    pub fn label(self, name: &str) -> Option<String> {
+    /// The label value for a tuple named `name` (`salt`: the deployment's, for `Hash`);
+    /// `None` when per-calendar series are off.
+    pub fn label(self, name: &str, salt: &[u8]) -> Option<String> {
         use sha2::Digest;
         match self {
             MetricLabels::Name => Some(name.to_owned()),
             MetricLabels::Hash => {
-                let d = sha2::Sha256::digest(name.as_bytes());
-                Some(d.iter().take(6).map(|b| format!("{b:02x}")).collect())
+                let mut h = sha2::Sha256::new();
+                h.update(salt);
+                h.update([0u8]);
+                h.update(name.as_bytes());
+                Some(
+                    h.finalize()
+                        .iter()
+                        .take(6)
+                        .map(|b| format!("{b:02x}"))
+                        .collect(),
+                )
             }
             MetricLabels::None => None,
         }
@@ -778,19 +790,33 @@ end = "2026-04-01T00:00:00Z"
     }
 
     #[test]
-    fn metric_labels_are_the_name_a_stable_hash_or_nothing() {
-        assert_eq!(MetricLabels::Name.label("adele"), Some("adele".to_owned()));
-        let h = MetricLabels::Hash
-            .label("adele@contoso.onmicrosoft.com/default")
-            .unwrap();
+    fn metric_labels_are_the_name_a_stable_salted_hash_or_nothing() {
+        let salt = [7u8; 32];
+        assert_eq!(
+            MetricLabels::Name.label("adele", &salt),
+            Some("adele".to_owned())
+        );
+        let name = "adele@contoso.onmicrosoft.com/default";
+        let h = MetricLabels::Hash.label(name, &salt).unwrap();
         assert_eq!(h.len(), 12);
         assert!(h.chars().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(
-            MetricLabels::Hash.label("adele@contoso.onmicrosoft.com/default"),
-            Some(h),
+            MetricLabels::Hash.label(name, &salt),
+            Some(h.clone()),
             "stable across scrapes"
         );
-        assert_eq!(MetricLabels::None.label("adele"), None);
+        // Issue 23: the unsalted prefix was SHA-256(name), which anyone with the tenant's
+        // addresses can compute; with the deployment's salt it is not that, and another
+        // deployment's labels differ.
+        use sha2::Digest;
+        let unsalted: String = sha2::Sha256::digest(name.as_bytes())
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_ne!(h, unsalted);
+        assert_ne!(MetricLabels::Hash.label(name, &[8u8; 32]), Some(h));
+        assert_eq!(MetricLabels::None.label("adele", &salt), None);
     }
 
     /// A self-signed CA certificate (`openssl req -x509`, P-256), for the `tls.ca_file` tests.
