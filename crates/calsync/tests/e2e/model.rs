@@ -1,6 +1,9 @@
-//! The seeded model test: random sequences of calendar edits, Graph faults, crashes and rounds
-//! against graph-sim and real PostgreSQL. After a final clean round the read model must equal
-//! the simulator's truth.
+//! The seeded model test: random sequences of calendar edits, Graph faults, crashes, rounds,
+//! and two replicas with differing configs reloading (each registering its own set as a new
+//! generation) and following the database's set at their own pace, so rounds of a tuple as a
+//! replica last saw it race its re-registration (issue 23) — against graph-sim and real
+//! PostgreSQL. After a final clean round of the set the database holds, the read model must
+//! equal the simulator's truth.
 //!
 //! - `CALSYNC_MODEL_CASES` (default 200): how many seeds to run.
 //! - `CALSYNC_MODEL_SEED`: run only this seed (what a failure prints, to replay it exactly).
@@ -96,6 +99,24 @@ impl Case {
     }
 }
 
+/// A reload by replica `r`: its file's set, with its digest.
+fn reload_by(r: usize) -> calsync_store::SetWrite {
+    calsync_store::SetWrite {
+        cause: "reload",
+        digest: Some(format!("replica-{r}")),
+        based_on: None,
+        anchor: None,
+    }
+}
+
+/// The deployment's tracked set as stored, by key.
+async fn set_of(engine: &Engine) -> Result<Vec<Tuple>, String> {
+    let (_, tuples, _) = engine.tracked_since(-1).await.map_err(|e| e.to_string())?;
+    let mut tuples: Vec<Tuple> = tuples.into_iter().filter_map(|(_, t)| t).collect();
+    tuples.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(tuples)
+}
+
 async fn round(engine: &Engine, t: &Tuple) -> Outcome {
     engine.run_round(t, &CancellationToken::new(), None).await
 }
@@ -151,17 +172,30 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
             }
         })
         .collect();
+    // Two replicas, each with its own config file: the second's windows are the first's
+    // with the two tuples' windows swapped.
+    let mut other = configs.clone();
+    other[0].window = configs[1].window;
+    other[1].window = configs[0].window;
+    let files = [configs.clone(), other];
     let mut engine = case.engine(4);
-    let tuples = engine.register(&configs).await.map_err(|e| e.to_string())?;
-    case.tuples = tuples.into_iter().enumerate().collect();
+    engine
+        .register_set(&files[0], true, &reload_by(0))
+        .await
+        .map_err(|e| e.to_string())?;
+    // What each replica last read of the database's set (it schedules from it).
+    let mut views = [set_of(&engine).await?, set_of(&engine).await?];
+    case.tuples = views[0].iter().cloned().enumerate().collect();
     for _ in 0..rng.gen_range(5..25) {
         case.edit(&mut rng);
     }
 
     for step in 0..rng.gen_range(8..20) {
         let which = rng.gen_range(0..case.tuples.len());
-        let t = case.tuples[which].1.clone();
-        match rng.gen_range(0..100) {
+        // A round runs the tuple as one replica last read it (possibly before a reload).
+        let replica = rng.gen_range(0..2);
+        let t = views[replica][which].clone();
+        match rng.gen_range(0..110) {
             0..=34 => {
                 for _ in 0..rng.gen_range(1..=4) {
                     case.edit(&mut rng);
@@ -196,6 +230,25 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
                     short(&o)
                 ));
             }
+            100..=104 => {
+                // A replica reloads its own file: its set becomes the deployment's.
+                let r = rng.gen_range(0..2);
+                engine
+                    .register_set(&files[r], true, &reload_by(r))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let now = set_of(&engine).await?;
+                views[r] = now.clone();
+                case.tuples = now.into_iter().enumerate().collect();
+                case.log
+                    .push(format!("step {step}: replica {r} reloads its config"));
+            }
+            105..=109 => {
+                let r = rng.gen_range(0..2);
+                views[r] = set_of(&engine).await?;
+                case.log
+                    .push(format!("step {step}: replica {r} follows the set"));
+            }
             _ => {
                 // A crash inside a page transaction, after its n-th statement.
                 let n = rng.gen_range(1..=4u32);
@@ -217,6 +270,8 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     // so first let any such round finish, then one more must start and complete.
     case.sim.lock().faults.clear();
     let engine = case.engine(4);
+    // Every replica follows the set the database holds; that set is what must be mirrored.
+    case.tuples = set_of(&engine).await?.into_iter().enumerate().collect();
     for (_, t) in &case.tuples {
         let mut finished = false;
         for _ in 0..3 {
