@@ -128,6 +128,21 @@ impl Store {
         .await
     }
 
+    /// Deletes requests answered more than a day ago; answers how many.
+    pub async fn prune_round_requests(&self) -> Result<u64, StoreError> {
+        self.bounded("pruning round requests", async {
+            Ok(sqlx::query(
+                "DELETE FROM round_requests WHERE deployment = $1 AND done_at < now() - interval '1 day'",
+            )
+            .bind(&*self.deployment)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?
+            .rows_affected())
+        })
+        .await
+    }
+
     /// Whether a `run` replica of this deployment is alive now.
     pub async fn daemon_alive(&self) -> Result<bool, StoreError> {
         self.bounded("reading live replicas", async {

@@ -446,6 +446,9 @@ pub async fn sync_once(cfg: Config) -> anyhow::Result<bool> {
 
 /// How long `sync-once` beside a daemon waits for the rounds it asked for.
 const ASK_DEADLINE: Duration = Duration::from_secs(600);
+/// How long it waits for a replica to take a request: the holder takes it within its 2 s poll,
+/// and a mailbox nobody holds is taken within a heartbeat or two.
+const TAKE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// `sync-once` beside a running daemon: each configured calendar the deployment tracks as
 /// configured gets its round from the replica that holds its mailbox, asked through the
@@ -492,13 +495,19 @@ async fn ask_the_daemon(
         .await
         .context("cannot ask the daemon for rounds")?;
     let ids: Vec<i64> = asked.iter().map(|(id, _)| *id).collect();
-    let deadline = tokio::time::Instant::now() + ASK_DEADLINE;
+    let asked_at = tokio::time::Instant::now();
     let answered = loop {
         let now = store
             .round_requests(&ids)
             .await
             .context("cannot read the rounds asked for")?;
-        if now.iter().all(|r| r.done_at.is_some()) || tokio::time::Instant::now() >= deadline {
+        let open: Vec<&calsync_store::RoundRequest> =
+            now.iter().filter(|r| r.done_at.is_none()).collect();
+        let waited = asked_at.elapsed();
+        if open.is_empty()
+            || waited >= ASK_DEADLINE
+            || (waited >= TAKE_DEADLINE && open.iter().all(|r| r.taken_by.is_none()))
+        {
             break now;
         }
         let wait = tokio::time::sleep(Duration::from_millis(250));
@@ -536,6 +545,14 @@ async fn ask_the_daemon(
                     r.tuple_key,
                     outcome.unwrap_or("-"),
                     r.detail.as_deref().unwrap_or("")
+                );
+            }
+            (None, _) if r.taken_by.is_none() => {
+                ok = false;
+                println!(
+                    "failed  {:<40} no replica took the round within {}s (does one hold its mailbox?)",
+                    r.tuple_key,
+                    TAKE_DEADLINE.as_secs()
                 );
             }
             (None, _) => {

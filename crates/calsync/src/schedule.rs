@@ -426,6 +426,11 @@ impl ScheduleWorker {
         if self.anchor == anchor {
             return Ok(true);
         }
+        if self.shared.followed().stale {
+            // Its cadence is its stale file's: the windows are moved by a replica whose
+            // config is the deployment's, and this one follows them.
+            return Ok(true);
+        }
         let store = self.engine.store();
         if !store
             .hold_role(crate::shared::ROLE_REBASE, self.role_ttl)

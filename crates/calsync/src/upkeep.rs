@@ -64,6 +64,10 @@ async fn report_stale(
         reported.clear();
         return;
     }
+    // The same replica keeps the round requests table small.
+    if let Err(e) = store.prune_round_requests().await {
+        tracing::debug!(error = %e, "cannot prune answered round requests");
+    }
     let q = calsync_store::StatusQuery {
         stale: true,
         limit: Some(1000),

@@ -359,3 +359,141 @@ async fn a_calendar_whose_owner_never_completes_a_round_shows_stale_in_status_an
     );
     node.stop();
 }
+
+/// Issue 23, point 3: a discovery pass that believed every answer untracked (and, with
+/// `purge`, deleted) a mirrored mailbox's calendars when Graph refused it once, and every room
+/// when `/places` answered an empty list once. Now a refused mirrored mailbox keeps its rows
+/// until refused for `refused_recheck`, and a pass that would empty a source is held until the
+/// next one agrees: one empty answer untracks nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mirrored_mailbox_refused_once_and_an_empty_room_listing_untrack_nothing() {
+    use graph_sim::MailboxKind;
+    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_doubt")
+        .await
+        .unwrap();
+    let db = PgPool::connect(&url).await.unwrap();
+    let sim = graph_sim::Sim::new(&crate::harness::sim_config());
+    let rooms = [
+        "room1@contoso.onmicrosoft.com",
+        "room2@contoso.onmicrosoft.com",
+    ];
+    let group = {
+        let mut st = sim.lock();
+        let mut members = Vec::new();
+        for (i, who) in [upn(0), upn(1)].iter().enumerate() {
+            let u = st
+                .tenant
+                .add_directory_user(who, who, MailboxKind::User, None);
+            add_event(
+                &mut st.tenant,
+                u,
+                0,
+                &format!("person {i}"),
+                "2026-02-03T10:00:00",
+            );
+            members.push(u);
+        }
+        for (i, room) in rooms.iter().enumerate() {
+            let u = st
+                .tenant
+                .add_directory_user(room, room, MailboxKind::Room, None);
+            add_event(
+                &mut st.tenant,
+                u,
+                0,
+                &format!("room {i}"),
+                "2026-02-04T10:00:00",
+            );
+        }
+        let g = st.tenant.add_group("team", members, vec![]);
+        st.tenant.groups[g].id.clone()
+    };
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sources = format!(
+        "\n[discovery]\nevery = \"2s\"\nrefused_recheck = \"1h\"\n\n\
+         [[sources]]\nname = \"team\"\ngroup = \"{group}\"\ncalendars = \"all\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n\n\
+         [[sources]]\nname = \"rooms\"\nrooms = \"all\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+    );
+    let cfg = write_config(
+        dir.path(),
+        "r1.toml",
+        &url,
+        &server,
+        "replica = \"r1\"\nlease_ttl = \"3s\"\non_remove = \"purge\"",
+        "interval = \"1s\"\nstartup_spread = \"200ms\"",
+        &sources,
+    );
+    let mut node = Node::start(&cfg, dir.path().join("r1.log"));
+    let rows = |db: PgPool| async move {
+        let r: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT tuple_key, event_count FROM calendar_sync_status WHERE tracked ORDER BY tuple_key",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap_or_default();
+        r
+    };
+    crate::harness::wait_for(
+        "four calendars mirrored",
+        Duration::from_secs(30),
+        async || {
+            let r = rows(db.clone()).await;
+            r.len() == 4 && r.iter().all(|(_, n)| *n > 0)
+        },
+    )
+    .await;
+    let mirrored = rows(db.clone()).await;
+
+    // Graph refuses person001's calendars from now on (a mailbox move, a policy change), and
+    // the Places directory answers an empty room list (its rooms not rooms for a moment).
+    {
+        let mut st = sim.lock();
+        st.faults = vec![crate::harness::rule(serde_json::json!({
+            "mailbox": upn(1), "path_contains": "/calendar",
+            "action": {"kind": "status", "status": 403, "code": "ErrorAccessDenied"}
+        }))];
+        for room in rooms {
+            let u = st.tenant.user_index(room).unwrap();
+            st.tenant.users[u].directory.mailbox = MailboxKind::User;
+        }
+    }
+    // The first pass that sees the empty list holds it; the directory recovers before the next.
+    let log = dir.path().join("r1.log");
+    crate::harness::wait_for(
+        "the empty room list held",
+        Duration::from_secs(10),
+        async || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("held until the next pass agrees")
+        },
+    )
+    .await;
+    {
+        let mut st = sim.lock();
+        for room in rooms {
+            let u = st.tenant.user_index(room).unwrap();
+            st.tenant.users[u].directory.mailbox = MailboxKind::Room;
+        }
+    }
+    // Three more passes: nothing untracked, nothing purged.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_secs(7) {
+        assert_eq!(rows(db.clone()).await, mirrored, "{}", node.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = node.log();
+    assert!(text.contains("they stay tracked"), "{text}");
+    let refused_state: String =
+        sqlx::query_scalar("SELECT state FROM sync_tuples WHERE user_id = $1")
+            .bind(upn(1))
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_ne!(
+        refused_state, "ok",
+        "its rounds fail with Graph's code meanwhile"
+    );
+    node.stop();
+}
