@@ -98,8 +98,8 @@ struct Control {
     ended_notify: Notify,
     /// Round requests (ids in `round_requests`) its next round answers: set by
     /// [`Scheduler::wake`], which also makes that round start now.
-    /// Boxed: an idle task (100,000 of them) holds one pointer, not an empty vector.
-    asked: std::sync::Mutex<Option<Box<Vec<i64>>>>,
+    /// A boxed slice: an idle task (100,000 of them) holds 16 bytes, not an empty vector's 24.
+    asked: std::sync::Mutex<Option<Box<[i64]>>>,
 }
 
 /// Marks its task's control as ended when dropped, however the task ends.
@@ -310,12 +310,11 @@ impl Scheduler {
         let Some(r) = self.running.get(key) else {
             return false;
         };
-        r.control
-            .asked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert_with(Default::default)
-            .push(request);
+        let mut asked = r.control.asked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ids: Vec<i64> = asked.take().map(Vec::from).unwrap_or_default();
+        ids.push(request);
+        *asked = Some(ids.into_boxed_slice());
+        drop(asked);
         r.control.changed.notify_one();
         true
     }
@@ -385,7 +384,7 @@ impl Control {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .map_or_else(Vec::new, |b| *b)
+            .map_or_else(Vec::new, Vec::from)
     }
 }
 
