@@ -105,3 +105,7 @@ CREATE TABLE deployment_salts (
     deployment text  PRIMARY KEY,
     label_salt bytea NOT NULL
 );
+
+-- Whether each replica's config file is the deployment's (`calsync status` names the ones
+-- whose file is stale; they say so themselves in /readyz and their log).
+ALTER TABLE replicas ADD COLUMN config_stale boolean NOT NULL DEFAULT false;

@@ -351,6 +351,39 @@ impl Store {
         .await
     }
 
+    /// Records whether this replica's config file is the deployment's (for `status`).
+    pub async fn note_config_stale(&self, stale: bool) -> Result<(), StoreError> {
+        let me = self.incarnation().unwrap_or("").to_owned();
+        self.bounded("recording the config state", async {
+            sqlx::query(
+                "UPDATE replicas SET config_stale = $3 WHERE deployment = $1 AND incarnation = $2",
+            )
+            .bind(&*self.deployment)
+            .bind(&me)
+            .bind(stale)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The live `run` replicas whose config file is not the deployment's, by name.
+    pub async fn stale_replicas(&self) -> Result<Vec<String>, StoreError> {
+        self.bounded("reading stale replicas", async {
+            sqlx::query_scalar(
+                "SELECT replica FROM replicas WHERE deployment = $1 AND kind = 'run' \
+                 AND expires_at > now() AND config_stale ORDER BY replica",
+            )
+            .bind(&*self.deployment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
     /// A connection listening for new generations of this deployment's set.
     pub async fn listen_sets(&self) -> Result<SetListener, StoreError> {
         self.listen(CHANNEL).await

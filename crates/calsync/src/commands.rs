@@ -801,6 +801,22 @@ pub async fn status(raw: &RawConfig, args: &StatusArgs) -> anyhow::Result<()> {
             ))
             .unwrap_or_else(|| "-".into()),
     );
+    if let Ok(set) = store.tracked_set().await {
+        if set.generation > 0 {
+            println!(
+                "tracked set: generation {} ({} by {} at {})",
+                set.generation,
+                set.cause,
+                set.written_by.split('#').next().unwrap_or("-"),
+                set.written_at.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
+    }
+    for replica in store.stale_replicas().await.unwrap_or_default() {
+        println!(
+            "replica {replica}: its config file is not the deployment's; it serves the deployment's set and registers nothing (fix its file, or reload a replica with the current one)"
+        );
+    }
     print!("{}", status_table(&rows));
     let shown = query.offset + rows.len() as u64;
     let matching = match query.state {

@@ -50,6 +50,8 @@ pub struct ScheduleWorker {
     pub role_ttl: std::time::Duration,
     /// Sources whose last pass was held (it would untrack too many), with its answer.
     pub held: std::collections::HashMap<String, u64>,
+    /// Whether the replica's row says (since the last change) whether its file is stale.
+    pub noted: bool,
     /// The service's stop.
     pub stop: CancellationToken,
 }
@@ -395,6 +397,12 @@ impl ScheduleWorker {
                 file_digest = %self.current.digest,
                 "this replica's config file is not the deployment's: it serves the deployment's set and registers nothing of its own; fix the file or reload a replica with the current one"
             );
+        }
+        if stale != was_stale || !self.noted {
+            // For `status`, which names the replicas whose file is stale.
+            if self.engine.store().note_config_stale(stale).await.is_ok() {
+                self.noted = true;
+            }
         }
         self.shared.set_followed(commands::FollowedSet {
             generation: self.generation.max(head.generation),

@@ -297,6 +297,7 @@ impl App {
                 generation,
                 role_ttl,
                 held: Default::default(),
+                noted: false,
             });
             supervisor.spawn("schedule", Policy::Fatal, move |ctx| {
                 let worker = worker.take();

@@ -120,6 +120,29 @@ async fn a_reload_sent_to_one_of_three_replicas_reaches_all_and_a_stale_file_nev
     )
     .await;
     let converged = reloaded.elapsed();
+    // `status` names the replicas whose file is not the deployment's.
+    let status = |cfg: std::path::PathBuf| {
+        let out = std::process::Command::new(crate::harness::BIN)
+            .args(["status", "--config"])
+            .arg(cfg)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let r1_file = dir.path().join("r1.toml");
+    crate::harness::wait_for(
+        "status names the stale replicas",
+        Duration::from_secs(10),
+        async || {
+            let out = status(r1_file.clone());
+            out.contains("replica r2: its config file is not the deployment's")
+                && out.contains("replica r3: its config file is not the deployment's")
+                && !out.contains("replica r1:")
+                && out.contains("(reload by r1 at")
+        },
+    )
+    .await;
     // Purged with the reload: rows and tuples of the removed calendars are gone.
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE user_id = ANY($1)")
         .bind(vec![upn(0), upn(1)])
