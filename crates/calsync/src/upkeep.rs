@@ -132,38 +132,69 @@ pub async fn rebase(
 /// notifications (which a dropped connection loses).
 pub const FOLLOW_POLL: Duration = Duration::from_secs(5);
 
-/// The follow worker: wakes the schedule worker to catch up with the deployment's tracked
-/// set at each `calsync_tracked` notification for this deployment and every
-/// [`FOLLOW_POLL`]. A listener that fails is opened again at the next poll.
-pub async fn follow(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
-    let store = shared.engine().store().clone();
-    let mut listener = None;
-    let mut poll = tokio::time::interval(FOLLOW_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ctx.idle();
+/// A notification channel with a poll beside it: [`Signal::next`] resolves at each
+/// notification for this deployment and at each tick of the poll (notifications sent while the
+/// listening connection is down are lost; the poll catches up). A listener that fails is
+/// opened again at the next tick.
+struct Signal {
+    store: calsync_store::Store,
+    rounds: bool,
+    listener: Option<calsync_store::SetListener>,
+    poll: tokio::time::Interval,
+}
+
+impl Signal {
+    /// New generations of the tracked set (`rounds`: round requests instead), polled every
+    /// `every`.
+    fn new(store: calsync_store::Store, rounds: bool, every: Duration) -> Self {
+        let mut poll = tokio::time::interval(every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Signal {
+            store,
+            rounds,
+            listener: None,
+            poll,
+        }
+    }
+
+    async fn next(&mut self) {
         let heard = async {
-            match listener.as_mut() {
-                Some(l) => calsync_store::SetListener::next(l).await,
+            match self.listener.as_mut() {
+                Some(l) => l.next().await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
-            _ = poll.tick() => {
-                if listener.is_none() {
-                    match store.listen_sets().await {
-                        Ok(l) => listener = Some(l),
-                        Err(e) => tracing::debug!(error = %e, "cannot listen for new generations; polling"),
+            _ = self.poll.tick() => {
+                if self.listener.is_none() {
+                    let opened = if self.rounds {
+                        self.store.listen_rounds().await
+                    } else {
+                        self.store.listen_sets().await
+                    };
+                    match opened {
+                        Ok(l) => self.listener = Some(l),
+                        Err(e) => tracing::debug!(error = %e, "cannot listen for notifications; polling"),
                     }
                 }
             }
             r = heard => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "the generation listener's connection ended; polling");
-                    listener = None;
+                    tracing::debug!(error = %e, "the listening connection ended; polling");
+                    self.listener = None;
                 }
             }
         }
+    }
+}
+
+/// The follow worker: wakes the schedule worker to catch up with the deployment's tracked
+/// set at each `calsync_tracked` notification for this deployment and every [`FOLLOW_POLL`].
+pub async fn follow(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let mut signal = Signal::new(shared.engine().store().clone(), false, FOLLOW_POLL);
+    loop {
+        ctx.idle();
+        signal.next().await;
         if !shared.follow_soon() {
             // The schedule worker is gone: the service is stopping.
             return Ok(());
@@ -183,29 +214,10 @@ pub async fn wake(
     schedule: mpsc::UnboundedSender<ToSchedule>,
 ) -> anyhow::Result<()> {
     let store = shared.engine().store().clone();
-    let mut listener = None;
-    let mut poll = tokio::time::interval(WAKE_POLL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut signal = Signal::new(store.clone(), true, WAKE_POLL);
     loop {
         ctx.idle();
-        let heard = async {
-            match listener.as_mut() {
-                Some(l) => calsync_store::SetListener::next(l).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = poll.tick() => {
-                if listener.is_none() {
-                    listener = store.listen_rounds().await.ok();
-                }
-            }
-            r = heard => {
-                if r.is_err() {
-                    listener = None;
-                }
-            }
-        }
+        signal.next().await;
         ctx.busy();
         match store.take_round_requests().await {
             Ok(asked) if asked.is_empty() => {}
