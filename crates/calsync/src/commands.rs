@@ -239,10 +239,28 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
             based_on: None,
             anchor: Some(cfg.anchor),
         };
-        engine
+        let (registered, generation) = engine
             .register_set(&configs, whole, &write)
             .await
             .context("cannot register the configured calendars")?;
+        if whole {
+            // Registered whole: the stored set is exactly these (reading 100,000 rows back
+            // would cost a second at start and their transient copies stay in RSS). A
+            // registration by another replica meanwhile is caught up by the first follow.
+            let keeper = keeper_of(&engine, identity);
+            return Ok(BuiltWith {
+                engine,
+                tuples: registered,
+                keeper,
+                sources_resolved,
+                set: FollowedSet {
+                    generation,
+                    digest: cfg.digest.clone(),
+                    stale: false,
+                },
+                beside: None,
+            });
+        }
     }
     let (set, stored, _) = engine
         .tracked_since(-1)
