@@ -143,13 +143,22 @@ async fn a_reload_sent_to_one_of_three_replicas_reaches_all_and_a_stale_file_nev
         },
     )
     .await;
-    // Purged with the reload: rows and tuples of the removed calendars are gone.
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE user_id = ANY($1)")
-        .bind(vec![upn(0), upn(1)])
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    assert_eq!(left, 0, "the removed calendars were purged");
+    // Purged with the reload (the transaction after the untracking one): rows and tuples of
+    // the removed calendars are gone.
+    crate::harness::wait_for(
+        "the removed calendars purged",
+        Duration::from_secs(10),
+        async || {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE user_id = ANY($1)")
+                    .bind(vec![upn(0), upn(1)])
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            left == 0
+        },
+    )
+    .await;
 
     // Watch across discovery passes (every 2 s) and re-bases (every 3 s), with r3 restarted
     // on its stale file: the set never reverts, and nothing is purged again.

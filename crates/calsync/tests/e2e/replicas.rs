@@ -399,8 +399,14 @@ async fn a_one_off_command_and_a_second_deployment_leave_a_daemons_calendars_alo
     )
     .unwrap();
     alpha.signal("HUP");
+    // The reload untracks (one transaction), then purges (another): wait for the purge.
     wait_for("alpha's purge", Duration::from_secs(10), async || {
-        states(&db, "alpha").await.len() == 2
+        let rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM sync_tuples WHERE deployment = 'alpha'")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        states(&db, "alpha").await.len() == 2 && rows == 2
     })
     .await;
     let left: Vec<(String, String)> =
