@@ -433,11 +433,23 @@ mod tests {
         // server and may have run once the lock went: its version check makes that harmless,
         // so the second call reads the version first.)
         blocker.rollback().await.unwrap();
-        let now = store.load(t.id).await.unwrap();
-        store
-            .forget_link(t.id, now.link_version, None)
-            .await
-            .unwrap();
+        // The abandoned UPDATE may land after the version is read (under load it did): read
+        // again and retry until the version read is the current one.
+        let mut forgot = false;
+        for _ in 0..20 {
+            let now = store.load(t.id).await.unwrap();
+            match store.forget_link(t.id, now.link_version, None).await {
+                Ok(_) => {
+                    forgot = true;
+                    break;
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(forgot, "forget_link went through once the lock was gone");
         store.register_tuples(&[moved]).await.unwrap();
     }
 }
