@@ -197,7 +197,6 @@ async fn handle(
     origin: String,
     connection: u64,
 ) -> Response<Body> {
-    let received = Some(tokio::time::Instant::now());
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
@@ -239,7 +238,6 @@ async fn handle(
             client_request_id,
             consistency_level,
             connection,
-            received,
         })
         .await;
     match resp.fate {

@@ -220,12 +220,9 @@ impl State {
         let mut in_flight = 0;
         if let Some(u) = user {
             let mb = self.mailboxes.entry(u).or_default();
-            // Judged by when the request reached the server, not when it got the lock: under
-            // load a request that arrived before (or just after) the 429 was announced can be
-            // admitted later than the allowance, though the client sent it before it could know.
-            let in_flight_already = mb.announced.is_some_and(|at| {
-                req.received.unwrap_or(now_i).saturating_duration_since(at) < IN_FLIGHT_ALLOWANCE
-            });
+            let in_flight_already = mb
+                .announced
+                .is_some_and(|at| now_i.duration_since(at) < IN_FLIGHT_ALLOWANCE);
             if mb.retry_until.is_some_and(|t| now_i < t) && !in_flight_already {
                 early = true;
             }

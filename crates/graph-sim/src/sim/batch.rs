@@ -194,8 +194,6 @@ impl Sim {
                 client_request_id: header("client-request-id"),
                 consistency_level: header("consistencylevel"),
                 connection: outer.connection,
-                // Sent with the batch: on its way before any answer inside it was read.
-                received: outer.received,
             }),
         )
         .await;

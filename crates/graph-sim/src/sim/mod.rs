@@ -246,10 +246,6 @@ pub struct SimRequest {
     /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
     /// library is called directly), so tests can tell a fresh connection from a reused one.
     pub connection: u64,
-    /// When the request reached the server (before it waited for the simulator's lock): what
-    /// tells a request already on its way when a `Retry-After` was announced from one sent
-    /// after it. `None` (a direct library call): when it is admitted.
-    pub received: Option<tokio::time::Instant>,
 }
 
 /// What happens to the connection after the answer is built.
