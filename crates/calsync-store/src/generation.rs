@@ -56,6 +56,20 @@ pub struct TrackedSet {
     pub written_at: DateTime<Utc>,
 }
 
+impl TrackedSet {
+    /// A deployment before its first registration: generation 0, no digest.
+    fn none() -> Self {
+        TrackedSet {
+            generation: 0,
+            config_digest: String::new(),
+            anchor: None,
+            cause: "none".into(),
+            written_by: String::new(),
+            written_at: DateTime::<Utc>::UNIX_EPOCH,
+        }
+    }
+}
+
 /// A stored tuple as a replica schedules it.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct StoredTuple {
@@ -192,14 +206,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?;
-            Ok(found.unwrap_or(TrackedSet {
-                generation: 0,
-                config_digest: String::new(),
-                anchor: None,
-                cause: "none".into(),
-                written_by: String::new(),
-                written_at: DateTime::<Utc>::UNIX_EPOCH,
-            }))
+            Ok(found.unwrap_or_else(TrackedSet::none))
         })
         .await
     }
@@ -237,14 +244,7 @@ impl Store {
             .await
             .map_err(db)?;
             tx.commit().await.map_err(db)?;
-            let set = set.unwrap_or(TrackedSet {
-                generation: 0,
-                config_digest: String::new(),
-                anchor: None,
-                cause: "none".into(),
-                written_by: String::new(),
-                written_at: DateTime::<Utc>::UNIX_EPOCH,
-            });
+            let set = set.unwrap_or_else(TrackedSet::none);
             Ok(SetChanges {
                 set,
                 tuples,
