@@ -352,10 +352,10 @@ impl Store {
     }
 
     /// Records whether this replica's config file is the deployment's (for `status`).
-    pub async fn note_config_stale(&self, stale: bool) -> Result<(), StoreError> {
+    pub async fn note_config_stale(&self, stale: bool) -> Result<bool, StoreError> {
         let me = self.incarnation().unwrap_or("").to_owned();
         self.bounded("recording the config state", async {
-            sqlx::query(
+            let done = sqlx::query(
                 "UPDATE replicas SET config_stale = $3 WHERE deployment = $1 AND incarnation = $2",
             )
             .bind(&*self.deployment)
@@ -364,7 +364,7 @@ impl Store {
             .execute(&self.pool)
             .await
             .map_err(db)?;
-            Ok(())
+            Ok(done.rows_affected() == 1)
         })
         .await
     }

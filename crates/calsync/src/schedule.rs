@@ -50,8 +50,9 @@ pub struct ScheduleWorker {
     pub role_ttl: std::time::Duration,
     /// Sources whose last pass was held (it would untrack too many), with its answer.
     pub held: std::collections::HashMap<String, u64>,
-    /// Whether the replica's row says (since the last change) whether its file is stale.
-    pub noted: bool,
+    /// What the replica's row says about its file, as last written (`None`: not written, or
+    /// the write failed or found no row: written again at the next follow).
+    pub noted: Option<bool>,
     /// The service's stop.
     pub stop: CancellationToken,
 }
@@ -398,11 +399,12 @@ impl ScheduleWorker {
                 "this replica's config file is not the deployment's: it serves the deployment's set and registers nothing of its own; fix the file or reload a replica with the current one"
             );
         }
-        if stale != was_stale || !self.noted {
+        if self.noted != Some(stale) {
             // For `status`, which names the replicas whose file is stale.
-            if self.engine.store().note_config_stale(stale).await.is_ok() {
-                self.noted = true;
-            }
+            self.noted = match self.engine.store().note_config_stale(stale).await {
+                Ok(true) => Some(stale),
+                Ok(false) | Err(_) => None,
+            };
         }
         self.shared.set_followed(commands::FollowedSet {
             generation: self.generation.max(head.generation),

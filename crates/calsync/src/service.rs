@@ -297,7 +297,7 @@ impl App {
                 generation,
                 role_ttl,
                 held: Default::default(),
-                noted: false,
+                noted: None,
             });
             supervisor.spawn("schedule", Policy::Fatal, move |ctx| {
                 let worker = worker.take();

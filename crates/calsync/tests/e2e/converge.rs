@@ -133,7 +133,7 @@ async fn a_reload_sent_to_one_of_three_replicas_reaches_all_and_a_stale_file_nev
     let r1_file = dir.path().join("r1.toml");
     crate::harness::wait_for(
         "status names the stale replicas",
-        Duration::from_secs(10),
+        Duration::from_secs(20),
         async || {
             let out = status(r1_file.clone());
             out.contains("replica r2: its config file is not the deployment's")
