@@ -96,14 +96,44 @@ impl Engine {
         cancel: &CancellationToken,
         request: impl std::future::Future<Output = Result<T, GraphError>>,
     ) -> Result<T, StepError> {
+        self.send_unless(tuple, cancel, None, request).await
+    }
+
+    /// [`Engine::send`] for one of several requests going out together ([`Engine::send_all`]):
+    /// it is not sent once `stood_down` is cancelled (a sibling failed), but once sent it is
+    /// awaited whatever happens to its siblings, so its answer (and any `Retry-After` in it)
+    /// reaches the gate.
+    pub(crate) async fn send_unless<T>(
+        &self,
+        tuple: &Tuple,
+        cancel: &CancellationToken,
+        stood_down: Option<&CancellationToken>,
+        request: impl std::future::Future<Output = Result<T, GraphError>>,
+    ) -> Result<T, StepError> {
+        let standing_down = || stood_down.is_some_and(CancellationToken::is_cancelled);
+        if standing_down() {
+            return Err(StepError::Interrupted);
+        }
+        // Not interrupted by a sibling: waiting out a hold gives up the round's slot, and
+        // only this wait gets it back.
         if !self.wait_out_hold(tuple, cancel).await {
             return Err(StepError::Interrupted);
         }
+        let sibling_failed = async {
+            match stood_down {
+                Some(t) => t.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
         let permit = tokio::select! {
             biased;
             _ = cancel.cancelled() => return Err(StepError::Interrupted),
+            _ = sibling_failed => return Err(StepError::Interrupted),
             p = self.inner.gate.acquire(&tuple.mailbox) => p,
         };
+        if standing_down() {
+            return Err(StepError::Interrupted);
+        }
         self.touch_round(&tuple.key);
         let fetched = tokio::select! {
             biased;
@@ -140,6 +170,52 @@ impl Engine {
                 }
                 Err(StepError::Graph(e))
             }
+        }
+    }
+
+    /// Sends one request per item for `tuple`, `parallel` at once, as a page's fetches must
+    /// go to one mailbox: after the first failure no further request starts, and the ones
+    /// already in flight are awaited rather than dropped, so every answer, and every
+    /// `Retry-After` in it, reaches the gate before the step fails. (Dropping them lost a
+    /// sibling's 429: graph-sim saw the page's retry reach the mailbox 1 ms inside the
+    /// `Retry-After` of an answer calsync never read.) `each` sends with
+    /// [`Engine::send_unless`] and the token it is given.
+    pub(crate) async fn send_all<I, T, F, Fut>(
+        &self,
+        items: I,
+        parallel: usize,
+        each: F,
+    ) -> Result<Vec<T>, StepError>
+    where
+        I: IntoIterator,
+        F: Fn(I::Item, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StepError>>,
+    {
+        use futures_util::StreamExt;
+        let stood_down = CancellationToken::new();
+        let mut running = futures_util::stream::iter(items)
+            .map(|item| each(item, stood_down.clone()))
+            .buffer_unordered(parallel);
+        let mut done = Vec::new();
+        let mut failed: Option<StepError> = None;
+        while let Some(r) = running.next().await {
+            match r {
+                Ok(v) => done.push(v),
+                Err(e) => {
+                    stood_down.cancel();
+                    // The first real failure wins over the siblings it stood down.
+                    if failed
+                        .as_ref()
+                        .is_none_or(|f| matches!(f, StepError::Interrupted))
+                    {
+                        failed = Some(e);
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(done),
         }
     }
 }

@@ -11,8 +11,9 @@
 //!   series that are no longer listed leave, in the page's transaction. A full round needs none:
 //!   its sweep removes whatever it did not list.
 //!
-//! Every request goes through the request gate like a delta page. A failed request fails the
-//! page's step, which is retried as a whole (backoff, then the next run): a stub is never
+//! Every request goes through the request gate like a delta page, a few at once
+//! (`Engine::send_all`: after a failure none starts and those in flight are awaited, so no
+//! `Retry-After` goes unread). A failed request fails the page's step, which is retried as a whole (backoff, then the next run): a stub is never
 //! committed without its series, and a change is never committed half-reconciled.
 
 use crate::Engine;
@@ -20,7 +21,6 @@ use crate::Tuple;
 use crate::step_error::StepError;
 use calsync_graph::{Connection, ViewWindow};
 use calsync_store::{PageChanges, SeriesInstances};
-use futures_util::{StreamExt, TryStreamExt};
 use std::collections::BTreeSet;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -84,28 +84,26 @@ impl Engine {
         };
         if !missing.is_empty() {
             debug!(tuple = %tuple.key, series = missing.len(), "fetching series masters for occurrence stubs");
-            let fetched: Vec<(String, Option<calsync_graph::EventItem>)> =
-                futures_util::stream::iter(missing)
-                    .map(|master| async move {
-                        metrics::counter!("calsync_series_requests_total", "kind" => "master")
-                            .increment(1);
-                        let got = self
-                            .send(
-                                tuple,
-                                cancel,
-                                self.graph().get_event(
-                                    &tuple.user,
-                                    &tuple.calendar,
-                                    &master,
-                                    Connection::Reuse,
-                                ),
-                            )
-                            .await?;
-                        Ok::<_, StepError>((master, got))
-                    })
-                    .buffer_unordered(PARALLEL)
-                    .try_collect()
-                    .await?;
+            let fetched: Vec<(String, Option<calsync_graph::EventItem>)> = self
+                .send_all(missing, PARALLEL, |master, stood_down| async move {
+                    metrics::counter!("calsync_series_requests_total", "kind" => "master")
+                        .increment(1);
+                    let got = self
+                        .send_unless(
+                            tuple,
+                            cancel,
+                            Some(&stood_down),
+                            self.graph().get_event(
+                                &tuple.user,
+                                &tuple.calendar,
+                                &master,
+                                Connection::Reuse,
+                            ),
+                        )
+                        .await?;
+                    Ok((master, got))
+                })
+                .await?;
             for (master, got) in fetched {
                 match got {
                     Some(m) if crate::mapping::is_master(&m) => {
@@ -122,13 +120,13 @@ impl Engine {
         let listed: Vec<String> = changes.series.iter().map(|s| s.master_id.clone()).collect();
         // One /instances read per changed series, a few at once like the master fetches (the
         // gate still holds the mailbox to its limits).
-        let listings: Vec<(String, Option<Vec<String>>)> = futures_util::stream::iter(listed)
-            .map(|master| async move {
-                let live = self.list_instances(tuple, &master, cancel).await?;
-                Ok::<_, StepError>((master, live))
+        let listings: Vec<(String, Option<Vec<String>>)> = self
+            .send_all(listed, PARALLEL, |master, stood_down| async move {
+                let live = self
+                    .list_instances(tuple, &master, cancel, &stood_down)
+                    .await?;
+                Ok((master, live))
             })
-            .buffer_unordered(PARALLEL)
-            .try_collect()
             .await?;
         for (master, live) in listings {
             match live {
@@ -148,6 +146,7 @@ impl Engine {
         tuple: &Tuple,
         master: &str,
         cancel: &CancellationToken,
+        stood_down: &CancellationToken,
     ) -> Result<Option<Vec<String>>, StepError> {
         let graph = self.graph();
         let window: &ViewWindow = &tuple.window;
@@ -156,7 +155,12 @@ impl Engine {
         for _ in 0..MAX_INSTANCE_PAGES {
             metrics::counter!("calsync_series_requests_total", "kind" => "instances").increment(1);
             let page = self
-                .send(tuple, cancel, graph.fetch_list(&link, Connection::Reuse))
+                .send_unless(
+                    tuple,
+                    cancel,
+                    Some(stood_down),
+                    graph.fetch_list(&link, Connection::Reuse),
+                )
                 .await?;
             let Some(page) = page else {
                 return Ok(None);

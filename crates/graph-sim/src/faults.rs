@@ -35,7 +35,9 @@ pub struct FaultRule {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FaultAction {
-    /// Answer with this status and a Graph error body.
+    /// Answer with this status and a Graph error body; after a `Delay` rule that fired
+    /// on the same request (listed before it), that much later, its `Retry-After`
+    /// counting from then.
     Status {
         /// The HTTP status.
         status: u16,

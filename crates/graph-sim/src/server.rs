@@ -226,20 +226,27 @@ async fn handle(
     if let Some(rest) = path.strip_prefix("/_sim/") {
         return admin(&sim, &method, rest, &query, &body);
     }
-    let resp = sim
-        .handle(SimRequest {
-            method,
-            path,
-            query,
-            authorization,
-            prefer,
-            body,
-            origin,
-            client_request_id,
-            consistency_level,
-            connection,
-        })
-        .await;
+    // Run apart from the connection: a client that hangs up does not stop Graph working on
+    // what it sent, and the answer's Retry-After holds the mailbox all the same.
+    let request = SimRequest {
+        method,
+        path,
+        query,
+        authorization,
+        prefer,
+        body,
+        origin,
+        client_request_id,
+        consistency_level,
+        connection,
+    };
+    let running = tokio::spawn(async move { sim.handle(request).await });
+    let Ok(resp) = running.await else {
+        return admin_json(
+            500,
+            &json!({"error": {"code": "InternalServerError", "message": "graph-sim failed on this request"}}),
+        );
+    };
     match resp.fate {
         Fate::Normal => full(resp.status, &resp.headers, resp.body),
         Fate::Reset => {

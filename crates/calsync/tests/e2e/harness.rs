@@ -321,6 +321,23 @@ pub fn rule(v: Value) -> graph_sim::FaultRule {
 /// flight to one mailbox.
 pub fn assert_good_manners(h: &Harness) {
     let v = h.sim.lock().violations();
+    if v.retry_after > 0 || v.concurrency > 0 {
+        // What came when, to tell a client's bad manners from a loaded machine.
+        for r in h.sim.lock().requests() {
+            eprintln!(
+                "#{} {:.4}s {} {} -> {} in_flight={} early={} conn={} fault={:?}",
+                r.seq,
+                r.at_secs,
+                r.method,
+                r.path,
+                r.status,
+                r.in_flight,
+                r.early,
+                r.connection,
+                r.fault
+            );
+        }
+    }
     assert_eq!(v.retry_after, 0, "requests before Retry-After: {v:?}");
     assert_eq!(v.concurrency, 0, "over 4 in flight: {v:?}");
     assert!(v.max_in_flight <= 4, "{v:?}");

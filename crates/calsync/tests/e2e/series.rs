@@ -273,6 +273,60 @@ async fn stubs_without_a_listed_master_are_hydrated_through_the_gate_under_a_429
 }
 
 #[sqlx::test(migrations = false)]
+async fn a_slow_throttled_sibling_fetch_is_read_before_the_page_is_retried(pool: PgPool) {
+    // Two masters fetched at once: one answers 429 (Retry-After 0.1 s) at once, the other
+    // 429 (Retry-After 1 s) 100 ms later. Dropping the slow one on the first failure would
+    // retry the page inside its Retry-After, an answer calsync never read; graph-sim caught
+    // exactly this under load (a page retry 1 ms inside a dropped sibling's Retry-After).
+    let h = harness_without_listed_masters(pool).await;
+    assert!(
+        business_calendar(&h).len() >= 2,
+        "two series to fetch at once"
+    );
+    let fetch = "/calendar/events/";
+    h.sim.lock().faults = vec![
+        rule(json!({"path_contains": fetch, "nth": 1, "action": {"kind": "delay", "ms": 100}})),
+        rule(json!({"path_contains": fetch, "nth": 1,
+            "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
+                       "message": "Application is over its MailboxConcurrency limit.", "retry_after": 1.0}})),
+        rule(json!({"path_contains": fetch, "nth": 1,
+            "action": {"kind": "status", "status": 429, "code": "ApplicationThrottled",
+                       "message": "Application is over its MailboxConcurrency limit.", "retry_after": 0.1}})),
+    ];
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+    assert_good_manners(&h);
+    let log = h.sim.lock().requests();
+    let slow = log
+        .iter()
+        .find(|r| r.fault.as_deref() == Some("status:429") && r.in_flight > 0)
+        .map(|r| r.at_secs);
+    let throttled: Vec<_> = log.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(
+        throttled.len(),
+        2,
+        "both fetches were throttled: {throttled:?}"
+    );
+    let answered_last = throttled.iter().map(|r| r.at_secs).fold(0.0, f64::max);
+    let next = log
+        .iter()
+        .filter(|r| r.status != 429 && r.at_secs > throttled[0].at_secs.min(throttled[1].at_secs))
+        .map(|r| r.at_secs)
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        slow.is_some(),
+        "the slow 429 was answered (after its delay)"
+    );
+    assert!(
+        next >= answered_last + 1.0,
+        "the next request came {:.3} s after the slow 429 (Retry-After 1 s)",
+        next - answered_last
+    );
+}
+
+#[sqlx::test(migrations = false)]
 async fn a_400_invalid_delta_token_starts_a_full_round(pool: PgPool) {
     let h = harness(pool, 25).await;
     seed(&h, 5);

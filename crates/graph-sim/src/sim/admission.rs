@@ -84,6 +84,17 @@ pub(super) enum Admission {
         /// It came before the mailbox's Retry-After had passed.
         early: bool,
     },
+    /// A scripted error answered after `delay` (see `FaultAction::Status`); in flight
+    /// meanwhile.
+    Later {
+        delay: Duration,
+        action: FaultAction,
+        route: Route,
+        fault: Option<String>,
+        user: Option<usize>,
+        in_flight: u32,
+        early: bool,
+    },
     Proceed(Admitted),
 }
 
@@ -109,6 +120,49 @@ impl State {
         }
         let e = GraphError::new(status, code, message).with_retry_after(header);
         self.error_response(&e, client)
+    }
+
+    /// The answer a scripted `Status` fault gives `req`.
+    pub(super) fn scripted_answer(
+        &mut self,
+        req: &SimRequest,
+        route: &Route,
+        user: Option<usize>,
+        action: &FaultAction,
+    ) -> SimResponse {
+        let FaultAction::Status {
+            status,
+            code,
+            message,
+            retry_after,
+            retry_after_as_date,
+        } = action
+        else {
+            return self.error_response(
+                &GraphError::new(500, "InternalServerError", "not a scripted answer"),
+                req.client_request_id.as_deref(),
+            );
+        };
+        match retry_after {
+            Some(secs) => self.throttle(
+                req.client_request_id.as_deref(),
+                user,
+                *status,
+                code,
+                message,
+                *secs,
+                *retry_after_as_date,
+            ),
+            // Azure AD's error shape on the token endpoint, Graph's elsewhere.
+            None if matches!(route, Route::Token { .. }) => SimResponse::json(
+                *status,
+                &json!({"error": code, "error_description": message}),
+            ),
+            None => self.error_response(
+                &GraphError::new(*status, code, message.clone()),
+                req.client_request_id.as_deref(),
+            ),
+        }
     }
 
     pub(super) fn user_key(&self, user: Option<usize>) -> Option<String> {
@@ -319,36 +373,33 @@ impl State {
         for i in fired {
             self.stats.faults_fired += 1;
             match self.faults[i].action.clone() {
-                FaultAction::Status {
-                    status,
-                    code,
-                    message,
-                    retry_after,
-                    retry_after_as_date,
-                } => {
-                    let r = match retry_after {
-                        Some(secs) => self.throttle(
-                            req.client_request_id.as_deref(),
+                FaultAction::Status { status, .. } => {
+                    let action = self.faults[i].action.clone();
+                    let fault = Some(format!("status:{status}"));
+                    if let Some(delay) = delay {
+                        // A Delay rule fired before it: the error is answered that much later,
+                        // and its Retry-After counts from then (a throttled answer that took
+                        // its time, as a loaded mailbox's do).
+                        if let Some(u) = user {
+                            let mb = self.mailboxes.entry(u).or_default();
+                            mb.in_flight += 1;
+                            self.violations.max_in_flight =
+                                self.violations.max_in_flight.max(mb.in_flight);
+                        }
+                        return Admission::Later {
+                            delay,
+                            action,
+                            route,
+                            fault,
                             user,
-                            status,
-                            &code,
-                            &message,
-                            secs,
-                            retry_after_as_date,
-                        ),
-                        // Azure AD's error shape on the token endpoint, Graph's elsewhere.
-                        None if matches!(route, Route::Token { .. }) => SimResponse::json(
-                            status,
-                            &json!({"error": code, "error_description": message}),
-                        ),
-                        None => self.error_response(
-                            &GraphError::new(status, &code, message),
-                            req.client_request_id.as_deref(),
-                        ),
-                    };
+                            in_flight,
+                            early,
+                        };
+                    }
+                    let response = self.scripted_answer(req, &route, user, &action);
                     return Admission::Answer {
-                        response: r,
-                        fault: Some(format!("status:{status}")),
+                        response,
+                        fault,
                         user,
                         early,
                     };

@@ -516,6 +516,27 @@ impl Sim {
                     .record(user, &req, response.status, 0, fault, early);
                 return response;
             }
+            Admission::Later {
+                delay,
+                action,
+                route,
+                fault,
+                user,
+                in_flight,
+                early,
+            } => {
+                let guard = InFlight {
+                    sim: self.clone(),
+                    user,
+                };
+                tokio::time::sleep(delay).await;
+                let mut st = self.lock();
+                let response = st.scripted_answer(&req, &route, user, &action);
+                st.record(user, &req, response.status, in_flight, fault, early);
+                drop(st);
+                drop(guard);
+                return response;
+            }
             Admission::Proceed(a) => a,
         };
         let (user, fault) = (a.user, a.fault);
