@@ -756,6 +756,7 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let before = rss_mib("VmRSS:");
     let configs = tuple_configs(args.tuples, "idle-");
     let tuples = engine.register(&configs).await?;
+    let task_bytes = tuples.first().map_or(0, |t| engine.idle_task_size(t));
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
         let (engine, cancel) = (engine.clone(), cancel.clone());
@@ -766,7 +767,9 @@ async fn idle(args: IdleArgs) -> anyhow::Result<()> {
     let hwm = rss_mib("VmHWM:");
     cancel.cancel();
     let _ = run.await;
-    println!("RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering)");
+    println!(
+        "RSS {rss:.1} MiB (peak {hwm:.1} MiB; {before:.1} MiB before registering; {task_bytes} bytes per idle task future)"
+    );
     Ok(())
 }
 

@@ -418,6 +418,21 @@ impl Engine {
         scheduler.wait().await;
     }
 
+    /// The bytes one tracked tuple's task holds while it waits for its next round (its
+    /// future, allocated once per task): 100,000 idle tasks hold 100,000 of these, so a
+    /// test and the idle benchmark keep it small.
+    pub fn idle_task_size(&self, tuple: &Tuple) -> usize {
+        let control = Arc::new(Control::default());
+        let task = self.clone().tuple_loop(
+            Arc::new(tuple.clone()),
+            control,
+            None,
+            CancellationToken::new(),
+            Instant::now(),
+        );
+        std::mem::size_of_val(&task)
+    }
+
     async fn tuple_loop(
         self,
         tuple: Arc<Tuple>,
@@ -491,7 +506,9 @@ impl Engine {
             )
             .await;
             if !asked.is_empty() {
-                self.answer_asks(&asked, &outcome).await;
+                // Boxed like the round: inline, its database calls made every idle task
+                // (100,000 of them) ~1 KiB larger (issue 23's memory regression).
+                Box::pin(self.answer_asks(&asked, &outcome)).await;
             }
             if outcome == Outcome::Interrupted || control.stopped() {
                 return;

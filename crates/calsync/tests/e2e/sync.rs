@@ -773,3 +773,18 @@ async fn a_fenced_quick_round_forgets_its_cursor(pool: PgPool) {
         "one replay, from the database's link and version"
     );
 }
+
+/// What 100,000 calendars cost at rest is 100,000 idle tasks, each holding its future (the
+/// round is boxed, allocated only while it runs). Issue 23's wake path once awaited its
+/// database calls inline in the task, and every task grew by ~1 KiB: idle RSS at 100,000
+/// tuples went from 185 to 281 MiB (BENCHMARKS.md).
+#[sqlx::test(migrations = false)]
+async fn an_idle_tuple_task_stays_small(pool: PgPool) {
+    let h = harness(pool, 7).await;
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    let size = engine.idle_task_size(&t);
+    eprintln!("an idle task's future: {size} bytes");
+    // 552 bytes in a debug build (tests), less in release; the inline wake path made it 1,288.
+    assert!(size <= 640, "an idle task's future is {size} bytes");
+}
