@@ -102,9 +102,13 @@ fn features_enabling(packages: &[Value], package: &str, dependency: &str) -> BTr
 fn crate_edges_are_the_ones_architecture_md_states() {
     let packages = packages();
     let deps = normal_deps(&packages);
-    // Only calsync-store speaks SQL, only calsync-graph speaks HTTP to Graph.
+    // Only calsync-store speaks SQL, only calsync-graph speaks HTTP to Graph; graph-sim is
+    // Graph's side, whose handshake and notification deliveries call the client's receiver.
     assert_eq!(users_of(&deps, "sqlx"), set(&["calsync-store"]));
-    assert_eq!(users_of(&deps, "reqwest"), set(&["calsync-graph"]));
+    assert_eq!(
+        users_of(&deps, "reqwest"),
+        set(&["calsync-graph", "graph-sim"])
+    );
     // The read model's detail columns are declared once, in a crate that knows neither HTTP
     // nor SQL, read by the parser and bound by the store.
     let details_deps: Vec<&Dep> = deps

@@ -17,6 +17,7 @@
 //! | [`error`] | Graph-shaped error answers |
 //! | [`faults`] | scriptable faults and service limits |
 //! | [`model`] | tenant state: users, calendars, events, series and their instances |
+//! | [`push`] | change notifications: subscriptions, deliveries, retries, lifecycle events |
 //! | [`recurrence`] | `patternedRecurrence` expanded into occurrence dates |
 //! | [`seed`] | seeding a tenant from numbers or a scenario file |
 //! | [`server`] | the HTTP face: hyper, resettable connections, `/_sim` admin |
@@ -35,6 +36,7 @@ pub mod delta;
 pub mod error;
 pub mod faults;
 pub mod model;
+pub mod push;
 pub mod recurrence;
 pub mod seed;
 pub mod server;

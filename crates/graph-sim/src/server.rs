@@ -126,12 +126,24 @@ impl SimServer {
     }
 }
 
+/// Aborts a task when dropped (the delivery loop ends with the server task).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serves `sim` on `listener` until stopped.
 pub fn serve(sim: Sim, listener: TcpListener) -> io::Result<SimServer> {
     let addr = listener.local_addr()?;
     let (stop, mut stopped) = watch::channel(false);
     let origin = format!("http://{addr}");
+    // Change notifications go out for as long as the server runs.
+    let deliveries = tokio::spawn(sim.clone().deliver_notifications());
     let task = tokio::spawn(async move {
+        let _deliveries = AbortOnDrop(deliveries);
         let mut conns = tokio::task::JoinSet::new();
         let mut next_connection = 0u64;
         loop {
@@ -342,6 +354,16 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
         ("DELETE", "faults") => {
             sim.lock().faults.clear();
             admin_json(200, &json!({"ok": true}))
+        }
+        (m, path)
+            if path == "push"
+                || path.starts_with("push/")
+                || path.starts_with("subscriptions/") =>
+        {
+            match sim.admin_push(m, path, &q, body) {
+                Some((status, v)) => admin_json(status, &v),
+                None => admin_json(404, &json!({"error": "no such admin route"})),
+            }
         }
         ("GET", "behaviour") => admin_json(200, &json!(sim.lock().behaviour)),
         ("PUT", "behaviour") => match serde_json::from_slice::<Behaviour>(body) {

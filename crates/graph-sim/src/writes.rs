@@ -3,7 +3,7 @@
 //! cancelled).
 
 use crate::error::GraphError;
-use crate::model::{Attendee, Exception, Props, Render, StoredEvent, Tenant};
+use crate::model::{Attendee, ChangeKind, Exception, Props, Render, StoredEvent, Tenant};
 use crate::recurrence::PatternedRecurrence;
 use chrono::{NaiveDate, NaiveDateTime, NaiveTime};
 use serde_json::Value;
@@ -333,6 +333,7 @@ impl Tenant {
             .ok_or_else(|| GraphError::not_found("calendar"))?;
         cal.events.insert(id.clone(), ev);
         cal.touch(&id);
+        self.journal_change(user, calendar, &id, ChangeKind::Created);
         let user_ref = &self.users[user];
         Ok(user_ref.calendars[calendar].events[&id].master_json(&Render::utc()))
     }
@@ -422,6 +423,7 @@ impl Tenant {
             }
         }
         cal.touch(&master);
+        self.journal_change(user, ci, &master, ChangeKind::Updated);
         self.get_event(user, calendar, id, &Render::utc())
     }
 
@@ -437,6 +439,10 @@ impl Tenant {
         let change_key = self.ids.change_key();
         let now = self.now();
         let cal = &mut self.users[user].calendars[ci];
+        let kind = match date {
+            None => ChangeKind::Deleted,
+            Some(_) => ChangeKind::Updated,
+        };
         match date {
             None => {
                 cal.events.remove(&master);
@@ -458,6 +464,7 @@ impl Tenant {
             }
         }
         cal.touch(&master);
+        self.journal_change(user, ci, &master, kind);
         Ok(())
     }
 
@@ -491,6 +498,7 @@ impl Tenant {
             cancel(&mut ex.props);
         }
         cal.touch(&master);
+        self.journal_change(user, ci, &master, ChangeKind::Updated);
         Ok(())
     }
 

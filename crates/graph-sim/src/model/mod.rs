@@ -265,9 +265,67 @@ pub struct Tenant {
     pub ids: IdGen,
     /// The simulator's clock.
     pub clock: Clock,
+    /// Every write to an event since the change-notification machinery last drained it;
+    /// `None` while nothing subscribes (so nothing piles up).
+    pub journal: Option<Vec<Change>>,
+}
+
+/// What a change notification reports of a write (`changeType`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// A new event.
+    Created,
+    /// A changed event; also a series master whose occurrence was edited, cancelled or
+    /// deleted (Outlook reports those on the master: docs#5520).
+    Updated,
+    /// A removed event or series.
+    Deleted,
+}
+
+impl ChangeKind {
+    /// Graph's spelling in `changeType`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Created => "created",
+            ChangeKind::Updated => "updated",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One write to an event, as the change-notification machinery sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The mailbox.
+    pub user: usize,
+    /// The calendar's index in the mailbox.
+    pub calendar: usize,
+    /// The event (a series' master for anything done to its occurrences).
+    pub event_id: String,
+    /// What happened to it.
+    pub kind: ChangeKind,
 }
 
 impl Tenant {
+    /// Records a write for change notifications, if anything subscribes.
+    pub fn journal_change(
+        &mut self,
+        user: usize,
+        calendar: usize,
+        event_id: &str,
+        kind: ChangeKind,
+    ) {
+        if let Some(j) = &mut self.journal {
+            j.push(Change {
+                user,
+                calendar,
+                event_id: event_id.to_owned(),
+                kind,
+            });
+        }
+    }
+
     /// An empty tenant.
     pub fn new(seed: u64, clock: Clock) -> Self {
         Tenant {
@@ -276,6 +334,7 @@ impl Tenant {
             by_key: HashMap::new(),
             ids: IdGen::new(seed),
             clock,
+            journal: None,
         }
     }
 

@@ -77,6 +77,9 @@ impl State {
             })
         };
         match (route, req.method.as_str()) {
+            (Route::Subscriptions | Route::Subscription { .. }, _) => {
+                self.execute_subscription(route, req)
+            }
             (Route::Token { tenant }, "POST") => {
                 let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
                     .into_owned()

@@ -52,6 +52,8 @@ pub struct SimConfig {
     pub limits: Limits,
     /// Request-log entries kept (oldest dropped first).
     pub log_capacity: usize,
+    /// How change notifications are delivered.
+    pub push: crate::push::PushSettings,
 }
 
 /// The client id the default config registers.
@@ -78,6 +80,7 @@ impl Default for SimConfig {
             behaviour: Behaviour::default(),
             limits: Limits::default(),
             log_capacity: 100_000,
+            push: crate::push::PushSettings::default(),
         }
     }
 }
@@ -211,6 +214,8 @@ pub struct State {
     pub behaviour: Behaviour,
     /// Throttling limits.
     pub limits: Limits,
+    /// Change-notification subscriptions and the notifications on their way.
+    pub push: crate::push::Push,
     mailboxes: HashMap<usize, Mailbox>,
     app_recent: VecDeque<Instant>,
     log: VecDeque<RequestRecord>,
@@ -292,10 +297,12 @@ mod admission;
 mod batch;
 mod execution;
 mod route;
+mod subscriptions;
 
 pub use batch::MAX_BATCH_REQUESTS;
 
 use admission::*;
+use route::Route;
 
 impl State {
     fn new(cfg: &SimConfig, clock: Clock) -> Self {
@@ -312,6 +319,7 @@ impl State {
             faults: Vec::new(),
             behaviour: cfg.behaviour.clone(),
             limits: cfg.limits.clone(),
+            push: crate::push::Push::new(cfg.push.clone()),
             mailboxes: HashMap::new(),
             app_recent: VecDeque::new(),
             log: VecDeque::new(),
@@ -458,6 +466,8 @@ impl State {
 pub struct Sim {
     state: Arc<Mutex<State>>,
     clock: Clock,
+    /// Graph's own client: the validation handshake and notification deliveries.
+    http: reqwest::Client,
 }
 
 struct InFlight {
@@ -486,6 +496,11 @@ impl Sim {
         Sim {
             state: Arc::new(Mutex::new(State::new(cfg, clock.clone()))),
             clock,
+            // No redirects: Graph posts to the URL it validated, nowhere else.
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
         }
     }
 
@@ -536,6 +551,11 @@ impl Sim {
                 drop(st);
                 drop(guard);
                 return response;
+            }
+            Admission::Proceed(a)
+                if matches!(a.route, Route::Subscriptions) && req.method == "POST" =>
+            {
+                return self.create_subscription(&req).await;
             }
             Admission::Proceed(a) => a,
         };

@@ -57,6 +57,13 @@ pub(super) enum Route {
         group: String,
         transitive: bool,
     },
+    /// `/subscriptions`: create (`POST`) or list (`GET`) change-notification subscriptions.
+    Subscriptions,
+    /// `/subscriptions/{id}` (get, renew, delete) or `…/reauthorize`.
+    Subscription {
+        id: String,
+        reauthorize: bool,
+    },
 }
 
 impl Route {
@@ -69,13 +76,25 @@ impl Route {
             | Route::Instances { user, .. }
             | Route::Calendars { user }
             | Route::User { user } => Some(user),
-            Route::Token { .. } | Route::Users | Route::Rooms | Route::GroupUsers { .. } => None,
+            Route::Token { .. }
+            | Route::Users
+            | Route::Rooms
+            | Route::GroupUsers { .. }
+            | Route::Subscriptions
+            | Route::Subscription { .. } => None,
         }
     }
 
-    /// A directory read: a token is needed, but no mailbox is addressed.
+    /// A directory read or a subscription: a token is needed, but no mailbox is addressed.
     pub(super) fn is_directory(&self) -> bool {
-        matches!(self, Route::Users | Route::Rooms | Route::GroupUsers { .. })
+        matches!(
+            self,
+            Route::Users
+                | Route::Rooms
+                | Route::GroupUsers { .. }
+                | Route::Subscriptions
+                | Route::Subscription { .. }
+        )
     }
 
     /// Whether the route reads or writes a mailbox (a user without one answers 404
@@ -119,6 +138,19 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
     };
     match &l[rest..] {
         ["users"] => return Some(Route::Users),
+        ["subscriptions"] => return Some(Route::Subscriptions),
+        ["subscriptions", _] => {
+            return Some(Route::Subscription {
+                id: segs[rest + 1].clone(),
+                reauthorize: false,
+            });
+        }
+        ["subscriptions", _, "reauthorize"] => {
+            return Some(Route::Subscription {
+                id: segs[rest + 1].clone(),
+                reauthorize: true,
+            });
+        }
         ["places", "microsoft.graph.room"] => return Some(Route::Rooms),
         ["groups", _, "transitivemembers", "microsoft.graph.user"] => {
             return Some(Route::GroupUsers {

@@ -8,6 +8,7 @@ mod batch;
 mod delta;
 mod directory;
 mod limits;
+mod push;
 mod series;
 mod shape;
 mod writes;
