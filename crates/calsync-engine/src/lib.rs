@@ -95,6 +95,9 @@ pub struct SyncSettings {
     pub mailbox_budget: Option<Budget>,
     /// First rounds after start are spread over this long (or the interval, if shorter).
     pub startup_spread: Duration,
+    /// With push on, how often a calendar whose subscription is healthy polls
+    /// (`push.backstop_interval`): its overdue bound is computed from it (issue 24).
+    pub backstop: Option<Duration>,
 }
 
 impl Default for SyncSettings {
@@ -117,6 +120,7 @@ impl Default for SyncSettings {
                 per: Duration::from_secs(600),
             }),
             startup_spread: Duration::from_secs(30),
+            backstop: None,
         }
     }
 }

@@ -64,7 +64,8 @@ impl Engine {
                     Some(s) => *cadences
                         .entry(std::sync::Arc::as_ptr(s) as usize)
                         .or_insert_with(|| crate::tuple::settings::cadence(interval, Some(s))),
-                    None => interval,
+                    // A pushed calendar may poll only at the backstop: overdue past that.
+                    None => interval.max(self.inner.settings.backstop.unwrap_or_default()),
                 };
                 (c, interval, cadence)
             })

@@ -282,3 +282,37 @@ impl Engine {
         hot.round_duration.record(started.elapsed().as_secs_f64());
     }
 }
+
+impl Engine {
+    /// Writes how a requested round ended, for whoever asked (bounded; a failure is logged:
+    /// the asker gives up at its own deadline).
+    pub(crate) async fn answer_asks(&self, asked: &[i64], outcome: &Outcome) {
+        let (what, detail) = match outcome {
+            Outcome::Synced(_) => ("ok", None),
+            Outcome::Failed(f) => ("failed", Some(format!("{}: {}", f.code, f.message))),
+            Outcome::Interrupted => ("interrupted", None),
+        };
+        for id in asked {
+            match self
+                .store()
+                .finish_round_request(*id, what, detail.as_deref())
+                .await
+            {
+                Ok(Some((asker, secs))) if what == "ok" => {
+                    // From the request (a push notification's arrival) to its round's commit.
+                    let asker = if asker == calsync_store::push::PUSH_ASKER {
+                        "push"
+                    } else {
+                        "command"
+                    };
+                    metrics::histogram!("calsync_wake_to_round_seconds", "asker" => asker)
+                        .record(secs.max(0.0));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(request = id, error = %e, "cannot write a requested round's outcome");
+                }
+            }
+        }
+    }
+}

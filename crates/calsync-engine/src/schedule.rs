@@ -389,27 +389,6 @@ impl Control {
 }
 
 impl Engine {
-    /// Writes how a requested round ended, for whoever asked (bounded; a failure is logged:
-    /// the asker gives up at its own deadline).
-    async fn answer_asks(&self, asked: &[i64], outcome: &Outcome) {
-        let (what, detail) = match outcome {
-            Outcome::Synced(_) => ("ok", None),
-            Outcome::Failed(f) => ("failed", Some(format!("{}: {}", f.code, f.message))),
-            Outcome::Interrupted => ("interrupted", None),
-        };
-        for id in asked {
-            if let Err(e) = self
-                .store()
-                .finish_round_request(*id, what, detail.as_deref())
-                .await
-            {
-                tracing::warn!(request = id, error = %e, "cannot write a requested round's outcome");
-            }
-        }
-    }
-}
-
-impl Engine {
     /// Runs every tuple on its interval until `cancel` fires, then waits for rounds in flight
     /// to reach a safe point.
     pub async fn run(&self, tuples: Vec<Tuple>, cancel: CancellationToken) {

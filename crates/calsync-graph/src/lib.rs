@@ -9,6 +9,7 @@
 //! | [`directory`] | directory reads for discovery: users, group members, rooms, calendars |
 //! | [`error`] | `classify`: what a Graph answer means (retry, resync, degrade, fail) |
 //! | [`page`] | delta pages as calsync reads them: items, `@removed`, the one link |
+//! | [`subscriptions`] | change-notification subscriptions: create, renew, reauthorize, delete |
 //! | [`zone`] | time zones as Graph names them: UTC, IANA and Windows names |
 //!
 //! The client itself (`GraphClient`: links checked against the origin, delta paging, series
@@ -22,6 +23,7 @@ pub mod budget;
 pub mod directory;
 pub mod error;
 pub mod page;
+pub mod subscriptions;
 pub mod zone;
 
 pub use auth::{AuthConfig, TokenSource};
@@ -30,6 +32,7 @@ pub use budget::{PageBudget, PageHold};
 pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
+pub use subscriptions::{NewSubscription, Subscribed};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;

@@ -19,6 +19,7 @@
 //! | [`leases`] | replica heartbeats and mailbox leases, fencing tokens |
 //! | [`read_model`] | reading `calendar_events` and `calendar_sync_status` |
 //! | [`wake`] | round requests: "run this tuple's round now" reaching the replica that holds its mailbox |
+//! | [`push`] | push subscriptions, and the wake-ups notifications make durable |
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]
 
@@ -31,6 +32,7 @@ pub mod leases;
 mod link;
 pub mod migrate;
 pub mod page;
+pub mod push;
 pub mod read_model;
 mod register;
 mod steps;

@@ -50,6 +50,9 @@ pub struct StatusRow {
     /// No round completed within the tuple's bound while its state says nothing is wrong
     /// (`calendar_sync_status.stale`): `status` shows it as `stale`.
     pub stale: bool,
+    /// Its subscription's state when push is on (`pending`, `active`, `refused`, `failing`);
+    /// `None`: push is off, or not yet looked at.
+    pub push: Option<String>,
 }
 
 /// A tracked tuple of `sync_tuples t` that is overdue: the same predicate as the `stale` column

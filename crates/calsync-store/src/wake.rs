@@ -76,23 +76,25 @@ impl Store {
     }
 
     /// Writes how a requested round ended.
+    /// Answers who asked and how long ago (seconds from the request to this answer), for the
+    /// wake-to-round latency metric; `None` if no such request.
     pub async fn finish_round_request(
         &self,
         id: i64,
         outcome: &str,
         detail: Option<&str>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<(String, f64)>, StoreError> {
         self.bounded("finishing a round request", async {
-            sqlx::query(
-                "UPDATE round_requests SET done_at = now(), outcome = $2, detail = $3 WHERE id = $1",
+            sqlx::query_as(
+                "UPDATE round_requests SET done_at = now(), outcome = $2, detail = $3 WHERE id = $1 \
+                 RETURNING requested_by, extract(epoch FROM done_at - requested_at)::float8",
             )
             .bind(id)
             .bind(outcome)
             .bind(detail)
-            .execute(&self.pool)
+            .fetch_optional(&self.pool)
             .await
-            .map_err(db)?;
-            Ok(())
+            .map_err(db)
         })
         .await
     }

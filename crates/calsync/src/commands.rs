@@ -894,9 +894,26 @@ pub fn status_table(rows: &[StatusRow]) -> String {
         .max()
         .unwrap_or(0)
         .max("TUPLE".len());
+    // The PUSH column (each calendar's subscription) only where push is on.
+    let pushed = rows.iter().any(|r| r.push.is_some());
+    let push_col = |v: &str| {
+        if pushed {
+            format!(" {v:<8}")
+        } else {
+            String::new()
+        }
+    };
     let mut out = format!(
-        "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}\n",
-        "TUPLE", "STATE", "PHASE", "EVENTS", "LAST SUCCESS", "FAILS", "OWNER", "LAST ERROR"
+        "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5}{} {:<20} {}\n",
+        "TUPLE",
+        "STATE",
+        "PHASE",
+        "EVENTS",
+        "LAST SUCCESS",
+        "FAILS",
+        push_col("PUSH"),
+        "OWNER",
+        "LAST ERROR"
     );
     for r in rows {
         let state = if r.stale {
@@ -922,13 +939,14 @@ pub fn status_table(rows: &[StatusRow]) -> String {
                 .to_owned();
         }
         let line = format!(
-            "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5} {:<20} {}",
+            "{:<width$} {:<9} {:<11} {:>7} {:<22} {:>5}{} {:<20} {}",
             r.tuple_key,
             state,
             r.phase,
             r.event_count,
             age(r.last_success_at),
             r.consecutive_failures,
+            push_col(r.push.as_deref().unwrap_or("-")),
             r.owner.as_deref().unwrap_or("-"),
             err
         );
@@ -1053,6 +1071,7 @@ mod tests {
             deployment: "default".into(),
             owner: None,
             stale: false,
+            push: None,
         }
     }
 

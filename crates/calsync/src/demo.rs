@@ -104,6 +104,7 @@ pub fn config_for_sim(
             max_untrack_percent: 50,
         },
         digest: format!("demo-{}", tuples.len()),
+        push: None,
         anchor: chrono::Utc::now(),
         tuples,
     })

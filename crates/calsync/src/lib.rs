@@ -11,6 +11,7 @@
 //! | [`schedule`] | the schedule worker: the one owner of the scheduler and the tracked set |
 //! | [`discovery`] | the discovery worker: `[[sources]]` resolved on their cadence |
 //! | [`upkeep`] | the upkeep and re-base workers |
+//! | [`push`] | push: the receiver Graph posts notifications to, and the subscriber worker |
 //! | [`shared`] | what the HTTP handlers, workers and main loop share |
 //! | [`http`] | `/healthz`, `/readyz`, `/metrics`, `POST /reload` |
 //! | [`notify`] | notes to systemd (READY, RELOADING, STATUS, WATCHDOG, STOPPING) |
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod discovery;
 pub mod http;
 pub mod notify;
+pub mod push;
 pub mod schedule;
 pub mod service;
 pub mod shared;

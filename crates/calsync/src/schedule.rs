@@ -55,6 +55,20 @@ pub struct ScheduleWorker {
     pub noted: Option<bool>,
     /// The service's stop.
     pub stop: CancellationToken,
+    /// While the file is stale: the deployment's digest and the file's stamp it was last
+    /// compared at, so the file is read again only when one of them changes.
+    pub compared: Option<(String, FileStamp)>,
+    /// The (mailbox, calendar) pairs whose subscription is healthy: they poll at the
+    /// backstop interval (issue 24).
+    pub pushed: std::collections::HashSet<(String, String)>,
+}
+
+/// What tells a config file changed without reading it: its modification time and length.
+pub type FileStamp = Option<(std::time::SystemTime, u64)>;
+
+fn file_stamp(path: Option<&std::path::Path>) -> FileStamp {
+    let meta = std::fs::metadata(path?).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 impl std::fmt::Debug for ScheduleWorker {
@@ -71,7 +85,7 @@ impl ScheduleWorker {
     /// outside a round) ends it with an error: its policy is fatal.
     pub async fn run(mut self, ctx: WorkerCtx) -> anyhow::Result<()> {
         self.owned.borrow_and_update();
-        self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+        self.scheduler.apply(self.owned_tuples());
         self.counted();
         loop {
             ctx.idle();
@@ -80,7 +94,7 @@ impl ScheduleWorker {
                 Ok(()) = self.owned.changed() => {
                     ctx.busy();
                     self.owned.borrow_and_update();
-                    let change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+                    let change = self.scheduler.apply(self.owned_tuples());
                     info!(mailboxes = self.engine.leases().map_or(0, |l| l.len()), tuples = self.scheduler.len(),
                           started = change.added.len(), stopped = change.removed.len(),
                           "the calendars this replica syncs changed");
@@ -105,6 +119,16 @@ impl ScheduleWorker {
         }
         self.scheduler.wait().await;
         Ok(())
+    }
+
+    /// The tuples whose mailbox this replica holds, each at the interval it polls at now
+    /// (a pushed calendar at the backstop: `push::at_backstop`).
+    fn owned_tuples(&self) -> Vec<Arc<Tuple>> {
+        let owned = owned_tuples(&self.engine, &self.all);
+        match self.current.push.as_ref() {
+            Some(p) => crate::push::at_backstop(owned, &self.pushed, p.backstop_interval),
+            None => owned,
+        }
     }
 
     fn counted(&self) {
@@ -152,6 +176,10 @@ impl ScheduleWorker {
                             .await;
                     }
                 }
+            }
+            ToSchedule::Pushed(pushed) => {
+                self.pushed = pushed;
+                self.scheduler.apply(self.owned_tuples());
             }
             ToSchedule::Follow => {
                 self.shared.follow_begins();
@@ -366,7 +394,7 @@ impl ScheduleWorker {
                 "following the deployment's tracked set"
             );
             self.generation = set.generation;
-            change = self.scheduler.apply(owned_tuples(&self.engine, &self.all));
+            change = self.scheduler.apply(self.owned_tuples());
         }
         // A re-base that moved no window writes no generation, only its anchor.
         if let Some(anchor) = head.anchor {
@@ -374,8 +402,14 @@ impl ScheduleWorker {
         }
         let was_stale = self.shared.followed().stale;
         let mut stale = head.generation > 0 && head.config_digest != self.current.digest;
-        if stale {
+        let stamp = file_stamp(self.config_path.as_deref());
+        let unchanged = self
+            .compared
+            .as_ref()
+            .is_some_and(|(digest, at)| *digest == head.config_digest && *at == stamp);
+        if stale && !unchanged {
             // Another replica's reload (or this file's edit): the file may agree by now.
+            self.compared = Some((head.config_digest.clone(), stamp));
             if let Ok(new) = RawConfig::load(self.config_path.as_deref())
                 .map_err(|e| e.to_string())
                 .and_then(|raw| raw.validate().map_err(|e| e.to_string()))

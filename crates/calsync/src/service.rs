@@ -65,6 +65,8 @@ pub struct App {
     tuples: Vec<calsync_engine::Tuple>,
     keeper: Arc<LeaseKeeper>,
     listener: Option<tokio::net::TcpListener>,
+    /// The push receiver's listener (`push.listen`), when push is on.
+    push_listener: Option<tokio::net::TcpListener>,
     metrics: Option<PrometheusHandle>,
     /// Whether `[[sources]]` were resolved at start (else a pass is tried again soon).
     sources_resolved: bool,
@@ -119,6 +121,14 @@ impl App {
             ),
             None => None,
         };
+        let push_listener = match &cfg.push {
+            Some(p) => Some(
+                tokio::net::TcpListener::bind(p.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on push.listen = {}", p.listen))?,
+            ),
+            None => None,
+        };
         Ok(App {
             cfg,
             config_path,
@@ -126,6 +136,7 @@ impl App {
             tuples,
             keeper,
             listener,
+            push_listener,
             metrics,
             sources_resolved,
             set,
@@ -137,6 +148,13 @@ impl App {
     /// Where the HTTP endpoint listens, if it is on.
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the push receiver listens, if push is on.
+    pub fn push_addr(&self) -> Option<std::net::SocketAddr> {
+        self.push_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Runs until `shutdown` resolves, then drains. A SIGHUP (each message of `hangups`)
@@ -155,6 +173,7 @@ impl App {
             tuples,
             keeper,
             listener,
+            push_listener,
             metrics,
             sources_resolved,
             set,
@@ -260,6 +279,7 @@ impl App {
             });
         }
 
+        let push_cfg = cfg.push.clone();
         let mut current = cfg;
         let all = shared_tuples(tuples);
         let drain_deadline = current.drain_deadline;
@@ -298,6 +318,8 @@ impl App {
                 role_ttl,
                 held: Default::default(),
                 noted: None,
+                compared: None,
+                pushed: Default::default(),
             });
             supervisor.spawn("schedule", Policy::Fatal, move |ctx| {
                 let worker = worker.take();
@@ -339,6 +361,40 @@ impl App {
             let schedule = schedule_tx.clone();
             supervisor.spawn("wake", Policy::Restart, move |ctx| {
                 crate::upkeep::wake(ctx, Arc::clone(&shared), schedule.clone())
+            });
+        }
+        if let (Some(listener), Some(push)) = (push_listener, push_cfg) {
+            let addr = listener
+                .local_addr()
+                .context("cannot read the push receiver's address")?;
+            info!(%addr, url = %push.notification_url, "push receiver listening");
+            let poke = Arc::new(tokio::sync::Notify::new());
+            let app = crate::push::receiver(Arc::clone(&shared), &push, Arc::clone(&poke));
+            let stop_receiver = stop.clone();
+            let mut listener = Some(listener);
+            supervisor.spawn("push-receiver", Policy::Fatal, move |ctx| {
+                let listener = listener.take();
+                let app = app.clone();
+                let stop = stop_receiver.clone();
+                async move {
+                    let listener = listener.context("the push receiver cannot be started twice")?;
+                    ctx.idle();
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                        .context("the push receiver failed")
+                }
+            });
+            let shared = Arc::clone(&shared);
+            let schedule = schedule_tx.clone();
+            supervisor.spawn("push", Policy::Restart, move |ctx| {
+                crate::push::subscriber(
+                    ctx,
+                    Arc::clone(&shared),
+                    push.clone(),
+                    Arc::clone(&poke),
+                    schedule.clone(),
+                )
             });
         }
         {

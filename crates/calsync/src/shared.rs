@@ -41,6 +41,9 @@ pub enum ToSchedule {
     /// The rolling windows' anchor moved here; answers whether the windows moved (else the
     /// re-base is asked again).
     Rebase(chrono::DateTime<chrono::Utc>, oneshot::Sender<bool>),
+    /// The (mailbox, calendar) pairs whose subscription is healthy now: their calendars poll
+    /// at `push.backstop_interval` (issue 24).
+    Pushed(std::collections::HashSet<(String, String)>),
 }
 
 /// What the HTTP handlers, the workers and the main loop share.

@@ -240,7 +240,7 @@ fn default_scope(graph_base: &Url) -> String {
 
 /// `http://` sends the client secret or bearer tokens in clear: refused unless the host is a
 /// loopback address or `graph.allow_insecure_http` says so.
-fn refuse_clear_text(key: &str, u: &Url, allowed: bool) -> Result<(), ConfigError> {
+pub(super) fn refuse_clear_text(key: &str, u: &Url, allowed: bool) -> Result<(), ConfigError> {
     if u.scheme() == "https" || allowed || is_loopback(u) {
         return Ok(());
     }

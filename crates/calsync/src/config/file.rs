@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub service: RawService,
     /// `[discovery]`: how often sources are listed again.
     pub discovery: RawDiscovery,
+    /// `[push]`: Graph's change notifications (off unless `notification_url` is set).
+    pub push: RawPush,
     /// `[[sources]]`: calendars found in the directory.
     pub sources: Vec<RawSource>,
     /// `[[calendars]]`: the tracked tuples.
@@ -103,6 +105,40 @@ pub struct RawHttp {
     pub admin_token_file: Option<PathBuf>,
 }
 
+/// `[push]`: Graph's change notifications wake a calendar's round within seconds; polling
+/// stays as the backstop (issue 24). Off unless `notification_url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawPush {
+    /// The public base URL Graph posts to (HTTPS; `http://` only to a loopback address, as
+    /// `graph.base_url`): notifications go to `{notification_url}/notifications`, lifecycle
+    /// events to `{notification_url}/lifecycle`. Empty: push is off.
+    pub notification_url: String,
+    /// `host:port` of the receiver, behind whatever terminates TLS for `notification_url`: a
+    /// listener of its own that serves only the two notification routes.
+    pub listen: String,
+    /// How long each subscription is asked to live (Outlook events: at most 10,080 minutes,
+    /// at least 45).
+    pub lifetime: String,
+    /// A subscription is renewed when this much of its life is left.
+    pub renew_before: String,
+    /// How often a calendar whose subscription is healthy is polled anyway: the backstop for
+    /// notifications Graph loses (the configured interval applies otherwise).
+    pub backstop_interval: String,
+}
+
+impl Default for RawPush {
+    fn default() -> Self {
+        RawPush {
+            notification_url: String::new(),
+            listen: String::new(),
+            lifetime: "3d".into(),
+            renew_before: "12h".into(),
+            backstop_interval: "30m".into(),
+        }
+    }
+}
+
 /// `[service]`: how the daemon stops and reloads.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -136,8 +172,8 @@ impl Default for RawService {
 }
 
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-pub(super) const SECTIONS: [&str; 9] = [
-    "database", "graph", "auth", "sync", "log", "http", "metrics", "tls", "service",
+pub(super) const SECTIONS: [&str; 10] = [
+    "database", "graph", "auth", "sync", "log", "http", "metrics", "tls", "service", "push",
 ];
 
 /// `[tls]`: whom calsync trusts, for Graph, the token endpoint and PostgreSQL.

@@ -11,6 +11,7 @@
 
 mod connect;
 mod file;
+mod push;
 mod validate;
 mod values;
 
@@ -154,6 +155,25 @@ pub struct Config {
     pub anchor: chrono::DateTime<chrono::Utc>,
     /// The digest of the parts that decide the tracked set ([`RawConfig::set_digest`]).
     pub digest: String,
+    /// Change notifications; off when `None`.
+    pub push: Option<PushConfig>,
+}
+
+/// `[push]` as validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushConfig {
+    /// Where Graph posts notifications (`{notification_url}/notifications`).
+    pub notification_url: url::Url,
+    /// Where Graph posts lifecycle events (`{notification_url}/lifecycle`).
+    pub lifecycle_url: url::Url,
+    /// The receiver's own address.
+    pub listen: std::net::SocketAddr,
+    /// How long each subscription is asked to live.
+    pub lifetime: Duration,
+    /// Renewed when this much of its life is left.
+    pub renew_before: Duration,
+    /// The polling interval of a calendar whose subscription is healthy.
+    pub backstop_interval: Duration,
 }
 
 /// `[discovery]`, validated.
@@ -227,6 +247,9 @@ impl Config {
         }
         if (self.log_format, &self.log_filter) != (new.log_format, &new.log_filter) {
             out.push("log");
+        }
+        if self.push != new.push {
+            out.push("push");
         }
         let token = |c: &Config| c.admin_token.as_ref().map(|t| t.expose_secret().to_owned());
         if self.http_listen != new.http_listen

@@ -51,6 +51,9 @@ impl RawConfig {
         let admin_token = admin_token(&self.http)?;
         let metric_labels = metrics(&self.metrics)?;
         let ownership = ownership(&self.service)?;
+        let push = super::push::push(&self.push, &sync, self.graph.allow_insecure_http)?;
+        let mut sync = sync;
+        sync.backstop = push.as_ref().map(|p| p.backstop_interval);
         Ok(Config {
             database,
             graph,
@@ -71,6 +74,7 @@ impl RawConfig {
             tuples,
             anchor,
             digest: self.set_digest(),
+            push,
         })
     }
 
@@ -206,6 +210,7 @@ fn sync(s: &RawSync) -> Result<SyncSettings, ConfigError> {
         per_mailbox_concurrency: s.per_mailbox_concurrency as usize,
         mailbox_budget,
         startup_spread: duration("sync.startup_spread", &s.startup_spread)?,
+        backstop: None,
     })
 }
 

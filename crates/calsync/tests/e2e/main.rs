@@ -28,6 +28,7 @@ mod faults;
 mod harness;
 mod model;
 mod outage;
+mod push;
 mod replicas;
 mod series;
 mod service;

@@ -1,0 +1,352 @@
+//! Push (issue 24): the deployment's change-notification subscriptions, one per tracked
+//! (mailbox, calendar), and the wake-ups a notification makes durable. A notification only ever
+//! asks for a round (`round_requests`, the wake path of issue 23): nothing it says reaches the
+//! read model.
+
+use crate::Store;
+use crate::error::{StoreError, db};
+use crate::wake::ROUNDS_CHANNEL;
+use chrono::{DateTime, Utc};
+
+/// Who asks for the rounds notifications wake (`round_requests.requested_by`); open requests
+/// of this asker coalesce, one per tuple.
+pub const PUSH_ASKER: &str = "push";
+
+/// A subscription's state as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PushRow {
+    /// The mailbox (its lease key).
+    pub mailbox: String,
+    /// The calendar (`default` or an id).
+    pub calendar_id: String,
+    /// Graph's id, once created.
+    pub subscription_id: Option<String>,
+    /// When Graph ends it.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `pending`, `active`, `refused` or `failing`.
+    pub state: String,
+    /// Why it is refused or failing.
+    pub detail: Option<String>,
+    /// When a refused or failing one is tried again.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// A subscription a notification names, as the receiver checks it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PushTarget {
+    /// Graph's id.
+    pub subscription_id: String,
+    /// SHA-256 of its `clientState`.
+    pub client_state_hash: Option<Vec<u8>>,
+    /// The mailbox.
+    pub mailbox: String,
+    /// The calendar.
+    pub calendar_id: String,
+}
+
+const COLUMNS: &str =
+    "p.mailbox, p.calendar_id, p.subscription_id, p.expires_at, p.state, p.detail, p.retry_at";
+
+impl Store {
+    /// The subscriptions this replica keeps: one per tracked (mailbox, calendar) whose
+    /// mailbox it holds, new ones recorded `pending`.
+    pub async fn push_mine(&self) -> Result<Vec<PushRow>, StoreError> {
+        let me = self.incarnation().unwrap_or("").to_owned();
+        self.bounded("reading this replica's subscriptions", async {
+            sqlx::query(
+                "INSERT INTO push_subscriptions (deployment, mailbox, calendar_id) \
+                 SELECT DISTINCT t.deployment, t.mailbox, t.calendar_id FROM sync_tuples t \
+                 JOIN mailbox_leases l ON l.deployment = t.deployment AND l.mailbox = t.mailbox \
+                 WHERE t.deployment = $1 AND t.tracked AND l.owner = $2 \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(&*self.deployment)
+            .bind(&me)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM push_subscriptions p \
+                 JOIN mailbox_leases l ON l.deployment = p.deployment AND l.mailbox = p.mailbox \
+                 WHERE p.deployment = $1 AND l.owner = $2 \
+                 AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                 ORDER BY p.mailbox, p.calendar_id"
+            ))
+            .bind(&*self.deployment)
+            .bind(&me)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
+    /// Graph asked for reauthorization: the subscription is renewed at the next look (a
+    /// renewal reauthorizes).
+    pub async fn push_renew_now(&self, subscription_id: &str) -> Result<(), StoreError> {
+        self.bounded("asking for a renewal", async {
+            sqlx::query(
+                "UPDATE push_subscriptions SET expires_at = LEAST(expires_at, now() + interval '1 minute'), \
+                 retry_at = NULL, updated_at = now() WHERE deployment = $1 AND subscription_id = $2",
+            )
+            .bind(&*self.deployment)
+            .bind(subscription_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A renewal failed (the subscription stands until it ends): why, and when to try again.
+    pub async fn push_retry_at(
+        &self,
+        mailbox: &str,
+        calendar_id: &str,
+        detail: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.bounded("recording a renewal failure", async {
+            sqlx::query(
+                "UPDATE push_subscriptions SET detail = $4, retry_at = $5, updated_at = now() \
+                 WHERE deployment = $1 AND mailbox = $2 AND calendar_id = $3",
+            )
+            .bind(&*self.deployment)
+            .bind(mailbox)
+            .bind(calendar_id)
+            .bind(detail)
+            .bind(retry_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every stored subscription of the deployment.
+    pub async fn push_rows(&self) -> Result<Vec<PushRow>, StoreError> {
+        self.bounded("reading subscriptions", async {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM push_subscriptions p WHERE p.deployment = $1 \
+                 ORDER BY p.mailbox, p.calendar_id"
+            ))
+            .bind(&*self.deployment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
+    /// Subscriptions whose (mailbox, calendar) no tracked tuple of the deployment names any
+    /// more: to be deleted at Graph, then forgotten.
+    pub async fn push_orphans(&self) -> Result<Vec<PushRow>, StoreError> {
+        self.bounded("reading untracked subscriptions", async {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM push_subscriptions p WHERE p.deployment = $1 \
+                 AND NOT EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                 ORDER BY p.mailbox, p.calendar_id"
+            ))
+            .bind(&*self.deployment)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
+    /// Graph created the subscription: its id, the hash of its secret and its expiry.
+    pub async fn push_created(
+        &self,
+        mailbox: &str,
+        calendar_id: &str,
+        subscription_id: &str,
+        client_state_hash: &[u8],
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.bounded("recording a subscription", async {
+            sqlx::query(
+                "UPDATE push_subscriptions SET subscription_id = $4, client_state_hash = $5, \
+                 expires_at = $6, state = 'active', detail = NULL, retry_at = NULL, \
+                 renewed_at = now(), updated_at = now() \
+                 WHERE deployment = $1 AND mailbox = $2 AND calendar_id = $3",
+            )
+            .bind(&*self.deployment)
+            .bind(mailbox)
+            .bind(calendar_id)
+            .bind(subscription_id)
+            .bind(client_state_hash)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Graph renewed subscription `subscription_id` until `expires_at`.
+    pub async fn push_renewed(
+        &self,
+        subscription_id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.bounded("recording a renewal", async {
+            sqlx::query(
+                "UPDATE push_subscriptions SET expires_at = $3, state = 'active', detail = NULL, \
+                 retry_at = NULL, renewed_at = now(), updated_at = now() \
+                 WHERE deployment = $1 AND subscription_id = $2",
+            )
+            .bind(&*self.deployment)
+            .bind(subscription_id)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The (mailbox, calendar) is not subscribed (`refused` or `failing`, with why), and is
+    /// tried again at `retry_at`; a subscription id it had is forgotten when `gone`.
+    pub async fn push_unhealthy(
+        &self,
+        mailbox: &str,
+        calendar_id: &str,
+        state: &str,
+        detail: &str,
+        retry_at: DateTime<Utc>,
+        gone: bool,
+    ) -> Result<(), StoreError> {
+        self.bounded("recording a subscription failure", async {
+            sqlx::query(
+                "UPDATE push_subscriptions SET state = $4, detail = $5, retry_at = $6, \
+                 subscription_id = CASE WHEN $7 THEN NULL ELSE subscription_id END, \
+                 client_state_hash = CASE WHEN $7 THEN NULL ELSE client_state_hash END, \
+                 expires_at = CASE WHEN $7 THEN NULL ELSE expires_at END, updated_at = now() \
+                 WHERE deployment = $1 AND mailbox = $2 AND calendar_id = $3",
+            )
+            .bind(&*self.deployment)
+            .bind(mailbox)
+            .bind(calendar_id)
+            .bind(state)
+            .bind(detail)
+            .bind(retry_at)
+            .bind(gone)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Graph removed subscription `subscription_id` (`subscriptionRemoved`, or 404 on
+    /// renewal): it is to be created again. `false`: not one of this deployment's.
+    pub async fn push_gone(&self, subscription_id: &str) -> Result<bool, StoreError> {
+        self.bounded("recording a removed subscription", async {
+            let done = sqlx::query(
+                "UPDATE push_subscriptions SET state = 'pending', subscription_id = NULL, \
+                 client_state_hash = NULL, expires_at = NULL, retry_at = NULL, \
+                 detail = 'removed by Graph', updated_at = now() \
+                 WHERE deployment = $1 AND subscription_id = $2",
+            )
+            .bind(&*self.deployment)
+            .bind(subscription_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(done.rows_affected() > 0)
+        })
+        .await
+    }
+
+    /// Forgets the subscription of (mailbox, calendar) (deleted at Graph, or never created).
+    pub async fn push_forget(&self, mailbox: &str, calendar_id: &str) -> Result<(), StoreError> {
+        self.bounded("forgetting a subscription", async {
+            sqlx::query(
+                "DELETE FROM push_subscriptions \
+                 WHERE deployment = $1 AND mailbox = $2 AND calendar_id = $3",
+            )
+            .bind(&*self.deployment)
+            .bind(mailbox)
+            .bind(calendar_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The subscriptions these ids name (unknown ids are left out).
+    pub async fn push_targets(&self, ids: &[String]) -> Result<Vec<PushTarget>, StoreError> {
+        self.bounded("reading notified subscriptions", async {
+            sqlx::query_as(
+                "SELECT subscription_id, client_state_hash, mailbox, calendar_id \
+                 FROM push_subscriptions WHERE deployment = $1 AND subscription_id = ANY($2)",
+            )
+            .bind(&*self.deployment)
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
+    /// Asks for a round of every tracked tuple of these (mailbox, calendar) pairs, durably,
+    /// and wakes the replicas: one open request per tuple at most, so a burst of notifications
+    /// makes at most one more round. Answers how many requests were added.
+    pub async fn push_wake(&self, targets: &[(String, String)]) -> Result<u64, StoreError> {
+        let mailboxes: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
+        let calendars: Vec<&str> = targets.iter().map(|(_, c)| c.as_str()).collect();
+        self.bounded("waking notified calendars", async {
+            let mut tx = self.pool.begin().await.map_err(db)?;
+            let added = sqlx::query(
+                "INSERT INTO round_requests (deployment, tuple_key, requested_by) \
+                 SELECT t.deployment, t.tuple_key, $4 FROM sync_tuples t \
+                 JOIN UNNEST($2::text[], $3::text[]) AS w(m, c) \
+                   ON t.mailbox = w.m AND t.calendar_id = w.c \
+                 WHERE t.deployment = $1 AND t.tracked \
+                 ON CONFLICT (deployment, tuple_key) WHERE requested_by = 'push' AND taken_by IS NULL \
+                 DO NOTHING",
+            )
+            .bind(&*self.deployment)
+            .bind(&mailboxes)
+            .bind(&calendars)
+            .bind(PUSH_ASKER)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+            sqlx::query(
+                "UPDATE push_subscriptions SET notified_at = now() \
+                 WHERE deployment = $1 AND (mailbox, calendar_id) IN \
+                   (SELECT * FROM UNNEST($2::text[], $3::text[]))",
+            )
+            .bind(&*self.deployment)
+            .bind(&mailboxes)
+            .bind(&calendars)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if added > 0 {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(ROUNDS_CHANNEL)
+                    .bind(&*self.deployment)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+            tx.commit().await.map_err(db)?;
+            Ok(added)
+        })
+        .await
+    }
+}
