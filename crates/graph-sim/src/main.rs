@@ -141,7 +141,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "  admin          : {}/users, /truth, /requests, /violations, /stats, /faults",
+        "  admin          : {}/users, /truth, /requests, /violations, /stats, /faults, /push",
         server.admin_url()
     );
     {

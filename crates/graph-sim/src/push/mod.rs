@@ -66,6 +66,9 @@ pub struct PushSettings {
     /// Accept `http://` notification URLs on loopback addresses (Graph requires HTTPS; tests and
     /// the demo need no certificates).
     pub allow_http_loopback: bool,
+    /// Accept `http://` notification URLs to any host: only for a private test rig where the
+    /// receiver is another container (the compose demo). Graph never does.
+    pub allow_http_anywhere: bool,
     /// `/users/{id}/events` notifies for the default calendar only, as production does
     /// (docs-contrib#51: `me/events` covers the default calendar); `false`: every calendar of
     /// the mailbox, as the resource's name suggests.
@@ -92,6 +95,7 @@ impl Default for PushSettings {
             min_lifetime_minutes: 45,
             max_per_mailbox: 1_000,
             allow_http_loopback: true,
+            allow_http_anywhere: false,
             user_events_default_calendar_only: true,
         }
     }
@@ -496,10 +500,15 @@ mod tests {
 
     #[test]
     fn http_urls_are_refused_except_on_loopback_when_allowed() {
-        assert!(check_url("https://hooks.example.com/n", "notificationUrl", false).is_ok());
-        assert!(check_url("http://127.0.0.1:8080/n", "notificationUrl", true).is_ok());
-        assert!(check_url("http://127.0.0.1:8080/n", "notificationUrl", false).is_err());
-        assert!(check_url("http://hooks.example.com/n", "notificationUrl", true).is_err());
+        let n = "notificationUrl";
+        assert!(check_url("https://hooks.example.com/n", n, false, false).is_ok());
+        assert!(check_url("http://127.0.0.1:8080/n", n, true, false).is_ok());
+        assert!(check_url("http://127.0.0.1:8080/n", n, false, false).is_err());
+        assert!(check_url("http://hooks.example.com/n", n, true, false).is_err());
+        assert!(
+            check_url("http://calsync:9188/n", n, true, true).is_ok(),
+            "a compose rig"
+        );
     }
 
     #[test]

@@ -114,11 +114,17 @@ pub(super) fn invalid(message: impl Into<String>) -> GraphError {
 }
 
 /// Whether `url` may receive notifications: HTTPS, or HTTP on loopback when allowed.
-pub fn check_url(url: &str, name: &str, allow_http_loopback: bool) -> Result<(), GraphError> {
+pub fn check_url(
+    url: &str,
+    name: &str,
+    allow_http_loopback: bool,
+    allow_http_anywhere: bool,
+) -> Result<(), GraphError> {
     let parsed = url::Url::parse(url)
         .map_err(|_| invalid(format!("The value of parameter '{name}' is invalid.")))?;
     match parsed.scheme() {
         "https" => Ok(()),
+        "http" if allow_http_anywhere => Ok(()),
         "http" if allow_http_loopback && is_loopback(&parsed) => Ok(()),
         _ => Err(invalid(format!(
             "Subscription validation request failed. The {name} must be an HTTPS URL."

@@ -71,10 +71,13 @@ impl State {
         let notification_url = body
             .notification_url
             .ok_or_else(|| missing("notificationUrl"))?;
-        let allow_http = self.push.settings.allow_http_loopback;
-        check_url(&notification_url, "notificationUrl", allow_http)?;
+        let (loopback, anywhere) = (
+            self.push.settings.allow_http_loopback,
+            self.push.settings.allow_http_anywhere,
+        );
+        check_url(&notification_url, "notificationUrl", loopback, anywhere)?;
         if let Some(l) = &body.lifecycle_notification_url {
-            check_url(l, "lifecycleNotificationUrl", allow_http)?;
+            check_url(l, "lifecycleNotificationUrl", loopback, anywhere)?;
         }
         let resource = body.resource.ok_or_else(|| missing("resource"))?;
         let expiration_raw = body
