@@ -433,6 +433,15 @@ impl SetListener {
             }
         }
     }
+
+    /// Takes the notifications already waiting, without waiting for more: a burst (a storm
+    /// of push notifications) wakes its reader once, not once per notification.
+    pub async fn drain(&mut self) {
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1), self.inner.recv()).await
+        {
+        }
+    }
 }
 
 #[cfg(test)]

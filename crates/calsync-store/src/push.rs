@@ -126,13 +126,12 @@ impl Store {
         .await
     }
 
-    /// Every stored subscription of the deployment.
-    pub async fn push_rows(&self) -> Result<Vec<PushRow>, StoreError> {
-        self.bounded("reading subscriptions", async {
-            sqlx::query_as(&format!(
-                "SELECT {COLUMNS} FROM push_subscriptions p WHERE p.deployment = $1 \
-                 ORDER BY p.mailbox, p.calendar_id"
-            ))
+    /// How many of the deployment's subscriptions are in each state.
+    pub async fn push_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        self.bounded("counting subscriptions", async {
+            sqlx::query_as(
+                "SELECT state, count(*) FROM push_subscriptions WHERE deployment = $1 GROUP BY state",
+            )
             .bind(&*self.deployment)
             .fetch_all(&self.pool)
             .await

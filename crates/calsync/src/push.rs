@@ -28,6 +28,7 @@ use axum::routing::post;
 use calsync_graph::{GraphError, NewSubscription};
 use calsync_store::push::{PushRow, PushTarget};
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use rand::Rng;
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -42,6 +43,9 @@ use tracing::{debug, info, warn};
 /// The largest notification POST the receiver reads (Graph batches notifications; a batch of
 /// hundreds is well under this).
 pub const MAX_BODY: usize = 1024 * 1024;
+
+/// Subscriptions created or renewed at once.
+const PARALLEL: usize = 8;
 
 /// How often the subscriber looks at its subscriptions.
 pub const TICK: Duration = Duration::from_secs(5);
@@ -358,6 +362,7 @@ pub async fn subscriber(
     poke: Arc<tokio::sync::Notify>,
     schedule: mpsc::UnboundedSender<ToSchedule>,
 ) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_active: Option<HashSet<(String, String)>> = None;
@@ -376,12 +381,21 @@ pub async fn subscriber(
                 continue;
             }
         };
-        let mut active = HashSet::new();
-        for row in &rows {
-            if keep(&shared, &cfg, row).await {
-                active.insert((row.mailbox.clone(), row.calendar_id.clone()));
-            }
-        }
+        // A few at once: 10,000 calendars starting are 10,000 creations, each waiting for
+        // Graph's handshake with the receiver.
+        let active: HashSet<(String, String)> =
+            futures_util::stream::iter(rows.into_iter().map(|row| {
+                let (shared, cfg) = (Arc::clone(&shared), Arc::clone(&cfg));
+                async move {
+                    keep(&shared, &cfg, &row)
+                        .await
+                        .then_some((row.mailbox, row.calendar_id))
+                }
+            }))
+            .buffer_unordered(PARALLEL)
+            .filter_map(std::future::ready)
+            .collect()
+            .await;
         count_states(&shared).await;
         if last_active.as_ref() != Some(&active) {
             if schedule.send(ToSchedule::Pushed(active.clone())).is_err() {
@@ -491,14 +505,14 @@ async fn keep(shared: &Shared, cfg: &PushConfig, row: &PushRow) -> bool {
 
 /// Publishes how many subscriptions are in each state (the deployment's, as stored).
 async fn count_states(shared: &Shared) {
-    if let Ok(rows) = shared.engine().store().push_rows().await {
+    if let Ok(counts) = shared.engine().store().push_counts().await {
         let mut by: HashMap<&str, f64> = ["pending", "active", "refused", "failing"]
             .into_iter()
             .map(|s| (s, 0.0))
             .collect();
-        for r in &rows {
-            if let Some(n) = by.get_mut(r.state.as_str()) {
-                *n += 1.0;
+        for (state, n) in &counts {
+            if let Some(v) = by.get_mut(state.as_str()) {
+                *v = *n as f64;
             }
         }
         for (state, n) in by {
