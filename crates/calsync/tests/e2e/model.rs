@@ -1,9 +1,11 @@
 //! The seeded model test: random sequences of calendar edits, Graph faults, crashes, rounds,
 //! and two replicas with differing configs reloading (each registering its own set as a new
 //! generation) and following the database's set at their own pace, so rounds of a tuple as a
-//! replica last saw it race its re-registration (issue 23) — against graph-sim and real
-//! PostgreSQL. After a final clean round of the set the database holds, the read model must
-//! equal the simulator's truth.
+//! replica last saw it race its re-registration (issue 23), and push notifications for the
+//! edits (issue 24) — delivered, delayed, duplicated or lost — each made durable as a wake-up
+//! (at most one open per tuple, whatever the burst) and answered by a normal round — against
+//! graph-sim and real PostgreSQL. After a final clean round of the set the database holds, the
+//! read model must equal the simulator's truth.
 //!
 //! - `CALSYNC_MODEL_CASES` (default 200): how many seeds to run.
 //! - `CALSYNC_MODEL_SEED`: run only this seed (what a failure prints, to replay it exactly).
@@ -46,6 +48,11 @@ struct Case {
     /// (calendar index in the simulator, tuple)
     tuples: Vec<(usize, Tuple)>,
     log: Vec<String>,
+    /// Notifications on their way: (step they arrive at, tuple index).
+    notes: Vec<(usize, usize)>,
+    /// The step being played.
+    step: usize,
+    pool: PgPool,
 }
 
 impl Case {
@@ -61,7 +68,20 @@ impl Case {
     }
 
     fn edit(&mut self, rng: &mut StdRng) {
-        let (cal, t) = &self.tuples[rng.gen_range(0..self.tuples.len())];
+        let which = rng.gen_range(0..self.tuples.len());
+        // Its notification, as Graph treats them: delivered now, later, twice, or never.
+        match rng.gen_range(0..10) {
+            0..=3 => self.notes.push((self.step, which)),
+            4..=5 => self.notes.push((self.step + rng.gen_range(1..4), which)),
+            6..=7 => {
+                self.notes.push((self.step, which));
+                self.notes.push((self.step + rng.gen_range(0..3), which));
+            }
+            _ => self
+                .log
+                .push(format!("notification for tuple {which} lost")),
+        }
+        let (cal, t) = &self.tuples[which];
         let w = Window {
             start: t.window.start,
             end: t.window.end,
@@ -121,6 +141,70 @@ async fn round(engine: &Engine, t: &Tuple) -> Outcome {
     engine.run_round(t, &CancellationToken::new(), None).await
 }
 
+/// The notifications due at this step arrive: each is made durable as a wake-up (the receiver's
+/// `push_wake`), a burst leaving one open request per tuple; then the holder takes them and
+/// runs each tuple's normal round once (a notification says only "look").
+async fn deliver(case: &mut Case, engine: &Engine) -> Result<(), String> {
+    let step = case.step;
+    let due: Vec<usize> = case
+        .notes
+        .iter()
+        .filter(|(at, _)| *at <= step)
+        .map(|(_, t)| *t)
+        .collect();
+    case.notes.retain(|(at, _)| *at > step);
+    if due.is_empty() {
+        return Ok(());
+    }
+    for &which in &due {
+        let Some((_, t)) = case.tuples.get(which) else {
+            continue;
+        };
+        let calendar = match &t.calendar {
+            CalendarRef::Default => "default".to_owned(),
+            CalendarRef::Id(id) => id.clone(),
+        };
+        case.store
+            .push_wake(&[(t.mailbox.clone(), calendar)])
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let open: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT tuple_key, count(*) FROM round_requests WHERE requested_by = 'push' \
+         AND taken_by IS NULL GROUP BY tuple_key",
+    )
+    .fetch_all(&case.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    if let Some((key, n)) = open.iter().find(|(_, n)| *n > 1) {
+        return Err(failure(
+            case,
+            format!("{n} open wake-ups for {key}: notifications must coalesce"),
+        ));
+    }
+    // The holder takes them (one round each, however many notifications asked).
+    let taken: Vec<String> = sqlx::query_scalar(
+        "UPDATE round_requests SET taken_by = 'model', taken_at = now(), done_at = now(), \
+         outcome = 'ok' WHERE requested_by = 'push' AND taken_by IS NULL RETURNING tuple_key",
+    )
+    .fetch_all(&case.pool)
+    .await
+    .map_err(|e| e.to_string())?;
+    for key in taken {
+        let Some((_, t)) = case.tuples.iter().find(|(_, t)| t.key == key) else {
+            continue;
+        };
+        let t = t.clone();
+        let o = round(engine, &t).await;
+        case.log.push(format!(
+            "step {step}: notified round {} -> {}",
+            t.key,
+            short(&o)
+        ));
+    }
+    Ok(())
+}
+
 /// One seeded case; `Err` carries what happened, for the failure message.
 async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -148,6 +232,9 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
         page_size,
         tuples: Vec::new(),
         log: vec![format!("page size {page_size}")],
+        notes: Vec::new(),
+        step: 0,
+        pool: pool.clone(),
     };
     let configs: Vec<TupleConfig> = (0..2)
         .map(|i| {
@@ -191,6 +278,8 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     }
 
     for step in 0..rng.gen_range(8..20) {
+        case.step = step;
+        deliver(&mut case, &engine).await?;
         let which = rng.gen_range(0..case.tuples.len());
         // A round runs the tuple as one replica last read it (possibly before a reload).
         let replica = rng.gen_range(0..2);
