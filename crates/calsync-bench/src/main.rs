@@ -27,6 +27,7 @@ use chrono::{Duration as ChronoDuration, Utc};
 use clap::{Parser, Subcommand};
 use std::process::{Command, Stdio};
 
+mod push;
 mod scale;
 mod tenant;
 use std::time::{Duration, Instant};
@@ -63,6 +64,9 @@ enum Child {
     /// A whole tenant's extra costs: a discovery pass over its users, and re-basing every
     /// rolling window by a day (BENCHMARKS.md, "Rolling windows and discovery").
     Tenant(tenant::TenantArgs),
+    /// The daemon with push on: write -> row latency under a storm of writes, the receiver's
+    /// answer times, Graph requests per day against polling (BENCHMARKS.md, "Push").
+    Push(push::PushArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -796,6 +800,7 @@ fn main() -> std::process::ExitCode {
             Some(Child::MeasuredSync(a)) => memory_child(a).await,
             Some(Child::Scale(a)) => scale::scale(a).await,
             Some(Child::Tenant(a)) => tenant::tenant(a).await,
+            Some(Child::Push(a)) => push::push(a).await,
             None => run(cli.args).await,
         }
     });

@@ -37,7 +37,7 @@ pub(crate) struct ScaleArgs {
     pub bin_dir: Option<PathBuf>,
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     notify: UnixDatagram,
     log: PathBuf,
@@ -53,7 +53,12 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path, config: &Path, dir: &Path, name: &str) -> anyhow::Result<Daemon> {
+    pub(crate) fn start(
+        bin: &Path,
+        config: &Path,
+        dir: &Path,
+        name: &str,
+    ) -> anyhow::Result<Daemon> {
         let sock = dir.join(format!("{name}.notify"));
         let _ = std::fs::remove_file(&sock);
         let notify = UnixDatagram::bind(&sock)?;
@@ -73,7 +78,7 @@ impl Daemon {
     }
 
     /// Waits for READY=1; returns how long it took from `since`.
-    fn ready(&mut self, since: Instant, limit: Duration) -> anyhow::Result<Duration> {
+    pub(crate) fn ready(&mut self, since: Instant, limit: Duration) -> anyhow::Result<Duration> {
         let mut buf = [0u8; 4096];
         loop {
             if let Ok(n) = self.notify.recv(&mut buf) {
@@ -96,7 +101,7 @@ impl Daemon {
 
     /// Reads the notify socket from now on, as systemd does (a socket nobody reads would
     /// block the daemon's notifier).
-    fn drain_notes(&self) -> anyhow::Result<()> {
+    pub(crate) fn drain_notes(&self) -> anyhow::Result<()> {
         let sock = self.notify.try_clone()?;
         sock.set_nonblocking(false)?;
         std::thread::spawn(move || {
@@ -116,7 +121,7 @@ impl Daemon {
             .unwrap_or(0)
     }
 
-    fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<()> {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()?;
@@ -168,7 +173,13 @@ fn rss_mib_of(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn config(db: &str, graph: &str, interval: Duration, tuples: u32, window: (&str, &str)) -> String {
+pub(crate) fn config(
+    db: &str,
+    graph: &str,
+    interval: Duration,
+    tuples: u32,
+    window: (&str, &str),
+) -> String {
     let mut s = format!(
         r#"[database]
 url = "{db}"

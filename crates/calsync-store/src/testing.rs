@@ -79,6 +79,18 @@ impl Store {
 }
 
 impl Store {
+    /// Benchmark: the subjects in the read model that start with `prefix` (a push benchmark's
+    /// writes, found again).
+    pub async fn subjects_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT subject FROM calendar_events WHERE subject LIKE $1 || '%'",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     /// Benchmark: every statement that writes `events` sleeps `ms` first (a statement-level
     /// trigger), standing in for a database slower than Graph.
     pub async fn slow_down_writes_for_benchmark(&self, ms: u32) -> Result<(), StoreError> {

@@ -60,10 +60,16 @@ impl Store {
         let me = self.incarnation().unwrap_or("").to_owned();
         self.bounded("taking round requests", async {
             sqlx::query_as(
+                // The lease is looked up per request (a subquery the planner keeps per row):
+                // as a join, with `round_requests` freshly grown and not yet analysed, the
+                // planner paired every request with every lease held here, and taking 2,000
+                // push wake-ups took 10 s instead of 20 ms (calsync-bench push).
                 "UPDATE round_requests r SET taken_by = $2, taken_at = now() \
-                 FROM sync_tuples t JOIN mailbox_leases l ON l.deployment = t.deployment AND l.mailbox = t.mailbox \
+                 FROM sync_tuples t \
                  WHERE r.deployment = $1 AND r.done_at IS NULL AND r.taken_by IS NULL \
-                   AND t.deployment = r.deployment AND t.tuple_key = r.tuple_key AND t.tracked AND l.owner = $2 \
+                   AND t.deployment = r.deployment AND t.tuple_key = r.tuple_key AND t.tracked \
+                   AND (SELECT l.owner FROM mailbox_leases l \
+                        WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox) = $2 \
                  RETURNING r.id, r.tuple_key",
             )
             .bind(&*self.deployment)

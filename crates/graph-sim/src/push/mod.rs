@@ -169,6 +169,8 @@ pub struct Push {
     /// Counters.
     pub stats: PushStats,
     endpoints: HashMap<String, Endpoint>,
+    /// How long the client's receiver took to answer each POST, in ms (the last 100,000).
+    answers_ms: std::collections::VecDeque<f64>,
 }
 
 impl Push {
@@ -395,6 +397,10 @@ impl Push {
             }
             return;
         };
+        if self.answers_ms.len() >= 100_000 {
+            self.answers_ms.pop_front();
+        }
+        self.answers_ms.push_back(took.as_secs_f64() * 1e3);
         let slow = took > Duration::from_millis(s.slow_after_ms);
         if slow {
             self.stats.slow_posts += 1;
@@ -422,6 +428,19 @@ impl Push {
                 self.stats.delivered += 1;
             }
         }
+    }
+
+    /// The receiver's answer times (ms) at these quantiles (0.0–1.0), over the last 100,000
+    /// POSTs it answered 2xx; empty before any.
+    pub fn answer_quantiles(&self, qs: &[f64]) -> Vec<f64> {
+        let mut v: Vec<f64> = self.answers_ms.iter().copied().collect();
+        if v.is_empty() {
+            return Vec::new();
+        }
+        v.sort_by(f64::total_cmp);
+        qs.iter()
+            .map(|q| v[((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize])
+            .collect()
     }
 
     /// Whether an endpoint is slow enough that notifications to it are dropped.

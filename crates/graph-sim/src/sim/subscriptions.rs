@@ -439,10 +439,12 @@ impl Sim {
                     .values()
                     .map(Subscription::to_json)
                     .collect();
+                let q = st.push.answer_quantiles(&[0.5, 0.99, 1.0]);
                 Some((
                     200,
                     json!({"settings": st.push.settings, "stats": st.push.stats,
-                           "subscriptions": subs, "pending": st.push.pending.len()}),
+                           "subscriptions": subs, "pending": st.push.pending.len(),
+                           "answer_ms": {"p50": q.first(), "p99": q.get(1), "max": q.get(2)}}),
                 ))
             }
             ("PUT", "push") => match serde_json::from_slice::<crate::push::PushSettings>(body) {
@@ -452,6 +454,46 @@ impl Sim {
                 }
                 Err(e) => bad(format!("invalid push settings: {e}")),
             },
+            ("POST", "push/events") => {
+                // A benchmark's writes it can find again: `count` events, one per mailbox from
+                // `offset` on, subjects `{prefix}{n}` from `first` on, one hour at `at`.
+                let num = |k: &str| q.get(k).and_then(|v| v.parse::<usize>().ok());
+                let (Some(count), Some(at)) = (num("count"), q.get("at")) else {
+                    return bad(
+                        "push/events needs count, at (RFC 3339), prefix, offset, first".into(),
+                    );
+                };
+                let (offset, first) = (num("offset").unwrap_or(0), num("first").unwrap_or(0));
+                let prefix = q.get("prefix").map_or("bench-", String::as_str);
+                let Ok(start) = chrono::DateTime::parse_from_rfc3339(at) else {
+                    return bad("at must be an RFC 3339 instant".into());
+                };
+                let start = start.with_timezone(&chrono::Utc);
+                let fmt =
+                    |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S").to_string();
+                let mut st = self.lock();
+                let users = st.tenant.users.len();
+                let mut made = 0;
+                for k in 0..count {
+                    if users == 0 {
+                        break;
+                    }
+                    let body = json!({"subject": format!("{prefix}{}", first + k),
+                        "start": {"dateTime": fmt(start), "timeZone": "UTC"},
+                        "end": {"dateTime": fmt(start + chrono::Duration::hours(1)), "timeZone": "UTC"}});
+                    let Ok(patch) = crate::writes::EventPatch::from_json(&body) else {
+                        continue;
+                    };
+                    if st
+                        .tenant
+                        .create_event((offset + k) % users, 0, &patch)
+                        .is_ok()
+                    {
+                        made += 1;
+                    }
+                }
+                Some((200, json!({"created": made})))
+            }
             ("POST", "push/refuse") => {
                 let mut st = self.lock();
                 let Some(u) = q.get("user").and_then(|u| st.tenant.user_index(u)) else {

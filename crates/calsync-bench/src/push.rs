@@ -1,0 +1,276 @@
+//! `calsync-bench push`: the real daemon with push on against the real graph-sim binary
+//! delivering change notifications (issue 24). Many calendars subscribed, a storm of writes
+//! applied by graph-sim at a known instant each, and the time until each write's row is in the
+//! read model; the receiver's answer times as graph-sim saw them; and Graph requests per day
+//! while quiet, against what polling every calendar at `--poll` costs.
+
+use crate::BenchArgs;
+use crate::scale::{Daemon, config};
+use crate::sim::{SimProcess, sim_admin, sim_admin_with};
+use anyhow::{Context, bail};
+use calsync_store::Store;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct PushArgs {
+    /// Calendars (one mailbox each), all subscribed.
+    #[arg(long, default_value_t = 10_000)]
+    pub tuples: u32,
+    /// Writes per second in the storm.
+    #[arg(long, default_value_t = 1_000)]
+    pub rate: u32,
+    /// How long the storm lasts.
+    #[arg(long, default_value = "10s")]
+    pub storm: humantime::Duration,
+    /// The quiet span over which Graph requests are counted afterwards.
+    #[arg(long, default_value = "120s")]
+    pub quiet: humantime::Duration,
+    /// `push.backstop_interval`.
+    #[arg(long, default_value = "30m")]
+    pub backstop: humantime::Duration,
+    /// The polling interval push is compared with (`sync.interval` without push).
+    #[arg(long, default_value = "5m")]
+    pub poll: humantime::Duration,
+    /// `database.max_connections` of the daemon.
+    #[arg(long, default_value_t = 8)]
+    pub connections: u32,
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// The graph-sim and calsync binaries' directory (default: this binary's).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+async fn active(store: &Store) -> anyhow::Result<i64> {
+    Ok(store
+        .push_counts()
+        .await?
+        .iter()
+        .find(|(s, _)| s == "active")
+        .map_or(0, |(_, n)| *n))
+}
+
+pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let bin_dir = match &args.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("cannot locate this binary's directory")?
+            .to_path_buf(),
+    };
+    let calsync = bin_dir.join("calsync");
+    if !calsync.is_file() {
+        bail!(
+            "no calsync binary at {}: cargo build --release -p calsync -p graph-sim -p calsync-bench",
+            calsync.display()
+        );
+    }
+    let admin = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let db = calsync_store::recreate_database(&admin, "calsync_push_bench").await?;
+    let sim = SimProcess::start(&BenchArgs::for_tenant(
+        args.tuples,
+        2,
+        bin_dir.join("graph-sim"),
+    ))?;
+    // Graph delivers half a second to three seconds after a write (issue 24's figure).
+    sim_admin_with(
+        &sim.base,
+        "PUT",
+        "push",
+        r#"{"delay_ms": 500, "jitter_ms": 2500}"#,
+    )
+    .await?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let now = chrono::Utc::now();
+    let day = |d: i64| {
+        (now + chrono::Duration::days(d))
+            .format("%Y-%m-%dT00:00:00Z")
+            .to_string()
+    };
+    let (start, end) = (day(-90), day(365));
+    let poll: Duration = args.poll.into();
+    let backstop: Duration = args.backstop.into();
+    let mut text = config(&db, &sim.base, poll, args.tuples, (&start, &end)).replacen(
+        "max_connections = 8",
+        &format!("max_connections = {}", args.connections),
+        1,
+    );
+    text = text.replacen(
+        "[service]",
+        &format!(
+            "[push]\nnotification_url = \"http://127.0.0.1:{port}/graph\"\nlisten = \"127.0.0.1:{port}\"\nbackstop_interval = \"{}s\"\n\n[service]",
+            backstop.as_secs()
+        ),
+        1,
+    );
+    let dir = std::env::temp_dir().join(format!("calsync-push-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg_path = dir.join("calsync.toml");
+    std::fs::write(&cfg_path, text)?;
+    let store = Store::connect(&db, &calsync_store::ConnectOptions::new(2)).await?;
+    let t = Instant::now();
+    let mut daemon = Daemon::start(&calsync, &cfg_path, &dir, "r0")?;
+    daemon.ready(t, Duration::from_secs(300))?;
+    daemon.drain_notes()?;
+    loop {
+        let n = active(&store).await?;
+        if n >= i64::from(args.tuples) {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!(
+                "only {n} of {} calendars subscribed after 15 minutes",
+                args.tuples
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "{} calendars subscribed {:.1} s after start (poll {} s, backstop {} s)",
+        args.tuples,
+        t.elapsed().as_secs_f64(),
+        poll.as_secs(),
+        backstop.as_secs()
+    );
+    // Let the initial rounds settle.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+
+    // The storm: `rate` writes a second, in batches of a tenth of a second, each applied by
+    // graph-sim under one lock at the instant recorded here (before the call: conservative).
+    let storm: Duration = args.storm.into();
+    let per_tick = (args.rate / 10).max(1) as usize;
+    let at = (now + chrono::Duration::days(30))
+        .format("%Y-%m-%dT09:00:00Z")
+        .to_string();
+    // Rows are looked for every 50 ms from the storm's start on, beside the writes.
+    // The storm's count once it is over (0 while it runs): the watcher stops when it saw
+    // them all, or after three minutes.
+    let (total_tx, total_rx) = tokio::sync::watch::channel(0usize);
+    let watcher = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, Instant> = HashMap::new();
+            let started = Instant::now();
+            loop {
+                let total = *total_rx.borrow();
+                if (total > 0 && seen.len() >= total)
+                    || started.elapsed() > Duration::from_secs(180)
+                {
+                    break;
+                }
+                if let Ok(subjects) = store.subjects_with_prefix("storm-").await {
+                    let now = Instant::now();
+                    for s in subjects {
+                        seen.entry(s).or_insert(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            seen
+        })
+    };
+    // The storm: `rate` writes a second, in batches of a tenth of a second, each applied by
+    // graph-sim under one lock at the instant recorded here (before the call: conservative).
+    let mut applied: HashMap<String, Instant> = HashMap::new();
+    let begun = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut written = 0usize;
+    while begun.elapsed() < storm {
+        tick.tick().await;
+        let sent = Instant::now();
+        sim_admin(
+            &sim.base,
+            "POST",
+            &format!(
+                "push/events?count={per_tick}&offset={written}&first={written}&prefix=storm-&at={at}"
+            ),
+        )
+        .await?;
+        for k in written..written + per_tick {
+            applied.insert(format!("storm-{k}"), sent);
+        }
+        written += per_tick;
+    }
+    let storm_s = begun.elapsed().as_secs_f64();
+    let _ = total_tx.send(written);
+    let seen_at = watcher.await.context("the row watcher failed")?;
+    let seen: HashMap<&String, Duration> = applied
+        .iter()
+        .filter_map(|(s, at)| Some((s, seen_at.get(s)?.saturating_duration_since(*at))))
+        .collect();
+    let mut lat: Vec<f64> = seen.values().map(Duration::as_secs_f64).collect();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "storm: {written} writes in {storm_s:.1} s ({:.0}/s) over {} mailboxes; {} reached the read model",
+        written as f64 / storm_s,
+        written.min(args.tuples as usize),
+        seen.len()
+    );
+    println!(
+        "  write -> row: p50 {:.2} s, p90 {:.2} s, p99 {:.2} s, max {:.2} s (graph-sim delays its notifications 0.5-3 s; targets p50 <= 2 s, p99 <= 10 s)",
+        quantile(&lat, 0.5),
+        quantile(&lat, 0.9),
+        quantile(&lat, 0.99),
+        quantile(&lat, 1.0)
+    );
+    let p = sim_admin(&sim.base, "GET", "push").await?;
+    let ms = |k: &str| p["answer_ms"][k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  receiver answers as graph-sim saw them: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 < 100 ms); {} notifications delivered, {} POSTs failed",
+        ms("p50"),
+        ms("p99"),
+        ms("max"),
+        p["stats"]["delivered"],
+        p["stats"]["failed_posts"]
+    );
+
+    // Quiet: Graph requests per day with push (backstop polls, renewals), against polling
+    // every calendar every `poll` (one replay per calendar per interval, batched 20 to a POST
+    // but each counted by Graph).
+    let quiet: Duration = args.quiet.into();
+    let r0 = sim_admin(&sim.base, "GET", "stats").await?["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    tokio::time::sleep(quiet).await;
+    let r1 = sim_admin(&sim.base, "GET", "stats").await?["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    let per_day = (r1 - r0) as f64 / quiet.as_secs_f64() * 86_400.0;
+    // The backstop polls each calendar once per backstop interval; the first ones fall due a
+    // backstop after the start, so a short quiet window right after it sees few or none.
+    let backstop_day = f64::from(args.tuples) * 86_400.0 / backstop.as_secs_f64();
+    let polling = f64::from(args.tuples) * 86_400.0 / poll.as_secs_f64();
+    println!(
+        "quiet {} s: {} Graph requests (= {:.0}/day while nothing changes and no backstop poll is due yet)",
+        quiet.as_secs(),
+        r1 - r0,
+        per_day
+    );
+    println!(
+        "  Graph requests per day with push: {backstop_day:.0} backstop replays (one per calendar every {} s) + one round per notified change; polling every {} s: {polling:.0} ({:.1}x the backstop)",
+        backstop.as_secs(),
+        poll.as_secs(),
+        polling / backstop_day.max(1.0)
+    );
+    daemon.stop()?;
+    if std::env::var_os("CALSYNC_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("kept {}", dir.display());
+    }
+    Ok(())
+}
