@@ -11,6 +11,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `scale` | the real daemon keeping many calendars fresh (`calsync-bench scale`) |
+//! | `push` | the daemon with push on under a storm of writes (`calsync-bench push`) |
 //! | `tenant` | a discovery pass over a tenant and a re-base of every window |
 //! | `sim` | the graph-sim binary as a child process, and its admin API |
 //!
