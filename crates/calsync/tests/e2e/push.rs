@@ -67,30 +67,59 @@ async fn edit_and_time(
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_change_reaches_the_mirror_in_seconds_while_the_poll_interval_is_ten_minutes() {
-    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_push")
+/// A poll interval push must beat by far.
+const TEN_MINUTES: &str = "interval = \"10m\"\nstartup_spread = \"200ms\"";
+
+/// A fresh database `name`, and graph-sim with `users` mailboxes of `events` events each,
+/// delivering notifications `delay_ms` plus up to `jitter_ms` after each write.
+async fn rig(
+    name: &str,
+    users: usize,
+    events: usize,
+    delay_ms: u64,
+    jitter_ms: u64,
+) -> (String, PgPool, graph_sim::Sim, graph_sim::SimServer) {
+    let url = calsync_store::recreate_database(&crate::harness::database_url(), name)
         .await
         .unwrap();
     let db = PgPool::connect(&url).await.unwrap();
-    let (sim, server) = sim_with(3, 2).await;
+    let (sim, server) = sim_with(users, events).await;
     {
-        // Graph delivers within a second or so (the default is up to 3 s).
         let mut st = sim.lock();
-        st.push.settings.delay_ms = 100;
-        st.push.settings.jitter_ms = 400;
+        st.push.settings.delay_ms = delay_ms;
+        st.push.settings.jitter_ms = jitter_ms;
     }
+    (url, db, sim, server)
+}
+
+/// Replica `replica`'s config: `n` calendars, lease TTL 3 s, `sync` settings, then `push`.
+fn daemon_config(
+    dir: &std::path::Path,
+    replica: &str,
+    url: &str,
+    server: &graph_sim::SimServer,
+    sync: &str,
+    n: usize,
+    push: &str,
+) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!("{replica}.toml"),
+        url,
+        server,
+        &format!("replica = \"{replica}\"\nlease_ttl = \"3s\""),
+        sync,
+        &format!("{}{push}", calendars(n)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_reaches_the_mirror_in_seconds_while_the_poll_interval_is_ten_minutes() {
+    let (url, db, sim, server) = rig("calsync_push", 3, 2, 100, 400).await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let cfg = write_config(
-        dir.path(),
-        "r1.toml",
-        &url,
-        &server,
-        "replica = \"r1\"\nlease_ttl = \"3s\"",
-        "interval = \"10m\"\nstartup_spread = \"200ms\"",
-        &format!("{}{}", calendars(3), push_section(port, port, "30m")),
-    );
+    let push = push_section(port, port, "30m");
+    let cfg = daemon_config(dir.path(), "r1", &url, &server, TEN_MINUTES, 3, &push);
     let mut node = Node::start(&cfg, dir.path().join("r1.log"));
     crate::harness::wait_for(
         "three subscriptions active",
@@ -194,31 +223,17 @@ async fn a_change_reaches_the_mirror_in_seconds_while_the_poll_interval_is_ten_m
 
 #[tokio::test(flavor = "multi_thread")]
 async fn lifecycle_events_recreate_renew_and_catch_up_and_a_refusing_mailbox_polls() {
-    let url =
-        calsync_store::recreate_database(&crate::harness::database_url(), "calsync_push_life")
-            .await
-            .unwrap();
-    let db = PgPool::connect(&url).await.unwrap();
-    let (sim, server) = sim_with(3, 1).await;
+    let (url, db, sim, server) = rig("calsync_push_life", 3, 1, 50, 100).await;
     {
         let mut st = sim.lock();
-        st.push.settings.delay_ms = 50;
-        st.push.settings.jitter_ms = 100;
         // person002's mailbox is on a backend Graph cannot subscribe (Close's ExtensionError).
         let u = st.tenant.user_index(&upn(2)).unwrap();
         st.push.refusing.insert(u);
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let cfg = write_config(
-        dir.path(),
-        "r1.toml",
-        &url,
-        &server,
-        "replica = \"r1\"\nlease_ttl = \"3s\"",
-        "interval = \"10m\"\nstartup_spread = \"200ms\"",
-        &format!("{}{}", calendars(3), push_section(port, port, "30m")),
-    );
+    let push = push_section(port, port, "30m");
+    let cfg = daemon_config(dir.path(), "r1", &url, &server, TEN_MINUTES, 3, &push);
     let mut node = Node::start(&cfg, dir.path().join("r1.log"));
     crate::harness::wait_for("two active, one refused", Duration::from_secs(30), async || {
         let refused: i64 = sqlx::query_scalar(
@@ -285,30 +300,14 @@ async fn lifecycle_events_recreate_renew_and_catch_up_and_a_refusing_mailbox_pol
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_notification_reaching_the_other_replica_wakes_the_holder_and_a_hand_over_keeps_push() {
-    let url = calsync_store::recreate_database(&crate::harness::database_url(), "calsync_push_two")
-        .await
-        .unwrap();
-    let db = PgPool::connect(&url).await.unwrap();
-    let (sim, server) = sim_with(4, 1).await;
-    {
-        let mut st = sim.lock();
-        st.push.settings.delay_ms = 50;
-        st.push.settings.jitter_ms = 200;
-    }
+    let (url, db, sim, server) = rig("calsync_push_two", 4, 1, 50, 200).await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (free_port(), free_port());
     // Each replica's subscriptions send Graph to the other replica's receiver: every
     // notification reaches a replica that does not hold the mailbox.
     let node = |name: &str, public: u16, listen: u16| {
-        let cfg = write_config(
-            dir.path(),
-            &format!("{name}.toml"),
-            &url,
-            &server,
-            &format!("replica = \"{name}\"\nlease_ttl = \"3s\""),
-            "interval = \"10m\"\nstartup_spread = \"200ms\"",
-            &format!("{}{}", calendars(4), push_section(public, listen, "30m")),
-        );
+        let push = push_section(public, listen, "30m");
+        let cfg = daemon_config(dir.path(), name, &url, &server, TEN_MINUTES, 4, &push);
         Node::start(&cfg, dir.path().join(format!("{name}.log")))
     };
     let mut r1 = node("r1", b, a);
@@ -390,33 +389,16 @@ async fn a_notification_reaching_the_other_replica_wakes_the_holder_and_a_hand_o
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_fifth_of_notifications_lost_the_backstop_poll_still_converges_and_subscriptions_renew()
  {
-    let url =
-        calsync_store::recreate_database(&crate::harness::database_url(), "calsync_push_lost")
-            .await
-            .unwrap();
-    let db = PgPool::connect(&url).await.unwrap();
-    let (sim, server) = sim_with(4, 2).await;
-    {
-        let mut st = sim.lock();
-        st.push.settings.delay_ms = 50;
-        st.push.settings.jitter_ms = 200;
-        // Graph does not promise delivery: a fifth never arrives, silently.
-        st.push.settings.lose_fraction = 0.2;
-    }
+    let (url, db, sim, server) = rig("calsync_push_lost", 4, 2, 50, 200).await;
+    // Graph does not promise delivery: a fifth never arrives, silently.
+    sim.lock().push.settings.lose_fraction = 0.2;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     // Renewed as soon as less than 44.5 of its 45 minutes are left: within a minute.
     let section = push_section(port, port, "4s")
         .replace("renew_before = \"10m\"", "renew_before = \"44m30s\"");
-    let cfg = write_config(
-        dir.path(),
-        "r1.toml",
-        &url,
-        &server,
-        "replica = \"r1\"\nlease_ttl = \"3s\"",
-        "interval = \"2s\"\nstartup_spread = \"200ms\"",
-        &format!("{}{section}", calendars(4)),
-    );
+    let sync = "interval = \"2s\"\nstartup_spread = \"200ms\"";
+    let cfg = daemon_config(dir.path(), "r1", &url, &server, sync, 4, &section);
     let mut node = Node::start(&cfg, dir.path().join("r1.log"));
     crate::harness::wait_for(
         "four subscriptions active",
