@@ -84,6 +84,14 @@ impl Store {
     /// Writes how a requested round ended.
     /// Answers who asked and how long ago (seconds from the request to this answer), for the
     /// wake-to-round latency metric; `None` if no such request.
+    ///
+    /// Committed asynchronously (`synchronous_commit = off` for this statement's transaction
+    /// alone): the answer is visible at once but not waited onto disk. A database crash may lose
+    /// the last fraction of a second of answers; such a request stays taken and unfinished, its
+    /// round's work is committed already, and its asker gives up at its own deadline. Waiting
+    /// for the WAL flush here cost a second fsync per woken round: under a storm of push
+    /// wake-ups (1,000 rounds a second) the database spent its time in `WALSync` for these
+    /// answers (issue 24's benchmark, sampled from `pg_stat_activity`).
     pub async fn finish_round_request(
         &self,
         id: i64,
@@ -92,7 +100,9 @@ impl Store {
     ) -> Result<Option<(String, f64)>, StoreError> {
         self.bounded("finishing a round request", async {
             sqlx::query_as(
-                "UPDATE round_requests SET done_at = now(), outcome = $2, detail = $3 WHERE id = $1 \
+                "WITH lazy AS (SELECT set_config('synchronous_commit', 'off', true)) \
+                 UPDATE round_requests SET done_at = now(), outcome = $2, detail = $3 \
+                 FROM lazy WHERE id = $1 \
                  RETURNING requested_by, extract(epoch FROM done_at - requested_at)::float8",
             )
             .bind(id)
