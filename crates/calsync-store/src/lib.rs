@@ -150,6 +150,25 @@ impl Store {
         self
     }
 
+    /// This store on a pool of its own of `max_connections`, to the same database with the
+    /// same session settings, deployment, incarnation and deadline. For a caller whose few
+    /// statements must not queue behind the rounds' page writes for a connection: the push
+    /// receiver, which Graph times (an answer slower than ~3 s counts as slow). Connections
+    /// open as needed.
+    pub fn on_own_pool(&self, max_connections: u32) -> Store {
+        let options = self.pool.options();
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(options.get_acquire_timeout())
+            .test_before_acquire(false)
+            .connect_lazy_with((*self.pool.connect_options()).clone());
+        Store {
+            pool,
+            batcher: Default::default(),
+            ..self.clone()
+        }
+    }
+
     pub(crate) fn incarnation(&self) -> Option<&str> {
         self.incarnation.as_deref()
     }

@@ -302,50 +302,187 @@ impl Store {
     /// Asks for a round of every tracked tuple of these (mailbox, calendar) pairs, durably,
     /// and wakes the replicas: one open request per tuple at most, so a burst of notifications
     /// makes at most one more round. Answers how many requests were added.
+    ///
+    /// One statement, committed on its own (the receiver answers Graph after it, so it is
+    /// waited onto disk): the requests, the `NOTIFY` when any was added, and each
+    /// subscription's `notified_at`, written at most once a minute (a storm of notifications
+    /// would otherwise rewrite a row per notification).
     pub async fn push_wake(&self, targets: &[(String, String)]) -> Result<u64, StoreError> {
         let mailboxes: Vec<&str> = targets.iter().map(|(m, _)| m.as_str()).collect();
         let calendars: Vec<&str> = targets.iter().map(|(_, c)| c.as_str()).collect();
         self.bounded("waking notified calendars", async {
-            let mut tx = self.pool.begin().await.map_err(db)?;
-            let added = sqlx::query(
-                "INSERT INTO round_requests (deployment, tuple_key, requested_by) \
-                 SELECT t.deployment, t.tuple_key, $4 FROM sync_tuples t \
-                 JOIN UNNEST($2::text[], $3::text[]) AS w(m, c) \
-                   ON t.mailbox = w.m AND t.calendar_id = w.c \
-                 WHERE t.deployment = $1 AND t.tracked \
-                 ON CONFLICT (deployment, tuple_key) WHERE requested_by = 'push' AND taken_by IS NULL \
-                 DO NOTHING",
+            let (added, _): (i64, Option<String>) = sqlx::query_as(
+                "WITH w AS (SELECT * FROM UNNEST($2::text[], $3::text[]) AS w(m, c)), \
+                 seen AS ( \
+                   UPDATE push_subscriptions p SET notified_at = now() FROM w \
+                   WHERE p.deployment = $1 AND p.mailbox = w.m AND p.calendar_id = w.c \
+                     AND (p.notified_at IS NULL OR p.notified_at < now() - interval '1 minute')), \
+                 added AS ( \
+                   INSERT INTO round_requests (deployment, tuple_key, requested_by) \
+                   SELECT t.deployment, t.tuple_key, $4 FROM sync_tuples t \
+                   JOIN w ON t.mailbox = w.m AND t.calendar_id = w.c \
+                   WHERE t.deployment = $1 AND t.tracked \
+                   ON CONFLICT (deployment, tuple_key) WHERE requested_by = 'push' AND taken_by IS NULL \
+                   DO NOTHING RETURNING 1) \
+                 SELECT n, CASE WHEN n > 0 THEN pg_notify($5, $1)::text END \
+                 FROM (SELECT count(*) AS n FROM added) a",
             )
             .bind(&*self.deployment)
             .bind(&mailboxes)
             .bind(&calendars)
             .bind(PUSH_ASKER)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?
-            .rows_affected();
-            sqlx::query(
-                "UPDATE push_subscriptions SET notified_at = now() \
-                 WHERE deployment = $1 AND (mailbox, calendar_id) IN \
-                   (SELECT * FROM UNNEST($2::text[], $3::text[]))",
-            )
-            .bind(&*self.deployment)
-            .bind(&mailboxes)
-            .bind(&calendars)
-            .execute(&mut *tx)
+            .bind(ROUNDS_CHANNEL)
+            .fetch_one(&self.pool)
             .await
             .map_err(db)?;
-            if added > 0 {
-                sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(ROUNDS_CHANNEL)
-                    .bind(&*self.deployment)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            }
-            tx.commit().await.map_err(db)?;
-            Ok(added)
+            Ok(added.max(0) as u64)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::SetWrite;
+    use crate::tuples::TupleSpec;
+    use sqlx::PgPool;
+    use std::time::Duration;
+
+    fn spec(key: &str) -> TupleSpec {
+        let start = "2026-01-01T00:00:00Z".parse().unwrap();
+        TupleSpec {
+            key: key.into(),
+            user_id: format!("{key}@x"),
+            mailbox: format!("{key}@x"),
+            calendar_id: "default".into(),
+            window_start: start,
+            window_end: start + chrono::Duration::days(30),
+            settings: Some("{}".into()),
+        }
+    }
+
+    async fn open_requests(pool: &PgPool) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT tuple_key FROM round_requests WHERE taken_by IS NULL ORDER BY tuple_key",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
+    async fn notified_at(pool: &PgPool, mailbox: &str) -> Option<DateTime<Utc>> {
+        sqlx::query_scalar("SELECT notified_at FROM push_subscriptions WHERE mailbox = $1")
+            .bind(mailbox)
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// Issue 24: a notification's wake-up is one durable request per tracked tuple, a burst
+    /// coalesces into one open request, unknown pairs wake nothing, the replicas are told only
+    /// when something was added, and `notified_at` is rewritten at most once a minute.
+    #[sqlx::test(migrations = false)]
+    async fn a_burst_of_notifications_leaves_one_open_request_per_calendar(pool: PgPool) {
+        let store = Store::from_pool(pool.clone()).as_incarnation("r1#a");
+        store.migrate().await.unwrap();
+        let set = SetWrite {
+            cause: "start",
+            digest: Some("d1".into()),
+            based_on: None,
+            anchor: None,
+        };
+        store
+            .register_set(&[spec("a"), spec("b")], true, &set)
+            .await
+            .unwrap();
+        for m in ["a@x", "b@x"] {
+            sqlx::query(
+                "INSERT INTO push_subscriptions (deployment, mailbox, calendar_id) VALUES ($1, $2, 'default')",
+            )
+            .bind(store.deployment())
+            .bind(m)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let mut listener = store.listen_rounds().await.unwrap();
+        let pair = |m: &str| (m.to_owned(), "default".to_owned());
+
+        let added = store
+            .push_wake(&[pair("a@x"), pair("a@x"), pair("b@x"), pair("nobody@x")])
+            .await
+            .unwrap();
+        assert_eq!(added, 2);
+        assert_eq!(open_requests(&pool).await, ["a", "b"]);
+        tokio::time::timeout(Duration::from_secs(5), listener.next())
+            .await
+            .expect("the replicas are told")
+            .unwrap();
+        let first = notified_at(&pool, "a@x")
+            .await
+            .expect("notified_at written");
+
+        // More notifications while the requests are open: nothing more, nobody told.
+        assert_eq!(store.push_wake(&[pair("a@x")]).await.unwrap(), 0);
+        assert_eq!(open_requests(&pool).await, ["a", "b"]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), listener.next())
+                .await
+                .is_err(),
+            "nothing added, nobody woken"
+        );
+        assert_eq!(
+            notified_at(&pool, "a@x").await,
+            Some(first),
+            "once a minute"
+        );
+
+        // Once a's request is taken (its round runs), a notification asks for one more.
+        sqlx::query(
+            "UPDATE round_requests SET taken_by = 'r1#a', taken_at = now() WHERE tuple_key = 'a'",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            store.push_wake(&[pair("a@x"), pair("a@x")]).await.unwrap(),
+            1
+        );
+        assert_eq!(open_requests(&pool).await, ["a", "b"]);
+
+        // Its answer, written without waiting for the disk, is visible at once; the setting
+        // that spared the wait ends with its statement (one connection: the same session).
+        let single = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with((*pool.connect_options()).clone())
+            .await
+            .unwrap();
+        let one = Store::from_pool(single.clone());
+        let id: i64 = sqlx::query_scalar(
+            "SELECT id FROM round_requests WHERE tuple_key = 'b' AND done_at IS NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let (asker, secs) = one
+            .finish_round_request(id, "ok", None)
+            .await
+            .unwrap()
+            .expect("the request exists");
+        assert_eq!(asker, PUSH_ASKER);
+        assert!(secs >= 0.0);
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM round_requests WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(outcome.as_deref(), Some("ok"));
+        let sync: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(&single)
+            .await
+            .unwrap();
+        assert_eq!(sync, "on", "the answer's setting ends with its transaction");
     }
 }

@@ -62,9 +62,15 @@ pub const ROLE_PUSH: &str = "push";
 /// The receiver's shared state.
 #[derive(Clone)]
 struct Receiver {
-    shared: Arc<Shared>,
+    /// The store on a pool of its own ([`RECEIVER_CONNECTIONS`]): a notification's two
+    /// statements never wait for a connection behind the rounds' page writes.
+    store: calsync_store::Store,
     subscriber: Arc<tokio::sync::Notify>,
 }
+
+/// The receiver's own connections. Each POST makes two statements (read the subscriptions,
+/// write the wake-ups); Graph delivers a few POSTs at a time, batching notifications in each.
+pub const RECEIVER_CONNECTIONS: u32 = 2;
 
 /// The receiver's two routes, at the paths of the URLs Graph is given (a proxy in front passes
 /// the path through), with the body limit.
@@ -77,7 +83,10 @@ pub fn receiver(
         .route(cfg.notification_url.path(), post(notifications))
         .route(cfg.lifecycle_url.path(), post(lifecycle))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Receiver { shared, subscriber })
+        .with_state(Receiver {
+            store: shared.engine().store().on_own_pool(RECEIVER_CONNECTIONS),
+            subscriber,
+        })
 }
 
 /// The `validationToken` of Graph's handshake, decoded, if the request is one.
@@ -156,7 +165,7 @@ async fn verified(r: &Receiver, items: &[Item]) -> Result<Vec<(PushTarget, usize
         rejected("malformed", items.len());
         return Ok(Vec::new());
     }
-    let store = r.shared.engine().store();
+    let store = &r.store;
     let targets = match store.push_targets(&ids).await {
         Ok(t) => t,
         Err(e) => {
@@ -196,7 +205,7 @@ async fn wake(r: &Receiver, targets: &[(PushTarget, usize)]) -> Result<(), Refus
         .iter()
         .map(|(t, _)| (t.mailbox.clone(), t.calendar_id.clone()))
         .collect();
-    match r.shared.engine().store().push_wake(&pairs).await {
+    match r.store.push_wake(&pairs).await {
         Ok(_) => {
             let n: usize = targets.iter().map(|(_, n)| n).sum();
             metrics::counter!("calsync_push_notifications_total", "result" => "accepted", "reason" => "")
@@ -266,7 +275,7 @@ async fn lifecycle(
         .iter()
         .filter_map(|i| Some((i.subscription_id.as_deref()?, i.lifecycle_event.as_deref()?)))
         .collect();
-    let store = r.shared.engine().store();
+    let store = &r.store;
     let mut catch_up = Vec::new();
     for (t, n) in &targets {
         let event = events
