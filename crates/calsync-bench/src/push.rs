@@ -151,31 +151,70 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
 
     // The storm: `rate` writes a second, in batches of a tenth of a second, each applied by
     // graph-sim under one lock at the instant recorded here (before the call: conservative).
+    // Write k goes to mailbox k mod tuples (user{k:04}), an hour starting at a time of its
+    // lap (k / tuples) over the mailboxes, so a mailbox written twice is told apart.
     let storm: Duration = args.storm.into();
     let per_tick = (args.rate / 10).max(1) as usize;
-    let at = (now + chrono::Duration::days(30))
-        .format("%Y-%m-%dT09:00:00Z")
-        .to_string();
-    // Rows are looked for every 50 ms from the storm's start on, beside the writes.
-    // The storm's count once it is over (0 while it runs): the watcher stops when it saw
-    // them all, or after three minutes.
-    let (total_tx, total_rx) = tokio::sync::watch::channel(0usize);
+    let base = (now + chrono::Duration::days(30))
+        .date_naive()
+        .and_hms_opt(9, 0, 0)
+        .context("09:00 is a time")?
+        .and_utc();
+    let at_lap = move |lap: usize| base + chrono::Duration::hours(2 * lap as i64);
+    let tuple_of: HashMap<String, i64> = store.tuple_ids_by_user().await?.into_iter().collect();
+    let tuple_ids: Vec<i64> = (0..args.tuples)
+        .map(|i| {
+            tuple_of
+                .get(&format!("user{i:04}@contoso.onmicrosoft.com"))
+                .copied()
+                .with_context(|| format!("no tuple for user{i:04}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    // Rows are looked for every 50 ms from the storm's start on, beside the writes: for each
+    // write sent and not seen yet, one index probe (its tuple, its start). The watcher stops
+    // when the storm is over and it saw every write, or after three minutes.
+    let (sent_tx, mut sent_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant)>();
     let watcher = {
         let store = store.clone();
+        let tuple_ids = tuple_ids.clone();
+        let tuples = args.tuples as usize;
         tokio::spawn(async move {
-            let mut seen: HashMap<String, Instant> = HashMap::new();
+            // lap -> tuple -> (write, sent at)
+            let mut pending: HashMap<usize, HashMap<i64, (usize, Instant)>> = HashMap::new();
+            let mut seen: Vec<Duration> = Vec::new();
+            let mut storm_over = false;
             let started = Instant::now();
             loop {
-                let total = *total_rx.borrow();
-                if (total > 0 && seen.len() >= total)
+                loop {
+                    match sent_rx.try_recv() {
+                        Ok((k, at)) => {
+                            pending
+                                .entry(k / tuples)
+                                .or_default()
+                                .insert(tuple_ids[k % tuples], (k, at));
+                        }
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                            storm_over = true;
+                            break;
+                        }
+                    }
+                }
+                pending.retain(|_, m| !m.is_empty());
+                if (storm_over && pending.is_empty())
                     || started.elapsed() > Duration::from_secs(180)
                 {
                     break;
                 }
-                if let Ok(subjects) = store.subjects_with_prefix("storm-").await {
-                    let now = Instant::now();
-                    for s in subjects {
-                        seen.entry(s).or_insert(now);
+                for (lap, waiting) in &mut pending {
+                    let ids: Vec<i64> = waiting.keys().copied().collect();
+                    if let Ok(found) = store.tuples_with_event_at(&ids, at_lap(*lap)).await {
+                        let now = Instant::now();
+                        for id in found {
+                            if let Some((_, at)) = waiting.remove(&id) {
+                                seen.push(now.saturating_duration_since(at));
+                            }
+                        }
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -183,36 +222,39 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
             seen
         })
     };
-    // The storm: `rate` writes a second, in batches of a tenth of a second, each applied by
-    // graph-sim under one lock at the instant recorded here (before the call: conservative).
-    let mut applied: HashMap<String, Instant> = HashMap::new();
     let begun = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut written = 0usize;
+    let tuples = args.tuples as usize;
     while begun.elapsed() < storm {
         tick.tick().await;
         let sent = Instant::now();
-        sim_admin(
-            &sim.base,
-            "POST",
-            &format!(
-                "push/events?count={per_tick}&offset={written}&first={written}&prefix=storm-&at={at}"
-            ),
-        )
-        .await?;
+        // One call per lap the tick's writes fall in.
+        let mut k = written;
+        while k < written + per_tick {
+            let lap = k / tuples;
+            let count = (written + per_tick).min((lap + 1) * tuples) - k;
+            sim_admin(
+                &sim.base,
+                "POST",
+                &format!(
+                    "push/events?count={count}&offset={}&first={k}&prefix=storm-&at={}",
+                    k % tuples,
+                    at_lap(lap).format("%Y-%m-%dT%H:%M:%SZ")
+                ),
+            )
+            .await?;
+            k += count;
+        }
         for k in written..written + per_tick {
-            applied.insert(format!("storm-{k}"), sent);
+            let _ = sent_tx.send((k, sent));
         }
         written += per_tick;
     }
     let storm_s = begun.elapsed().as_secs_f64();
-    let _ = total_tx.send(written);
-    let seen_at = watcher.await.context("the row watcher failed")?;
-    let seen: HashMap<&String, Duration> = applied
-        .iter()
-        .filter_map(|(s, at)| Some((s, seen_at.get(s)?.saturating_duration_since(*at))))
-        .collect();
-    let mut lat: Vec<f64> = seen.values().map(Duration::as_secs_f64).collect();
+    drop(sent_tx);
+    let seen = watcher.await.context("the row watcher failed")?;
+    let mut lat: Vec<f64> = seen.iter().map(Duration::as_secs_f64).collect();
     lat.sort_by(f64::total_cmp);
     println!(
         "storm: {written} writes in {storm_s:.1} s ({:.0}/s) over {} mailboxes; {} reached the read model",

@@ -79,13 +79,28 @@ impl Store {
 }
 
 impl Store {
-    /// Benchmark: the subjects in the read model that start with `prefix` (a push benchmark's
-    /// writes, found again).
-    pub async fn subjects_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// Benchmark: each tuple's id by the user it was configured with.
+    pub async fn tuple_ids_by_user(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as("SELECT user_id, id FROM sync_tuples")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    /// Benchmark: which of these tuples hold an event starting at `start` (a push benchmark's
+    /// writes, found again). One probe of `events_by_tuple_and_start` per tuple asked about:
+    /// cheap enough to ask every 50 ms beside a storm of writes, where a scan of the read model
+    /// took 50 ms of the database's CPU each time.
+    pub async fn tuples_with_event_at(
+        &self,
+        tuple_ids: &[i64],
+        start: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<i64>, StoreError> {
         sqlx::query_scalar(
-            "SELECT DISTINCT subject FROM calendar_events WHERE subject LIKE $1 || '%'",
+            "SELECT DISTINCT tuple_id FROM events WHERE tuple_id = ANY($1) AND start_at = $2",
         )
-        .bind(prefix)
+        .bind(tuple_ids)
+        .bind(start)
         .fetch_all(&self.pool)
         .await
         .map_err(db)
