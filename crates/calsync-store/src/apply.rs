@@ -8,7 +8,7 @@ use crate::error::{StoreError, db};
 use crate::link::claim;
 use crate::steps::{self, Touched};
 use crate::tuples::LinkKind;
-use crate::upsert::{upsert_events, upsert_series};
+use crate::upsert::{Rows, upsert_events, upsert_series};
 use crate::write::{PageApplied, PageWrite, RoundStart};
 use sqlx::{Postgres, Transaction};
 
@@ -74,9 +74,18 @@ impl Store {
         })
     }
 
+    /// The page's transaction, its events upserted together; if PostgreSQL refuses a value
+    /// in them, the whole page again with each row on its own (the refused kept quarantined).
     async fn apply_page_now(&self, w: &PageWrite<'_>) -> Result<PageApplied, StoreError> {
+        match self.apply_page_as(w, Rows::Together).await {
+            Err(StoreError::Refused { .. }) => self.apply_page_as(w, Rows::OneByOne).await,
+            done => done,
+        }
+    }
+
+    async fn apply_page_as(&self, w: &PageWrite<'_>, how: Rows) -> Result<PageApplied, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let (applied, _touched) = self.apply_in(&mut tx, w).await?;
+        let (applied, _touched) = self.apply_in(&mut tx, w, how).await?;
         self.fault_point()?;
         tx.commit().await.map_err(db)?;
         Ok(applied)
@@ -90,6 +99,7 @@ impl Store {
         &self,
         tx: &mut Transaction<'_, Postgres>,
         w: &PageWrite<'_>,
+        how: Rows,
     ) -> Result<(PageApplied, Touched), StoreError> {
         let (version, full_round, round_is_full, rebasing) =
             claim(&mut **tx, w, self.incarnation()).await?;
@@ -109,7 +119,8 @@ impl Store {
             if rows.is_empty() {
                 continue;
             }
-            let up = upsert_events(tx, w.tuple_id, full_round, rows, partial, rebasing).await?;
+            let up =
+                upsert_events(tx, w.tuple_id, full_round, rows, partial, rebasing, how).await?;
             touched.upserted.extend(up.written);
             touched.quarantined.extend(up.quarantined);
             self.fault_point()?;

@@ -128,9 +128,20 @@ fn approx_json_len(m: &serde_json::Map<String, serde_json::Value>) -> usize {
     m.iter().map(|(k, v)| k.len() + 4 + value(v)).sum::<usize>() + 2
 }
 
-/// Upserts `rows`; if PostgreSQL refuses a value in them (SQLSTATE class 22, after the repair
-/// `reduce` already did), each row is tried on its own under a savepoint and the refused ones are
-/// kept as quarantined rows (id, type, series, the reason), so the rest of the page commits.
+/// How a page's events are upserted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rows {
+    /// In statements of bounded size, with no savepoint: a value PostgreSQL refuses aborts the
+    /// page's transaction ([`StoreError::Refused`]), and the page is applied again `OneByOne`.
+    /// Nearly every page is stored this way; a savepoint for the rare refusal cost every page
+    /// a round trip (issue 24: a push storm commits a thousand small pages a second).
+    Together,
+    /// Each row on its own under a savepoint; a refused one is kept as a quarantined row (id,
+    /// type, series, the reason), so the rest of the page commits.
+    OneByOne,
+}
+
+/// Upserts `rows` as `how` says (see [`Rows`]).
 pub(crate) async fn upsert_events(
     tx: &mut Transaction<'_, Postgres>,
     tuple_id: i64,
@@ -138,43 +149,21 @@ pub(crate) async fn upsert_events(
     rows: &[EventRow],
     partial: bool,
     pending: bool,
+    how: Rows,
 ) -> Result<Upserted, StoreError> {
-    let savepoint = |name: &'static str| format!("SAVEPOINT {name}");
-    sqlx::query(&savepoint("calsync_batch"))
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
-    let mut all = Ok(Vec::new());
-    for chunk in by_size(rows, STATEMENT_BYTES) {
-        match upsert(tx, tuple_id, round, chunk, partial, pending).await {
-            Ok(ids) => {
-                if let Ok(written) = &mut all {
-                    written.extend(ids);
-                }
-            }
-            Err(e) => {
-                all = Err(e);
-                break;
-            }
+    if how == Rows::Together {
+        let mut written = Vec::new();
+        for chunk in by_size(rows, STATEMENT_BYTES) {
+            written.extend(upsert(tx, tuple_id, round, chunk, partial, pending).await?);
         }
+        return Ok(Upserted {
+            written,
+            quarantined: Vec::new(),
+        });
     }
-    match all {
-        Ok(written) => {
-            return Ok(Upserted {
-                written,
-                quarantined: Vec::new(),
-            });
-        }
-        Err(StoreError::Refused { .. }) => {}
-        Err(e) => return Err(e),
-    }
-    sqlx::query("ROLLBACK TO SAVEPOINT calsync_batch")
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
     let mut out = Upserted::default();
     for row in rows {
-        sqlx::query(&savepoint("calsync_row"))
+        sqlx::query("SAVEPOINT calsync_row")
             .execute(&mut **tx)
             .await
             .map_err(db)?;
