@@ -43,6 +43,38 @@ pub(crate) struct PushArgs {
     pub bin_dir: Option<PathBuf>,
 }
 
+/// The machine's CPU time so far, from `/proc/stat`'s first line, in seconds: (busy, steal).
+fn machine_cpu() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    Some((busy / 100.0, f.get(7)? / 100.0))
+}
+
+/// The CPU seconds of the daemon, graph-sim and the whole machine since `from`.
+struct CpuMark {
+    calsync: f64,
+    sim: f64,
+    machine: Option<(f64, f64)>,
+}
+
+impl CpuMark {
+    fn now(calsync: u32, sim: &str) -> Self {
+        CpuMark {
+            calsync: crate::cpu_seconds(&calsync.to_string()).unwrap_or(f64::NAN),
+            sim: crate::cpu_seconds(sim).unwrap_or(f64::NAN),
+            machine: machine_cpu(),
+        }
+    }
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -223,6 +255,8 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
         })
     };
     let begun = Instant::now();
+    let begun_at = chrono::Utc::now();
+    let cpu_from = CpuMark::now(daemon.pid(), &sim.pid());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut written = 0usize;
     let tuples = args.tuples as usize;
@@ -254,6 +288,8 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
     let storm_s = begun.elapsed().as_secs_f64();
     drop(sent_tx);
     let seen = watcher.await.context("the row watcher failed")?;
+    let cpu_to = CpuMark::now(daemon.pid(), &sim.pid());
+    let took = begun.elapsed().as_secs_f64();
     let mut lat: Vec<f64> = seen.iter().map(Duration::as_secs_f64).collect();
     lat.sort_by(f64::total_cmp);
     println!(
@@ -269,6 +305,38 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
         quantile(&lat, 0.99),
         quantile(&lat, 1.0)
     );
+    // Where calsync's share goes: each woken round's request, from its writing (the receiver)
+    // to its taking (the wake path), and from its taking to its answer (the round's fetch and
+    // commit), as the daemon recorded them in `round_requests`.
+    let spans = store.push_request_spans(begun_at).await?;
+    let mut taking: Vec<f64> = spans.iter().map(|s| s.0).collect();
+    let mut round: Vec<f64> = spans.iter().map(|s| s.1).collect();
+    taking.sort_by(f64::total_cmp);
+    round.sort_by(f64::total_cmp);
+    println!(
+        "  of which in calsync ({} woken rounds): request -> taken p50 {:.0} ms, p99 {:.0} ms; taken -> round committed p50 {:.0} ms, p99 {:.0} ms",
+        spans.len(),
+        quantile(&taking, 0.5) * 1e3,
+        quantile(&taking, 0.99) * 1e3,
+        quantile(&round, 0.5) * 1e3,
+        quantile(&round, 0.99) * 1e3
+    );
+    // The CPU the storm cost, from its start until its last row was seen: the daemon's and
+    // graph-sim's own, and the machine's (the rest is mostly PostgreSQL). Wall-clock latency
+    // on two shared cores varies from run to run; these vary much less.
+    let (daemon_s, sim_s) = (cpu_to.calsync - cpu_from.calsync, cpu_to.sim - cpu_from.sim);
+    if let (Some((b0, s0)), Some((b1, s1))) = (cpu_from.machine, cpu_to.machine) {
+        let busy = b1 - b0;
+        let cores = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
+        println!(
+            "  CPU over those {took:.1} s: machine {busy:.1} s busy of {:.1} ({:.0}%), steal {:.1} s; calsync {daemon_s:.1} s, graph-sim {sim_s:.1} s, the rest (PostgreSQL, this benchmark) {:.1} s; {:.2} ms per write",
+            cores * took,
+            busy / (cores * took) * 100.0,
+            s1 - s0,
+            busy - daemon_s - sim_s,
+            busy / written as f64 * 1e3
+        );
+    }
     let p = sim_admin(&sim.base, "GET", "push").await?;
     let ms = |k: &str| p["answer_ms"][k].as_f64().unwrap_or(f64::NAN);
     println!(

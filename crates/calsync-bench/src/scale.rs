@@ -111,7 +111,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 

@@ -106,6 +106,24 @@ impl Store {
         .map_err(db)
     }
 
+    /// Benchmark: for each push request asked since `since` and answered, seconds from the
+    /// request to its taking (the wake path) and from its taking to its answer (the round).
+    pub async fn push_request_spans(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<(f64, f64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT extract(epoch FROM taken_at - requested_at)::float8, \
+                    extract(epoch FROM done_at - taken_at)::float8 \
+             FROM round_requests WHERE requested_by = 'push' AND requested_at >= $1 \
+               AND taken_at IS NOT NULL AND done_at IS NOT NULL",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     /// Benchmark: every statement that writes `events` sleeps `ms` first (a statement-level
     /// trigger), standing in for a database slower than Graph.
     pub async fn slow_down_writes_for_benchmark(&self, ms: u32) -> Result<(), StoreError> {
