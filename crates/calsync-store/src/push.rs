@@ -82,6 +82,38 @@ impl Store {
         .await
     }
 
+    /// Of the subscriptions this replica keeps, those whose state may change now: all but the
+    /// healthy ones not due for renewal within `renew_before` and the unhealthy ones waiting
+    /// for their `retry_at`. What the subscriber looks at between its full reads
+    /// ([`Store::push_mine`]): at 100,000 calendars, a handful of rows instead of all.
+    pub async fn push_mine_due(
+        &self,
+        renew_before: std::time::Duration,
+    ) -> Result<Vec<PushRow>, StoreError> {
+        let me = self.incarnation().unwrap_or("").to_owned();
+        let secs = renew_before.as_secs_f64();
+        self.bounded("reading this replica's due subscriptions", async {
+            sqlx::query_as(&format!(
+                "SELECT {COLUMNS} FROM push_subscriptions p \
+                 JOIN mailbox_leases l ON l.deployment = p.deployment AND l.mailbox = p.mailbox \
+                 WHERE p.deployment = $1 AND l.owner = $2 \
+                 AND NOT COALESCE(p.state = 'active' AND p.subscription_id IS NOT NULL \
+                          AND p.expires_at > now() + make_interval(secs => $3), false) \
+                 AND NOT COALESCE(p.state <> 'active' AND p.retry_at > now(), false) \
+                 AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                 ORDER BY p.mailbox, p.calendar_id"
+            ))
+            .bind(&*self.deployment)
+            .bind(&me)
+            .bind(secs)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+        })
+        .await
+    }
+
     /// Graph asked for reauthorization: the subscription is renewed at the next look (a
     /// renewal reauthorizes).
     pub async fn push_renew_now(&self, subscription_id: &str) -> Result<(), StoreError> {
@@ -484,5 +516,75 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sync, "on", "the answer's setting ends with its transaction");
+    }
+
+    /// Issue 24: between full reads the subscriber looks only at what may need action; a
+    /// healthy subscription far from its renewal, and an unhealthy one waiting for its retry,
+    /// are left out, and so are other replicas' and untracked calendars'.
+    #[sqlx::test(migrations = false)]
+    async fn only_subscriptions_due_for_action_are_read_between_full_reads(pool: PgPool) {
+        let store = Store::from_pool(pool.clone()).as_incarnation("r1#a");
+        store.migrate().await.unwrap();
+        let keys = [
+            "healthy", "renew", "pending", "waiting", "retry", "theirs", "lapsed",
+        ];
+        let specs: Vec<TupleSpec> = keys.iter().map(|k| spec(k)).collect();
+        let set = SetWrite {
+            cause: "start",
+            digest: Some("d1".into()),
+            based_on: None,
+            anchor: None,
+        };
+        store.register_set(&specs, true, &set).await.unwrap();
+        for k in keys {
+            let owner = if k == "theirs" { "r2#b" } else { "r1#a" };
+            sqlx::query(
+                "INSERT INTO mailbox_leases (deployment, mailbox, owner) VALUES ($1, $2, $3) \
+                 ON CONFLICT (deployment, mailbox) DO UPDATE SET owner = EXCLUDED.owner",
+            )
+            .bind(store.deployment())
+            .bind(format!("{k}@x"))
+            .bind(owner)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        // (key, state, subscription, expires in, retry in), hours from now.
+        let rows: [(&str, &str, Option<&str>, Option<i32>, Option<i32>); 7] = [
+            ("healthy", "active", Some("s1"), Some(100), None),
+            ("renew", "active", Some("s2"), Some(6), None),
+            ("pending", "pending", None, None, None),
+            ("waiting", "refused", None, None, Some(20)),
+            ("retry", "failing", None, None, Some(-1)),
+            ("theirs", "pending", None, None, None),
+            ("lapsed", "active", Some("s3"), Some(-1), Some(1)),
+        ];
+        for (k, state, id, expires, retry) in rows {
+            sqlx::query(
+                "INSERT INTO push_subscriptions (deployment, mailbox, calendar_id, state, \
+                   subscription_id, expires_at, retry_at) \
+                 VALUES ($1, $2, 'default', $3, $4, now() + make_interval(hours => $5), \
+                   now() + make_interval(hours => $6))",
+            )
+            .bind(store.deployment())
+            .bind(format!("{k}@x"))
+            .bind(state)
+            .bind(id)
+            .bind(expires)
+            .bind(retry)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        let due: Vec<String> = store
+            .push_mine_due(std::time::Duration::from_secs(12 * 3600))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.mailbox)
+            .collect();
+        assert_eq!(due, ["lapsed@x", "pending@x", "renew@x", "retry@x"]);
+        // The full read has them all (this replica's).
+        assert_eq!(store.push_mine().await.unwrap().len(), 6);
     }
 }

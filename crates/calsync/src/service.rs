@@ -311,7 +311,7 @@ impl App {
                 shared: Arc::clone(&shared),
                 notes: notes.clone(),
                 plan: plan_tx,
-                owned: owned_rx,
+                owned: owned_rx.clone(),
                 inbox: schedule_rx,
                 stop: stop.clone(),
                 generation,
@@ -393,6 +393,7 @@ impl App {
                     Arc::clone(&shared),
                     push.clone(),
                     Arc::clone(&poke),
+                    owned_rx.clone(),
                     schedule.clone(),
                 )
             });
