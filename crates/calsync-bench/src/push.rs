@@ -355,11 +355,21 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
     let r0 = sim_admin(&sim.base, "GET", "stats").await?["requests"]
         .as_u64()
         .unwrap_or(0);
+    let quiet_from = CpuMark::now(daemon.pid(), &sim.pid());
     tokio::time::sleep(quiet).await;
+    let quiet_to = CpuMark::now(daemon.pid(), &sim.pid());
     let r1 = sim_admin(&sim.base, "GET", "stats").await?["requests"]
         .as_u64()
         .unwrap_or(0);
     let per_day = (r1 - r0) as f64 / quiet.as_secs_f64() * 86_400.0;
+    if let (Some((b0, _)), Some((b1, _))) = (quiet_from.machine, quiet_to.machine) {
+        println!(
+            "  CPU while quiet: calsync {:.1}% of a core, the machine {:.1}% (keeping {} subscriptions, the backstop, leases)",
+            (quiet_to.calsync - quiet_from.calsync) / quiet.as_secs_f64() * 100.0,
+            (b1 - b0) / quiet.as_secs_f64() * 100.0,
+            args.tuples
+        );
+    }
     // The backstop polls each calendar once per backstop interval; the first ones fall due a
     // backstop after the start, so a short quiet window right after it sees few or none.
     let backstop_day = f64::from(args.tuples) * 86_400.0 / backstop.as_secs_f64();
