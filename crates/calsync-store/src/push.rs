@@ -550,7 +550,7 @@ mod tests {
             .unwrap();
         }
         // (key, state, subscription, expires in, retry in), hours from now.
-        let rows: [(&str, &str, Option<&str>, Option<i32>, Option<i32>); 7] = [
+        let rows = [
             ("healthy", "active", Some("s1"), Some(100), None),
             ("renew", "active", Some("s2"), Some(6), None),
             ("pending", "pending", None, None, None),
