@@ -20,11 +20,13 @@
 //! | [`read_model`] | reading `calendar_events` and `calendar_sync_status` |
 //! | [`wake`] | round requests: "run this tuple's round now" reaching the replica that holds its mailbox |
 //! | [`push`] | push subscriptions, and the wake-ups notifications make durable |
+//! | [`changes`] | the change feed's read side: a cursor that cannot skip a late commit |
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]
 
 pub mod apply;
 mod batch;
+pub mod changes;
 mod columns;
 pub mod error;
 pub mod generation;
