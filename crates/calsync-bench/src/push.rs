@@ -375,7 +375,7 @@ pub(crate) async fn push(args: PushArgs) -> anyhow::Result<()> {
     let backstop_day = f64::from(args.tuples) * 86_400.0 / backstop.as_secs_f64();
     let polling = f64::from(args.tuples) * 86_400.0 / poll.as_secs_f64();
     println!(
-        "quiet {} s: {} Graph requests (= {:.0}/day while nothing changes and no backstop poll is due yet)",
+        "quiet {} s: {} Graph requests (= {:.0}/day; backstop replays fall due a backstop interval after each calendar's last round, so a window shorter than that sees few or none)",
         quiet.as_secs(),
         r1 - r0,
         per_day
