@@ -72,7 +72,7 @@ const COUNT_EVERY: Duration = Duration::from_secs(60);
 /// The subscriber worker (see the module docs). It reads all the subscriptions it keeps when
 /// what it keeps may have changed (at its start, when this replica's mailboxes change, when
 /// the tracked set moves to a new generation, when the receiver had a lifecycle event, and
-/// every [`FULL_READ_EVERY`]); in between, every [`TICK`], only those due for action
+/// every `FULL_READ_EVERY`); in between, every [`TICK`], only those due for action
 /// ([`Store::push_mine_due`](calsync_store::Store::push_mine_due)). At 10,000 calendars a
 /// full read took ~240 ms of PostgreSQL's time; every 5 s at 100,000 that was half a core.
 pub async fn subscriber(
