@@ -447,21 +447,8 @@ impl SetListener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tuples::TupleSpec;
+    use crate::tuples::test_spec as spec;
     use sqlx::PgPool;
-
-    fn spec(key: &str, settings: &str) -> TupleSpec {
-        let start = "2026-01-01T00:00:00Z".parse().unwrap();
-        TupleSpec {
-            key: key.into(),
-            user_id: format!("{key}@x"),
-            mailbox: format!("{key}@x"),
-            calendar_id: "default".into(),
-            window_start: start,
-            window_end: start + chrono::Duration::days(30),
-            settings: Some(settings.into()),
-        }
-    }
 
     fn write(cause: &'static str, digest: Option<&str>, based_on: Option<i64>) -> SetWrite {
         SetWrite {

@@ -377,22 +377,9 @@ impl Store {
 mod tests {
     use super::*;
     use crate::generation::SetWrite;
-    use crate::tuples::TupleSpec;
+    use crate::tuples::{TupleSpec, test_spec};
     use sqlx::PgPool;
     use std::time::Duration;
-
-    fn spec(key: &str) -> TupleSpec {
-        let start = "2026-01-01T00:00:00Z".parse().unwrap();
-        TupleSpec {
-            key: key.into(),
-            user_id: format!("{key}@x"),
-            mailbox: format!("{key}@x"),
-            calendar_id: "default".into(),
-            window_start: start,
-            window_end: start + chrono::Duration::days(30),
-            settings: Some("{}".into()),
-        }
-    }
 
     async fn open_requests(pool: &PgPool) -> Vec<String> {
         sqlx::query_scalar(
@@ -425,7 +412,7 @@ mod tests {
             anchor: None,
         };
         store
-            .register_set(&[spec("a"), spec("b")], true, &set)
+            .register_set(&[test_spec("a", "{}"), test_spec("b", "{}")], true, &set)
             .await
             .unwrap();
         for m in ["a@x", "b@x"] {
@@ -528,7 +515,7 @@ mod tests {
         let keys = [
             "healthy", "renew", "pending", "waiting", "retry", "theirs", "lapsed",
         ];
-        let specs: Vec<TupleSpec> = keys.iter().map(|k| spec(k)).collect();
+        let specs: Vec<TupleSpec> = keys.iter().map(|k| test_spec(k, "{}")).collect();
         let set = SetWrite {
             cause: "start",
             digest: Some("d1".into()),

@@ -371,6 +371,21 @@ impl Store {
     }
 }
 
+/// Tests: a tuple `key` whose mailbox is its own (`{key}@x`), a 30-day window from 2026.
+#[cfg(test)]
+pub(crate) fn test_spec(key: &str, settings: &str) -> TupleSpec {
+    let start = "2026-01-01T00:00:00Z".parse().unwrap();
+    TupleSpec {
+        key: key.into(),
+        user_id: format!("{key}@x"),
+        mailbox: format!("{key}@x"),
+        calendar_id: "default".into(),
+        window_start: start,
+        window_end: start + chrono::Duration::days(30),
+        settings: Some(settings.into()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
