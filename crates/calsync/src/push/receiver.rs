@@ -189,22 +189,32 @@ fn parse(body: &[u8]) -> Result<Vec<Item>, Refusal> {
         })
 }
 
+/// What both routes do first: answer Graph's handshake, or parse the batch and check each
+/// item's subscription and `clientState`. `Err`: the answer to give at once.
+async fn admitted(
+    r: &Receiver,
+    uri: &axum::http::Uri,
+    body: &[u8],
+) -> Result<(Vec<Item>, Vec<(PushTarget, usize)>), Response> {
+    if let Some(token) = validation_token(uri) {
+        return Err(handshake(token));
+    }
+    let items = parse(body).map_err(IntoResponse::into_response)?;
+    let targets = verified(r, &items)
+        .await
+        .map_err(IntoResponse::into_response)?;
+    Ok((items, targets))
+}
+
 /// `POST /notifications`: the handshake, or a batch of change notifications.
 async fn notifications(
     State(r): State<Receiver>,
     uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(token) = validation_token(&uri) {
-        return handshake(token);
-    }
-    let items = match parse(&body) {
-        Ok(i) => i,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let targets = match verified(&r, &items).await {
-        Ok(t) => t,
-        Err(refusal) => return refusal.into_response(),
+    let (_, targets) = match admitted(&r, &uri, &body).await {
+        Ok(admitted) => admitted,
+        Err(answer) => return answer,
     };
     match wake(&r, &targets).await {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
@@ -221,16 +231,9 @@ async fn lifecycle(
     uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(token) = validation_token(&uri) {
-        return handshake(token);
-    }
-    let items = match parse(&body) {
-        Ok(i) => i,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let targets = match verified(&r, &items).await {
-        Ok(t) => t,
-        Err(refusal) => return refusal.into_response(),
+    let (items, targets) = match admitted(&r, &uri, &body).await {
+        Ok(admitted) => admitted,
+        Err(answer) => return answer,
     };
     let events: HashMap<&str, &str> = items
         .iter()
