@@ -8,7 +8,7 @@ use crate::error::{StoreError, db};
 use crate::link::claim;
 use crate::steps::{self, Touched};
 use crate::tuples::LinkKind;
-use crate::upsert::{Rows, upsert_events, upsert_series};
+use crate::upsert::{Rows, Target, upsert_events, upsert_series};
 use crate::write::{PageApplied, PageWrite, RoundStart};
 use sqlx::{Postgres, Transaction};
 
@@ -85,24 +85,30 @@ impl Store {
 
     async fn apply_page_as(&self, w: &PageWrite<'_>, how: Rows) -> Result<PageApplied, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let (applied, _touched) = self.apply_in(&mut tx, w, how).await?;
+        let (applied, feed_rows) = self.apply_in(&mut tx, w, how).await?;
         self.fault_point()?;
         tx.commit().await.map_err(db)?;
+        if feed_rows > 0 {
+            self.feed.written(&self.pool, &self.deployment);
+        }
         Ok(applied)
     }
 
     /// The page's steps, in order, each a named statement that returns the ids it touched:
-    /// claim the tuple (the link, under the version and fence checks), remove, upsert series,
-    /// upsert events, reconcile series, and on a full round's last page sweep and switch the
-    /// served window.
+    /// claim the tuple (the link, under the version and fence checks, after the change feed's
+    /// lock), remove, upsert series, upsert events, reconcile series, on a full round's last
+    /// page sweep and switch the served window, and last write the change feed's rows of what
+    /// the view now shows differently. Returns what the page did and how many feed rows it
+    /// wrote.
     async fn apply_in(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         w: &PageWrite<'_>,
         how: Rows,
-    ) -> Result<(PageApplied, Touched), StoreError> {
+    ) -> Result<(PageApplied, u64), StoreError> {
+        let feed = self.feed.on.then_some(&*self.deployment);
         let (version, full_round, round_is_full, rebasing) =
-            claim(&mut **tx, w, self.incarnation()).await?;
+            claim(&mut **tx, w, self.incarnation(), feed).await?;
         self.fault_point()?;
         let mut touched = Touched::default();
         let c = w.changes;
@@ -111,17 +117,30 @@ impl Store {
             self.fault_point()?;
         }
         if !c.series.is_empty() {
-            let written = upsert_series(tx, w.tuple_id, full_round, &c.series).await?;
-            touched.series_upserted.extend(written);
+            let written =
+                upsert_series(tx, w.tuple_id, full_round, &c.series, feed.is_some()).await?;
+            for (id, changed) in written {
+                if changed {
+                    touched.series_changed.push(id.clone());
+                }
+                touched.series_upserted.push(id);
+            }
             self.fault_point()?;
         }
         for (rows, partial) in [(&c.full, false), (&c.partial, true)] {
             if rows.is_empty() {
                 continue;
             }
-            let up =
-                upsert_events(tx, w.tuple_id, full_round, rows, partial, rebasing, how).await?;
+            let target = Target {
+                tuple_id: w.tuple_id,
+                round: full_round,
+                partial,
+                pending: rebasing,
+                diff: feed.is_some(),
+            };
+            let up = upsert_events(tx, target, rows, how).await?;
             touched.upserted.extend(up.written);
+            touched.changed.extend(up.changed);
             touched.quarantined.extend(up.quarantined);
             self.fault_point()?;
         }
@@ -150,6 +169,10 @@ impl Store {
             steps::switch_window(tx, w.tuple_id, &mut touched).await?;
             self.fault_point()?;
         }
+        let feed_rows = match feed {
+            Some(_) => crate::changes::write_page(tx, w.tuple_id, &touched).await?,
+            None => 0,
+        };
         let applied = PageApplied {
             version,
             upserted: touched.upserted.len() as u64,
@@ -157,7 +180,7 @@ impl Store {
             swept: touched.swept.len() as u64,
             quarantined: touched.quarantined.len() as u64,
         };
-        Ok((applied, touched))
+        Ok((applied, feed_rows))
     }
 }
 

@@ -117,7 +117,7 @@ pub(crate) async fn run(pool: &PgPool, deadline: Duration, inbox: &mut LinkInbox
         // One statement at a time: a batch never waits on another for row locks.
         let saves: Vec<&LinkSave> = batch.iter().map(|w| &w.save).collect();
         // Bounded here, once per statement, rather than around each write that waits for it.
-        let result = crate::within(deadline, "saving links", save_links(pool, &saves)).await;
+        let result = crate::within(deadline, "saving links", save_links(pool, &saves, None)).await;
         for w in batch {
             let answer = match &result {
                 Ok(saved) => Ok(saved.iter().find(|r| r.0 == w.save.tuple_id).map(|r| r.1)),

@@ -1,14 +1,197 @@
-//! The change feed (issue 25), read side: `calendar_changes` and the cursor that cannot skip
-//! (migration `0009_changes.sql`). A position is (writing transaction's id, sequence); a reader
-//! is answered only rows of transactions older than every transaction still running, so a
-//! transaction that commits late is never passed over, and each calendar's changes come in its
-//! commit order because a writer takes the calendar's advisory lock before its first write.
-//! The page transaction's steps are to write the rows (not yet: this is the read side and its
-//! proof).
+//! The change feed (issue 25): `calendar_changes`, written in the transaction that changes
+//! the view, and read at a cursor that cannot skip (migration `0009_changes.sql`).
+//!
+//! A position is (writing transaction's id, sequence); a reader is answered only rows of
+//! transactions older than every transaction still running, so a transaction that commits late
+//! is never passed over. Each calendar's changes come in its commit order because every writer
+//! of a deployment's feed takes its lock (`calsync_feed_lock`: page transactions shared,
+//! registration exclusive) before its first write, and two page transactions of one calendar
+//! are ordered by the tuple's row and its `link_version` (the loser writes nothing).
+//!
+//! Written: [`write_page`] (a page's steps' [`Touched`], one statement), [`write_tracking`]
+//! (registration: rows hidden by untracking or re-pointing, shown by tracking again). After a
+//! commit that wrote changes, [`Feed::written`] has `NOTIFY calsync_changes` sent (coalesced,
+//! outside the transaction: a NOTIFY inside it would serialize every page's commit on the
+//! server's notify queue lock).
 
 use crate::Store;
 use crate::error::{StoreError, db};
+use crate::steps::Touched;
 use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// A row of `calendar_events` as the feed carries it: the event's columns, without those of
+/// its calendar (carried beside it) and without the window, which is the calendar's
+/// (`calendar_sync_status`) and changes for every row at once when the window moves.
+pub(crate) const VIEW_ROW: &str =
+    "to_jsonb(v) - '{deployment,tuple_key,user_id,calendar_id,window_start,window_end}'::text[]";
+
+/// Whether a store writes the change feed, and its wake-ups for readers.
+#[derive(Debug)]
+pub(crate) struct Feed {
+    /// Write the feed (`changes.enabled`).
+    pub(crate) on: bool,
+    wake: Arc<tokio::sync::Notify>,
+    notifier: OnceLock<()>,
+}
+
+impl Feed {
+    pub(crate) fn new(on: bool) -> Feed {
+        Feed {
+            on,
+            wake: Default::default(),
+            notifier: OnceLock::new(),
+        }
+    }
+
+    /// A transaction that wrote changes committed: readers are woken by `NOTIFY
+    /// calsync_changes` (payload: the deployment) within a few milliseconds, one notification
+    /// for every burst of commits, sent by a task of this store.
+    pub(crate) fn written(&self, pool: &PgPool, deployment: &str) {
+        self.wake.notify_one();
+        self.notifier.get_or_init(|| {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let task =
+                    notify_readers(Arc::downgrade(&self.wake), pool.clone(), deployment.into());
+                runtime.spawn(task);
+            }
+        });
+    }
+}
+
+impl Default for Feed {
+    fn default() -> Feed {
+        Feed::new(true)
+    }
+}
+
+/// Sends `NOTIFY calsync_changes` after each burst of commits, until the store is dropped.
+async fn notify_readers(
+    wake: std::sync::Weak<tokio::sync::Notify>,
+    pool: PgPool,
+    deployment: String,
+) {
+    loop {
+        let Some(wake) = wake.upgrade() else { return };
+        let woken = tokio::time::timeout(Duration::from_secs(1), wake.notified()).await;
+        drop(wake);
+        if woken.is_err() {
+            continue;
+        }
+        // Commits that follow within this pause share the one notification.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let sent = sqlx::query("SELECT pg_notify('calsync_changes', $1)")
+            .bind(&deployment)
+            .execute(&pool)
+            .await;
+        if let Err(e) = sent {
+            // Readers also poll; a lost wake-up delays them, it loses nothing.
+            tracing::debug!(error = %db(e), "NOTIFY calsync_changes was not sent");
+        }
+    }
+}
+
+/// Writes the feed's rows of a page, last in its transaction, from what its steps returned:
+/// a delete for each row that left the view, then an upsert, with the row as the view now
+/// shows it, for each row quarantined, shown by the window switch (new in it, or hidden
+/// until it), changed by an item, or under a series master that changed (each once, with the
+/// first of those causes). Nothing for
+/// an untracked tuple, whose rows the view does not show. Returns the rows written.
+pub(crate) async fn write_page(
+    tx: &mut Transaction<'_, Postgres>,
+    tuple_id: i64,
+    touched: &Touched,
+) -> Result<u64, StoreError> {
+    let (gone_ids, gone_causes): (Vec<&str>, Vec<&str>) = touched
+        .gone
+        .iter()
+        .map(|(id, cause)| (id.as_str(), *cause))
+        .unzip();
+    let mut ids: Vec<&str> = Vec::new();
+    let mut causes: Vec<&str> = Vec::new();
+    let mut ranks: Vec<i32> = Vec::new();
+    for (rank, (list, cause)) in [
+        (&touched.quarantined, "quarantine"),
+        (&touched.shown, "window"),
+        (&touched.changed, "delta"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for id in list {
+            ids.push(id);
+            causes.push(cause);
+            ranks.push(rank as i32);
+        }
+    }
+    if gone_ids.is_empty() && ids.is_empty() && touched.series_changed.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "WITH t AS (SELECT deployment, tuple_key, user_id, calendar_id FROM sync_tuples \
+                    WHERE id = $1 AND tracked), \
+              wanted AS (SELECT u.id, u.cause, u.rank FROM UNNEST($4::text[], $5::text[], $6::int[]) AS u(id, cause, rank) \
+                         UNION ALL \
+                         SELECT e.event_id, 'series', 9 FROM events e \
+                         WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[])), \
+              best AS (SELECT DISTINCT ON (id) id, cause FROM wanted ORDER BY id, rank), \
+              x AS (SELECT 0 AS part, d.n, d.id AS event_id, 'delete' AS op, d.cause, NULL::jsonb AS data \
+                    FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS d(id, cause, n) \
+                    UNION ALL \
+                    SELECT 1, 0, v.event_id, 'upsert', b.cause, {VIEW_ROW} \
+                    FROM t JOIN calendar_events v ON v.deployment = t.deployment AND v.tuple_key = t.tuple_key \
+                    JOIN best b ON b.id = v.event_id) \
+         INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
+         SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, x.event_id, x.op, x.cause, x.data \
+         FROM t, x ORDER BY x.part, x.n, x.event_id"
+    );
+    let written = sqlx::query(&sql)
+        .bind(tuple_id)
+        .bind(&gone_ids)
+        .bind(&gone_causes)
+        .bind(&ids)
+        .bind(&causes)
+        .bind(&ranks)
+        .bind(&touched.series_changed)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(written.rows_affected())
+}
+
+/// Writes the feed's rows of tuples whose rows leave the view or come back as a whole (in a
+/// registration, which holds the feed's lock exclusive): `op` for each row `calendar_events`
+/// shows of `keys` now, with `cause`. Call it before an untracking or re-pointing (the rows
+/// are still shown: deletes) and after a re-tracking (they show again: upserts).
+pub(crate) async fn write_tracking(
+    tx: &mut sqlx::PgConnection,
+    deployment: &str,
+    keys: &[&str],
+    op: &str,
+    cause: &str,
+) -> Result<u64, StoreError> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
+         SELECT v.deployment, v.tuple_key, v.user_id, v.calendar_id, v.event_id, $3, $4, \
+                CASE WHEN $3 = 'upsert' THEN {VIEW_ROW} END \
+         FROM calendar_events v WHERE v.deployment = $1 AND v.tuple_key = ANY($2::text[]) \
+         ORDER BY v.tuple_key, v.event_id"
+    );
+    let written = sqlx::query(&sql)
+        .bind(deployment)
+        .bind(keys)
+        .bind(op)
+        .bind(cause)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    Ok(written.rows_affected())
+}
 
 /// One change of the read model, as `calsync_changes` answers it.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -35,10 +218,46 @@ pub struct Change {
     pub written_at: DateTime<Utc>,
 }
 
+/// One row of the view in a snapshot (`calsync_snapshot`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SnapshotRow {
+    /// The deployment of the calendar.
+    pub deployment: String,
+    /// The calendar's `[[calendars]]` name.
+    pub tuple_key: String,
+    /// As configured.
+    pub user_id: String,
+    /// `default` or an id.
+    pub calendar_id: String,
+    /// Graph's instance id.
+    pub event_id: String,
+    /// The row as a change carries it.
+    pub data: serde_json::Value,
+}
+
+/// The view at one instant and where to follow the feed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// Follow the feed from here: every change the rows do not hold comes after it.
+    pub cursor: String,
+    /// The rows, by deployment, calendar and event id.
+    pub rows: Vec<SnapshotRow>,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Changes deleted.
+    pub deleted: u64,
+}
+
+/// The SQLSTATE `calsync_changes` answers a cursor older than retention kept with.
+const EXPIRED: &str = "CS410";
+
 impl Store {
     /// The changes after `after` (`None`: from the oldest kept), at most `limit`, in feed
     /// order. An empty answer means nothing more is committed yet; ask again from the same
-    /// cursor.
+    /// cursor. A cursor older than retention kept is [`StoreError::Expired`].
     pub async fn changes_after(
         &self,
         after: Option<&str>,
@@ -50,199 +269,118 @@ impl Store {
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await
-                .map_err(db)
+                .map_err(|e| {
+                    let expired = e
+                        .as_database_error()
+                        .and_then(|d| d.code())
+                        .is_some_and(|c| c == EXPIRED);
+                    match (expired, after) {
+                        (true, Some(cursor)) => StoreError::Expired {
+                            cursor: cursor.to_owned(),
+                        },
+                        _ => db(e),
+                    }
+                })
         })
         .await
+    }
+
+    /// The view now (this deployment's rows, or every deployment's with `all`) with the
+    /// cursor to follow the feed from.
+    pub async fn changes_snapshot(&self, all: bool) -> Result<Snapshot, StoreError> {
+        type Row = (
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<serde_json::Value>,
+        );
+        let deployment = (!all).then_some(&*self.deployment);
+        let rows: Vec<Row> = self
+            .bounded("reading a snapshot of the view", async {
+                sqlx::query_as("SELECT * FROM calsync_snapshot($1)")
+                    .bind(deployment)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(db)
+            })
+            .await?;
+        let cursor = rows
+            .first()
+            .map(|r| r.0.clone())
+            .ok_or_else(|| StoreError::Query("calsync_snapshot answered no cursor".into()))?;
+        let rows = rows
+            .into_iter()
+            .filter_map(|r| {
+                Some(SnapshotRow {
+                    deployment: r.1?,
+                    tuple_key: r.2?,
+                    user_id: r.3?,
+                    calendar_id: r.4?,
+                    event_id: r.5?,
+                    data: r.6?,
+                })
+            })
+            .collect();
+        Ok(Snapshot { cursor, rows })
+    }
+
+    /// Deletes changes written before `before` (every deployment's: the feed is one), at most
+    /// `batch` per statement until none is left, and moves retention's mark past them so a
+    /// cursor among them is answered "expired". Each batch is its own short transaction.
+    pub async fn trim_changes(
+        &self,
+        before: DateTime<Utc>,
+        batch: i64,
+    ) -> Result<Trimmed, StoreError> {
+        let mut out = Trimmed::default();
+        loop {
+            let step = async {
+                let mut tx = self.pool.begin().await.map_err(db)?;
+                // The oldest changes first, by position (the primary key): the mark then
+                // moves forward only, past a gap-free prefix.
+                let last: Option<(i64, i64, i64)> = sqlx::query_as(
+                    "WITH doomed AS (SELECT txid, seq FROM calendar_changes WHERE written_at < $1 \
+                                       AND txid < txid_snapshot_xmin(txid_current_snapshot()) \
+                                     ORDER BY txid, seq LIMIT $2), \
+                          gone AS (DELETE FROM calendar_changes c USING doomed d \
+                                   WHERE (c.txid, c.seq) = (d.txid, d.seq) RETURNING c.txid, c.seq) \
+                     SELECT txid, seq, (SELECT count(*) FROM gone) FROM gone ORDER BY txid DESC, seq DESC LIMIT 1",
+                )
+                .bind(before)
+                .bind(batch.max(1))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+                let Some((txid, seq, n)) = last else {
+                    return Ok(0);
+                };
+                sqlx::query(
+                    "INSERT INTO calendar_changes_trimmed (txid, seq) VALUES ($1, $2) \
+                     ON CONFLICT (only_row) DO UPDATE SET txid = EXCLUDED.txid, seq = EXCLUDED.seq, trimmed_at = now() \
+                     WHERE (calendar_changes_trimmed.txid, calendar_changes_trimmed.seq) < (EXCLUDED.txid, EXCLUDED.seq)",
+                )
+                .bind(txid)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                tx.commit().await.map_err(db)?;
+                Ok::<u64, StoreError>(n as u64)
+            };
+            let n = self.bounded("trimming the change feed", step).await?;
+            out.deleted += n;
+            if n < batch.max(1) as u64 {
+                return Ok(out);
+            }
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use sqlx::{Acquire, PgPool};
-    use std::collections::HashMap;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
+mod tests;
 
-    async fn write_change(
-        conn: &mut sqlx::PgConnection,
-        tuple: &str,
-        event: &str,
-    ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar(
-            "INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause) \
-             VALUES ('default', $1, 'u', 'default', $2, 'upsert', 'delta') RETURNING seq",
-        )
-        .bind(tuple)
-        .bind(event)
-        .fetch_one(conn)
-        .await
-    }
-
-    /// A reader that follows the sequence alone, as an outbox read by `id > cursor` does.
-    async fn by_sequence(pool: &PgPool, after: i64) -> Vec<(i64, String)> {
-        sqlx::query_as("SELECT seq, event_id FROM calendar_changes WHERE seq > $1 ORDER BY seq")
-            .bind(after)
-            .fetch_all(pool)
-            .await
-            .unwrap()
-    }
-
-    /// Issue 25: the trap of a bigserial position (event-driven.io, "ordering in a Postgres
-    /// outbox"): a transaction that inserted first and commits last is passed over by a
-    /// reader following `seq > cursor`; the feed's cursor waits for it and reads it.
-    #[sqlx::test(migrations = false)]
-    async fn a_transaction_committing_late_is_read_where_a_sequence_cursor_skips_it(pool: PgPool) {
-        let store = Store::from_pool(pool.clone());
-        store.migrate().await.unwrap();
-        let mut late = pool.acquire().await.unwrap();
-        let mut late_tx = late.begin().await.unwrap();
-        write_change(&mut late_tx, "a", "first-inserted")
-            .await
-            .unwrap();
-        let mut early = pool.begin().await.unwrap();
-        write_change(&mut early, "b", "first-committed")
-            .await
-            .unwrap();
-        early.commit().await.unwrap();
-
-        // While the late writer is open, the feed answers nothing after it; the sequence
-        // reader sees the second row and moves past the first.
-        assert_eq!(store.changes_after(None, 100).await.unwrap(), []);
-        let seen = by_sequence(&pool, 0).await;
-        assert_eq!(seen.len(), 1);
-        let sequence_cursor = seen[0].0;
-
-        late_tx.commit().await.unwrap();
-        // Read once every transaction older than the late one ended: other tests' too (the
-        // horizon is the cluster's), hence the wait.
-        let began = std::time::Instant::now();
-        let feed: Vec<String> = loop {
-            let feed = store.changes_after(None, 100).await.unwrap();
-            if feed.len() >= 2 || began.elapsed() > Duration::from_secs(30) {
-                break feed.into_iter().map(|c| c.event_id).collect();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(feed, ["first-inserted", "first-committed"]);
-        assert_eq!(
-            by_sequence(&pool, sequence_cursor).await,
-            [],
-            "the sequence reader skipped the late commit"
-        );
-    }
-
-    /// Issue 25: writers on five calendars (contended) commit concurrently, each holding its calendar's
-    /// advisory lock from before its first write (without it, a writer that wrote elsewhere
-    /// first holds an older transaction id than the writer of the same calendar it then waits
-    /// for, and its change sorts before that one), committing after a varying delay, while
-    /// a reader follows the feed page by page: it reads every change exactly once, and each
-    /// calendar's changes in the order they were made. A reader following the sequence alone
-    /// loses some (the same run, so the test would fail with a bigserial cursor).
-    #[sqlx::test(migrations = false)]
-    async fn a_follower_reads_every_change_once_in_each_calendars_commit_order(pool: PgPool) {
-        let store = Store::from_pool(pool.clone());
-        store.migrate().await.unwrap();
-        for ddl in [
-            "CREATE TABLE feed_test_counters (tuple_key text PRIMARY KEY, n int NOT NULL)",
-            "CREATE TABLE feed_test_log (tuple_key text NOT NULL)",
-        ] {
-            sqlx::query(ddl).execute(&pool).await.unwrap();
-        }
-        const TUPLES: u64 = 5;
-        const WRITERS: u64 = 6;
-        const WRITES: u64 = 60;
-        let done = Arc::new(AtomicBool::new(false));
-        let mut writers = Vec::new();
-        for w in 0..WRITERS {
-            let pool = pool.clone();
-            writers.push(tokio::spawn(async move {
-                for i in 0..WRITES {
-                    // A fixed scramble instead of a generator: which calendar, how long to wait.
-                    let x = (w * 7919 + i * 104_729) % 1_000_003;
-                    let tuple = format!("t{}", x % TUPLES);
-                    let mut tx = pool.begin().await.unwrap();
-                    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                        .bind(&tuple)
-                        .execute(&mut *tx)
-                        .await
-                        .unwrap();
-                    // A write before the calendar's own, as a registration writes its
-                    // generation before its tuples: it takes the transaction id early.
-                    sqlx::query("INSERT INTO feed_test_log VALUES ($1)")
-                        .bind(&tuple)
-                        .execute(&mut *tx)
-                        .await
-                        .unwrap();
-                    tokio::time::sleep(Duration::from_millis(x % 3)).await;
-                    let n: i32 = sqlx::query_scalar(
-                        "INSERT INTO feed_test_counters VALUES ($1, 1) ON CONFLICT (tuple_key) \
-                         DO UPDATE SET n = feed_test_counters.n + 1 RETURNING n",
-                    )
-                    .bind(&tuple)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .unwrap();
-                    write_change(&mut tx, &tuple, &format!("{tuple}-{n}"))
-                        .await
-                        .unwrap();
-                    tokio::time::sleep(Duration::from_millis(x % 15)).await;
-                    tx.commit().await.unwrap();
-                }
-            }));
-        }
-        let follower = {
-            let (store, pool, done) = (store.clone(), pool.clone(), Arc::clone(&done));
-            tokio::spawn(async move {
-                let mut cursor: Option<String> = None;
-                let mut feed: Vec<Change> = Vec::new();
-                let (mut seq_cursor, mut by_seq) = (0i64, 0usize);
-                let mut finished_at: Option<std::time::Instant> = None;
-                loop {
-                    if finished_at.is_none() && done.load(Ordering::Acquire) {
-                        finished_at = Some(std::time::Instant::now());
-                    }
-                    let page = store.changes_after(cursor.as_deref(), 37).await.unwrap();
-                    let more = by_sequence(&pool, seq_cursor).await;
-                    if let Some(last) = more.last() {
-                        seq_cursor = last.0;
-                    }
-                    by_seq += more.len();
-                    if let Some(last) = page.last() {
-                        cursor = Some(last.cursor.clone());
-                    }
-                    feed.extend(page);
-                    // Every change is read once the writers are done, unless a transaction
-                    // elsewhere in the cluster (another test's) holds the horizon back: the
-                    // feed then waits for it, bounded here.
-                    let total = (WRITERS * WRITES) as usize;
-                    if finished_at.is_some_and(|t| {
-                        feed.len() >= total || t.elapsed() > Duration::from_secs(60)
-                    }) {
-                        return (feed, by_seq);
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-        };
-        for w in writers {
-            w.await.unwrap();
-        }
-        done.store(true, Ordering::Release);
-        let (feed, by_seq) = follower.await.unwrap();
-
-        let total = (WRITERS * WRITES) as usize;
-        assert_eq!(feed.len(), total, "every change read, none twice");
-        let mut last: HashMap<&str, u32> = HashMap::new();
-        for c in &feed {
-            let n: u32 = c.event_id.rsplit('-').next().unwrap().parse().unwrap();
-            let before = last.insert(&c.tuple_key, n).unwrap_or(0);
-            assert_eq!(n, before + 1, "{}: commit order", c.tuple_key);
-        }
-        assert!(
-            by_seq < total,
-            "the sequence reader should have skipped late commits ({by_seq} of {total} read)"
-        );
-    }
-}
+#[cfg(test)]
+mod causes;

@@ -21,6 +21,12 @@ impl<'q> Binds<'q> for sqlx::query::Query<'q, Postgres, PgArguments> {
     }
 }
 
+impl<'q, O> Binds<'q> for sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    fn bind_one<T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>>(self, v: T) -> Self {
+        self.bind(v)
+    }
+}
+
 impl<'q, O> Binds<'q> for sqlx::query::QueryScalar<'q, Postgres, O, PgArguments> {
     fn bind_one<T: 'q + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>>(self, v: T) -> Self {
         self.bind(v)

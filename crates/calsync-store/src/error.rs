@@ -32,6 +32,15 @@ pub enum StoreError {
         /// The deployment's generation now.
         current: i64,
     },
+    /// A change feed cursor older than what retention kept: following it would skip the
+    /// deleted changes.
+    #[error(
+        "change feed cursor {cursor} is expired: the changes after it were deleted by retention; read the snapshot and follow from its cursor"
+    )]
+    Expired {
+        /// The cursor asked for.
+        cursor: String,
+    },
     /// Applying the embedded migrations failed.
     #[error("database migration failed: {0}")]
     Migration(String),

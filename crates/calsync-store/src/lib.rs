@@ -77,6 +77,8 @@ pub struct Store {
     deployment: std::sync::Arc<str>,
     /// Coalesces link-only commits (shared by clones: one per pool).
     batcher: std::sync::Arc<batch::LinkBatcher>,
+    /// Whether pages write the change feed, and its readers' wake-ups (one per pool).
+    feed: std::sync::Arc<changes::Feed>,
     /// The replica incarnation this process runs as, recorded on each commit (`committed_by`).
     incarnation: Option<std::sync::Arc<str>>,
     /// The longest any one store call may take before it is abandoned as `Unavailable`: a
@@ -167,8 +169,17 @@ impl Store {
         Store {
             pool,
             batcher: Default::default(),
+            feed: std::sync::Arc::new(changes::Feed::new(self.feed.on)),
             ..self.clone()
         }
+    }
+
+    /// This store, writing the change feed (`calendar_changes`) in each page's transaction or
+    /// not (`changes.enabled`; on by default). With it off, pages write no changes and take
+    /// no feed lock; followers miss what happens meanwhile and must read a snapshot again.
+    pub fn with_feed(mut self, on: bool) -> Store {
+        self.feed = std::sync::Arc::new(changes::Feed::new(on));
+        self
     }
 
     pub(crate) fn incarnation(&self) -> Option<&str> {
@@ -242,6 +253,7 @@ impl Store {
             pool,
             deployment: DEFAULT_DEPLOYMENT.into(),
             batcher: Default::default(),
+            feed: Default::default(),
             incarnation: None,
             deadline: DEFAULT_DEADLINE,
             #[cfg(any(test, feature = "testing"))]

@@ -52,9 +52,14 @@ impl LinkSave {
 /// (the full round of a moved window is under way), so rows it adds wait, hidden, for its last
 /// page; a round's last page makes the link's window the served one. Used for a batch of link-only commits and, with one row, inside a page's
 /// transaction.
+///
+/// `feed_lock`: the deployment whose change feed the transaction is to write; the statement
+/// first takes that feed's lock, shared (`calsync_feed_lock`, migration `0009_changes.sql`),
+/// before it writes a row and so before the transaction has an id.
 pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     rows: &[&LinkSave],
+    feed_lock: Option<&str>,
 ) -> Result<Vec<(i64, i64, i64, bool, bool)>, StoreError> {
     let ids: Vec<i64> = rows.iter().map(|w| w.tuple_id).collect();
     let expected: Vec<i64> = rows.iter().map(|w| w.expected).collect();
@@ -88,8 +93,9 @@ pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
            served_end = CASE WHEN v.kind = 'delta' THEN v.we ELSE t.served_end END \
          FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], \
                      $7::timestamptz[], $8::timestamptz[], $9::text[], $10::bigint[], $11::text[]) \
-              AS v(id, expected, link, kind, u, c, ws, we, st, fence, by) \
-         WHERE t.id = v.id AND t.link_version = v.expected AND (v.fence IS NULL OR EXISTS \
+              AS v(id, expected, link, kind, u, c, ws, we, st, fence, by), \
+              (SELECT calsync_feed_lock($12, false) AS locked) AS feed \
+         WHERE feed.locked AND t.id = v.id AND t.link_version = v.expected AND (v.fence IS NULL OR EXISTS \
            (SELECT 1 FROM mailbox_leases l JOIN replicas r ON r.deployment = l.deployment AND r.incarnation = l.owner \
              WHERE l.deployment = t.deployment AND l.mailbox = t.mailbox AND l.fence = v.fence AND r.expires_at > now())) \
          RETURNING t.id, t.link_version, t.full_round, t.round_is_full, \
@@ -106,6 +112,7 @@ pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
     .bind(&round_starts)
     .bind(&fences)
     .bind(&by)
+    .bind(feed_lock)
     .fetch_all(exec)
     .await
     .map_err(db)
@@ -118,9 +125,10 @@ pub(crate) async fn claim<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,
     w: &PageWrite<'_>,
     committed_by: Option<&str>,
+    feed_lock: Option<&str>,
 ) -> Result<(i64, i64, bool, bool), StoreError> {
     let save = LinkSave::of(w, committed_by);
-    let saved = save_links(exec, &[&save]).await?;
+    let saved = save_links(exec, &[&save], feed_lock).await?;
     // Which check refused the write is told apart afterwards, off the hot path.
     saved
         .first()

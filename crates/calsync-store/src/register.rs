@@ -2,6 +2,7 @@
 //! re-base, `sync-once`), in one transaction that writes only what changed.
 
 use crate::Store;
+use crate::changes;
 use crate::error::{StoreError, db};
 use crate::generation::{Registered, SetWrite};
 use crate::tuples::{TUPLE_COLUMNS, TupleSpec, TupleState};
@@ -79,23 +80,51 @@ impl Store {
         crate::within(
             self.deadline.saturating_mul(4),
             "registering calendars",
-            self.register_now(specs, untrack_others, write),
+            async {
+                // A registration that hides or shows rows writes the change feed, and must
+                // hold the feed's lock from its start (before its transaction has an id): the
+                // first attempt finds out whether it does without holding it, so the common
+                // registration (nothing untracked, re-pointed or tracked again) never stops
+                // the deployment's page commits.
+                match self
+                    .register_now(specs, untrack_others, write, false)
+                    .await?
+                {
+                    Some(done) => Ok(done),
+                    None => self
+                        .register_now(specs, untrack_others, write, true)
+                        .await?
+                        .ok_or_else(|| {
+                            StoreError::Query("registration asked for the feed's lock twice".into())
+                        }),
+                }
+            },
         )
         .await
     }
 
+    /// One attempt at a registration; `None` if it would change which rows the view shows and
+    /// so must be made again holding the change feed's lock (`feed_locked`).
     async fn register_now(
         &self,
         specs: &[TupleSpec],
         untrack_others: bool,
         write: &SetWrite,
-    ) -> Result<Registered, StoreError> {
+        feed_locked: bool,
+    ) -> Result<Option<Registered>, StoreError> {
         // A connection of its own, closed afterwards: the statements below carry every
         // calendar (megabytes at 100,000), and a pooled connection would keep buffers of that
         // size for the life of the process.
         let mut conn = self.pool.acquire().await.map_err(db)?;
         conn.close_on_drop();
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+        if feed_locked {
+            sqlx::query("SELECT calsync_feed_lock($1, true)")
+                .bind(&*self.deployment)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         // The deployment's generation, locked: registrations of one deployment (replicas
         // reloading at once, a discovery pass beside a re-base) take turns, and one computed
         // from an older generation is refused whole.
@@ -147,6 +176,48 @@ impl Store {
                 })
             })
             .collect();
+        // Which tuples' rows leave the view (re-pointed at another mailbox or calendar: their
+        // rows go; no longer configured: untracked) or come back (tracked again).
+        let moved: Vec<&str> = changed
+            .iter()
+            .filter(|s| {
+                stored
+                    .get(s.key.as_str())
+                    .is_some_and(|r| (&r.1, &r.3) != (&s.user_id, &s.calendar_id))
+            })
+            .map(|s| s.key.as_str())
+            .collect();
+        let retracked: Vec<&str> = changed
+            .iter()
+            .filter(|s| stored.get(s.key.as_str()).is_some_and(|r| !r.6))
+            .map(|s| s.key.as_str())
+            .filter(|k| !moved.contains(k))
+            .collect();
+        let gone: Vec<&str> = if untrack_others {
+            let wanted: std::collections::HashSet<&str> =
+                specs.iter().map(|s| s.key.as_str()).collect();
+            stored
+                .values()
+                .filter(|r| r.6 && !wanted.contains(r.0.as_str()))
+                .map(|r| r.0.as_str())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let feed = self.feed.on;
+        if feed && !feed_locked && !(moved.is_empty() && retracked.is_empty() && gone.is_empty()) {
+            return Ok(None);
+        }
+        let mut feed_rows = 0;
+        if feed {
+            // Still shown: each leaves the view, under the calendar it was.
+            feed_rows +=
+                changes::write_tracking(&mut tx, &self.deployment, &moved, "delete", "moved")
+                    .await?;
+            feed_rows +=
+                changes::write_tracking(&mut tx, &self.deployment, &gone, "delete", "untrack")
+                    .await?;
+        }
         let keys: Vec<&str> = changed.iter().map(|s| s.key.as_str()).collect();
         let users: Vec<&str> = changed.iter().map(|s| s.user_id.as_str()).collect();
         let mailboxes: Vec<&str> = changed.iter().map(|s| s.mailbox.as_str()).collect();
@@ -189,15 +260,6 @@ impl Store {
             // one. They go now, with the served window, so the view never shows one
             // calendar's events under another's name until (or, if the new one fails,
             // instead of) the new calendar's first round (issue 23, point 6).
-            let moved: Vec<&str> = changed
-                .iter()
-                .filter(|s| {
-                    stored
-                        .get(s.key.as_str())
-                        .is_some_and(|r| (&r.1, &r.3) != (&s.user_id, &s.calendar_id))
-                })
-                .map(|s| s.key.as_str())
-                .collect();
             if !moved.is_empty() {
                 for sql in [
                     "DELETE FROM events WHERE tuple_id IN \
@@ -216,15 +278,14 @@ impl Store {
                 }
             }
         }
+        if feed {
+            // Shown again, as they are stored.
+            feed_rows +=
+                changes::write_tracking(&mut tx, &self.deployment, &retracked, "upsert", "track")
+                    .await?;
+        }
         let mut untracked = 0;
         if untrack_others {
-            let wanted: std::collections::HashSet<&str> =
-                specs.iter().map(|s| s.key.as_str()).collect();
-            let gone: Vec<&str> = stored
-                .values()
-                .filter(|r| r.6 && !wanted.contains(r.0.as_str()))
-                .map(|r| r.0.as_str())
-                .collect();
             if !gone.is_empty() {
                 untracked = sqlx::query(
                     "UPDATE sync_tuples SET tracked = false, updated_at = now(), generation = $3 \
@@ -297,6 +358,9 @@ impl Store {
             current
         };
         tx.commit().await.map_err(db)?;
+        if feed_rows > 0 {
+            self.feed.written(&self.pool, &self.deployment);
+        }
         // Unchanged tuples keep the ids read at the start; written ones got theirs back.
         for s in specs {
             if !ids.contains_key(&s.key) {
@@ -305,11 +369,11 @@ impl Store {
                 }
             }
         }
-        Ok(Registered {
+        Ok(Some(Registered {
             ids,
             generation,
             changed: moved_on,
-        })
+        }))
     }
 }
 

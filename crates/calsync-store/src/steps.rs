@@ -6,9 +6,18 @@
 use crate::error::{StoreError, db};
 use sqlx::{Postgres, Transaction};
 
-/// What a page's transaction touched, by id: what a change feed would write, step by step.
+/// What a page's transaction touched, by id, step by step: the counts a page reports, and what
+/// the change feed writes ([`crate::changes::write_page`]).
 #[derive(Debug, Default)]
 pub(crate) struct Touched {
+    /// Events whose stored row changed (inserted, or any column but the round bookkeeping
+    /// differs): the feed's upserts from Graph's items. With the feed off, every row written.
+    pub(crate) changed: Vec<String>,
+    /// Series masters whose stored row changed: each of their occurrences changes in the view.
+    pub(crate) series_changed: Vec<String>,
+    /// Rows that left the view, in step order, with what removed them (`delta`, `cancelled`,
+    /// `sweep`): deleted rows that were shown (not `pending`).
+    pub(crate) gone: Vec<(String, &'static str)>,
     /// Events inserted or changed.
     pub(crate) upserted: Vec<String>,
     /// Events kept as quarantined rows (PostgreSQL refused a value).
@@ -35,17 +44,19 @@ pub(crate) async fn remove(
     ids: &[String],
     touched: &mut Touched,
 ) -> Result<(), StoreError> {
-    let events: Vec<String> = sqlx::query_scalar(
+    let events = sqlx::query_as(
         "DELETE FROM events WHERE tuple_id = $1 \
            AND (event_id = ANY($2::text[]) OR series_master_id = ANY($2::text[])) \
-         RETURNING event_id",
+         RETURNING event_id, pending",
     )
     .bind(tuple_id)
     .bind(ids)
     .fetch_all(&mut **tx)
     .await
     .map_err(db)?;
-    touched.removed.extend(events);
+    touched
+        .removed
+        .extend(left(events, "delta", &mut touched.gone));
     let series: Vec<String> = sqlx::query_scalar(
         "DELETE FROM series WHERE tuple_id = $1 AND master_id = ANY($2::text[]) RETURNING master_id",
     )
@@ -69,10 +80,10 @@ pub(crate) async fn reconcile(
     written: &[&str],
     touched: &mut Touched,
 ) -> Result<(), StoreError> {
-    let gone: Vec<String> = sqlx::query_scalar(
+    let gone = sqlx::query_as(
         "DELETE FROM events WHERE tuple_id = $1 AND series_master_id = $2 \
            AND NOT (event_id = ANY($3::text[])) AND NOT (event_id = ANY($4::text[])) \
-         RETURNING event_id",
+         RETURNING event_id, pending",
     )
     .bind(tuple_id)
     .bind(master_id)
@@ -81,7 +92,9 @@ pub(crate) async fn reconcile(
     .fetch_all(&mut **tx)
     .await
     .map_err(db)?;
-    touched.reconciled.extend(gone);
+    touched
+        .reconciled
+        .extend(left(gone, "cancelled", &mut touched.gone));
     Ok(())
 }
 
@@ -93,15 +106,17 @@ pub(crate) async fn sweep(
     full_round: i64,
     touched: &mut Touched,
 ) -> Result<(), StoreError> {
-    let events: Vec<String> = sqlx::query_scalar(
-        "DELETE FROM events WHERE tuple_id = $1 AND seen_round < $2 RETURNING event_id",
+    let events = sqlx::query_as(
+        "DELETE FROM events WHERE tuple_id = $1 AND seen_round < $2 RETURNING event_id, pending",
     )
     .bind(tuple_id)
     .bind(full_round)
     .fetch_all(&mut **tx)
     .await
     .map_err(db)?;
-    touched.swept.extend(events);
+    touched
+        .swept
+        .extend(left(events, "sweep", &mut touched.gone));
     let series: Vec<String> = sqlx::query_scalar(
         "DELETE FROM series s WHERE s.tuple_id = $1 AND s.seen_round < $2 \
            AND NOT EXISTS (SELECT 1 FROM events e \
@@ -133,4 +148,22 @@ pub(crate) async fn switch_window(
     .map_err(db)?;
     touched.shown.extend(shown);
     Ok(())
+}
+
+/// The ids of deleted rows `(id, pending)`; those that were shown are recorded in `gone` with
+/// `cause` (a `pending` row was never in the view: its leaving is no change of it).
+fn left(
+    deleted: Vec<(String, bool)>,
+    cause: &'static str,
+    gone: &mut Vec<(String, &'static str)>,
+) -> Vec<String> {
+    deleted
+        .into_iter()
+        .map(|(id, pending)| {
+            if !pending {
+                gone.push((id.clone(), cause));
+            }
+            id
+        })
+        .collect()
 }

@@ -1,6 +1,11 @@
 //! Test and benchmark hooks, compiled only with the `testing` feature (which only
 //! dev-dependencies, the test kit and the benchmarks switch on): fault points inside the page
-//! transaction, a COPY baseline, and throwaway databases.
+//! transaction, a COPY baseline, throwaway databases, and a follower of the change feed
+//! (`feed.rs`).
+
+mod feed;
+
+pub use feed::{FeedReplica, RowKey};
 
 use crate::Store;
 use crate::error::{StoreError, db, redact_url_error};
@@ -136,6 +141,29 @@ impl Store {
             "DROP TRIGGER IF EXISTS calsync_bench_slow ON events".to_owned(),
             "CREATE TRIGGER calsync_bench_slow BEFORE INSERT OR UPDATE ON events \
              FOR EACH STATEMENT EXECUTE FUNCTION calsync_bench_slow()"
+                .to_owned(),
+        ] {
+            sqlx::query(&sql).execute(&self.pool).await.map_err(db)?;
+        }
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Test: every statement that writes the change feed is followed by a random pause of up
+    /// to `max_ms` before its transaction goes on to commit (a statement-level trigger),
+    /// standing in for the round trip to a database across a network, or a slow disk's
+    /// flush: the time in which a transaction holds a sequence number it has not committed.
+    pub async fn slow_down_feed_commits_for_test(&self, max_ms: u32) -> Result<(), StoreError> {
+        let secs = f64::from(max_ms) / 1000.0;
+        for sql in [
+            format!(
+                "CREATE OR REPLACE FUNCTION calsync_test_slow_feed() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                 BEGIN PERFORM pg_sleep(random() * {secs}); RETURN NULL; END $$"
+            ),
+            "DROP TRIGGER IF EXISTS calsync_test_slow_feed ON calendar_changes".to_owned(),
+            "CREATE TRIGGER calsync_test_slow_feed AFTER INSERT ON calendar_changes \
+             FOR EACH STATEMENT EXECUTE FUNCTION calsync_test_slow_feed()"
                 .to_owned(),
         ] {
             sqlx::query(&sql).execute(&self.pool).await.map_err(db)?;

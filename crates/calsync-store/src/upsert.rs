@@ -9,22 +9,61 @@ use calsync_details::COLUMNS;
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Postgres, Transaction};
 
-/// What an upsert of events wrote: the ids whose rows were inserted or changed (a row whose
-/// `changeKey` did not move in the same round is not), and those kept as quarantined.
+/// What an upsert of events wrote: the ids whose rows were inserted or updated (a row whose
+/// `changeKey` did not move in the same round is not), of those the ones whose row now
+/// differs (`changed`: what the change feed reports), and those kept as quarantined.
 #[derive(Debug, Default)]
 pub(crate) struct Upserted {
     pub(crate) written: Vec<String>,
+    pub(crate) changed: Vec<String>,
     pub(crate) quarantined: Vec<String>,
+}
+
+/// The columns of a stored row that are round bookkeeping, not content: a full round rewrites
+/// them on every row it lists, and a row that differs only in them did not change.
+const BOOKKEEPING: &str = "'{seen_round,synced_at}'::text[]";
+
+/// `insert` (an `INSERT … RETURNING {table}.*` of rows keyed by `key`) wrapped so that it
+/// returns `(key, changed)`: with `diff`, whether the row differs from the one it replaced
+/// (read in the same statement, so before the write) in more than [`BOOKKEEPING`]; without,
+/// every row counts as changed and nothing more is read.
+fn with_diff(insert: &str, table: &str, key: &str, ids: &str, diff: bool) -> String {
+    if !diff {
+        return format!("WITH up AS ({insert}) SELECT {key}, true FROM up");
+    }
+    format!(
+        "WITH old AS (SELECT o.{key}, to_jsonb(o) - {BOOKKEEPING} AS body FROM {table} o \
+                      WHERE o.tuple_id = $1 AND o.{key} = ANY({ids})), \
+              up AS ({insert}) \
+         SELECT up.{key}, old.{key} IS NULL OR old.body IS DISTINCT FROM (to_jsonb(up) - {BOOKKEEPING}) \
+         FROM up LEFT JOIN old USING ({key})"
+    )
+}
+
+/// Where and how a page's events are written: the tuple, its full round, whether the rows
+/// are partial (merged into what is stored), written hidden (`pending`, while a moved
+/// window's round runs), and compared with what they replace (`diff`, for the change feed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub(crate) tuple_id: i64,
+    pub(crate) round: i64,
+    pub(crate) partial: bool,
+    pub(crate) pending: bool,
+    pub(crate) diff: bool,
 }
 
 async fn upsert(
     tx: &mut Transaction<'_, Postgres>,
-    tuple_id: i64,
-    round: i64,
+    t: Target,
     rows: &[EventRow],
-    partial: bool,
-    pending: bool,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<(String, bool)>, StoreError> {
+    let Target {
+        tuple_id,
+        round,
+        partial,
+        pending,
+        diff,
+    } = t;
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     let starts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.start_at).collect();
     let ends: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.end_at).collect();
@@ -58,18 +97,19 @@ async fn upsert(
             detail_updates("events", false)
         )
     };
-    let sql = format!(
+    let insert = format!(
         "INSERT INTO events (tuple_id, event_id, start_at, end_at, start_date, end_date, time_error, event_type, \
            series_master_id, payload, {}, seen_round, pending) \
          SELECT $1, u.*, $2, ${} FROM UNNEST($3::text[], $4::timestamptz[], $5::timestamptz[], $6::date[], $7::date[], \
            $8::text[], $9::text[], $10::text[], $11::jsonb[], {}) AS u \
          ON CONFLICT (tuple_id, event_id) DO UPDATE SET {on_conflict} \
-         RETURNING event_id",
+         RETURNING events.*",
         *DETAIL_COLUMNS,
         12 + COLUMNS.len(),
         detail_params(12)
     );
-    let q = sqlx::query_scalar(&sql)
+    let sql = with_diff(&insert, "events", "event_id", "$3::text[]", diff);
+    let q = sqlx::query_as(&sql)
         .bind(tuple_id)
         .bind(round)
         .bind(&ids)
@@ -144,48 +184,41 @@ pub(crate) enum Rows {
 /// Upserts `rows` as `how` says (see [`Rows`]).
 pub(crate) async fn upsert_events(
     tx: &mut Transaction<'_, Postgres>,
-    tuple_id: i64,
-    round: i64,
+    t: Target,
     rows: &[EventRow],
-    partial: bool,
-    pending: bool,
     how: Rows,
 ) -> Result<Upserted, StoreError> {
-    if how == Rows::Together {
-        let mut written = Vec::new();
-        for chunk in by_size(rows, STATEMENT_BYTES) {
-            written.extend(upsert(tx, tuple_id, round, chunk, partial, pending).await?);
-        }
-        return Ok(Upserted {
-            written,
-            quarantined: Vec::new(),
-        });
-    }
     let mut out = Upserted::default();
+    let record = |out: &mut Upserted, rows: Vec<(String, bool)>| {
+        for (id, changed) in rows {
+            if changed {
+                out.changed.push(id.clone());
+            }
+            out.written.push(id);
+        }
+    };
+    if how == Rows::Together {
+        for chunk in by_size(rows, STATEMENT_BYTES) {
+            let written = upsert(tx, t, chunk).await?;
+            record(&mut out, written);
+        }
+        return Ok(out);
+    }
     for row in rows {
         sqlx::query("SAVEPOINT calsync_row")
             .execute(&mut **tx)
             .await
             .map_err(db)?;
-        match upsert(
-            tx,
-            tuple_id,
-            round,
-            std::slice::from_ref(row),
-            partial,
-            pending,
-        )
-        .await
-        {
-            Ok(ids) => out.written.extend(ids),
+        match upsert(tx, t, std::slice::from_ref(row)).await {
+            Ok(ids) => record(&mut out, ids),
             Err(StoreError::Refused { sqlstate, message }) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT calsync_row")
                     .execute(&mut **tx)
                     .await
                     .map_err(db)?;
                 let reason = format!("PostgreSQL refused a value ({sqlstate}): {message}");
-                tracing::warn!(tuple_id, event = %row.event_id, %reason, "event quarantined");
-                let id = quarantine(tx, tuple_id, round, row, &reason, pending).await?;
+                tracing::warn!(tuple_id = t.tuple_id, event = %row.event_id, %reason, "event quarantined");
+                let id = quarantine(tx, t.tuple_id, t.round, row, &reason, t.pending).await?;
                 out.quarantined.push(id);
             }
             Err(e) => return Err(e),
@@ -229,28 +262,31 @@ async fn quarantine(
     .map_err(db)
 }
 
-/// Upserts series masters; returns the master ids written.
+/// Upserts series masters; returns the master ids written, each with whether its row changed
+/// (see [`with_diff`]).
 pub(crate) async fn upsert_series(
     tx: &mut Transaction<'_, Postgres>,
     tuple_id: i64,
     round: i64,
     rows: &[SeriesRow],
-) -> Result<Vec<String>, StoreError> {
+    diff: bool,
+) -> Result<Vec<(String, bool)>, StoreError> {
     let ids: Vec<&str> = rows.iter().map(|r| r.master_id.as_str()).collect();
     let payloads: Vec<sqlx::types::Json<&serde_json::Map<String, serde_json::Value>>> =
         rows.iter().map(|r| sqlx::types::Json(&r.payload)).collect();
     let details = DetailColumns::of(rows.iter().map(|r| &r.details));
-    let sql = format!(
+    let insert = format!(
         "INSERT INTO series (tuple_id, master_id, payload, {}, seen_round) \
          SELECT $1, u.*, $2 FROM UNNEST($3::text[], $4::jsonb[], {}) AS u \
          ON CONFLICT (tuple_id, master_id) DO UPDATE SET {}, payload = EXCLUDED.payload, \
            seen_round = EXCLUDED.seen_round, synced_at = now() \
-         RETURNING master_id",
+         RETURNING series.*",
         *DETAIL_COLUMNS,
         detail_params(5),
         detail_updates("series", false)
     );
-    let q = sqlx::query_scalar(&sql)
+    let sql = with_diff(&insert, "series", "master_id", "$3::text[]", diff);
+    let q = sqlx::query_as(&sql)
         .bind(tuple_id)
         .bind(round)
         .bind(&ids)

@@ -8,6 +8,7 @@
 //! | `faults` | every fault of RELIABILITY.md: throttling, broken transfers, auth, bad input |
 //! | `outage` | a private PostgreSQL cluster stopped and started under the engine |
 //! | `series` | recurring series as Outlook serves them: stubs, masters, silent cancellations |
+//! | `feed` | the change feed under churn: 50 calendars, a follower replays it to exactly the view; a sequence cursor skips |
 //! | `model` | seeded random edits, faults, 410s and crashes converge to the truth |
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
 //! | `converge` | one deployment, one truth: a reload sent to one replica reaches all, stale files never revert the set, re-keyed tuples keep syncing |
@@ -25,6 +26,7 @@ mod converge;
 mod database;
 mod discovery;
 mod faults;
+mod feed;
 mod harness;
 mod model;
 mod outage;
