@@ -33,22 +33,25 @@ pub(crate) const VIEW_ROW: &str =
 pub(crate) struct Feed {
     /// Write the feed (`changes.enabled`).
     pub(crate) on: bool,
+    /// How long changes are kept (`changes.retention`).
+    pub(crate) retention: Duration,
     wake: Arc<tokio::sync::Notify>,
     notifier: OnceLock<()>,
 }
 
 impl Feed {
-    pub(crate) fn new(on: bool) -> Feed {
+    pub(crate) fn new(on: bool, retention: Duration) -> Feed {
         Feed {
             on,
+            retention,
             wake: Default::default(),
             notifier: OnceLock::new(),
         }
     }
 
     /// A transaction that wrote changes committed: readers are woken by `NOTIFY
-    /// calsync_changes` (payload: the deployment) within a few milliseconds, one notification
-    /// for every burst of commits, sent by a task of this store.
+    /// calsync_changes` (payload: the deployment) at once, and a burst of commits shares one
+    /// notification per 5 ms; sent by a task of this store.
     pub(crate) fn written(&self, pool: &PgPool, deployment: &str) {
         self.wake.notify_one();
         self.notifier.get_or_init(|| {
@@ -63,11 +66,12 @@ impl Feed {
 
 impl Default for Feed {
     fn default() -> Feed {
-        Feed::new(true)
+        Feed::new(true, DEFAULT_RETENTION)
     }
 }
 
-/// Sends `NOTIFY calsync_changes` after each burst of commits, until the store is dropped.
+/// Sends `NOTIFY calsync_changes` at once after a commit, then at most one more per 5 ms
+/// however many commits follow (they share it), until the store is dropped.
 async fn notify_readers(
     wake: std::sync::Weak<tokio::sync::Notify>,
     pool: PgPool,
@@ -80,8 +84,6 @@ async fn notify_readers(
         if woken.is_err() {
             continue;
         }
-        // Commits that follow within this pause share the one notification.
-        tokio::time::sleep(Duration::from_millis(5)).await;
         let sent = sqlx::query("SELECT pg_notify('calsync_changes', $1)")
             .bind(&deployment)
             .execute(&pool)
@@ -90,6 +92,8 @@ async fn notify_readers(
             // Readers also poll; a lost wake-up delays them, it loses nothing.
             tracing::debug!(error = %db(e), "NOTIFY calsync_changes was not sent");
         }
+        // Commits within this pause share the next notification.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -251,6 +255,10 @@ pub struct Trimmed {
     pub deleted: u64,
 }
 
+/// How long changes are kept unless told (`changes.retention`): 14 days, as Nylas' sync
+/// engine kept its transaction log.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
+
 /// The SQLSTATE `calsync_changes` answers a cursor older than retention kept with.
 const EXPIRED: &str = "CS410";
 
@@ -283,6 +291,14 @@ impl Store {
                 })
         })
         .await
+    }
+
+    /// A connection listening for `NOTIFY calsync_changes` of this deployment: it wakes a
+    /// follower a few milliseconds after a commit that wrote changes (a follower polls as
+    /// well: a change becomes readable once older transactions end, and a wake-up can be lost
+    /// with a connection).
+    pub async fn listen_changes(&self) -> Result<crate::SetListener, StoreError> {
+        self.listen("calsync_changes").await
     }
 
     /// The view now (this deployment's rows, or every deployment's with `all`) with the
@@ -325,6 +341,14 @@ impl Store {
             })
             .collect();
         Ok(Snapshot { cursor, rows })
+    }
+
+    /// Deletes the changes older than this store's retention (`changes.retention`), in
+    /// batches of 10,000; what the retention worker runs.
+    pub async fn trim_expired_changes(&self) -> Result<Trimmed, StoreError> {
+        let keep = chrono::Duration::from_std(self.feed.retention)
+            .unwrap_or_else(|_| chrono::Duration::days(14));
+        self.trim_changes(Utc::now() - keep, 10_000).await
     }
 
     /// Deletes changes written before `before` (every deployment's: the feed is one), at most

@@ -394,7 +394,7 @@ impl Store {
         self.listen(crate::wake::ROUNDS_CHANNEL).await
     }
 
-    async fn listen(&self, channel: &str) -> Result<SetListener, StoreError> {
+    pub(crate) async fn listen(&self, channel: &str) -> Result<SetListener, StoreError> {
         let mut l = sqlx::postgres::PgListener::connect_with(&self.pool)
             .await
             .map_err(db)?;

@@ -169,7 +169,7 @@ impl Store {
         Store {
             pool,
             batcher: Default::default(),
-            feed: std::sync::Arc::new(changes::Feed::new(self.feed.on)),
+            feed: std::sync::Arc::new(changes::Feed::new(self.feed.on, self.feed.retention)),
             ..self.clone()
         }
     }
@@ -178,7 +178,14 @@ impl Store {
     /// not (`changes.enabled`; on by default). With it off, pages write no changes and take
     /// no feed lock; followers miss what happens meanwhile and must read a snapshot again.
     pub fn with_feed(mut self, on: bool) -> Store {
-        self.feed = std::sync::Arc::new(changes::Feed::new(on));
+        self.feed = std::sync::Arc::new(changes::Feed::new(on, self.feed.retention));
+        self
+    }
+
+    /// This store, keeping changes for `retention` (`changes.retention`; 14 days unless
+    /// told): [`Store::trim_expired_changes`] deletes older ones.
+    pub fn with_feed_retention(mut self, retention: std::time::Duration) -> Store {
+        self.feed = std::sync::Arc::new(changes::Feed::new(self.feed.on, retention));
         self
     }
 

@@ -146,7 +146,10 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
         .migrate()
         .await
         .context("cannot apply database migrations")?;
-    let mut store = store.for_deployment(&cfg.ownership.deployment);
+    let mut store = store
+        .for_deployment(&cfg.ownership.deployment)
+        .with_feed(cfg.changes.enabled)
+        .with_feed_retention(cfg.changes.retention);
     if let Some(id) = &identity {
         store = store.as_incarnation(&id.incarnation);
     }

@@ -106,6 +106,10 @@ pub fn config_for_sim(
         },
         digest: format!("demo-{}", tuples.len()),
         push: None,
+        changes: crate::config::ChangesConfig {
+            enabled: true,
+            retention: calsync_store::changes::DEFAULT_RETENTION,
+        },
         anchor: chrono::Utc::now(),
         tuples,
     })

@@ -4,6 +4,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`commands`] | the one-off commands: sync-once, migrate, status, resync, reload, discover |
+//! | [`feed`] | `calsync changes`: the change feed as lines, once or following |
 //! | [`config`] | the config tree: figment loading, validation, `config check` |
 //! | `demo` | `calsync demo`: the product against graph-sim (feature `demo`) |
 //! | [`service`] | `calsync run`: `App::build`, then the main loop and the drain |
@@ -24,6 +25,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+pub mod feed;
 pub mod http;
 pub mod notify;
 pub mod push;

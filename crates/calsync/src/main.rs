@@ -53,6 +53,23 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         offset: u64,
     },
+    /// Print the change feed: every change of calendar_events after a cursor (or from the
+    /// oldest kept), one line each with its cursor; with --follow, keep printing as changes
+    /// commit.
+    Changes {
+        /// Start after this cursor (a line's first field); without it, from the oldest kept.
+        #[arg(long)]
+        after: Option<String>,
+        /// Keep following (woken by NOTIFY calsync_changes) until SIGINT or SIGTERM.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line (NDJSON) with every field and the row as the view shows it.
+        #[arg(long)]
+        json: bool,
+        /// With --follow: read at least this often without a wake-up (e.g. "1s", "5m").
+        #[arg(long, default_value = "1s", value_parser = parse_poll)]
+        poll: std::time::Duration,
+    },
     /// Make a tuple's next round a full resync (initial sync + sweep).
     Resync {
         /// The tuple's name, as `calsync status` shows it.
@@ -92,6 +109,14 @@ fn parse_state(s: &str) -> Result<StateArg, String> {
                 .collect();
             format!("'{s}' is not a state; one of {}, stale", all.join(", "))
         })
+}
+
+fn parse_poll(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if d >= std::time::Duration::from_millis(100) => Ok(d),
+        Ok(_) => Err(format!("'{s}' is too short; at least 100ms")),
+        Err(e) => Err(format!("'{s}' is not a duration ({e}); e.g. 1s, 5m")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +185,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             telemetry::init(cfg.log_format, &cfg.log_filter);
             let app = service::App::build(cfg, cli.config.clone()).await?;
             app.run(commands::shutdown_signal(), commands::hangups()?)
+                .await
+                .map(|_| true)
+        }
+        Command::Changes {
+            after,
+            follow,
+            json,
+            poll,
+        } => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            telemetry::init(calsync::config::LogFormat::Text, "warn");
+            let args = calsync::feed::ChangesArgs {
+                after,
+                follow,
+                json,
+                poll,
+            };
+            calsync::feed::changes(&raw, &args, commands::shutdown_signal())
                 .await
                 .map(|_| true)
         }

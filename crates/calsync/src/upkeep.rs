@@ -1,5 +1,6 @@
 //! Two small periodic workers: `upkeep` (every second: cancel stuck rounds, forget idle
-//! mailboxes' gate state, the metrics recorder's upkeep; every minute the summary line) and
+//! mailboxes' gate state, the metrics recorder's upkeep; every minute the summary line and the
+//! change feed's retention) and
 //! `rebase` (asks the schedule worker to move the rolling windows when their anchor moves).
 
 use crate::discovery::Plan;
@@ -45,6 +46,30 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
             );
             last_summary = Instant::now();
             report_stale(&engine, &mut reported).await;
+            trim_changes(&engine).await;
+        }
+    }
+}
+
+/// Deletes the change feed's changes older than `changes.retention`, from one replica of the
+/// deployment at a time (the `changes` role), once a minute in batches: a backlog (a first
+/// start after the retention was shortened) goes in short transactions, never one long one.
+async fn trim_changes(engine: &calsync_engine::Engine) {
+    let store = engine.store();
+    if !store
+        .hold_role("changes", SUMMARY_EVERY * 2)
+        .await
+        .unwrap_or(false)
+    {
+        return;
+    }
+    match store.trim_expired_changes().await {
+        Ok(t) if t.deleted > 0 => {
+            info!(deleted = t.deleted, "change feed: expired changes deleted")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "change feed: deleting expired changes failed; next minute again")
         }
     }
 }

@@ -74,7 +74,7 @@ impl FeedReplica {
 
     /// Follows until every transaction that committed before this call is readable (the
     /// horizon passed it; a transaction elsewhere in the cluster can hold it back, waited for
-    /// up to a minute), then reads the rest.
+    /// up to two minutes), then reads the rest.
     pub async fn catch_up(&mut self, store: &Store) -> Result<usize, StoreError> {
         let mut n = self.follow(store, 500).await?;
         store.feed_settled().await?;
@@ -126,14 +126,15 @@ impl Store {
     }
 
     /// Returns once every transaction that committed before the call is below the feed's
-    /// horizon (or after a minute: another test's open transaction, cluster-wide).
+    /// horizon; `Unavailable` if another transaction (in the cluster: another test's) holds it
+    /// back for two minutes.
     pub async fn feed_settled(&self) -> Result<(), StoreError> {
         let mine: i64 = sqlx::query_scalar("SELECT txid_current()")
             .fetch_one(&self.pool)
             .await
             .map_err(db)?;
         let began = Instant::now();
-        while began.elapsed() < Duration::from_secs(60) {
+        while began.elapsed() < Duration::from_secs(120) {
             let horizon: i64 =
                 sqlx::query_scalar("SELECT txid_snapshot_xmin(txid_current_snapshot())")
                     .fetch_one(&self.pool)
@@ -142,8 +143,11 @@ impl Store {
             if horizon > mine {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        Ok(())
+        Err(StoreError::Unavailable(
+            "the change feed's horizon did not pass for two minutes (a transaction stays open)"
+                .into(),
+        ))
     }
 }

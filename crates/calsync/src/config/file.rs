@@ -35,6 +35,8 @@ pub struct RawConfig {
     pub discovery: RawDiscovery,
     /// `[push]`: Graph's change notifications (off unless `notification_url` is set).
     pub push: RawPush,
+    /// `[changes]`: the change feed apps follow.
+    pub changes: RawChanges,
     /// `[[sources]]`: calendars found in the directory.
     pub sources: Vec<RawSource>,
     /// `[[calendars]]`: the tracked tuples.
@@ -103,6 +105,25 @@ pub struct RawHttp {
     /// A file holding the bearer token `POST /reload` requires (first line); without it,
     /// reloading over HTTP is off (SIGHUP still works).
     pub admin_token_file: Option<PathBuf>,
+}
+
+/// `[changes]`: the change feed (`calendar_changes`), written in each page's transaction.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawChanges {
+    /// Write the feed. Off, pages write no change (followers must read a snapshot again).
+    pub enabled: bool,
+    /// How long changes are kept; a cursor older than that is answered "expired".
+    pub retention: String,
+}
+
+impl Default for RawChanges {
+    fn default() -> Self {
+        RawChanges {
+            enabled: true,
+            retention: "14d".into(),
+        }
+    }
 }
 
 /// `[push]`: Graph's change notifications wake a calendar's round within seconds; polling

@@ -157,6 +157,17 @@ pub struct Config {
     pub digest: String,
     /// Change notifications; off when `None`.
     pub push: Option<PushConfig>,
+    /// The change feed.
+    pub changes: ChangesConfig,
+}
+
+/// `[changes]` as validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangesConfig {
+    /// Pages write the change feed.
+    pub enabled: bool,
+    /// How long changes are kept.
+    pub retention: Duration,
 }
 
 /// `[push]` as validated.

@@ -7,9 +7,9 @@
 use super::connect::{auth, database, graph, tls};
 use super::values::{duration, instant, read_secret_file, resolve_credential};
 use super::{
-    Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels, OnRemove,
-    Patterns, RawCalendar, RawConfig, RawDiscovery, RawHttp, RawLog, RawMetrics, RawService,
-    RawSource, RawSync, bad,
+    ChangesConfig, Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels,
+    OnRemove, Patterns, RawCalendar, RawChanges, RawConfig, RawDiscovery, RawHttp, RawLog,
+    RawMetrics, RawService, RawSource, RawSync, bad,
 };
 use calsync_engine::{
     Budget, CalendarPick, CronSchedule, CronScheduleError, Edge, Members, Rebase, Source,
@@ -52,6 +52,7 @@ impl RawConfig {
         let metric_labels = metrics(&self.metrics)?;
         let ownership = ownership(&self.service)?;
         let push = super::push::push(&self.push, &sync, self.graph.allow_insecure_http)?;
+        let changes = changes(&self.changes)?;
         let mut sync = sync;
         sync.backstop = push.as_ref().map(|p| p.backstop_interval);
         Ok(Config {
@@ -75,6 +76,7 @@ impl RawConfig {
             anchor,
             digest: self.set_digest(),
             push,
+            changes,
         })
     }
 
@@ -310,6 +312,18 @@ fn interval(key: &str, v: Option<&str>) -> Result<Option<Duration>, ConfigError>
 }
 
 /// `[discovery]`.
+/// `[changes]`: a retention of at least an hour (a follower must have time to read).
+fn changes(c: &RawChanges) -> Result<ChangesConfig, ConfigError> {
+    let retention = duration("changes.retention", &c.retention)?;
+    if retention < Duration::from_secs(3600) {
+        return Err(bad("changes.retention", "must be at least 1h"));
+    }
+    Ok(ChangesConfig {
+        enabled: c.enabled,
+        retention,
+    })
+}
+
 fn discovery(d: &RawDiscovery) -> Result<DiscoverySettings, ConfigError> {
     let every = duration("discovery.every", &d.every)?;
     if every < Duration::from_secs(1) {

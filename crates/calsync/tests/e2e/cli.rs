@@ -219,6 +219,7 @@ fn every_command_has_help() {
         &["sync-once", "--help"],
         &["migrate", "--help"],
         &["status", "--help"],
+        &["changes", "--help"],
         &["config", "--help"],
         &["config", "check", "--help"],
         &["demo", "--help"],

@@ -252,3 +252,132 @@ async fn engine_rounds_for_all(engine: &Engine, tuples: &[Tuple]) -> usize {
     }
     n
 }
+
+/// `calsync changes` as a script runs it: every change from the oldest kept, from a cursor,
+/// as NDJSON; a bad cursor is a clear error; `--follow` prints a change committed while it
+/// runs, woken by `NOTIFY calsync_changes` (its polling is set to a minute, so only the
+/// notification can have woken it in time).
+#[tokio::test(flavor = "multi_thread")]
+async fn calsync_changes_prints_the_feed_and_follow_wakes_on_notify() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let url =
+        calsync_store::recreate_database(&crate::harness::database_url(), "calsync_changes_cli")
+            .await
+            .unwrap();
+    let store = calsync_store::Store::connect(&url, &calsync_store::ConnectOptions::new(4))
+        .await
+        .unwrap();
+    let h = crate::harness::harness_on(store, 50).await;
+    let first = h.create(crate::harness::single(
+        "Kickoff",
+        "2026-01-10T10:00:00",
+        "2026-01-10T11:00:00",
+    ));
+    h.create(crate::harness::single(
+        "Review",
+        "2026-01-12T10:00:00",
+        "2026-01-12T11:00:00",
+    ));
+    let engine = h.engine(settings());
+    let t = h.default_tuple(&engine).await;
+    crate::harness::sync(&engine, &t).await;
+    h.store.feed_settled().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("calsync.toml");
+    std::fs::write(&config, format!("[database]\nurl = \"{url}\"\n")).unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new(crate::harness::BIN)
+            .arg("changes")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(&[]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines.iter().all(|l| l.contains("\tupsert\tdelta\tadele\t")),
+        "{out}"
+    );
+    let (code, out, _) = run(&["--json"]);
+    assert_eq!(code, Some(0));
+    let json: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let subjects: Vec<&str> = json
+        .iter()
+        .map(|v| v["data"]["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(subjects.len(), 2);
+    assert!(
+        subjects.contains(&"Kickoff") && subjects.contains(&"Review"),
+        "{out}"
+    );
+    let first_cursor = json[0]["cursor"].as_str().unwrap().to_owned();
+    let last_cursor = json[1]["cursor"].as_str().unwrap().to_owned();
+    let (code, out, _) = run(&["--after", &first_cursor]);
+    assert_eq!((code, out.lines().count()), (Some(0), 1), "{out}");
+    let (code, _, err) = run(&["--after", "yesterday"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not a cursor"), "{err}");
+
+    let mut follower = Command::new(crate::harness::BIN)
+        .args([
+            "changes",
+            "--follow",
+            "--json",
+            "--poll",
+            "60s",
+            "--after",
+            &last_cursor,
+        ])
+        .arg("--config")
+        .arg(&config)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // Let it read to the end and listen before the change commits.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    h.delete(&first);
+    crate::harness::sync(&engine, &t).await;
+    let line = tokio::task::spawn_blocking(move || lines_rx.recv_timeout(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    // Our own child, stopped by its pid.
+    let _ = follower.kill();
+    let _ = follower.wait();
+    let line = line.expect("--follow printed the change well before its 60 s poll");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (v["op"].as_str(), v["cause"].as_str()),
+        (Some("delete"), Some("delta"))
+    );
+    assert_eq!(v["event_id"], first.as_str());
+    h.server.stop().await;
+}

@@ -4,8 +4,9 @@
 //! replica last saw it race its re-registration (issue 23), and push notifications for the
 //! edits (issue 24) — delivered, delayed, duplicated or lost — each made durable as a wake-up
 //! (at most one open per tuple, whatever the burst) and answered by a normal round — against
-//! graph-sim and real PostgreSQL. After a final clean round of the set the database holds, the
-//! read model must equal the simulator's truth.
+//! graph-sim and real PostgreSQL. After every step, the change feed replayed onto the snapshot
+//! taken before the case must equal the view (issue 25); after a final clean round of the set
+//! the database holds, the read model must equal the simulator's truth.
 //!
 //! - `CALSYNC_MODEL_CASES` (default 200): how many seeds to run.
 //! - `CALSYNC_MODEL_SEED`: run only this seed (what a failure prints, to replay it exactly).
@@ -17,6 +18,7 @@
 use calsync_engine::{Engine, Outcome, SyncSettings, Tuple, TupleConfig};
 use calsync_graph::{CalendarRef, GraphClient, GraphConfig, ViewWindow};
 use calsync_store::Store;
+use calsync_store::testing::FeedReplica;
 use graph_sim::{FaultRule, Sim, SimConfig, Window};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -265,6 +267,11 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     other[0].window = configs[1].window;
     other[1].window = configs[0].window;
     let files = [configs.clone(), other];
+    // A follower of the change feed from a snapshot taken before anything of this case: after
+    // every step, what it replayed must be the view (issue 25).
+    let mut follower = FeedReplica::from_snapshot(&case.store)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut engine = case.engine(4);
     engine
         .register_set(&files[0], true, &reload_by(0))
@@ -352,6 +359,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
                 ));
             }
         }
+        feed_replays_to_the_view(&mut follower, &case, step).await?;
     }
 
     // The final clean round, faults off. A round resumed from a saved nextLink finishes the
@@ -377,6 +385,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
             ));
         }
     }
+    feed_replays_to_the_view(&mut follower, &case, usize::MAX).await?;
     let tuples: Vec<Tuple> = case.tuples.iter().map(|(_, t)| t.clone()).collect();
     let diffs = calsync_testkit::compare(&case.store, &case.sim, &tuples)
         .await
@@ -394,6 +403,36 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
     }
     case.server.stop().await;
     Ok(())
+}
+
+/// Follows the feed to now and compares the follower's copy with the view.
+async fn feed_replays_to_the_view(
+    follower: &mut FeedReplica,
+    case: &Case,
+    step: usize,
+) -> Result<(), String> {
+    follower
+        .catch_up(&case.store)
+        .await
+        .map_err(|e| e.to_string())?;
+    let view = case
+        .store
+        .view_as_feed_rows()
+        .await
+        .map_err(|e| e.to_string())?;
+    let differences = follower.differences(&view);
+    if differences.is_empty() {
+        return Ok(());
+    }
+    let when = if step == usize::MAX {
+        "at the end".to_owned()
+    } else {
+        format!("after step {step}")
+    };
+    Err(failure(
+        case,
+        format!("{when}, the change feed replayed differs from the view: {differences:?}"),
+    ))
 }
 
 fn short(o: &Outcome) -> String {
