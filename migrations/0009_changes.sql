@@ -123,3 +123,16 @@ LANGUAGE sql STABLE AS $$
              WHERE of_deployment IS NULL OR v.deployment = of_deployment) x
     ORDER BY x.event_id IS NOT NULL, x.deployment, x.tuple_key, x.event_id
 $$;
+
+-- Where each [[sinks]] endpoint is in the feed: the cursor of the last change it acknowledged
+-- (2xx), owned by one replica at a time (the role `sink:<name>`); how it is failing, if it is.
+CREATE TABLE sink_cursors (
+    deployment    text        NOT NULL,
+    sink          text        NOT NULL,
+    cursor        text        NOT NULL,
+    delivered     bigint      NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    failing_since timestamptz,
+    last_error    text,
+    PRIMARY KEY (deployment, sink)
+);

@@ -20,7 +20,8 @@
 //! | [`read_model`] | reading `calendar_events` and `calendar_sync_status` |
 //! | [`wake`] | round requests: "run this tuple's round now" reaching the replica that holds its mailbox |
 //! | [`push`] | push subscriptions, and the wake-ups notifications make durable |
-//! | [`changes`] | the change feed's read side: a cursor that cannot skip a late commit |
+//! | [`changes`] | the change feed: written by a page's steps and registration, read at a cursor that cannot skip a late commit; snapshot, retention, NOTIFY |
+//! | [`sinks`] | where each `[[sinks]]` endpoint stands in the feed, and how it is failing |
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]
 
@@ -37,6 +38,7 @@ pub mod page;
 pub mod push;
 pub mod read_model;
 mod register;
+pub mod sinks;
 mod steps;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -103,11 +103,12 @@ fn crate_edges_are_the_ones_architecture_md_states() {
     let packages = packages();
     let deps = normal_deps(&packages);
     // Only calsync-store speaks SQL, only calsync-graph speaks HTTP to Graph; graph-sim is
-    // Graph's side, whose handshake and notification deliveries call the client's receiver.
+    // Graph's side, whose handshake and notification deliveries call the client's receiver;
+    // calsync-sinks posts the change feed to the apps' own endpoints (never to Graph).
     assert_eq!(users_of(&deps, "sqlx"), set(&["calsync-store"]));
     assert_eq!(
         users_of(&deps, "reqwest"),
-        set(&["calsync-graph", "graph-sim"])
+        set(&["calsync-graph", "calsync-sinks", "graph-sim"])
     );
     // The read model's detail columns are declared once, in a crate that knows neither HTTP
     // nor SQL, read by the parser and bound by the store.

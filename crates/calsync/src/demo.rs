@@ -110,6 +110,7 @@ pub fn config_for_sim(
             enabled: true,
             retention: calsync_store::changes::DEFAULT_RETENTION,
         },
+        sinks: Vec::new(),
         anchor: chrono::Utc::now(),
         tuples,
     })

@@ -1,6 +1,7 @@
 //! `calsync run` as a service: [`App::build`] connects, migrates, registers and binds; then
 //! [`App::run`] starts the supervised workers (the HTTP endpoint, the link batcher, the batch
-//! collector, the lease keeper, the schedule worker, discovery, re-base, upkeep) and runs the main loop, which only waits for shutdown,
+//! collector, the lease keeper, the schedule worker, discovery, re-base, upkeep, push and the change
+//! feed's sinks) and runs the main loop, which only waits for shutdown,
 //! SIGHUP and worker exits, and feeds `/healthz` and the systemd watchdog every second. Nothing
 //! slow is awaited in it. On shutdown it drains: rounds first, leases last.
 
@@ -280,6 +281,7 @@ impl App {
         }
 
         let push_cfg = cfg.push.clone();
+        let sinks = cfg.sinks.clone();
         let mut current = cfg;
         let all = shared_tuples(tuples);
         let drain_deadline = current.drain_deadline;
@@ -396,6 +398,24 @@ impl App {
                     owned_rx.clone(),
                     schedule.clone(),
                 )
+            });
+        }
+        if !sinks.is_empty() {
+            // The change feed posted to each [[sinks]] endpoint; a sink never ends by itself
+            // (a failing one is retried and reported), so this worker ends only at shutdown.
+            let store = engine.store().clone();
+            let stop_sinks = stop.clone();
+            info!(sinks = sinks.len(), "change feed sinks configured");
+            supervisor.spawn("sinks", Policy::Restart, move |ctx| {
+                let (store, sinks, stop) = (store.clone(), sinks.clone(), stop_sinks.clone());
+                async move {
+                    ctx.idle();
+                    let each = sinks
+                        .into_iter()
+                        .map(|s| calsync_sinks::follow(store.clone(), s, stop.clone()));
+                    futures_util::future::join_all(each).await;
+                    Ok(())
+                }
             });
         }
         {

@@ -37,6 +37,8 @@ pub struct RawConfig {
     pub push: RawPush,
     /// `[changes]`: the change feed apps follow.
     pub changes: RawChanges,
+    /// `[[sinks]]`: HTTP endpoints the change feed is posted to.
+    pub sinks: Vec<RawSink>,
     /// `[[sources]]`: calendars found in the directory.
     pub sources: Vec<RawSource>,
     /// `[[calendars]]`: the tracked tuples.
@@ -122,6 +124,39 @@ impl Default for RawChanges {
         RawChanges {
             enabled: true,
             retention: "14d".into(),
+        }
+    }
+}
+
+/// `[[sinks]]`: an HTTP endpoint the change feed is posted to, in signed batches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSink {
+    /// The sink's name (its metrics label and its row in `sink_cursors`).
+    pub name: String,
+    /// Where batches are posted (HTTPS; `http://` only to a loopback address).
+    pub url: String,
+    /// A file holding the HMAC-SHA256 key of `Calsync-Signature` (first line; at least 16
+    /// characters); relative to `$CREDENTIALS_DIRECTORY` when set.
+    pub secret_file: Option<PathBuf>,
+    /// At most this many changes per request.
+    pub batch: usize,
+    /// How long one request may take.
+    pub timeout: String,
+    /// Where a new sink starts: `"now"` (what changes from now on) or `"oldest"` (every change
+    /// kept).
+    pub start: String,
+}
+
+impl Default for RawSink {
+    fn default() -> Self {
+        RawSink {
+            name: String::new(),
+            url: String::new(),
+            secret_file: None,
+            batch: 100,
+            timeout: "10s".into(),
+            start: "now".into(),
         }
     }
 }

@@ -12,6 +12,7 @@
 mod connect;
 mod file;
 mod push;
+mod sinks;
 mod validate;
 mod values;
 
@@ -159,6 +160,8 @@ pub struct Config {
     pub push: Option<PushConfig>,
     /// The change feed.
     pub changes: ChangesConfig,
+    /// Endpoints the change feed is posted to.
+    pub sinks: Vec<calsync_sinks::SinkConfig>,
 }
 
 /// `[changes]` as validated.

@@ -53,6 +53,7 @@ impl RawConfig {
         let ownership = ownership(&self.service)?;
         let push = super::push::push(&self.push, &sync, self.graph.allow_insecure_http)?;
         let changes = changes(&self.changes)?;
+        let sinks = super::sinks::sinks(&self.sinks, self.graph.allow_insecure_http)?;
         let mut sync = sync;
         sync.backstop = push.as_ref().map(|p| p.backstop_interval);
         Ok(Config {
@@ -77,6 +78,7 @@ impl RawConfig {
             digest: self.set_digest(),
             push,
             changes,
+            sinks,
         })
     }
 
@@ -112,6 +114,11 @@ impl RawConfig {
             ("http.admin_token_file", &self.http.admin_token_file),
         ]
         .into_iter()
+        .chain(
+            self.sinks
+                .iter()
+                .map(|s| ("sinks[].secret_file", &s.secret_file)),
+        )
         .filter_map(|(key, p)| {
             let p = resolve_credential(p.as_ref()?);
             let mode = std::fs::metadata(&p).ok()?.permissions().mode();
@@ -477,7 +484,7 @@ fn calendars(
 
 /// A name that goes into SQL rows, logs and metric labels: 1–63 characters of letters,
 /// digits, `.`, `_` and `-`.
-fn plain_name(key: &str, v: &str) -> Result<String, ConfigError> {
+pub(super) fn plain_name(key: &str, v: &str) -> Result<String, ConfigError> {
     let v = v.trim();
     let ok = !v.is_empty()
         && v.len() <= 63

@@ -135,6 +135,29 @@ fn invalid_configs_exit_2_and_name_the_key() {
             vec![],
             "calendars[0].calendar",
         ),
+        (
+            format!("{base}\n[changes]\nretention = \"5m\"\n"),
+            vec![],
+            "changes.retention",
+        ),
+        (
+            format!("{base}\n[[sinks]]\nname = \"crm\"\nurl = \"https://crm.example.com/hook\"\n"),
+            vec![],
+            "sinks[0].secret_file",
+        ),
+        (
+            // The signed changes would travel in clear.
+            format!("{base}\n[[sinks]]\nname = \"crm\"\nurl = \"http://crm.example.com/hook\"\n"),
+            vec![],
+            "sinks[0].url",
+        ),
+        (
+            format!(
+                "{base}\n[[sinks]]\nname = \"c r m\"\nurl = \"https://crm.example.com/hook\"\n"
+            ),
+            vec![],
+            "sinks[0].name",
+        ),
     ];
     for (cfg, env, key) in cases {
         for cmd in [&["config", "check"][..], &["sync-once"][..], &["run"][..]] {

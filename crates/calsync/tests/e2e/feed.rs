@@ -381,3 +381,127 @@ async fn calsync_changes_prints_the_feed_and_follow_wakes_on_notify() {
     assert_eq!(v["event_id"], first.as_str());
     h.server.stop().await;
 }
+
+/// `calsync run` with a `[[sinks]]` endpoint: the initial sync's changes arrive signed, in
+/// batches of the configured size, and `/metrics` shows the sink's lag and deliveries.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_posts_the_feed_to_a_sink_and_reports_it_in_metrics() {
+    use axum::body::Bytes;
+    use axum::http::HeaderMap;
+    const SECRET: &str = "sink-secret-0123456789";
+    let url =
+        calsync_store::recreate_database(&crate::harness::database_url(), "calsync_sink_daemon")
+            .await
+            .unwrap();
+    let sim = graph_sim::Sim::new(&crate::harness::sim_config());
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.add_user(crate::harness::USER, None, "Adele");
+        for d in 1..=5 {
+            let p = graph_sim::writes::EventPatch::from_json(&crate::harness::single(
+                &format!("Meeting {d}"),
+                &format!("2026-02-{d:02}T10:00:00"),
+                &format!("2026-02-{d:02}T11:00:00"),
+            ))
+            .unwrap();
+            st.tenant.create_event(u, 0, &p).unwrap();
+        }
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    // The endpoint: checks each request's signature, keeps the subjects.
+    let got: Arc<std::sync::Mutex<Vec<(usize, String)>>> = Default::default();
+    let app = {
+        let got = Arc::clone(&got);
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |h: HeaderMap, body: Bytes| {
+                let got = Arc::clone(&got);
+                async move {
+                    let ts: i64 = h["calsync-timestamp"].to_str().unwrap().parse().unwrap();
+                    let sig = h["calsync-signature"].to_str().unwrap();
+                    if !calsync_sinks::sign::verify(SECRET.as_bytes(), ts, &body, sig) {
+                        return axum::http::StatusCode::UNAUTHORIZED;
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let changes = v["changes"].as_array().unwrap();
+                    let mut got = got.lock().unwrap();
+                    for c in changes {
+                        let subject = c["data"]["subject"].as_str().unwrap_or("").to_owned();
+                        got.push((changes.len(), subject));
+                    }
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = listener.local_addr().unwrap();
+    let serving = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sink-secret"), format!("{SECRET}\n")).unwrap();
+    let config = crate::harness::write_config(
+        dir.path(),
+        &url,
+        &server,
+        &format!(
+            "[sync]\ninterval = \"1s\"\nstartup_spread = \"100ms\"\n\n[http]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[sinks]]\nname = \"crm\"\nurl = \"http://{hook}/hook\"\nsecret_file = \"{}\"\nbatch = 2\nstart = \"oldest\"\n\n\
+             [[calendars]]\nname = \"adele\"\nuser = \"{}\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+            dir.path().join("sink-secret").display(),
+            crate::harness::USER
+        ),
+    );
+    let log = dir.path().join("calsync.log");
+    let _daemon = crate::harness::run_daemon(&config, &log);
+    crate::harness::wait_for(
+        "the sink received the initial sync",
+        Duration::from_secs(30),
+        async || got.lock().unwrap().len() >= 5,
+    )
+    .await;
+    {
+        let got = got.lock().unwrap();
+        let mut subjects: Vec<&str> = got.iter().map(|g| g.1.as_str()).collect();
+        subjects.sort();
+        assert_eq!(
+            subjects,
+            [
+                "Meeting 1",
+                "Meeting 2",
+                "Meeting 3",
+                "Meeting 4",
+                "Meeting 5"
+            ]
+        );
+        assert!(
+            got.iter().all(|g| g.0 <= 2),
+            "batches of at most 2: {got:?}"
+        );
+    }
+    let http = crate::harness::bound_addr(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    let mut metrics = String::new();
+    crate::harness::wait_for("the sink's metrics", Duration::from_secs(10), async || {
+        metrics = calsync::commands::local_request(http, "GET", "/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        metrics.contains("calsync_sink_delivered_total{sink=\"crm\"} 5")
+    })
+    .await;
+    assert!(
+        metrics.contains("calsync_sink_lag_seconds{sink=\"crm\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("calsync_sink_failing{sink=\"crm\"} 0"),
+        "{metrics}"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !log_text.contains(SECRET),
+        "the sink's secret never reaches the log"
+    );
+    serving.abort();
+    server.stop().await;
+}
