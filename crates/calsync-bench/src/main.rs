@@ -261,6 +261,35 @@ fn count(outcomes: &[(Tuple, Outcome)]) -> anyhow::Result<u64> {
     Ok(n)
 }
 
+/// The change feed as an ingest run writes it (issue 25).
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    /// On, as by default: rows without their payload.
+    On,
+    /// Off (`changes.enabled = false`).
+    Off,
+    /// On with `changes.payload = true`.
+    WithPayload,
+}
+
+impl Feed {
+    fn suffix(self) -> &'static str {
+        match self {
+            Feed::On => "",
+            Feed::Off => "off",
+            Feed::WithPayload => "payload",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Feed::On => "on",
+            Feed::Off => "off",
+            Feed::WithPayload => "with payload",
+        }
+    }
+}
+
 async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let me = std::process::id().to_string();
     let sim = SimProcess::start(&args)?;
@@ -291,28 +320,74 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (engine, _) = calsync::commands::build(&cfg).await?;
     let cancel = CancellationToken::new();
 
-    // 1. Initial-sync ingest versus COPY of the same rows into the same table.
+    // 1. Initial-sync ingest versus COPY of the same rows into the same table, with the change
+    //    feed on (the default) and off, alternated rep by rep (issue 25: the feed's cost).
+    let mut off_cfg = cfg.clone();
+    off_cfg.changes.enabled = false;
+    let (engine_off, _) = calsync::commands::build(&off_cfg).await?;
+    let mut payload_cfg = cfg.clone();
+    payload_cfg.changes.payload = true;
+    let (engine_payload, _) = calsync::commands::build(&payload_cfg).await?;
+    let mut ingest_payload_rates = Vec::new();
     let mut all_configs: Vec<TupleConfig> = Vec::new();
     let mut ingest_rates = Vec::new();
+    let mut ingest_off_rates = Vec::new();
     let mut copy_rates = Vec::new();
     let mut cpu_per_100k = Vec::new();
+    let mut cpu_off_per_100k = Vec::new();
     let mut sim_per_100k = Vec::new();
     let mut last_tuples = Vec::new();
     for rep in 0..args.reps {
-        let configs = tuple_configs(args.users, &format!("ingest{rep}-"));
-        all_configs.extend(configs.iter().cloned());
-        let tuples = register_all(&engine, &all_configs).await?;
-        let tuples: Vec<Tuple> = tuples
-            .into_iter()
-            .filter(|t| t.key.starts_with(&format!("ingest{rep}-")))
-            .collect();
-        let mark = request_mix(&sim_base, 0).await?.last_seq;
-        let (cpu0, sim0, t0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?, Instant::now());
-        let outcomes = engine.sync_all_once(&tuples, &cancel).await;
-        let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
-        let sim_cpu = cpu_seconds(&sim.pid())? - sim0;
-        let mix = request_mix(&sim_base, mark).await?;
-        let events = count(&outcomes)?;
+        // The feed on (default: rows without their payload), off, and on with the payload,
+        // in an order that rotates rep by rep.
+        let mut order = [Feed::On, Feed::Off, Feed::WithPayload];
+        order.rotate_left(rep as usize % 3);
+        let mut on_tuples = Vec::new();
+        for variant in order {
+            let prefix = format!("ingest{rep}{}-", variant.suffix());
+            let configs = tuple_configs(args.users, &prefix);
+            all_configs.extend(configs.iter().cloned());
+            let engine = match variant {
+                Feed::On => &engine,
+                Feed::Off => &engine_off,
+                Feed::WithPayload => &engine_payload,
+            };
+            let tuples: Vec<Tuple> = register_all(engine, &all_configs)
+                .await?
+                .into_iter()
+                .filter(|t| t.key.starts_with(&prefix))
+                .collect();
+            let mark = request_mix(&sim_base, 0).await?.last_seq;
+            let (cpu0, sim0, t0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?, Instant::now());
+            let outcomes = engine.sync_all_once(&tuples, &cancel).await;
+            let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds(&me)? - cpu0);
+            let sim_cpu = cpu_seconds(&sim.pid())? - sim0;
+            let mix = request_mix(&sim_base, mark).await?;
+            let events = count(&outcomes)?;
+            let ingest = events as f64 / wall;
+            println!(
+                "  ingest rep {} feed {:<12}: {events} events in {wall:.2}s = {ingest:.0} events/s (calsync CPU {cpu:.2}s); requests: {} delta pages, {} master GETs, {} /instances",
+                rep + 1,
+                variant.label(),
+                mix.delta,
+                mix.masters,
+                mix.instances
+            );
+            match variant {
+                Feed::On => {
+                    ingest_rates.push(ingest);
+                    cpu_per_100k.push(cpu / events as f64 * 100_000.0);
+                    sim_per_100k.push(sim_cpu / events as f64 * 100_000.0);
+                    on_tuples = tuples;
+                }
+                Feed::Off => {
+                    ingest_off_rates.push(ingest);
+                    cpu_off_per_100k.push(cpu / events as f64 * 100_000.0);
+                }
+                Feed::WithPayload => ingest_payload_rates.push(ingest),
+            }
+        }
+        let tuples = on_tuples;
         // COPY the same rows into fresh tuples of the same table.
         let copy_keys: Vec<TupleSpec> = tuples
             .iter()
@@ -339,7 +414,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         specs.extend(copy_keys.iter().cloned());
-        let states = engine.store().register_tuples(&specs).await?;
+        let states = engine_off.store().register_tuples(&specs).await?;
         let pairs: Vec<(i64, i64)> = tuples
             .iter()
             .filter_map(|t| {
@@ -352,22 +427,35 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         let (copy_time, copied) =
             calsync_store::copy_rows_for_benchmark(engine.store(), &pairs).await?;
-        let ingest = events as f64 / wall;
         let copy = copied as f64 / copy_time.as_secs_f64();
         println!(
-            "  ingest rep {}: {events} events in {wall:.2}s = {ingest:.0} events/s (calsync CPU {cpu:.2}s); COPY {copied} rows in {:.2}s = {copy:.0} rows/s; requests: {} delta pages, {} master GETs, {} /instances",
+            "  COPY rep {}: {copied} rows in {:.2}s = {copy:.0} rows/s",
             rep + 1,
             copy_time.as_secs_f64(),
-            mix.delta,
-            mix.masters,
-            mix.instances
         );
-        ingest_rates.push(ingest);
         copy_rates.push(copy);
-        cpu_per_100k.push(cpu / events as f64 * 100_000.0);
-        sim_per_100k.push(sim_cpu / events as f64 * 100_000.0);
         last_tuples = tuples;
     }
+
+    // 1a. The feed's reader: every change kept, read in pages of 1,000 by calsync_changes.
+    engine.store().feed_settled().await?;
+    let (t0, mut read, mut cursor) = (Instant::now(), 0usize, None::<String>);
+    loop {
+        let page = engine
+            .store()
+            .changes_after(cursor.as_deref(), 1000)
+            .await?;
+        read += page.len();
+        match page.last() {
+            Some(last) => cursor = Some(last.cursor.clone()),
+            None => break,
+        }
+    }
+    let reader_rate = read as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "  feed reader: {read} changes in {:.2}s = {reader_rate:.0} changes/s",
+        t0.elapsed().as_secs_f64()
+    );
 
     // 1b. The same full round when Outlook lists no series masters at all (the harshest reading
     //     of the reports): every series' master is fetched before its stubs commit.
@@ -491,6 +579,8 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     let ingest = median(ingest_rates);
+    let ingest_off = median(ingest_off_rates);
+    let ingest_payload = median(ingest_payload_rates);
     let copy = median(copy_rates);
     println!(
         "\nresults (medians of {} ingest reps, {} no-change batches of {} rounds):",
@@ -504,8 +594,22 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "  ingest / COPY                {:>10.2}×   (target ≥ 0.5×)",
         ingest / copy
     );
+    println!(
+        "  ingest, feed off             {ingest_off:>10.0} events/s   ({:.2}× COPY); the feed costs {:.1}% (goal ≤ 15%)",
+        ingest_off / copy,
+        (1.0 - ingest / ingest_off) * 100.0
+    );
+    println!(
+        "  ingest, feed with payload    {ingest_payload:>10.0} events/s   ({:.2}× COPY); costs {:.1}% (changes.payload = true)",
+        ingest_payload / copy,
+        (1.0 - ingest_payload / ingest_off) * 100.0
+    );
     let (client_100k, sim_100k) = (median(cpu_per_100k), median(sim_per_100k));
-    println!("  CPU per 100,000 events       {client_100k:>10.2} s");
+    let client_off_100k = median(cpu_off_per_100k);
+    println!(
+        "  CPU per 100,000 events       {client_100k:>10.2} s   (feed off {client_off_100k:.2} s)"
+    );
+    println!("  feed reader                  {reader_rate:>10.0} changes/s");
     println!(
         "  ingest, no masters listed    {hydrate_rate:>10.0} events/s   ({:.2}× COPY; {} master GETs for {} delta pages)",
         hydrate_rate / copy,

@@ -170,7 +170,7 @@ impl Store {
             self.fault_point()?;
         }
         let feed_rows = match feed {
-            Some(_) => crate::changes::write_page(tx, w.tuple_id, &touched).await?,
+            Some(_) => crate::changes::write_page(tx, &self.feed, w.tuple_id, &touched).await?,
             None => 0,
         };
         let applied = PageApplied {

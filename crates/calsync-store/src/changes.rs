@@ -1,5 +1,5 @@
 //! The change feed (issue 25): `calendar_changes`, written in the transaction that changes
-//! the view, and read at a cursor that cannot skip (migration `0009_changes.sql`).
+//! the view, and read at a cursor that cannot skip (migrations `0009_changes.sql`, `0010_change_feed.sql`).
 //!
 //! A position is (writing transaction's id, sequence); a reader is answered only rows of
 //! transactions older than every transaction still running, so a transaction that commits late
@@ -22,11 +22,44 @@ use sqlx::{PgPool, Postgres, Transaction};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-/// A row of `calendar_events` as the feed carries it: the event's columns, without those of
-/// its calendar (carried beside it) and without the window, which is the calendar's
-/// (`calendar_sync_status`) and changes for every row at once when the window moves.
-pub(crate) const VIEW_ROW: &str =
-    "to_jsonb(v) - '{deployment,tuple_key,user_id,calendar_id,window_start,window_end}'::text[]";
+/// The columns of `calendar_events` a change does not carry in `data`: its calendar's (beside
+/// it in the change) and the window, which is the calendar's (`calendar_sync_status`) and
+/// changes for every row at once when the window moves.
+const CALENDAR_COLUMNS: &[&str] = &[
+    "deployment",
+    "tuple_key",
+    "user_id",
+    "calendar_id",
+    "window_start",
+    "window_end",
+];
+
+/// A row of `calendar_events` (as `v`) as the feed carries it, the payload included: the
+/// view's own row, whole (the master's payload laid under each occurrence's: ~5 kB, and the
+/// most expensive column to compute).
+fn row_with_payload() -> String {
+    format!(
+        "(to_jsonb(v) - '{{{}}}'::text[])",
+        CALENDAR_COLUMNS.join(",")
+    )
+}
+
+/// A row of `calendar_events` (as `v`) as the feed carries it without the payload: each of
+/// the view's other columns by name (`columns`, read from the catalog), so the payload is not
+/// computed at all.
+fn row_without_payload(columns: &[String]) -> String {
+    let pairs: Vec<String> = columns
+        .iter()
+        .filter(|c| c.as_str() != "payload" && !CALENDAR_COLUMNS.contains(&c.as_str()))
+        .map(|c| format!("'{c}', v.\"{c}\""))
+        .collect();
+    // jsonb_build_object takes at most 100 arguments: 50 columns a call.
+    let parts: Vec<String> = pairs
+        .chunks(50)
+        .map(|c| format!("jsonb_build_object({})", c.join(", ")))
+        .collect();
+    format!("({})", parts.join(" || "))
+}
 
 /// Whether a store writes the change feed, and its wake-ups for readers.
 #[derive(Debug)]
@@ -35,18 +68,46 @@ pub(crate) struct Feed {
     pub(crate) on: bool,
     /// How long changes are kept (`changes.retention`).
     pub(crate) retention: Duration,
+    /// Changes carry the row's payload (`changes.payload`).
+    pub(crate) payload: bool,
+    /// The SQL of a row as changes carry it, made once from the view's columns.
+    row: tokio::sync::OnceCell<String>,
     wake: Arc<tokio::sync::Notify>,
     notifier: OnceLock<()>,
 }
 
 impl Feed {
-    pub(crate) fn new(on: bool, retention: Duration) -> Feed {
+    pub(crate) fn new(on: bool, retention: Duration, payload: bool) -> Feed {
         Feed {
             on,
             retention,
+            payload,
+            row: tokio::sync::OnceCell::new(),
             wake: Default::default(),
             notifier: OnceLock::new(),
         }
+    }
+
+    /// The SQL expression of a row of `calendar_events` (as `v`) as changes carry it: with
+    /// the payload, the view's row; without, its other columns (read from the catalog once).
+    pub(crate) async fn row(&self, conn: &mut sqlx::PgConnection) -> Result<&str, StoreError> {
+        let payload = self.payload;
+        self.row
+            .get_or_try_init(|| async move {
+                if payload {
+                    return Ok(row_with_payload());
+                }
+                let columns: Vec<String> = sqlx::query_scalar(
+                    "SELECT attname::text FROM pg_attribute WHERE attrelid = 'calendar_events'::regclass \
+                     AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                )
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+                Ok(row_without_payload(&columns))
+            })
+            .await
+            .map(String::as_str)
     }
 
     /// A transaction that wrote changes committed: readers are woken by `NOTIFY
@@ -66,7 +127,7 @@ impl Feed {
 
 impl Default for Feed {
     fn default() -> Feed {
-        Feed::new(true, DEFAULT_RETENTION)
+        Feed::new(true, DEFAULT_RETENTION, false)
     }
 }
 
@@ -105,6 +166,7 @@ async fn notify_readers(
 /// an untracked tuple, whose rows the view does not show. Returns the rows written.
 pub(crate) async fn write_page(
     tx: &mut Transaction<'_, Postgres>,
+    feed: &Feed,
     tuple_id: i64,
     touched: &Touched,
 ) -> Result<u64, StoreError> {
@@ -133,20 +195,26 @@ pub(crate) async fn write_page(
     if gone_ids.is_empty() && ids.is_empty() && touched.series_changed.is_empty() {
         return Ok(0);
     }
+    let row = feed.row(tx).await?;
+    // The calendar's row and each id as parameters of the view's lookup (initplans), so it
+    // reads the page's rows by the primary key: joined to a list instead, PostgreSQL read
+    // every row of the calendar for each page (measured: 3,639 rows read for 200).
     let sql = format!(
         "WITH t AS (SELECT deployment, tuple_key, user_id, calendar_id FROM sync_tuples \
                     WHERE id = $1 AND tracked), \
-              wanted AS (SELECT u.id, u.cause, u.rank FROM UNNEST($4::text[], $5::text[], $6::int[]) AS u(id, cause, rank) \
-                         UNION ALL \
-                         SELECT e.event_id, 'series', 9 FROM events e \
-                         WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[])), \
-              best AS (SELECT DISTINCT ON (id) id, cause FROM wanted ORDER BY id, rank), \
+              causes AS (SELECT DISTINCT ON (u.id) u.id, u.cause \
+                         FROM UNNEST($4::text[], $5::text[], $6::int[]) AS u(id, cause, rank) \
+                         ORDER BY u.id, u.rank), \
               x AS (SELECT 0 AS part, d.n, d.id AS event_id, 'delete' AS op, d.cause, NULL::jsonb AS data \
                     FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS d(id, cause, n) \
                     UNION ALL \
-                    SELECT 1, 0, v.event_id, 'upsert', b.cause, {VIEW_ROW} \
-                    FROM t JOIN calendar_events v ON v.deployment = t.deployment AND v.tuple_key = t.tuple_key \
-                    JOIN best b ON b.id = v.event_id) \
+                    SELECT 1, 0, v.event_id, 'upsert', COALESCE(c.cause, 'series'), {row} \
+                    FROM calendar_events v LEFT JOIN causes c ON c.id = v.event_id \
+                    WHERE v.deployment = (SELECT deployment FROM t) AND v.tuple_key = (SELECT tuple_key FROM t) \
+                      AND v.event_id = ANY(ARRAY( \
+                            SELECT unnest($4::text[]) \
+                            UNION SELECT e.event_id FROM events e \
+                                  WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[])))) \
          INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
          SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, x.event_id, x.op, x.cause, x.data \
          FROM t, x ORDER BY x.part, x.n, x.event_id"
@@ -171,6 +239,7 @@ pub(crate) async fn write_page(
 /// are still shown: deletes) and after a re-tracking (they show again: upserts).
 pub(crate) async fn write_tracking(
     tx: &mut sqlx::PgConnection,
+    feed: &Feed,
     deployment: &str,
     keys: &[&str],
     op: &str,
@@ -179,10 +248,11 @@ pub(crate) async fn write_tracking(
     if keys.is_empty() {
         return Ok(0);
     }
+    let row = feed.row(tx).await?;
     let sql = format!(
         "INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
          SELECT v.deployment, v.tuple_key, v.user_id, v.calendar_id, v.event_id, $3, $4, \
-                CASE WHEN $3 = 'upsert' THEN {VIEW_ROW} END \
+                CASE WHEN $3 = 'upsert' THEN {row} END \
          FROM calendar_events v WHERE v.deployment = $1 AND v.tuple_key = ANY($2::text[]) \
          ORDER BY v.tuple_key, v.event_id"
     );
@@ -316,8 +386,9 @@ impl Store {
         let deployment = (!all).then_some(&*self.deployment);
         let rows: Vec<Row> = self
             .bounded("reading a snapshot of the view", async {
-                sqlx::query_as("SELECT * FROM calsync_snapshot($1)")
+                sqlx::query_as("SELECT * FROM calsync_snapshot($1, $2)")
                     .bind(deployment)
+                    .bind(self.feed.payload)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(db)

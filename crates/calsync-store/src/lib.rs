@@ -171,7 +171,11 @@ impl Store {
         Store {
             pool,
             batcher: Default::default(),
-            feed: std::sync::Arc::new(changes::Feed::new(self.feed.on, self.feed.retention)),
+            feed: std::sync::Arc::new(changes::Feed::new(
+                self.feed.on,
+                self.feed.retention,
+                self.feed.payload,
+            )),
             ..self.clone()
         }
     }
@@ -180,14 +184,34 @@ impl Store {
     /// not (`changes.enabled`; on by default). With it off, pages write no changes and take
     /// no feed lock; followers miss what happens meanwhile and must read a snapshot again.
     pub fn with_feed(mut self, on: bool) -> Store {
-        self.feed = std::sync::Arc::new(changes::Feed::new(on, self.feed.retention));
+        self.feed = std::sync::Arc::new(changes::Feed::new(
+            on,
+            self.feed.retention,
+            self.feed.payload,
+        ));
         self
     }
 
     /// This store, keeping changes for `retention` (`changes.retention`; 14 days unless
     /// told): [`Store::trim_expired_changes`] deletes older ones.
     pub fn with_feed_retention(mut self, retention: std::time::Duration) -> Store {
-        self.feed = std::sync::Arc::new(changes::Feed::new(self.feed.on, retention));
+        self.feed = std::sync::Arc::new(changes::Feed::new(
+            self.feed.on,
+            retention,
+            self.feed.payload,
+        ));
+        self
+    }
+
+    /// This store, its changes carrying each row's `payload` (Graph's JSON, the series
+    /// master's laid under an occurrence's) or not (`changes.payload`; off unless told: it is
+    /// most of a change's size and of its cost, BENCHMARKS.md).
+    pub fn with_feed_payload(mut self, payload: bool) -> Store {
+        self.feed = std::sync::Arc::new(changes::Feed::new(
+            self.feed.on,
+            self.feed.retention,
+            payload,
+        ));
         self
     }
 

@@ -54,7 +54,7 @@ impl LinkSave {
 /// transaction.
 ///
 /// `feed_lock`: the deployment whose change feed the transaction is to write; the statement
-/// first takes that feed's lock, shared (`calsync_feed_lock`, migration `0009_changes.sql`),
+/// first takes that feed's lock, shared (`calsync_feed_lock`, migration `0010_change_feed.sql`),
 /// before it writes a row and so before the transaction has an id.
 pub(crate) async fn save_links<'e, E: sqlx::PgExecutor<'e>>(
     exec: E,

@@ -211,12 +211,24 @@ impl Store {
         let mut feed_rows = 0;
         if feed {
             // Still shown: each leaves the view, under the calendar it was.
-            feed_rows +=
-                changes::write_tracking(&mut tx, &self.deployment, &moved, "delete", "moved")
-                    .await?;
-            feed_rows +=
-                changes::write_tracking(&mut tx, &self.deployment, &gone, "delete", "untrack")
-                    .await?;
+            feed_rows += changes::write_tracking(
+                &mut tx,
+                &self.feed,
+                &self.deployment,
+                &moved,
+                "delete",
+                "moved",
+            )
+            .await?;
+            feed_rows += changes::write_tracking(
+                &mut tx,
+                &self.feed,
+                &self.deployment,
+                &gone,
+                "delete",
+                "untrack",
+            )
+            .await?;
         }
         let keys: Vec<&str> = changed.iter().map(|s| s.key.as_str()).collect();
         let users: Vec<&str> = changed.iter().map(|s| s.user_id.as_str()).collect();
@@ -280,9 +292,15 @@ impl Store {
         }
         if feed {
             // Shown again, as they are stored.
-            feed_rows +=
-                changes::write_tracking(&mut tx, &self.deployment, &retracked, "upsert", "track")
-                    .await?;
+            feed_rows += changes::write_tracking(
+                &mut tx,
+                &self.feed,
+                &self.deployment,
+                &retracked,
+                "upsert",
+                "track",
+            )
+            .await?;
         }
         let mut untracked = 0;
         if untrack_others {

@@ -1,5 +1,5 @@
 //! Where each `[[sinks]]` endpoint stands in the change feed (`sink_cursors`, migration
-//! `0009_changes.sql`): its cursor, moved only after the endpoint acknowledged a batch, and
+//! `0010_change_feed.sql`): its cursor, moved only after the endpoint acknowledged a batch, and
 //! how it is failing. calsync-sinks delivers; this keeps its place.
 
 use crate::Store;

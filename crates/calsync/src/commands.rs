@@ -149,7 +149,8 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
     let mut store = store
         .for_deployment(&cfg.ownership.deployment)
         .with_feed(cfg.changes.enabled)
-        .with_feed_retention(cfg.changes.retention);
+        .with_feed_retention(cfg.changes.retention)
+        .with_feed_payload(cfg.changes.payload);
     if let Some(id) = &identity {
         store = store.as_incarnation(&id.incarnation);
     }

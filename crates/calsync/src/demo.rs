@@ -109,6 +109,7 @@ pub fn config_for_sim(
         changes: crate::config::ChangesConfig {
             enabled: true,
             retention: calsync_store::changes::DEFAULT_RETENTION,
+            payload: false,
         },
         sinks: Vec::new(),
         anchor: chrono::Utc::now(),

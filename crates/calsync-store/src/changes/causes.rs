@@ -459,3 +459,36 @@ async fn with_the_feed_off_nothing_is_written(pool: PgPool) {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+/// With `changes.payload`, a change carries the row's payload as the view shows it: for an
+/// occurrence, the series master's laid under the stub's, so a rename reaches it there too.
+#[sqlx::test(migrations = false)]
+async fn with_the_payload_a_change_carries_the_views_payload(pool: PgPool) {
+    let mut cal = Cal::with_store(Store::from_pool(pool.clone()).with_feed_payload(true)).await;
+    let mut page = reduce(vec![PageOp::Upsert(stub("o1", "m"))]);
+    page.series = vec![master("m", "Standup")];
+    cal.page(Some(RoundStart::Full), LinkKind::Delta, page)
+        .await;
+    assert_eq!(cal.read().await, ["upsert delta t/o1"]);
+    let renamed = PageChanges {
+        series: vec![master("m", "Daily sync")],
+        ..PageChanges::default()
+    };
+    cal.page(Some(RoundStart::Delta), LinkKind::Delta, renamed)
+        .await;
+    assert_eq!(cal.read().await, ["upsert series t/o1"]);
+    let data = cal.follower.applied[1].data.as_ref().unwrap();
+    assert_eq!(data["payload"]["subject"], "Daily sync");
+    assert_eq!(
+        data["payload"]["id"], "o1",
+        "the stub's own fields over the master's"
+    );
+    // Without it (the default), no payload and every other column.
+    let plain = Store::from_pool(pool.clone());
+    let rows = plain.view_as_feed_rows().await.unwrap();
+    let row = rows.values().next().unwrap();
+    assert!(
+        row.get("payload").is_none() && row["subject"] == "Daily sync",
+        "{row}"
+    );
+}

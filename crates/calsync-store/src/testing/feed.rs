@@ -2,7 +2,7 @@
 //! changes after it, compared with the view itself.
 
 use crate::Store;
-use crate::changes::{Change, VIEW_ROW};
+use crate::changes::Change;
 use crate::error::{StoreError, db};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -109,14 +109,17 @@ impl FeedReplica {
 }
 
 impl Store {
-    /// The view's rows as the feed carries them (every deployment's).
+    /// The view's rows as this store's feed carries them (every deployment's; with or
+    /// without the payload, as the store writes them).
     pub async fn view_as_feed_rows(
         &self,
     ) -> Result<BTreeMap<RowKey, serde_json::Value>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let row = self.feed.row(&mut conn).await?.to_owned();
         let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT v.deployment, v.tuple_key, v.event_id, {VIEW_ROW} FROM calendar_events v"
+            "SELECT v.deployment, v.tuple_key, v.event_id, {row} FROM calendar_events v"
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db)?;
         Ok(rows

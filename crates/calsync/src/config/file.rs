@@ -117,6 +117,9 @@ pub struct RawChanges {
     pub enabled: bool,
     /// How long changes are kept; a cursor older than that is answered "expired".
     pub retention: String,
+    /// Changes carry each row's `payload` (Graph's JSON) too: most of a change's size and of
+    /// its cost; off, every other column of the row.
+    pub payload: bool,
 }
 
 impl Default for RawChanges {
@@ -124,6 +127,7 @@ impl Default for RawChanges {
         RawChanges {
             enabled: true,
             retention: "14d".into(),
+            payload: false,
         }
     }
 }

@@ -171,6 +171,8 @@ pub struct ChangesConfig {
     pub enabled: bool,
     /// How long changes are kept.
     pub retention: Duration,
+    /// Changes carry each row's payload.
+    pub payload: bool,
 }
 
 /// `[push]` as validated.

@@ -328,6 +328,7 @@ fn changes(c: &RawChanges) -> Result<ChangesConfig, ConfigError> {
     Ok(ChangesConfig {
         enabled: c.enabled,
         retention,
+        payload: c.payload,
     })
 }
 
