@@ -8,9 +8,9 @@
 //! registration exclusive) before its first write, and two page transactions of one calendar
 //! are ordered by the tuple's row and its `link_version` (the loser writes nothing).
 //!
-//! Written: [`write_page`] (a page's steps' [`Touched`], one statement), [`write_tracking`]
+//! Written: `write_page` (a page's steps' `Touched`, one statement), `write_tracking`
 //! (registration: rows hidden by untracking or re-pointing, shown by tracking again). After a
-//! commit that wrote changes, [`Feed::written`] has `NOTIFY calsync_changes` sent (coalesced,
+//! commit that wrote changes, `Feed::written` has `NOTIFY calsync_changes` sent (coalesced,
 //! outside the transaction: a NOTIFY inside it would serialize every page's commit on the
 //! server's notify queue lock).
 
