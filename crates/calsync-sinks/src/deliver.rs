@@ -52,22 +52,18 @@ pub fn client(sink: &SinkConfig) -> Result<reqwest::Client, DeliveryError> {
 /// The body of a batch: `{"sink": name, "changes": [...]}`, each change with its `id` (its
 /// cursor: the same change always has the same id, for a receiver to drop repeats).
 pub fn body(sink: &str, changes: &[Change]) -> Vec<u8> {
-    let changes: Vec<serde_json::Value> = changes
+    /// A change with its `id`: the same change always has the same one.
+    #[derive(serde::Serialize)]
+    struct WithId<'a> {
+        id: &'a str,
+        #[serde(flatten)]
+        change: &'a Change,
+    }
+    let changes: Vec<WithId<'_>> = changes
         .iter()
-        .map(|c| {
-            serde_json::json!({
-                "id": c.cursor,
-                "cursor": c.cursor,
-                "deployment": c.deployment,
-                "tuple_key": c.tuple_key,
-                "user_id": c.user_id,
-                "calendar_id": c.calendar_id,
-                "event_id": c.event_id,
-                "op": c.op,
-                "cause": c.cause,
-                "written_at": c.written_at,
-                "data": c.data,
-            })
+        .map(|c| WithId {
+            id: &c.cursor,
+            change: c,
         })
         .collect();
     serde_json::json!({ "sink": sink, "changes": changes })

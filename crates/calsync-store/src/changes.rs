@@ -267,8 +267,9 @@ pub(crate) async fn write_tracking(
     Ok(written.rows_affected())
 }
 
-/// One change of the read model, as `calsync_changes` answers it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+/// One change of the read model, as `calsync_changes` answers it (and, serialized, as
+/// `calsync changes --json` prints it and a sink receives it).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
 pub struct Change {
     /// Where this change stands in the feed: follow from here to read what came after.
     pub cursor: String,

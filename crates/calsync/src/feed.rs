@@ -35,19 +35,7 @@ pub struct ChangesArgs {
 /// `cursor  op  cause  calendar  event id  subject`, tab-separated.
 pub fn line(c: &Change, json: bool) -> String {
     if json {
-        return serde_json::json!({
-            "cursor": c.cursor,
-            "deployment": c.deployment,
-            "tuple_key": c.tuple_key,
-            "user_id": c.user_id,
-            "calendar_id": c.calendar_id,
-            "event_id": c.event_id,
-            "op": c.op,
-            "cause": c.cause,
-            "written_at": c.written_at,
-            "data": c.data,
-        })
-        .to_string();
+        return serde_json::to_string(c).unwrap_or_default();
     }
     let subject = c
         .data
