@@ -17,10 +17,12 @@ COPY crates/calsync/Cargo.toml crates/calsync/
 COPY crates/calsync-engine/Cargo.toml crates/calsync-engine/
 COPY crates/calsync-graph/Cargo.toml crates/calsync-graph/
 COPY crates/calsync-store/Cargo.toml crates/calsync-store/
+COPY crates/calsync-details/Cargo.toml crates/calsync-details/
+COPY crates/calsync-sinks/Cargo.toml crates/calsync-sinks/
 COPY crates/graph-sim/Cargo.toml crates/graph-sim/
 COPY crates/calsync-testkit/Cargo.toml crates/calsync-testkit/
 COPY crates/calsync-bench/Cargo.toml crates/calsync-bench/
-RUN for c in calsync calsync-engine calsync-graph calsync-store graph-sim calsync-testkit calsync-bench; do \
+RUN for c in calsync calsync-engine calsync-graph calsync-store calsync-details calsync-sinks graph-sim calsync-testkit calsync-bench; do \
       mkdir -p "crates/$c/src" && echo 'fn main() {}' > "crates/$c/src/main.rs" && touch "crates/$c/src/lib.rs"; \
     done; \
     cargo build --release --locked --target x86_64-unknown-linux-musl -p calsync --no-default-features; \

@@ -162,7 +162,7 @@ async fn a_flaky_restarting_endpoint_gets_every_change_in_order_per_calendar(poo
     down.cancel();
     server.await.unwrap();
 
-    let r = received.lock().unwrap();
+    let r = std::mem::take(&mut *received.lock().unwrap());
     eprintln!(
         "{} requests, {} refused, {} changes received for {} written",
         r.requests,

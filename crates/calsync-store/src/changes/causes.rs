@@ -99,7 +99,11 @@ impl Cal {
         store.migrate().await.unwrap();
         let follower = FeedReplica::from_snapshot(&store).await.unwrap();
         let s = spec("default", "2026-01-01T00:00:00Z");
-        let state = store.register_tuples(&[s.clone()]).await.unwrap().remove(0);
+        let state = store
+            .register_tuples(std::slice::from_ref(&s))
+            .await
+            .unwrap()
+            .remove(0);
         Cal {
             store,
             id: state.id,
