@@ -223,13 +223,17 @@ replica = "svc-test"
     let span = format!(
         "tuple{{tuple=adele user={ADELE} calendar=default window=2026-01-01T00:00:00Z/2026-04-01T00:00:00Z}}"
     );
-    assert!(
-        d.log()
-            .lines()
-            .any(|l| l.contains(&span) && l.contains("round complete")),
-        "{}",
-        d.log()
-    );
+    // (The line follows the commit that made the state `ok`: wait for it, do not race it.)
+    wait_for(
+        "adele's round in the log",
+        Duration::from_secs(5),
+        async || {
+            d.log()
+                .lines()
+                .any(|l| l.contains(&span) && l.contains("round complete"))
+        },
+    )
+    .await;
     // Rounds that change nothing (every second here) stay below INFO.
     assert!(!d.log().contains("nothing changed"), "{}", d.log());
     let m = d.metrics().await;
