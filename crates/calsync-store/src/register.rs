@@ -187,11 +187,12 @@ impl Store {
             })
             .map(|s| s.key.as_str())
             .collect();
+        let moved_set: std::collections::HashSet<&str> = moved.iter().copied().collect();
         let retracked: Vec<&str> = changed
             .iter()
             .filter(|s| stored.get(s.key.as_str()).is_some_and(|r| !r.6))
             .map(|s| s.key.as_str())
-            .filter(|k| !moved.contains(k))
+            .filter(|k| !moved_set.contains(k))
             .collect();
         let gone: Vec<&str> = if untrack_others {
             let wanted: std::collections::HashSet<&str> =

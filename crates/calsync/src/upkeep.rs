@@ -22,6 +22,10 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
     // At info a no-change round logs nothing; this line says the quiet is work being done.
     let mut last_summary = Instant::now();
     let mut reported = std::collections::HashSet::new();
+    // The change feed's retention runs beside this loop, never in it: a backlog of expired
+    // changes (a first start after the retention was shortened) takes many batches, and the
+    // stuck-round check above must keep its second.
+    let trimming = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         ctx.idle();
         tick.tick().await;
@@ -46,7 +50,13 @@ pub async fn upkeep(ctx: WorkerCtx, shared: Arc<Shared>) -> anyhow::Result<()> {
             );
             last_summary = Instant::now();
             report_stale(&engine, &mut reported).await;
-            trim_changes(&engine).await;
+            if !trimming.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                let (engine, trimming) = (engine.clone(), Arc::clone(&trimming));
+                tokio::spawn(async move {
+                    trim_changes(&engine).await;
+                    trimming.store(false, std::sync::atomic::Ordering::Release);
+                });
+            }
         }
     }
 }
