@@ -136,11 +136,11 @@ impl Store {
                 round: full_round,
                 partial,
                 pending: rebasing,
-                diff: feed.is_some(),
+                feed: feed.map(|_| crate::changes::event_row(self.feed.payload)),
             };
             let up = upsert_events(tx, target, rows, how).await?;
             touched.upserted.extend(up.written);
-            touched.changed.extend(up.changed);
+            touched.fed.extend(up.fed);
             touched.quarantined.extend(up.quarantined);
             self.fault_point()?;
         }

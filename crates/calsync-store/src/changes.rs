@@ -8,8 +8,10 @@
 //! registration exclusive) before its first write, and two page transactions of one calendar
 //! are ordered by the tuple's row and its `link_version` (the loser writes nothing).
 //!
-//! Written: `write_page` (a page's steps' `Touched`, one statement), `write_tracking`
-//! (registration: rows hidden by untracking or re-pointing, shown by tracking again). After a
+//! Written: by the upsert of events, in its own statement, for the rows it changes
+//! (`upsert::with_feed`, rows built by `event_row`); `write_page` for the rest of a page's
+//! steps' `Touched` (deletes, the window switch, series, quarantine; one statement);
+//! `write_tracking` (registration: rows hidden by untracking or re-pointing, shown by tracking again). After a
 //! commit that wrote changes, `Feed::written` has `NOTIFY calsync_changes` sent (coalesced,
 //! outside the transaction: a NOTIFY inside it would serialize every page's commit on the
 //! server's notify queue lock).
@@ -19,7 +21,7 @@ use crate::error::{StoreError, db};
 use crate::steps::Touched;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 /// The columns of `calendar_events` a change does not carry in `data`: its calendar's (beside
@@ -52,6 +54,81 @@ fn row_without_payload(columns: &[String]) -> String {
         .iter()
         .filter(|c| c.as_str() != "payload" && !CALENDAR_COLUMNS.contains(&c.as_str()))
         .map(|c| format!("'{c}', v.\"{c}\""))
+        .collect();
+    // jsonb_build_object takes at most 100 arguments: 50 columns a call.
+    let parts: Vec<String> = pairs
+        .chunks(50)
+        .map(|c| format!("jsonb_build_object({})", c.join(", ")))
+        .collect();
+    format!("({})", parts.join(" || "))
+}
+
+/// How `calendar_events` computes each column a change carries (all but [`CALENDAR_COLUMNS`])
+/// from an event `e` and its series `s` (the view of `0006_window_switch.sql`). The upsert that
+/// writes an event writes its change with these (a statement does not see its own writes, so it
+/// cannot read the view); the test `the_view_and_the_upserts_rows_agree` keeps them equal to
+/// the view, column for column.
+const VIEW_COLUMNS: &[(&str, &str)] = &[
+    ("event_id", "e.event_id"),
+    ("ical_uid", "e.ical_uid"),
+    ("subject", "COALESCE(e.subject, s.subject)"),
+    ("start_at", "e.start_at"),
+    ("end_at", "e.end_at"),
+    ("is_all_day", "COALESCE(e.is_all_day, s.is_all_day)"),
+    ("event_type", "e.event_type"),
+    ("series_master_id", "e.series_master_id"),
+    (
+        "last_modified_at",
+        "COALESCE(e.last_modified_at, s.last_modified_at)",
+    ),
+    (
+        "payload",
+        "CASE WHEN s.payload IS NULL THEN e.payload ELSE (s.payload - 'recurrence' - '@odata.context' \
+         - '@odata.etag' - 'changeKey') || e.payload END",
+    ),
+    (
+        "is_cancelled",
+        "COALESCE(e.is_cancelled, s.is_cancelled, false)",
+    ),
+    (
+        "start_date",
+        "CASE WHEN COALESCE(e.is_all_day, s.is_all_day) THEN e.start_date END",
+    ),
+    (
+        "end_date",
+        "CASE WHEN COALESCE(e.is_all_day, s.is_all_day) THEN e.end_date END",
+    ),
+    (
+        "organizer_email",
+        "COALESCE(e.organizer_email, s.organizer_email)",
+    ),
+    ("location", "COALESCE(e.location, s.location)"),
+    ("show_as", "COALESCE(e.show_as, s.show_as)"),
+    (
+        "online_meeting_url",
+        "COALESCE(e.online_meeting_url, s.online_meeting_url)",
+    ),
+    (
+        "original_start_time_zone",
+        "COALESCE(e.original_start_time_zone, s.original_start_time_zone)",
+    ),
+    ("time_error", "e.time_error"),
+    ("quarantined", "e.quarantined"),
+];
+
+/// A row as changes carry it (with the payload or without), built from a stored event `e`
+/// and its series `s` as the view builds it ([`VIEW_COLUMNS`]).
+pub(crate) fn event_row(payload: bool) -> &'static str {
+    static WITH: LazyLock<String> = LazyLock::new(|| build_event_row(true));
+    static WITHOUT: LazyLock<String> = LazyLock::new(|| build_event_row(false));
+    if payload { &WITH } else { &WITHOUT }
+}
+
+fn build_event_row(payload: bool) -> String {
+    let pairs: Vec<String> = VIEW_COLUMNS
+        .iter()
+        .filter(|(name, _)| payload || *name != "payload")
+        .map(|(name, expr)| format!("'{name}', {expr}"))
         .collect();
     // jsonb_build_object takes at most 100 arguments: 50 columns a call.
     let parts: Vec<String> = pairs
@@ -158,21 +235,25 @@ async fn notify_readers(
     }
 }
 
-/// Writes the feed's rows of a page, last in its transaction, from what its steps returned:
-/// a delete for each row that left the view, then an upsert, with the row as the view now
-/// shows it, for each row quarantined, shown by the window switch (new in it, or hidden
-/// until it), changed by an item, or under a series master that changed (each once, with the
-/// first of those causes). Nothing for
-/// an untracked tuple, whose rows the view does not show. Returns the rows written.
+/// Writes the feed's rows of a page that its upserts did not write, last in its transaction,
+/// from what its steps returned: a delete for each row that left the view, then an upsert, with
+/// the row as the view now shows it, for each row quarantined, shown by the window switch (new
+/// in it, or hidden until it), or under a series master that changed (each once, with the
+/// first of those causes). The upserts wrote the changes of the rows they changed
+/// ([`Touched::fed`]): those rows are skipped here, and so are their deletes (an id removed
+/// and written again in one page: its upsert sets the row whole). Nothing for an untracked
+/// tuple, whose rows the view does not show. Returns the rows written.
 pub(crate) async fn write_page(
     tx: &mut Transaction<'_, Postgres>,
     feed: &Feed,
     tuple_id: i64,
     touched: &Touched,
 ) -> Result<u64, StoreError> {
+    let fed: std::collections::HashSet<&str> = touched.fed.iter().map(String::as_str).collect();
     let (gone_ids, gone_causes): (Vec<&str>, Vec<&str>) = touched
         .gone
         .iter()
+        .filter(|(id, _)| !fed.contains(id.as_str()))
         .map(|(id, cause)| (id.as_str(), *cause))
         .unzip();
     let mut ids: Vec<&str> = Vec::new();
@@ -181,12 +262,11 @@ pub(crate) async fn write_page(
     for (rank, (list, cause)) in [
         (&touched.quarantined, "quarantine"),
         (&touched.shown, "window"),
-        (&touched.changed, "delta"),
     ]
     .into_iter()
     .enumerate()
     {
-        for id in list {
+        for id in list.iter().filter(|id| !fed.contains(id.as_str())) {
             ids.push(id);
             causes.push(cause);
             ranks.push(rank as i32);
@@ -214,7 +294,8 @@ pub(crate) async fn write_page(
                       AND v.event_id = ANY(ARRAY( \
                             SELECT unnest($4::text[]) \
                             UNION SELECT e.event_id FROM events e \
-                                  WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[])))) \
+                                  WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[]) \
+                                    AND NOT (e.event_id = ANY($8::text[]))))) \
          INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
          SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, x.event_id, x.op, x.cause, x.data \
          FROM t, x ORDER BY x.part, x.n, x.event_id"
@@ -227,6 +308,7 @@ pub(crate) async fn write_page(
         .bind(&causes)
         .bind(&ranks)
         .bind(&touched.series_changed)
+        .bind(&touched.fed)
         .execute(&mut **tx)
         .await
         .map_err(db)?;

@@ -10,9 +10,9 @@ use sqlx::{Postgres, Transaction};
 /// the change feed writes ([`crate::changes::write_page`]).
 #[derive(Debug, Default)]
 pub(crate) struct Touched {
-    /// Events whose stored row changed (inserted, or any column but the round bookkeeping
-    /// differs): the feed's upserts from Graph's items. With the feed off, every row written.
-    pub(crate) changed: Vec<String>,
+    /// Events whose change the upsert wrote to the feed itself (shown, and inserted or
+    /// differing from the stored row in more than the round bookkeeping); none with the feed off.
+    pub(crate) fed: Vec<String>,
     /// Series masters whose stored row changed: each of their occurrences changes in the view.
     pub(crate) series_changed: Vec<String>,
     /// Rows that left the view, in step order, with what removed them (`delta`, `cancelled`,

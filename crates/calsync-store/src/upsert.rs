@@ -10,12 +10,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{Postgres, Transaction};
 
 /// What an upsert of events wrote: the ids whose rows were inserted or updated (a row whose
-/// `changeKey` did not move in the same round is not), of those the ones whose row now
-/// differs (`changed`: what the change feed reports), and those kept as quarantined.
+/// `changeKey` did not move in the same round is not), of those the ones whose change it wrote
+/// to the feed (`fed`: shown, and differing from the row they replaced), and those kept as
+/// quarantined.
 #[derive(Debug, Default)]
 pub(crate) struct Upserted {
     pub(crate) written: Vec<String>,
-    pub(crate) changed: Vec<String>,
+    pub(crate) fed: Vec<String>,
     pub(crate) quarantined: Vec<String>,
 }
 
@@ -40,16 +41,40 @@ fn with_diff(insert: &str, table: &str, key: &str, ids: &str, diff: bool) -> Str
     )
 }
 
+/// `insert` (an `INSERT INTO events … RETURNING events.*`) wrapped so that it also writes the
+/// change feed's upserts of the rows it changed ([`with_diff`]) that the view shows (not
+/// `pending`), each as `row` builds it from the event `e` and its series `s`
+/// (`changes::event_row`), in event id order; returns `(event_id, fed)`. Writing them here,
+/// from what the insert returns, spares the feed a second read of every row it wrote
+/// (BENCHMARKS.md, issue 25).
+fn with_feed(insert: &str, row: &str) -> String {
+    format!(
+        "WITH old AS (SELECT o.event_id, to_jsonb(o) - {BOOKKEEPING} AS body FROM events o \
+                      WHERE o.tuple_id = $1 AND o.event_id = ANY($3::text[])), \
+              up AS ({insert}), \
+              d AS MATERIALIZED (SELECT up.*, old.event_id IS NULL \
+                                   OR old.body IS DISTINCT FROM (to_jsonb(up) - {BOOKKEEPING}) AS changed \
+                                 FROM up LEFT JOIN old USING (event_id)), \
+              fed AS (INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
+                      SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, e.event_id, 'upsert', 'delta', {row} \
+                      FROM d e JOIN sync_tuples t ON t.id = e.tuple_id AND t.tracked \
+                      LEFT JOIN series s ON s.tuple_id = e.tuple_id AND s.master_id = e.series_master_id \
+                      WHERE e.changed AND NOT e.pending ORDER BY e.event_id) \
+         SELECT event_id, changed AND NOT pending FROM d"
+    )
+}
+
 /// Where and how a page's events are written: the tuple, its full round, whether the rows
 /// are partial (merged into what is stored), written hidden (`pending`, while a moved
-/// window's round runs), and compared with what they replace (`diff`, for the change feed).
+/// window's round runs), and, with the change feed on, how its rows are built (`feed`, see
+/// [`with_feed`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Target {
     pub(crate) tuple_id: i64,
     pub(crate) round: i64,
     pub(crate) partial: bool,
     pub(crate) pending: bool,
-    pub(crate) diff: bool,
+    pub(crate) feed: Option<&'static str>,
 }
 
 async fn upsert(
@@ -62,7 +87,7 @@ async fn upsert(
         round,
         partial,
         pending,
-        diff,
+        feed,
     } = t;
     let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     let starts: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.start_at).collect();
@@ -108,7 +133,10 @@ async fn upsert(
         12 + COLUMNS.len(),
         detail_params(12)
     );
-    let sql = with_diff(&insert, "events", "event_id", "$3::text[]", diff);
+    let sql = match feed {
+        Some(row) => with_feed(&insert, row),
+        None => format!("WITH up AS ({insert}) SELECT event_id, false FROM up"),
+    };
     let q = sqlx::query_as(&sql)
         .bind(tuple_id)
         .bind(round)
@@ -190,9 +218,9 @@ pub(crate) async fn upsert_events(
 ) -> Result<Upserted, StoreError> {
     let mut out = Upserted::default();
     let record = |out: &mut Upserted, rows: Vec<(String, bool)>| {
-        for (id, changed) in rows {
-            if changed {
-                out.changed.push(id.clone());
+        for (id, fed) in rows {
+            if fed {
+                out.fed.push(id.clone());
             }
             out.written.push(id);
         }
