@@ -357,6 +357,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .into_iter()
                 .filter(|t| t.key.starts_with(&prefix))
                 .collect();
+            engine.store().settle_for_benchmark().await;
             let mark = request_mix(&sim_base, 0).await?.last_seq;
             let (cpu0, sim0, t0) = (cpu_seconds(&me)?, cpu_seconds(&sim.pid())?, Instant::now());
             let outcomes = engine.sync_all_once(&tuples, &cancel).await;
@@ -425,6 +426,7 @@ async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Some((t.id, to))
             })
             .collect();
+        engine.store().settle_for_benchmark().await;
         let (copy_time, copied) =
             calsync_store::copy_rows_for_benchmark(engine.store(), &pairs).await?;
         let copy = copied as f64 / copy_time.as_secs_f64();

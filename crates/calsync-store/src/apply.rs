@@ -136,7 +136,9 @@ impl Store {
                 round: full_round,
                 partial,
                 pending: rebasing,
-                feed: feed.map(|_| crate::changes::event_row(self.feed.payload)),
+                feed: feed.map(|_| {
+                    crate::changes::stored(self.feed.payload, crate::changes::Source::Event)
+                }),
             };
             let up = upsert_events(tx, target, rows, how).await?;
             touched.upserted.extend(up.written);

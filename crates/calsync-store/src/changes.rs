@@ -9,7 +9,7 @@
 //! are ordered by the tuple's row and its `link_version` (the loser writes nothing).
 //!
 //! Written: by the upsert of events, in its own statement, for the rows it changes
-//! (`upsert::with_feed`, rows built by `event_row`); `write_page` for the rest of a page's
+//! (`upsert::with_feed`, rows built by `stored`); `write_page` for the rest of a page's
 //! steps' `Touched` (deletes, the window switch, series, quarantine; one statement);
 //! `write_tracking` (registration: rows hidden by untracking or re-pointing, shown by tracking again). After a
 //! commit that wrote changes, `Feed::written` has `NOTIFY calsync_changes` sent (coalesced,
@@ -23,45 +23,6 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
-
-/// The columns of `calendar_events` a change does not carry in `data`: its calendar's (beside
-/// it in the change) and the window, which is the calendar's (`calendar_sync_status`) and
-/// changes for every row at once when the window moves.
-const CALENDAR_COLUMNS: &[&str] = &[
-    "deployment",
-    "tuple_key",
-    "user_id",
-    "calendar_id",
-    "window_start",
-    "window_end",
-];
-
-/// A row of `calendar_events` (as `v`) as the feed carries it, the payload included: the
-/// view's own row, whole (the master's payload laid under each occurrence's: ~5 kB, and the
-/// most expensive column to compute).
-fn row_with_payload() -> String {
-    format!(
-        "(to_jsonb(v) - '{{{}}}'::text[])",
-        CALENDAR_COLUMNS.join(",")
-    )
-}
-
-/// A row of `calendar_events` (as `v`) as the feed carries it without the payload: each of
-/// the view's other columns by name (`columns`, read from the catalog), so the payload is not
-/// computed at all.
-fn row_without_payload(columns: &[String]) -> String {
-    let pairs: Vec<String> = columns
-        .iter()
-        .filter(|c| c.as_str() != "payload" && !CALENDAR_COLUMNS.contains(&c.as_str()))
-        .map(|c| format!("'{c}', v.\"{c}\""))
-        .collect();
-    // jsonb_build_object takes at most 100 arguments: 50 columns a call.
-    let parts: Vec<String> = pairs
-        .chunks(50)
-        .map(|c| format!("jsonb_build_object({})", c.join(", ")))
-        .collect();
-    format!("({})", parts.join(" || "))
-}
 
 /// How `calendar_events` computes each column a change carries (all but [`CALENDAR_COLUMNS`])
 /// from an event `e` and its series `s` (the view of `0006_window_switch.sql`). The upsert that
@@ -116,26 +77,65 @@ const VIEW_COLUMNS: &[(&str, &str)] = &[
     ("quarantined", "e.quarantined"),
 ];
 
-/// A row as changes carry it (with the payload or without), built from a stored event `e`
-/// and its series `s` as the view builds it ([`VIEW_COLUMNS`]).
-pub(crate) fn event_row(payload: bool) -> &'static str {
-    static WITH: LazyLock<String> = LazyLock::new(|| build_event_row(true));
-    static WITHOUT: LazyLock<String> = LazyLock::new(|| build_event_row(false));
-    if payload { &WITH } else { &WITHOUT }
+/// What a change's row is built from: a stored event `e` and its series `s` (in the upsert
+/// that writes the event), or a row `v` of the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Event,
+    View,
 }
 
-fn build_event_row(payload: bool) -> String {
-    let pairs: Vec<String> = VIEW_COLUMNS
+/// How a change's row is written: the column of `calendar_changes` that holds it, its SQL
+/// type, and the SQL that builds it from its [`Source`].
+#[derive(Debug)]
+pub(crate) struct Stored {
+    pub(crate) column: &'static str,
+    pub(crate) sql_type: &'static str,
+    pub(crate) expr: String,
+}
+
+/// How changes store their row: with the payload, as jsonb in `data` (the view's row whole);
+/// without (the default), as a `calendar_change_row` in `fields`, which `calsync_changes`
+/// turns into the same jsonb when it is read (migration `0011_change_rows.sql`: half the WAL,
+/// a third of the CPU).
+pub(crate) fn stored(payload: bool, from: Source) -> &'static Stored {
+    static STORED: LazyLock<[Stored; 4]> = LazyLock::new(|| {
+        [
+            build_stored(false, Source::Event),
+            build_stored(false, Source::View),
+            build_stored(true, Source::Event),
+            build_stored(true, Source::View),
+        ]
+    });
+    &STORED[usize::from(payload) * 2 + usize::from(from == Source::View)]
+}
+
+fn build_stored(payload: bool, from: Source) -> Stored {
+    let expr = |(name, expr): &(&str, &str)| match from {
+        Source::Event => (*expr).to_owned(),
+        Source::View => format!("v.{name}"),
+    };
+    if payload {
+        let pairs: Vec<String> = VIEW_COLUMNS
+            .iter()
+            .map(|c| format!("'{}', {}", c.0, expr(c)))
+            .collect();
+        return Stored {
+            column: "data",
+            sql_type: "jsonb",
+            expr: format!("jsonb_build_object({})", pairs.join(", ")),
+        };
+    }
+    let fields: Vec<String> = VIEW_COLUMNS
         .iter()
-        .filter(|(name, _)| payload || *name != "payload")
-        .map(|(name, expr)| format!("'{name}', {expr}"))
+        .filter(|(name, _)| !["event_id", "payload"].contains(name))
+        .map(expr)
         .collect();
-    // jsonb_build_object takes at most 100 arguments: 50 columns a call.
-    let parts: Vec<String> = pairs
-        .chunks(50)
-        .map(|c| format!("jsonb_build_object({})", c.join(", ")))
-        .collect();
-    format!("({})", parts.join(" || "))
+    Stored {
+        column: "fields",
+        sql_type: "calendar_change_row",
+        expr: format!("ROW({})::calendar_change_row", fields.join(", ")),
+    }
 }
 
 /// Whether a store writes the change feed, and its wake-ups for readers.
@@ -147,8 +147,6 @@ pub(crate) struct Feed {
     pub(crate) retention: Duration,
     /// Changes carry the row's payload (`changes.payload`).
     pub(crate) payload: bool,
-    /// The SQL of a row as changes carry it, made once from the view's columns.
-    row: tokio::sync::OnceCell<String>,
     wake: Arc<tokio::sync::Notify>,
     notifier: OnceLock<()>,
 }
@@ -159,32 +157,9 @@ impl Feed {
             on,
             retention,
             payload,
-            row: tokio::sync::OnceCell::new(),
             wake: Default::default(),
             notifier: OnceLock::new(),
         }
-    }
-
-    /// The SQL expression of a row of `calendar_events` (as `v`) as changes carry it: with
-    /// the payload, the view's row; without, its other columns (read from the catalog once).
-    pub(crate) async fn row(&self, conn: &mut sqlx::PgConnection) -> Result<&str, StoreError> {
-        let payload = self.payload;
-        self.row
-            .get_or_try_init(|| async move {
-                if payload {
-                    return Ok(row_with_payload());
-                }
-                let columns: Vec<String> = sqlx::query_scalar(
-                    "SELECT attname::text FROM pg_attribute WHERE attrelid = 'calendar_events'::regclass \
-                     AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-                )
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?;
-                Ok(row_without_payload(&columns))
-            })
-            .await
-            .map(String::as_str)
     }
 
     /// A transaction that wrote changes committed: readers are woken by `NOTIFY
@@ -275,7 +250,11 @@ pub(crate) async fn write_page(
     if gone_ids.is_empty() && ids.is_empty() && touched.series_changed.is_empty() {
         return Ok(0);
     }
-    let row = feed.row(tx).await?;
+    let Stored {
+        column,
+        sql_type,
+        expr: row,
+    } = stored(feed.payload, Source::View);
     // The calendar's row and each id as parameters of the view's lookup (initplans), so it
     // reads the page's rows by the primary key: joined to a list instead, PostgreSQL read
     // every row of the calendar for each page (measured: 3,639 rows read for 200).
@@ -285,7 +264,7 @@ pub(crate) async fn write_page(
               causes AS (SELECT DISTINCT ON (u.id) u.id, u.cause \
                          FROM UNNEST($4::text[], $5::text[], $6::int[]) AS u(id, cause, rank) \
                          ORDER BY u.id, u.rank), \
-              x AS (SELECT 0 AS part, d.n, d.id AS event_id, 'delete' AS op, d.cause, NULL::jsonb AS data \
+              x AS (SELECT 0 AS part, d.n, d.id AS event_id, 'delete' AS op, d.cause, NULL::{sql_type} AS data \
                     FROM UNNEST($2::text[], $3::text[]) WITH ORDINALITY AS d(id, cause, n) \
                     UNION ALL \
                     SELECT 1, 0, v.event_id, 'upsert', COALESCE(c.cause, 'series'), {row} \
@@ -296,7 +275,7 @@ pub(crate) async fn write_page(
                             UNION SELECT e.event_id FROM events e \
                                   WHERE e.tuple_id = $1 AND e.series_master_id = ANY($7::text[]) \
                                     AND NOT (e.event_id = ANY($8::text[]))))) \
-         INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
+         INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, {column}) \
          SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, x.event_id, x.op, x.cause, x.data \
          FROM t, x ORDER BY x.part, x.n, x.event_id"
     );
@@ -330,9 +309,11 @@ pub(crate) async fn write_tracking(
     if keys.is_empty() {
         return Ok(0);
     }
-    let row = feed.row(tx).await?;
+    let Stored {
+        column, expr: row, ..
+    } = stored(feed.payload, Source::View);
     let sql = format!(
-        "INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
+        "INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, {column}) \
          SELECT v.deployment, v.tuple_key, v.user_id, v.calendar_id, v.event_id, $3, $4, \
                 CASE WHEN $3 = 'upsert' THEN {row} END \
          FROM calendar_events v WHERE v.deployment = $1 AND v.tuple_key = ANY($2::text[]) \
@@ -562,3 +543,6 @@ mod tests;
 
 #[cfg(test)]
 mod causes;
+
+#[cfg(test)]
+mod stored;

@@ -2,6 +2,7 @@
 //! returning the ids it changed; a value PostgreSQL refuses isolated under savepoints and its row
 //! kept as quarantined; series masters upserted.
 
+use crate::changes::Stored;
 use crate::columns::{DETAIL_COLUMNS, DetailColumns, detail_params, detail_updates};
 use crate::error::{StoreError, db};
 use crate::page::{EventRow, SeriesRow};
@@ -43,11 +44,12 @@ fn with_diff(insert: &str, table: &str, key: &str, ids: &str, diff: bool) -> Str
 
 /// `insert` (an `INSERT INTO events … RETURNING events.*`) wrapped so that it also writes the
 /// change feed's upserts of the rows it changed ([`with_diff`]) that the view shows (not
-/// `pending`), each as `row` builds it from the event `e` and its series `s`
-/// (`changes::event_row`), in event id order; returns `(event_id, fed)`. Writing them here,
+/// `pending`), each as `row` builds it from the event `e` and its series `s` into its column
+/// (`changes::stored`), in event id order; returns `(event_id, fed)`. Writing them here,
 /// from what the insert returns, spares the feed a second read of every row it wrote
 /// (BENCHMARKS.md, issue 25).
-fn with_feed(insert: &str, row: &str) -> String {
+fn with_feed(insert: &str, row: &Stored) -> String {
+    let Stored { column, expr, .. } = row;
     format!(
         "WITH old AS (SELECT o.event_id, to_jsonb(o) - {BOOKKEEPING} AS body FROM events o \
                       WHERE o.tuple_id = $1 AND o.event_id = ANY($3::text[])), \
@@ -55,8 +57,8 @@ fn with_feed(insert: &str, row: &str) -> String {
               d AS MATERIALIZED (SELECT up.*, old.event_id IS NULL \
                                    OR old.body IS DISTINCT FROM (to_jsonb(up) - {BOOKKEEPING}) AS changed \
                                  FROM up LEFT JOIN old USING (event_id)), \
-              fed AS (INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, data) \
-                      SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, e.event_id, 'upsert', 'delta', {row} \
+              fed AS (INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, {column}) \
+                      SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, e.event_id, 'upsert', 'delta', {expr} \
                       FROM d e JOIN sync_tuples t ON t.id = e.tuple_id AND t.tracked \
                       LEFT JOIN series s ON s.tuple_id = e.tuple_id AND s.master_id = e.series_master_id \
                       WHERE e.changed AND NOT e.pending ORDER BY e.event_id) \
@@ -74,7 +76,7 @@ pub(crate) struct Target {
     pub(crate) round: i64,
     pub(crate) partial: bool,
     pub(crate) pending: bool,
-    pub(crate) feed: Option<&'static str>,
+    pub(crate) feed: Option<&'static Stored>,
 }
 
 async fn upsert(

@@ -110,16 +110,17 @@ impl FeedReplica {
 
 impl Store {
     /// The view's rows as this store's feed carries them (every deployment's; with or
-    /// without the payload, as the store writes them).
+    /// without the payload, as the store writes them), as `calsync_snapshot` answers them:
+    /// the view's own row, whatever the feed's writers build.
     pub async fn view_as_feed_rows(
         &self,
     ) -> Result<BTreeMap<RowKey, serde_json::Value>, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        let row = self.feed.row(&mut conn).await?.to_owned();
-        let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(&format!(
-            "SELECT v.deployment, v.tuple_key, v.event_id, {row} FROM calendar_events v"
-        ))
-        .fetch_all(&mut *conn)
+        let rows: Vec<(String, String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT deployment, tuple_key, event_id, data FROM calsync_snapshot(NULL, $1) \
+             WHERE event_id IS NOT NULL",
+        )
+        .bind(self.feed.payload)
+        .fetch_all(&self.pool)
         .await
         .map_err(db)?;
         Ok(rows

@@ -73,7 +73,8 @@ impl BySequence {
             Option<serde_json::Value>,
         );
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, deployment, tuple_key, event_id, op, data FROM calendar_changes \
+            "SELECT seq, deployment, tuple_key, event_id, op, calsync_change_data(data, fields, event_id) \
+             FROM calendar_changes \
              WHERE seq > $1 ORDER BY seq",
         )
         .bind(self.after)
