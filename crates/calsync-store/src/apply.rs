@@ -171,8 +171,12 @@ impl Store {
             steps::switch_window(tx, w.tuple_id, &mut touched).await?;
             self.fault_point()?;
         }
+        // The upserts wrote the changes of the rows they changed; write_page the rest.
         let feed_rows = match feed {
-            Some(_) => crate::changes::write_page(tx, &self.feed, w.tuple_id, &touched).await?,
+            Some(_) => {
+                touched.fed.len() as u64
+                    + crate::changes::write_page(tx, &self.feed, w.tuple_id, &touched).await?
+            }
             None => 0,
         };
         let applied = PageApplied {

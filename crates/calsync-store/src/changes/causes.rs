@@ -83,7 +83,7 @@ pub(super) fn master(id: &str, subject: &str) -> SeriesRow {
 
 /// One calendar, written page by page as a round would, with a follower of the feed.
 pub(super) struct Cal {
-    store: Store,
+    pub(super) store: Store,
     id: i64,
     version: i64,
     stamp: LinkStamp,

@@ -96,3 +96,22 @@ async fn the_view_and_the_upserts_rows_agree(pool: PgPool) {
         "calendar_change_row, attribute by attribute"
     );
 }
+
+/// Issue 25: a page whose only changes are its items (written by the upsert itself) wakes a
+/// follower with `NOTIFY calsync_changes` as any other page that wrote changes does.
+#[sqlx::test(migrations = false)]
+async fn a_page_of_items_alone_wakes_followers(pool: PgPool) {
+    let mut cal = Cal::new(&pool).await;
+    let mut listener = cal.store.listen_changes().await.unwrap();
+    cal.page(
+        Some(RoundStart::Full),
+        LinkKind::Delta,
+        reduce(vec![PageOp::Upsert(event("a", 1))]),
+    )
+    .await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), listener.next())
+        .await
+        .expect("woken within 5 s")
+        .unwrap();
+    assert_eq!(cal.read().await, ["upsert delta t/a"]);
+}
