@@ -164,7 +164,7 @@ impl Feed {
 
     /// A transaction that wrote changes committed: readers are woken by `NOTIFY
     /// calsync_changes` (payload: the deployment) at once, and a burst of commits shares one
-    /// notification per 5 ms; sent by a task of this store.
+    /// notification per 25 ms; sent by a task of this store.
     pub(crate) fn written(&self, pool: &PgPool, deployment: &str) {
         self.wake.notify_one();
         self.notifier.get_or_init(|| {
@@ -183,7 +183,7 @@ impl Default for Feed {
     }
 }
 
-/// Sends `NOTIFY calsync_changes` at once after a commit, then at most one more per 5 ms
+/// Sends `NOTIFY calsync_changes` at once after a commit, then at most one more per 25 ms
 /// however many commits follow (they share it), until the store is dropped.
 async fn notify_readers(
     wake: std::sync::Weak<tokio::sync::Notify>,
@@ -205,8 +205,10 @@ async fn notify_readers(
             // Readers also poll; a lost wake-up delays them, it loses nothing.
             tracing::debug!(error = %db(e), "NOTIFY calsync_changes was not sent");
         }
-        // Commits within this pause share the next notification.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Commits within this pause share the next notification. At 5 ms, nearly every page
+        // of an initial sync sent one (a page commits every ~7 ms), a query of calsync's CPU
+        // each (BENCHMARKS.md, issue 25). 25 ms is still far below what a follower notices.
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
