@@ -1,6 +1,8 @@
-//! OAuth2 client-credentials tokens for Graph: fetched with the `oauth2` crate, cached, renewed
-//! before they expire, and renewed once per expiry however many requests notice it.
+//! App-only tokens for Graph: fetched with the `oauth2` crate (client credentials, with a
+//! secret or a client assertion) or from a managed identity's endpoint, cached, renewed before
+//! they expire, and renewed once per expiry however many requests notice it.
 
+use crate::credential::{Credential, JWT_BEARER, federated_token};
 use crate::error::GraphError;
 use oauth2::basic::{BasicClient, BasicErrorResponseType};
 use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl};
@@ -15,10 +17,10 @@ use tokio::time::Instant;
 pub struct AuthConfig {
     /// The tenant's OAuth 2.0 token endpoint (`.../oauth2/v2.0/token`).
     pub token_url: url::Url,
-    /// The app registration's client id.
+    /// The app registration's client id (unused by a managed identity, which has its own).
     pub client_id: String,
-    /// The client secret; never logged or `Debug`-printed.
-    pub client_secret: SecretString,
+    /// What calsync proves its identity with; never logged or `Debug`-printed but by kind.
+    pub credential: Credential,
     /// The scope asked for, e.g. `https://graph.microsoft.com/.default`.
     pub scope: String,
 }
@@ -28,7 +30,7 @@ impl std::fmt::Debug for AuthConfig {
         f.debug_struct("AuthConfig")
             .field("token_url", &self.token_url.as_str())
             .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
+            .field("credential", &self.credential)
             .field("scope", &self.scope)
             .finish()
     }
@@ -167,17 +169,41 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<(SecretString, Duration), GraphError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let assertion = match &self.cfg.credential {
+            Credential::Managed(m) => {
+                let resource = self.cfg.scope.trim_end_matches("/.default");
+                let token = m.token(&self.http, resource, now).await?;
+                self.renewals.fetch_add(1, Ordering::Relaxed);
+                return Ok(token);
+            }
+            Credential::Secret(_) => None,
+            Credential::Certificate(c) => {
+                Some(c.assertion(&self.cfg.client_id, self.cfg.token_url.as_str(), now)?)
+            }
+            Credential::Federated { token_file } => Some(federated_token(token_file).await?),
+        };
         let client = BasicClient::new(ClientId::new(self.cfg.client_id.clone()))
-            .set_client_secret(ClientSecret::new(
-                self.cfg.client_secret.expose_secret().to_owned(),
-            ))
             .set_token_uri(TokenUrl::from_url(self.cfg.token_url.clone()))
             .set_auth_type(AuthType::RequestBody);
-        let result = client
+        let client = match &self.cfg.credential {
+            Credential::Secret(secret) => {
+                client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()))
+            }
+            _ => client,
+        };
+        let mut request = client
             .exchange_client_credentials()
-            .add_scope(Scope::new(self.cfg.scope.clone()))
-            .request_async(&self.http)
-            .await;
+            .add_scope(Scope::new(self.cfg.scope.clone()));
+        if let Some(a) = &assertion {
+            request = request
+                .add_extra_param("client_assertion_type", JWT_BEARER)
+                .add_extra_param("client_assertion", a.expose_secret().to_owned());
+        }
+        let result = request.request_async(&self.http).await;
         match result {
             Ok(resp) => {
                 self.renewals.fetch_add(1, Ordering::Relaxed);
@@ -199,13 +225,27 @@ impl TokenSource {
                     }
                     BasicErrorResponseType::Extension(e) => e.clone(),
                 };
-                let description: String = r
+                let mut description: String = r
                     .error_description()
                     .cloned()
                     .unwrap_or_default()
                     .chars()
                     .take(300)
                     .collect();
+                // Name what calsync presented, so a refusal says which key or file to fix.
+                match &self.cfg.credential {
+                    Credential::Certificate(c) => {
+                        description =
+                            format!("{description} (calsync signed with {})", c.describe());
+                    }
+                    Credential::Federated { token_file } => {
+                        description = format!(
+                            "{description} (calsync presented the federated token in {})",
+                            token_file.display()
+                        );
+                    }
+                    Credential::Secret(_) | Credential::Managed(_) => {}
+                }
                 Err(GraphError::AuthRejected { error, description })
             }
             Err(RequestTokenError::Request(e)) => Err(GraphError::AuthUnavailable {

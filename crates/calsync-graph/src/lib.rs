@@ -3,8 +3,9 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`auth`] | client-credentials tokens: fetched, cached, renewed once per expiry |
+//! | [`auth`] | app-only tokens: fetched, cached, renewed once per expiry |
 //! | [`batch`] | JSON batching of delta-link replays (`POST /$batch`, 20 at most) |
+//! | [`credential`] | what calsync proves its identity with: secret, certificate assertion, federated token, managed identity |
 //! | [`budget`] | the memory budget for Graph bodies held between fetch and commit |
 //! | [`directory`] | directory reads for discovery: users, group members, rooms, calendars |
 //! | [`error`] | `classify`: what a Graph answer means (retry, resync, degrade, fail) |
@@ -20,6 +21,7 @@
 pub mod auth;
 pub mod batch;
 pub mod budget;
+pub mod credential;
 pub mod directory;
 pub mod error;
 pub mod page;
@@ -29,6 +31,9 @@ pub mod zone;
 pub use auth::{AuthConfig, TokenSource};
 pub use batch::{BatchInbox, MailboxHold};
 pub use budget::{PageBudget, PageHold};
+pub use credential::{
+    Certificate, Credential, CredentialError, ManagedEndpoint, ManagedIdentity, Signature,
+};
 pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
@@ -587,7 +592,7 @@ mod tests {
         let auth = AuthConfig {
             token_url: base.join("/token").unwrap(),
             client_id: "c".into(),
-            client_secret: "s".to_owned().into(),
+            credential: Credential::Secret("s".to_owned().into()),
             scope: "x".into(),
         };
         GraphClient::new(GraphConfig::new(base), auth).unwrap()

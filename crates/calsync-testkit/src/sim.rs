@@ -10,7 +10,9 @@ pub fn auth(origin: &str) -> anyhow::Result<AuthConfig> {
     Ok(AuthConfig {
         token_url: format!("{origin}/{}/oauth2/v2.0/token", graph_sim::DEFAULT_TENANT).parse()?,
         client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-        client_secret: SecretString::from(graph_sim::DEFAULT_CLIENT_SECRET.to_owned()),
+        credential: calsync_graph::Credential::Secret(SecretString::from(
+            graph_sim::DEFAULT_CLIENT_SECRET.to_owned(),
+        )),
         scope: "https://graph.microsoft.com/.default".into(),
     })
 }

@@ -1,5 +1,9 @@
-//! The OAuth2 client-credentials token endpoint and bearer checks, with Azure AD shaped answers.
+//! The OAuth2 client-credentials token endpoint and bearer checks, with Azure AD shaped answers;
+//! client assertions and the managed identity endpoints are checked in [`crate::assertion`].
 
+use crate::assertion::{
+    CertificatePolicy, FederatedCredential, RegisteredCertificate, Replays, TOKEN_EXCHANGE_AUDIENCE,
+};
 use crate::error::GraphError;
 use chrono::{DateTime, Duration, Utc};
 use rand::Rng;
@@ -15,6 +19,46 @@ pub struct ClientApp {
     pub client_id: String,
     /// The app's client secret (a test value; the simulator guards nothing real).
     pub client_secret: String,
+    /// Certificates registered on the app (client assertions signed with their keys).
+    #[serde(default)]
+    pub certificates: Vec<RegisteredCertificate>,
+    /// Federated identity credentials: whose platform tokens stand for the app.
+    #[serde(default)]
+    pub federated: Vec<FederatedCredential>,
+}
+
+impl ClientApp {
+    /// An app with a secret and nothing else.
+    pub fn with_secret(client_id: &str, client_secret: &str) -> ClientApp {
+        ClientApp {
+            client_id: client_id.into(),
+            client_secret: client_secret.into(),
+            certificates: Vec::new(),
+            federated: Vec::new(),
+        }
+    }
+}
+
+/// The host's managed identities, as the IMDS and App Service endpoints answer for them.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ManagedIdentities {
+    /// The host has a system-assigned identity (asked for without a client id).
+    pub system_assigned: bool,
+    /// The client ids of the user-assigned identities attached to the host.
+    pub user_assigned: Vec<String>,
+    /// App Service's `IDENTITY_HEADER`: `X-IDENTITY-HEADER` must carry it.
+    pub identity_header: String,
+}
+
+impl Default for ManagedIdentities {
+    fn default() -> Self {
+        ManagedIdentities {
+            system_assigned: true,
+            user_assigned: Vec::new(),
+            identity_header: "graph-sim-identity-header".into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ClientApp {
@@ -22,6 +66,8 @@ impl std::fmt::Debug for ClientApp {
         f.debug_struct("ClientApp")
             .field("client_id", &self.client_id)
             .field("client_secret", &"<redacted>")
+            .field("certificates", &self.certificates.len())
+            .field("federated", &self.federated)
             .finish()
     }
 }
@@ -56,6 +102,15 @@ pub struct Auth {
     /// The last access tokens minted, newest last, so tests can look for them where they
     /// must never appear (logs, status output).
     minted: std::collections::VecDeque<String>,
+    /// The key the simulated platform issuer signs federated tokens with.
+    platform_key: [u8; 32],
+    replays: Replays,
+    /// How certificates are looked up.
+    pub certificate_policy: CertificatePolicy,
+    /// The host's managed identities.
+    pub managed: ManagedIdentities,
+    /// Managed identity tokens issued so far.
+    pub managed_issued: u64,
 }
 
 /// An answer of the token endpoint that is not a token: status and AAD error body.
@@ -98,7 +153,24 @@ impl Auth {
             tokens: HashMap::new(),
             issued: 0,
             minted: std::collections::VecDeque::new(),
+            platform_key: *b"graph-sim platform issuer key!!!",
+            replays: Replays::default(),
+            certificate_policy: CertificatePolicy::default(),
+            managed: ManagedIdentities::default(),
+            managed_issued: 0,
         }
+    }
+
+    /// A platform token for `subject` (e.g. `system:serviceaccount:calsync:calsync`), as the
+    /// AKS webhook projects it into `AZURE_FEDERATED_TOKEN_FILE`, valid `lifetime_secs`.
+    pub fn platform_token(&self, subject: &str, now: DateTime<Utc>, lifetime_secs: i64) -> String {
+        crate::assertion::platform_token(
+            &self.platform_key,
+            subject,
+            TOKEN_EXCHANGE_AUDIENCE,
+            now.timestamp(),
+            lifetime_secs,
+        )
     }
 
     fn mint(&mut self, subject: Subject, now: DateTime<Utc>, rng: &mut StdRng) -> String {
@@ -129,11 +201,13 @@ impl Auth {
         self.minted.iter().cloned().collect()
     }
 
-    /// `POST /{tenant}/oauth2/v2.0/token` with a form body.
+    /// `POST /{tenant}/oauth2/v2.0/token` with a form body, reached at `endpoint` (the URL a
+    /// client assertion's `aud` must name).
     pub fn token_request(
         &mut self,
         tenant: &str,
         form: &HashMap<String, String>,
+        endpoint: &str,
         now: DateTime<Utc>,
         rng: &mut StdRng,
     ) -> Result<Value, TokenError> {
@@ -189,9 +263,9 @@ impl Auth {
                 now,
             ));
         };
-        match form.get("client_secret") {
-            Some(s) if *s == app.client_secret => {}
-            Some(_) => {
+        match (form.get("client_secret"), form.get("client_assertion")) {
+            (Some(s), _) if *s == app.client_secret => {}
+            (Some(_), _) => {
                 return Err(aad_error(
                     401,
                     "invalid_client",
@@ -202,7 +276,40 @@ impl Auth {
                     now,
                 ));
             }
-            None => {
+            (None, Some(assertion)) => {
+                if form.get("client_assertion_type").map(String::as_str)
+                    != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                {
+                    return Err(aad_error(
+                        400,
+                        "invalid_request",
+                        50027,
+                        "JWT token is invalid or malformed: client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer.",
+                        now,
+                    ));
+                }
+                let app = app.clone();
+                crate::assertion::verify(
+                    assertion,
+                    client_id,
+                    endpoint,
+                    &app.certificates,
+                    &app.federated,
+                    &self.platform_key,
+                    self.certificate_policy,
+                    &mut self.replays,
+                    now.timestamp(),
+                )
+                .map_err(|r| {
+                    let status = if r.error == "invalid_client" {
+                        401
+                    } else {
+                        400
+                    };
+                    aad_error(status, r.error, r.code, &r.description, now)
+                })?;
+            }
+            (None, None) => {
                 return Err(aad_error(
                     401,
                     "invalid_client",
@@ -264,6 +371,68 @@ impl Auth {
         }
     }
 
+    /// A managed identity endpoint's answer, `(status, body)`: IMDS (`Metadata: true`,
+    /// `api-version`, `resource`, optional `client_id`; tokens with `expires_in` as a string)
+    /// or App Service (`X-IDENTITY-HEADER`, `api-version=2019-08-01`; `expires_on` only, Unix
+    /// seconds as a string), as MSAL's managed identity sources read them. An unknown
+    /// user-assigned client id answers 400 "Identity not found" (the Azure SDK's
+    /// troubleshooting guide: "The requested identity hasn't been assigned to this resource").
+    pub fn managed_token(
+        &mut self,
+        app_service: bool,
+        query: &HashMap<String, String>,
+        headers: &(Option<String>, Option<String>),
+        now: DateTime<Utc>,
+        rng: &mut StdRng,
+    ) -> (u16, Value) {
+        let bad = |status: u16, description: &str| {
+            (
+                status,
+                json!({"error": "invalid_request", "error_description": description}),
+            )
+        };
+        if app_service {
+            if headers.1.as_deref() != Some(self.managed.identity_header.as_str()) {
+                return (
+                    401,
+                    json!({"statusCode": 401, "message": "X-IDENTITY-HEADER is missing or does not match IDENTITY_HEADER."}),
+                );
+            }
+            if query.get("api-version").map(String::as_str) != Some("2019-08-01") {
+                return bad(400, "api-version 2019-08-01 is required.");
+            }
+        } else {
+            if headers.0.as_deref() != Some("true") {
+                return bad(400, "Required metadata header not specified");
+            }
+            if query.get("api-version").is_none() {
+                return bad(400, "Required query variable 'api-version' is missing");
+            }
+        }
+        let Some(resource) = query.get("resource").filter(|r| !r.is_empty()) else {
+            return bad(400, "Required query variable 'resource' is missing");
+        };
+        let identity = match query.get("client_id") {
+            Some(id) if self.managed.user_assigned.contains(id) => id.clone(),
+            None if self.managed.system_assigned => "system-assigned".to_owned(),
+            _ => return bad(400, "Identity not found"),
+        };
+        let token = self.mint(Subject::App(format!("managed:{identity}")), now, rng);
+        self.managed_issued += 1;
+        let secs = self.lifetime.num_seconds();
+        let expires_on = (now.timestamp() + secs).to_string();
+        let body = if app_service {
+            json!({"access_token": token, "expires_on": expires_on, "resource": resource,
+                   "token_type": "Bearer", "client_id": identity})
+        } else {
+            json!({"access_token": token, "client_id": identity, "expires_in": secs.to_string(),
+                   "expires_on": expires_on, "ext_expires_in": secs.to_string(),
+                   "not_before": now.timestamp().to_string(), "resource": resource,
+                   "token_type": "Bearer"})
+        };
+        (200, body)
+    }
+
     /// Makes every issued token expire now, as a key rollover or a long pause would.
     pub fn expire_all(&mut self, now: DateTime<Utc>) {
         for t in self.tokens.values_mut() {
@@ -290,10 +459,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut a = Auth::new(
             "t".into(),
-            vec![ClientApp {
-                client_id: "c".into(),
-                client_secret: "s".into(),
-            }],
+            vec![ClientApp::with_secret("c", "s")],
             Duration::seconds(3599),
         );
         let ok = a
@@ -305,6 +471,7 @@ mod tests {
                     ("client_secret", "s"),
                     ("scope", "https://graph.microsoft.com/.default"),
                 ]),
+                "http://sim/t/oauth2/v2.0/token",
                 now,
                 &mut rng,
             )
@@ -332,6 +499,7 @@ mod tests {
                     ("client_secret", "wrong"),
                     ("scope", "https://graph.microsoft.com/.default"),
                 ]),
+                "http://sim/t/oauth2/v2.0/token",
                 now,
                 &mut rng,
             )
@@ -355,6 +523,7 @@ mod tests {
                     ("client_secret", "s"),
                     ("scope", "Calendars.Read"),
                 ]),
+                "http://sim/t/oauth2/v2.0/token",
                 now,
                 &mut rng,
             )

@@ -9,6 +9,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`assertion`] | certificate client assertions, federated tokens, managed identity endpoints |
 //! | [`auth`] | the client-credentials token endpoint and bearer checks |
 //! | [`behaviour`] | switches where production and the documentation disagree |
 //! | [`churn`] | random edits a real user would make, seeded |
@@ -28,6 +29,7 @@
 
 #![warn(missing_docs)]
 
+pub mod assertion;
 pub mod auth;
 pub mod behaviour;
 pub mod churn;

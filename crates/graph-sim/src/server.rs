@@ -223,6 +223,10 @@ async fn handle(
     let prefer = header("prefer");
     let client_request_id = header("client-request-id").into_iter().next();
     let consistency_level = header("consistencylevel").into_iter().next();
+    let identity_headers = (
+        header("metadata").into_iter().next(),
+        header("x-identity-header").into_iter().next(),
+    );
     let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
@@ -250,6 +254,7 @@ async fn handle(
         origin,
         client_request_id,
         consistency_level,
+        identity_headers,
         connection,
     };
     let running = tokio::spawn(async move { sim.handle(request).await });

@@ -1,10 +1,10 @@
 //! The sections that say where calsync connects and with what: `[database]`, `[graph]`,
 //! `[auth]` (and the national clouds that tie the token endpoint to a Graph host), `[tls]`.
-//! A new credential kind starts in [`auth`].
+//! `[auth]`'s credential kinds are in `credentials.rs`.
 
 use super::values::{duration, http_url, read_secret_file, resolve_credential};
-use super::{ConfigError, DatabaseConfig, RawAuth, RawDatabase, RawGraph, RawTls, bad};
-use calsync_graph::{AuthConfig, GraphConfig};
+use super::{ConfigError, DatabaseConfig, RawDatabase, RawGraph, RawTls, bad};
+use calsync_graph::GraphConfig;
 use secrecy::{ExposeSecret, SecretString};
 use std::time::Duration;
 use url::Url;
@@ -109,20 +109,8 @@ pub(super) fn graph(g: &RawGraph, page_size: u32) -> Result<GraphConfig, ConfigE
     Ok(graph)
 }
 
-/// `[auth]`: the client-credentials app. Its token endpoint and Graph must be of one cloud.
-pub(super) fn auth(
-    a: &RawAuth,
-    graph_base: &Url,
-    allow_insecure_http: bool,
-) -> Result<AuthConfig, ConfigError> {
-    if a.token_url.trim().is_empty() {
-        return Err(bad(
-            "auth.token_url",
-            "missing: e.g. https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token",
-        ));
-    }
-    let token_url = http_url("auth.token_url", &a.token_url)?;
-    refuse_clear_text("auth.token_url", &token_url, allow_insecure_http)?;
+/// A token endpoint and Graph of different clouds (a token the Graph will not accept).
+pub(super) fn check_clouds(token_url: &Url, graph_base: &Url) -> Result<(), ConfigError> {
     if let (Some(token_cloud), Some(graph_cloud)) = (
         cloud_of_token_host(token_url.host_str().unwrap_or("")),
         cloud_of_graph_host(graph_base.host_str().unwrap_or("")),
@@ -142,38 +130,7 @@ pub(super) fn auth(
             ));
         }
     }
-    if a.client_id.trim().is_empty() {
-        return Err(bad("auth.client_id", "missing"));
-    }
-    let client_secret = match (&a.client_secret.0, &a.client_secret_file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "auth.client_secret_file",
-                "set auth.client_secret or auth.client_secret_file, not both",
-            ));
-        }
-        (Some(s), None) if !s.expose_secret().is_empty() => s.clone(),
-        (Some(_), None) => return Err(bad("auth.client_secret", "is empty")),
-        (None, Some(p)) => read_secret_file("auth.client_secret_file", &resolve_credential(p))?,
-        (None, None) => {
-            return Err(bad(
-                "auth.client_secret",
-                "missing: set auth.client_secret or auth.client_secret_file",
-            ));
-        }
-    };
-    // The `.default` scope of the Graph calsync talks to: https://graph.microsoft.com/.default
-    // asks a US Government or China tenant for a token Graph there does not accept.
-    let scope = match a.scope.trim() {
-        "" => default_scope(graph_base),
-        s => s.to_owned(),
-    };
-    Ok(AuthConfig {
-        token_url,
-        client_id: a.client_id.trim().to_owned(),
-        client_secret,
-        scope,
-    })
+    Ok(())
 }
 
 /// A Microsoft cloud: its token endpoint host and its Graph hosts.
@@ -231,7 +188,7 @@ fn cloud_of_graph_host(host: &str) -> Option<&'static str> {
 
 /// `https://<graph host>/.default` for a known cloud's Graph; the global one otherwise (a
 /// simulator or proxy that does not check it).
-fn default_scope(graph_base: &Url) -> String {
+pub(super) fn default_scope(graph_base: &Url) -> String {
     match graph_base.host_str() {
         Some(h) if cloud_of_graph_host(h).is_some() => format!("https://{h}/.default"),
         _ => "https://graph.microsoft.com/.default".to_owned(),

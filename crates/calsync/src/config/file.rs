@@ -354,18 +354,38 @@ impl Default for RawGraph {
     }
 }
 
-/// `[auth]`: the app registration's client credentials.
+/// `[auth]`: how calsync gets app-only tokens: the app registration and its credential.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuth {
-    /// The tenant's token endpoint.
+    /// The credential kind: `client_secret` (the default), `certificate`,
+    /// `workload_identity` or `managed_identity`.
+    pub kind: String,
+    /// The tenant's token endpoint (workload identity: from `AZURE_AUTHORITY_HOST` and
+    /// `AZURE_TENANT_ID` when empty; managed identity: unused).
     pub token_url: String,
-    /// The app's client id.
+    /// The app's client id (workload identity: `AZURE_CLIENT_ID` when empty; managed
+    /// identity: a user-assigned identity's, or empty for the system-assigned one).
     pub client_id: String,
     /// The client secret (or use `client_secret_file`).
     pub client_secret: SecretValue,
     /// A file holding the client secret (first line).
     pub client_secret_file: Option<PathBuf>,
+    /// `certificate`: a PEM file with the certificate (and its key, unless `key_file`).
+    pub certificate_file: Option<PathBuf>,
+    /// `certificate`: a PEM file with the certificate's unencrypted RSA private key.
+    pub key_file: Option<PathBuf>,
+    /// `certificate`: `PS256` (with `x5t#S256`, the default) or `RS256` (with `x5t`).
+    pub signature: String,
+    /// `workload_identity`: the platform's token file (`AZURE_FEDERATED_TOKEN_FILE` when
+    /// unset).
+    pub token_file: Option<PathBuf>,
+    /// `managed_identity`: the endpoint (`IDENTITY_ENDPOINT` when unset, else the VM's
+    /// IMDS).
+    pub identity_endpoint: String,
+    /// `managed_identity`: a file holding the App Service header value (`IDENTITY_HEADER`
+    /// when unset); with one, the endpoint is asked as App Service asks it.
+    pub identity_header_file: Option<PathBuf>,
     /// The scope asked for; empty (the default) means the `.default` scope of
     /// `graph.base_url`'s cloud, e.g. `https://graph.microsoft.us/.default`.
     pub scope: String,
@@ -374,10 +394,17 @@ pub struct RawAuth {
 impl Default for RawAuth {
     fn default() -> Self {
         RawAuth {
+            kind: "client_secret".into(),
             token_url: String::new(),
             client_id: String::new(),
             client_secret: SecretValue(None),
             client_secret_file: None,
+            certificate_file: None,
+            key_file: None,
+            signature: "PS256".into(),
+            token_file: None,
+            identity_endpoint: String::new(),
+            identity_header_file: None,
             scope: String::new(),
         }
     }

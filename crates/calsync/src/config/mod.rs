@@ -10,6 +10,7 @@
 //! | `values` | values several sections share: durations, instants, URLs, secret files |
 
 mod connect;
+mod credentials;
 mod file;
 mod push;
 mod sinks;
@@ -238,10 +239,15 @@ impl Config {
             out.push("graph");
         }
         let auth = |c: &Config| {
+            let credential = match &c.auth.credential {
+                // Compared, never printed.
+                calsync_graph::Credential::Secret(s) => s.expose_secret().to_owned(),
+                other => format!("{other:?}"),
+            };
             (
                 c.auth.token_url.clone(),
                 c.auth.client_id.clone(),
-                c.auth.client_secret.expose_secret().to_owned(),
+                credential,
                 c.auth.scope.clone(),
             )
         };

@@ -1,10 +1,12 @@
 //! Validation: the file as written becomes the typed [`Config`], one function per section.
 //! Every error names the key that is wrong.
-//! The connection sections (`[database]`, `[graph]`, `[auth]`, `[tls]`) are in `connect.rs`,
+//! The connection sections (`[database]`, `[graph]`, `[tls]`) are in `connect.rs`, `[auth]`'s
+//! credential kinds in `credentials.rs`,
 //! values several sections share in `values.rs`; the tests of `config/mod.rs` hold every key's
 //! errors.
 
-use super::connect::{auth, database, graph, tls};
+use super::connect::{database, graph, tls};
+use super::credentials::{auth, process_env};
 use super::values::{duration, instant, read_secret_file, resolve_credential};
 use super::{
     ChangesConfig, Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels,
@@ -39,7 +41,12 @@ impl RawConfig {
         database.native_roots = self.tls.native_roots;
         graph.extra_roots_pem = roots;
         graph.native_roots = self.tls.native_roots;
-        let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
+        let auth = auth(
+            &self.auth,
+            &graph.base_url,
+            self.graph.allow_insecure_http,
+            &process_env,
+        )?;
         let sync = sync(&self.sync)?;
         let window_rebase = rebase(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
@@ -110,6 +117,9 @@ impl RawConfig {
         use std::os::unix::fs::PermissionsExt;
         [
             ("auth.client_secret_file", &self.auth.client_secret_file),
+            ("auth.key_file", &self.auth.key_file),
+            ("auth.certificate_file", &self.auth.certificate_file),
+            ("auth.identity_header_file", &self.auth.identity_header_file),
             ("database.url_file", &self.database.url_file),
             ("http.admin_token_file", &self.http.admin_token_file),
         ]

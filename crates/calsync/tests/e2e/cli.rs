@@ -478,10 +478,10 @@ async fn no_secret_reaches_any_output_even_at_trace_level() {
         "the test URL carries a password: {url}"
     );
     let sim = graph_sim::Sim::new(&graph_sim::SimConfig {
-        clients: vec![graph_sim::auth::ClientApp {
-            client_id: graph_sim::DEFAULT_CLIENT_ID.into(),
-            client_secret: SECRET.into(),
-        }],
+        clients: vec![graph_sim::auth::ClientApp::with_secret(
+            graph_sim::DEFAULT_CLIENT_ID,
+            SECRET,
+        )],
         ..crate::harness::sim_config()
     });
     {

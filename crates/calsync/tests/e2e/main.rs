@@ -23,6 +23,7 @@
 mod batch;
 mod cli;
 mod converge;
+mod credentials;
 mod database;
 mod discovery;
 mod faults;

@@ -193,6 +193,7 @@ impl Sim {
                 origin: outer.origin.clone(),
                 client_request_id: header("client-request-id"),
                 consistency_level: header("consistencylevel"),
+                identity_headers: (None, None),
                 connection: outer.connection,
             }),
         )

@@ -84,13 +84,32 @@ impl State {
                 let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
                     .into_owned()
                     .collect();
-                match self.auth.token_request(tenant, &form, now, &mut self.rng) {
+                let endpoint = format!("{}{}", req.origin, req.path);
+                match self
+                    .auth
+                    .token_request(tenant, &form, &endpoint, now, &mut self.rng)
+                {
                     Ok(v) => {
                         self.stats.tokens_issued = self.auth.issued;
                         Ok(SimResponse::json(200, &v))
                     }
                     Err(TokenError { status, body }) => Ok(SimResponse::json(status, &body)),
                 }
+            }
+            (Route::ManagedIdentity { app_service }, "GET") => {
+                let query: HashMap<String, String> =
+                    url::form_urlencoded::parse(req.query.as_bytes())
+                        .into_owned()
+                        .collect();
+                let (status, body) = self.auth.managed_token(
+                    *app_service,
+                    &query,
+                    &req.identity_headers,
+                    now,
+                    &mut self.rng,
+                );
+                self.stats.tokens_issued = self.auth.issued;
+                Ok(SimResponse::json(status, &body))
             }
             (Route::Delta { cal, .. }, "GET") => {
                 let ci = self.calendar_index(u, cal)?;

@@ -68,10 +68,10 @@ impl Default for SimConfig {
         SimConfig {
             seed: 42,
             tenant: DEFAULT_TENANT.into(),
-            clients: vec![ClientApp {
-                client_id: DEFAULT_CLIENT_ID.into(),
-                client_secret: DEFAULT_CLIENT_SECRET.into(),
-            }],
+            clients: vec![ClientApp::with_secret(
+                DEFAULT_CLIENT_ID,
+                DEFAULT_CLIENT_SECRET,
+            )],
             token_lifetime_secs: 3599,
             cache_capacity: 200_000,
             default_page_size: 10,
@@ -248,6 +248,9 @@ pub struct SimRequest {
     pub client_request_id: Option<String>,
     /// The `ConsistencyLevel` header (`eventual` asks for a directory advanced query).
     pub consistency_level: Option<String>,
+    /// The `Metadata` header (IMDS wants `true`) and `X-IDENTITY-HEADER` (App Service's
+    /// secret), for the managed identity endpoints.
+    pub identity_headers: (Option<String>, Option<String>),
     /// Which TCP connection carried the request (numbered from 1 by the server; 0 when the
     /// library is called directly), so tests can tell a fresh connection from a reused one.
     pub connection: u64,

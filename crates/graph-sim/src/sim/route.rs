@@ -24,6 +24,11 @@ pub(super) enum Route {
     Token {
         tenant: String,
     },
+    /// A managed identity endpoint: a VM's IMDS (`/metadata/identity/oauth2/token`) or App
+    /// Service's (`/msi/token`).
+    ManagedIdentity {
+        app_service: bool,
+    },
     Delta {
         user: UserRef,
         cal: CalRef,
@@ -77,6 +82,7 @@ impl Route {
             | Route::Calendars { user }
             | Route::User { user } => Some(user),
             Route::Token { .. }
+            | Route::ManagedIdentity { .. }
             | Route::Users
             | Route::Rooms
             | Route::GroupUsers { .. }
@@ -127,6 +133,13 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
     let segs: Vec<String> = path.trim_matches('/').split('/').map(decode).collect();
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    match l.as_slice() {
+        ["metadata", "identity", "oauth2", "token"] => {
+            return Some(Route::ManagedIdentity { app_service: false });
+        }
+        ["msi", "token"] => return Some(Route::ManagedIdentity { app_service: true }),
+        _ => {}
+    }
     if let [_, "oauth2", "v2.0", "token"] = l.as_slice() {
         return Some(Route::Token {
             tenant: segs[0].clone(),
