@@ -149,6 +149,11 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
             for w in &cfg.warnings {
                 eprintln!("warning: {w}");
             }
+            eprintln!(
+                "credential: {} {:?}",
+                cfg.auth.credential.kind(),
+                cfg.auth.credential
+            );
             eprintln!("config ok");
             Ok(true)
         }

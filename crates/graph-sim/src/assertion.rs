@@ -358,3 +358,179 @@ pub fn platform_token(
     )
     .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENDPOINT: &str = "http://sim/t/oauth2/v2.0/token";
+
+    /// A self-signed certificate and key made by `openssl`: `(certificate PEM, key PEM)`.
+    fn keypair() -> (String, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let ok = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=sim-test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(ok.status.success());
+        (
+            std::fs::read_to_string(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        )
+    }
+
+    fn assertion(cert: &str, key: &[u8], claims: Value) -> String {
+        let block = pem::parse_many(cert.as_bytes()).unwrap().remove(0);
+        let mut header = jsonwebtoken::Header::new(Algorithm::PS256);
+        header.x5t_s256 = Some(URL_SAFE_NO_PAD.encode(Sha256::digest(block.contents())));
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(key).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn claims(aud: &str, iss: &str, sub: &str, jti: &str, now: i64) -> Value {
+        json!({"aud": aud, "iss": iss, "sub": sub, "jti": jti, "nbf": now, "exp": now + 600})
+    }
+
+    fn check(
+        a: &str,
+        certs: &[RegisteredCertificate],
+        replays: &mut Replays,
+        now: i64,
+    ) -> Result<(), u32> {
+        verify(
+            a,
+            "app",
+            ENDPOINT,
+            certs,
+            &[],
+            b"k",
+            CertificatePolicy::default(),
+            replays,
+            now,
+        )
+        .map_err(|r| r.code)
+    }
+
+    /// Microsoft Learn, "certificate credentials", and the Azure SDK's troubleshooting guide:
+    /// each claim Entra checks, each with its AADSTS code; a jti is taken once (RFC 7523 §3).
+    #[test]
+    fn a_certificate_assertion_is_checked_claim_by_claim() {
+        let (cert, key) = keypair();
+        let certs = [RegisteredCertificate { pem: cert.clone() }];
+        let now = 1_800_000_000;
+        let mut replays = Replays::default();
+        let good = assertion(&cert, &key, claims(ENDPOINT, "app", "app", "j1", now));
+        assert_eq!(check(&good, &certs, &mut replays, now), Ok(()));
+        assert_eq!(
+            check(&good, &certs, &mut replays, now),
+            Err(50027),
+            "replayed"
+        );
+        let aud = assertion(
+            &cert,
+            &key,
+            claims("http://elsewhere/token", "app", "app", "j2", now),
+        );
+        assert_eq!(check(&aud, &certs, &mut replays, now), Err(700023));
+        let sub = assertion(&cert, &key, claims(ENDPOINT, "app", "other", "j3", now));
+        assert_eq!(check(&sub, &certs, &mut replays, now), Err(700021));
+        let late = assertion(&cert, &key, claims(ENDPOINT, "app", "app", "j4", now));
+        assert_eq!(check(&late, &certs, &mut replays, now + 3600), Err(700024));
+        // A signature that does not verify with the registered certificate.
+        let fresh = assertion(&cert, &key, claims(ENDPOINT, "app", "app", "j5", now));
+        let (body, sig) = fresh.rsplit_once('.').unwrap();
+        let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        raw[10] ^= 0xff;
+        let forged = format!("{body}.{}", URL_SAFE_NO_PAD.encode(raw));
+        assert_eq!(check(&forged, &certs, &mut replays, now), Err(700027));
+        // A certificate the app does not know.
+        assert_eq!(check(&fresh, &[], &mut replays, now), Err(700027));
+        assert_eq!(check("not.a.jwt", &certs, &mut replays, now), Err(50027));
+    }
+
+    /// Workload identity federation: a platform token is matched by issuer (700211), subject
+    /// (700213) and audience (700212) against the app's federated credentials.
+    #[test]
+    fn a_federated_token_is_matched_by_issuer_subject_and_audience() {
+        let key = b"platform";
+        let now = 1_800_000_000;
+        let credential = FederatedCredential {
+            issuer: PLATFORM_ISSUER.into(),
+            subject: "system:serviceaccount:ns:sa".into(),
+            audience: TOKEN_EXCHANGE_AUDIENCE.into(),
+        };
+        let check = |token: &str, creds: &[FederatedCredential]| {
+            verify(
+                token,
+                "app",
+                ENDPOINT,
+                &[],
+                creds,
+                key,
+                CertificatePolicy::default(),
+                &mut Replays::default(),
+                now,
+            )
+            .map_err(|r| r.code)
+        };
+        let good = platform_token(
+            key,
+            "system:serviceaccount:ns:sa",
+            TOKEN_EXCHANGE_AUDIENCE,
+            now,
+            3600,
+        );
+        assert_eq!(check(&good, std::slice::from_ref(&credential)), Ok(()));
+        let other_subject = platform_token(
+            key,
+            "system:serviceaccount:ns:other",
+            TOKEN_EXCHANGE_AUDIENCE,
+            now,
+            3600,
+        );
+        assert_eq!(
+            check(&other_subject, std::slice::from_ref(&credential)),
+            Err(700213)
+        );
+        let other_audience =
+            platform_token(key, "system:serviceaccount:ns:sa", "api://other", now, 3600);
+        assert_eq!(
+            check(&other_audience, std::slice::from_ref(&credential)),
+            Err(700212)
+        );
+        let not_the_platforms = platform_token(
+            b"someone else",
+            "system:serviceaccount:ns:sa",
+            TOKEN_EXCHANGE_AUDIENCE,
+            now,
+            3600,
+        );
+        assert_eq!(
+            check(&not_the_platforms, std::slice::from_ref(&credential)),
+            Err(700211)
+        );
+        assert_eq!(check(&good, &[]), Err(700211), "no federated credential");
+        let expired = platform_token(
+            key,
+            "system:serviceaccount:ns:sa",
+            TOKEN_EXCHANGE_AUDIENCE,
+            now - 7200,
+            3600,
+        );
+        assert_eq!(
+            check(&expired, std::slice::from_ref(&credential)),
+            Err(700024)
+        );
+    }
+}

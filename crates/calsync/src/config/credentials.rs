@@ -22,6 +22,26 @@ pub(super) fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// `[auth]` with the process environment.
+pub(super) fn auth_from_process_env(
+    a: &RawAuth,
+    graph_base: &Url,
+    allow_insecure_http: bool,
+) -> Result<AuthConfig, ConfigError> {
+    auth(a, graph_base, allow_insecure_http, &process_env)
+}
+
+/// The files of `[auth]` that hold a secret or a key, by key: warned about when others can
+/// read them.
+pub(super) fn secret_files(a: &RawAuth) -> [(&'static str, &Option<PathBuf>); 4] {
+    [
+        ("auth.client_secret_file", &a.client_secret_file),
+        ("auth.certificate_file", &a.certificate_file),
+        ("auth.key_file", &a.key_file),
+        ("auth.identity_header_file", &a.identity_header_file),
+    ]
+}
+
 /// `[auth]` of any kind. The token endpoint and Graph must be of one cloud.
 pub(super) fn auth(
     a: &RawAuth,
@@ -36,6 +56,15 @@ pub(super) fn auth(
         s => s.to_owned(),
     };
     let kind = a.kind.trim();
+    const KINDS: [&str; 4] = [
+        "client_secret",
+        "certificate",
+        "workload_identity",
+        "managed_identity",
+    ];
+    if !kind.is_empty() && !KINDS.contains(&kind) {
+        return Err(unknown_kind(kind));
+    }
     if kind == "managed_identity" {
         let managed = managed(a, allow_insecure_http, env)?;
         return Ok(AuthConfig {
@@ -81,14 +110,7 @@ pub(super) fn auth(
             read_secret_file("auth.token_file", &token_file)?;
             Credential::Federated { token_file }
         }
-        other => {
-            return Err(bad(
-                "auth.kind",
-                format!(
-                    "'{other}' is not a credential kind: client_secret, certificate, workload_identity or managed_identity"
-                ),
-            ));
-        }
+        other => return Err(unknown_kind(other)),
     };
     Ok(AuthConfig {
         token_url,
@@ -96,6 +118,15 @@ pub(super) fn auth(
         credential,
         scope,
     })
+}
+
+fn unknown_kind(kind: &str) -> ConfigError {
+    bad(
+        "auth.kind",
+        format!(
+            "'{kind}' is not a credential kind: client_secret, certificate, workload_identity or managed_identity"
+        ),
+    )
 }
 
 fn secret(a: &RawAuth) -> Result<secrecy::SecretString, ConfigError> {
@@ -242,4 +273,127 @@ fn managed(
         endpoint,
         client_id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn graph() -> Url {
+        "https://graph.microsoft.com/v1.0".parse().unwrap()
+    }
+
+    fn raw(kind: &str) -> RawAuth {
+        RawAuth {
+            kind: kind.into(),
+            ..RawAuth::default()
+        }
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn refused(a: &RawAuth, env: &[(&str, &str)]) -> ConfigError {
+        auth(a, &graph(), false, &env_of(env)).unwrap_err()
+    }
+
+    #[test]
+    fn each_kind_names_what_it_misses() {
+        let e = refused(&raw("kerberos"), &[]);
+        assert_eq!(e.key, "auth.kind");
+        assert!(
+            e.message
+                .contains("client_secret, certificate, workload_identity or managed_identity")
+        );
+        let mut cert = raw("certificate");
+        cert.token_url = "https://login.microsoftonline.com/t/oauth2/v2.0/token".into();
+        cert.client_id = "c".into();
+        let e = refused(&cert, &[]);
+        assert_eq!(e.key, "auth.certificate_file");
+        assert!(
+            e.message.contains("kind = \"certificate\""),
+            "{}",
+            e.message
+        );
+        cert.certificate_file = Some("/nonexistent/calsync.pem".into());
+        let e = refused(&cert, &[]);
+        assert!(
+            e.message.contains("cannot read /nonexistent/calsync.pem"),
+            "{}",
+            e.message
+        );
+        cert.signature = "HS256".into();
+        assert_eq!(refused(&cert, &[]).key, "auth.signature");
+        let mut secret = raw("client_secret");
+        secret.token_url = cert.token_url.clone();
+        secret.client_id = "c".into();
+        let e = refused(&secret, &[]);
+        assert_eq!(e.key, "auth.client_secret");
+        assert!(e.message.contains("kind = \"client_secret\""));
+        let e = refused(&raw("workload_identity"), &[]);
+        assert_eq!(e.key, "auth.client_id");
+        assert!(e.message.contains("AZURE_CLIENT_ID"));
+    }
+
+    /// The variables the AKS workload identity webhook sets (Microsoft Learn, "Use Microsoft
+    /// Entra Workload ID with AKS"): the token endpoint, client id and token file from them.
+    #[test]
+    fn workload_identity_reads_what_the_aks_webhook_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("azure-identity-token");
+        std::fs::write(&file, "eyJ.platform.token").unwrap();
+        let env = [
+            ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("AZURE_TENANT_ID", "contoso.onmicrosoft.com"),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.com/"),
+            ("AZURE_FEDERATED_TOKEN_FILE", file.to_str().unwrap()),
+        ];
+        let a = auth(&raw("workload_identity"), &graph(), false, &env_of(&env)).unwrap();
+        assert_eq!(
+            a.token_url.as_str(),
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(a.client_id, "11111111-2222-3333-4444-555555555555");
+        assert!(
+            matches!(&a.credential, Credential::Federated { token_file } if *token_file == file)
+        );
+        assert!(!format!("{a:?}").contains("platform.token"));
+        let e = refused(&raw("workload_identity"), &env[..3]);
+        assert_eq!(e.key, "auth.token_file");
+        assert!(e.message.contains("AZURE_FEDERATED_TOKEN_FILE"));
+    }
+
+    #[test]
+    fn a_managed_identity_asks_app_service_when_it_sets_its_variables_else_imds() {
+        let a = auth(&raw("managed_identity"), &graph(), false, &env_of(&[])).unwrap();
+        assert!(matches!(
+            &a.credential,
+            Credential::Managed(ManagedIdentity { endpoint: ManagedEndpoint::Imds(u), client_id: None })
+                if u.as_str() == calsync_graph::credential::IMDS_ENDPOINT
+        ));
+        let env = [
+            ("IDENTITY_ENDPOINT", "http://localhost:42356/msi/token"),
+            ("IDENTITY_HEADER", "a-host-secret"),
+        ];
+        let mut user_assigned = raw("managed_identity");
+        user_assigned.client_id = "ua-1".into();
+        let a = auth(&user_assigned, &graph(), false, &env_of(&env)).unwrap();
+        assert!(matches!(
+            &a.credential,
+            Credential::Managed(ManagedIdentity { endpoint: ManagedEndpoint::AppService { .. }, client_id: Some(c) })
+                if c == "ua-1"
+        ));
+        assert!(!format!("{a:?}").contains("a-host-secret"));
+        let e = refused(&raw("managed_identity"), &env[..1]);
+        assert_eq!(e.key, "auth.identity_header_file");
+        let mut far = raw("managed_identity");
+        far.identity_endpoint = "http://10.0.0.5/metadata/identity/oauth2/token".into();
+        assert_eq!(refused(&far, &[]).key, "auth.identity_endpoint");
+    }
 }

@@ -6,7 +6,7 @@
 //! errors.
 
 use super::connect::{database, graph, tls};
-use super::credentials::{auth, process_env};
+use super::credentials::{auth_from_process_env as auth, secret_files};
 use super::values::{duration, instant, read_secret_file, resolve_credential};
 use super::{
     ChangesConfig, Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels,
@@ -41,12 +41,7 @@ impl RawConfig {
         database.native_roots = self.tls.native_roots;
         graph.extra_roots_pem = roots;
         graph.native_roots = self.tls.native_roots;
-        let auth = auth(
-            &self.auth,
-            &graph.base_url,
-            self.graph.allow_insecure_http,
-            &process_env,
-        )?;
+        let auth = auth(&self.auth, &graph.base_url, self.graph.allow_insecure_http)?;
         let sync = sync(&self.sync)?;
         let window_rebase = rebase(&self.sync)?;
         let (log_format, log_filter) = log(&self.log)?;
@@ -115,37 +110,34 @@ impl RawConfig {
     /// URL with its password, the admin token): allowed, but warned about.
     fn secret_file_warnings(&self) -> Vec<String> {
         use std::os::unix::fs::PermissionsExt;
-        [
-            ("auth.client_secret_file", &self.auth.client_secret_file),
-            ("auth.key_file", &self.auth.key_file),
-            ("auth.certificate_file", &self.auth.certificate_file),
-            ("auth.identity_header_file", &self.auth.identity_header_file),
-            ("database.url_file", &self.database.url_file),
-            ("http.admin_token_file", &self.http.admin_token_file),
-        ]
-        .into_iter()
-        .chain(
-            self.sinks
-                .iter()
-                .map(|s| ("sinks[].secret_file", &s.secret_file)),
-        )
-        .filter_map(|(key, p)| {
-            let p = resolve_credential(p.as_ref()?);
-            let mode = std::fs::metadata(&p).ok()?.permissions().mode();
-            (mode & 0o077 != 0).then(|| {
-                format!(
-                    "{key}: {} is readable by {} (mode {:o}); chmod 600 it",
-                    p.display(),
-                    if mode & 0o007 != 0 {
-                        "others"
-                    } else {
-                        "its group"
-                    },
-                    mode & 0o777
-                )
+        secret_files(&self.auth)
+            .into_iter()
+            .chain([
+                ("database.url_file", &self.database.url_file),
+                ("http.admin_token_file", &self.http.admin_token_file),
+            ])
+            .chain(
+                self.sinks
+                    .iter()
+                    .map(|s| ("sinks[].secret_file", &s.secret_file)),
+            )
+            .filter_map(|(key, p)| {
+                let p = resolve_credential(p.as_ref()?);
+                let mode = std::fs::metadata(&p).ok()?.permissions().mode();
+                (mode & 0o077 != 0).then(|| {
+                    format!(
+                        "{key}: {} is readable by {} (mode {:o}); chmod 600 it",
+                        p.display(),
+                        if mode & 0o007 != 0 {
+                            "others"
+                        } else {
+                            "its group"
+                        },
+                        mode & 0o777
+                    )
+                })
             })
-        })
-        .collect()
+            .collect()
     }
 
     /// Only `service.deployment`, `service.replica` and `service.lease_ttl`.
