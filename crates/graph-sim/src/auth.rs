@@ -111,6 +111,9 @@ pub struct Auth {
     pub managed: ManagedIdentities,
     /// Managed identity tokens issued so far.
     pub managed_issued: u64,
+    /// The last client assertions presented, newest last, so tests can look for them where
+    /// they must never appear.
+    presented: std::collections::VecDeque<String>,
 }
 
 /// An answer of the token endpoint that is not a token: status and AAD error body.
@@ -158,7 +161,13 @@ impl Auth {
             certificate_policy: CertificatePolicy::default(),
             managed: ManagedIdentities::default(),
             managed_issued: 0,
+            presented: std::collections::VecDeque::new(),
         }
+    }
+
+    /// The last (up to 1,024) client assertions presented, oldest first.
+    pub fn presented_assertions(&self) -> Vec<String> {
+        self.presented.iter().cloned().collect()
     }
 
     /// A platform token for `subject` (e.g. `system:serviceaccount:calsync:calsync`), as the
@@ -277,6 +286,10 @@ impl Auth {
                 ));
             }
             (None, Some(assertion)) => {
+                if self.presented.len() >= 1024 {
+                    self.presented.pop_front();
+                }
+                self.presented.push_back(assertion.clone());
                 if form.get("client_assertion_type").map(String::as_str)
                     != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
                 {

@@ -317,3 +317,175 @@ async fn a_managed_identity_gets_tokens_from_imds_and_from_app_service(pool: PgP
         "the header is a secret: {refused}"
     );
 }
+
+/// Issue 26: the real binary at trace level, with each kind's secret in a file (a
+/// certificate's key, the platform's federated token, App Service's identity header), through
+/// a sync, a forced token renewal and the read-only commands: no key, client assertion,
+/// platform token, identity header or access token appears in anything it printed, nor in any
+/// text column of the database.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_key_assertion_or_token_reaches_any_output_or_column() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_credential_secrets")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = openssl_certificate(dir.path(), "calsync");
+    let subject = "system:serviceaccount:calsync:calsync";
+    let sim = graph_sim::Sim::new(&app(
+        vec![registered(&cert)],
+        vec![FederatedCredential {
+            issuer: PLATFORM_ISSUER.into(),
+            subject: subject.into(),
+            audience: graph_sim::assertion::TOKEN_EXCHANGE_AUDIENCE.into(),
+        }],
+    ));
+    let (platform_token, header) = {
+        let mut st = sim.lock();
+        let u = st.tenant.add_user(USER, None, "Adele Vance");
+        for d in 10..20 {
+            let p = graph_sim::writes::EventPatch::from_json(&serde_json::json!({
+                "subject": format!("e{d}"),
+                "start": {"dateTime": format!("2026-01-{d}T10:00:00"), "timeZone": "UTC"},
+                "end": {"dateTime": format!("2026-01-{d}T11:00:00"), "timeZone": "UTC"}}))
+            .unwrap();
+            st.tenant.create_event(u, 0, &p).unwrap();
+        }
+        let now = st.tenant.now();
+        (
+            st.auth.platform_token(subject, now, 3600),
+            st.auth.managed.identity_header.clone(),
+        )
+    };
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let token_file = dir.path().join("azure-identity-token");
+    std::fs::write(&token_file, &platform_token).unwrap();
+    let header_file = dir.path().join("identity-header");
+    std::fs::write(&header_file, &header).unwrap();
+    let token_url = server.token_url(graph_sim::DEFAULT_TENANT);
+    let origin = server.graph_base_url().replace("/v1.0", "");
+    let kinds = [
+        format!(
+            "kind = \"certificate\"\ntoken_url = \"{token_url}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\ncertificate_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+        format!(
+            "kind = \"workload_identity\"\ntoken_url = \"{token_url}\"\nclient_id = \"{DEFAULT_CLIENT_ID}\"\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ),
+        format!(
+            "kind = \"managed_identity\"\nidentity_endpoint = \"{origin}/msi/token\"\nidentity_header_file = \"{}\"\n",
+            header_file.display()
+        ),
+    ];
+    let mut printed = String::new();
+    for auth in &kinds {
+        let config = format!(
+            "[database]\nurl = \"{url}\"\n[graph]\nbase_url = \"{}\"\n[auth]\n{auth}\n[sync]\npage_size = 3\n\n[[calendars]]\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+            server.graph_base_url()
+        );
+        let file = dir.path().join("calsync.toml");
+        std::fs::write(&file, &config).unwrap();
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new(BIN)
+                .args(args)
+                .arg("--config")
+                .arg(&file)
+                .env_remove("DATABASE_URL")
+                .env("RUST_LOG", "trace")
+                .output()
+                .unwrap();
+            (
+                o.status.code(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+            )
+        };
+        let (code, out) = run(&["sync-once"]);
+        assert_eq!(code, Some(0), "{auth}\n{out}");
+        printed.push_str(&out);
+        {
+            let mut st = sim.lock();
+            let now = st.tenant.now();
+            st.auth.expire_all(now);
+        }
+        let (code, out) = run(&["sync-once"]);
+        assert_eq!(code, Some(0), "{auth}\n{out}");
+        printed.push_str(&out);
+        for args in [&["status"][..], &["status", "--json"], &["config", "check"]] {
+            printed.push_str(&run(args).1);
+        }
+    }
+    assert!(printed.contains("TRACE"), "trace level was on");
+    assert!(
+        printed.contains("credential: certificate"),
+        "config check names the kind"
+    );
+    let mut secrets: Vec<String> = vec![header.clone()];
+    // Each line of the private key's base64 body.
+    secrets.extend(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----") && l.len() > 20)
+            .map(str::to_owned),
+    );
+    let (assertions, tokens) = {
+        let st = sim.lock();
+        (st.auth.presented_assertions(), st.auth.minted_tokens())
+    };
+    assert!(
+        assertions.len() >= 4,
+        "assertions presented: {}",
+        assertions.len()
+    );
+    assert!(tokens.len() >= 6, "tokens minted: {}", tokens.len());
+    for t in assertions.iter().chain(&tokens).chain([&platform_token]) {
+        secrets.push(t.clone());
+        // The signature or random part alone too, in case a line splits the token at a dot.
+        secrets.push(t.rsplit('.').next().unwrap().to_owned());
+    }
+    for s in &secrets {
+        assert!(
+            !printed.contains(s.as_str()),
+            "a secret was printed: {s}\n{}",
+            printed
+                .lines()
+                .filter(|l| l.contains(s.as_str()))
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // Every text column of every table.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns \
+         WHERE table_schema = 'public' AND data_type IN ('text', 'character varying', 'jsonb', 'json') \
+           AND table_name IN (SELECT table_name FROM information_schema.tables \
+                              WHERE table_schema = 'public' AND table_type = 'BASE TABLE')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(columns.len() > 20, "{columns:?}");
+    for (table, column) in &columns {
+        let found: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT s FROM unnest($1::text[]) s WHERE EXISTS \
+               (SELECT 1 FROM \"{table}\" WHERE \"{column}\"::text LIKE '%' || s || '%')"
+        ))
+        .bind(&secrets)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            found.is_empty(),
+            "{table}.{column} holds a secret: {found:?}"
+        );
+    }
+    pool.close().await;
+    server.stop().await;
+}
