@@ -25,6 +25,9 @@ pub struct ClientApp {
     /// Federated identity credentials: whose platform tokens stand for the app.
     #[serde(default)]
     pub federated: Vec<FederatedCredential>,
+    /// "Allow public client flows": delegated grants without a credential (device code).
+    #[serde(default)]
+    pub allow_public_client: bool,
 }
 
 impl ClientApp {
@@ -35,6 +38,7 @@ impl ClientApp {
             client_secret: client_secret.into(),
             certificates: Vec::new(),
             federated: Vec::new(),
+            allow_public_client: false,
         }
     }
 }
@@ -114,6 +118,8 @@ pub struct Auth {
     /// The last client assertions presented, newest last, so tests can look for them where
     /// they must never appear.
     presented: std::collections::VecDeque<String>,
+    /// Device codes and refresh tokens.
+    pub delegated: crate::delegated::Delegated,
 }
 
 /// An answer of the token endpoint that is not a token: status and AAD error body.
@@ -125,7 +131,7 @@ pub struct TokenError {
     pub body: Value,
 }
 
-fn aad_error(
+pub(crate) fn aad_error(
     status: u16,
     error: &str,
     code: u32,
@@ -162,6 +168,7 @@ impl Auth {
             managed: ManagedIdentities::default(),
             managed_issued: 0,
             presented: std::collections::VecDeque::new(),
+            delegated: Default::default(),
         }
     }
 
@@ -182,7 +189,12 @@ impl Auth {
         )
     }
 
-    fn mint(&mut self, subject: Subject, now: DateTime<Utc>, rng: &mut StdRng) -> String {
+    pub(crate) fn mint(
+        &mut self,
+        subject: Subject,
+        now: DateTime<Utc>,
+        rng: &mut StdRng,
+    ) -> String {
         let mut raw = [0u8; 32];
         rng.fill(&mut raw[..]);
         let tok = format!(
@@ -241,7 +253,7 @@ impl Auth {
                     now,
                 ));
             }
-            Some("client_credentials") => {}
+            Some("client_credentials" | "refresh_token" | crate::delegated::DEVICE_CODE_GRANT) => {}
             Some(other) => {
                 return Err(aad_error(
                     400,
@@ -272,65 +284,78 @@ impl Auth {
                 now,
             ));
         };
-        match (form.get("client_secret"), form.get("client_assertion")) {
-            (Some(s), _) if *s == app.client_secret => {}
-            (Some(_), _) => {
-                return Err(aad_error(
-                    401,
-                    "invalid_client",
-                    7000215,
-                    &format!(
-                        "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
-                    ),
-                    now,
-                ));
-            }
-            (None, Some(assertion)) => {
-                if self.presented.len() >= 1024 {
-                    self.presented.pop_front();
-                }
-                self.presented.push_back(assertion.clone());
-                if form.get("client_assertion_type").map(String::as_str)
-                    != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
-                {
+        let grant_type = form.get("grant_type").map_or("", String::as_str);
+        // A delegated grant (device code, refresh token) of a public client carries no
+        // credential; "Allow public client flows" is off by default in Entra.
+        let public = grant_type != "client_credentials"
+            && app.allow_public_client
+            && form.get("client_secret").is_none()
+            && form.get("client_assertion").is_none();
+        if !public {
+            match (form.get("client_secret"), form.get("client_assertion")) {
+                (Some(s), _) if *s == app.client_secret => {}
+                (Some(_), _) => {
                     return Err(aad_error(
-                        400,
-                        "invalid_request",
-                        50027,
-                        "JWT token is invalid or malformed: client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer.",
+                        401,
+                        "invalid_client",
+                        7000215,
+                        &format!(
+                            "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+                        ),
                         now,
                     ));
                 }
-                let app = app.clone();
-                crate::assertion::verify(
-                    assertion,
-                    client_id,
-                    endpoint,
-                    &app.certificates,
-                    &app.federated,
-                    &self.platform_key,
-                    self.certificate_policy,
-                    &mut self.replays,
-                    now.timestamp(),
-                )
-                .map_err(|r| {
-                    let status = if r.error == "invalid_client" {
-                        401
-                    } else {
-                        400
-                    };
-                    aad_error(status, r.error, r.code, &r.description, now)
-                })?;
+                (None, Some(assertion)) => {
+                    if self.presented.len() >= 1024 {
+                        self.presented.pop_front();
+                    }
+                    self.presented.push_back(assertion.clone());
+                    if form.get("client_assertion_type").map(String::as_str)
+                        != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+                    {
+                        return Err(aad_error(
+                            400,
+                            "invalid_request",
+                            50027,
+                            "JWT token is invalid or malformed: client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer.",
+                            now,
+                        ));
+                    }
+                    let app = app.clone();
+                    crate::assertion::verify(
+                        assertion,
+                        client_id,
+                        endpoint,
+                        &app.certificates,
+                        &app.federated,
+                        &self.platform_key,
+                        self.certificate_policy,
+                        &mut self.replays,
+                        now.timestamp(),
+                    )
+                    .map_err(|r| {
+                        let status = if r.error == "invalid_client" {
+                            401
+                        } else {
+                            400
+                        };
+                        aad_error(status, r.error, r.code, &r.description, now)
+                    })?;
+                }
+                (None, None) => {
+                    return Err(aad_error(
+                        401,
+                        "invalid_client",
+                        7000218,
+                        "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                        now,
+                    ));
+                }
             }
-            (None, None) => {
-                return Err(aad_error(
-                    401,
-                    "invalid_client",
-                    7000218,
-                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
-                    now,
-                ));
-            }
+        }
+        if grant_type != "client_credentials" {
+            let client_id = client_id.clone();
+            return self.delegated_grant(grant_type, &client_id, form, now, rng);
         }
         let scope = form.get("scope").map(String::as_str).unwrap_or("");
         if !scope.ends_with("/.default") {

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`assertion`] | certificate client assertions, federated tokens, managed identity endpoints |
 //! | [`auth`] | the client-credentials token endpoint and bearer checks |
+//! | [`delegated`] | delegated sign-in: the device code flow, refresh tokens rotated and revoked |
 //! | [`behaviour`] | switches where production and the documentation disagree |
 //! | [`churn`] | random edits a real user would make, seeded |
 //! | [`clock`] | the simulator's "now": the system clock or a manual one |
@@ -34,6 +35,7 @@ pub mod auth;
 pub mod behaviour;
 pub mod churn;
 pub mod clock;
+pub mod delegated;
 pub mod delta;
 pub mod error;
 pub mod faults;

@@ -578,6 +578,17 @@ fn admin(sim: &Sim, method: &str, rest: &str, query: &str, body: &[u8]) -> Respo
                 None => admin_json(404, &json!({"error": "no such user"})),
             }
         }
+        // What the user does in a browser at https://microsoft.com/devicelogin.
+        ("POST", "device-code/approve") => {
+            let (Some(code), Some(user)) = (q.get("user_code"), q.get("user")) else {
+                return bad("device-code/approve needs user_code and user".into());
+            };
+            if sim.lock().approve_device_code(code, user) {
+                admin_json(200, &json!({"approved": code}))
+            } else {
+                admin_json(404, &json!({"error": "no such pending code or user"}))
+            }
+        }
         _ => admin_json(
             404,
             &json!({"error": format!("no admin endpoint {method} /_sim/{rest}")}),

@@ -154,7 +154,11 @@ impl State {
                 *retry_after_as_date,
             ),
             // Azure AD's error shape on the token endpoint, Graph's elsewhere.
-            None if matches!(route, Route::Token { .. } | Route::ManagedIdentity { .. }) => {
+            None if matches!(
+                route,
+                Route::Token { .. } | Route::DeviceCode { .. } | Route::ManagedIdentity { .. }
+            ) =>
+            {
                 SimResponse::json(
                     *status,
                     &json!({"error": code, "error_description": message}),
@@ -335,7 +339,10 @@ impl State {
         // The budget is Graph's; token requests go to Azure AD.
         if let (Some(budget), false) = (
             limits.app_requests,
-            matches!(route, Route::Token { .. } | Route::ManagedIdentity { .. }),
+            matches!(
+                route,
+                Route::Token { .. } | Route::DeviceCode { .. } | Route::ManagedIdentity { .. }
+            ),
         ) {
             let window = Duration::from_secs_f64(limits.app_window_secs.max(0.001));
             if let Some(wait) = over_budget(&mut self.app_recent, window, budget as usize, now_i) {

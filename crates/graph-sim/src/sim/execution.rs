@@ -96,6 +96,15 @@ impl State {
                     Err(TokenError { status, body }) => Ok(SimResponse::json(status, &body)),
                 }
             }
+            (Route::DeviceCode { tenant }, "POST") => {
+                let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+                    .into_owned()
+                    .collect();
+                let (status, body) =
+                    self.auth
+                        .device_code_request(tenant, &form, now, &mut self.rng);
+                Ok(SimResponse::json(status, &body))
+            }
             (Route::ManagedIdentity { app_service }, "GET") => {
                 let query: HashMap<String, String> =
                     url::form_urlencoded::parse(req.query.as_bytes())

@@ -24,6 +24,10 @@ pub(super) enum Route {
     Token {
         tenant: String,
     },
+    /// `/{tenant}/oauth2/v2.0/devicecode`: a device code for a delegated sign-in.
+    DeviceCode {
+        tenant: String,
+    },
     /// A managed identity endpoint: a VM's IMDS (`/metadata/identity/oauth2/token`) or App
     /// Service's (`/msi/token`).
     ManagedIdentity {
@@ -82,6 +86,7 @@ impl Route {
             | Route::Calendars { user }
             | Route::User { user } => Some(user),
             Route::Token { .. }
+            | Route::DeviceCode { .. }
             | Route::ManagedIdentity { .. }
             | Route::Users
             | Route::Rooms
@@ -139,6 +144,11 @@ pub(super) fn parse_route(path: &str) -> Option<Route> {
         }
         ["msi", "token"] => return Some(Route::ManagedIdentity { app_service: true }),
         _ => {}
+    }
+    if let [_, "oauth2", "v2.0", "devicecode"] = l.as_slice() {
+        return Some(Route::DeviceCode {
+            tenant: segs[0].clone(),
+        });
     }
     if let [_, "oauth2", "v2.0", "token"] = l.as_slice() {
         return Some(Route::Token {

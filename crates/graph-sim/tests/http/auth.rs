@@ -61,3 +61,152 @@ async fn me_needs_a_delegated_token() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// Issue 26 (Microsoft Learn, device authorization grant; refresh tokens): a public client
+/// signs a user in by device code (pending until the user approves it), reads `/me` with the
+/// delegated token, rotates its refresh token (the old one still works), and is refused with
+/// `invalid_grant` AADSTS50173 once the user's password changed. Without "Allow public client
+/// flows" the same grant needs a credential (AADSTS7000218).
+#[tokio::test]
+async fn a_device_code_sign_in_gives_me_tokens_that_rotate_and_are_revoked() {
+    let mut app = graph_sim::auth::ClientApp::with_secret("public-app", "unused");
+    app.allow_public_client = true;
+    let mut closed = graph_sim::auth::ClientApp::with_secret("confidential-app", "s");
+    closed.allow_public_client = false;
+    let t = start_with(SimConfig {
+        clients: vec![
+            graph_sim::auth::ClientApp::with_secret(
+                graph_sim::DEFAULT_CLIENT_ID,
+                graph_sim::DEFAULT_CLIENT_SECRET,
+            ),
+            app,
+            closed,
+        ],
+        ..SimConfig::default()
+    })
+    .await;
+    let tenant_url = |what: &str| {
+        t.server
+            .token_url(graph_sim::DEFAULT_TENANT)
+            .replace("/token", &format!("/{what}"))
+    };
+    let post = |url: String, form: Vec<(&'static str, String)>| {
+        let http = t.http.clone();
+        async move {
+            let r = http.post(url).form(&form).send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let scope = "offline_access https://graph.microsoft.com/Calendars.Read".to_owned();
+    let (s, code) = post(
+        tenant_url("devicecode"),
+        vec![("client_id", "public-app".into()), ("scope", scope.clone())],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{code}");
+    let device = code["device_code"].as_str().unwrap().to_owned();
+    let poll = || {
+        post(
+            tenant_url("token"),
+            vec![
+                ("grant_type", graph_sim::delegated::DEVICE_CODE_GRANT.into()),
+                ("client_id", "public-app".into()),
+                ("device_code", device.clone()),
+            ],
+        )
+    };
+    let (s, pending) = poll().await;
+    assert_eq!(
+        (s, pending["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("authorization_pending"))
+    );
+    assert!(
+        t.sim
+            .lock()
+            .approve_device_code(code["user_code"].as_str().unwrap(), &t.user)
+    );
+    let (s, tokens) = poll().await;
+    assert_eq!(s, StatusCode::OK, "{tokens}");
+    let me = format!(
+        "{}/me/calendar/calendarView/delta?startDateTime={START}&endDateTime={END}",
+        t.base()
+    );
+    let read = |token: String| {
+        let (http, me) = (t.http.clone(), me.clone());
+        async move {
+            http.get(me)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(
+        read(tokens["access_token"].as_str().unwrap().into()).await,
+        StatusCode::OK
+    );
+
+    let refresh = |rt: String| {
+        post(
+            tenant_url("token"),
+            vec![
+                ("grant_type", "refresh_token".into()),
+                ("client_id", "public-app".into()),
+                ("refresh_token", rt),
+                ("scope", scope.clone()),
+            ],
+        )
+    };
+    let first = tokens["refresh_token"].as_str().unwrap().to_owned();
+    let (s, rotated) = refresh(first.clone()).await;
+    assert_eq!(s, StatusCode::OK);
+    let second = rotated["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(first, second, "rotated on use");
+    assert_eq!(
+        refresh(first).await.0,
+        StatusCode::OK,
+        "the previous one still works"
+    );
+    assert_eq!(
+        read(rotated["access_token"].as_str().unwrap().into()).await,
+        StatusCode::OK
+    );
+
+    {
+        let mut st = t.sim.lock();
+        let u = st.tenant.user_index(&t.user).unwrap();
+        st.auth
+            .delegated
+            .revoke(u, graph_sim::delegated::Revocation::PasswordChanged);
+    }
+    let (s, revoked) = refresh(second).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(revoked["error"], "invalid_grant");
+
+    let (_, code) = post(
+        tenant_url("devicecode"),
+        vec![
+            ("client_id", "confidential-app".into()),
+            ("scope", scope.clone()),
+        ],
+    )
+    .await;
+    let (s, needs) = post(
+        tenant_url("token"),
+        vec![
+            ("grant_type", graph_sim::delegated::DEVICE_CODE_GRANT.into()),
+            ("client_id", "confidential-app".into()),
+            ("device_code", code["device_code"].as_str().unwrap().into()),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        needs["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS7000218"),
+        "{needs}"
+    );
+}
