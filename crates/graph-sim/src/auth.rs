@@ -131,7 +131,7 @@ pub struct TokenError {
     pub body: Value,
 }
 
-pub(crate) fn aad_error(
+fn aad_error(
     status: u16,
     error: &str,
     code: u32,
@@ -355,7 +355,14 @@ impl Auth {
         }
         if grant_type != "client_credentials" {
             let client_id = client_id.clone();
-            return self.delegated_grant(grant_type, &client_id, form, now, rng);
+            let grant = (self.delegated)
+                .redeem_grant(grant_type, &client_id, form, now)
+                .map_err(|r| aad_error(r.status, r.error, r.code, &r.description, now))?;
+            let token = self.mint(Subject::User(grant.user), now, rng);
+            let refresh =
+                (self.delegated).issue_refresh(grant.user, &client_id, &grant.scope, now, rng);
+            let secs = self.lifetime.num_seconds();
+            return Ok(crate::delegated::answer(&grant, token, refresh, secs));
         }
         let scope = form.get("scope").map(String::as_str).unwrap_or("");
         if !scope.ends_with("/.default") {
@@ -375,6 +382,28 @@ impl Auth {
         Ok(
             json!({"token_type": "Bearer", "expires_in": secs, "ext_expires_in": secs, "access_token": token}),
         )
+    }
+
+    /// `POST /{tenant}/oauth2/v2.0/devicecode`: `(status, body)`.
+    pub fn device_code_request(
+        &mut self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+        now: DateTime<Utc>,
+        rng: &mut StdRng,
+    ) -> (u16, Value) {
+        let client_id = form.get("client_id").map_or("", String::as_str);
+        if !tenant.eq_ignore_ascii_case(&self.tenant) {
+            let e = aad_error(400, "invalid_request", 90002, "Tenant not found.", now);
+            return (e.status, e.body);
+        }
+        if !self.clients.iter().any(|c| c.client_id == client_id) {
+            let m = format!("Application with identifier '{client_id}' was not found.");
+            let e = aad_error(400, "unauthorized_client", 700016, &m, now);
+            return (e.status, e.body);
+        }
+        let scope = form.get("scope").map_or("", String::as_str);
+        (200, self.delegated.start(client_id, scope, now, rng))
     }
 
     /// A delegated token for `user`, for `/me` requests (the simulator's stand-in for a

@@ -326,84 +326,36 @@ impl Delegated {
     }
 }
 
-impl crate::sim::State {
-    /// The user `user` (id or UPN) enters `user_code` at the device login page and consents,
-    /// as they would in a browser; `false` if no such code is pending or no such user.
-    pub fn approve_device_code(&mut self, user_code: &str, user: &str) -> bool {
-        match self.tenant.user_index(user) {
-            Some(u) => self.auth.delegated.approve(user_code, u),
-            None => false,
-        }
-    }
-}
-
-impl crate::auth::Auth {
-    /// `POST /{tenant}/oauth2/v2.0/devicecode`: `(status, body)`.
-    pub fn device_code_request(
-        &mut self,
-        tenant: &str,
-        form: &HashMap<String, String>,
-        now: DateTime<Utc>,
-        rng: &mut StdRng,
-    ) -> (u16, Value) {
-        let error = |code: u32, error: &str, description: String| {
-            let e = crate::auth::aad_error(400, error, code, &description, now);
-            (e.status, e.body)
-        };
-        if !tenant.eq_ignore_ascii_case(&self.tenant) {
-            return error(
-                90002,
-                "invalid_request",
-                format!("Tenant '{tenant}' not found."),
-            );
-        }
-        let client_id = form.get("client_id").cloned().unwrap_or_default();
-        if !self.clients.iter().any(|c| c.client_id == client_id) {
-            return error(
-                700016,
-                "unauthorized_client",
-                format!(
-                    "Application with identifier '{client_id}' was not found in the directory '{tenant}'."
-                ),
-            );
-        }
-        let scope = form.get("scope").cloned().unwrap_or_default();
-        (200, self.delegated.start(&client_id, &scope, now, rng))
-    }
-
-    /// A device code or refresh token redeemed: a delegated access token for the user (and,
-    /// with `offline_access`, the next refresh token).
-    pub(crate) fn delegated_grant(
+impl Delegated {
+    /// A token request of `grant_type` (the device code grant or `refresh_token`) from
+    /// `client_id`: the grant it redeems.
+    pub fn redeem_grant(
         &mut self,
         grant_type: &str,
         client_id: &str,
         form: &HashMap<String, String>,
         now: DateTime<Utc>,
-        rng: &mut StdRng,
-    ) -> Result<Value, crate::auth::TokenError> {
+    ) -> Result<Grant, GrantRefused> {
         let field = |k: &str| form.get(k).map_or("", String::as_str).to_owned();
-        let granted = if grant_type == DEVICE_CODE_GRANT {
-            self.delegated
-                .poll(client_id, &field("device_code"), now)
-                .inspect(|g| self.delegated.completed(g))
+        if grant_type == DEVICE_CODE_GRANT {
+            let grant = self.poll(client_id, &field("device_code"), now)?;
+            self.completed(&grant);
+            Ok(grant)
         } else {
-            self.delegated
-                .redeem(client_id, &field("refresh_token"), now)
-        };
-        let grant = granted
-            .map_err(|r| crate::auth::aad_error(r.status, r.error, r.code, &r.description, now))?;
-        let token = self.mint(crate::auth::Subject::User(grant.user), now, rng);
-        let refresh = self
-            .delegated
-            .issue_refresh(grant.user, client_id, &grant.scope, now, rng);
-        let secs = self.lifetime.num_seconds();
-        let mut answer = json!({"token_type": "Bearer", "scope": grant.scope, "expires_in": secs,
-                                "ext_expires_in": secs, "access_token": token});
-        if let Some(r) = refresh {
-            answer["refresh_token"] = json!(r);
+            self.redeem(client_id, &field("refresh_token"), now)
         }
-        Ok(answer)
     }
+}
+
+/// The token endpoint's answer to a redeemed grant: the delegated access token and, with
+/// `offline_access`, the next refresh token.
+pub fn answer(grant: &Grant, access_token: String, refresh: Option<String>, secs: i64) -> Value {
+    let mut answer = json!({"token_type": "Bearer", "scope": grant.scope, "expires_in": secs,
+                            "ext_expires_in": secs, "access_token": access_token});
+    if let Some(r) = refresh {
+        answer["refresh_token"] = json!(r);
+    }
+    answer
 }
 
 #[cfg(test)]

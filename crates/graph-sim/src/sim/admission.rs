@@ -171,6 +171,13 @@ impl State {
         }
     }
 
+    /// The user `user` (id or UPN) enters `user_code` at the device login page and consents,
+    /// as they would in a browser; `false` if no such code is pending or no such user.
+    pub fn approve_device_code(&mut self, user_code: &str, user: &str) -> bool {
+        let u = self.tenant.user_index(user);
+        u.is_some_and(|u| self.auth.delegated.approve(user_code, u))
+    }
+
     pub(super) fn user_key(&self, user: Option<usize>) -> Option<String> {
         user.and_then(|u| self.tenant.users.get(u))
             .map(|u| u.id.clone())
