@@ -177,6 +177,11 @@ impl Auth {
         self.presented.iter().cloned().collect()
     }
 
+    /// The host's managed identities are `managed`.
+    pub fn with_managed(self, managed: ManagedIdentities) -> Auth {
+        Auth { managed, ..self }
+    }
+
     /// A platform token for `subject` (e.g. `system:serviceaccount:calsync:calsync`), as the
     /// AKS webhook projects it into `AZURE_FEDERATED_TOKEN_FILE`, valid `lifetime_secs`.
     pub fn platform_token(&self, subject: &str, now: DateTime<Utc>, lifetime_secs: i64) -> String {
@@ -438,12 +443,9 @@ impl Auth {
         }
     }
 
-    /// A managed identity endpoint's answer, `(status, body)`: IMDS (`Metadata: true`,
-    /// `api-version`, `resource`, optional `client_id`; tokens with `expires_in` as a string)
-    /// or App Service (`X-IDENTITY-HEADER`, `api-version=2019-08-01`; `expires_on` only, Unix
-    /// seconds as a string), as MSAL's managed identity sources read them. An unknown
-    /// user-assigned client id answers 400 "Identity not found" (the Azure SDK's
-    /// troubleshooting guide: "The requested identity hasn't been assigned to this resource").
+    /// A managed identity endpoint's answer, `(status, body)`, as MSAL's sources read them:
+    /// IMDS (`Metadata: true`; `expires_in` a string) or App Service (`X-IDENTITY-HEADER`,
+    /// `2019-08-01`; `expires_on` only). An identity the host lacks: 400 "Identity not found".
     pub fn managed_token(
         &mut self,
         app_service: bool,

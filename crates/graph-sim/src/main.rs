@@ -141,6 +141,11 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!(
+        "  identity       : IMDS {0}/metadata/identity/oauth2/token, App Service {0}/msi/token (X-IDENTITY-HEADER: {1})",
+        format!("http://{}", server.addr),
+        scenario.sim.managed.identity_header
+    );
+    println!(
         "  admin          : {}/users, /truth, /requests, /violations, /stats, /faults, /push",
         server.admin_url()
     );

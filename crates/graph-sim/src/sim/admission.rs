@@ -178,6 +178,13 @@ impl State {
         u.is_some_and(|u| self.auth.delegated.approve(user_code, u))
     }
 
+    /// A delegated token for `user` (id or UPN), for `/me` requests.
+    pub fn delegated_token(&mut self, user: &str) -> Option<String> {
+        let u = self.tenant.user_index(user)?;
+        let now = self.tenant.now();
+        Some(self.auth.delegated_token(u, now, &mut self.rng))
+    }
+
     pub(super) fn user_key(&self, user: Option<usize>) -> Option<String> {
         user.and_then(|u| self.tenant.users.get(u))
             .map(|u| u.id.clone())

@@ -54,6 +54,8 @@ pub struct SimConfig {
     pub log_capacity: usize,
     /// How change notifications are delivered.
     pub push: crate::push::PushSettings,
+    /// The host's managed identities, as its IMDS and App Service endpoints answer for them.
+    pub managed: crate::auth::ManagedIdentities,
 }
 
 /// The client id the default config registers.
@@ -81,6 +83,7 @@ impl Default for SimConfig {
             limits: Limits::default(),
             log_capacity: 100_000,
             push: crate::push::PushSettings::default(),
+            managed: Default::default(),
         }
     }
 }
@@ -318,7 +321,8 @@ impl State {
                 cfg.tenant.clone(),
                 cfg.clients.clone(),
                 chrono::Duration::seconds(cfg.token_lifetime_secs),
-            ),
+            )
+            .with_managed(cfg.managed.clone()),
             faults: Vec::new(),
             behaviour: cfg.behaviour.clone(),
             limits: cfg.limits.clone(),
@@ -454,13 +458,6 @@ impl State {
     pub fn clear_log(&mut self) {
         self.log.clear();
         self.violations = Violations::default();
-    }
-
-    /// A delegated token for `user` (id or UPN), for `/me` requests.
-    pub fn delegated_token(&mut self, user: &str) -> Option<String> {
-        let u = self.tenant.user_index(user)?;
-        let now = self.tenant.now();
-        Some(self.auth.delegated_token(u, now, &mut self.rng))
     }
 }
 
