@@ -1,8 +1,8 @@
 -- The change feed (issue 25), its third part: a change's row without the payload is stored as
 -- a row of its own type (`fields`) instead of jsonb (`data`). Building the jsonb was most of
 -- the CPU a change cost its page transaction, and its keys, repeated in every change, half of
--- the WAL (measured: 1,017 bytes of WAL and 7.2 µs a change with jsonb, 548 bytes and 2.4 µs
--- with the row; BENCHMARKS.md). The jsonb is built when the change is read, by
+-- the WAL (scripts/feed-row-cost.sql on a benchmark's events: 878 bytes of WAL and 7-9 µs a
+-- change with jsonb, 418 bytes and 5 µs with the row; BENCHMARKS.md). The jsonb is built when the change is read, by
 -- calsync_change_data, off the page transaction's path. With changes.payload, changes still
 -- carry their row as jsonb in `data` (with the payload, which has no fixed shape).
 --

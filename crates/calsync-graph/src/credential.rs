@@ -196,16 +196,14 @@ impl Certificate {
             });
         }
         let der = cert.contents();
+        let sha1 = Sha1::digest(der);
         Ok(Certificate {
             file: cert_file.to_owned(),
             key,
             signature,
-            sha1: URL_SAFE_NO_PAD.encode(Sha1::digest(der)),
+            sha1: URL_SAFE_NO_PAD.encode(sha1),
             sha256: URL_SAFE_NO_PAD.encode(Sha256::digest(der)),
-            thumbprint_hex: Sha1::digest(der)
-                .iter()
-                .map(|b| format!("{b:02X}"))
-                .collect(),
+            thumbprint_hex: sha1.iter().map(|b| format!("{b:02X}")).collect(),
         })
     }
 
@@ -353,28 +351,22 @@ impl ManagedIdentity {
         resource: &str,
         now_unix: u64,
     ) -> Result<(SecretString, Duration), GraphError> {
+        let (url, api_version) = match &self.endpoint {
+            ManagedEndpoint::Imds(url) => (url, "2018-02-01"),
+            ManagedEndpoint::AppService { url, .. } => (url, "2019-08-01"),
+        };
+        let mut url = url.clone();
+        url.query_pairs_mut()
+            .append_pair("api-version", api_version)
+            .append_pair("resource", resource);
+        if let Some(id) = &self.client_id {
+            url.query_pairs_mut().append_pair("client_id", id);
+        }
         let request = match &self.endpoint {
-            ManagedEndpoint::Imds(url) => {
-                let mut url = url.clone();
-                url.query_pairs_mut()
-                    .append_pair("api-version", "2018-02-01")
-                    .append_pair("resource", resource);
-                if let Some(id) = &self.client_id {
-                    url.query_pairs_mut().append_pair("client_id", id);
-                }
-                http.get(url).header("Metadata", "true")
-            }
-            ManagedEndpoint::AppService { url, header } => {
-                let mut url = url.clone();
-                url.query_pairs_mut()
-                    .append_pair("api-version", "2019-08-01")
-                    .append_pair("resource", resource);
-                if let Some(id) = &self.client_id {
-                    url.query_pairs_mut().append_pair("client_id", id);
-                }
-                http.get(url)
-                    .header("X-IDENTITY-HEADER", header.expose_secret())
-            }
+            ManagedEndpoint::Imds(_) => http.get(url).header("Metadata", "true"),
+            ManagedEndpoint::AppService { header, .. } => http
+                .get(url)
+                .header("X-IDENTITY-HEADER", header.expose_secret()),
         };
         let unavailable = |reason: String| GraphError::AuthUnavailable { reason };
         let resp = request.send().await.map_err(|e| {

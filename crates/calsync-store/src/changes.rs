@@ -226,6 +226,13 @@ pub(crate) async fn write_page(
     tuple_id: i64,
     touched: &Touched,
 ) -> Result<u64, StoreError> {
+    if touched.gone.is_empty()
+        && touched.quarantined.is_empty()
+        && touched.shown.is_empty()
+        && touched.series_changed.is_empty()
+    {
+        return Ok(0);
+    }
     let fed: std::collections::HashSet<&str> = touched.fed.iter().map(String::as_str).collect();
     let (gone_ids, gone_causes): (Vec<&str>, Vec<&str>) = touched
         .gone

@@ -83,14 +83,12 @@ fn known(c: &RegisteredCertificate) -> Option<Known> {
         .find(|p| p.tag() == "CERTIFICATE")?;
     let key = DecodingKey::from_rsa_pem(pem::encode(&block).as_bytes()).ok()?;
     let der = block.contents();
+    let sha1 = Sha1::digest(der);
     Some(Known {
         key,
-        sha1: URL_SAFE_NO_PAD.encode(Sha1::digest(der)),
+        sha1: URL_SAFE_NO_PAD.encode(sha1),
         sha256: URL_SAFE_NO_PAD.encode(Sha256::digest(der)),
-        sha1_hex: Sha1::digest(der)
-            .iter()
-            .map(|b| format!("{b:02X}"))
-            .collect(),
+        sha1_hex: sha1.iter().map(|b| format!("{b:02X}")).collect(),
     })
 }
 
@@ -115,6 +113,15 @@ fn claims_unverified(assertion: &str) -> Result<Value, Refusal> {
     let payload = assertion.split('.').nth(1).ok_or_else(malformed)?;
     let bytes = URL_SAFE_NO_PAD.decode(payload).map_err(|_| malformed())?;
     serde_json::from_slice(&bytes).map_err(|_| malformed())
+}
+
+/// A string claim, or empty.
+fn claim(claims: &Value, k: &str) -> String {
+    claims
+        .get(k)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn within_time(claims: &Value, now: i64) -> Result<(), Refusal> {
@@ -176,13 +183,7 @@ pub fn verify(
     now: i64,
 ) -> Result<(), Refusal> {
     let claims = claims_unverified(assertion)?;
-    let text = |k: &str| {
-        claims
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let text = |k: &str| claim(&claims, k);
     let (iss, sub) = (text("iss"), text("sub"));
     if iss != client_id {
         return verify_federated(assertion, &claims, client_id, federated, platform_key, now);
@@ -275,13 +276,7 @@ fn verify_federated(
     platform_key: &[u8],
     now: i64,
 ) -> Result<(), Refusal> {
-    let text = |k: &str| {
-        claims
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let text = |k: &str| claim(claims, k);
     let (iss, sub) = (text("iss"), text("sub"));
     let audiences: Vec<String> = match claims.get("aud") {
         Some(Value::String(a)) => vec![a.clone()],
