@@ -237,6 +237,7 @@ fn tuple_configs(users: u32, prefix: &str) -> Vec<TupleConfig> {
         .map(|i| TupleConfig {
             key: format!("{prefix}{i:04}"),
             user: format!("user{i:04}@contoso.onmicrosoft.com"),
+            account: None,
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,

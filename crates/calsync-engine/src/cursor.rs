@@ -91,7 +91,10 @@ impl Engine {
         if self.resync_due(c.last_full_sync_at) {
             return None;
         }
-        Some((c.link.clone()?, c.version))
+        let link = c.link.clone()?;
+        self.graph_for(tuple)
+            .link_fits(&link)
+            .then_some((link, c.version))
     }
 
     /// Whether the periodic full resync (`sync.full_resync_every`) is due.
@@ -134,6 +137,7 @@ mod tests {
             id: 1,
             key: "k".into(),
             user: "adele@contoso.onmicrosoft.com".into(),
+            account: None,
             calendar: CalendarRef::Default,
             window: ViewWindow {
                 start: "2026-01-01T00:00:00Z".parse().unwrap(),

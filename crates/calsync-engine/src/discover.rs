@@ -258,6 +258,7 @@ impl Directory<'_> {
                 TupleConfig {
                     key: format!("{}:{}/{cal}", s.name, p.address.to_lowercase()),
                     user: p.address.clone(),
+                    account: None,
                     calendar,
                     window,
                     rolling,

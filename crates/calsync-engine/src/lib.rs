@@ -4,6 +4,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`account`] | delegated accounts: refresh tokens sealed (AES-256-GCM), kept in the store, one `/me` client per account |
 //! | [`round`] | `Engine::run_round`, the one runner: quick lane first, then the full round |
 //! | `quick` | the quick lane: a replay that finds nothing, one request and one commit |
 //! | `step_error` | what stops a step and what the runner makes of it |
@@ -26,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod account;
 pub mod cron;
 mod cursor;
 pub mod discover;
@@ -46,6 +48,7 @@ mod step_error;
 mod tuple;
 pub mod window;
 
+pub use account::{AccountSettings, StoredAccount, Vault, VaultError};
 pub use cron::{CronSchedule, CronScheduleError};
 pub use discover::{
     CalendarPick, Directory, Discovered, Members, Refusals, Refused, Source, SourceCounts,
@@ -175,6 +178,10 @@ struct Inner {
     hot: std::sync::OnceLock<running::HotMetrics>,
     /// Mailboxes whose calendars Graph refused in a discovery pass, until they are asked again.
     refusals: discover::Refusals,
+    /// How delegated accounts get their tokens ([`Engine::with_accounts`]).
+    accounts: std::sync::OnceLock<account::AccountSettings>,
+    /// One Graph client per (account, mailbox), made at its first round.
+    account_clients: std::sync::Mutex<FastMap<(String, String), GraphClient>>,
 }
 
 impl Engine {
@@ -198,6 +205,8 @@ impl Engine {
                 tally: Default::default(),
                 hot: Default::default(),
                 refusals: Default::default(),
+                accounts: Default::default(),
+                account_clients: Default::default(),
                 round_slots: Arc::new(tokio::sync::Semaphore::new(
                     ROUNDS_PER_REQUEST * settings.max_in_flight.max(1),
                 )),

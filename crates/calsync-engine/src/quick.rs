@@ -57,7 +57,7 @@ impl Engine {
         }
         let started = std::time::Instant::now();
         self.round_started(tuple, None);
-        let graph = self.graph();
+        let graph = self.graph_for(tuple);
         let fetched = self
             .send(
                 tuple,

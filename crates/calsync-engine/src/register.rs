@@ -97,6 +97,7 @@ impl Engine {
                     id,
                     key: c.key.clone(),
                     user: c.user.clone(),
+                    account: c.account.clone(),
                     calendar: c.calendar.clone(),
                     window: c.window,
                     rolling: c.rolling,
@@ -140,6 +141,7 @@ impl Engine {
                     id: t.id,
                     key: t.tuple_key.clone(),
                     user: t.user_id,
+                    account: crate::tuple::settings::account_of(t.settings.as_deref()),
                     calendar,
                     window: calsync_graph::ViewWindow {
                         start: t.window_start,
@@ -187,12 +189,21 @@ impl Engine {
             .into_iter()
             .filter(|u| !known.contains_key(u))
             .collect();
+        // An account's mailbox is asked of `/me` with the account's tokens: the app may have
+        // none (a public client) or no right to the directory.
+        let accounts: std::collections::HashMap<&str, &str> = configs
+            .iter()
+            .filter_map(|c| Some((c.user.as_str(), c.account.as_deref()?)))
+            .collect();
+        let accounts = &accounts;
         let resolved: Vec<(String, Option<String>)> = futures_util::stream::iter(missing)
             .map(|user| async move {
                 let permit = self.inner.gate.acquire(&user).await;
-                let got = self
-                    .inner
-                    .graph
+                let graph = match accounts.get(user.as_str()) {
+                    Some(name) => self.account_client(name, &user),
+                    None => self.inner.graph.clone(),
+                };
+                let got = graph
                     .resolve_user(&user, calsync_graph::Connection::Reuse)
                     .await;
                 if let Err(e) = &got {

@@ -230,10 +230,15 @@ impl Engine {
         };
         let resync_due = self.resync_due(cursor.last_full_sync_at);
         let initial = || {
-            self.graph()
+            self.graph_for(tuple)
                 .initial_link(&tuple.user, &tuple.calendar, &tuple.window)
         };
-        let (mut link, mut start) = match (cursor.kind, cursor.link.clone()) {
+        // A link made for the app's tokens does not serve an account's, nor the reverse.
+        let saved = cursor
+            .link
+            .clone()
+            .filter(|l| self.graph_for(tuple).link_fits(l));
+        let (mut link, mut start) = match (cursor.kind, saved) {
             (Some(LinkKind::Next), Some(l)) => (l, None),
             (Some(LinkKind::Delta), Some(_)) if resync_due => (initial(), Some(RoundStart::Full)),
             (Some(LinkKind::Delta), Some(l)) => (l, Some(RoundStart::Delta)),
@@ -353,7 +358,7 @@ impl Engine {
         connection: Connection,
         answer: Option<Result<calsync_graph::DeltaPage, GraphError>>,
     ) -> Result<StepOut, StepError> {
-        let graph = self.graph();
+        let graph = self.graph_for(tuple);
         // A replayed delta link (most rounds, and most of them change nothing) may share a
         // JSON batch with the other replays due now; its retries go alone.
         let page = if let Some(answer) = answer {

@@ -42,7 +42,7 @@ impl Engine {
     /// What a replay of `tuple` hands the batch collector about its mailbox (nothing when
     /// replays are not batched).
     pub(crate) fn mailbox_hold(&self, tuple: &Tuple) -> Option<Arc<dyn MailboxHold>> {
-        self.graph().batching().then(|| {
+        self.graph_for(tuple).batching().then(|| {
             Arc::new(GateHold {
                 engine: self.clone(),
                 mailbox: tuple.mailbox.clone(),

@@ -93,7 +93,7 @@ impl Engine {
                             tuple,
                             cancel,
                             Some(&stood_down),
-                            self.graph().get_event(
+                            self.graph_for(tuple).get_event(
                                 &tuple.user,
                                 &tuple.calendar,
                                 &master,
@@ -148,7 +148,7 @@ impl Engine {
         cancel: &CancellationToken,
         stood_down: &CancellationToken,
     ) -> Result<Option<Vec<String>>, StepError> {
-        let graph = self.graph();
+        let graph = self.graph_for(tuple);
         let window: &ViewWindow = &tuple.window;
         let mut link = graph.instances_link(&tuple.user, &tuple.calendar, master, window);
         let mut live = Vec::new();

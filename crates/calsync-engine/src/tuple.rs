@@ -15,6 +15,8 @@ pub struct TupleConfig {
     pub key: String,
     /// The mailbox, by UPN or object id.
     pub user: String,
+    /// The delegated account whose tokens read it (through `/me`); `None`: the app's.
+    pub account: Option<String>,
     /// Which of the mailbox's calendars.
     pub calendar: CalendarRef,
     /// The calendarView window.
@@ -38,6 +40,8 @@ pub struct Tuple {
     pub key: String,
     /// The mailbox, by UPN or object id.
     pub user: String,
+    /// The delegated account whose tokens read it (through `/me`); `None`: the app's.
+    pub account: Option<String>,
     /// Which of the mailbox's calendars.
     pub calendar: CalendarRef,
     /// The calendarView window.
@@ -59,6 +63,7 @@ impl Tuple {
         TupleConfig {
             key: self.key.clone(),
             user: self.user.clone(),
+            account: self.account.clone(),
             calendar: self.calendar.clone(),
             window: self.window,
             rolling: self.rolling,
@@ -155,7 +160,16 @@ pub mod settings {
         if let Some(r) = c.rolling {
             v["rolling"] = json!({ "start": edge(r.start), "end": edge(r.end) });
         }
+        if let Some(a) = &c.account {
+            v["account"] = json!(a);
+        }
         v.to_string()
+    }
+
+    /// The delegated account a tuple's stored settings name, if any.
+    pub fn account_of(text: Option<&str>) -> Option<String> {
+        let v: Value = serde_json::from_str(text?).ok()?;
+        v.get("account")?.as_str().map(str::to_owned)
     }
 
     /// A tuple's stored settings read back: its interval (`default` when absent or

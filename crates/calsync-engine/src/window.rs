@@ -191,6 +191,7 @@ mod tests {
         let config = |window, rolling| crate::TupleConfig {
             key: "k".into(),
             user: "u".into(),
+            account: None,
             calendar: calsync_graph::CalendarRef::Default,
             window,
             rolling,

@@ -2,10 +2,10 @@
 //! secret or a client assertion) or from a managed identity's endpoint, cached, renewed before
 //! they expire, and renewed once per expiry however many requests notice it.
 
-use crate::credential::{Credential, JWT_BEARER, federated_token};
+use crate::credential::{Credential, JWT_BEARER};
 use crate::error::GraphError;
-use oauth2::basic::{BasicClient, BasicErrorResponseType};
-use oauth2::{AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl};
+use oauth2::basic::BasicClient;
+use oauth2::{AuthType, ClientId, Scope, TokenResponse, TokenUrl};
 use secrecy::{ExposeSecret, SecretString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,6 +101,11 @@ impl TokenSource {
         }
     }
 
+    /// Where and how it asks for tokens.
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
+    }
+
     /// How many tokens were fetched so far.
     pub fn renewals(&self) -> u64 {
         self.renewals.load(Ordering::Relaxed)
@@ -132,6 +137,9 @@ impl TokenSource {
                 *self.held() = None;
                 t
             }
+            // Answered from the store without asking Entra: not held, so a new sign-in is
+            // seen at the next round.
+            Err(error @ GraphError::SignInRequired { .. }) => return Err(error),
             Err(error) => {
                 let mut held = self.held();
                 let failures = held.as_ref().map_or(0, |h| h.failures) + 1;
@@ -173,28 +181,46 @@ impl TokenSource {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let assertion = match &self.cfg.credential {
+        match &self.cfg.credential {
             Credential::Managed(m) => {
-                let resource = self.cfg.scope.trim_end_matches("/.default");
+                let resource = crate::grant::resource(&self.cfg.scope);
                 let token = m.token(&self.http, resource, now).await?;
                 self.renewals.fetch_add(1, Ordering::Relaxed);
                 return Ok(token);
             }
-            Credential::Secret(_) => None,
-            Credential::Certificate(c) => {
-                Some(c.assertion(&self.cfg.client_id, self.cfg.token_url.as_str(), now)?)
+            Credential::Account(grant) => {
+                let token = crate::grant::redeem(
+                    &self.cfg.token_url,
+                    &self.cfg.client_id,
+                    &self.cfg.scope,
+                    &self.http,
+                    grant,
+                )
+                .await?;
+                self.renewals.fetch_add(1, Ordering::Relaxed);
+                return Ok(token);
             }
-            Credential::Federated { token_file } => Some(federated_token(token_file).await?),
-        };
-        let client = BasicClient::new(ClientId::new(self.cfg.client_id.clone()))
+            Credential::Public => {
+                return Err(GraphError::AuthRejected {
+                    error: "no_app_credential".into(),
+                    description: "auth.kind = \"public_client\" gets no app-only token: only calendars with an `account` are synced".into(),
+                });
+            }
+            Credential::Secret(_) | Credential::Certificate(_) | Credential::Federated { .. } => {}
+        }
+        let (secret, assertion) = crate::grant::client_auth(
+            &self.cfg.credential,
+            &self.cfg.client_id,
+            self.cfg.token_url.as_str(),
+            now,
+        )
+        .await?;
+        let mut client = BasicClient::new(ClientId::new(self.cfg.client_id.clone()))
             .set_token_uri(TokenUrl::from_url(self.cfg.token_url.clone()))
             .set_auth_type(AuthType::RequestBody);
-        let client = match &self.cfg.credential {
-            Credential::Secret(secret) => {
-                client.set_client_secret(ClientSecret::new(secret.expose_secret().to_owned()))
-            }
-            _ => client,
-        };
+        if let Some(s) = secret {
+            client = client.set_client_secret(s);
+        }
         let mut request = client
             .exchange_client_credentials()
             .add_scope(Scope::new(self.cfg.scope.clone()));
@@ -203,8 +229,7 @@ impl TokenSource {
                 .add_extra_param("client_assertion_type", JWT_BEARER)
                 .add_extra_param("client_assertion", a.expose_secret().to_owned());
         }
-        let result = request.request_async(&self.http).await;
-        match result {
+        match request.request_async(&self.http).await {
             Ok(resp) => {
                 self.renewals.fetch_add(1, Ordering::Relaxed);
                 let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(3599));
@@ -213,51 +238,23 @@ impl TokenSource {
                     lifetime,
                 ))
             }
-            Err(RequestTokenError::ServerResponse(r)) => {
-                let error = match r.error() {
-                    BasicErrorResponseType::InvalidClient => "invalid_client".to_owned(),
-                    BasicErrorResponseType::InvalidGrant => "invalid_grant".to_owned(),
-                    BasicErrorResponseType::InvalidRequest => "invalid_request".to_owned(),
-                    BasicErrorResponseType::InvalidScope => "invalid_scope".to_owned(),
-                    BasicErrorResponseType::UnauthorizedClient => "unauthorized_client".to_owned(),
-                    BasicErrorResponseType::UnsupportedGrantType => {
-                        "unsupported_grant_type".to_owned()
-                    }
-                    BasicErrorResponseType::Extension(e) => e.clone(),
-                };
-                let mut description: String = r
-                    .error_description()
-                    .cloned()
-                    .unwrap_or_default()
-                    .chars()
-                    .take(300)
-                    .collect();
+            Err(e) => Err(match crate::grant::refused(e) {
                 // Name what calsync presented, so a refusal says which key or file to fix.
-                match &self.cfg.credential {
-                    Credential::Certificate(c) => {
-                        description =
-                            format!("{description} (calsync signed with {})", c.describe());
-                    }
-                    Credential::Federated { token_file } => {
-                        description = format!(
+                GraphError::AuthRejected { error, description } => {
+                    let description = match &self.cfg.credential {
+                        Credential::Certificate(c) => {
+                            format!("{description} (calsync signed with {})", c.describe())
+                        }
+                        Credential::Federated { token_file } => format!(
                             "{description} (calsync presented the federated token in {})",
                             token_file.display()
-                        );
-                    }
-                    Credential::Secret(_) | Credential::Managed(_) => {}
+                        ),
+                        _ => description,
+                    };
+                    GraphError::AuthRejected { error, description }
                 }
-                Err(GraphError::AuthRejected { error, description })
-            }
-            Err(RequestTokenError::Request(e)) => Err(GraphError::AuthUnavailable {
-                reason: match e {
-                    oauth2::HttpClientError::Reqwest(r) => r.without_url().to_string(),
-                    other => other.to_string(),
-                },
+                other => other,
             }),
-            Err(RequestTokenError::Parse(_, body)) => Err(GraphError::AuthUnavailable {
-                reason: format!("unreadable answer ({} bytes)", body.len()),
-            }),
-            Err(RequestTokenError::Other(m)) => Err(GraphError::AuthUnavailable { reason: m }),
         }
     }
 }

@@ -118,7 +118,10 @@ async fn collect(inner: Weak<Inner>, inbox: &mut BatchInbox, size: usize, linger
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let client = GraphClient { inner };
+        let client = GraphClient {
+            inner,
+            account: None,
+        };
         tokio::spawn(async move { client.send_batch(jobs).await });
     }
 }
@@ -398,7 +401,8 @@ impl GraphClient {
     /// Whether replays are batched now (not for `graph.batch_refusal_hold` after Graph
     /// refused one; see [`GraphClient::fetch_delta`]).
     pub fn batching(&self) -> bool {
-        if self.inner.cfg.batch_size < 2 {
+        // A batch goes out with the app's token; an account's replays go alone with its own.
+        if self.inner.cfg.batch_size < 2 || self.account.is_some() {
             return false;
         }
         let until = self.inner.batch_refused_until_ms.load(Ordering::Relaxed);

@@ -6,6 +6,7 @@
 use crate::error::GraphError;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::future::BoxFuture;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
 use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
@@ -41,6 +42,11 @@ pub enum Credential {
     },
     /// `managed_identity`: the host's identity endpoint.
     Managed(ManagedIdentity),
+    /// `public_client`: none. The app registration is a public client ("Allow public client
+    /// flows"), good only for delegated accounts' sign-ins; it gets no app-only token.
+    Public,
+    /// A delegated account's refresh token, redeemed as the app (`app`) for `/me` tokens.
+    Account(AccountGrant),
 }
 
 impl Credential {
@@ -51,6 +57,8 @@ impl Credential {
             Credential::Certificate(_) => "certificate",
             Credential::Federated { .. } => "workload_identity",
             Credential::Managed(_) => "managed_identity",
+            Credential::Public => "public_client",
+            Credential::Account(_) => "account",
         }
     }
 }
@@ -70,7 +78,51 @@ impl std::fmt::Debug for Credential {
                 .field("token_file", token_file)
                 .finish(),
             Credential::Managed(m) => m.fmt(f),
+            Credential::Public => f.write_str("Public"),
+            Credential::Account(a) => a.fmt(f),
         }
+    }
+}
+
+/// Where an account's refresh token is kept. Implemented over the store by the engine.
+pub trait RefreshStore: Send + Sync {
+    /// The current refresh token and its version; [`GraphError::SignInRequired`] when the
+    /// account never signed in, logged out or was revoked.
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, GraphError>>;
+    /// Saves the token Entra rotated to, over `version`. Called before the access token that
+    /// came with it is used; an error keeps that access token from being used.
+    fn save(&self, version: i64, token: SecretString) -> BoxFuture<'_, Result<(), GraphError>>;
+    /// Marks the account revoked (over `version`) for `reason`.
+    fn revoke(&self, version: i64, reason: String) -> BoxFuture<'_, Result<(), GraphError>>;
+}
+
+/// A refresh token as loaded, with the version a rotation must be saved over.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The refresh token; never logged.
+    pub token: SecretString,
+    /// The stored version it was read at.
+    pub version: i64,
+}
+
+/// A delegated account's grant: its name, where its refresh token lives, and what the app
+/// proves itself with when it redeems one (nothing for a public client).
+#[derive(Clone)]
+pub struct AccountGrant {
+    /// The account's name, as `calsync login` spells it.
+    pub name: String,
+    /// Where its refresh token is kept.
+    pub store: Arc<dyn RefreshStore>,
+    /// The app's credential: a secret, a certificate, a federated token, or [`Credential::Public`].
+    pub app: Arc<Credential>,
+}
+
+impl std::fmt::Debug for AccountGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("name", &self.name)
+            .field("app", &self.app.kind())
+            .finish_non_exhaustive()
     }
 }
 

@@ -100,6 +100,16 @@ pub enum GraphError {
         /// The `error_description`, first line only.
         description: String,
     },
+    /// A delegated account cannot get tokens until its user signs in again: it never signed
+    /// in, logged out, or Entra refused its refresh token (`invalid_grant`: AADSTS700082
+    /// expired, 50173 password changed, 65001 consent revoked).
+    #[error("account {account} must sign in again: run `calsync login {account}` ({reason})")]
+    SignInRequired {
+        /// The account's name.
+        account: String,
+        /// Why, e.g. Entra's AADSTS code and description.
+        reason: String,
+    },
     /// The token endpoint could not be reached or answered garbage.
     #[error("the token endpoint is unavailable: {reason}")]
     AuthUnavailable {
@@ -141,7 +151,10 @@ impl GraphError {
             GraphError::Unauthorized { .. }
             | GraphError::Forbidden { .. }
             | GraphError::NotFound { .. }
-            | GraphError::Rejected { .. } => ErrorClass::Permanent,
+            | GraphError::Rejected { .. }
+            // Only the user can mend it: the tuple fails with the hint and is not retried into
+            // Entra (the token source answers from the store until a new login).
+            | GraphError::SignInRequired { .. } => ErrorClass::Permanent,
             GraphError::TooLarge { .. } | GraphError::ForeignLink { .. } => ErrorClass::Degraded,
         }
     }
@@ -161,6 +174,7 @@ impl GraphError {
             GraphError::ForeignLink { .. } => "ForeignLink",
             GraphError::AuthRejected { error, .. } => error,
             GraphError::AuthUnavailable { .. } => "TokenEndpointUnavailable",
+            GraphError::SignInRequired { .. } => "SignInRequired",
             GraphError::Held => "HeldForRetryAfter",
         }
     }
@@ -191,6 +205,7 @@ impl GraphError {
             GraphError::ForeignLink { .. }
             | GraphError::AuthRejected { .. }
             | GraphError::AuthUnavailable { .. }
+            | GraphError::SignInRequired { .. }
             | GraphError::Held => None,
         }
     }

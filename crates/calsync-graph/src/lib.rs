@@ -5,6 +5,8 @@
 //! |---|---|
 //! | [`auth`] | app-only tokens: fetched, cached, renewed once per expiry |
 //! | [`batch`] | JSON batching of delta-link replays (`POST /$batch`, 20 at most) |
+//! | [`delegated`] | delegated accounts: the device code sign-in, refresh tokens redeemed and rotated for `/me` |
+//! | `grant` | what every token request shares: how the app authenticates, what a refusal means |
 //! | [`credential`] | what calsync proves its identity with: secret, certificate assertion, federated token, managed identity |
 //! | [`budget`] | the memory budget for Graph bodies held between fetch and commit |
 //! | [`directory`] | directory reads for discovery: users, group members, rooms, calendars |
@@ -22,8 +24,10 @@ pub mod auth;
 pub mod batch;
 pub mod budget;
 pub mod credential;
+pub mod delegated;
 pub mod directory;
 pub mod error;
+mod grant;
 pub mod page;
 pub mod subscriptions;
 pub mod zone;
@@ -32,8 +36,10 @@ pub use auth::{AuthConfig, TokenSource};
 pub use batch::{BatchInbox, MailboxHold};
 pub use budget::{PageBudget, PageHold};
 pub use credential::{
-    Certificate, Credential, CredentialError, ManagedEndpoint, ManagedIdentity, Signature,
+    AccountGrant, Certificate, Credential, CredentialError, Loaded, ManagedEndpoint,
+    ManagedIdentity, RefreshStore, Signature,
 };
+pub use delegated::{DeviceLogin, SignedIn};
 pub use directory::{CalendarInfo, Principal};
 pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
@@ -154,6 +160,9 @@ pub enum Connection {
 #[derive(Debug, Clone)]
 pub struct GraphClient {
     inner: Arc<Inner>,
+    /// A delegated account's tokens: requests go to `/me` with them instead of
+    /// `/users/{user}` with the app's (see [`delegated`]).
+    account: Option<Arc<TokenSource>>,
 }
 
 #[derive(Debug)]
@@ -242,6 +251,7 @@ impl GraphClient {
             message: String::new(),
         })?;
         Ok(GraphClient {
+            account: None,
             inner: Arc::new(Inner {
                 tokens: TokenSource::new(auth, http.clone()),
                 http,
@@ -262,9 +272,20 @@ impl GraphClient {
         })
     }
 
-    /// The token source, shared by every request of this client.
+    /// The token source, shared by every request of this client: the account's, for an
+    /// account's client.
     pub fn tokens(&self) -> &TokenSource {
-        &self.inner.tokens
+        self.account.as_deref().unwrap_or(&self.inner.tokens)
+    }
+
+    /// The mailbox's path segments: `users/{user}`, or `me` for an account's client (Graph
+    /// answers `/me` only to delegated tokens, and an account reads its own mailbox).
+    fn push_mailbox(&self, segs: &mut url::PathSegmentsMut<'_>, user: &str) {
+        if self.account.is_some() {
+            segs.push("me");
+        } else {
+            segs.push("users").push(user);
+        }
     }
 
     /// The configured Graph root.
@@ -277,7 +298,8 @@ impl GraphClient {
     pub fn initial_link(&self, user: &str, calendar: &CalendarRef, window: &ViewWindow) -> String {
         let mut url = self.inner.cfg.base_url.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty().push("users").push(user);
+            segs.pop_if_empty();
+            self.push_mailbox(&mut segs, user);
             if let CalendarRef::Id(id) = calendar {
                 segs.push("calendars").push(id);
             }
@@ -344,7 +366,8 @@ impl GraphClient {
     pub fn event_url(&self, user: &str, calendar: &CalendarRef, id: &str) -> Url {
         let mut url = self.inner.cfg.base_url.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty().push("users").push(user);
+            segs.pop_if_empty();
+            self.push_mailbox(&mut segs, user);
             match calendar {
                 CalendarRef::Default => segs.push("calendar"),
                 CalendarRef::Id(c) => segs.push("calendars").push(c),
@@ -363,7 +386,8 @@ impl GraphClient {
     ) -> Result<Option<String>, GraphError> {
         let mut url = self.inner.cfg.base_url.clone();
         if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty().push("users").push(user);
+            segs.pop_if_empty();
+            self.push_mailbox(&mut segs, user);
         }
         url.query_pairs_mut().append_pair("$select", "id");
         match self.get_ok(&url, connection).await {
@@ -465,11 +489,11 @@ impl GraphClient {
         connection: Connection,
         eventual: bool,
     ) -> Result<(Vec<u8>, PageHold), GraphError> {
-        let token = self.inner.tokens.token().await?;
+        let token = self.tokens().token().await?;
         match self.get(url, &token, connection, eventual).await {
             Err(GraphError::Unauthorized { .. }) => {
-                self.inner.tokens.invalidate(&token).await;
-                let fresh = self.inner.tokens.token().await?;
+                self.tokens().invalidate(&token).await;
+                let fresh = self.tokens().token().await?;
                 self.get(url, &fresh, connection, eventual).await
             }
             other => other,

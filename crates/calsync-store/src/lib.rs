@@ -3,6 +3,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`accounts`] | delegated accounts: who signed in, their refresh token sealed by the caller |
 //! | [`error`] | [`StoreError`] and the mapping from sqlx errors |
 //! | [`tuples`] | the tuple registry: saved links, sync state ([`TupleStatus`]) |
 //! | [`generation`] | the tracked set in generations ([`SetWrite`], [`TrackedSet`]), its notifications, roles one replica holds at a time |
@@ -25,6 +26,7 @@
 //! | `testing` | fault points and benchmark helpers (feature `testing` only) |
 #![warn(missing_docs)]
 
+pub mod accounts;
 pub mod apply;
 mod batch;
 pub mod changes;

@@ -157,6 +157,10 @@ async fn build_with(cfg: &Config, identity: Option<Identity>) -> anyhow::Result<
     let graph = GraphClient::new(cfg.graph.clone(), cfg.auth.clone())
         .context("cannot build the Graph client")?;
     let engine = Engine::new(graph, store, cfg.sync.clone());
+    engine.with_accounts(calsync_engine::AccountSettings {
+        auth: cfg.auth.clone(),
+        vault: cfg.vault.clone(),
+    });
     let one_off = identity
         .as_ref()
         .is_some_and(|i| i.kind == ReplicaKind::OneOff);

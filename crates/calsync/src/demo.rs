@@ -60,6 +60,7 @@ pub fn config_for_sim(
         .map(|(key, user, cal)| TupleConfig {
             key: key.clone(),
             user: user.clone(),
+            account: None,
             calendar: if cal == "default" {
                 CalendarRef::Default
             } else {
@@ -112,6 +113,7 @@ pub fn config_for_sim(
             payload: false,
         },
         sinks: Vec::new(),
+        vault: None,
         anchor: chrono::Utc::now(),
         tuples,
     })

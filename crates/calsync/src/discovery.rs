@@ -376,6 +376,7 @@ mod tests {
         TupleConfig {
             key: key.into(),
             user: user.into(),
+            account: None,
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,
@@ -393,6 +394,7 @@ mod tests {
                     id: i as i64,
                     key: c.key,
                     user: c.user.clone(),
+                    account: None,
                     calendar: c.calendar,
                     window: c.window,
                     rolling: None,

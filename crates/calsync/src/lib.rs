@@ -3,6 +3,7 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`accounts`] | `calsync login`, `accounts`, `logout`: delegated accounts by device code |
 //! | [`commands`] | the one-off commands: sync-once, migrate, status, resync, reload, discover |
 //! | [`feed`] | `calsync changes`: the change feed as lines, once or following |
 //! | [`config`] | the config tree: figment loading, validation, `config check` |
@@ -20,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accounts;
 pub mod commands;
 pub mod config;
 #[cfg(feature = "demo")]

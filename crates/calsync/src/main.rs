@@ -75,6 +75,23 @@ enum Command {
         /// The tuple's name, as `calsync status` shows it.
         tuple: String,
     },
+    /// Sign a delegated account in by the device code flow (prints a URL and a code, waits),
+    /// and keep its refresh token sealed in the database.
+    Login {
+        /// The account's name, as `[[calendars]] account` spells it.
+        account: String,
+    },
+    /// List the delegated accounts: who signed in, and which must sign in again.
+    Accounts {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a delegated account's refresh token; its calendars stop syncing.
+    Logout {
+        /// The account's name.
+        account: String,
+    },
     /// Ask the running daemon to re-read its config (POST /reload on http.listen).
     Reload,
     /// Exit 0 if the running daemon answers /healthz (for container health checks).
@@ -154,6 +171,24 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
                 cfg.auth.credential.kind(),
                 cfg.auth.credential
             );
+            let mut accounts: Vec<&str> = cfg
+                .tuples
+                .iter()
+                .filter_map(|t| t.account.as_deref())
+                .collect();
+            accounts.sort_unstable();
+            accounts.dedup();
+            if let Some(v) = &cfg.vault {
+                eprintln!(
+                    "accounts: sealed with key {}; read through: {}",
+                    v.key_id(),
+                    if accounts.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        accounts.join(", ")
+                    }
+                );
+            }
             eprintln!("config ok");
             Ok(true)
         }
@@ -214,6 +249,23 @@ async fn main_inner(cli: Cli) -> anyhow::Result<bool> {
         Command::Resync { tuple } => {
             let raw = RawConfig::load(cli.config.as_deref())?;
             commands::resync(&raw, &tuple).await.map(|_| true)
+        }
+        Command::Login { account } => {
+            let cfg = RawConfig::load(cli.config.as_deref())?.validate()?;
+            telemetry::init(cfg.log_format, "warn");
+            calsync::accounts::login(&cfg, &account, commands::shutdown_signal())
+                .await
+                .map(|_| true)
+        }
+        Command::Accounts { json } => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            calsync::accounts::list(&raw, json).await.map(|_| true)
+        }
+        Command::Logout { account } => {
+            let raw = RawConfig::load(cli.config.as_deref())?;
+            calsync::accounts::logout(&raw, &account)
+                .await
+                .map(|_| true)
         }
         Command::Reload => {
             let raw = RawConfig::load(cli.config.as_deref())?;

@@ -49,6 +49,8 @@ struct DeviceCode {
 #[derive(Debug)]
 struct Refresh {
     user: usize,
+    /// Revoked by a password change or revoked consent: redeeming it says why.
+    revoked: Option<Revocation>,
     client_id: String,
     scope: String,
     last_used: DateTime<Utc>,
@@ -90,7 +92,6 @@ pub struct Grant {
 pub struct Delegated {
     codes: Vec<DeviceCode>,
     refresh: HashMap<String, Refresh>,
-    revoked: HashMap<usize, Revocation>,
     /// Answer `slow_down` to a poll sooner than the interval (RFC 8628; off: Entra lists
     /// no such error).
     pub slow_down: bool,
@@ -98,6 +99,9 @@ pub struct Delegated {
     pub refresh_issued: u64,
     /// Refresh tokens redeemed so far.
     pub refresh_redeemed: u64,
+    /// Every refresh token issued, newest last (the last 4096), for tests that look for
+    /// them where they must not be.
+    issued: std::collections::VecDeque<String>,
 }
 
 fn random(rng: &mut StdRng, alphabet: &[u8], len: usize) -> String {
@@ -248,13 +252,23 @@ impl Delegated {
             token.clone(),
             Refresh {
                 user,
+                revoked: None,
                 client_id: client_id.into(),
                 scope: scope.into(),
                 last_used: now,
             },
         );
         self.refresh_issued += 1;
+        if self.issued.len() >= 4096 {
+            self.issued.pop_front();
+        }
+        self.issued.push_back(token.clone());
         Some(token)
+    }
+
+    /// Every refresh token issued (the last 4096), revoked or not.
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        self.issued.iter().cloned().collect()
     }
 
     /// A token request with `grant_type=refresh_token`: the grant it stands for. The token
@@ -277,7 +291,7 @@ impl Delegated {
                 "Invalid request. Request is malformed or invalid: the refresh token is not known.",
             ));
         };
-        if let Some(why) = self.revoked.get(&r.user) {
+        if let Some(why) = r.revoked {
             return Err(match why {
                 Revocation::PasswordChanged => refused(
                     "invalid_grant",
@@ -308,21 +322,14 @@ impl Delegated {
         })
     }
 
-    /// Revokes every refresh token of `user` (a password change, revoked consent). A new
-    /// sign-in (device code) issues working tokens again.
+    /// Revokes every refresh token `user` holds now (a password change, revoked consent):
+    /// each answers `invalid_grant` with the reason's AADSTS code from then on (AADSTS50173,
+    /// 65001: Microsoft Learn, "Refresh tokens … Revocation"; the codes in MSAL issue
+    /// threads). A new sign-in (device code) issues tokens that work.
     pub fn revoke(&mut self, user: usize, why: Revocation) {
-        self.revoked.insert(user, why);
-        self.refresh.retain(|_, r| r.user != user);
-    }
-
-    /// The user signed in again: their new tokens work.
-    fn signed_in(&mut self, user: usize) {
-        self.revoked.remove(&user);
-    }
-
-    /// A device code redeemed: the user's revocation ends with it.
-    pub fn completed(&mut self, grant: &Grant) {
-        self.signed_in(grant.user);
+        for r in self.refresh.values_mut().filter(|r| r.user == user) {
+            r.revoked = Some(why);
+        }
     }
 }
 
@@ -338,9 +345,7 @@ impl Delegated {
     ) -> Result<Grant, GrantRefused> {
         let field = |k: &str| form.get(k).map_or("", String::as_str).to_owned();
         if grant_type == DEVICE_CODE_GRANT {
-            let grant = self.poll(client_id, &field("device_code"), now)?;
-            self.completed(&grant);
-            Ok(grant)
+            self.poll(client_id, &field("device_code"), now)
         } else {
             self.redeem(client_id, &field("refresh_token"), now)
         }
@@ -466,25 +471,20 @@ mod tests {
         let third = d
             .issue_refresh(1, "app", "offline_access Calendars.Read", now, &mut rng)
             .unwrap();
+        let others = d
+            .issue_refresh(2, "app", "offline_access Calendars.Read", now, &mut rng)
+            .unwrap();
         d.revoke(1, Revocation::PasswordChanged);
-        assert_eq!(
-            d.redeem("app", &third, now).unwrap_err().code,
-            9002313,
-            "revoked tokens are gone"
-        );
+        // The token the client holds says why (not "unknown token"): that is what tells it
+        // the user must sign in again.
+        assert_eq!(d.redeem("app", &third, now).unwrap_err().code, 50173);
+        assert_eq!(d.redeem("app", &first, now).unwrap_err().code, 50173);
+        assert!(d.redeem("app", &others, now).is_ok(), "another user's");
         let after = d
             .issue_refresh(1, "app", "offline_access Calendars.Read", now, &mut rng)
             .unwrap();
-        assert_eq!(d.redeem("app", &after, now).unwrap_err().code, 50173);
-        d.completed(&Grant {
-            user: 1,
-            scope: String::new(),
-        });
         assert!(d.redeem("app", &after, now).is_ok(), "signed in again");
         d.revoke(1, Revocation::ConsentRevoked);
-        let fresh = d
-            .issue_refresh(1, "app", "offline_access Calendars.Read", now, &mut rng)
-            .unwrap();
-        assert_eq!(d.redeem("app", &fresh, now).unwrap_err().code, 65001);
+        assert_eq!(d.redeem("app", &after, now).unwrap_err().code, 65001);
     }
 }

@@ -56,11 +56,12 @@ pub(super) fn auth(
         s => s.to_owned(),
     };
     let kind = a.kind.trim();
-    const KINDS: [&str; 4] = [
+    const KINDS: [&str; 5] = [
         "client_secret",
         "certificate",
         "workload_identity",
         "managed_identity",
+        "public_client",
     ];
     if !kind.is_empty() && !KINDS.contains(&kind) {
         return Err(unknown_kind(kind));
@@ -95,6 +96,8 @@ pub(super) fn auth(
     let credential = match kind {
         "" | "client_secret" => Credential::Secret(secret(a)?),
         "certificate" => Credential::Certificate(Arc::new(certificate(a)?)),
+        // An app registration with "Allow public client flows": delegated accounts only.
+        "public_client" => Credential::Public,
         "workload_identity" => {
             let token_file = a
                 .token_file
@@ -124,7 +127,7 @@ fn unknown_kind(kind: &str) -> ConfigError {
     bad(
         "auth.kind",
         format!(
-            "'{kind}' is not a credential kind: client_secret, certificate, workload_identity or managed_identity"
+            "'{kind}' is not a credential kind: client_secret, certificate, workload_identity, managed_identity or public_client"
         ),
     )
 }

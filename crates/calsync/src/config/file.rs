@@ -43,6 +43,17 @@ pub struct RawConfig {
     pub sources: Vec<RawSource>,
     /// `[[calendars]]`: the tracked tuples.
     pub calendars: Vec<RawCalendar>,
+    /// `[accounts]`: delegated accounts' sealed tokens.
+    pub accounts: RawAccounts,
+}
+
+/// `[accounts]`: the key that seals delegated accounts' refresh tokens in the database.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAccounts {
+    /// A file holding 32 random bytes in base64 (`openssl rand -base64 32`), from
+    /// `$CREDENTIALS_DIRECTORY` when relative. Never stored in the database.
+    pub key_file: Option<PathBuf>,
 }
 
 /// `[discovery]`: the cadence of `[[sources]]`.
@@ -232,8 +243,9 @@ impl Default for RawService {
 }
 
 /// The config file's sections: what `CALSYNC_<SECTION>__<KEY>` may override.
-pub(super) const SECTIONS: [&str; 10] = [
+pub(super) const SECTIONS: [&str; 11] = [
     "database", "graph", "auth", "sync", "log", "http", "metrics", "tls", "service", "push",
+    "accounts",
 ];
 
 /// `[tls]`: whom calsync trusts, for Graph, the token endpoint and PostgreSQL.
@@ -359,7 +371,8 @@ impl Default for RawGraph {
 #[serde(default, deny_unknown_fields)]
 pub struct RawAuth {
     /// The credential kind: `client_secret` (the default), `certificate`,
-    /// `workload_identity` or `managed_identity`.
+    /// `workload_identity`, `managed_identity`, or `public_client` (no credential: delegated
+    /// accounts only).
     pub kind: String,
     /// The tenant's token endpoint (workload identity: from `AZURE_AUTHORITY_HOST` and
     /// `AZURE_TENANT_ID` when empty; managed identity: unused).
@@ -507,6 +520,9 @@ pub struct RawCalendar {
     pub name: Option<String>,
     /// The mailbox, by UPN or object id.
     pub user: String,
+    /// The delegated account that reads it through `/me` (`calsync login <account>`); the
+    /// app's own token when absent.
+    pub account: Option<String>,
     /// `default` or a calendar id.
     pub calendar: String,
     /// Window start: an RFC 3339 instant, or an offset from now (`"-90d"`), re-based on

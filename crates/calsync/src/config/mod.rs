@@ -7,8 +7,10 @@
 //! | `file` | the sections as written, with their defaults |
 //! | `validate` | the file as written becomes [`Config`], one function per section |
 //! | `connect` | the sections of where calsync connects and with what: database, Graph, auth, TLS |
+//! | `accounts` | `[accounts]` and `[[calendars]] account`: delegated accounts, their key, `public_client` |
 //! | `values` | values several sections share: durations, instants, URLs, secret files |
 
+mod accounts;
 mod connect;
 mod credentials;
 mod file;
@@ -163,6 +165,8 @@ pub struct Config {
     pub changes: ChangesConfig,
     /// Endpoints the change feed is posted to.
     pub sinks: Vec<calsync_sinks::SinkConfig>,
+    /// The key that seals delegated accounts' refresh tokens (`accounts.key_file`).
+    pub vault: Option<calsync_engine::Vault>,
 }
 
 /// `[changes]` as validated.
@@ -253,6 +257,9 @@ impl Config {
         };
         if auth(self) != auth(new) {
             out.push("auth");
+        }
+        if self.vault.as_ref().map(|v| v.key_id()) != new.vault.as_ref().map(|v| v.key_id()) {
+            out.push("accounts");
         }
         // The default interval is applied on reload; the rest of [sync] is not.
         let sync = |c: &Config| {

@@ -47,7 +47,7 @@ impl RawConfig {
         let (log_format, log_filter) = log(&self.log)?;
         let anchor = window_rebase.anchor(now);
         let sources = sources(&self.sources)?;
-        let tuples = calendars(&self.calendars, anchor, !sources.is_empty())?;
+        let mut tuples = calendars(&self.calendars, anchor, !sources.is_empty())?;
         let discovery = discovery(&self.discovery)?;
         let (http_listen, drain_deadline, on_remove) = service(&self.http, &self.service)?;
         let admin_token = admin_token(&self.http)?;
@@ -56,6 +56,14 @@ impl RawConfig {
         let push = super::push::push(&self.push, &sync, self.graph.allow_insecure_http)?;
         let changes = changes(&self.changes)?;
         let sinks = super::sinks::sinks(&self.sinks, self.graph.allow_insecure_http)?;
+        let vault = super::accounts::accounts(
+            &self.accounts,
+            &auth,
+            &self.calendars,
+            &mut tuples,
+            !sources.is_empty(),
+            &ownership.deployment,
+        )?;
         let mut sync = sync;
         sync.backstop = push.as_ref().map(|p| p.backstop_interval);
         Ok(Config {
@@ -81,6 +89,7 @@ impl RawConfig {
             push,
             changes,
             sinks,
+            vault,
         })
     }
 
@@ -475,6 +484,7 @@ fn calendars(
         tuples.push(TupleConfig {
             key: name,
             user: user.to_owned(),
+            account: None,
             calendar,
             window,
             rolling: spec.is_rolling().then_some(spec),

@@ -36,6 +36,7 @@ fn configs(skip: Option<usize>) -> Vec<TupleConfig> {
         .map(|i| TupleConfig {
             key: format!("cal{i:02}"),
             user: upn(i),
+            account: None,
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,

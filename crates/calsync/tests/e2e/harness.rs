@@ -189,6 +189,7 @@ impl Harness {
             .map(|(key, user, cal)| TupleConfig {
                 key: key.to_string(),
                 user: user.to_string(),
+                account: None,
                 calendar: if *cal == "default" {
                     CalendarRef::Default
                 } else {

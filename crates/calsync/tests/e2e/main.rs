@@ -13,6 +13,7 @@
 //! | `service` | `calsync run`: systemd notes, probes, metrics, reload, drain |
 //! | `converge` | one deployment, one truth: a reload sent to one replica reaches all, stale files never revert the set, re-keyed tuples keep syncing |
 //! | `replicas` | many processes, one database: deployments, sync-once beside run, leases, fencing, failover |
+//! | `accounts` | delegated accounts: device code sign-in, `/me` mirrored, refresh tokens rotated and sealed, revoked with the login hint |
 //! | `cli` | the binary as a user runs it: exit codes, messages, secrets |
 //! | `discovery` | a tenant from source lines: users, groups, rooms, calendars, refusals; `calsync discover` |
 //! | `windows` | moving a window: the old one served whole until the new one's round ends |
@@ -20,6 +21,7 @@
 //! | `soak` | the real daemon for minutes under faults (`CALSYNC_SOAK_MINUTES`, off by default) |
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+mod accounts;
 mod batch;
 mod cli;
 mod converge;

@@ -250,6 +250,7 @@ async fn run_case(pool: &PgPool, seed: u64) -> Result<(), String> {
             TupleConfig {
                 key: format!("seed{seed}-{i}"),
                 user: USER.into(),
+                account: None,
                 calendar,
                 window: ViewWindow {
                     start: windows[i].0.parse().unwrap(),

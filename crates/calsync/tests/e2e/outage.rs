@@ -64,6 +64,7 @@ async fn a_database_restart_under_the_scheduler_loses_nothing() {
         .map(|k| TupleConfig {
             key: k.to_string(),
             user: USER.into(),
+            account: None,
             calendar: CalendarRef::Default,
             window: window(),
             rolling: None,

@@ -67,6 +67,7 @@ pub(crate) fn tuple(key: &str, user: &str) -> Tuple {
         id: 0,
         key: key.into(),
         user: user.into(),
+        account: None,
         calendar: CalendarRef::Default,
         window: ViewWindow {
             start: START.parse().unwrap(),

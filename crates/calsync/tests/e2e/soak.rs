@@ -76,6 +76,7 @@ async fn tracked(pool: &sqlx::PgPool) -> Vec<Tuple> {
             key,
             mailbox: user.clone(),
             user,
+            account: None,
             calendar: if cal == "default" {
                 CalendarRef::Default
             } else {

@@ -397,6 +397,7 @@ async fn a_changed_window_starts_a_full_round_and_keeps_old_rows_until_its_sweep
     let cfg = calsync_engine::TupleConfig {
         key: moved.key.clone(),
         user: moved.user.clone(),
+        account: None,
         calendar: moved.calendar.clone(),
         window: moved.window,
         rolling: None,

@@ -65,6 +65,7 @@ async fn a_moved_window_is_served_whole_until_its_round_ends_then_switched_at_on
         .register(&[TupleConfig {
             key: old.key.clone(),
             user: old.user.clone(),
+            account: None,
             calendar: old.calendar.clone(),
             window: new_window,
             rolling: None,

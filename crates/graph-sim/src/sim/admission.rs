@@ -198,13 +198,27 @@ impl State {
                 "BadRequest",
                 "/me request is only valid with delegated authentication flow.",
             )),
-            (UserRef::Key(k), _) => self.tenant.user_index(k).ok_or_else(|| {
-                GraphError::new(
-                    404,
-                    "ErrorInvalidUser",
-                    format!("The requested user '{k}' is invalid."),
-                )
-            }),
+            (UserRef::Key(k), subject) => {
+                let u = self.tenant.user_index(k).ok_or_else(|| {
+                    GraphError::new(
+                        404,
+                        "ErrorInvalidUser",
+                        format!("The requested user '{k}' is invalid."),
+                    )
+                })?;
+                // A delegated token reads its own user's mailbox by id or UPN too; another
+                // user's calendar only if shared, which the simulator does not model: 403
+                // ErrorAccessDenied, as Graph answers (Microsoft Learn, "Get shared or
+                // delegated Outlook calendar events": Calendars.Read.Shared and a share).
+                match subject {
+                    Subject::User(own) if *own != u => Err(GraphError::new(
+                        403,
+                        "ErrorAccessDenied",
+                        "Access is denied. Check credentials and try again.",
+                    )),
+                    _ => Ok(u),
+                }
+            }
         }
     }
 

@@ -60,6 +60,28 @@ async fn me_needs_a_delegated_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // The delegated user's own mailbox by id, yes; another user's unshared calendar, 403
+    // ErrorAccessDenied (Microsoft Learn, "Get shared or delegated Outlook calendar events").
+    for (user, status) in [
+        ("11111111-1111-1111-1111-111111111111", StatusCode::OK),
+        ("alex@contoso.onmicrosoft.com", StatusCode::FORBIDDEN),
+    ] {
+        let r = t
+            .http
+            .get(format!(
+                "{}/users/{user}/calendarView/delta?startDateTime={START}&endDateTime={END}",
+                t.base()
+            ))
+            .bearer_auth(tok["access_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{user}");
+        if status == StatusCode::FORBIDDEN {
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error"]["code"], "ErrorAccessDenied");
+        }
+    }
 }
 
 /// Issue 26 (Microsoft Learn, device authorization grant; refresh tokens): a public client
