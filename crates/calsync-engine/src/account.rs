@@ -195,11 +195,15 @@ impl RefreshStore for StoredAccount {
                 )));
             }
             let token = vault.open(&self.name, &account.token).ok_or_else(|| {
-                self.sign_in(format!(
-                    "its token does not open with accounts.key_file (sealed with key {}, the file holds key {})",
-                    account.token.key_id,
-                    vault.key_id()
-                ))
+                self.sign_in(if account.token.key_id == vault.key_id() {
+                    "its sealed token does not open with its key: altered, or copied from another account or deployment".to_owned()
+                } else {
+                    format!(
+                        "its token was sealed with key {}, but accounts.key_file holds key {}",
+                        account.token.key_id,
+                        vault.key_id()
+                    )
+                })
             })?;
             Ok(Loaded {
                 token,

@@ -6,6 +6,7 @@
 //! | [`auth`] | app-only tokens: fetched, cached, renewed once per expiry |
 //! | [`batch`] | JSON batching of delta-link replays (`POST /$batch`, 20 at most) |
 //! | [`delegated`] | delegated accounts: the device code sign-in, refresh tokens redeemed and rotated for `/me` |
+//! | `paths` | the URLs of a mailbox's calendar: first delta link, event, instances (`/users/{u}` or `/me`) |
 //! | `grant` | what every token request shares: how the app authenticates, what a refusal means |
 //! | [`credential`] | what calsync proves its identity with: secret, certificate assertion, federated token, managed identity |
 //! | [`budget`] | the memory budget for Graph bodies held between fetch and commit |
@@ -29,6 +30,7 @@ pub mod directory;
 pub mod error;
 mod grant;
 pub mod page;
+mod paths;
 pub mod subscriptions;
 pub mod zone;
 
@@ -45,7 +47,7 @@ pub use error::{ErrorClass, GraphError, classify, parse_retry_after};
 pub use page::{DeltaItem, DeltaPage, EventItem, ListPage, PageLink, parse_list, parse_page};
 pub use subscriptions::{NewSubscription, Subscribed};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use reqwest::header::{AUTHORIZATION, HeaderValue, RETRY_AFTER};
 use secrecy::ExposeSecret;
@@ -278,43 +280,9 @@ impl GraphClient {
         self.account.as_deref().unwrap_or(&self.inner.tokens)
     }
 
-    /// The mailbox's path segments: `users/{user}`, or `me` for an account's client (Graph
-    /// answers `/me` only to delegated tokens, and an account reads its own mailbox).
-    fn push_mailbox(&self, segs: &mut url::PathSegmentsMut<'_>, user: &str) {
-        if self.account.is_some() {
-            segs.push("me");
-        } else {
-            segs.push("users").push(user);
-        }
-    }
-
     /// The configured Graph root.
     pub fn base_url(&self) -> &Url {
         &self.inner.cfg.base_url
-    }
-
-    /// The first link of a full round: `{base}/users/{user}/calendarView/delta` (or
-    /// `/calendars/{id}/calendarView/delta`) with percent-encoded UTC window bounds.
-    pub fn initial_link(&self, user: &str, calendar: &CalendarRef, window: &ViewWindow) -> String {
-        let mut url = self.inner.cfg.base_url.clone();
-        if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty();
-            self.push_mailbox(&mut segs, user);
-            if let CalendarRef::Id(id) = calendar {
-                segs.push("calendars").push(id);
-            }
-            segs.push("calendarView").push("delta");
-        }
-        url.query_pairs_mut()
-            .append_pair(
-                "startDateTime",
-                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair(
-                "endDateTime",
-                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
-            );
-        url.into()
     }
 
     /// Refuses links to anywhere but the configured Graph origin (scheme, host and port).
@@ -358,23 +326,6 @@ impl GraphClient {
     /// The page memory budget, when there is one.
     pub fn page_budget(&self) -> Option<&PageBudget> {
         self.inner.budget.as_ref()
-    }
-
-    /// The calendar-scoped URL of one event: `…/users/{u}/calendar/events/{id}` or
-    /// `…/calendars/{c}/events/{id}`. The mailbox-wide `/events/{id}` 404s for events of shared
-    /// calendars (OpenWhispr #1835), so reads always name the calendar.
-    pub fn event_url(&self, user: &str, calendar: &CalendarRef, id: &str) -> Url {
-        let mut url = self.inner.cfg.base_url.clone();
-        if let Ok(mut segs) = url.path_segments_mut() {
-            segs.pop_if_empty();
-            self.push_mailbox(&mut segs, user);
-            match calendar {
-                CalendarRef::Default => segs.push("calendar"),
-                CalendarRef::Id(c) => segs.push("calendars").push(c),
-            };
-            segs.push("events").push(id);
-        }
-        url
     }
 
     /// The directory object id of the mailbox `user` names (a UPN or already an id):
@@ -429,32 +380,6 @@ impl GraphClient {
             Err(GraphError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    /// The first page of a series' instances in `window`
-    /// (`…/events/{id}/instances?startDateTime=&endDateTime=&$select=…`), ids and times only.
-    pub fn instances_link(
-        &self,
-        user: &str,
-        calendar: &CalendarRef,
-        master_id: &str,
-        window: &ViewWindow,
-    ) -> String {
-        let mut url = self.event_url(user, calendar, master_id);
-        if let Ok(mut segs) = url.path_segments_mut() {
-            segs.push("instances");
-        }
-        url.query_pairs_mut()
-            .append_pair(
-                "startDateTime",
-                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair(
-                "endDateTime",
-                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair("$select", "id,type,seriesMasterId,start,end");
-        url.into()
     }
 
     /// GETs one page of a plain list (`/instances`). `None` when the series is gone (404).

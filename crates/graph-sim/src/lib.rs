@@ -22,6 +22,7 @@
 //! | [`push`] | change notifications: subscriptions, deliveries, retries, lifecycle events |
 //! | [`recurrence`] | `patternedRecurrence` expanded into occurrence dates |
 //! | [`seed`] | seeding a tenant from numbers or a scenario file |
+//! | `admin` | the `/_sim` admin API: truth, request log, faults, clock, directory, device login |
 //! | [`server`] | the HTTP face: hyper, resettable connections, `/_sim` admin |
 //! | [`sim`] | the request pipeline: route, auth, manners, limits, faults, answer, log |
 //! | [`token`] | sealed `$skiptoken` / `$deltatoken` values |
@@ -30,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+mod admin;
 pub mod assertion;
 pub mod auth;
 pub mod behaviour;

@@ -278,6 +278,41 @@ fn managed(
     })
 }
 
+/// A secret file readable by its group or by others (the client secret, a key, the database
+/// URL with its password, the admin token, the accounts key): allowed, but warned about.
+pub(super) fn secret_file_warnings(raw: &super::RawConfig) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    secret_files(&raw.auth)
+        .into_iter()
+        .chain([
+            ("database.url_file", &raw.database.url_file),
+            ("http.admin_token_file", &raw.http.admin_token_file),
+            ("accounts.key_file", &raw.accounts.key_file),
+        ])
+        .chain(
+            raw.sinks
+                .iter()
+                .map(|s| ("sinks[].secret_file", &s.secret_file)),
+        )
+        .filter_map(|(key, p)| {
+            let p = resolve_credential(p.as_ref()?);
+            let mode = std::fs::metadata(&p).ok()?.permissions().mode();
+            (mode & 0o077 != 0).then(|| {
+                format!(
+                    "{key}: {} is readable by {} (mode {:o}); chmod 600 it",
+                    p.display(),
+                    if mode & 0o007 != 0 {
+                        "others"
+                    } else {
+                        "its group"
+                    },
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,10 +345,9 @@ mod tests {
     fn each_kind_names_what_it_misses() {
         let e = refused(&raw("kerberos"), &[]);
         assert_eq!(e.key, "auth.kind");
-        assert!(
-            e.message
-                .contains("client_secret, certificate, workload_identity or managed_identity")
-        );
+        assert!(e.message.contains(
+            "client_secret, certificate, workload_identity, managed_identity or public_client"
+        ));
         let mut cert = raw("certificate");
         cert.token_url = "https://login.microsoftonline.com/t/oauth2/v2.0/token".into();
         cert.client_id = "c".into();

@@ -602,6 +602,60 @@ end = "2026-04-01T00:00:00Z"
         });
     }
 
+    /// Issue 26: a calendar read through an account needs the accounts key; an account reads
+    /// one mailbox (its own); a public client has no app-only token for calendars without an
+    /// account, for sources or for push; a valid one gives each calendar its account.
+    #[test]
+    fn accounts_need_their_key_one_mailbox_each_and_a_public_client_only_accounts() {
+        Jail::expect_with(|jail| {
+            let with_account = AUTH_AND_ONE_CALENDAR
+                .replace("[[calendars]]\n", "[[calendars]]\naccount = \"adele\"\n");
+            let e = load_in(jail, &with_account).unwrap_err();
+            assert_eq!(e.key, "accounts.key_file");
+            assert!(e.message.contains("calendars[0]") && e.message.contains("adele"));
+            jail.create_file("bad.key", "c2hvcnQ=").unwrap();
+            let e = load_in(
+                jail,
+                &format!("{with_account}[accounts]\nkey_file = \"bad.key\"\n"),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "accounts.key_file");
+            assert!(e.message.contains("5 bytes"), "{}", e.message);
+            jail.create_file(
+                "accounts.key",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n",
+            )
+            .unwrap();
+            let keyed = format!("{with_account}[accounts]\nkey_file = \"accounts.key\"\n");
+            let c = load_in(jail, &keyed).unwrap();
+            assert_eq!(c.tuples[0].account.as_deref(), Some("adele"));
+            assert!(c.vault.is_some());
+            let two = format!(
+                "{keyed}[[calendars]]\nname = \"other\"\naccount = \"adele\"\nuser = \"alex@x\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
+            );
+            let e = load_in(jail, &two).unwrap_err();
+            assert_eq!(e.key, "calendars[1].user");
+            assert!(e.message.contains("own mailbox"), "{}", e.message);
+
+            let public =
+                |toml: &str| toml.replace("client_secret = \"s\"", "kind = \"public_client\"");
+            let e = load_in(jail, &public(AUTH_AND_ONE_CALENDAR)).unwrap_err();
+            assert_eq!(e.key, "calendars[0].account");
+            let c = load_in(jail, &public(&keyed)).unwrap();
+            assert!(matches!(
+                c.auth.credential,
+                calsync_graph::Credential::Public
+            ));
+            let pushed = format!(
+                "{}[push]\nnotification_url = \"https://calsync.example.com/push\"\nlisten = \"127.0.0.1:9188\"\n",
+                public(&keyed)
+            );
+            let e = load_in(jail, &pushed).unwrap_err();
+            assert_eq!(e.key, "push.notification_url");
+            Ok(())
+        });
+    }
+
     #[test]
     fn an_env_override_is_validated_and_its_key_named() {
         Jail::expect_with(|jail| {

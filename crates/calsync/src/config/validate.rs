@@ -6,7 +6,7 @@
 //! errors.
 
 use super::connect::{database, graph, tls};
-use super::credentials::{auth_from_process_env as auth, secret_files};
+use super::credentials::auth_from_process_env as auth;
 use super::values::{duration, instant, read_secret_file, resolve_credential};
 use super::{
     ChangesConfig, Config, ConfigError, DatabaseConfig, DiscoverySettings, LogFormat, MetricLabels,
@@ -62,6 +62,7 @@ impl RawConfig {
             &self.calendars,
             &mut tuples,
             !sources.is_empty(),
+            push.is_some(),
             &ownership.deployment,
         )?;
         let mut sync = sync;
@@ -76,7 +77,7 @@ impl RawConfig {
             http_listen,
             admin_token,
             metric_labels,
-            warnings: self.secret_file_warnings(),
+            warnings: super::credentials::secret_file_warnings(self),
             drain_deadline,
             on_remove,
             ownership,
@@ -112,40 +113,6 @@ impl RawConfig {
             .iter()
             .take(12)
             .map(|b| format!("{b:02x}"))
-            .collect()
-    }
-
-    /// A secret file readable by its group or by others (the client secret, the database
-    /// URL with its password, the admin token): allowed, but warned about.
-    fn secret_file_warnings(&self) -> Vec<String> {
-        use std::os::unix::fs::PermissionsExt;
-        secret_files(&self.auth)
-            .into_iter()
-            .chain([
-                ("database.url_file", &self.database.url_file),
-                ("http.admin_token_file", &self.http.admin_token_file),
-            ])
-            .chain(
-                self.sinks
-                    .iter()
-                    .map(|s| ("sinks[].secret_file", &s.secret_file)),
-            )
-            .filter_map(|(key, p)| {
-                let p = resolve_credential(p.as_ref()?);
-                let mode = std::fs::metadata(&p).ok()?.permissions().mode();
-                (mode & 0o077 != 0).then(|| {
-                    format!(
-                        "{key}: {} is readable by {} (mode {:o}); chmod 600 it",
-                        p.display(),
-                        if mode & 0o007 != 0 {
-                            "others"
-                        } else {
-                            "its group"
-                        },
-                        mode & 0o777
-                    )
-                })
-            })
             .collect()
     }
 

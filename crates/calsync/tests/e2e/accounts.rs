@@ -278,3 +278,221 @@ async fn an_account_signed_in_as_someone_else_or_not_at_all_fails_with_what_to_d
             .contains("/me/")
     );
 }
+
+/// Issue 26 through the real binary: `calsync login` prints Entra's message with the code and
+/// waits; the user approves; `sync-once` mirrors the account's calendar (each process redeems
+/// and rotates the refresh token); after a password change `sync-once` fails naming
+/// `calsync login adele`, and `accounts` and `status` say so. At trace level, no refresh or
+/// access token, nor the accounts key, appears in anything printed, in any text column, or in
+/// the clear in any binary column: the refresh token exists only sealed.
+#[tokio::test(flavor = "multi_thread")]
+async fn login_sync_and_revocation_through_the_binary_leak_no_token_or_key() {
+    use std::io::BufRead;
+    let url = calsync_store::recreate_database(&database_url(), "calsync_account_secrets")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = graph_sim::Sim::new(&public_app_config(3600));
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.add_user(USER, None, "Adele Vance");
+        for d in 10..20 {
+            let p = graph_sim::writes::EventPatch::from_json(&serde_json::json!({
+                "subject": format!("e{d}"),
+                "start": {"dateTime": format!("2026-01-{d}T10:00:00"), "timeZone": "UTC"},
+                "end": {"dateTime": format!("2026-01-{d}T11:00:00"), "timeZone": "UTC"}}))
+            .unwrap();
+            st.tenant.create_event(u, 0, &p).unwrap();
+        }
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let key_file = dir.path().join("accounts.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let config = format!(
+        "[database]\nurl = \"{url}\"\n[graph]\nbase_url = \"{}\"\n[auth]\nkind = \"public_client\"\ntoken_url = \"{}\"\nclient_id = \"{PUBLIC_APP}\"\n[sync]\npage_size = 3\n[accounts]\nkey_file = \"{}\"\n\n[[calendars]]\nname = \"adele-own\"\naccount = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+        server.graph_base_url(),
+        server.token_url(graph_sim::DEFAULT_TENANT),
+        key_file.display()
+    );
+    let file = dir.path().join("calsync.toml");
+    std::fs::write(&file, &config).unwrap();
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "trace")
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let mut printed = String::new();
+
+    // calsync login: the message and code are printed, then it waits for the user.
+    let mut child = std::process::Command::new(BIN)
+        .args(["login", "adele", "--config"])
+        .arg(&file)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|r| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(r).lines() {
+                let line = line.unwrap_or_default();
+                out.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        })
+    })
+    .collect();
+    let code_of = |s: &str| {
+        s.split("enter the code ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    wait_for("the login's code", Duration::from_secs(20), async || {
+        code_of(&out.lock().unwrap()).is_some()
+    })
+    .await;
+    let code = code_of(&out.lock().unwrap()).unwrap();
+    assert!(sim.lock().approve_device_code(&code, USER));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let login_out = out.lock().unwrap().clone();
+    assert!(status.success(), "{login_out}");
+    assert!(
+        login_out.contains(&format!("signed in as {USER}")),
+        "{login_out}"
+    );
+    printed.push_str(&login_out);
+
+    for _ in 0..3 {
+        let (code, out) = run(&["sync-once"]);
+        assert_eq!(code, Some(0), "{out}");
+        printed.push_str(&out);
+    }
+    let (_, listed) = run(&["accounts"]);
+    assert!(
+        listed.contains("adele") && listed.contains(" ok "),
+        "{listed}"
+    );
+    printed.push_str(&listed);
+    printed.push_str(&run(&["accounts", "--json"]).1);
+    printed.push_str(&run(&["config", "check"]).1);
+    assert!(
+        printed.contains("accounts: sealed with key"),
+        "config check names the key id"
+    );
+
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        st.auth.delegated.revoke(u, Revocation::PasswordChanged);
+    }
+    let (code, out) = run(&["sync-once"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(out.contains("run `calsync login adele`"), "{out}");
+    printed.push_str(&out);
+    let (_, listed) = run(&["accounts"]);
+    assert!(
+        listed.contains("revoked") && listed.contains("AADSTS50173"),
+        "{listed}"
+    );
+    printed.push_str(&listed);
+    let (_, status) = run(&["status"]);
+    assert!(status.contains("calsync login adele"), "{status}");
+    printed.push_str(&status);
+    assert!(printed.contains("TRACE"), "trace level was on");
+
+    let (refresh, access) = {
+        let st = sim.lock();
+        (
+            st.auth.delegated.issued_refresh_tokens(),
+            st.auth.minted_tokens(),
+        )
+    };
+    assert!(
+        refresh.len() >= 4,
+        "refresh tokens issued: {}",
+        refresh.len()
+    );
+    let mut secrets: Vec<String> = vec![KEY.to_owned()];
+    secrets.extend(refresh.iter().cloned());
+    secrets.extend(access.iter().cloned());
+    for s in &secrets {
+        assert!(
+            !printed.contains(s.as_str()),
+            "a secret was printed: {s}\n{}",
+            printed
+                .lines()
+                .filter(|l| l.contains(s.as_str()))
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text \
+         FROM information_schema.columns \
+         WHERE table_schema = 'public' \
+           AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'bytea') \
+           AND table_name IN (SELECT table_name FROM information_schema.tables \
+                              WHERE table_schema = 'public' AND table_type = 'BASE TABLE')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        columns
+            .iter()
+            .any(|(t, c, _)| t == "accounts" && c == "token_sealed")
+    );
+    for (table, column, kind) in &columns {
+        let text = if kind == "bytea" {
+            format!("encode(\"{column}\", 'escape')")
+        } else {
+            format!("\"{column}\"::text")
+        };
+        let found: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT s FROM unnest($1::text[]) s WHERE EXISTS \
+               (SELECT 1 FROM \"{table}\" WHERE {text} LIKE '%' || s || '%')"
+        ))
+        .bind(&secrets)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            found.is_empty(),
+            "{table}.{column} holds a secret: {found:?}"
+        );
+    }
+    let (code, out) = run(&["logout", "adele"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (_, listed) = run(&["accounts"]);
+    assert!(listed.contains("no account has signed in"), "{listed}");
+    pool.close().await;
+    server.stop().await;
+}

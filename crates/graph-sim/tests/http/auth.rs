@@ -195,16 +195,22 @@ async fn a_device_code_sign_in_gives_me_tokens_that_rotate_and_are_revoked() {
         StatusCode::OK
     );
 
-    {
-        let mut st = t.sim.lock();
-        let u = st.tenant.user_index(&t.user).unwrap();
-        st.auth
-            .delegated
-            .revoke(u, graph_sim::delegated::Revocation::PasswordChanged);
-    }
+    // The admin call a standalone user makes for "the user changed their password".
+    t.admin(
+        &format!("/refresh-tokens/revoke?user={}&why=password", t.user),
+        Some(json!({})),
+    )
+    .await;
     let (s, revoked) = refresh(second).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(revoked["error"], "invalid_grant");
+    assert!(
+        revoked["error_description"]
+            .as_str()
+            .unwrap()
+            .starts_with("AADSTS50173"),
+        "{revoked}"
+    );
 
     let (_, code) = post(
         tenant_url("devicecode"),
