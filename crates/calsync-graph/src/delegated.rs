@@ -108,16 +108,21 @@ pub fn device_code_url(token_url: &url::Url) -> Result<url::Url, GraphError> {
     }
 }
 
-/// What to add to a refused sign-in: Conditional Access may block the device code flow.
+/// A refused sign-in, said so the user knows what to do: declined, expired, or blocked by
+/// Conditional Access (Entra's device code errors: `authorization_declined`, `expired_token`,
+/// `bad_verification_code`; Microsoft Learn, "OAuth 2.0 device authorization grant").
 pub(crate) fn sign_in_hint(e: GraphError) -> GraphError {
     match e {
         GraphError::AuthRejected { error, description } => {
-            let hint = if aadsts_code(&description).is_some_and(|c| c == 53003 || c == 530033)
-                || error == "access_denied"
-            {
-                " (if your tenant blocks the device code flow by Conditional Access, an admin must exclude this app or sign-in; Microsoft Learn, \"Block authentication flows with Conditional Access\")"
-            } else {
-                ""
+            let hint = match error.as_str() {
+                "authorization_declined" | "access_denied" => " (the user declined the sign-in)",
+                "expired_token" => {
+                    " (the code expired before the user signed in: run calsync login again)"
+                }
+                _ if aadsts_code(&description).is_some_and(|c| c == 53003 || c == 530033) => {
+                    " (the tenant's Conditional Access blocks this sign-in, often the device code flow itself: an admin must exclude this app or allow the flow; Microsoft Learn, \"Block authentication flows with Conditional Access\")"
+                }
+                _ => "",
             };
             GraphError::AuthRejected {
                 error,
@@ -293,6 +298,30 @@ mod tests {
         );
         assert_eq!(aadsts_code("AADSTS700082: expired"), Some(700082));
         assert_eq!(aadsts_code("something else"), None);
+    }
+
+    #[test]
+    fn a_refused_sign_in_says_what_to_do() {
+        let said = |error: &str, description: &str| {
+            sign_in_hint(GraphError::AuthRejected {
+                error: error.into(),
+                description: description.into(),
+            })
+            .to_string()
+        };
+        assert!(
+            said("authorization_declined", "AADSTS70000: declined")
+                .contains("declined the sign-in")
+        );
+        assert!(said("expired_token", "AADSTS70020: expired").contains("run calsync login again"));
+        assert!(
+            said(
+                "invalid_grant",
+                "AADSTS53003: Access has been blocked by Conditional Access policies."
+            )
+            .contains("Conditional Access blocks")
+        );
+        assert!(said("invalid_client", "AADSTS7000215: bad secret").ends_with("bad secret"));
     }
 
     #[test]
