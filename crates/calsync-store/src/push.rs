@@ -47,19 +47,25 @@ pub struct PushTarget {
 const COLUMNS: &str =
     "p.mailbox, p.calendar_id, p.subscription_id, p.expires_at, p.state, p.detail, p.retry_at";
 
+/// A tuple read with the app's token: push subscribes with the app's token, so a calendar
+/// read through a delegated account (its stored settings name an `account`) is polled. The
+/// settings are JSON written by the engine, whose other strings (cron patterns, instants)
+/// cannot hold this key.
+const APP_READ: &str = "COALESCE(t.settings, '') NOT LIKE '%\"account\":%'";
+
 impl Store {
     /// The subscriptions this replica keeps: one per tracked (mailbox, calendar) whose
     /// mailbox it holds, new ones recorded `pending`.
     pub async fn push_mine(&self) -> Result<Vec<PushRow>, StoreError> {
         let me = self.incarnation().unwrap_or("").to_owned();
         self.bounded("reading this replica's subscriptions", async {
-            sqlx::query(
+            sqlx::query(&format!(
                 "INSERT INTO push_subscriptions (deployment, mailbox, calendar_id) \
                  SELECT DISTINCT t.deployment, t.mailbox, t.calendar_id FROM sync_tuples t \
                  JOIN mailbox_leases l ON l.deployment = t.deployment AND l.mailbox = t.mailbox \
-                 WHERE t.deployment = $1 AND t.tracked AND l.owner = $2 \
+                 WHERE t.deployment = $1 AND t.tracked AND l.owner = $2 AND {APP_READ} \
                  ON CONFLICT DO NOTHING",
-            )
+            ))
             .bind(&*self.deployment)
             .bind(&me)
             .execute(&self.pool)
@@ -70,7 +76,8 @@ impl Store {
                  JOIN mailbox_leases l ON l.deployment = p.deployment AND l.mailbox = p.mailbox \
                  WHERE p.deployment = $1 AND l.owner = $2 \
                  AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
+                   AND {APP_READ}) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -101,7 +108,8 @@ impl Store {
                           AND p.expires_at > now() + make_interval(secs => $3), false) \
                  AND NOT COALESCE(p.state <> 'active' AND p.retry_at > now(), false) \
                  AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
+                   AND {APP_READ}) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -179,7 +187,8 @@ impl Store {
             sqlx::query_as(&format!(
                 "SELECT {COLUMNS} FROM push_subscriptions p WHERE p.deployment = $1 \
                  AND NOT EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
+                   AND {APP_READ}) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -396,6 +405,68 @@ mod tests {
             .fetch_one(pool)
             .await
             .unwrap()
+    }
+
+    /// Issue 26: push subscribes with the app's token, so a calendar read through a delegated
+    /// account is polled: it gets no subscription, and one it had becomes an orphan.
+    #[sqlx::test(migrations = false)]
+    async fn a_calendar_read_through_an_account_gets_no_subscription(pool: PgPool) {
+        let store = Store::from_pool(pool.clone()).as_incarnation("r1#a");
+        store.migrate().await.unwrap();
+        let set = |digest: &str| SetWrite {
+            cause: "start",
+            digest: Some(digest.into()),
+            based_on: None,
+            anchor: None,
+        };
+        let by_account = r#"{"interval_ms":1000,"account":"adele"}"#;
+        store
+            .register_set(
+                &[test_spec("app", "{}"), test_spec("own", by_account)],
+                true,
+                &set("d1"),
+            )
+            .await
+            .unwrap();
+        store
+            .heartbeat(
+                "r1#a",
+                "r1",
+                crate::ReplicaKind::Run,
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.acquire_leases("r1#a", 10, None).await.unwrap().len(),
+            2
+        );
+        let mine: Vec<String> = store
+            .push_mine()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.mailbox)
+            .collect();
+        assert_eq!(mine, ["app@x"]);
+        // The app's calendar moves to an account: its subscription is an orphan.
+        store
+            .register_set(
+                &[test_spec("app", by_account), test_spec("own", by_account)],
+                true,
+                &set("d2"),
+            )
+            .await
+            .unwrap();
+        assert!(store.push_mine().await.unwrap().is_empty());
+        let orphans: Vec<String> = store
+            .push_orphans()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.mailbox)
+            .collect();
+        assert_eq!(orphans, ["app@x"]);
     }
 
     /// Issue 24: a notification's wake-up is one durable request per tracked tuple, a burst
