@@ -177,10 +177,7 @@ impl TokenSource {
     }
 
     async fn fetch(&self) -> Result<(SecretString, Duration), GraphError> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::grant::unix_now();
         match &self.cfg.credential {
             Credential::Managed(m) => {
                 let resource = crate::grant::resource(&self.cfg.scope);

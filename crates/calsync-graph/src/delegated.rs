@@ -156,9 +156,12 @@ impl crate::GraphClient {
         self.account.is_some()
     }
 
-    /// Whether this client can replay `link`: an account's client only `/me/…` links, the
-    /// app's client only others (Graph answers `/me` to delegated tokens alone). A link saved
-    /// before a calendar gained or lost its account does not fit: its round starts afresh.
+    /// Whether this client can replay `link`. The app's client cannot replay a `/me/…` link
+    /// (Graph answers `/me` to delegated tokens alone: a link saved while the calendar was
+    /// read through an account, whose round then starts afresh). An account's client replays
+    /// either form: Graph serves `/users/{id}/…` of the user's own mailbox to their delegated
+    /// token, and its links have been seen to change form (`/calendarView` became
+    /// `/calendar/calendarView` in a deltaLink: microsoft-graph-docs-contrib#7691).
     pub fn link_fits(&self, link: &str) -> bool {
         let me = match link.strip_prefix(self.inner.root_slash.as_str()) {
             Some(rest) => rest.get(..3).is_some_and(|p| p.eq_ignore_ascii_case("me/")),
@@ -171,7 +174,7 @@ impl crate::GraphClient {
                 })
             }
         };
-        me == self.account.is_some()
+        !me || self.account.is_some()
     }
 
     /// Starts a device code sign-in as the app `auth` describes (`POST …/devicecode`): a

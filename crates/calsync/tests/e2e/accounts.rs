@@ -219,8 +219,8 @@ async fn an_account_signed_in_by_device_code_mirrors_me_rotates_and_fails_when_r
 
 /// An account reads only its own mailbox: signed in as another user than its calendar names,
 /// the calendar fails naming both, before any Graph read. One that never signed in fails with
-/// the login hint. A link saved for the app's tokens is not replayed with the account's: the
-/// calendar's round starts afresh on `/me`.
+/// the login hint. A `/me` link is never replayed with the app's token: the calendar's round
+/// starts afresh; the app's `/users` link of the user's own mailbox serves the account.
 #[sqlx::test(migrations = false)]
 async fn an_account_signed_in_as_someone_else_or_not_at_all_fails_with_what_to_do(pool: PgPool) {
     let h = harness_with(pool, 10, public_app_config(3600)).await;
@@ -248,13 +248,35 @@ async fn an_account_signed_in_as_someone_else_or_not_at_all_fails_with_what_to_d
     );
     assert_eq!(h.sim.lock().requests().len(), reads, "nothing was read");
 
-    // The same calendar synced first with the app's token, then given the account.
-    let app = h.engine(settings());
-    let by_app = h.default_tuple(&app).await;
-    report(sync(&app, &by_app).await);
+    // The same calendar read through the account, then with the app's token: the saved /me
+    // link cannot serve the app (Graph refuses /me to an app-only token), so its round starts
+    // afresh; given back to the account, the /users link is replayed with the delegated
+    // token (Graph serves the user's own mailbox either way).
     login(&h, &auth, &vault, "adele", USER).await;
     let engine = engine_for(&h, &auth, &vault);
-    let t = engine
+    let t = account_tuple(&engine, "adele", USER).await;
+    report(sync(&engine, &t).await);
+    let link = |t: &Tuple| {
+        let store = h.store.clone();
+        let id = t.id;
+        async move { store.load(id).await.unwrap().link.unwrap() }
+    };
+    assert!(link(&t).await.contains("/me/"));
+    let app = h.engine(settings());
+    let by_app = app
+        .register(&[TupleConfig {
+            account: None,
+            ..t.config()
+        }])
+        .await
+        .unwrap()
+        .remove(0);
+    let r = report(sync(&app, &by_app).await);
+    assert!(r.full, "a /me link is not replayed with the app's token");
+    h.assert_mirrors(std::slice::from_ref(&by_app)).await;
+    assert!(link(&by_app).await.contains("/users/"));
+    let engine = engine_for(&h, &auth, &vault);
+    let again = engine
         .register(&[TupleConfig {
             account: Some("adele".into()),
             ..by_app.config()
@@ -262,21 +284,9 @@ async fn an_account_signed_in_as_someone_else_or_not_at_all_fails_with_what_to_d
         .await
         .unwrap()
         .remove(0);
-    let r = report(sync(&engine, &t).await);
-    assert!(
-        r.full,
-        "a /users link is not replayed with a delegated token"
-    );
-    h.assert_mirrors(std::slice::from_ref(&t)).await;
-    assert!(
-        h.store
-            .load(t.id)
-            .await
-            .unwrap()
-            .link
-            .unwrap()
-            .contains("/me/")
-    );
+    let r = report(sync(&engine, &again).await);
+    assert!(!r.full, "the user's own /users link serves the account");
+    h.assert_mirrors(std::slice::from_ref(&again)).await;
 }
 
 /// Issue 26 through the real binary: `calsync login` prints Entra's message with the code and
