@@ -264,8 +264,8 @@ impl Engine {
         }
     }
 
-    /// The client of account `name` reading the mailbox `user` (its own).
-    pub(crate) fn account_client(&self, name: &str, user: &str) -> GraphClient {
+    /// The client of account `name` reading the mailbox `user` (its own, by id or UPN).
+    pub fn account_client(&self, name: &str, user: &str) -> GraphClient {
         let key = (name.to_owned(), user.to_owned());
         let mut clients = self
             .inner

@@ -29,6 +29,13 @@ pub struct PushRow {
     pub detail: Option<String>,
     /// When a refused or failing one is tried again.
     pub retry_at: Option<DateTime<Utc>>,
+    /// Whose it is: the delegated account that made it (`me/...`), `None` for the app. Only
+    /// its maker may renew or delete it.
+    pub account: Option<String>,
+    /// The account the calendar is read through now (its tracked tuple's settings), `None`
+    /// for the app's token or an untracked calendar. When it differs from `account`, the
+    /// subscription is made again by the new reader.
+    pub reader: Option<String>,
 }
 
 /// A subscription a notification names, as the receiver checks it.
@@ -44,14 +51,11 @@ pub struct PushTarget {
     pub calendar_id: String,
 }
 
-const COLUMNS: &str =
-    "p.mailbox, p.calendar_id, p.subscription_id, p.expires_at, p.state, p.detail, p.retry_at";
-
-/// A tuple read with the app's token: push subscribes with the app's token, so a calendar
-/// read through a delegated account (its stored settings name an `account`) is polled. The
-/// settings are JSON written by the engine, whose other strings (cron patterns, instants)
-/// cannot hold this key.
-const APP_READ: &str = "COALESCE(t.settings, '') NOT LIKE '%\"account\":%'";
+const COLUMNS: &str = "p.mailbox, p.calendar_id, p.subscription_id, p.expires_at, p.state, \
+     p.detail, p.retry_at, p.account, \
+     (SELECT t.settings::jsonb->>'account' FROM sync_tuples t WHERE t.deployment = p.deployment \
+       AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
+       ORDER BY t.tuple_key LIMIT 1) AS reader";
 
 impl Store {
     /// The subscriptions this replica keeps: one per tracked (mailbox, calendar) whose
@@ -59,13 +63,13 @@ impl Store {
     pub async fn push_mine(&self) -> Result<Vec<PushRow>, StoreError> {
         let me = self.incarnation().unwrap_or("").to_owned();
         self.bounded("reading this replica's subscriptions", async {
-            sqlx::query(&format!(
+            sqlx::query(
                 "INSERT INTO push_subscriptions (deployment, mailbox, calendar_id) \
                  SELECT DISTINCT t.deployment, t.mailbox, t.calendar_id FROM sync_tuples t \
                  JOIN mailbox_leases l ON l.deployment = t.deployment AND l.mailbox = t.mailbox \
-                 WHERE t.deployment = $1 AND t.tracked AND l.owner = $2 AND {APP_READ} \
+                 WHERE t.deployment = $1 AND t.tracked AND l.owner = $2 \
                  ON CONFLICT DO NOTHING",
-            ))
+            )
             .bind(&*self.deployment)
             .bind(&me)
             .execute(&self.pool)
@@ -76,8 +80,7 @@ impl Store {
                  JOIN mailbox_leases l ON l.deployment = p.deployment AND l.mailbox = p.mailbox \
                  WHERE p.deployment = $1 AND l.owner = $2 \
                  AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
-                   AND {APP_READ}) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -108,8 +111,7 @@ impl Store {
                           AND p.expires_at > now() + make_interval(secs => $3), false) \
                  AND NOT COALESCE(p.state <> 'active' AND p.retry_at > now(), false) \
                  AND EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
-                   AND {APP_READ}) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -187,8 +189,7 @@ impl Store {
             sqlx::query_as(&format!(
                 "SELECT {COLUMNS} FROM push_subscriptions p WHERE p.deployment = $1 \
                  AND NOT EXISTS (SELECT 1 FROM sync_tuples t WHERE t.deployment = p.deployment \
-                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked \
-                   AND {APP_READ}) \
+                   AND t.mailbox = p.mailbox AND t.calendar_id = p.calendar_id AND t.tracked) \
                  ORDER BY p.mailbox, p.calendar_id"
             ))
             .bind(&*self.deployment)
@@ -199,7 +200,8 @@ impl Store {
         .await
     }
 
-    /// Graph created the subscription: its id, the hash of its secret and its expiry.
+    /// Graph created the subscription: its id, the hash of its secret, its expiry and whose it
+    /// is (`account`: `None` for the app).
     pub async fn push_created(
         &self,
         mailbox: &str,
@@ -207,11 +209,12 @@ impl Store {
         subscription_id: &str,
         client_state_hash: &[u8],
         expires_at: DateTime<Utc>,
+        account: Option<&str>,
     ) -> Result<(), StoreError> {
         self.bounded("recording a subscription", async {
             sqlx::query(
                 "UPDATE push_subscriptions SET subscription_id = $4, client_state_hash = $5, \
-                 expires_at = $6, state = 'active', detail = NULL, retry_at = NULL, \
+                 expires_at = $6, account = $7, state = 'active', detail = NULL, retry_at = NULL, \
                  renewed_at = now(), updated_at = now() \
                  WHERE deployment = $1 AND mailbox = $2 AND calendar_id = $3",
             )
@@ -221,6 +224,7 @@ impl Store {
             .bind(subscription_id)
             .bind(client_state_hash)
             .bind(expires_at)
+            .bind(account)
             .execute(&self.pool)
             .await
             .map_err(db)?;
@@ -407,10 +411,11 @@ mod tests {
             .unwrap()
     }
 
-    /// Issue 26: push subscribes with the app's token, so a calendar read through a delegated
-    /// account is polled: it gets no subscription, and one it had becomes an orphan.
+    /// Issue 26: a calendar read through a delegated account is subscribed by that account:
+    /// each row says who reads the calendar now (`reader`) and, once made, whose the
+    /// subscription is (`account`); a calendar moved to another reader shows the two apart.
     #[sqlx::test(migrations = false)]
-    async fn a_calendar_read_through_an_account_gets_no_subscription(pool: PgPool) {
+    async fn each_subscription_says_who_reads_its_calendar_and_whose_it_is(pool: PgPool) {
         let store = Store::from_pool(pool.clone()).as_incarnation("r1#a");
         store.migrate().await.unwrap();
         let set = |digest: &str| SetWrite {
@@ -441,32 +446,38 @@ mod tests {
             store.acquire_leases("r1#a", 10, None).await.unwrap().len(),
             2
         );
-        let mine: Vec<String> = store
-            .push_mine()
+        let readers = |rows: Vec<PushRow>| {
+            rows.into_iter()
+                .map(|r| (r.mailbox, r.account, r.reader))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            readers(store.push_mine().await.unwrap()),
+            [
+                ("app@x".to_owned(), None, None),
+                ("own@x".to_owned(), None, Some("adele".to_owned()))
+            ]
+        );
+        store
+            .push_created("own@x", "default", "s1", b"h", Utc::now(), Some("adele"))
             .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.mailbox)
-            .collect();
-        assert_eq!(mine, ["app@x"]);
-        // The app's calendar moves to an account: its subscription is an orphan.
+            .unwrap();
+        // The app's calendar moves to the account, the account's to the app.
         store
             .register_set(
-                &[test_spec("app", by_account), test_spec("own", by_account)],
+                &[test_spec("app", by_account), test_spec("own", "{}")],
                 true,
                 &set("d2"),
             )
             .await
             .unwrap();
-        assert!(store.push_mine().await.unwrap().is_empty());
-        let orphans: Vec<String> = store
-            .push_orphans()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|r| r.mailbox)
-            .collect();
-        assert_eq!(orphans, ["app@x"]);
+        assert_eq!(
+            readers(store.push_mine().await.unwrap()),
+            [
+                ("app@x".to_owned(), None, Some("adele".to_owned())),
+                ("own@x".to_owned(), Some("adele".to_owned()), None)
+            ]
+        );
     }
 
     /// Issue 24: a notification's wake-up is one durable request per tracked tuple, a burst

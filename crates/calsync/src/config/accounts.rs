@@ -17,7 +17,6 @@ pub(super) fn accounts(
     calendars: &[RawCalendar],
     tuples: &mut [TupleConfig],
     has_sources: bool,
-    has_push: bool,
     deployment: &str,
 ) -> Result<Option<Vault>, ConfigError> {
     let public = matches!(auth.credential, Credential::Public);
@@ -56,12 +55,6 @@ pub(super) fn accounts(
         return Err(bad(
             "sources",
             "auth.kind = \"public_client\" gets no app-only token to list the directory with; name each calendar with its account instead",
-        ));
-    }
-    if public && has_push {
-        return Err(bad(
-            "push.notification_url",
-            "auth.kind = \"public_client\" gets no app-only token to subscribe to change notifications with; its calendars are polled (leave [push] out)",
         ));
     }
     let Some(file) = &raw.key_file else {

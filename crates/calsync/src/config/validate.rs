@@ -62,7 +62,6 @@ impl RawConfig {
             &self.calendars,
             &mut tuples,
             !sources.is_empty(),
-            push.is_some(),
             &ownership.deployment,
         )?;
         let mut sync = sync;

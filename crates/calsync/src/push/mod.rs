@@ -37,20 +37,22 @@ pub const ROLE_PUSH: &str = "push";
 /// (its object id when known: Graph's guidance, UPNs with an apostrophe fail).
 /// Only what would break the path is escaped (`%`, `/`, `?`, `#`): an address keeps its `@`,
 /// as in Graph's examples.
-pub fn resource(mailbox: &str, calendar_id: &str) -> String {
+pub fn resource(mailbox: &str, calendar_id: &str, through_account: bool) -> String {
     let segment = |s: &str| {
         s.replace('%', "%25")
             .replace('/', "%2F")
             .replace('?', "%3F")
             .replace('#', "%23")
     };
+    // A delegated account's own mailbox is `me` (Graph answers `/me` to its token alone).
+    let owner = if through_account {
+        "/me".to_owned()
+    } else {
+        format!("/users/{}", segment(mailbox))
+    };
     match calendar_id {
-        "default" => format!("/users/{}/calendar/events", segment(mailbox)),
-        id => format!(
-            "/users/{}/calendars/{}/events",
-            segment(mailbox),
-            segment(id)
-        ),
+        "default" => format!("{owner}/calendar/events"),
+        id => format!("{owner}/calendars/{}/events", segment(id)),
     }
 }
 

@@ -162,8 +162,22 @@ pub async fn subscriber(
 /// healthy (active, not about to lapse) afterwards.
 async fn keep(shared: &Shared, cfg: &PushConfig, row: &PushRow) -> bool {
     let store = shared.engine().store();
-    let graph = shared.engine().graph();
     let now = Utc::now();
+    // A subscription is renewed and deleted by its maker: the app, or the delegated account
+    // that made it on `/me`. One whose calendar is now read by another is deleted by its maker
+    // and made again by the reader at the next look.
+    if let (Some(id), true) = (&row.subscription_id, row.account != row.reader) {
+        if let Err(e) = maker(shared, row.account.as_deref(), &row.mailbox)
+            .delete_subscription(id)
+            .await
+        {
+            debug!(mailbox = %row.mailbox, error = %e, "cannot delete a subscription whose calendar changed reader; it lapses");
+        }
+        let _ = store.push_gone(id).await;
+        return false;
+    }
+    let graph = maker(shared, row.account.as_deref(), &row.mailbox);
+
     let renew_before =
         chrono::TimeDelta::from_std(cfg.renew_before).unwrap_or(chrono::TimeDelta::hours(12));
     let waiting = row.retry_at.is_some_and(|t| t > now);
@@ -206,7 +220,8 @@ async fn keep(shared: &Shared, cfg: &PushConfig, row: &PushRow) -> bool {
         _ => {
             let secret = client_state();
             let expires = spread_expiry(now, cfg.lifetime);
-            let resource = resource(&row.mailbox, &row.calendar_id);
+            let resource = resource(&row.mailbox, &row.calendar_id, row.reader.is_some());
+            let graph = maker(shared, row.reader.as_deref(), &row.mailbox);
             let wanted = NewSubscription {
                 resource: &resource,
                 notification_url: cfg.notification_url.as_str(),
@@ -221,7 +236,14 @@ async fn keep(shared: &Shared, cfg: &PushConfig, row: &PushRow) -> bool {
                     metrics::counter!("calsync_push_subscribe_total", "result" => "ok")
                         .increment(1);
                     let _ = store
-                        .push_created(&row.mailbox, &row.calendar_id, &s.id, &hash, s.expires)
+                        .push_created(
+                            &row.mailbox,
+                            &row.calendar_id,
+                            &s.id,
+                            &hash,
+                            s.expires,
+                            row.reader.as_deref(),
+                        )
                         .await;
                     // Whatever changed before it existed is caught up by a round.
                     let _ = store
@@ -248,6 +270,15 @@ async fn keep(shared: &Shared, cfg: &PushConfig, row: &PushRow) -> bool {
                 }
             }
         }
+    }
+}
+
+/// The client that makes, renews and deletes a subscription: the app's, or `account`'s for a
+/// calendar of `mailbox` read through it.
+fn maker(shared: &Shared, account: Option<&str>, mailbox: &str) -> calsync_graph::GraphClient {
+    match account {
+        Some(a) => shared.engine().account_client(a, mailbox),
+        None => shared.engine().graph().clone(),
     }
 }
 
@@ -281,7 +312,10 @@ async fn sweep(shared: &Shared) {
     };
     for row in orphans {
         if let Some(id) = &row.subscription_id {
-            if let Err(e) = shared.engine().graph().delete_subscription(id).await {
+            if let Err(e) = maker(shared, row.account.as_deref(), &row.mailbox)
+                .delete_subscription(id)
+                .await
+            {
                 debug!(error = %e, "cannot delete an untracked calendar's subscription; trying again");
                 continue;
             }

@@ -297,7 +297,6 @@ async fn an_account_signed_in_as_someone_else_or_not_at_all_fails_with_what_to_d
 /// the clear in any binary column: the refresh token exists only sealed.
 #[tokio::test(flavor = "multi_thread")]
 async fn login_sync_and_revocation_through_the_binary_leak_no_token_or_key() {
-    use std::io::BufRead;
     let url = calsync_store::recreate_database(&database_url(), "calsync_account_secrets")
         .await
         .unwrap();
@@ -347,56 +346,7 @@ async fn login_sync_and_revocation_through_the_binary_leak_no_token_or_key() {
     let mut printed = String::new();
 
     // calsync login: the message and code are printed, then it waits for the user.
-    let mut child = std::process::Command::new(BIN)
-        .args(["login", "adele", "--config"])
-        .arg(&file)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "trace")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let readers: Vec<_> = [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
-    ]
-    .into_iter()
-    .map(|r| {
-        let out = out.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(r).lines() {
-                let line = line.unwrap_or_default();
-                out.lock().unwrap().push_str(&format!("{line}\n"));
-            }
-        })
-    })
-    .collect();
-    let code_of = |s: &str| {
-        s.split("enter the code ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .map(str::to_owned)
-    };
-    wait_for("the login's code", Duration::from_secs(20), async || {
-        code_of(&out.lock().unwrap()).is_some()
-    })
-    .await;
-    let code = code_of(&out.lock().unwrap()).unwrap();
-    assert!(sim.lock().approve_device_code(&code, USER));
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    for r in readers {
-        r.join().unwrap();
-    }
-    let login_out = out.lock().unwrap().clone();
-    assert!(status.success(), "{login_out}");
-    assert!(
-        login_out.contains(&format!("signed in as {USER}")),
-        "{login_out}"
-    );
-    printed.push_str(&login_out);
+    printed.push_str(&login_through_binary(&file, &sim).await);
 
     for _ in 0..3 {
         let (code, out) = run(&["sync-once"]);
@@ -504,5 +454,153 @@ async fn login_sync_and_revocation_through_the_binary_leak_no_token_or_key() {
     let (_, listed) = run(&["accounts"]);
     assert!(listed.contains("no account has signed in"), "{listed}");
     pool.close().await;
+    server.stop().await;
+}
+
+/// `calsync login adele` as a child process at trace level: reads the code it prints, approves
+/// it as the user would in a browser, and answers everything it printed.
+async fn login_through_binary(file: &std::path::Path, sim: &graph_sim::Sim) -> String {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(BIN)
+        .args(["login", "adele", "--config"])
+        .arg(file)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let readers: Vec<_> = [
+        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.stderr.take().unwrap()),
+    ]
+    .into_iter()
+    .map(|r| {
+        let out = out.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(r).lines() {
+                let line = line.unwrap_or_default();
+                out.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        })
+    })
+    .collect();
+    let code_of = |s: &str| {
+        s.split("enter the code ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    wait_for("the login's code", Duration::from_secs(20), async || {
+        code_of(&out.lock().unwrap()).is_some()
+    })
+    .await;
+    let code = code_of(&out.lock().unwrap()).unwrap();
+    assert!(sim.lock().approve_device_code(&code, USER));
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    for r in readers {
+        r.join().unwrap();
+    }
+    let login_out = out.lock().unwrap().clone();
+    assert!(status.success(), "{login_out}");
+    assert!(
+        login_out.contains(&format!("signed in as {USER}")),
+        "{login_out}"
+    );
+    login_out
+}
+
+/// Issue 26 with push (the freshness the daemon exists for): a calendar read through a
+/// delegated account is subscribed by the account on `/me/calendar/events` (Microsoft Learn,
+/// "subscription resource type"), and an edit reaches the read model in seconds although the
+/// poll interval is ten minutes; with a public client, which has no app-only token at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_calendar_is_pushed_by_the_account_in_seconds() {
+    let url = calsync_store::recreate_database(&database_url(), "calsync_account_push")
+        .await
+        .unwrap();
+    let db = sqlx::PgPool::connect(&url).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sim = graph_sim::Sim::new(&public_app_config(3600));
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.add_user(USER, None, "Adele Vance");
+        crate::replicas::add_event(&mut st.tenant, u, 0, "before", "2026-02-10T09:00:00");
+        st.push.settings.delay_ms = 100;
+        st.push.settings.jitter_ms = 200;
+    }
+    let server = sim.serve("127.0.0.1:0").await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let key_file = dir.path().join("accounts.key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let file = dir.path().join("calsync.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[database]\nurl = \"{url}\"\n[graph]\nbase_url = \"{}\"\n[auth]\nkind = \"public_client\"\ntoken_url = \"{}\"\nclient_id = \"{PUBLIC_APP}\"\n[sync]\ninterval = \"10m\"\nstartup_spread = \"200ms\"\n[accounts]\nkey_file = \"{}\"\n[push]\nnotification_url = \"http://127.0.0.1:{port}/graph\"\nlisten = \"127.0.0.1:{port}\"\nlifetime = \"45m\"\nrenew_before = \"10m\"\nbackstop_interval = \"30m\"\n\n[[calendars]]\nname = \"adele-own\"\naccount = \"adele\"\nuser = \"{USER}\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+            server.graph_base_url(),
+            server.token_url(graph_sim::DEFAULT_TENANT),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    login_through_binary(&file, &sim).await;
+    let mut node = crate::replicas::Node::start(&file, dir.path().join("run.log"));
+    wait_for(
+        "the account's subscription",
+        Duration::from_secs(30),
+        async || {
+            sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM push_subscriptions WHERE state = 'active' AND account = 'adele'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap_or(0)
+            == 1
+        },
+    )
+    .await;
+    wait_for("the first round", Duration::from_secs(20), async || {
+        crate::replicas::all_ok(&db, "default", 1).await
+    })
+    .await;
+    let resources: Vec<String> = sim
+        .lock()
+        .push
+        .subscriptions
+        .values()
+        .map(|s| s.resource.clone())
+        .collect();
+    assert_eq!(resources, ["/me/calendar/events"]);
+    {
+        let mut st = sim.lock();
+        let u = st.tenant.user_index(USER).unwrap();
+        crate::replicas::add_event(&mut st.tenant, u, 0, "pushed", "2026-02-20T09:00:00");
+    }
+    let started = std::time::Instant::now();
+    wait_for("the pushed edit", Duration::from_secs(15), async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM calendar_events WHERE subject = 'pushed'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap_or(0)
+            > 0
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    node.stop();
+    db.close().await;
     server.stop().await;
 }

@@ -497,6 +497,14 @@ mod tests {
             Watched::CalendarEvents("U".into(), Some("C1".into()))
         );
         assert_eq!(parse_resource("/me/events").unwrap(), Watched::MyEvents);
+        assert_eq!(
+            parse_resource("me/calendar/events").unwrap(),
+            Watched::MyCalendarEvents(None)
+        );
+        assert_eq!(
+            parse_resource("/me/calendars/C%2F1/events").unwrap(),
+            Watched::MyCalendarEvents(Some("C/1".into()))
+        );
     }
 
     #[test]

@@ -146,6 +146,10 @@ fn is_loopback(u: &url::Url) -> bool {
 pub enum Watched {
     /// `me/events` (the caller's own mailbox: delegated tokens only).
     MyEvents,
+    /// `me/calendar/events` (`None`) or `me/calendars/{id}/events`: a calendar of the
+    /// caller's own mailbox (Microsoft Learn, "subscription resource type": Outlook events
+    /// of `me/calendars/{id}/events`).
+    MyCalendarEvents(Option<String>),
     /// `users/{key}/events`.
     UserEvents(String),
     /// `users/{key}/calendar/events` (`None`) or `users/{key}/calendars/{id}/events`.
@@ -176,6 +180,8 @@ pub fn parse_resource(resource: &str) -> Result<Watched, GraphError> {
     };
     match l.as_slice() {
         ["me", "events"] => Ok(Watched::MyEvents),
+        ["me", "calendar", "events"] => Ok(Watched::MyCalendarEvents(None)),
+        ["me", "calendars", _, "events"] => Ok(Watched::MyCalendarEvents(Some(segs[2].to_owned()))),
         ["users", _, "events"] => Ok(Watched::UserEvents(segs[1].to_owned())),
         ["users", _, "calendar", "events"] => Ok(Watched::CalendarEvents(segs[1].to_owned(), None)),
         ["users", _, "calendars", _, "events"] => Ok(Watched::CalendarEvents(

@@ -97,6 +97,7 @@ impl State {
         let watched = parse_resource(&resource)?;
         let (user_ref, calendar) = match watched {
             Watched::MyEvents => (UserRef::Me, None),
+            Watched::MyCalendarEvents(cal) => (UserRef::Me, Some(cal)),
             Watched::UserEvents(k) => (UserRef::Key(k), None),
             Watched::CalendarEvents(k, cal) => (UserRef::Key(k), Some(cal)),
         };
