@@ -35,27 +35,16 @@ pub enum VaultError {
     },
 }
 
-/// The key that seals accounts' refresh tokens. Never printed: `Debug` shows its id only.
+/// One AES-256-GCM key and its id.
 #[derive(Clone)]
-pub struct Vault {
+struct Key {
     cipher: Aes256Gcm,
-    key_id: String,
-    deployment: String,
+    id: String,
 }
 
-impl std::fmt::Debug for Vault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Vault(key {})", self.key_id)
-    }
-}
-
-impl Vault {
-    /// A vault from a key file's content (`file` names it in errors), for `deployment`.
-    pub fn from_file_content(
-        file: &str,
-        content: &[u8],
-        deployment: &str,
-    ) -> Result<Vault, VaultError> {
+impl Key {
+    /// A key from a key file's content (`file` names it in errors).
+    fn read(file: &str, content: &[u8]) -> Result<Key, VaultError> {
         let bad = |reason: &str| VaultError::BadKey {
             file: file.to_owned(),
             reason: reason.to_owned(),
@@ -69,29 +58,72 @@ impl Vault {
         }
         let cipher = Aes256Gcm::new_from_slice(&key).map_err(|_| bad("it is not an AES key"))?;
         let digest = Sha256::digest(&key);
-        let key_id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Key { cipher, id })
+    }
+}
+
+/// The key that seals accounts' refresh tokens, and earlier keys that still open the tokens
+/// they sealed (a key rotation: each account is sealed again with the current key at its next
+/// token rotation, within the hour for an active one). Never printed: `Debug` shows ids only.
+#[derive(Clone)]
+pub struct Vault {
+    current: Key,
+    previous: Vec<Key>,
+    deployment: String,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let previous: Vec<&str> = self.previous.iter().map(|k| k.id.as_str()).collect();
+        write!(f, "Vault(key {}, previous {previous:?})", self.current.id)
+    }
+}
+
+impl Vault {
+    /// A vault from a key file's content (`file` names it in errors), for `deployment`.
+    pub fn from_file_content(
+        file: &str,
+        content: &[u8],
+        deployment: &str,
+    ) -> Result<Vault, VaultError> {
         Ok(Vault {
-            cipher,
-            key_id,
+            current: Key::read(file, content)?,
+            previous: Vec::new(),
             deployment: deployment.to_owned(),
         })
     }
 
-    /// The key's id: the first 8 bytes of its SHA-256, in hex.
+    /// This vault, also opening what the key in `file` (`content`) sealed; it seals nothing.
+    pub fn with_previous(mut self, file: &str, content: &[u8]) -> Result<Vault, VaultError> {
+        self.previous.push(Key::read(file, content)?);
+        Ok(self)
+    }
+
+    /// The current key's id: the first 8 bytes of its SHA-256, in hex.
     pub fn key_id(&self) -> &str {
-        &self.key_id
+        &self.current.id
+    }
+
+    /// The ids of every key it opens with, the current one first.
+    pub fn key_ids(&self) -> Vec<&str> {
+        std::iter::once(&self.current)
+            .chain(&self.previous)
+            .map(|k| k.id.as_str())
+            .collect()
     }
 
     fn aad(&self, account: &str) -> Vec<u8> {
         format!("calsync account v1\n{}\n{account}", self.deployment).into_bytes()
     }
 
-    /// Seals `token` for `account` under a fresh random nonce.
+    /// Seals `token` for `account` with the current key under a fresh random nonce.
     pub fn seal(&self, account: &str, token: &SecretString) -> Result<Sealed, GraphError> {
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let aad = self.aad(account);
         let sealed = self
+            .current
             .cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
@@ -106,18 +138,21 @@ impl Vault {
         Ok(Sealed {
             nonce: nonce.to_vec(),
             sealed,
-            key_id: self.key_id.clone(),
+            key_id: self.current.id.clone(),
         })
     }
 
-    /// Opens `account`'s sealed token; `None` if another key sealed it or it was tampered with
-    /// (or copied from another account or deployment).
+    /// Opens `account`'s sealed token with the key that sealed it; `None` if no key of the
+    /// vault did, or it was tampered with (or copied from another account or deployment).
     pub fn open(&self, account: &str, sealed: &Sealed) -> Option<SecretString> {
         if sealed.nonce.len() != 12 {
             return None;
         }
+        let key = std::iter::once(&self.current)
+            .chain(&self.previous)
+            .find(|k| k.id == sealed.key_id)?;
         let aad = self.aad(account);
-        let plain = self
+        let plain = key
             .cipher
             .decrypt(
                 Nonce::from_slice(&sealed.nonce),
@@ -195,11 +230,11 @@ impl RefreshStore for StoredAccount {
                 )));
             }
             let token = vault.open(&self.name, &account.token).ok_or_else(|| {
-                self.sign_in(if account.token.key_id == vault.key_id() {
+                self.sign_in(if vault.key_ids().contains(&account.token.key_id.as_str()) {
                     "its sealed token does not open with its key: altered, or copied from another account or deployment".to_owned()
                 } else {
                     format!(
-                        "its token was sealed with key {}, but accounts.key_file holds key {}",
+                        "its token was sealed with key {}, but accounts.key_file holds key {} (an earlier key can be kept in accounts.previous_key_files while accounts are sealed again)",
                         account.token.key_id,
                         vault.key_id()
                     )
@@ -338,6 +373,34 @@ mod tests {
         tampered.sealed[0] ^= 1;
         assert!(v.open("alice", &tampered).is_none());
         assert!(!format!("{v:?}").contains("MDEy"));
+    }
+
+    /// A key rotation: the new key seals, the previous one still opens what it sealed (by the
+    /// id stored with each token), and nothing else does.
+    #[test]
+    fn a_previous_key_opens_what_it_sealed_and_the_current_one_seals() {
+        let old = vault("prod");
+        let sealed_before = old
+            .seal("alice", &SecretString::from("before".to_owned()))
+            .unwrap();
+        let rotated =
+            Vault::from_file_content("k", b"ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=", "prod")
+                .unwrap()
+                .with_previous("old", b"MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=")
+                .unwrap();
+        assert_eq!(rotated.key_ids(), [rotated.key_id(), old.key_id()]);
+        assert_eq!(
+            rotated
+                .open("alice", &sealed_before)
+                .unwrap()
+                .expose_secret(),
+            "before"
+        );
+        let sealed_after = rotated
+            .seal("alice", &SecretString::from("after".to_owned()))
+            .unwrap();
+        assert_eq!(sealed_after.key_id, rotated.key_id());
+        assert!(old.open("alice", &sealed_after).is_none());
     }
 
     #[test]

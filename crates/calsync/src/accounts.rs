@@ -116,17 +116,18 @@ pub async fn list(raw: &RawConfig, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<20} {:<32} {:<8} {:<20} {:<20}",
-        "ACCOUNT", "USER", "STATE", "SIGNED IN", "TOKEN ROTATED"
+        "{:<20} {:<32} {:<8} {:<20} {:<20} {:<16}",
+        "ACCOUNT", "USER", "STATE", "SIGNED IN", "TOKEN ROTATED", "SEALED WITH KEY"
     );
     for a in &accounts {
         println!(
-            "{:<20} {:<32} {:<8} {:<20} {:<20}",
+            "{:<20} {:<32} {:<8} {:<20} {:<20} {:<16}",
             a.name,
             a.user_principal,
             if a.revoked.is_some() { "revoked" } else { "ok" },
             a.signed_in_at.format("%Y-%m-%d %H:%M:%S"),
             a.rotated_at.format("%Y-%m-%d %H:%M:%S"),
+            a.token.key_id,
         );
         if let Some(why) = &a.revoked {
             println!(

@@ -68,13 +68,20 @@ pub(super) fn accounts(
         }
         return Ok(None);
     };
-    let path = resolve_credential(file);
-    let content = super::values::read_secret_file("accounts.key_file", &path)?;
-    Vault::from_file_content(
-        &path.display().to_string(),
-        content.expose_secret().as_bytes(),
-        deployment,
-    )
-    .map(Some)
-    .map_err(|e| bad("accounts.key_file", e.to_string()))
+    let read = |key: &str, file: &std::path::Path| {
+        let path = resolve_credential(file);
+        let content = super::values::read_secret_file(key, &path)?;
+        Ok::<_, ConfigError>((path.display().to_string(), content))
+    };
+    let (path, content) = read("accounts.key_file", file)?;
+    let mut vault = Vault::from_file_content(&path, content.expose_secret().as_bytes(), deployment)
+        .map_err(|e| bad("accounts.key_file", e.to_string()))?;
+    for (i, file) in raw.previous_key_files.iter().enumerate() {
+        let key = format!("accounts.previous_key_files[{i}]");
+        let (path, content) = read(&key, file)?;
+        vault = vault
+            .with_previous(&path, content.expose_secret().as_bytes())
+            .map_err(|e| bad(key, e.to_string()))?;
+    }
+    Ok(Some(vault))
 }

@@ -289,13 +289,20 @@ pub(super) fn secret_file_warnings(raw: &super::RawConfig) -> Vec<String> {
             ("http.admin_token_file", &raw.http.admin_token_file),
             ("accounts.key_file", &raw.accounts.key_file),
         ])
+        .map(|(key, p)| (key, p.as_ref()))
+        .chain(
+            raw.accounts
+                .previous_key_files
+                .iter()
+                .map(|p| ("accounts.previous_key_files[]", Some(p))),
+        )
         .chain(
             raw.sinks
                 .iter()
-                .map(|s| ("sinks[].secret_file", &s.secret_file)),
+                .map(|s| ("sinks[].secret_file", s.secret_file.as_ref())),
         )
         .filter_map(|(key, p)| {
-            let p = resolve_credential(p.as_ref()?);
+            let p = resolve_credential(p?);
             let mode = std::fs::metadata(&p).ok()?.permissions().mode();
             (mode & 0o077 != 0).then(|| {
                 format!(

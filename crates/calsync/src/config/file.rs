@@ -54,6 +54,9 @@ pub struct RawAccounts {
     /// A file holding 32 random bytes in base64 (`openssl rand -base64 32`), from
     /// `$CREDENTIALS_DIRECTORY` when relative. Never stored in the database.
     pub key_file: Option<PathBuf>,
+    /// Earlier keys, kept while a key rotation goes on: they open the tokens they sealed, and
+    /// each account is sealed again with `key_file` at its next token rotation.
+    pub previous_key_files: Vec<PathBuf>,
 }
 
 /// `[discovery]`: the cadence of `[[sources]]`.

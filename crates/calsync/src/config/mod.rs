@@ -258,7 +258,7 @@ impl Config {
         if auth(self) != auth(new) {
             out.push("auth");
         }
-        if self.vault.as_ref().map(|v| v.key_id()) != new.vault.as_ref().map(|v| v.key_id()) {
+        if self.vault.as_ref().map(|v| v.key_ids()) != new.vault.as_ref().map(|v| v.key_ids()) {
             out.push("accounts");
         }
         // The default interval is applied on reload; the rest of [sync] is not.
@@ -630,6 +630,27 @@ end = "2026-04-01T00:00:00Z"
             let c = load_in(jail, &keyed).unwrap();
             assert_eq!(c.tuples[0].account.as_deref(), Some("adele"));
             assert!(c.vault.is_some());
+            // A key rotation keeps the earlier key to open what it sealed.
+            let e = load_in(
+                jail,
+                &keyed.replace(
+                    "key_file = \"accounts.key\"\n",
+                    "key_file = \"accounts.key\"\nprevious_key_files = [\"bad.key\"]\n",
+                ),
+            )
+            .unwrap_err();
+            assert_eq!(e.key, "accounts.previous_key_files[0]");
+            jail.create_file("old.key", "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=")
+                .unwrap();
+            let c = load_in(
+                jail,
+                &keyed.replace(
+                    "key_file = \"accounts.key\"\n",
+                    "key_file = \"accounts.key\"\nprevious_key_files = [\"old.key\"]\n",
+                ),
+            )
+            .unwrap();
+            assert_eq!(c.vault.map(|v| v.key_ids().len()), Some(2));
             let two = format!(
                 "{keyed}[[calendars]]\nname = \"other\"\naccount = \"adele\"\nuser = \"alex@x\"\ncalendar = \"default\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n"
             );

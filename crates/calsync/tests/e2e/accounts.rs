@@ -217,6 +217,45 @@ async fn an_account_signed_in_by_device_code_mirrors_me_rotates_and_fails_when_r
     h.assert_mirrors(std::slice::from_ref(&t)).await;
 }
 
+/// A key rotation (accounts.previous_key_files): with the new key current and the old one
+/// kept, the token sealed with the old key opens, and the next token rotation seals it with
+/// the new one; from then on the old key is not needed, and the old key alone no longer opens
+/// it (the error names both keys).
+#[sqlx::test(migrations = false)]
+async fn a_key_rotation_reseals_each_account_at_its_next_token_rotation(pool: PgPool) {
+    let h = harness_with(pool, 10, public_app_config(600)).await;
+    seed(&h, 3);
+    let auth = public_auth(&h);
+    let old = Vault::from_file_content("old.key", KEY.as_bytes(), "default").unwrap();
+    login(&h, &auth, &old, "adele", USER).await;
+    let new_key = "ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=";
+    let rotated = Vault::from_file_content("new.key", new_key.as_bytes(), "default")
+        .unwrap()
+        .with_previous("old.key", KEY.as_bytes())
+        .unwrap();
+    let engine = engine_for(&h, &auth, &rotated);
+    let t = account_tuple(&engine, "adele", USER).await;
+    report(sync(&engine, &t).await);
+    h.assert_mirrors(std::slice::from_ref(&t)).await;
+    let a = h.store.account("adele").await.unwrap().unwrap();
+    assert_eq!(
+        a.token.key_id,
+        rotated.key_id(),
+        "sealed again with the new key"
+    );
+    let only_new = Vault::from_file_content("new.key", new_key.as_bytes(), "default").unwrap();
+    h.sim.clock().advance(chrono::Duration::minutes(11));
+    report(sync(&engine_for(&h, &auth, &only_new), &t).await);
+    let stale = match sync(&engine_for(&h, &auth, &old), &t).await {
+        Outcome::Failed(f) => f.message,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        stale.contains(only_new.key_id()) && stale.contains(old.key_id()),
+        "{stale}"
+    );
+}
+
 /// An account reads only its own mailbox: signed in as another user than its calendar names,
 /// the calendar fails naming both, before any Graph read. One that never signed in fails with
 /// the login hint. A `/me` link is never replayed with the app's token: the calendar's round
