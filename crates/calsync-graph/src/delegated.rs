@@ -5,9 +5,9 @@
 //! ([`crate::GraphClient::for_account`]) reads `/me` with access tokens redeemed from it.
 
 use crate::auth::AuthConfig;
-use crate::credential::{AccountGrant, Credential, JWT_BEARER};
+use crate::credential::{AccountGrant, Credential};
 use crate::error::GraphError;
-use crate::grant::{aadsts_code, client_auth, delegated_scopes, refused, resource, unix_now};
+use crate::grant::{aadsts_code, delegated_scopes, refused, resource};
 use oauth2::basic::BasicClient;
 use oauth2::{
     AuthType, ClientId, DeviceAuthorizationResponse, DeviceAuthorizationUrl,
@@ -108,6 +108,15 @@ pub fn device_code_url(token_url: &url::Url) -> Result<url::Url, GraphError> {
     }
 }
 
+/// The secret a sign-in is made with: the app's client secret, or none for a public client
+/// (the only two kinds `start_device_login` signs in as).
+fn login_secret(auth: &AuthConfig) -> Option<oauth2::ClientSecret> {
+    match &auth.credential {
+        Credential::Secret(s) => Some(oauth2::ClientSecret::new(s.expose_secret().to_owned())),
+        _ => None,
+    }
+}
+
 /// A refused sign-in, said so the user knows what to do: declined, expired, or blocked by
 /// Conditional Access (Entra's device code errors: `authorization_declined`, `expired_token`,
 /// `bad_verification_code`; Microsoft Learn, "OAuth 2.0 device authorization grant").
@@ -191,28 +200,15 @@ impl crate::GraphClient {
             });
         }
         let url = device_code_url(&auth.token_url)?;
-        let (secret, assertion) = client_auth(
-            &auth.credential,
-            &auth.client_id,
-            auth.token_url.as_str(),
-            unix_now(),
-        )
-        .await?;
         let mut client = BasicClient::new(ClientId::new(auth.client_id.clone()))
             .set_device_authorization_url(DeviceAuthorizationUrl::from_url(url))
             .set_auth_type(AuthType::RequestBody);
-        if let Some(s) = secret {
+        if let Some(s) = login_secret(auth) {
             client = client.set_client_secret(s);
         }
-        let mut request = client
+        let response = client
             .exchange_device_code()
-            .add_scopes(delegated_scopes(resource(&auth.scope)));
-        if let Some(a) = &assertion {
-            request = request
-                .add_extra_param("client_assertion_type", JWT_BEARER)
-                .add_extra_param("client_assertion", a.expose_secret().to_owned());
-        }
-        let response = request
+            .add_scopes(delegated_scopes(resource(&auth.scope)))
             .request_async(&self.inner.http)
             .await
             .map_err(|e| sign_in_hint(refused(e)))?;
@@ -226,17 +222,10 @@ impl crate::GraphClient {
         auth: &AuthConfig,
         login: &DeviceLogin,
     ) -> Result<SignedIn, GraphError> {
-        let (secret, _) = client_auth(
-            &auth.credential,
-            &auth.client_id,
-            auth.token_url.as_str(),
-            unix_now(),
-        )
-        .await?;
         let mut client = BasicClient::new(ClientId::new(auth.client_id.clone()))
             .set_token_uri(TokenUrl::from_url(auth.token_url.clone()))
             .set_auth_type(AuthType::RequestBody);
-        if let Some(s) = secret {
+        if let Some(s) = login_secret(auth) {
             client = client.set_client_secret(s);
         }
         let sleep = |d: Duration| tokio::time::sleep(d);

@@ -28,15 +28,7 @@ impl GraphClient {
             }
             segs.push("calendarView").push("delta");
         }
-        url.query_pairs_mut()
-            .append_pair(
-                "startDateTime",
-                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair(
-                "endDateTime",
-                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
-            );
+        with_window(&mut url, window);
         url.into()
     }
 
@@ -70,16 +62,22 @@ impl GraphClient {
         if let Ok(mut segs) = url.path_segments_mut() {
             segs.push("instances");
         }
+        with_window(&mut url, window);
         url.query_pairs_mut()
-            .append_pair(
-                "startDateTime",
-                &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
-            .append_pair(
-                "endDateTime",
-                &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
-            )
             .append_pair("$select", "id,type,seriesMasterId,start,end");
         url.into()
     }
+}
+
+/// `startDateTime` and `endDateTime`: the window's bounds as UTC instants to the second.
+fn with_window(url: &mut Url, window: &ViewWindow) {
+    url.query_pairs_mut()
+        .append_pair(
+            "startDateTime",
+            &window.start.to_rfc3339_opts(SecondsFormat::Secs, true),
+        )
+        .append_pair(
+            "endDateTime",
+            &window.end.to_rfc3339_opts(SecondsFormat::Secs, true),
+        );
 }
