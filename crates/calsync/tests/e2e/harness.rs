@@ -422,3 +422,81 @@ impl Drop for NotifySocket {
         }
     }
 }
+
+/// The binary with `args` and `--config file` at `RUST_LOG=trace`, without `DATABASE_URL`:
+/// its exit code and everything it printed (stdout, then stderr).
+pub fn run_traced(file: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let o = std::process::Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(file)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Fails naming the secret and the first lines that print it, if `printed` holds any of
+/// `secrets`.
+pub fn assert_not_printed(printed: &str, secrets: &[String]) {
+    for s in secrets {
+        assert!(
+            !printed.contains(s.as_str()),
+            "a secret was printed: {s}\n--- output ---\n{}",
+            printed
+                .lines()
+                .filter(|l| l.contains(s.as_str()))
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+/// Fails if any text, JSON or binary column of any table of the database at `url` holds one
+/// of `secrets` (a binary column read as escaped text: a secret kept in the clear); answers
+/// the (table, column) pairs searched.
+pub async fn assert_no_column_holds(url: &str, secrets: &[String]) -> Vec<(String, String)> {
+    let pool = PgPool::connect(url).await.unwrap();
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text \
+         FROM information_schema.columns \
+         WHERE table_schema = 'public' \
+           AND data_type IN ('text', 'character varying', 'jsonb', 'json', 'bytea') \
+           AND table_name IN (SELECT table_name FROM information_schema.tables \
+                              WHERE table_schema = 'public' AND table_type = 'BASE TABLE')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(columns.len() > 20, "{columns:?}");
+    for (table, column, kind) in &columns {
+        let text = if kind == "bytea" {
+            format!("encode(\"{column}\", 'escape')")
+        } else {
+            format!("\"{column}\"::text")
+        };
+        let found: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT s FROM unnest($1::text[]) s WHERE EXISTS \
+               (SELECT 1 FROM \"{table}\" WHERE {text} LIKE '%' || s || '%')"
+        ))
+        .bind(secrets)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(
+            found.is_empty(),
+            "{table}.{column} holds a secret: {found:?}"
+        );
+    }
+    pool.close().await;
+    columns.into_iter().map(|(t, c, _)| (t, c)).collect()
+}
