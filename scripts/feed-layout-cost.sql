@@ -54,198 +54,54 @@ CREATE TABLE c_compact_row (txid bigint NOT NULL DEFAULT txid_current(), seq big
   op "char" NOT NULL, cause "char" NOT NULL, written_at timestamptz NOT NULL DEFAULT now(), event_id text NOT NULL,
   fields crow, PRIMARY KEY (txid, seq));
 CHECKPOINT;
-CREATE TEMP TABLE cost (kind text, rep int, wal numeric, ms numeric);
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
+-- Each rep: every layout's INSERT between two marks (WAL position, clock), then the tables
+-- emptied and a checkpoint, so no layout pays for another's WAL. Temporary tables write none.
+CREATE TEMP TABLE marks (kind text, rep int, at text, lsn pg_lsn, t timestamptz);
+CREATE TEMP TABLE variant (n int, kind text, stmt text);
+INSERT INTO variant VALUES
+  (1, 'now', $q$INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
 SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta', ROW(
   e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
   e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
   e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'now', 1, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
+  e.quarantined)::crow FROM evs e;$q$),
+  (2, 'cols', $q$INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
   ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
   start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
 SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta',
   e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
   e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
   e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'cols', 1, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact (tuple_id, op, cause, event_id,
+  e.quarantined FROM evs e;$q$),
+  (3, 'compact', $q$INSERT INTO c_compact (tuple_id, op, cause, event_id,
   ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
   start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
 SELECT 42, 'u', 'd', e.event_id,
   e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
   e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
   e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'compact', 1, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
+  e.quarantined FROM evs e;$q$),
+  (4, 'compact_row', $q$INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
 SELECT 42, 'u', 'd', e.event_id, ROW(
   e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
   e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
   e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'compact_row', 1, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-TRUNCATE c_now, c_cols, c_compact, c_compact_row;
-CHECKPOINT;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta', ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'now', 2, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta',
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'cols', 2, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact (tuple_id, op, cause, event_id,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 42, 'u', 'd', e.event_id,
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'compact', 2, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
-SELECT 42, 'u', 'd', e.event_id, ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'compact_row', 2, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-TRUNCATE c_now, c_cols, c_compact, c_compact_row;
-CHECKPOINT;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta', ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'now', 3, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta',
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'cols', 3, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact (tuple_id, op, cause, event_id,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 42, 'u', 'd', e.event_id,
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'compact', 3, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
-SELECT 42, 'u', 'd', e.event_id, ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'compact_row', 3, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-TRUNCATE c_now, c_cols, c_compact, c_compact_row;
-CHECKPOINT;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta', ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'now', 4, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta',
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'cols', 4, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact (tuple_id, op, cause, event_id,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 42, 'u', 'd', e.event_id,
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'compact', 4, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
-SELECT 42, 'u', 'd', e.event_id, ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'compact_row', 4, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-TRUNCATE c_now, c_cols, c_compact, c_compact_row;
-CHECKPOINT;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_now (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, fields)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta', ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'now', 5, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_cols (deployment, tuple_key, user_id, calendar_id, event_id, op, cause,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 'default', 'bench-00042', 'user0042@contoso.onmicrosoft.com', 'default', e.event_id, 'upsert', 'delta',
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'cols', 5, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact (tuple_id, op, cause, event_id,
-  ical_uid, subject, start_at, end_at, is_all_day, event_type, series_master_id, last_modified_at, is_cancelled,
-  start_date, end_date, organizer_email, location, show_as, online_meeting_url, original_start_time_zone, time_error, quarantined)
-SELECT 42, 'u', 'd', e.event_id,
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined FROM evs e;
-INSERT INTO cost SELECT 'compact', 5, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-SELECT pg_current_wal_insert_lsn() AS l0, clock_timestamp() AS t0 \gset
-INSERT INTO c_compact_row (tuple_id, op, cause, event_id, fields)
-SELECT 42, 'u', 'd', e.event_id, ROW(
-  e.ical_uid, e.subject, e.start_at, e.end_at, e.is_all_day, e.event_type, e.series_master_id,
-  e.last_modified_at, e.is_cancelled, e.start_date, e.end_date, e.organizer_email,
-  e.location, e.show_as, e.online_meeting_url, e.original_start_time_zone, e.time_error,
-  e.quarantined)::crow FROM evs e;
-INSERT INTO cost SELECT 'compact_row', 5, pg_wal_lsn_diff(pg_current_wal_insert_lsn(), :'l0'), extract(epoch FROM clock_timestamp() - :'t0'::timestamptz) * 1000;
-TRUNCATE c_now, c_cols, c_compact, c_compact_row;
-CHECKPOINT;
+  e.quarantined)::crow FROM evs e;$q$);
+SELECT s FROM (
+  SELECT r.rep, v.n * 3 + k AS o,
+         CASE k WHEN 1 THEN v.stmt
+           ELSE format('INSERT INTO marks SELECT %L, %s, %L, pg_current_wal_insert_lsn(), clock_timestamp()',
+                       v.kind, r.rep, CASE k WHEN 0 THEN 'start' ELSE 'end' END) END AS s
+  FROM generate_series(1, 5) r(rep), variant v, generate_series(0, 2) k
+  UNION ALL SELECT r.rep, 100, 'TRUNCATE c_now, c_cols, c_compact, c_compact_row' FROM generate_series(1, 5) r(rep)
+  UNION ALL SELECT r.rep, 101, 'CHECKPOINT' FROM generate_series(1, 5) r(rep)
+) x ORDER BY rep, o \gexec
+
 \set QUIET off
-SELECT kind, round(percentile_cont(0.5) WITHIN GROUP (ORDER BY wal) / 20000) AS wal_b, round((percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) * 1000 / 20000)::numeric, 2) AS us FROM cost GROUP BY kind ORDER BY kind;
+SELECT b.kind,
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY pg_wal_lsn_diff(e.lsn, b.lsn)) / 20000) AS wal_b,
+       round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM e.t - b.t)) * 1e6 / 20000)::numeric, 2) AS us
+FROM marks b JOIN marks e ON e.kind = b.kind AND e.rep = b.rep AND e.at = 'end'
+WHERE b.at = 'start' GROUP BY b.kind ORDER BY b.kind;
 DROP TABLE c_now, c_cols, c_compact, c_compact_row, evs;
 DROP TYPE crow;
