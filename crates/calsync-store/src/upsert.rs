@@ -25,44 +25,61 @@ pub(crate) struct Upserted {
 /// them on every row it lists, and a row that differs only in them did not change.
 const BOOKKEEPING: &str = "'{seen_round,synced_at}'::text[]";
 
+/// `insert` (an `INSERT … RETURNING {table}.*` of rows keyed by `key`) as the CTE `up`, with
+/// `same`: the keys of the rows it rewrote without a change, those that existed and differ
+/// from the row they replaced (read in the same statement, so before the write) in no more
+/// than [`BOOKKEEPING`]. Only rows the insert updated are read back: `xmax = 0` in `RETURNING`
+/// marks a row the insert created (an updated row carries the lock its update took).
+/// PostgreSQL does not document this, but it has held since `ON CONFLICT` came in 9.5 (Laurenz
+/// Albe on Stack Overflow, "Differentiate inserted and updated rows in UPSERT using system
+/// columns"). Should it ever not hold, an inserted row would be read back and found absent
+/// (changed, as it is), an updated one would count as changed though it is not: the tests of
+/// rounds that change nothing would fail. A page of new rows (an initial sync) reads nothing
+/// back (BENCHMARKS.md, issue 25).
+fn rewritten(insert: &str, table: &str, key: &str) -> String {
+    format!(
+        "WITH up AS ({insert}, (xmax = 0) AS fresh), \
+              same AS MATERIALIZED (SELECT o.{key} FROM {table} o JOIN up ON up.{key} = o.{key} AND NOT up.fresh \
+                                    WHERE o.tuple_id = $1 AND o.{key} = ANY(ARRAY(SELECT {key} FROM up WHERE NOT fresh)) \
+                                      AND to_jsonb(o) - {BOOKKEEPING} = to_jsonb(up) - {BOOKKEEPING} - 'fresh')"
+    )
+}
+
 /// `insert` (an `INSERT … RETURNING {table}.*` of rows keyed by `key`) wrapped so that it
-/// returns `(key, changed)`: with `diff`, whether the row differs from the one it replaced
-/// (read in the same statement, so before the write) in more than [`BOOKKEEPING`]; without,
-/// every row counts as changed and nothing more is read.
-fn with_diff(insert: &str, table: &str, key: &str, ids: &str, diff: bool) -> String {
+/// returns `(key, changed)`: with `diff`, whether the row is not one it rewrote unchanged
+/// ([`rewritten`]); without, every row counts as changed and nothing more is read.
+fn with_diff(insert: &str, table: &str, key: &str, diff: bool) -> String {
     if !diff {
         return format!("WITH up AS ({insert}) SELECT {key}, true FROM up");
     }
     format!(
-        "WITH old AS (SELECT o.{key}, to_jsonb(o) - {BOOKKEEPING} AS body FROM {table} o \
-                      WHERE o.tuple_id = $1 AND o.{key} = ANY({ids})), \
-              up AS ({insert}) \
-         SELECT up.{key}, old.{key} IS NULL OR old.body IS DISTINCT FROM (to_jsonb(up) - {BOOKKEEPING}) \
-         FROM up LEFT JOIN old USING ({key})"
+        "{} SELECT up.{key}, NOT EXISTS (SELECT 1 FROM same WHERE same.{key} = up.{key}) FROM up",
+        rewritten(insert, table, key)
     )
 }
 
 /// `insert` (an `INSERT INTO events … RETURNING events.*`) wrapped so that it also writes the
-/// change feed's upserts of the rows it changed ([`with_diff`]) that the view shows (not
+/// change feed's upserts of the rows it changed ([`rewritten`]) that the view shows (not
 /// `pending`), each as `row` builds it from the event `e` and its series `s` into its column
-/// (`changes::stored`), in event id order; returns `(event_id, fed)`. Writing them here,
-/// from what the insert returns, spares the feed a second read of every row it wrote
-/// (BENCHMARKS.md, issue 25).
+/// (`changes::stored`); returns `(event_id, fed)`. Writing them here, from what the insert
+/// returns, spares the feed a second read of every row it wrote; the calendar's row and the
+/// page's series are read once, not joined per row (BENCHMARKS.md, issue 25). Within the
+/// statement, changes are written in the order the insert returns its rows.
 fn with_feed(insert: &str, row: &Stored) -> String {
     let Stored { column, expr, .. } = row;
+    let changed = "NOT EXISTS (SELECT 1 FROM same WHERE same.event_id = e.event_id)";
     format!(
-        "WITH old AS (SELECT o.event_id, to_jsonb(o) - {BOOKKEEPING} AS body FROM events o \
-                      WHERE o.tuple_id = $1 AND o.event_id = ANY($3::text[])), \
-              up AS ({insert}), \
-              d AS MATERIALIZED (SELECT up.*, old.event_id IS NULL \
-                                   OR old.body IS DISTINCT FROM (to_jsonb(up) - {BOOKKEEPING}) AS changed \
-                                 FROM up LEFT JOIN old USING (event_id)), \
+        "{}, \
               fed AS (INSERT INTO calendar_changes (deployment, tuple_key, user_id, calendar_id, event_id, op, cause, {column}) \
                       SELECT t.deployment, t.tuple_key, t.user_id, t.calendar_id, e.event_id, 'upsert', 'delta', {expr} \
-                      FROM d e JOIN sync_tuples t ON t.id = e.tuple_id AND t.tracked \
-                      LEFT JOIN series s ON s.tuple_id = e.tuple_id AND s.master_id = e.series_master_id \
-                      WHERE e.changed AND NOT e.pending ORDER BY e.event_id) \
-         SELECT event_id, changed AND NOT pending FROM d"
+                      FROM (SELECT deployment, tuple_key, user_id, calendar_id FROM sync_tuples WHERE id = $1 AND tracked) t \
+                      CROSS JOIN up e \
+                      LEFT JOIN (SELECT * FROM series WHERE tuple_id = $1 AND master_id = ANY(ARRAY( \
+                                   SELECT DISTINCT series_master_id FROM up WHERE series_master_id IS NOT NULL))) s \
+                             ON s.master_id = e.series_master_id \
+                      WHERE NOT e.pending AND {changed}) \
+         SELECT e.event_id, NOT e.pending AND {changed} FROM up e",
+        rewritten(insert, "events", "event_id")
     )
 }
 
@@ -315,7 +332,7 @@ pub(crate) async fn upsert_series(
         detail_params(5),
         detail_updates("series", false)
     );
-    let sql = with_diff(&insert, "series", "master_id", "$3::text[]", diff);
+    let sql = with_diff(&insert, "series", "master_id", diff);
     let q = sqlx::query_as(&sql)
         .bind(tuple_id)
         .bind(round)
@@ -349,6 +366,30 @@ mod tests {
             partial: false,
             payload,
         }
+    }
+
+    /// What [`rewritten`] relies on, undocumented by PostgreSQL: in an upsert's `RETURNING`,
+    /// `xmax = 0` marks the rows it created, not the ones it updated. Should an upgrade change
+    /// it, this says so before the feed tests' extra changes do.
+    #[sqlx::test(migrations = false)]
+    async fn postgres_marks_the_rows_an_upsert_created_with_xmax_zero(pool: sqlx::PgPool) {
+        let mut c = pool.acquire().await.unwrap();
+        sqlx::query("CREATE TEMP TABLE x (k int PRIMARY KEY, v int)")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO x VALUES (1, 1)")
+            .execute(&mut *c)
+            .await
+            .unwrap();
+        let fresh: Vec<(i32, bool)> = sqlx::query_as(
+            "INSERT INTO x VALUES (1, 2), (2, 2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v \
+             RETURNING k, (xmax = 0) AS fresh",
+        )
+        .fetch_all(&mut *c)
+        .await
+        .unwrap();
+        assert_eq!(fresh, [(1, false), (2, true)]);
     }
 
     #[test]
