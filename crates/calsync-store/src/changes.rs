@@ -303,10 +303,18 @@ pub(crate) async fn write_page(
     Ok(written.rows_affected())
 }
 
+/// The most rows one statement of [`write_tracking`] writes. A registration that untracks a
+/// deployment's calendars wholesale writes a change for every row they showed, and one
+/// statement for all of them ran past `statement_timeout` (3.2 million rows in calsync-bench's
+/// idle phase after a `--reps 9` run: registration failed, and so would a daemon's start).
+const TRACKING_ROWS: i64 = 100_000;
+
 /// Writes the feed's rows of tuples whose rows leave the view or come back as a whole (in a
 /// registration, which holds the feed's lock exclusive): `op` for each row `calendar_events`
-/// shows of `keys` now, with `cause`. Call it before an untracking or re-pointing (the rows
-/// are still shown: deletes) and after a re-tracking (they show again: upserts).
+/// shows of `keys` now, with `cause`, in key and event id order, in statements of at most
+/// about [`TRACKING_ROWS`] rows (a calendar is never split). Call it before an untracking or
+/// re-pointing (the rows are still shown: deletes) and after a re-tracking (they show again:
+/// upserts).
 pub(crate) async fn write_tracking(
     tx: &mut sqlx::PgConnection,
     feed: &Feed,
@@ -318,6 +326,17 @@ pub(crate) async fn write_tracking(
     if keys.is_empty() {
         return Ok(0);
     }
+    // How many rows each calendar holds (an upper bound of what the view shows of it).
+    let sizes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT t.tuple_key, (SELECT count(*) FROM events e WHERE e.tuple_id = t.id) \
+         FROM sync_tuples t WHERE t.deployment = $1 AND t.tuple_key = ANY($2::text[]) \
+         ORDER BY t.tuple_key",
+    )
+    .bind(deployment)
+    .bind(keys)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(db)?;
     let Stored {
         column, expr: row, ..
     } = stored(feed.payload, Source::View);
@@ -328,15 +347,38 @@ pub(crate) async fn write_tracking(
          FROM calendar_events v WHERE v.deployment = $1 AND v.tuple_key = ANY($2::text[]) \
          ORDER BY v.tuple_key, v.event_id"
     );
-    let written = sqlx::query(&sql)
-        .bind(deployment)
-        .bind(keys)
-        .bind(op)
-        .bind(cause)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-    Ok(written.rows_affected())
+    let mut written = 0;
+    for chunk in by_rows(&sizes, TRACKING_ROWS) {
+        let chunk: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
+        written += sqlx::query(&sql)
+            .bind(deployment)
+            .bind(&chunk)
+            .bind(op)
+            .bind(cause)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?
+            .rows_affected();
+    }
+    Ok(written)
+}
+
+/// `sizes` (calendars and their rows) in consecutive runs of at most `limit` rows each; a
+/// calendar larger than `limit` is a run of its own.
+fn by_rows(sizes: &[(String, i64)], limit: i64) -> Vec<&[(String, i64)]> {
+    let mut out = Vec::new();
+    let (mut from, mut rows) = (0, 0);
+    for (i, (_, n)) in sizes.iter().enumerate() {
+        if i > from && rows + n > limit {
+            out.push(&sizes[from..i]);
+            (from, rows) = (i, 0);
+        }
+        rows += n;
+    }
+    if from < sizes.len() {
+        out.push(&sizes[from..]);
+    }
+    out
 }
 
 /// One change of the read model, as `calsync_changes` answers it (and, serialized, as
