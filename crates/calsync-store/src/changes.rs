@@ -307,7 +307,7 @@ pub(crate) async fn write_page(
 /// deployment's calendars wholesale writes a change for every row they showed, and one
 /// statement for all of them ran past `statement_timeout` (3.2 million rows in calsync-bench's
 /// idle phase after a `--reps 9` run: registration failed, and so would a daemon's start).
-const TRACKING_ROWS: i64 = 100_000;
+const TRACKING_ROWS: usize = 100_000;
 
 /// Writes the feed's rows of tuples whose rows leave the view or come back as a whole (in a
 /// registration, which holds the feed's lock exclusive): `op` for each row `calendar_events`
@@ -348,7 +348,8 @@ pub(crate) async fn write_tracking(
          ORDER BY v.tuple_key, v.event_id"
     );
     let mut written = 0;
-    for chunk in by_rows(&sizes, TRACKING_ROWS) {
+    let rows = |(_, n): &(String, i64)| usize::try_from(*n).unwrap_or(0);
+    for chunk in crate::chunks::runs(&sizes, TRACKING_ROWS, rows) {
         let chunk: Vec<&str> = chunk.iter().map(|(k, _)| k.as_str()).collect();
         written += sqlx::query(&sql)
             .bind(deployment)
@@ -361,24 +362,6 @@ pub(crate) async fn write_tracking(
             .rows_affected();
     }
     Ok(written)
-}
-
-/// `sizes` (calendars and their rows) in consecutive runs of at most `limit` rows each; a
-/// calendar larger than `limit` is a run of its own.
-fn by_rows(sizes: &[(String, i64)], limit: i64) -> Vec<&[(String, i64)]> {
-    let mut out = Vec::new();
-    let (mut from, mut rows) = (0, 0);
-    for (i, (_, n)) in sizes.iter().enumerate() {
-        if i > from && rows + n > limit {
-            out.push(&sizes[from..i]);
-            (from, rows) = (i, 0);
-        }
-        rows += n;
-    }
-    if from < sizes.len() {
-        out.push(&sizes[from..]);
-    }
-    out
 }
 
 /// One change of the read model, as `calsync_changes` answers it (and, serialized, as

@@ -13,6 +13,7 @@
 //! | `steps` | the transaction's steps that delete or show rows, returning their ids |
 //! | `upsert` | the transaction's upserts (events, series), returning their ids; quarantine |
 //! | `columns` | the read model's detail columns as bound to a write |
+//! | `chunks` | work cut into statements of bounded size (a page by payload bytes, untracked calendars by rows) |
 //! | [`migrate`] | applying migrations beside a newer or older release: unknown ones left alone, lock waits bounded and retried |
 //! | `link` | the link statement: a tuple's link and round state, version- and fence-checked |
 //! | `batch` | link-only commits gathered into one statement |
@@ -30,6 +31,7 @@ pub mod accounts;
 pub mod apply;
 mod batch;
 pub mod changes;
+mod chunks;
 mod columns;
 pub mod error;
 pub mod generation;

@@ -186,20 +186,7 @@ const STATEMENT_BYTES: usize = 2 * 1024 * 1024;
 /// `rows` in consecutive chunks of about `limit` bytes of payload each (a row larger than the
 /// limit is a chunk of its own).
 fn by_size(rows: &[EventRow], limit: usize) -> Vec<&[EventRow]> {
-    let mut out = Vec::new();
-    let (mut from, mut bytes) = (0, 0);
-    for (i, r) in rows.iter().enumerate() {
-        let n = approx_json_len(&r.payload);
-        if i > from && bytes + n > limit {
-            out.push(&rows[from..i]);
-            (from, bytes) = (i, 0);
-        }
-        bytes += n;
-    }
-    if from < rows.len() {
-        out.push(&rows[from..]);
-    }
-    out
+    crate::chunks::runs(rows, limit, |r| approx_json_len(&r.payload))
 }
 
 /// About how many bytes an object takes as JSON: its strings and keys, plus a little per value.

@@ -187,24 +187,3 @@ async fn a_follower_reads_every_change_once_in_each_calendars_commit_order(pool:
         "the sequence reader should have skipped late commits ({by_seq} of {total} read)"
     );
 }
-
-/// A registration that untracks calendars wholesale writes their changes in statements of
-/// bounded size, never splitting a calendar.
-#[test]
-fn tracking_changes_are_cut_into_statements_of_bounded_rows() {
-    let sizes: Vec<(String, i64)> = [("a", 40), ("b", 70), ("c", 10), ("d", 250), ("e", 0)]
-        .into_iter()
-        .map(|(k, n)| (k.to_owned(), n))
-        .collect();
-    let keys = |runs: Vec<&[(String, i64)]>| -> Vec<Vec<String>> {
-        runs.into_iter()
-            .map(|r| r.iter().map(|(k, _)| k.clone()).collect())
-            .collect()
-    };
-    assert_eq!(
-        keys(super::by_rows(&sizes, 100)),
-        [vec!["a"], vec!["b", "c"], vec!["d"], vec!["e"]]
-    );
-    assert_eq!(keys(super::by_rows(&sizes, 1_000)).len(), 1);
-    assert!(super::by_rows(&[], 100).is_empty());
-}
